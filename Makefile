@@ -1,0 +1,47 @@
+# The two commands of the README: `make demo` (the main job) and `make test`.
+# Each installs what it needs: a virtualenv with torch 2.13.0 (CPU build) and
+# the project's extras, plus the Debian packages the tests drive (mosquitto,
+# chromium) when run as root on Debian.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install system-deps demo test test-slow test-all clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian packages for the broker and browser tests; skipped when present.
+system-deps:
+	@need=""; \
+	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need="$$need mosquitto"; \
+	command -v chromium >/dev/null 2>&1 || need="$$need chromium"; \
+	if [ -n "$$need" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$need"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
+	  else echo "warning: missing$$need (apt-get install$$need); their tests will skip"; fi; \
+	fi
+
+demo: $(STAMP) system-deps
+	$(VENV)/bin/toolchain demo
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP) system-deps
+	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP) system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs demo_out .pytest_cache

@@ -1,0 +1,1 @@
+"""Device agent: runs a verified bundle with its own runtime, no torch."""

@@ -1,0 +1,75 @@
+"""Deployment targets, found through one registry.
+
+Built-in targets map names to dotted paths and are imported on demand, so
+naming a target never imports another target's converter or runtime.
+Third-party targets register under the ``edge_toolchain.targets`` entry-point
+group (``name = "package.module:TargetClass"``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib import metadata
+
+from toolchain.errors import UnknownTargetError
+
+from .base import Artifact, InputSpec, ModelSource, Precision, Runner, Target
+
+__all__ = [
+    "Artifact",
+    "InputSpec",
+    "ModelSource",
+    "Precision",
+    "Runner",
+    "Target",
+    "get_target",
+    "target_names",
+    "parse_precision",
+]
+
+ENTRY_POINT_GROUP = "edge_toolchain.targets"
+
+BUILTIN: dict[str, str] = {
+    "onnx": "targets.onnx_target:OnnxTarget",
+    "openvino": "targets.openvino_target:OpenVinoTarget",
+    "tflite": "targets.tflite_target:TfliteTarget",
+    "coreml": "targets.coreml_target:CoreMLTarget",
+    "jetson": "targets.jetson.target:JetsonTarget",
+}
+
+
+def _registry() -> dict[str, str]:
+    found = dict(BUILTIN)
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep.value)
+    return found
+
+
+def target_names() -> list[str]:
+    return list(_registry())
+
+
+def get_target(name: str) -> Target:
+    """The target called ``name``; an unknown name lists the known ones."""
+    reg = _registry()
+    if name not in reg:
+        raise UnknownTargetError(f"unknown target {name!r}; available: {', '.join(reg)}")
+    module_name, _, attr = reg[name].partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr)()
+
+
+def parse_precision(target: Target, precision: str) -> Precision:
+    """``precision`` as a `Precision` the target supports, or a clear error."""
+    try:
+        p = Precision(precision)
+    except ValueError as e:
+        raise UnknownTargetError(
+            f"unknown precision {precision!r}; choose from {', '.join(x.value for x in Precision)}"
+        ) from e
+    if p not in target.precisions:
+        raise UnknownTargetError(
+            f"target {target.name!r} does not support {p.value}; it supports "
+            f"{', '.join(x.value for x in target.precisions)}"
+        )
+    return p

@@ -1,0 +1,167 @@
+"""The target interface: one small unit per deployment runtime.
+
+A target has a name, the precisions it supports, ``available()`` (can this
+machine *run* its artifacts, and if not why), ``build_available()`` (can this
+machine *build* them), ``build(...)`` (cloud side: converter imports live
+inside it) and ``load(...)`` (device side: imports only its runtime) returning
+a `Runner` with one ``run(batch) -> logits`` call.
+
+This module imports numpy and the standard library only: the device agent
+imports it.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from calibration.representative import RepresentativeSet
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+    def __str__(self) -> str:  # "fp32", not "Precision.FP32", in messages
+        return self.value
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model takes, and how raw device data becomes that.
+
+    ``shape`` has ``None`` for the batch dimension, e.g. ``[None, 1, 8, 8]`` or
+    ``[None, 30]``. The device applies ``x = (raw * scale - mean) / std`` with
+    mean/std broadcast along axis 1 (channels or features), then casts to dtype.
+    """
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str = "float32"
+    layout: str = "NCHW"  # "NCHW" for images, "NF" for feature vectors
+    scale: float = 1.0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def preprocess(self, raw: np.ndarray) -> np.ndarray:
+        """Raw samples (batch first) -> the normalised float tensor the model takes."""
+        x = np.asarray(raw, dtype=np.float32) * np.float32(self.scale)
+        if self.mean:
+            bshape = (1, len(self.mean)) + (1,) * (x.ndim - 2)
+            x = (x - np.asarray(self.mean, np.float32).reshape(bshape)) / np.asarray(
+                self.std, np.float32
+            ).reshape(bshape)
+        return x.astype(self.dtype, copy=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "layout": self.layout,
+            "preprocess": {"scale": self.scale, "mean": list(self.mean), "std": list(self.std)},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "InputSpec":
+        pre = d.get("preprocess", {})
+        return cls(
+            name=d["name"],
+            shape=tuple(d["shape"]),
+            dtype=d.get("dtype", "float32"),
+            layout=d.get("layout", "NCHW"),
+            scale=float(pre.get("scale", 1.0)),
+            mean=tuple(float(v) for v in pre.get("mean", ())),
+            std=tuple(float(v) for v in pre.get("std", ())),
+        )
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.shape[1:])
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a target builds from: the exported ONNX and the PyTorch student.
+
+    Some converters start from ONNX (ORT, OpenVINO, TensorRT), others from
+    PyTorch (LiteRT, CoreML). ``torch_model`` is a zero-argument loader returning
+    the fp32 student in eval mode (lazy, so device code never touches torch).
+    """
+
+    name: str
+    input_spec: InputSpec
+    labels: tuple[str, ...]
+    onnx_fp32: Path
+    onnx_qdq: Path | None = None  # explicitly quantized graph from the QAT student
+    torch_model: Callable[[], Any] | None = None
+    qdq_weight_bits: int | None = None  # 7 when weights were reduced-range for non-VNNI CPUs
+
+
+@dataclass
+class Artifact:
+    """What ``build`` produced: files relative to ``out_dir``, the main one first."""
+
+    target: str
+    precision: Precision
+    files: list[str]
+    runtime: str  # the runtime package that runs it, e.g. "onnxruntime"
+    details: dict[str, Any] = field(default_factory=dict)  # recipe, quant method...
+
+    @property
+    def main(self) -> str:
+        return self.files[0]
+
+
+class Runner(Protocol):
+    """A loaded artifact: one call, normalised float batch in, logits out."""
+
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class Target(abc.ABC):
+    """Base of every target. Subclasses set the class variables and the four calls."""
+
+    name: ClassVar[str]
+    precisions: ClassVar[tuple[Precision, ...]]
+    runtime: ClassVar[str]  # package that runs artifacts, named in "install ..." errors
+    install_hint: ClassVar[str]  # e.g. "pip install 'edge-toolchain[openvino]'"
+    description: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def available(self) -> tuple[bool, str]:
+        """Can this machine run (load + verify) this target's artifacts? (ok, reason)."""
+
+    @abc.abstractmethod
+    def build_available(self) -> tuple[bool, str]:
+        """Can this machine build this target's artifacts? (ok, reason)."""
+
+    @abc.abstractmethod
+    def build(
+        self,
+        source: ModelSource,
+        precision: Precision,
+        calibration: "RepresentativeSet | None",
+        out_dir: Path,
+    ) -> Artifact:
+        """Write the artifact's files into ``out_dir``. Heavy imports go inside."""
+
+    @abc.abstractmethod
+    def load(self, bundle_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+        """Load the artifact of a verified bundle and return its runner."""
+
+    def runtime_version(self) -> str | None:
+        """Version of the runtime package, for manifests and bench records."""
+        from importlib import metadata
+
+        try:
+            return metadata.version(self.runtime)
+        except metadata.PackageNotFoundError:
+            return None

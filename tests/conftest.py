@@ -1,0 +1,7 @@
+"""Shared fixtures come from plugins, one module per part of the project."""
+
+pytest_plugins = [
+    "tests.fixtures.pipeline",  # tiny trained run directory (toolchain)
+    "tests.fixtures.bundles",  # bundles built from it (targets)
+    "tests.fixtures.broker",  # a real Mosquitto broker with auth + ACL (agent/gateway)
+]
