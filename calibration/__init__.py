@@ -1,0 +1,4 @@
+"""Calibration: representative sets for INT8, confidence calibration, routing thresholds.
+
+Torch-free at import: `calibration.confidence` runs on devices.
+"""
