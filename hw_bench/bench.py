@@ -1,0 +1,213 @@
+"""Benchmark contenders side by side: bundles (via `Bundle.runner`) and baselines.
+
+A *contender* is anything with a ``run(batch) -> logits``: a bundle's runner
+(the same `Target.load` the device agent uses) or the PyTorch eager baseline.
+Contenders of one model share the same preprocessed inputs. Repetitions are
+interleaved (contender order rotates each round) so the drift of a shared,
+noisy machine hits every contender alike; speed-ups are medians of per-round
+ratios. Torch-free: the baseline is built elsewhere and passed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from device_agent.bundle import Bundle
+from targets.base import InputSpec
+from toolchain.errors import BenchError
+
+from .data import TestData
+from .loadgen import RunFn, Scenario, ScenarioResult, Settings, offline, single_stream
+
+log = logging.getLogger(__name__)
+
+ACCURACY_BATCH = 64
+
+
+@dataclass
+class Contender:
+    """One thing to measure. ``meta`` goes into its result row as is."""
+
+    name: str
+    model: str
+    run: RunFn
+    input_spec: InputSpec
+    meta: dict[str, Any] = field(default_factory=dict)
+    is_baseline: bool = False
+
+
+def bundle_size_bytes(bundle: Bundle) -> int:
+    """Bytes of the artifact itself (not the manifest, drift reference or plots)."""
+    main = str(bundle.manifest["artifact"].get("main", ""))
+    files = bundle.manifest.get("files", {})
+    own = {n: e for n, e in files.items() if n == main or n.startswith(main.rstrip("/") + "/")}
+    # companions of the main file (model.bin beside model.xml)
+    stem = Path(main).stem
+    for n, e in files.items():
+        if Path(n).stem == stem and n not in own and not n.endswith((".json", ".png")):
+            own[n] = e
+    return int(sum(int(e.get("size", 0)) for e in own.values()))
+
+
+def bundle_contender(bundle: Bundle, *, threads: int | None) -> Contender:
+    """Load the bundle's artifact through `Bundle.runner` (the agent's one way to run it)."""
+    m = bundle.manifest
+    runner = bundle.runner(threads=threads)
+    model = str(m["model"].get("name", "model"))
+    return Contender(
+        name=f"{model} {bundle.target}/{bundle.precision}",
+        model=model,
+        run=runner.run,
+        input_spec=bundle.input_spec,
+        meta={
+            "kind": "bundle",
+            "model": model,
+            "model_version": str(m["model"].get("version", "")),
+            "target": bundle.target,
+            "precision": bundle.precision,
+            "runtime": m["artifact"].get("runtime"),
+            "runtime_version": m["artifact"].get("runtime_version"),
+            "bundle": str(bundle.root),
+            "bundle_sha256": bundle.manifest_sha256,
+            "size_bytes": bundle_size_bytes(bundle),
+            "build_metrics": m.get("metrics") or {},
+            "threads": threads,
+        },
+    )
+
+
+def random_inputs(spec: InputSpec, n: int = 64, *, seed: int = 0) -> np.ndarray:
+    """Normalised-looking inputs for speed runs when no test data is given."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, *spec.sample_shape)).astype(spec.dtype)
+
+
+def inputs_for(spec: InputSpec, data: TestData | None) -> np.ndarray:
+    """Preprocessed once, outside every timed region."""
+    if data is not None and tuple(data.X_raw.shape[1:]) == spec.sample_shape:
+        return np.ascontiguousarray(spec.preprocess(data.X_raw[:256]))
+    return random_inputs(spec)
+
+
+def accuracy(run: RunFn, spec: InputSpec, data: TestData) -> dict[str, Any]:
+    """Top-1 accuracy on ``data``; batches of 64, or 1 if the artifact has a fixed batch."""
+    if tuple(data.X_raw.shape[1:]) != spec.sample_shape:
+        raise BenchError(
+            f"test data {data.source} has samples of shape {tuple(data.X_raw.shape[1:])}, "
+            f"the model takes {spec.sample_shape}"
+        )
+    X = spec.preprocess(data.X_raw)
+    bs = ACCURACY_BATCH
+    try:
+        run(np.ascontiguousarray(X[:bs]))
+    except Exception:
+        bs = 1
+    preds = []
+    for i in range(0, X.shape[0], bs):
+        out = np.asarray(run(np.ascontiguousarray(X[i : i + bs])))
+        preds.append(out.reshape(out.shape[0], -1).argmax(axis=1))
+    pred = np.concatenate(preds)
+    correct = int((pred == data.y).sum())
+    return {"accuracy": correct / len(data), "n": len(data), "source": data.source}
+
+
+def _merge(results: list[ScenarioResult]) -> ScenarioResult:
+    first = results[0]
+    return dataclasses.replace(
+        first,
+        queries=sum(r.queries for r in results),
+        samples=sum(r.samples for r in results),
+        duration_s=sum(r.duration_s for r in results),
+        latencies_ms=np.concatenate([r.latencies_ms for r in results]),
+    )
+
+
+def _score(r: ScenarioResult) -> float:
+    """Higher is better: 1/p50 for single-stream, samples/s for offline."""
+    if r.scenario is Scenario.SINGLE_STREAM:
+        return 1.0 / float(np.median(r.latencies_ms))
+    return r.throughput
+
+
+def measure(
+    contenders: list[Contender],
+    *,
+    settings: Settings,
+    repetitions: int = 3,
+    data: TestData | None = None,
+    do_accuracy: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure every contender, interleaved over ``repetitions`` rounds; one row each.
+
+    Each round gives every contender 1/repetitions of the duration and query
+    budget (so the totals still meet the minimums); the order rotates per round.
+    Speed-up vs the model's PyTorch baseline = median over rounds of the per-round
+    ratio (p50 latency for single-stream, throughput for offline).
+    """
+    if not contenders:
+        raise BenchError("nothing to benchmark")
+    reps = max(1, int(repetitions))
+    per = dataclasses.replace(
+        settings,
+        min_duration_s=settings.min_duration_s / reps,
+        min_queries=max(1, int(np.ceil(settings.min_queries / reps))),
+    )
+    inputs = {c.name: inputs_for(c.input_spec, data) for c in contenders}
+    rounds: dict[str, list[ScenarioResult]] = {c.name: [] for c in contenders}
+    fixed_batch: dict[str, int] = {}
+    search: dict[str, ScenarioResult] = {}
+    for r in range(reps):
+        order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
+        for c in order:
+            if progress:
+                progress(f"round {r + 1}/{reps}: {c.name}")
+            if settings.scenario is Scenario.SINGLE_STREAM:
+                res = single_stream(c.run, inputs[c.name], per)
+            elif c.name in fixed_batch:
+                res = offline(c.run, inputs[c.name], dataclasses.replace(per, batch_sizes=(fixed_batch[c.name],)))
+                res.batch_search, res.batch_skipped = search[c.name].batch_search, search[c.name].batch_skipped
+            else:
+                res = offline(c.run, inputs[c.name], per)
+                fixed_batch[c.name], search[c.name] = res.batch_size, res
+            rounds[c.name].append(res)
+    baselines = {c.model: c for c in contenders if c.is_baseline}
+    rows = []
+    for c in contenders:
+        merged = _merge(rounds[c.name])
+        row: dict[str, Any] = {"artifact": c.name, **c.meta, "threads": settings_threads(c)}
+        row.update(merged.to_dict())
+        row["settings"] = settings.to_dict() | {"repetitions": reps}
+        base = baselines.get(c.model)
+        if base is not None and not c.is_baseline:
+            ratios = [_score(a) / _score(b) for a, b in zip(rounds[c.name], rounds[base.name])]
+            row["speedup_vs_pytorch"] = float(np.median(ratios))
+            row["speedup_rounds"] = [round(x, 4) for x in ratios]
+        elif c.is_baseline:
+            row["speedup_vs_pytorch"] = 1.0
+        else:
+            row["speedup_vs_pytorch"] = None
+        row["accuracy"] = None
+        if do_accuracy and data is not None:
+            try:
+                row["accuracy"] = accuracy(c.run, c.input_spec, data)
+            except BenchError as e:
+                row["accuracy"] = {"accuracy": None, "error": str(e)}
+        rows.append(row)
+    return rows
+
+
+def settings_threads(c: Contender) -> int | None:
+    return c.meta.get("threads")
+
+
+def open_bundles(paths: Iterable[str | Path]) -> list[Bundle]:
+    from device_agent.bundle import open_bundle
+
+    return [open_bundle(p) for p in paths]
