@@ -1,0 +1,1 @@
+"""Cloud gateway: the heavy model behind MQTT workers, telemetry store, HTTP API, dashboard."""

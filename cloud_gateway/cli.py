@@ -1,0 +1,116 @@
+"""``cloud-gateway``: ``serve`` a replica, or generate ``fleet-credentials``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from toolchain.clikit import add_common, add_json_flag, emit_json, run_cli
+from toolchain.errors import GatewayError
+
+log = logging.getLogger("cloud_gateway")
+
+
+def _read_credentials(path: Path, who: str) -> tuple[str, str]:
+    try:
+        data = json.loads(Path(path).read_text())
+        entry = data[who] if who in data else data
+        return str(entry["username"]), str(entry["password"])
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise GatewayError(f"{path}: no {who} username/password in it ({e})") from e
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .service import Gateway, GatewayConfig
+    from .worker import WorkerConfig
+
+    user, pw = args.username, args.password or os.environ.get("GATEWAY_MQTT_PASSWORD")
+    if args.credentials:
+        user, pw = _read_credentials(args.credentials, "gateway")
+    if args.batch_size < 1 or args.batch_ms < 0:
+        raise GatewayError("--batch-size must be >= 1 and --batch-ms >= 0")
+    cfg = GatewayConfig(
+        worker=WorkerConfig(broker_url=args.broker, username=user, password=pw, prefix=args.prefix,
+                            replica_id=args.replica_id, batch_size=args.batch_size, batch_ms=args.batch_ms,
+                            max_payload_bytes=args.max_payload),
+        teacher=args.teacher, db=args.db, bundles_dir=args.bundles_dir, http_host=args.http_host,
+        http_port=None if args.http_port < 0 else args.http_port,
+        token=args.token or os.environ.get("GATEWAY_TOKEN"), threads=args.threads,
+    )
+    gw = Gateway(cfg).start()
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    print(f"gateway {args.replica_id} serving teacher {gw.teacher.name} ({gw.teacher.version})"
+          + (f", API on {gw.http_url}" if cfg.http_port is not None else ""), flush=True)
+    done.wait()
+    gw.stop()
+    return 0
+
+
+def cmd_credentials(args: argparse.Namespace) -> int:
+    from .credentials import make_fleet, write_fleet_files
+
+    ids = list(args.devices)
+    if args.devices_file:
+        ids += [ln.strip() for ln in Path(args.devices_file).read_text().splitlines() if ln.strip()]
+    if not ids:
+        raise GatewayError("name at least one device id (positional, or --devices-file)")
+    creds = make_fleet(device_ids=ids, gateway_user=args.gateway_user, admin_user=args.admin_user)
+    paths = write_fleet_files(creds, args.out, prefix=args.prefix)
+    report = {"devices": len(ids), **{k: str(v) for k, v in paths.items()}}
+    print(f"wrote {paths['passwd']} (mosquitto password_file), {paths['acl']} (acl_file) and "
+          f"{paths['credentials']} (secrets, keep private) for {len(ids)} devices")
+    if args.json:
+        emit_json(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cloud-gateway", description=__doc__)
+    add_common(p)
+    sub = p.add_subparsers(dest="command")
+    s = sub.add_parser("serve", help="run one gateway replica (MQTT worker + HTTP API)")
+    add_common(s)
+    s.add_argument("--broker", required=True, help="mqtt://host:port")
+    s.add_argument("--teacher", required=True, type=Path, help="run dir (teacher.onnx/teacher.pt) or .onnx file")
+    s.add_argument("--username", default="gateway")
+    s.add_argument("--password", help="or $GATEWAY_MQTT_PASSWORD")
+    s.add_argument("--credentials", type=Path, help="credentials.json from fleet-credentials")
+    s.add_argument("--prefix", default="fleet")
+    s.add_argument("--replica-id", default="gw-0")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--batch-ms", type=float, default=5.0)
+    s.add_argument("--max-payload", type=int, default=1 << 20, help="bytes")
+    s.add_argument("--db", default="gateway.sqlite", help="SQLite path or SQLAlchemy URL")
+    s.add_argument("--bundles-dir", type=Path, default=Path("gateway-bundles"))
+    s.add_argument("--http-host", default="127.0.0.1")
+    s.add_argument("--http-port", type=int, default=8080, help="-1: no HTTP API")
+    s.add_argument("--token", help="token for write endpoints (or $GATEWAY_TOKEN)")
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_serve)
+    c = sub.add_parser("fleet-credentials", help="write mosquitto password + ACL files for a fleet")
+    add_common(c)
+    c.add_argument("devices", nargs="*", help="device ids")
+    c.add_argument("--devices-file", type=Path, help="one device id per line")
+    c.add_argument("--out", type=Path, required=True, help="output folder")
+    c.add_argument("--prefix", default="fleet")
+    c.add_argument("--gateway-user", default="gateway")
+    c.add_argument("--admin-user", default="admin")
+    add_json_flag(c)
+    c.set_defaults(func=cmd_credentials)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

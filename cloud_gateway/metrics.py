@@ -1,0 +1,88 @@
+"""A tiny Prometheus text-format registry (counters, gauges, histograms with labels).
+
+Why not prometheus_client: one more dependency for ~80 lines, and the gateway
+also needs the values in-process for its tests and the dashboard.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Iterable
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _fmt_labels(labels: Labels, extra: Iterable[tuple[str, str]] = ()) -> str:
+    items = list(labels) + list(extra)
+    if not items:
+        return ""
+    esc = (v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for _, v in items)
+    return "{" + ",".join(f'{k}="{v}"' for (k, _), v in zip(items, esc)) + "}"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._help: dict[str, tuple[str, str]] = {}
+        self._values: dict[str, dict[Labels, float]] = {}
+        self._hists: dict[str, tuple[tuple[float, ...], dict[Labels, list[float]]]] = {}
+
+    def _declare(self, name: str, kind: str, help_: str) -> None:
+        self._help.setdefault(name, (kind, help_))
+
+    def inc(self, name: str, help_: str, value: float = 1.0, **labels: str) -> None:
+        self._declare(name, "counter", help_)
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            d = self._values.setdefault(name, {})
+            d[key] = d.get(key, 0.0) + value
+
+    def set(self, name: str, help_: str, value: float, **labels: str) -> None:
+        self._declare(name, "gauge", help_)
+        with self._lock:
+            self._values.setdefault(name, {})[tuple(sorted(labels.items()))] = float(value)
+
+    def observe(self, name: str, help_: str, value: float, buckets: tuple[float, ...] = LATENCY_BUCKETS,
+                **labels: str) -> None:
+        self._declare(name, "histogram", help_)
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            b, series = self._hists.setdefault(name, (buckets, {}))
+            s = series.setdefault(key, [0.0] * (len(b) + 2))  # per-bucket counts, +Inf, sum
+            i = next((j for j, ub in enumerate(b) if value <= ub), len(b))
+            s[i] += 1
+            s[-1] += value
+
+    def value(self, name: str, **labels: str) -> float:
+        with self._lock:
+            return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+    def hist_count(self, name: str, **labels: str) -> int:
+        with self._lock:
+            b, series = self._hists.get(name, ((), {}))
+            s = series.get(tuple(sorted(labels.items())))
+            return int(sum(s[:-1])) if s else 0
+
+    def render(self) -> str:
+        lines: list[str] = []
+        with self._lock:
+            for name, (kind, help_) in sorted(self._help.items()):
+                lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+                if kind == "histogram":
+                    b, series = self._hists.get(name, ((), {}))
+                    for key, s in series.items():
+                        cum = 0.0
+                        for ub, c in zip(list(b) + [math.inf], s[:-1]):
+                            cum += c
+                            le = "+Inf" if ub == math.inf else repr(float(ub))
+                            lines.append(f"{name}_bucket{_fmt_labels(key, [('le', le)])} {cum:g}")
+                        lines.append(f"{name}_sum{_fmt_labels(key)} {s[-1]:.6g}")
+                        lines.append(f"{name}_count{_fmt_labels(key)} {cum:g}")
+                else:
+                    for key, v in self._values.get(name, {}).items():
+                        lines.append(f"{name}{_fmt_labels(key)} {v:.6g}")
+        return "\n".join(lines) + "\n"

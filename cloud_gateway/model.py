@@ -1,0 +1,102 @@
+"""The heavy model the gateway answers with: the teacher, as ONNX or PyTorch.
+
+ONNX (``RUN/teacher.onnx`` or any ``.onnx``) runs with onnxruntime and needs
+no torch; a ``.pt`` teacher is loaded through the run directory's API
+(imported lazily, so a gateway serving ONNX never imports torch).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from toolchain.errors import GatewayError
+
+
+@dataclass
+class Teacher:
+    name: str
+    version: str
+    sample_shape: tuple[int, ...]
+    labels: list[str]
+    _run: Callable[[np.ndarray], np.ndarray]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self._run(batch), dtype=np.float32)
+
+
+def _labels_from_run(run_dir: Path | None, n: int) -> list[str]:
+    if run_dir is not None and (run_dir / "data.json").exists():
+        try:
+            labels = json.loads((run_dir / "data.json").read_text()).get("labels")
+            if labels and len(labels) == n:
+                return [str(x) for x in labels]
+        except (OSError, json.JSONDecodeError):
+            pass
+    return [str(i) for i in range(n)]
+
+
+def load_onnx_teacher(path: Path, *, threads: int | None = None, labels: list[str] | None = None) -> Teacher:
+    import onnxruntime as ort
+
+    from device_agent.bundle import sha256_file
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise GatewayError(f"cannot load teacher {path}: {e}") from e
+    inp = sess.get_inputs()[0]
+    out = sess.get_outputs()[0]
+    shape = tuple(int(d) if isinstance(d, int) else -1 for d in inp.shape[1:])
+    if any(d < 0 for d in shape):
+        raise GatewayError(f"teacher {path}: input {inp.name} needs a fixed sample shape, has {inp.shape}")
+    n_out = out.shape[-1] if isinstance(out.shape[-1], int) else None
+    probe = sess.run([out.name], {inp.name: np.zeros((1, *shape), np.float32)})[0]
+    n = int(n_out or probe.shape[-1])
+    return Teacher(
+        name=path.stem,
+        version=sha256_file(path)[:12],
+        sample_shape=shape,
+        labels=labels or _labels_from_run(path.parent, n),
+        _run=lambda x: sess.run([out.name], {inp.name: x})[0],
+    )
+
+
+def load_torch_teacher(run_dir: Path) -> Teacher:
+    import torch  # cloud side only
+
+    from toolchain.rundir import RunDir
+
+    run = RunDir(run_dir)
+    model = run.load_teacher()
+    data = json.loads((run_dir / "data.json").read_text())
+    shape = tuple(int(d) for d in data["input_spec"]["shape"][1:])
+
+    def _run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+    labels = [str(v) for v in data.get("labels", [])]
+    return Teacher("teacher", run.lineage().get("teacher_sha256", "unknown")[:12], shape, labels, _run)
+
+
+def load_teacher(path: str | Path, *, threads: int | None = None, prefer: str = "onnx") -> Teacher:
+    """A run dir (``teacher.onnx`` preferred, else ``teacher.pt``), or an ``.onnx`` file."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".onnx":
+        return load_onnx_teacher(p, threads=threads)
+    if p.is_dir():
+        if prefer == "onnx" and (p / "teacher.onnx").exists():
+            return load_onnx_teacher(p / "teacher.onnx", threads=threads)
+        if (p / "teacher.pt").exists():
+            return load_torch_teacher(p)
+        if (p / "teacher.onnx").exists():
+            return load_onnx_teacher(p / "teacher.onnx", threads=threads)
+    raise GatewayError(f"{p}: no teacher found (give a run dir with teacher.onnx/teacher.pt, or an .onnx file)")

@@ -1,0 +1,258 @@
+"""MQTT workers: shared-subscription requests, micro-batching, replies, telemetry ingest.
+
+Several replicas subscribe to ``$share/gateways/<prefix>/+/infer/req`` and the
+broker splits requests between them. Each replica collects up to
+``batch_size`` requests or waits ``batch_ms`` for more, runs the teacher once
+on the stacked batch and replies on each request's response topic with its
+correlation data. A bad request is answered with an error reply where
+possible, counted, logged, and the worker goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from device_agent import wire
+from device_agent.transport import BrokerAddress
+from toolchain.errors import GatewayError
+
+from .metrics import BATCH_BUCKETS, Metrics
+from .model import Teacher
+from .store import TelemetryStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerConfig:
+    broker_url: str
+    username: str | None = None
+    password: str | None = None
+    prefix: str = "fleet"
+    group: str = "gateways"
+    replica_id: str = "gw-0"
+    batch_size: int = 32
+    batch_ms: float = 5.0
+    max_payload_bytes: int = 1 << 20
+
+
+@dataclass
+class _Request:
+    device_id: str
+    x: np.ndarray
+    response_topic: str
+    correlation: bytes | None
+    received: float
+
+
+class InvalidRequest(Exception):
+    """A request the gateway answers with an error instead of a prediction."""
+
+
+class GatewayWorker:
+    def __init__(self, *, config: WorkerConfig, teacher: Teacher, store: TelemetryStore | None,
+                 metrics: Metrics) -> None:
+        self.config = config
+        self.teacher = teacher
+        self.store = store
+        self.metrics = metrics
+        self._q: queue.Queue[_Request] = queue.Queue(maxsize=10000)
+        self._stop = threading.Event()
+        self.connected = threading.Event()
+        self.served = 0
+        addr = BrokerAddress.parse(config.broker_url)
+        self._addr = addr
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                                  client_id=f"gateway-{config.replica_id}", protocol=mqtt.MQTTv5)
+        if config.username is not None:
+            self.client.username_pw_set(config.username, config.password)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a: self.connected.clear()
+        self.client.on_message = self._on_message
+        self._batcher = threading.Thread(target=self._batch_loop, name="gateway-batcher", daemon=True)
+        p = config.prefix
+        self.sub_req = f"$share/{config.group}/{p}/+/infer/req"
+        self.sub_tel = f"$share/{config.group}-telemetry/{p}/+/telemetry"
+        self.sub_status = f"{p}/+/status"
+
+    # --- lifecycle -------------------------------------------------------------
+    def start(self, *, wait: float = 10.0) -> "GatewayWorker":
+        self.client.connect_async(self._addr.host, self._addr.port, keepalive=10)
+        self.client.loop_start()
+        self._batcher.start()
+        if not self.connected.wait(wait):
+            self.stop()
+            raise GatewayError(f"gateway could not connect to {self.config.broker_url} (credentials? ACL?)")
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+        if self._batcher.is_alive():
+            self._batcher.join(timeout=5)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        if reason_code.is_failure:
+            log.error("broker refused the gateway: %s", reason_code)
+            return
+        client.subscribe([(self.sub_req, 1), (self.sub_tel, 1), (self.sub_status, 1)])
+        self.connected.set()
+        log.info("gateway %s connected", self.config.replica_id)
+
+    # --- messages --------------------------------------------------------------
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:  # type: ignore[no-untyped-def]
+        parts = msg.topic.split("/")
+        try:
+            if len(parts) == 4 and parts[2:] == ["infer", "req"]:
+                self._on_request(parts[1], msg)
+            elif len(parts) == 3 and parts[2] == "telemetry":
+                self._on_telemetry(parts[1], msg.payload)
+            elif len(parts) == 3 and parts[2] == "status":
+                self._on_status(parts[1], msg.payload)
+        except Exception:  # never let one message kill the network thread
+            log.exception("failed handling %s", msg.topic)
+            self.metrics.inc("gateway_internal_errors_total", "Unexpected errors while handling a message")
+
+    def _on_request(self, device_id: str, msg: mqtt.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        resp = getattr(props, "ResponseTopic", None) if props else None
+        corr = getattr(props, "CorrelationData", None) if props else None
+        self.metrics.inc("gateway_requests_total", "Inference requests received", device=device_id)
+        expected = f"{self.config.prefix}/{device_id}/infer/resp"
+        try:
+            if not resp:
+                raise InvalidRequest("no response topic")
+            if resp != expected:
+                resp_bad, resp = resp, None
+                raise InvalidRequest(f"response topic {resp_bad!r} is not the device's own {expected!r}")
+            x = self._validate(msg.payload)
+        except (InvalidRequest, wire.WireError) as e:
+            self.metrics.inc("gateway_invalid_requests_total", "Requests rejected by validation", device=device_id)
+            log.warning("invalid request from %s: %s", device_id, e)
+            if resp:
+                self._reply(resp, corr, {"ok": False, "error": str(e)})
+            return
+        try:
+            self._q.put_nowait(_Request(device_id, x, resp, corr, time.perf_counter()))
+        except queue.Full:
+            self.metrics.inc("gateway_overload_total", "Requests refused because the queue was full")
+            self._reply(resp, corr, {"ok": False, "error": "gateway overloaded"})
+
+    def _validate(self, payload: bytes) -> np.ndarray:
+        x = wire.decode_tensor(payload, max_bytes=self.config.max_payload_bytes)
+        shape = self.teacher.sample_shape
+        if x.dtype != np.float32:
+            raise InvalidRequest(f"dtype {x.dtype} (expected float32)")
+        if x.shape == shape:
+            x = x[None]
+        if x.shape != (1, *shape):
+            raise InvalidRequest(f"shape {list(x.shape)} (expected [1, {', '.join(map(str, shape))}])")
+        if not np.all(np.isfinite(x)):
+            raise InvalidRequest("non-finite values")
+        return x
+
+    def _reply(self, topic: str, corr: bytes | None, body: dict[str, Any]) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        if corr:
+            props.CorrelationData = corr
+        body.setdefault("server_time", time.time())
+        body.setdefault("replica", self.config.replica_id)
+        self.client.publish(topic, wire.dumps(body), qos=1, properties=props)
+
+    def _on_telemetry(self, device_id: str, payload: bytes) -> None:
+        try:
+            msg = wire.loads(payload)
+            if msg.get("device_id") != device_id or not isinstance(msg.get("seq"), int):
+                raise wire.WireError("device_id/seq missing or not matching the topic")
+        except wire.WireError as e:
+            self.metrics.inc("gateway_invalid_telemetry_total", "Telemetry messages rejected", device=device_id)
+            log.warning("bad telemetry from %s: %s", device_id, e)
+            return
+        new = self.store.add_telemetry(device_id, msg) if self.store else True
+        self.metrics.inc("gateway_telemetry_windows_total", "Telemetry windows stored", device=device_id)
+        if not new:
+            self.metrics.inc("gateway_telemetry_duplicates_total", "Redelivered windows dropped", device=device_id)
+            return
+        self.metrics.set("device_offload_rate", "Offload rate of the last window", msg.get("offload_rate", 0.0),
+                         device=device_id)
+        self.metrics.set("device_fallback_rate", "Fallback rate of the last window", msg.get("fallback_rate", 0.0),
+                         device=device_id)
+        drift = msg.get("drift") or {}
+        if drift:
+            self.metrics.set("device_drift_flag", "1 when the device's drift tests flag", float(bool(drift.get("flag"))),
+                             device=device_id)
+            conf = drift.get("confidence") or {}
+            if "psi" in conf:
+                self.metrics.set("device_drift_psi", "PSI of the confidence vs the reference", conf["psi"],
+                                 device=device_id)
+
+    def _on_status(self, device_id: str, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            msg = wire.loads(payload)
+        except wire.WireError:
+            return
+        if self.store:
+            self.store.set_status(device_id, msg)
+
+    # --- batching --------------------------------------------------------------
+    def _batch_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            batch = [first]
+            until = time.perf_counter() + self.config.batch_ms / 1000.0
+            while len(batch) < self.config.batch_size:
+                left = until - time.perf_counter()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(self._q.get(timeout=left))
+                except queue.Empty:
+                    break
+            self._serve(batch)
+
+    def _serve(self, batch: list[_Request]) -> None:
+        self.metrics.observe("gateway_batch_size", "Requests per model call", len(batch), buckets=BATCH_BUCKETS)
+        t0 = time.perf_counter()
+        try:
+            logits = self.teacher.run(np.concatenate([r.x for r in batch]))
+        except Exception as e:
+            log.exception("teacher failed on a batch of %d", len(batch))
+            self.metrics.inc("gateway_model_errors_total", "Batches the teacher failed on")
+            for r in batch:
+                self._reply(r.response_topic, r.correlation, {"ok": False, "error": f"model error: {e}"})
+            return
+        self.metrics.observe("gateway_model_seconds", "Teacher time per batch", time.perf_counter() - t0)
+        z = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        for r, p in zip(batch, probs):
+            pred = int(p.argmax())
+            self._reply(r.response_topic, r.correlation, {
+                "ok": True, "prediction": pred,
+                "label": self.teacher.labels[pred] if pred < len(self.teacher.labels) else str(pred),
+                "probabilities": [round(float(v), 6) for v in p], "model_version": self.teacher.version,
+                "batch_size": len(batch),
+            })
+            self.metrics.observe("gateway_request_seconds", "Time from request arrival to reply",
+                                 time.perf_counter() - r.received, device=r.device_id)
+        self.served += len(batch)
+        self.metrics.inc("gateway_replies_total", "Predictions sent", float(len(batch)), replica=self.config.replica_id)

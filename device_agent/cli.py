@@ -1,0 +1,157 @@
+"""``device-agent run``: answer every input of a source with a verified bundle.
+
+Answers go to stdout (or ``--output``) as JSON lines; a summary table at the
+end. With ``--broker`` the agent routes uncertain inputs to the cloud, sends
+telemetry, a retained status, and obeys commands on ``fleet/<id>/cmd``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from toolchain.clikit import add_common, add_json_flag, emit_json, run_cli
+from toolchain.errors import AgentError
+
+
+def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    user, pw = args.username, args.password or os.environ.get("DEVICE_AGENT_PASSWORD")
+    if args.credentials:
+        try:
+            data = json.loads(Path(args.credentials).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise AgentError(f"{args.credentials}: unreadable credentials file ({e})") from e
+        if "devices" in data:  # the fleet file written by `cloud-gateway fleet-credentials`
+            if args.device_id not in data["devices"]:
+                raise AgentError(f"{args.credentials}: no password for device {args.device_id!r}")
+            user, pw = args.device_id, data["devices"][args.device_id]
+        else:
+            user, pw = data.get("username", args.device_id), data.get("password")
+    if args.broker and pw is None:
+        raise AgentError("the broker needs a password: --password, $DEVICE_AGENT_PASSWORD or --credentials")
+    return (user or args.device_id), pw
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .agent import Agent, AgentConfig, summarize
+    from .bundle import open_bundle
+    from .drift import DriftConfig
+    from .outbox import DropPolicy
+    from .sources import Item, MqttInputSource, folder_source, npz_source
+
+    bundle = open_bundle(args.bundle)
+    user, pw = _credentials(args)
+    cfg = AgentConfig(
+        device_id=args.device_id, broker_url=args.broker, username=user, password=pw, prefix=args.prefix,
+        deadline_s=args.deadline, telemetry_window_s=args.window, threshold=args.threshold,
+        state_dir=args.state_dir, outbox_max_rows=args.outbox_max, drop_policy=DropPolicy(args.drop_policy),
+        batch_size=args.batch_size, threads=args.threads, drift=DriftConfig(window=args.drift_window),
+    )
+    agent = Agent(bundle, cfg)
+    spec = agent.bundle.input_spec
+    src = args.source
+    mqtt_src: MqttInputSource | None = None
+    source: Iterable[Item]
+    if src.startswith("mqtt:"):
+        if not args.broker:
+            raise AgentError("an MQTT source needs --broker")
+        mqtt_src = MqttInputSource(src.removeprefix("mqtt:") or agent.topics.prefix + f"/{args.device_id}/input", spec)
+        source = mqtt_src
+    elif src.endswith(".npz"):
+        source = npz_source(Path(src), spec, key=args.key)
+    elif Path(src).is_dir():
+        source = folder_source(Path(src), spec)
+    else:
+        raise AgentError(f"--source {src!r}: give a folder, a .npz file or mqtt:TOPIC")
+    out = open(args.output, "w") if args.output else sys.stdout
+    answers = []
+    with agent:
+        if mqtt_src is not None and agent.link is not None:
+            agent.link.subscribe(mqtt_src.topic, lambda m: mqtt_src.push(m.payload))
+            signal.signal(signal.SIGTERM, lambda *_: mqtt_src.close())
+        try:
+            for a in agent.run(source):
+                answers.append(a)
+                out.write(json.dumps(a.to_dict()) + "\n")
+                out.flush()
+        except KeyboardInterrupt:
+            pass
+    if args.output:
+        out.close()
+    summary = summarize(answers)
+    _print_summary(summary)
+    if args.json:
+        emit_json(summary)
+    return 0
+
+
+def _print_summary(s: dict[str, object]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(s, file=sys.stderr)
+        return
+    t = Table(title="device-agent")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in s.items():
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console(stderr=True).print(t)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .agent import load_model
+    from .bundle import open_bundle
+
+    b = open_bundle(args.bundle)
+    load_model(b)
+    print(f"ok: {b.root} ({b.target}/{b.precision}, manifest sha256 {b.manifest_sha256})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="device-agent", description=__doc__)
+    add_common(p)
+    sub = p.add_subparsers(dest="command")
+    r = sub.add_parser("run", help="run the agent on a source")
+    add_common(r)
+    r.add_argument("--bundle", required=True, help="bundle dir or .tar.gz")
+    r.add_argument("--source", required=True, help="folder of images/.npy, a .npz, or mqtt:TOPIC")
+    r.add_argument("--key", help="array name inside the .npz")
+    r.add_argument("--device-id", required=True)
+    r.add_argument("--broker", help="mqtt://host:port (omit: edge only)")
+    r.add_argument("--username")
+    r.add_argument("--password", help="or $DEVICE_AGENT_PASSWORD")
+    r.add_argument("--credentials", type=Path, help="JSON {username,password} or the fleet credentials.json")
+    r.add_argument("--prefix", default="fleet")
+    r.add_argument("--deadline", type=float, default=2.0, help="seconds to wait for the cloud")
+    r.add_argument("--window", type=float, default=10.0, help="telemetry window, seconds")
+    r.add_argument("--threshold", type=float, help="override the bundle's routing threshold")
+    r.add_argument("--state-dir", type=Path, default=Path(".device-agent"), help="outbox and fetched bundles")
+    r.add_argument("--outbox-max", type=int, default=10000)
+    r.add_argument("--drop-policy", choices=["drop-oldest", "drop-newest"], default="drop-oldest")
+    r.add_argument("--batch-size", type=int, default=1)
+    r.add_argument("--drift-window", type=int, default=500)
+    r.add_argument("--threads", type=int)
+    r.add_argument("--output", type=Path, help="JSON lines of answers (default stdout)")
+    add_json_flag(r)
+    r.set_defaults(func=cmd_run)
+    v = sub.add_parser("verify", help="check a bundle's trust and that this device can run it")
+    add_common(v)
+    v.add_argument("bundle")
+    v.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""Drift scores of live data against the bundle's ``drift_reference.json``.
+
+Two views, both numpy-only: the population stability index over the
+reference's histogram bins (robust to sample size, the usual 0.1/0.25 rule of
+thumb) and a two-sample Kolmogorov-Smirnov test against the reference sample
+(a p-value, sensitive to shifts the bins hide). Scored on the confidence and on
+per-input statistics of the raw input (mean and std of each sample).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PSI_EPS = 1e-4
+
+
+def psi(reference_counts: np.ndarray, edges: np.ndarray, live: np.ndarray) -> float:
+    """Population stability index of ``live`` in the reference bins (outliers go to end bins)."""
+    ref = np.asarray(reference_counts, dtype=np.float64)
+    edges = np.asarray(edges, dtype=np.float64)
+    clipped = np.clip(np.asarray(live, dtype=np.float64), edges[0], edges[-1])
+    cur, _ = np.histogram(clipped, bins=edges)
+    p = np.maximum(ref / max(ref.sum(), 1.0), PSI_EPS)
+    q = np.maximum(cur / max(cur.sum(), 1), PSI_EPS)
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+def ks_2samp(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Two-sample KS statistic D and its asymptotic p-value (Stephens' correction)."""
+    a = np.sort(np.asarray(a, dtype=np.float64))
+    b = np.sort(np.asarray(b, dtype=np.float64))
+    n, m = len(a), len(b)
+    if n == 0 or m == 0:
+        return 0.0, 1.0
+    allv = np.concatenate([a, b])
+    cdf_a = np.searchsorted(a, allv, side="right") / n
+    cdf_b = np.searchsorted(b, allv, side="right") / m
+    d = float(np.max(np.abs(cdf_a - cdf_b)))
+    ne = n * m / (n + m)
+    lam = (math.sqrt(ne) + 0.12 + 0.11 / math.sqrt(ne)) * d
+    if lam < 1e-3:
+        return d, 1.0
+    p = 2.0 * sum((-1) ** (k - 1) * math.exp(-2.0 * k * k * lam * lam) for k in range(1, 101))
+    return d, float(min(max(p, 0.0), 1.0))
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    window: int = 500  # most recent inputs compared with the reference
+    min_samples: int = 50  # below this no score is reported (too noisy)
+    psi_threshold: float = 0.25
+    ks_alpha: float = 0.01
+
+
+class DriftMonitor:
+    """Keeps the last ``window`` confidences and input statistics; scores them on demand."""
+
+    STATS = ("confidence", "mean", "std")
+
+    def __init__(self, reference: dict[str, Any] | None, config: DriftConfig = DriftConfig()) -> None:
+        self.config = config
+        self.reference = reference
+        self._buf: dict[str, deque[float]] = {k: deque(maxlen=config.window) for k in self.STATS}
+
+    def observe(self, *, confidence: np.ndarray, raw: np.ndarray) -> None:
+        flat = np.asarray(raw, dtype=np.float64).reshape(len(confidence), -1)
+        self._buf["confidence"].extend(np.asarray(confidence, dtype=np.float64).tolist())
+        self._buf["mean"].extend(flat.mean(axis=1).tolist())
+        self._buf["std"].extend(flat.std(axis=1).tolist())
+
+    def _ref(self, name: str) -> dict[str, Any] | None:
+        if not self.reference:
+            return None
+        if name == "confidence":
+            return self.reference.get("confidence")
+        return (self.reference.get("features") or {}).get(name)
+
+    def scores(self) -> dict[str, Any] | None:
+        """``{stat: {psi, ks_d, ks_p}, flag, n}`` or None without a reference or enough data."""
+        n = len(self._buf["confidence"])
+        if not self.reference or n < self.config.min_samples:
+            return None
+        out: dict[str, Any] = {"n": n}
+        flag = False
+        for name in self.STATS:
+            ref = self._ref(name)
+            if not ref:
+                continue
+            live = np.fromiter(self._buf[name], dtype=np.float64)
+            s_psi = psi(np.asarray(ref["counts"]), np.asarray(ref["edges"]), live)
+            d, p = ks_2samp(live, np.asarray(ref.get("sample") or [], dtype=np.float64))
+            out[name] = {"psi": round(s_psi, 6), "ks_d": round(d, 6), "ks_p": p}
+            flag = flag or s_psi > self.config.psi_threshold or p < self.config.ks_alpha
+        out["flag"] = flag
+        return out
+
+    def reset(self, reference: dict[str, Any] | None) -> None:
+        """A new bundle brings a new reference; old samples no longer compare."""
+        self.reference = reference
+        for b in self._buf.values():
+            b.clear()

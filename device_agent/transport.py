@@ -1,0 +1,158 @@
+"""The agent's MQTT link: paho-mqtt 2 (callback API v2), MQTT 5, auto-reconnect.
+
+Small on purpose: connect with credentials and a retained last will, keep a
+connection generation counter (so callers can tell a reconnect happened),
+resubscribe on every connect, and publish QoS 1 messages with MQTT 5
+properties. Everything else (routing, outbox) lives above it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from toolchain.errors import AgentError
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[mqtt.MQTTMessage], None]
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> "BrokerAddress":
+        u = urlparse(url if "://" in url else f"mqtt://{url}")
+        if u.scheme not in ("mqtt", "tcp") or not u.hostname:
+            raise AgentError(f"broker URL {url!r} must look like mqtt://host:port")
+        return cls(u.hostname, u.port or 1883)
+
+
+class MqttLink:
+    def __init__(
+        self,
+        *,
+        url: str,
+        client_id: str,
+        username: str | None,
+        password: str | None,
+        will: tuple[str, bytes] | None = None,
+        keepalive: int = 10,
+    ) -> None:
+        self.address = BrokerAddress.parse(url)
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        self.client.max_inflight_messages_set(100)
+        self.keepalive = keepalive
+        self._subs: dict[str, MessageHandler] = {}
+        self._on_connect_hooks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self.connected = threading.Event()
+        self.generation = 0  # incremented on every successful connect
+        self.last_error: str | None = None
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # --- lifecycle -------------------------------------------------------------
+    def start(self, *, wait: float | None = 10.0) -> None:
+        try:
+            self.client.connect_async(self.address.host, self.address.port, keepalive=self.keepalive)
+        except (OSError, ValueError) as e:
+            raise AgentError(f"cannot reach broker {self.address.host}:{self.address.port}: {e}") from e
+        self.client.loop_start()
+        if wait is not None and not self.connected.wait(wait):
+            why = self.last_error or "no answer"
+            self.stop()
+            raise AgentError(f"could not connect to broker {self.address.host}:{self.address.port}: {why}")
+
+    def stop(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+            self.connected.clear()
+
+    def on_connect(self, hook: Callable[[], None]) -> None:
+        self._on_connect_hooks.append(hook)
+
+    def subscribe(self, topic: str, handler: MessageHandler, *, qos: int = 1) -> None:
+        with self._lock:
+            self._subs[topic] = handler
+        if self.connected.is_set():
+            self.client.subscribe(topic, qos=qos)
+
+    # --- publishing ------------------------------------------------------------
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+        expiry_s: int | None = None,
+    ) -> mqtt.MQTTMessageInfo:
+        props = None
+        if response_topic or correlation or expiry_s:
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation:
+                props.CorrelationData = correlation
+            if expiry_s:
+                props.MessageExpiryInterval = int(expiry_s)
+        return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+
+    # --- callbacks -------------------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        if reason_code.is_failure:
+            self.last_error = f"refused: {reason_code}"
+            log.warning("broker refused connection: %s", reason_code)
+            return
+        with self._lock:
+            subs = list(self._subs)
+        for t in subs:
+            client.subscribe(t, qos=1)
+        self.generation += 1
+        self.last_error = None
+        self.connected.set()
+        for hook in self._on_connect_hooks:
+            try:
+                hook()
+            except Exception:  # a hook must not kill the network thread
+                log.exception("on-connect hook failed")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        self.connected.clear()
+        if reason_code.is_failure if hasattr(reason_code, "is_failure") else reason_code:
+            self.last_error = f"disconnected: {reason_code}"
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:  # type: ignore[no-untyped-def]
+        with self._lock:
+            handlers = [h for t, h in self._subs.items() if mqtt.topic_matches_sub(t, msg.topic)]
+        for h in handlers:
+            try:
+                h(msg)
+            except Exception:
+                log.exception("handler for %s failed", msg.topic)

@@ -1,0 +1,105 @@
+"""Compact binary tensors and the JSON messages on the MQTT topics.
+
+Why not JSON lists: a float32 8x8 digit is 256 bytes raw and ~1.3 kB as JSON
+text, and parsing is slower. A tensor is a 8-byte header (magic ``ET``,
+version, dtype code, ndim) followed by ``ndim`` little-endian uint32 dims and
+the raw little-endian bytes. Every JSON message carries ``"schema": 1``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"ET"
+WIRE_VERSION = 1
+MESSAGE_SCHEMA = 1
+MAX_NDIM = 8
+_DTYPES: dict[int, np.dtype[Any]] = {
+    1: np.dtype("<f4"),
+    2: np.dtype("<f2"),
+    3: np.dtype("u1"),
+    4: np.dtype("i1"),
+    5: np.dtype("<i4"),
+    6: np.dtype("<i8"),
+    7: np.dtype("<f8"),
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+_HEADER = struct.Struct("<2sBBBxxx")
+
+
+class WireError(ValueError):
+    """A payload that is not a valid tensor or message (the gateway answers with it)."""
+
+
+def encode_tensor(x: np.ndarray) -> bytes:
+    a = np.ascontiguousarray(x)
+    code = next((c for c, d in _DTYPES.items() if d.kind == a.dtype.kind and d.itemsize == a.dtype.itemsize), None)
+    if code is None:
+        raise WireError(f"dtype {a.dtype} cannot be sent (supported: {[str(d) for d in _DTYPES.values()]})")
+    if a.ndim > MAX_NDIM:
+        raise WireError(f"{a.ndim} dimensions (max {MAX_NDIM})")
+    a = a.astype(_DTYPES[code], copy=False)
+    return _HEADER.pack(MAGIC, WIRE_VERSION, code, a.ndim) + struct.pack(f"<{a.ndim}I", *a.shape) + a.tobytes()
+
+
+def decode_tensor(payload: bytes, *, max_bytes: int | None = None) -> np.ndarray:
+    """Parse a tensor payload; every way it can be wrong raises `WireError` naming it."""
+    if max_bytes is not None and len(payload) > max_bytes:
+        raise WireError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    if len(payload) < _HEADER.size:
+        raise WireError(f"payload of {len(payload)} bytes is shorter than the tensor header")
+    magic, version, code, ndim = _HEADER.unpack_from(payload)
+    if magic != MAGIC:
+        raise WireError("not a tensor payload (bad magic)")
+    if version != WIRE_VERSION:
+        raise WireError(f"unknown tensor wire version {version}")
+    if code not in _DTYPES:
+        raise WireError(f"unknown dtype code {code}")
+    if ndim > MAX_NDIM:
+        raise WireError(f"{ndim} dimensions (max {MAX_NDIM})")
+    off = _HEADER.size + 4 * ndim
+    if len(payload) < off:
+        raise WireError("truncated tensor header")
+    shape = struct.unpack_from(f"<{ndim}I", payload, _HEADER.size)
+    dt = _DTYPES[code]
+    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if len(payload) - off != expected:
+        raise WireError(f"tensor body is {len(payload) - off} bytes, shape {list(shape)} {dt} needs {expected}")
+    return np.frombuffer(payload, dtype=dt, offset=off).reshape(shape)
+
+
+def dumps(msg: dict[str, Any]) -> bytes:
+    return json.dumps({"schema": MESSAGE_SCHEMA, **msg}, separators=(",", ":")).encode()
+
+
+def loads(payload: bytes) -> dict[str, Any]:
+    """Parse a JSON message with a known schema, or raise `WireError`."""
+    try:
+        msg = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WireError(f"not a JSON message ({e})") from e
+    if not isinstance(msg, dict):
+        raise WireError("message is not a JSON object")
+    if msg.get("schema") != MESSAGE_SCHEMA:
+        raise WireError(f"unknown message schema {msg.get('schema')!r} (expected {MESSAGE_SCHEMA})")
+    return msg
+
+
+class Topics:
+    """Topic names under a prefix (default ``fleet``) for one device."""
+
+    def __init__(self, device_id: str, prefix: str = "fleet") -> None:
+        self.device_id = device_id
+        self.prefix = prefix
+        base = f"{prefix}/{device_id}"
+        self.req = f"{base}/infer/req"
+        self.resp = f"{base}/infer/resp"
+        self.telemetry = f"{base}/telemetry"
+        self.status = f"{base}/status"
+        self.cmd = f"{base}/cmd"
+        self.bench = f"{base}/bench"
+        self.answers = f"{base}/answers"

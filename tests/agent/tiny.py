@@ -1,0 +1,207 @@
+"""A tiny but real student/teacher pair on digits, as ONNX, and a student bundle.
+
+Used by the agent and gateway tests until (and besides) the shared
+``tiny_run``/``onnx_bundle`` fixtures: scikit-learn fits a logistic regression
+(student) and an MLP (teacher) in about a second, written as ONNX graphs
+(Flatten -> Gemm [-> Relu -> Gemm]) so both sides run them with onnxruntime,
+exactly as they run exported PyTorch models. The bundle follows the contract
+(manifest, sha256 of every file, routing block, drift_reference.json).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from calibration.confidence import confidence, fit_temperature
+from device_agent.bundle import SCHEMA_VERSION, file_entries, sha256_file
+from targets.base import InputSpec
+
+
+@dataclass
+class TinyRun:
+    root: Path
+    spec: InputSpec
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray  # raw (N,1,8,8) values 0..16
+    y_test: np.ndarray
+    student_onnx: Path
+    teacher_onnx: Path
+    bundle_dir: Path
+    tarball: Path
+
+
+def _gemm_onnx(path: Path, layers: list[tuple[np.ndarray, np.ndarray]], sample_shape: tuple[int, ...]) -> None:
+    """Layers as (W of shape (in, out), b)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Flatten", ["input"], ["h0"], axis=1)]
+    inits = []
+    cur = "h0"
+    for i, (w, b) in enumerate(layers):
+        inits += [numpy_helper.from_array(np.ascontiguousarray(w, dtype=np.float32), f"W{i}"),
+                  numpy_helper.from_array(b.astype(np.float32), f"B{i}")]
+        out = "logits" if i == len(layers) - 1 else f"g{i}"
+        nodes.append(helper.make_node("Gemm", [cur, f"W{i}", f"B{i}"], [out]))
+        if i < len(layers) - 1:
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
+            cur = f"r{i}"
+    n_out = layers[-1][1].shape[0]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *sample_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_out])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _hist(values: np.ndarray, lo: float, hi: float, bins: int = 20) -> dict[str, list[float]]:
+    counts, edges = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))
+    rng = np.random.default_rng(0)
+    sample = rng.choice(values, size=min(1000, len(values)), replace=False)
+    return {"edges": edges.tolist(), "counts": counts.tolist(), "sample": sample.tolist()}
+
+
+def build_tiny(root: Path, *, offload_budget: float = 0.10) -> TinyRun:
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+
+    root.mkdir(parents=True, exist_ok=True)
+    d = load_digits()
+    x = d.images.astype(np.float32)[:, None]  # (N,1,8,8), 0..16
+    y = d.target.astype(np.int64)
+    idx = np.random.default_rng(0).permutation(len(x))
+    tr, va, te = idx[:1077], idx[1077:1437], idx[1437:]
+    scaled = x[tr] / 16.0
+    spec = InputSpec("input", (None, 1, 8, 8), scale=1 / 16, mean=(float(scaled.mean()),), std=(float(scaled.std()),))
+    f = lambda a: spec.preprocess(a).reshape(len(a), -1)  # noqa: E731
+    student = LogisticRegression(C=0.05, max_iter=300).fit(f(x[tr]), y[tr])
+    with warnings.catch_warnings():  # a converged-enough MLP in well under a second
+        warnings.simplefilter("ignore")
+        teacher = MLPClassifier(hidden_layer_sizes=(128,), max_iter=80, random_state=0).fit(f(x[tr]), y[tr])
+    s_path, t_path = root / "student.onnx", root / "teacher.onnx"
+    _gemm_onnx(s_path, [(student.coef_.T, student.intercept_)], (1, 8, 8))
+    _gemm_onnx(t_path, list(zip(teacher.coefs_, teacher.intercepts_)), (1, 8, 8))
+    labels = [str(i) for i in range(10)]
+    (root / "data.json").write_text(json.dumps({"source": "digits", "labels": labels, "input_spec": spec.to_dict()}))
+
+    # routing: temperature on val, threshold = confidence quantile at the offload budget
+    val_logits = student.decision_function(f(x[va])).astype(np.float32)
+    temp = float(fit_temperature(val_logits, y[va]))
+    conf = confidence(val_logits, measure="max_prob", temperature=temp)
+    threshold = float(np.quantile(conf, offload_budget))
+    bdir = root / "bundle"
+    bdir.mkdir(exist_ok=True)
+    (bdir / "model.onnx").write_bytes(s_path.read_bytes())
+    flat = x[va].reshape(len(va), -1)
+    drift_ref = {
+        "schema_version": 1,
+        "confidence": _hist(conf, 0.0, 1.0),
+        "features": {"mean": _hist(flat.mean(1), 0.0, 16.0), "std": _hist(flat.std(1), 0.0, 16.0)},
+        "measure": "max_prob", "temperature": temp, "n": int(len(va)),
+    }
+    (bdir / "drift_reference.json").write_text(json.dumps(drift_ref))
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"name": "tiny-digits", "version": "1"},
+        "target": "onnx", "precision": "fp32", "toolchain_version": "test", "created": "2026-01-01T00:00:00Z",
+        "input": spec.to_dict(), "output": {"name": "logits", "labels": labels},
+        "artifact": {"main": "model.onnx", "runtime": "onnxruntime", "runtime_version": None, "details": {}},
+        "files": file_entries(bdir, ["model.onnx", "drift_reference.json"]),
+        "metrics": {"accuracy": float(student.score(f(x[te]), y[te]))},
+        "routing": {"measure": "max_prob", "temperature": temp, "threshold": threshold,
+                    "offload_budget": offload_budget, "expected_offload": offload_budget},
+        "calibration": None, "lineage": {},
+    }
+    (bdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    tarball = root / "bundle.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tf:
+        tf.add(bdir, arcname="bundle")
+    return TinyRun(root, spec, x[va], y[va], x[te], y[te], s_path, t_path, bdir, tarball)
+
+
+def tarball_sha(run: TinyRun) -> str:
+    return sha256_file(run.tarball)
+
+
+# --- harness: a gateway and agents wired to the test broker -------------------------------------
+
+def start_gateway(broker, run: TinyRun, tmp: Path, *, replica: str = "gw-0", http: bool = True,
+                  batch_ms: float = 5.0, token: str | None = "test-token", db: str | None = None):
+    from cloud_gateway.service import Gateway, GatewayConfig
+    from cloud_gateway.worker import WorkerConfig
+
+    user, pw = broker.gateway_credentials
+    cfg = GatewayConfig(
+        worker=WorkerConfig(broker_url=broker.url, username=user, password=pw, replica_id=replica,
+                            batch_ms=batch_ms),
+        teacher=run.teacher_onnx, db=db or str(tmp / "gateway.sqlite"), bundles_dir=tmp / "bundles",
+        http_port=0 if http else None, token=token,
+    )
+    return Gateway(cfg).start()
+
+
+def make_agent(broker, bundle, device_id: str, tmp: Path, **overrides):
+    from device_agent.agent import Agent, AgentConfig
+
+    user, pw = broker.credentials(device_id)
+    kw = dict(deadline_s=0.5, telemetry_window_s=0.2, state_dir=tmp / f"agent-{device_id}")
+    kw.update(overrides)
+    return Agent(bundle, AgentConfig(device_id=device_id, broker_url=broker.url, username=user, password=pw, **kw))
+
+
+def items(x: np.ndarray, y: np.ndarray | None = None):
+    from device_agent.sources import Item
+
+    return [Item(str(i), x[i], None if y is None else int(y[i])) for i in range(len(x))]
+
+
+class Listener:
+    """An admin MQTT client that records what arrives on some topics (for assertions)."""
+
+    def __init__(self, broker, topics: list[str], *, client_id: str = "listener", persistent: bool = False,
+                 creds: tuple[str, str] | None = None) -> None:
+        import threading
+
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.messages: list[tuple[str, bytes]] = []
+        self.ready = threading.Event()
+        self.suback: list[object] = []
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv5)
+        self.client.username_pw_set(*(creds or broker.admin_credentials))
+        self._topics = topics
+
+        def on_connect(c, u, f, rc, p):
+            if not rc.is_failure:
+                c.subscribe([(t, 1) for t in topics])
+
+        def on_subscribe(c, u, mid, rcs, p):
+            self.suback = list(rcs)
+            self.ready.set()
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = on_subscribe
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        if not self.ready.wait(10):
+            raise RuntimeError("listener could not subscribe")
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
