@@ -88,8 +88,17 @@ def random_inputs(spec: InputSpec, n: int = 64, *, seed: int = 0) -> np.ndarray:
     return rng.standard_normal((n, *spec.sample_shape)).astype(spec.dtype)
 
 
+def data_for(spec: InputSpec, data: "TestData | list[TestData] | None") -> TestData | None:
+    """The first test set whose samples have the model's shape."""
+    sets = [] if data is None else [data] if isinstance(data, TestData) else list(data)
+    for d in sets:
+        if tuple(d.X_raw.shape[1:]) == spec.sample_shape:
+            return d
+    return None
+
+
 def inputs_for(spec: InputSpec, data: TestData | None) -> np.ndarray:
-    """Preprocessed once, outside every timed region."""
+    """Preprocessed once, outside every timed region (random inputs without data)."""
     if data is not None and tuple(data.X_raw.shape[1:]) == spec.sample_shape:
         return np.ascontiguousarray(spec.preprocess(data.X_raw[:256]))
     return random_inputs(spec)
@@ -140,7 +149,7 @@ def measure(
     *,
     settings: Settings,
     repetitions: int = 3,
-    data: TestData | None = None,
+    data: TestData | list[TestData] | None = None,
     do_accuracy: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -159,7 +168,11 @@ def measure(
         min_duration_s=settings.min_duration_s / reps,
         min_queries=max(1, int(np.ceil(settings.min_queries / reps))),
     )
-    inputs = {c.name: inputs_for(c.input_spec, data) for c in contenders}
+    names = [c.name for c in contenders]
+    if len(set(names)) != len(names):
+        raise BenchError(f"two contenders share a name (the same bundle given twice?): {names}")
+    cdata = {c.name: data_for(c.input_spec, data) for c in contenders}
+    inputs = {c.name: inputs_for(c.input_spec, cdata[c.name]) for c in contenders}
     rounds: dict[str, list[ScenarioResult]] = {c.name: [] for c in contenders}
     fixed_batch: dict[str, int] = {}
     search: dict[str, ScenarioResult] = {}
@@ -194,11 +207,8 @@ def measure(
         else:
             row["speedup_vs_pytorch"] = None
         row["accuracy"] = None
-        if do_accuracy and data is not None:
-            try:
-                row["accuracy"] = accuracy(c.run, c.input_spec, data)
-            except BenchError as e:
-                row["accuracy"] = {"accuracy": None, "error": str(e)}
+        if do_accuracy and cdata[c.name] is not None:
+            row["accuracy"] = accuracy(c.run, c.input_spec, cdata[c.name])
         rows.append(row)
     return rows
 

@@ -1,0 +1,170 @@
+"""``hw-bench``: benchmark bundles locally or across the fleet, and report.
+
+    hw-bench run BUNDLE... [--scenario single-stream|offline] [--duration S] [--min-queries N]
+                 [--warmup N] [--threads N] [--repetitions R] [--data NPZ] [--run RUN_DIR]
+                 [--baseline [MODEL=]SOURCE] [--no-vendor-check] --out RESULTS.json [--append]
+    hw-bench report RESULTS.json... --out DIR
+    hw-bench fleet --broker mqtt://HOST:PORT --username U --password P --devices ID,ID
+                   --bundle PATH_OR_URL [--deadline S] --out DIR
+    hw-bench models --out DIR [--families mobilenet,resnet] [--targets ...] [--precisions ...]
+
+The CLI only parses and calls; the logic lives in importable functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from toolchain.clikit import add_common, add_json_flag, emit_json, run_cli
+
+from .loadgen import Scenario, Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    kw = dict(scenario=Scenario(args.scenario), min_duration_s=args.duration, min_queries=args.min_queries,
+              warmup=args.warmup)
+    if getattr(args, "batch_sizes", None):
+        kw["batch_sizes"] = tuple(int(b) for b in args.batch_sizes.split(","))
+    return Settings(**kw)  # type: ignore[arg-type]
+
+
+def _add_scenario(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scenario", choices=[s.value for s in Scenario], default=Scenario.SINGLE_STREAM.value)
+    p.add_argument("--duration", type=float, default=2.0, help="minimum timed seconds per artifact (default 2)")
+    p.add_argument("--min-queries", type=int, default=100, help="minimum timed queries (default 100)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up queries (default 10)")
+    p.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's own)")
+    p.add_argument("--batch-sizes", default=None, help="offline: batch sizes to try, e.g. 1,4,16,64")
+
+
+def _progress(msg: str) -> None:
+    print(f"  … {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .local import run_local
+    from .results import write_run
+    from .tables import print_rows
+
+    run = run_local(
+        bundles=args.bundles, settings=_settings(args), threads=args.threads, repetitions=args.repetitions,
+        data=args.data or [], run_dirs=args.run or [], baselines=args.baseline or [],
+        accuracy=not args.no_accuracy, vendor_check=not args.no_vendor_check, vendor_seconds=args.vendor_seconds,
+        progress=_progress,
+    )
+    path = write_run(Path(args.out), run, append=args.append)
+    print_rows(run)
+    print(f"results: {path}")
+    if args.json:
+        emit_json(run)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    out = report(args.results, Path(args.out))
+    for k, v in out.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from .fleet import FleetJob, run_fleet
+    from .report import report
+    from .results import write_run
+    from .tables import print_rows
+
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    job = FleetJob(scenario=Scenario(args.scenario), duration_s=args.duration, min_queries=args.min_queries,
+                   warmup=args.warmup, threads=args.threads, accuracy=not args.no_accuracy, data=args.data)
+    run = run_fleet(broker=args.broker, username=args.username, password=args.password, devices=devices,
+                    bundle=args.bundle, job=job, deadline_s=args.deadline, prefix=args.prefix, progress=_progress)
+    out = Path(args.out)
+    path = write_run(out / "fleet_results.json", run)
+    print_rows(run)
+    report([path], out)
+    print(f"results: {path}\nreport: {out / 'report.md'}")
+    if args.json:
+        emit_json(run)
+    missing = [d["device_id"] for d in run["devices"] if not d.get("ok")]
+    return 1 if missing and len(missing) == len(devices) else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import build_bench_models
+
+    out = build_bench_models(
+        out_dir=Path(args.out), families=args.families.split(","), targets=args.targets.split(",") if args.targets else None,
+        precisions=args.precisions.split(",") if args.precisions else None, size=args.size, progress=_progress,
+    )
+    for b in out["bundles"]:
+        print(b)
+    for s in out["skipped"]:
+        print(f"skipped: {s}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hw-bench", description="LoadGen-style benchmarks of edge bundles.")
+    add_common(parser)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="benchmark bundles on this machine, side by side")
+    add_common(p)
+    p.add_argument("bundles", nargs="+", help="bundle directories or .tar.gz")
+    _add_scenario(p)
+    p.add_argument("--repetitions", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--data", action="append", help=".npz with X_raw and y for accuracy (repeatable)")
+    p.add_argument("--run", action="append", help="run directory: test split + PyTorch baseline (repeatable)")
+    p.add_argument("--baseline", action="append", help="[MODEL=]run dir | .pt | python:module:function (repeatable)")
+    p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--no-vendor-check", action="store_true", help="skip benchmark_app / trtexec")
+    p.add_argument("--vendor-seconds", type=float, default=5.0)
+    p.add_argument("--out", required=True, help="results JSON file")
+    p.add_argument("--append", action="store_true", help="add rows to an existing results file")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="Markdown table + PNG plots from results files")
+    add_common(p)
+    p.add_argument("results", nargs="+")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("fleet", help="run a bench job on devices over MQTT and collect one report")
+    add_common(p)
+    p.add_argument("--broker", required=True, help="mqtt://host:port")
+    p.add_argument("--username")
+    p.add_argument("--password")
+    p.add_argument("--devices", required=True, help="comma-separated device ids")
+    p.add_argument("--bundle", default=None, help="bundle path or URL the devices fetch (default: their current one)")
+    p.add_argument("--deadline", type=float, default=120.0, help="seconds to wait for answers (default 120)")
+    p.add_argument("--prefix", default="fleet")
+    p.add_argument("--data", default=None, help="path or URL of an .npz the devices can read, for accuracy")
+    p.add_argument("--no-accuracy", action="store_true")
+    _add_scenario(p)
+    p.add_argument("--out", required=True, help="output directory (results + report)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_fleet)
+
+    p = sub.add_parser("models", help="build the 224x224 benchmark models for every available target")
+    add_common(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--families", default="mobilenet,resnet")
+    p.add_argument("--targets", default=None, help="default: every target this machine can build and run")
+    p.add_argument("--precisions", default=None, help="default: every precision of each target")
+    p.add_argument("--size", type=int, default=224)
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

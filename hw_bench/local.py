@@ -1,0 +1,85 @@
+"""A local benchmark run: bundles + baselines + vendor cross-checks -> one run dict.
+
+Cloud side or device side: the PyTorch baseline is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from toolchain.errors import BenchError
+
+from .bench import Contender, bundle_contender, measure, open_bundles
+from .data import TestData, from_run_dir, load_npz
+from .envinfo import environment, int8_hint
+from .loadgen import Scenario, Settings
+from .results import new_run
+
+log = logging.getLogger(__name__)
+
+
+def run_local(
+    *,
+    bundles: list[str | Path],
+    settings: Settings,
+    threads: int | None = None,
+    repetitions: int = 3,
+    data: list[str | Path] = (),  # type: ignore[assignment]
+    run_dirs: list[str | Path] = (),  # type: ignore[assignment]
+    baselines: list[str] = (),  # type: ignore[assignment]
+    accuracy: bool = True,
+    vendor_check: bool = True,
+    vendor_seconds: float = 5.0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Benchmark ``bundles`` side by side with their PyTorch baselines.
+
+    ``run_dirs`` give test data (their test split) and a baseline (their fp32
+    student) for the model they trained; ``baselines`` add ``[MODEL=]SOURCE``
+    baselines (see `hw_bench.baseline`); ``data`` adds .npz test sets.
+    """
+    opened = open_bundles(bundles)
+    if not opened:
+        raise BenchError("no bundles to benchmark")
+    contenders: list[Contender] = [bundle_contender(b, threads=threads) for b in opened]
+    models = {c.model: c.input_spec for c in contenders}
+    tests: list[TestData] = [load_npz(d) for d in data]
+    specs = list(baselines)
+    for rd in run_dirs:
+        tests.append(from_run_dir(rd))
+        specs.append(str(rd))
+    if specs:
+        from .baseline import torch_contender
+
+        base = [torch_contender(s, models=models, threads=threads) for s in specs]
+        seen = set()
+        for b in base:
+            if b.model in seen:
+                raise BenchError(f"two baselines for model {b.model!r}")
+            seen.add(b.model)
+        contenders = base + contenders
+    rows = measure(contenders, settings=settings, repetitions=repetitions, data=tests, do_accuracy=accuracy,
+                   progress=progress)
+    checks: list[dict[str, Any]] = []
+    notes: list[str] = []
+    if vendor_check:
+        from .vendor import cross_check, run_benchmark_app, trtexec_status
+
+        for b, row in zip(opened, rows[len(contenders) - len(opened):]):
+            if b.target == "openvino":
+                if settings.scenario is not Scenario.SINGLE_STREAM:
+                    notes.append(f"{row['artifact']}: benchmark_app cross-check runs with single-stream only")
+                    continue
+                if progress:
+                    progress(f"benchmark_app: {row['artifact']}")
+                checks.append(cross_check(row, run_benchmark_app(b, threads=threads, seconds=vendor_seconds)))
+            elif b.target == "jetson":
+                checks.append({"artifact": row["artifact"], **trtexec_status()})
+        if not any(b.target == "jetson" for b in opened):
+            t = trtexec_status()
+            notes.append("trtexec: " + (f"present at {t['path']} (no jetson bundle given)" if t["available"] else t["reason"]))
+    env = environment(threads=threads)
+    notes.append("int8 on this CPU: " + int8_hint(env["cpu"]))
+    return new_run(env=env, rows=rows, cross_checks=checks, notes=notes)

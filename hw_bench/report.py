@@ -1,0 +1,268 @@
+"""Reports from result files: a Markdown table and PNG plots (matplotlib, Agg).
+
+``report(paths, out_dir)`` writes ``report.md`` (environment, results table with
+speed-up vs PyTorch and accuracy, int8-vs-fp32 per runtime, vendor
+cross-checks, fleet device status), ``latency.png`` (latency distribution per
+artifact) and ``pareto.png`` (accuracy against p50 latency per model, the
+Pareto front drawn). Cloud side (matplotlib is imported inside).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from toolchain.errors import BenchError
+from toolchain.fsutil import atomic_write_text
+
+from .envinfo import int8_hint
+from .results import read_run, rows_with_env
+
+TARGET_COLORS = {"pytorch": "#7f7f7f", "onnx": "#1f77b4", "openvino": "#d62728", "tflite": "#ff7f0e",
+                 "coreml": "#9467bd", "jetson": "#2ca02c"}
+
+
+def _fmt(v: Any, spec: str = ".3g", none: str = "–") -> str:
+    if v is None:
+        return none
+    try:
+        return format(float(v), spec)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _acc(row: dict[str, Any]) -> float | None:
+    a = row.get("accuracy")
+    if isinstance(a, dict):
+        return a.get("accuracy")
+    return a
+
+
+def _size(n: Any) -> str:
+    if not n:
+        return "–"
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _label(row: dict[str, Any]) -> str:
+    dev = row.get("device_id")
+    return f"{row['artifact']} @{dev}" if dev else str(row["artifact"])
+
+
+def int8_vs_fp32(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (device, model, target): fp32 p50 / int8 p50 (>1 = int8 faster) and throughput ratio."""
+    by: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("kind") == "pytorch":
+            continue
+        key = (r.get("device_id"), r.get("model"), r.get("target"), r.get("scenario"))
+        by.setdefault(key, {})[str(r.get("precision"))] = r
+    out = []
+    for (dev, model, target, scen), p in by.items():
+        if "fp32" in p and "int8" in p:
+            f, i = p["fp32"], p["int8"]
+            out.append({
+                "device_id": dev, "model": model, "target": target, "scenario": scen,
+                "fp32_p50_ms": f["latency_ms"]["p50"], "int8_p50_ms": i["latency_ms"]["p50"],
+                "latency_speedup": f["latency_ms"]["p50"] / i["latency_ms"]["p50"],
+                "throughput_speedup": i["throughput_sps"] / f["throughput_sps"],
+                "fp32_accuracy": _acc(f), "int8_accuracy": _acc(i),
+            })
+    return out
+
+
+def markdown(runs: list[dict[str, Any]], rows: list[dict[str, Any]], sources: list[str]) -> str:
+    L: list[str] = ["# hw-bench report", ""]
+    L.append("Sources: " + ", ".join(f"`{s}`" for s in sources))
+    L.append("")
+    envs = []
+    for run in runs:
+        for e in [run.get("env")] + list(run.get("envs", [])) + [d.get("env") for d in run.get("devices", [])]:
+            if e and e not in envs:
+                envs.append(e)
+    if envs:
+        L += ["## Environment", "", "| host | CPU | cores (logical/usable) | ISA | threads | python | date |",
+              "|---|---|---|---|---|---|---|"]
+        for e in envs:
+            cpu = e.get("cpu", {})
+            isa = ", ".join(k for k, v in (cpu.get("isa") or {}).items() if v) or "–"
+            L.append(f"| {e.get('hostname')} | {cpu.get('model')} | {cpu.get('logical_cores')}/{cpu.get('usable_cores')} "
+                     f"| {isa} | {e.get('threads') or 'default'} | {e.get('python')} | {e.get('date')} |")
+        L.append("")
+    fleet = [d for run in runs for d in run.get("devices", [])]
+    if fleet:
+        L += ["## Fleet devices", "", "| device | status | detail |", "|---|---|---|"]
+        for d in fleet:
+            status = "ok" if d.get("ok") else ("no answer" if d.get("status") == "timeout" else "error")
+            L.append(f"| {d['device_id']} | {status} | {d.get('error') or d.get('env', {}).get('cpu', {}).get('model', '')} |")
+        L.append("")
+    L += ["## Results", "",
+          "Latency per query (batch 1 for single-stream); throughput in samples/s; speed-up = PyTorch eager fp32 "
+          "p50 / this p50 (offline: throughput ratio), median of interleaved rounds.", "",
+          "| artifact | device | target | precision | scenario | batch | p50 ms | p99 ms | throughput/s | speed-up vs PyTorch | accuracy | size |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lat = r.get("latency_ms", {})
+        sp = r.get("speedup_vs_pytorch")
+        L.append(
+            f"| {r['artifact']} | {r.get('device_id') or r['_env'].get('hostname', '')} | {r.get('target')} | {r.get('precision')} "
+            f"| {r.get('scenario')} | {r.get('batch_size')} | {_fmt(lat.get('p50'))} | {_fmt(lat.get('p99'))} "
+            f"| {_tput(r.get('throughput_sps'))} | {_fmt(sp, '.2f') + '×' if sp is not None else '–'} "
+            f"| {_fmt(_acc(r), '.4f')} | {_size(r.get('size_bytes'))} |"
+        )
+    L.append("")
+    iv = int8_vs_fp32(rows)
+    if iv:
+        L += ["## int8 vs fp32 per runtime", "",
+              "| model | target | fp32 p50 ms | int8 p50 ms | int8 latency speed-up | int8 throughput speed-up | fp32 acc | int8 acc |",
+              "|---|---|---|---|---|---|---|---|"]
+        for x in iv:
+            L.append(f"| {x['model']}{' @' + x['device_id'] if x['device_id'] else ''} | {x['target']} | {_fmt(x['fp32_p50_ms'])} "
+                     f"| {_fmt(x['int8_p50_ms'])} | {_fmt(x['latency_speedup'], '.2f')}× | {_fmt(x['throughput_speedup'], '.2f')}× "
+                     f"| {_fmt(x['fp32_accuracy'], '.4f')} | {_fmt(x['int8_accuracy'], '.4f')} |")
+        cpu = (envs[0].get("cpu") if envs else None) or {}
+        if cpu:
+            L += ["", f"CPU: {cpu.get('model')}: {int8_hint(cpu)}."]
+        L.append("")
+    checks = [c for run in runs for c in run.get("cross_checks", [])]
+    if checks:
+        L += ["## Vendor tool cross-check", "",
+              "| artifact | tool | tool median ms | our p50 ms | ours / tool (latency) | tool throughput/s | our throughput/s | ours / tool (throughput) |",
+              "|---|---|---|---|---|---|---|---|"]
+        for c in checks:
+            if c.get("available"):
+                L.append(f"| {c['artifact']} | {c['tool']} | {_fmt(c['median_ms'])} | {_fmt(c['ours_median_ms'])} "
+                         f"| {_fmt(c['latency_ratio'], '.3f')} | {_tput(c['throughput_sps'])} "
+                         f"| {_tput(c['ours_throughput_sps'])} | {_fmt(c['throughput_ratio'], '.3f')} |")
+            else:
+                L.append(f"| {c['artifact']} | {c['tool']} | absent: {c.get('reason')} | | | | | |")
+        L.append("")
+    notes = [n for run in runs for n in run.get("notes", [])]
+    if notes:
+        L += ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
+    L += ["## Plots", "", "![latency distribution](latency.png)", "", "![accuracy vs latency](pareto.png)", ""]
+    return "\n".join(L)
+
+
+def _plain_ticks(ax: Any) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+
+
+def _tput(v: Any) -> str:
+    if v is None:
+        return "–"
+    v = float(v)
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def plot_latency(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("latencies_ms")]
+    fig_h = max(2.5, 0.45 * len(rows) + 1.2)
+    fig, ax = plt.subplots(figsize=(10, fig_h), dpi=110)
+    if not rows:
+        ax.text(0.5, 0.5, "no latency samples", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        data = [r["latencies_ms"] for r in rows]
+        labels = [f"{_label(r)}  b{r.get('batch_size')}  p50 {r['latency_ms']['p50']:.3g} ms" for r in rows]
+        bp = ax.boxplot(data, vert=False, whis=(1, 99), showfliers=False, patch_artist=True, widths=0.6)
+        for patch, r in zip(bp["boxes"], rows):
+            patch.set_facecolor(TARGET_COLORS.get(str(r.get("target")), "#bbbbbb"))
+            patch.set_alpha(0.75)
+        ax.set_yticks(range(1, len(rows) + 1), labels, fontsize=8)
+        lo = min(min(d) for d in data)
+        hi = max(max(d) for d in data)
+        if hi / max(lo, 1e-9) > 20:
+            ax.set_xscale("log")
+            _plain_ticks(ax)
+        ax.invert_yaxis()
+        ax.set_xlabel("latency per query, ms (box: quartiles, whiskers: p1–p99)")
+        ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Latency distribution per artifact")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    front, best = [], -1.0
+    for lat, acc in sorted(points):
+        if acc > best:
+            front.append((lat, acc))
+            best = acc
+    return front
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if _acc(r) is not None and r.get("latency_ms")]
+    models = list(dict.fromkeys(str(r.get("model")) for r in pts)) or ["(none)"]
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), dpi=110, squeeze=False)
+    markers = {"fp32": "o", "fp16": "s", "int8": "^"}
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in pts if str(r.get("model")) == model]
+        if not mine:
+            ax.text(0.5, 0.5, "no accuracy measured\n(give --data or --run)", ha="center", va="center")
+            ax.set_axis_off()
+            continue
+        for r in mine:
+            x, y = r["latency_ms"]["p50"], _acc(r)
+            ax.scatter(x, y, s=70, c=TARGET_COLORS.get(str(r.get("target")), "#bbbbbb"),
+                       marker=markers.get(str(r.get("precision")), "D"), edgecolors="black", linewidths=0.5, zorder=3)
+            ax.annotate(f"{r.get('target')}/{r.get('precision')}" + (f" @{r['device_id']}" if r.get("device_id") else ""),
+                        (x, y), xytext=(5, 4), textcoords="offset points", fontsize=8)
+        front = _pareto([(r["latency_ms"]["p50"], float(_acc(r))) for r in mine])
+        if len(front) > 1:
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", alpha=0.4,
+                    linestyle="--", label="Pareto front")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xscale("log")
+        _plain_ticks(ax)
+        xs = [r["latency_ms"]["p50"] for r in mine]
+        ax.set_xlim(min(xs) / 1.6, max(xs) * 2.5)  # room for the labels
+        ax.set_xlabel("p50 latency, ms (log; left is faster)")
+        ax.set_ylabel("accuracy (up is better)")
+        ax.set_title(f"{model}: accuracy vs latency")
+        ax.grid(alpha=0.3)
+        ys = [float(_acc(r)) for r in mine]
+        pad = max(0.01, (max(ys) - min(ys)) * 0.3)
+        ax.set_ylim(min(ys) - pad, min(1.0 + pad / 3, max(ys) + pad))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(paths: Iterable[str | Path], out_dir: Path) -> dict[str, Path]:
+    """Read result files, write report.md + latency.png + pareto.png into ``out_dir``."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise BenchError("no results files given")
+    runs = [read_run(p) for p in paths]
+    rows = rows_with_env(runs)
+    if not rows:
+        raise BenchError("the results files hold no results")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_latency(rows, out_dir / "latency.png")
+    plot_pareto(rows, out_dir / "pareto.png")
+    md = out_dir / "report.md"
+    atomic_write_text(md, markdown(runs, rows, [str(p) for p in paths]))
+    return {"markdown": md, "latency_png": out_dir / "latency.png", "pareto_png": out_dir / "pareto.png"}

@@ -1,0 +1,34 @@
+"""Terminal tables (rich) for run and fleet results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def print_rows(run: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="hw-bench results")
+    for col in ("artifact", "device", "scenario", "p50 ms", "p99 ms", "throughput/s", "vs PyTorch", "accuracy"):
+        t.add_column(col, justify="right" if col not in ("artifact", "device", "scenario") else "left")
+    for r in run["results"]:
+        acc = r.get("accuracy")
+        acc = acc.get("accuracy") if isinstance(acc, dict) else acc
+        sp = r.get("speedup_vs_pytorch")
+        t.add_row(str(r["artifact"]), str(r.get("device_id") or ""), str(r.get("scenario")),
+                  f"{r['latency_ms']['p50']:.3g}", f"{r['latency_ms']['p99']:.3g}", f"{r['throughput_sps']:.4g}",
+                  f"{sp:.2f}×" if sp is not None else "–", f"{acc:.4f}" if acc is not None else "–")
+    con = Console(stderr=False)
+    con.print(t)
+    for d in run.get("devices", []):
+        if not d.get("ok"):
+            con.print(f"[red]{d['device_id']}: {d.get('error')}[/red]")
+    for c in run.get("cross_checks", []):
+        if c.get("available"):
+            con.print(f"{c['artifact']}: ours p50 {c['ours_median_ms']:.4g} ms vs {c['tool']} median "
+                      f"{c['median_ms']:.4g} ms (ratio {c['latency_ratio']:.3f}); throughput ratio {c['throughput_ratio']:.3f}")
+        else:
+            con.print(f"{c['artifact']}: {c['tool']} absent: {c.get('reason')}")
+    for n in run.get("notes", []):
+        con.print(f"note: {n}")
