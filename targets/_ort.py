@@ -1,0 +1,38 @@
+"""ONNX Runtime helpers shared by the targets that run ONNX on the CPU.
+
+Device side: imports onnxruntime only, inside the functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class OrtRunner:
+    """One ONNX Runtime session; ``run(batch) -> logits``."""
+
+    def __init__(self, model_path: Path, *, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model_path), sess_options=so, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        return np.asarray(self.session.run([self.output_name], {self.input_name: x})[0])
+
+
+def ort_available() -> tuple[bool, str]:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        return False, f"onnxruntime is not installed ({e}); pip install onnxruntime"
+    return True, "onnxruntime " + onnxruntime.__version__

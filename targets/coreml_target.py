@@ -1,0 +1,164 @@
+"""``coreml``: a Core ML ML-program package (``model.mlpackage/``) built with coremltools.
+
+Built here from the traced PyTorch student (``torch.jit.trace``; coremltools 9
+converts torch 2.13 programs with a version warning). fp16 is the ML program's
+compute precision; int8 quantizes the weights (``coremltools.optimize``,
+linear symmetric, every weight tensor) on top of an fp16 program. Prediction
+needs the Core ML framework, i.e. macOS: elsewhere `available()` says so and
+the build is checked structurally instead (`check_structure`): ML-program
+type, the input name/shape range, the logits output, and for int8 that the
+weights really are stored quantized.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from toolchain.errors import BuildError
+
+from .base import Artifact, ModelSource, Precision, Runner, Target
+
+if TYPE_CHECKING:  # pragma: no cover
+    from calibration.representative import RepresentativeSet
+
+PACKAGE = "model.mlpackage"
+MAX_BATCH = 1024
+
+
+class CoreMLRunner:
+    def __init__(self, path: Path, *, input_name: str, output_name: str) -> None:
+        import coremltools as ct
+
+        self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.ALL)
+        self.input_name, self.output_name = input_name, output_name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        out = self.model.predict({self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return np.asarray(out[self.output_name], dtype=np.float32)
+
+
+def check_structure(path: Path, *, input_name: str, sample_shape: tuple[int, ...], precision: Precision) -> dict[str, Any]:
+    """What can be checked without Core ML itself; raises `BuildError` listing every problem."""
+    import coremltools as ct
+
+    try:
+        spec = ct.utils.load_spec(str(path))
+    except Exception as e:
+        raise BuildError(f"{path}: not a loadable Core ML package ({e})") from e
+    problems: list[str] = []
+    kind = spec.WhichOneof("Type")
+    if kind != "mlProgram":
+        problems.append(f"model type is {kind}, expected mlProgram")
+    inputs = {i.name: i for i in spec.description.input}
+    outputs = [o.name for o in spec.description.output]
+    if input_name not in inputs:
+        problems.append(f"input {input_name!r} missing (has {list(inputs)})")
+    else:
+        arr = inputs[input_name].type.multiArrayType
+        ranges = [(r.lowerBound, r.upperBound) for r in arr.shapeRange.sizeRanges]
+        tail = tuple(lo for lo, _ in ranges[1:]) if ranges else tuple(arr.shape[1:])
+        if tail != tuple(sample_shape):
+            problems.append(f"input sample shape {tail} != {tuple(sample_shape)}")
+    if outputs != ["logits"]:
+        problems.append(f"outputs {outputs} != ['logits']")
+    ops = [
+        op.type
+        for f in spec.mlProgram.functions.values()
+        for b in f.block_specializations.values()
+        for op in b.operations
+    ]
+    dequant = sum(t.startswith("constexpr_") for t in ops)
+    compute = sum(t in ("conv", "linear", "matmul") for t in ops)
+    if precision is Precision.INT8 and dequant < compute:
+        problems.append(f"only {dequant} of {compute} conv/linear weights are stored quantized")
+    if problems:
+        raise BuildError(f"{path}: Core ML structural check failed: " + "; ".join(problems))
+    return {
+        "spec_version": int(spec.specificationVersion),
+        "ops": len(ops),
+        "quantized_weights": dequant,
+        "compute_ops": compute,
+    }
+
+
+class CoreMLTarget(Target):
+    name = "coreml"
+    precisions = (Precision.FP32, Precision.FP16, Precision.INT8)
+    runtime = "coremltools"
+    install_hint = "pip install 'edge-toolchain[coreml]'  (coremltools; prediction needs macOS)"
+    description = "Core ML ML program for Apple devices (prediction on macOS only)"
+
+    def available(self) -> tuple[bool, str]:
+        if sys.platform != "darwin":
+            return False, f"Core ML prediction needs macOS (this is {platform.system()}); bundles build and are checked structurally here"
+        try:
+            import coremltools as ct
+        except ImportError as e:
+            return False, f"coremltools is not installed ({e}); {self.install_hint}"
+        return True, f"coremltools {ct.__version__} on macOS {platform.mac_ver()[0]}"
+
+    def build_available(self) -> tuple[bool, str]:
+        from importlib.util import find_spec
+
+        if find_spec("coremltools") is None:
+            return False, f"coremltools is not installed; {self.install_hint}"
+        if find_spec("torch") is None:
+            return False, "torch is not installed; pip install 'edge-toolchain[toolchain]'"
+        return True, f"coremltools {self.runtime_version()}"
+
+    def build(
+        self, source: ModelSource, precision: Precision, calibration: "RepresentativeSet | None", out_dir: Path
+    ) -> Artifact:
+        import coremltools as ct
+        import torch
+
+        if source.torch_model is None:
+            raise BuildError("coreml builds from the PyTorch student, but the model source has none")
+        model = source.torch_model().eval()
+        shape = source.input_spec.sample_shape
+        example = torch.zeros((1, *shape), dtype=torch.float32)
+        out = Path(out_dir) / PACKAGE
+        try:
+            with torch.no_grad():
+                traced = torch.jit.trace(model, example)
+            mlmodel = ct.convert(
+                traced,
+                inputs=[ct.TensorType(name=source.input_spec.name, shape=(ct.RangeDim(1, MAX_BATCH, 1), *shape), dtype=np.float32)],
+                outputs=[ct.TensorType(name="logits")],
+                convert_to="mlprogram",
+                compute_precision=ct.precision.FLOAT32 if precision is Precision.FP32 else ct.precision.FLOAT16,
+                minimum_deployment_target=ct.target.iOS16,
+            )
+            if precision is Precision.INT8:
+                from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+
+                cfg = OptimizationConfig(
+                    global_config=OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=0)
+                )
+                mlmodel = linear_quantize_weights(mlmodel, config=cfg)
+            mlmodel.save(str(out))
+        except BuildError:
+            raise
+        except Exception as e:
+            raise BuildError(f"Core ML conversion ({precision}) failed: {e}") from e
+        structure = check_structure(out, input_name=source.input_spec.name, sample_shape=shape, precision=precision)
+        details = {
+            "method": {Precision.FP32: "mlprogram fp32", Precision.FP16: "mlprogram fp16", Precision.INT8: "int8 weights (linear symmetric) on fp16"}[precision],
+            "input_name": source.input_spec.name,
+            "output_name": "logits",
+            "structure": structure,
+        }
+        return Artifact(target=self.name, precision=precision, files=[PACKAGE], runtime=self.runtime, details=details)
+
+    def load(self, bundle_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+        d = manifest["artifact"].get("details", {})
+        return CoreMLRunner(
+            Path(bundle_dir) / manifest["artifact"]["main"],
+            input_name=d.get("input_name", manifest["input"]["name"]),
+            output_name=d.get("output_name", "logits"),
+        )

@@ -1,0 +1,96 @@
+"""The ``jetson`` target: ONNX + recipe in the bundle, engine built on the device."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toolchain.errors import BuildError, TargetUnavailableError
+from toolchain.fsutil import atomic_write_json
+
+from ..base import Artifact, ModelSource, Precision, Runner, Target
+from .recipe import check_onnx_for_tensorrt, make_recipe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from calibration.representative import RepresentativeSet
+
+MODEL_FILE = "model.onnx"
+RECIPE_FILE = "trt_recipe.json"
+
+
+def _import_trt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise TargetUnavailableError(
+            f"tensorrt is not installed ({e}); install it from NVIDIA's index: "
+            "pip install 'edge-toolchain[tensorrt]' --extra-index-url https://pypi.nvidia.com"
+        ) from e
+    return trt
+
+
+class JetsonTarget(Target):
+    name = "jetson"
+    precisions = (Precision.FP32, Precision.FP16, Precision.INT8)
+    runtime = "tensorrt"
+    install_hint = "pip install 'edge-toolchain[tensorrt]' --extra-index-url https://pypi.nvidia.com (needs an NVIDIA GPU)"
+    description = "TensorRT on NVIDIA Jetson / GPUs (engine built on the device)"
+
+    def available(self) -> tuple[bool, str]:
+        from importlib.util import find_spec
+
+        if find_spec("tensorrt") is None:
+            return False, f"tensorrt is not installed (it comes from NVIDIA's index); {self.install_hint}"
+        try:
+            from .engine import gpu_model
+
+            gpu = gpu_model()
+        except Exception as e:
+            return False, f"no usable NVIDIA GPU: {e}"
+        return True, f"tensorrt {self.runtime_version()} on {gpu}"
+
+    def build_available(self) -> tuple[bool, str]:
+        try:
+            import onnx  # noqa: F401
+        except ImportError as e:
+            return False, f"onnx is not installed ({e}); pip install onnx"
+        return True, "bundles need only onnx here; the engine is built on the device"
+
+    def build(
+        self, source: ModelSource, precision: Precision, calibration: "RepresentativeSet | None", out_dir: Path
+    ) -> Artifact:
+        dst = Path(out_dir) / MODEL_FILE
+        details: dict[str, Any] = {}
+        if precision is not Precision.INT8:
+            shutil.copyfile(source.onnx_fp32, dst)
+            details["method"] = "fp32 onnx; TensorRT lowers precision at engine build"
+        elif source.onnx_qdq is not None and Path(source.onnx_qdq).is_file():
+            shutil.copyfile(source.onnx_qdq, dst)
+            details.update(method="qat-qdq", weight_bits=source.qdq_weight_bits)
+        else:
+            if calibration is None:
+                raise BuildError("jetson int8 without a QAT QDQ graph needs a calibration set")
+            from ..onnx_target import static_quantize_onnx
+
+            # TensorRT's int8 kernels take full 8-bit symmetric weights (no VNNI limit on GPUs)
+            static_quantize_onnx(Path(source.onnx_fp32), dst, calibration, input_name=source.input_spec.name, reduce_range=False)
+            details.update(method="ort-static-ptq-qdq", weight_bits=8)
+        details["tensorrt_check"] = check_onnx_for_tensorrt(dst, precision=precision)
+        recipe = make_recipe(onnx_file=MODEL_FILE, precision=precision, spec=source.input_spec)
+        atomic_write_json(Path(out_dir) / RECIPE_FILE, recipe)
+        details["recipe"] = RECIPE_FILE
+        details["trtexec"] = recipe["trtexec"]
+        return Artifact(target=self.name, precision=precision, files=[MODEL_FILE, RECIPE_FILE], runtime=self.runtime, details=details)
+
+    def load(self, bundle_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+        import json
+
+        from .engine import EngineCache
+        from .runner import TrtRunner
+
+        trt = _import_trt()
+        root = Path(bundle_dir)
+        recipe = json.loads((root / manifest["artifact"]["details"].get("recipe", RECIPE_FILE)).read_text())
+        engine, _built = EngineCache(trt=trt).get(root / recipe["onnx"], recipe)
+        return TrtRunner(engine, input_name=recipe["input"], trt=trt)

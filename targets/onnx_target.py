@@ -1,0 +1,118 @@
+"""``onnx``: ONNX Runtime, the generic CPU target.
+
+fp32 ships the exported student ONNX. int8 ships a QDQ graph: the QAT
+student's own (``ModelSource.onnx_qdq``) when the pipeline made one, since it
+was trained with its quantization; otherwise post-training static
+quantization (`onnxruntime.quantization`, QDQ, per-channel weights) calibrated
+on the run's representative set. Weights are reduced to 7 bits
+(``reduce_range``) because ORT's int8 kernels on CPUs without VNNI saturate
+in the u8*s8 multiply-add with full 8-bit weights.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toolchain.errors import BuildError
+
+from .base import Artifact, ModelSource, Precision, Runner, Target
+
+if TYPE_CHECKING:  # pragma: no cover
+    from calibration.representative import RepresentativeSet
+
+MODEL_FILE = "model.onnx"
+
+
+def _check_onnx(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # onnx raises several checker error types
+        raise BuildError(f"{path}: invalid ONNX model ({e})") from e
+
+
+def static_quantize_onnx(
+    src: Path, dst: Path, calibration: "RepresentativeSet", *, input_name: str = "input", reduce_range: bool = True
+) -> None:
+    """Post-training static QDQ quantization of ``src`` into ``dst`` with the representative set."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from calibration.adapters import ort_data_reader
+
+    real_input = onnx.load(str(src), load_external_data=False).graph.input[0].name or input_name
+    pre = dst.with_name(dst.stem + ".pre.onnx")
+    try:
+        try:
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        except Exception:  # pre-processing is an optimisation; quantize the raw graph if it fails
+            shutil.copyfile(src, pre)
+        quantize_static(
+            str(pre),
+            str(dst),
+            ort_data_reader(calibration, input_name=real_input),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            reduce_range=reduce_range,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
+    except BuildError:
+        raise
+    except Exception as e:
+        raise BuildError(f"ONNX Runtime static quantization of {src} failed: {e}") from e
+    finally:
+        pre.unlink(missing_ok=True)
+
+
+class OnnxTarget(Target):
+    name = "onnx"
+    precisions = (Precision.FP32, Precision.INT8)
+    runtime = "onnxruntime"
+    install_hint = "pip install onnxruntime"
+    description = "ONNX Runtime on the CPU (generic target)"
+
+    def available(self) -> tuple[bool, str]:
+        from ._ort import ort_available
+
+        return ort_available()
+
+    def build_available(self) -> tuple[bool, str]:
+        ok, why = self.available()
+        if not ok:
+            return ok, why
+        try:
+            import onnx  # noqa: F401
+        except ImportError as e:
+            return False, f"onnx is not installed ({e}); pip install onnx"
+        return True, why
+
+    def build(
+        self, source: ModelSource, precision: Precision, calibration: "RepresentativeSet | None", out_dir: Path
+    ) -> Artifact:
+        dst = Path(out_dir) / MODEL_FILE
+        details: dict[str, Any] = {}
+        if precision is Precision.FP32:
+            shutil.copyfile(source.onnx_fp32, dst)
+            details["method"] = "exported fp32"
+        elif source.onnx_qdq is not None and Path(source.onnx_qdq).is_file():
+            shutil.copyfile(source.onnx_qdq, dst)
+            details.update(method="qat-qdq", weight_bits=source.qdq_weight_bits)
+        else:
+            if calibration is None:
+                raise BuildError("onnx int8 without a QAT QDQ graph needs a calibration set")
+            static_quantize_onnx(Path(source.onnx_fp32), dst, calibration, input_name=source.input_spec.name)
+            details.update(method="ort-static-ptq-qdq", weight_bits=7, per_channel=True, calibration="minmax")
+        _check_onnx(dst)
+        return Artifact(target=self.name, precision=precision, files=[MODEL_FILE], runtime=self.runtime, details=details)
+
+    def load(self, bundle_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+        from ._ort import OrtRunner
+
+        return OrtRunner(Path(bundle_dir) / manifest["artifact"]["main"], threads=threads)

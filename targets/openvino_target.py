@@ -1,0 +1,114 @@
+"""``openvino``: OpenVINO IR (``model.xml`` + ``model.bin``) on the CPU plugin.
+
+fp32: the ONNX graph converted as is. fp16: the same graph with weights
+compressed to fp16 in the ``.bin`` (the CPU plugin decompresses them, so
+accuracy stays fp32-like while the file halves). int8: the QAT student's QDQ
+graph when there is one (OpenVINO turns Q/DQ pairs into FakeQuantize and keeps
+int8 weights), otherwise NNCF post-training quantization on the representative
+set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from toolchain.errors import BuildError
+
+from .base import Artifact, ModelSource, Precision, Runner, Target
+
+if TYPE_CHECKING:  # pragma: no cover
+    from calibration.representative import RepresentativeSet
+
+XML, BIN = "model.xml", "model.bin"
+
+
+class OpenVinoRunner:
+    def __init__(self, xml: Path, *, threads: int | None = None) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        self.request.infer({0: x})
+        return np.array(self.request.get_output_tensor(0).data, copy=True)
+
+
+class OpenVinoTarget(Target):
+    name = "openvino"
+    precisions = (Precision.FP32, Precision.FP16, Precision.INT8)
+    runtime = "openvino"
+    install_hint = "pip install 'edge-toolchain[openvino]'  (openvino, nncf)"
+    description = "OpenVINO IR on Intel CPUs/GPUs/NPUs"
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import openvino as ov
+        except ImportError as e:
+            return False, f"openvino is not installed ({e}); {self.install_hint}"
+        try:
+            devices = ov.Core().available_devices
+        except Exception as e:  # plugin discovery failures are runtime errors of many kinds
+            return False, f"openvino cannot list devices: {e}"
+        if "CPU" not in devices:
+            return False, f"openvino has no CPU plugin here (devices: {devices})"
+        return True, f"openvino {ov.__version__}, devices {', '.join(devices)}"
+
+    def build_available(self) -> tuple[bool, str]:
+        try:
+            import openvino as ov
+        except ImportError as e:
+            return False, f"openvino is not installed ({e}); {self.install_hint}"
+        return True, f"openvino {ov.__version__}"
+
+    def build(
+        self, source: ModelSource, precision: Precision, calibration: "RepresentativeSet | None", out_dir: Path
+    ) -> Artifact:
+        import openvino as ov
+
+        details: dict[str, Any] = {}
+        try:
+            if precision is Precision.INT8 and source.onnx_qdq is not None and Path(source.onnx_qdq).is_file():
+                model = ov.convert_model(str(source.onnx_qdq))
+                details.update(method="qat-qdq", weight_bits=source.qdq_weight_bits)
+            else:
+                model = ov.convert_model(str(source.onnx_fp32))
+                if precision is Precision.INT8:
+                    model = self._nncf_ptq(model, calibration)
+                    details.update(method="nncf-ptq", preset="performance")
+                else:
+                    details["method"] = "fp16 compressed weights" if precision is Precision.FP16 else "converted fp32"
+            ov.save_model(model, str(Path(out_dir) / XML), compress_to_fp16=precision is Precision.FP16)
+        except BuildError:
+            raise
+        except Exception as e:
+            raise BuildError(f"OpenVINO conversion ({precision}) failed: {e}") from e
+        return Artifact(target=self.name, precision=precision, files=[XML, BIN], runtime=self.runtime, details=details)
+
+    @staticmethod
+    def _nncf_ptq(model: Any, calibration: "RepresentativeSet | None") -> Any:
+        if calibration is None:
+            raise BuildError("openvino int8 without a QAT QDQ graph needs a calibration set")
+        try:
+            import nncf
+        except ImportError as e:
+            raise BuildError(f"NNCF is needed for OpenVINO int8 post-training quantization ({e}); pip install nncf") from e
+        from calibration.adapters import nncf_dataset
+
+        return nncf.quantize(
+            model,
+            nncf_dataset(calibration),
+            preset=nncf.QuantizationPreset.PERFORMANCE,
+            subset_size=len(calibration),
+        )
+
+    def load(self, bundle_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+        return OpenVinoRunner(Path(bundle_dir) / manifest["artifact"]["main"], threads=threads)

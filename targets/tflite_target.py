@@ -1,0 +1,175 @@
+"""``tflite``: a LiteRT (TFLite) flatbuffer run with ``ai-edge-litert``.
+
+Converted from the PyTorch student with ``litert-torch`` (the maintained
+PyTorch → LiteRT converter). fp32 converts the model as is. int8 is full
+integer: the student is exported with ``torch.export``, annotated with
+LiteRT's pt2e quantizer (symmetric, per-channel weights), calibrated on the
+run's representative set, converted with torchao's ``convert_pt2e`` and
+lowered in STATIC QDQ mode so that every op runs in int8, inputs and outputs
+included. The runner quantizes inputs and dequantizes outputs with the
+tensors' own parameters, so callers always pass floats and get float logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from toolchain.errors import BuildError
+
+from .base import Artifact, ModelSource, Precision, Runner, Target
+
+if TYPE_CHECKING:  # pragma: no cover
+    from calibration.representative import RepresentativeSet
+
+MODEL_FILE = "model.tflite"
+
+
+class TfliteRunner:
+    """Interpreter wrapper: batches by resizing when the graph allows, else sample by sample.
+
+    litert-torch exports a static batch of one (its dynamic-batch export fails
+    on Flatten), and XNNPACK refuses to reshape some static graphs, so a batch
+    the graph cannot take runs as a loop of single samples.
+    """
+
+    def __init__(self, path: Path, *, threads: int | None = None) -> None:
+        self.path, self.threads = path, threads
+        self._open()
+        self._loop = False
+
+    def _open(self) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interp = Interpreter(model_path=str(self.path), num_threads=self.threads or None)
+        self.interp.allocate_tensors()
+        self._in = self.interp.get_input_details()[0]
+        self._out = self.interp.get_output_details()[0]
+        self._batch = int(self._in["shape"][0])
+
+    def _resize(self, n: int) -> bool:
+        shape = list(self._in["shape"])
+        shape[0] = n
+        try:
+            self.interp.resize_tensor_input(self._in["index"], shape, strict=False)
+            self.interp.allocate_tensors()
+        except (RuntimeError, ValueError):
+            self._open()  # the failed reshape leaves the interpreter unusable
+            self._loop = True
+            return False
+        self._in = self.interp.get_input_details()[0]
+        self._out = self.interp.get_output_details()[0]
+        self._batch = n
+        return True
+
+    def _invoke(self, x: np.ndarray) -> np.ndarray:
+        dtype = self._in["dtype"]
+        if dtype != np.float32:
+            scale, zero = self._in["quantization"]
+            info = np.iinfo(dtype)
+            x = np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
+        self.interp.set_tensor(self._in["index"], np.ascontiguousarray(x))
+        self.interp.invoke()
+        y = self.interp.get_tensor(self._out["index"])
+        if self._out["dtype"] != np.float32:
+            scale, zero = self._out["quantization"]
+            y = (y.astype(np.float32) - zero) * np.float32(scale)
+        return np.array(y, dtype=np.float32, copy=True)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = np.asarray(batch, dtype=np.float32)
+        if len(x) != self._batch and (self._loop or not self._resize(len(x))):
+            step = self._batch
+            return np.concatenate([self._invoke(x[i : i + step]) for i in range(0, len(x), step)])
+        return self._invoke(x)
+
+
+class TfliteTarget(Target):
+    name = "tflite"
+    precisions = (Precision.FP32, Precision.INT8)
+    runtime = "ai-edge-litert"
+    install_hint = "pip install 'edge-toolchain[tflite]'  (litert-torch to build, ai-edge-litert to run)"
+    description = "LiteRT (TFLite) flatbuffer for ARM/mobile CPUs and NPUs"
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            from ai_edge_litert.interpreter import Interpreter  # noqa: F401
+        except ImportError as e:
+            return False, f"ai-edge-litert is not installed ({e}); pip install ai-edge-litert"
+        return True, f"ai-edge-litert {self.runtime_version()}"
+
+    def build_available(self) -> tuple[bool, str]:
+        from importlib.util import find_spec
+
+        if find_spec("litert_torch") is None:
+            return False, f"litert-torch is not installed; {self.install_hint}"
+        if find_spec("torch") is None:
+            return False, "torch is not installed; pip install 'edge-toolchain[toolchain]'"
+        return True, "litert-torch present"
+
+    def build(
+        self, source: ModelSource, precision: Precision, calibration: "RepresentativeSet | None", out_dir: Path
+    ) -> Artifact:
+        import torch
+
+        if source.torch_model is None:
+            raise BuildError("tflite builds from the PyTorch student, but the model source has none")
+        try:
+            import litert_torch
+        except ImportError as e:
+            raise BuildError(f"litert-torch is not installed ({e}); {self.install_hint}") from e
+        model = source.torch_model().eval()
+        sample = (torch.zeros((1, *source.input_spec.sample_shape), dtype=torch.float32),)
+        if calibration is not None and len(calibration):
+            sample = (torch.from_numpy(np.ascontiguousarray(calibration.inputs[:1])),)
+        details: dict[str, Any] = {"converter": f"litert-torch {_version('litert-torch')}"}
+        try:
+            if precision is Precision.FP32:
+                edge = litert_torch.convert(model, sample)
+                details["method"] = "converted fp32"
+            else:
+                edge = self._convert_int8(model, sample, calibration)
+                details.update(method="pt2e-static-ptq", io="int8", per_channel=True)
+            edge.export(str(Path(out_dir) / MODEL_FILE))
+        except BuildError:
+            raise
+        except Exception as e:
+            raise BuildError(f"LiteRT conversion ({precision}) failed: {e}") from e
+        return Artifact(target=self.name, precision=precision, files=[MODEL_FILE], runtime=self.runtime, details=details)
+
+    @staticmethod
+    def _convert_int8(model: Any, sample: tuple[Any, ...], calibration: "RepresentativeSet | None") -> Any:
+        import litert_torch
+        import torch
+        from litert_torch.quantize import pt2e_quantizer
+        from litert_torch.quantize.quant_config import QuantConfig
+        from torchao.quantization.pt2e import quantize_pt2e
+
+        from calibration.adapters import torch_batches
+
+        if calibration is None:
+            raise BuildError("tflite int8 needs a calibration (representative) set")
+        quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+            pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+        )
+        exported = torch.export.export(model, sample).module()
+        prepared = quantize_pt2e.prepare_pt2e(exported, quantizer)
+        with torch.no_grad():
+            for batch in torch_batches(calibration, batch_size=1):
+                prepared(batch)
+        converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
+        return litert_torch.convert(converted, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer))
+
+    def load(self, bundle_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+        return TfliteRunner(Path(bundle_dir) / manifest["artifact"]["main"], threads=threads)
+
+
+def _version(pkg: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "unknown"
