@@ -1,0 +1,379 @@
+"""Strict, typed configuration: ``toolchain.toml`` plus ``--set`` overrides.
+
+Why strict: a typo in a config key silently falling back to a default costs a
+training run. Every section is a frozen dataclass; an unknown key, a wrong type
+or a missing path is one `ConfigError` naming the field and the file.
+
+Torch-free (the CLI parses configs before importing torch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from toolchain.errors import ConfigError
+
+
+class PruneTarget(str, enum.Enum):
+    """What the pruning ratio is measured on."""
+
+    MACS = "macs"
+    PARAMS = "params"
+
+
+class QdqWeightBits(str, enum.Enum):
+    """Weight range of the QDQ graph: ``auto`` = 8 bits with VNNI, else 7 bits (±63)."""
+
+    AUTO = "auto"
+    SEVEN = "7"
+    EIGHT = "8"
+
+
+class Confidence(str, enum.Enum):
+    MAX_PROB = "max_prob"
+    MARGIN = "margin"
+    ENTROPY = "entropy"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: Path = Path("runs/digits")  # run directory (relative paths: to the current directory)
+    name: str = "digits-student"  # model name written into bundles
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "digits" | "imagefolder:PATH" | "python:module:function"
+    source: str = "digits"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    image_size: int = 32  # imagefolder only: images are resized to image_size x image_size
+    channels: int = 3  # imagefolder only: 1 (grayscale) or 3 (RGB)
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "resnet" | "mobilenet" | "mlp" | "python:module:function"
+    family: str = "resnet"
+    width: int = 32  # resnet: channels of the first stage; mobilenet: base channels before width_mult
+    depth: int = 2  # resnet: residual blocks per stage
+    width_mult: float = 1.0  # mobilenet
+    depth_mult: float = 1.0  # mobilenet
+    hidden: tuple[int, ...] = (128, 64)  # mlp hidden layer sizes
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 40
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    patience: int = 10  # early stopping: epochs without a better validation accuracy
+    label_smoothing: float = 0.05
+    augment: bool = True  # random shifts by one pixel (images only)
+    amp: bool = True  # mixed precision, used only when CUDA is present
+    num_workers: int = 0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    target: PruneTarget = PruneTarget.MACS
+    ratio: float = 10.0  # reach at least this many times fewer MACs (or params) than the teacher
+    steps: int = 8  # iterative steps, each followed by fine-tuning
+    finetune_epochs: int = 2  # per step
+    importance: str = "l2"  # "l1" | "l2" (magnitude of the channel group)
+    max_channel_ratio: float = 0.95  # never remove more than this fraction of one layer's channels
+    lr: float = 2e-3
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    epochs: int = 30
+    temperature: float = 4.0
+    alpha: float = 0.7  # weight of the soft (teacher) loss; 1 - alpha goes to the hard labels
+    lr: float = 3e-3
+    patience: int = 10
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    epochs: int = 4
+    lr: float = 2e-4
+    weight_bits: QdqWeightBits = QdqWeightBits.AUTO
+    freeze_observer_epoch: int = 2  # after this many QAT epochs the quantization ranges are frozen
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 18
+    atol: float = 1e-3  # fp32 ONNX vs PyTorch: max abs logit difference allowed
+    min_agreement: float = 0.98  # QDQ ONNX vs the PyTorch QAT model: top-1 agreement required
+    teacher: bool = True
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Owned by the targets part (``toolchain build``)."""
+
+    accuracy_budget_pt: float = 1.0
+    calibration_samples: int = 300
+    offload_budget: float = 0.10
+    confidence: Confidence = Confidence.MAX_PROB
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    qat: QatConfig = field(default_factory=QatConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
+    source_file: str = field(default="<defaults>", compare=False)
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+_SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "source_file"]
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in _SECTIONS}
+
+
+def _coerce(value: Any, tp: Any, where: str, origin: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert only loss-free cases."""
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{origin}: {where}: expected {expected}, got {type(value).__name__} {value!r}")
+
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad("a boolean")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad("a string")
+    if tp is Path:
+        if isinstance(value, str):
+            return Path(value)
+        raise bad("a path string")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        choices = [m.value for m in tp]
+        key = str(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+        if key in choices:
+            return tp(key)
+        raise ConfigError(f"{origin}: {where}: expected one of {choices}, got {value!r}")
+    if typing.get_origin(tp) is tuple:
+        (inner, _ell) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, inner, f"{where}[{i}]", origin) for i, v in enumerate(value))
+        raise bad("a list")
+    raise TypeError(f"unsupported config type {tp}")  # pragma: no cover - programming error
+
+
+def _build_section(cls: type, raw: Mapping[str, Any], section: str, origin: str, base: Any) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{origin}: [{section}] must be a table, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"{origin}: unknown key {section}.{key} (known in [{section}]: {', '.join(sorted(known))})"
+            )
+    values = {k: _coerce(v, hints[k], f"{section}.{k}", origin) for k, v in raw.items()}
+    obj = dataclasses.replace(base, **values)
+    _validate_section(obj, section, origin)
+    return obj
+
+
+def _validate_section(obj: Any, section: str, origin: str) -> None:
+    """Range checks that types cannot express."""
+    def need(cond: bool, key: str, what: str) -> None:
+        if not cond:
+            raise ConfigError(f"{origin}: {section}.{key}: {what}, got {getattr(obj, key)!r}")
+
+    if isinstance(obj, DataConfig):
+        need(0.0 < obj.val_fraction < 0.5, "val_fraction", "must be in (0, 0.5)")
+        need(0.0 < obj.test_fraction < 0.5, "test_fraction", "must be in (0, 0.5)")
+        need(obj.image_size >= 4, "image_size", "must be >= 4")
+        need(obj.channels in (1, 3), "channels", "must be 1 or 3")
+        need(obj.batch_size >= 1, "batch_size", "must be >= 1")
+        if obj.source.startswith("imagefolder:"):
+            path = Path(obj.source.split(":", 1)[1])
+            if not path.is_dir():
+                raise ConfigError(f"{origin}: data.source: image folder {str(path)!r} does not exist")
+        elif obj.source != "digits" and not obj.source.startswith("python:"):
+            raise ConfigError(
+                f"{origin}: data.source: expected 'digits', 'imagefolder:PATH' or "
+                f"'python:module:function', got {obj.source!r}"
+            )
+    elif isinstance(obj, ModelConfig):
+        families = ("resnet", "mobilenet", "mlp")
+        if obj.family not in families and not obj.family.startswith("python:"):
+            raise ConfigError(
+                f"{origin}: {section}.family: unknown model family {obj.family!r} "
+                f"(known: {', '.join(families)}, or python:module:function)"
+            )
+        need(obj.width >= 1, "width", "must be >= 1")
+        need(obj.depth >= 1, "depth", "must be >= 1")
+        need(obj.width_mult > 0, "width_mult", "must be > 0")
+        need(obj.depth_mult > 0, "depth_mult", "must be > 0")
+        need(0.0 <= obj.dropout < 1.0, "dropout", "must be in [0, 1)")
+    elif isinstance(obj, TrainConfig):
+        need(obj.epochs >= 1, "epochs", "must be >= 1")
+        need(obj.lr > 0, "lr", "must be > 0")
+        need(obj.patience >= 1, "patience", "must be >= 1")
+    elif isinstance(obj, PruneConfig):
+        need(obj.ratio >= 1.0, "ratio", "must be >= 1")
+        need(obj.steps >= 1, "steps", "must be >= 1")
+        need(obj.importance in ("l1", "l2"), "importance", "must be 'l1' or 'l2'")
+        need(0.0 < obj.max_channel_ratio < 1.0, "max_channel_ratio", "must be in (0, 1)")
+    elif isinstance(obj, DistillConfig):
+        need(obj.temperature > 0, "temperature", "must be > 0")
+        need(0.0 <= obj.alpha <= 1.0, "alpha", "must be in [0, 1]")
+        need(obj.epochs >= 0, "epochs", "must be >= 0")
+    elif isinstance(obj, QatConfig):
+        need(obj.epochs >= 1, "epochs", "must be >= 1")
+    elif isinstance(obj, BuildConfig):
+        need(0.0 <= obj.offload_budget <= 1.0, "offload_budget", "must be in [0, 1]")
+        need(obj.calibration_samples >= 1, "calibration_samples", "must be >= 1")
+
+
+def from_dict(raw: Mapping[str, Any], *, origin: str = "<dict>", base: Config | None = None) -> Config:
+    """Build a `Config` from nested tables, starting from ``base`` (defaults)."""
+    base = base or Config()
+    types_ = _section_types()
+    sections: dict[str, Any] = {}
+    for name, table in raw.items():
+        if name not in types_:
+            raise ConfigError(f"{origin}: unknown section [{name}] (known: {', '.join(_SECTIONS)})")
+        sections[name] = _build_section(types_[name], table, name, origin, getattr(base, name))
+    return dataclasses.replace(base, source_file=origin, **sections)
+
+
+def load_config(path: Path | str | None = None, *, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read ``path`` (TOML), apply ``section.key=value`` overrides, validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from e
+        cfg = from_dict(raw, origin=str(path))
+    if overrides:
+        cfg = dataclasses.replace(
+            from_dict(parse_overrides(overrides), origin="--set", base=cfg), source_file=cfg.source_file
+        )
+    return cfg
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``["train.epochs=3", "data.source=\"digits\""]`` -> nested dict (values parsed as TOML)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        try:
+            parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value.strip()  # a bare word: take it as a string
+        out.setdefault(section, {})[name] = parsed
+    return out
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dict (enums as values, paths as strings, tuples as lists)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return {
+        name: {f.name: plain(getattr(getattr(cfg, name), f.name)) for f in dataclasses.fields(getattr(cfg, name))}
+        for name in _SECTIONS
+    }
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialise the resolved config (written as RUN/config.toml)."""
+    lines: list[str] = []
+    for section, table in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for k, v in table.items():
+            lines.append(f"{k} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))  # pragma: no cover
+
+
+def add_config_args(parser: Any) -> None:
+    """``--config`` and ``--set`` for every pipeline command."""
+    parser.add_argument("--config", "-c", type=Path, default=None, help="toolchain.toml (default: ./toolchain.toml if present)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one config key (repeatable), e.g. --set train.epochs=5",
+    )
+    parser.add_argument("--run-dir", type=Path, default=None, help="run directory (overrides run.dir)")
+
+
+def config_from_args(args: Any) -> Config:
+    path = args.config
+    if path is None and Path("toolchain.toml").is_file():
+        path = Path("toolchain.toml")
+    cfg = load_config(path, overrides=list(args.overrides or ()))
+    if getattr(args, "run_dir", None) is not None:
+        cfg = cfg.replace(run=dataclasses.replace(cfg.run, dir=Path(args.run_dir)))
+    return cfg
+
+
+__all__ = [
+    "BuildConfig", "Config", "Confidence", "DataConfig", "DistillConfig", "ExportConfig", "ModelConfig",
+    "PruneConfig", "PruneTarget", "QatConfig", "QdqWeightBits", "RunConfig", "TrainConfig",
+    "add_config_args", "config_from_args", "from_dict", "load_config", "parse_overrides", "to_dict", "to_toml",
+]

@@ -1,0 +1,280 @@
+"""The one training loop every stage uses (teacher, pruning fine-tune, KD, QAT).
+
+AdamW with a warm-up + cosine schedule, early stopping on validation accuracy
+(the best weights are kept, not the last), a per-epoch callback for
+checkpoints, AMP only when CUDA is present, and DistributedDataParallel when
+``torch.distributed`` is initialised (``torchrun``: gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from targets.base import InputSpec
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def device() -> torch.device:
+    return torch.device("cuda", _local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def init_distributed() -> bool:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        return is_distributed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(_local_rank())
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def normalise(X: np.ndarray, spec: InputSpec) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(spec.preprocess(X)))
+
+
+def shift_augment(x: torch.Tensor, max_shift: int = 1) -> torch.Tensor:
+    """Random translation by up to ``max_shift`` pixels (edge-replicated), images only."""
+    if x.ndim != 4 or max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    dx = torch.randint(0, 2 * max_shift + 1, (n,))
+    dy = torch.randint(0, 2 * max_shift + 1, (n,))
+    rows = (torch.arange(h)[None, :] + dy[:, None])  # (n, h)
+    cols = (torch.arange(w)[None, :] + dx[:, None])  # (n, w)
+    idx_n = torch.arange(n)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, X: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    outs = [model(X[i : i + batch_size].to(dev)).float().cpu() for i in range(0, len(X), batch_size)]
+    model.train(was)
+    return torch.cat(outs)
+
+
+def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+    return float((predict(model, X).argmax(1) == y).float().mean())
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Hinton distillation: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
+    t = temperature
+    soft = F.kl_div(
+        F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1), reduction="batchmean"
+    ) * (t * t)
+    hard = F.cross_entropy(student_logits, y, label_smoothing=label_smoothing)
+    return alpha * soft + (1.0 - alpha) * hard
+
+
+def ce_loss(label_smoothing: float = 0.0) -> LossFn:
+    def fn(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(xb), yb, label_smoothing=label_smoothing)
+
+    return fn
+
+
+def distill_loss(teacher: nn.Module, *, temperature: float, alpha: float, label_smoothing: float = 0.0) -> LossFn:
+    teacher.eval()
+
+    def fn(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t_logits = teacher(xb)
+        return kd_loss(model(xb), t_logits, yb, temperature=temperature, alpha=alpha, label_smoothing=label_smoothing)
+
+    return fn
+
+
+@dataclass
+class FitState:
+    """Everything needed to resume: written as the per-epoch checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    best_state: dict[str, Any] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FitState":
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    epochs: int
+    lr: float
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 0
+    patience: int | None = None  # None: no early stopping
+    batch_size: int = 64
+    augment: bool = False
+    amp: bool = True
+    desc: str = "train"
+    progress: bool = True
+    seed: int = 0
+    restore_best: bool = True
+
+
+def fit(
+    model: nn.Module,
+    *,
+    loss_fn: LossFn,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    opts: FitOptions,
+    state: FitState | None = None,
+    on_epoch_end: Callable[[FitState], None] | None = None,
+    eval_model: Callable[[], nn.Module] | None = None,
+) -> FitState:
+    """Train ``model`` in place; returns the final state (best weights loaded)."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    dev = device()
+    model.to(dev)
+    ds = TensorDataset(train[0], train[1])
+    sampler = DistributedSampler(ds, seed=opts.seed, shuffle=True) if is_distributed() else None
+    gen = torch.Generator().manual_seed(opts.seed)
+    loader = DataLoader(
+        ds, batch_size=opts.batch_size, shuffle=sampler is None, sampler=sampler, generator=gen, drop_last=len(ds) > opts.batch_size
+    )
+    wrapped: nn.Module = model
+    if is_distributed():
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    steps_per_epoch = max(1, len(loader))
+    total = opts.epochs * steps_per_epoch
+    warm = opts.warmup_epochs * steps_per_epoch
+
+    def lr_lambda(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    state = state or FitState()
+    if state.model is not None:
+        model.load_state_dict(state.model)
+    if state.optimizer is not None:
+        opt.load_state_dict(state.optimizer)
+    if state.scheduler is not None:
+        sched.load_state_dict(state.scheduler)
+    use_amp = opts.amp and dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    show = opts.progress and rank() == 0
+    Xv, yv = val
+    from tqdm.auto import tqdm
+
+    while state.epoch < opts.epochs and not state.stopped_early:
+        epoch = state.epoch
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        torch.manual_seed(opts.seed * 1000 + epoch)
+        model.train()
+        total_loss, n = 0.0, 0
+        bar = tqdm(loader, desc=f"{opts.desc} {epoch + 1}/{opts.epochs}", leave=False, disable=not show, unit="batch")
+        for xb, yb in bar:
+            xb, yb = xb.to(dev), yb.to(dev)
+            if opts.augment:
+                xb = shift_augment(xb)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                loss = loss_fn(wrapped, xb, yb)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            total_loss += float(loss.detach()) * len(xb)
+            n += len(xb)
+            bar.set_postfix(loss=f"{total_loss / max(n, 1):.4f}")
+        bar.close()
+        m = eval_model() if eval_model is not None else model
+        val_acc = accuracy(m, Xv, yv)
+        state.epoch = epoch + 1
+        state.history.append({"epoch": epoch + 1, "loss": total_loss / max(n, 1), "val_accuracy": val_acc})
+        if val_acc > state.best_acc:
+            state.best_acc, state.best_epoch, state.bad_epochs = val_acc, epoch + 1, 0
+            state.best_state = copy.deepcopy(model.state_dict())
+        else:
+            state.bad_epochs += 1
+            if opts.patience is not None and state.bad_epochs >= opts.patience:
+                state.stopped_early = True
+        if show:
+            tqdm.write(
+                f"{opts.desc} epoch {epoch + 1}/{opts.epochs}: loss {total_loss / max(n, 1):.4f} "
+                f"val_acc {val_acc:.4f} (best {state.best_acc:.4f} @ {state.best_epoch})"
+            )
+        state.model, state.optimizer, state.scheduler = model.state_dict(), opt.state_dict(), sched.state_dict()
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+    if opts.restore_best and state.best_state is not None:
+        model.load_state_dict(state.best_state)
+    model.eval()
+    return state

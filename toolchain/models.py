@@ -1,0 +1,205 @@
+"""Model families: ResNet-style, MobileNet-style, MLP, and user factories.
+
+torchvision is not usable here, and its models assume 224x224 RGB anyway: these
+families adapt their strides to any input size and channel count, so the same
+code serves 8x8 digits and larger image folders. A family is a function
+``(input_shape, num_classes, cfg) -> nn.Module``; a checkpoint records the
+family and its config so it can be rebuilt.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from toolchain.config import ModelConfig
+from toolchain.errors import ModelError
+
+
+def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if act:
+        layers.append(nn.ReLU(inplace=False))
+    return nn.Sequential(*layers)
+
+
+def _stage_strides(hw: int, stages: int) -> list[int]:
+    """Stride 2 per stage while the feature map stays at least 2 pixels wide."""
+    strides, size = [], hw
+    for i in range(stages):
+        s = 2 if (i > 0 and size >= 4) else 1
+        strides.append(s)
+        size = math.ceil(size / s)
+    return strides
+
+
+def _stem_stride(hw: int) -> int:
+    return 2 if hw >= 64 else 1
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = _conv_bn(cin, cout, 3, stride)
+        self.conv2 = _conv_bn(cout, cout, 3, 1, act=False)
+        self.shortcut = (
+            nn.Identity() if stride == 1 and cin == cout else _conv_bn(cin, cout, 1, stride, act=False)
+        )
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """Three stages of basic blocks (width, 2*width, 4*width), global pool, linear head."""
+
+    def __init__(self, in_ch: int, hw: int, num_classes: int, *, width: int, depth: int, dropout: float) -> None:
+        super().__init__()
+        self.stem = _conv_bn(in_ch, width, 3, _stem_stride(hw))
+        hw = math.ceil(hw / _stem_stride(hw))
+        blocks: list[nn.Module] = []
+        cin = width
+        for stage, stride in enumerate(_stage_strides(hw, 3)):
+            cout = width * (2**stage)
+            for b in range(depth):
+                blocks.append(BasicBlock(cin, cout, stride if b == 0 else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.blocks(self.stem(x))).flatten(1)
+        return self.fc(self.drop(x))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers.append(_conv_bn(cin, mid, 1))
+        layers += [_conv_bn(mid, mid, 3, stride, groups=mid), _conv_bn(mid, cout, 1, act=False)]
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return x + y if self.residual else y
+
+
+def _make_divisible(v: float, divisor: int = 4) -> int:
+    return max(divisor, int(v + divisor / 2) // divisor * divisor)
+
+
+class MobileNet(nn.Module):
+    """MobileNetV2-style: inverted residuals; width and depth multipliers scale it."""
+
+    # (expansion, channels as a multiple of the base width, blocks)
+    STAGES = ((1, 1, 1), (4, 1.5, 2), (4, 2, 2), (4, 4, 2))
+
+    def __init__(
+        self, in_ch: int, hw: int, num_classes: int, *, width: int, width_mult: float, depth_mult: float, dropout: float
+    ) -> None:
+        super().__init__()
+        base = _make_divisible(width * width_mult)
+        self.stem = _conv_bn(in_ch, base, 3, _stem_stride(hw))
+        hw = math.ceil(hw / _stem_stride(hw))
+        strides = _stage_strides(hw, len(self.STAGES))
+        blocks: list[nn.Module] = []
+        cin = base
+        for (expand, mult, n), stride in zip(self.STAGES, strides):
+            cout = _make_divisible(width * mult * width_mult)
+            for b in range(max(1, round(n * depth_mult))):
+                blocks.append(InvertedResidual(cin, cout, stride if b == 0 else 1, expand))
+                cin = cout
+        head = _make_divisible(cin * 2)
+        self.blocks = nn.Sequential(*blocks)
+        self.head = _conv_bn(cin, head, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(head, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.head(self.blocks(self.stem(x)))).flatten(1)
+        return self.fc(self.drop(x))
+
+
+class MLP(nn.Module):
+    """For feature vectors (layout NF); also accepts images by flattening them."""
+
+    def __init__(self, in_features: int, num_classes: int, *, hidden: tuple[int, ...], dropout: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        cin = in_features
+        for h in hidden:
+            layers += [nn.Linear(cin, h), nn.BatchNorm1d(h), nn.ReLU(), nn.Dropout(dropout)]
+            cin = h
+        layers.append(nn.Linear(cin, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _image_dims(input_shape: tuple[int, ...], family: str) -> tuple[int, int]:
+    if len(input_shape) != 3:
+        raise ModelError(
+            f"model family {family!r} needs image inputs (C, H, W); the data has shape {tuple(input_shape)} "
+            "(use family 'mlp' for feature vectors)"
+        )
+    c, h, w = input_shape
+    return int(c), int(min(h, w))
+
+
+def build_model(cfg: ModelConfig, *, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """``input_shape`` excludes the batch dimension."""
+    fam = cfg.family
+    if fam == "resnet":
+        c, hw = _image_dims(input_shape, fam)
+        return ResNet(c, hw, num_classes, width=cfg.width, depth=cfg.depth, dropout=cfg.dropout)
+    if fam == "mobilenet":
+        c, hw = _image_dims(input_shape, fam)
+        return MobileNet(
+            c, hw, num_classes, width=cfg.width, width_mult=cfg.width_mult, depth_mult=cfg.depth_mult, dropout=cfg.dropout
+        )
+    if fam == "mlp":
+        return MLP(int(math.prod(input_shape)), num_classes, hidden=cfg.hidden, dropout=cfg.dropout)
+    if fam.startswith("python:"):
+        from toolchain.data import resolve_factory
+
+        fn: Callable[..., Any] = resolve_factory(fam, what="teacher.family")
+        try:
+            model = fn(input_shape=tuple(input_shape), num_classes=num_classes)
+        except Exception as e:
+            raise ModelError(f"model factory {fam!r} raised {type(e).__name__}: {e}") from e
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"model factory {fam!r} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    raise ModelError(f"unknown model family {fam!r} (known: resnet, mobilenet, mlp, python:module:function)")
+
+
+def count_params(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one sample (torch-pruning's counter: conv, linear, bn)."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    try:
+        macs, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, *input_shape))
+    finally:
+        model.train(was_training)
+    return int(macs)

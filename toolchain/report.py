@@ -1,0 +1,79 @@
+"""Readable tables for the pipeline reports (rich), printed by the commands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _console() -> Any:
+    import shutil
+
+    from rich.console import Console
+
+    # wide enough for the tables in logs and pipes too (rich defaults to 80 there)
+    return Console(width=max(110, shutil.get_terminal_size((110, 24)).columns))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def human_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def print_train(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"teacher ({report['teacher']['family']})")
+    for col in ("params", "MACs", "size", "epochs", "val acc", "test acc", "seconds"):
+        t.add_column(col, justify="right")
+    tr = report["teacher"]
+    t.add_row(
+        human_count(tr["params"]), human_count(tr["macs"]), human_bytes(tr["size_bytes"]),
+        f"{report['epochs_run']}{' (early stop)' if report['stopped_early'] else ''}",
+        f"{report['val_accuracy']:.2%}", f"{report['test_accuracy']:.2%}", f"{report['seconds']:.1f}",
+    )
+    _console().print(t)
+
+
+def print_compress(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title="compression stages")
+    for col in ("stage", "params", "MACs", "size on disk", "test acc", "seconds"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    base = report["stages"][0]
+    for s in report["stages"]:
+        t.add_row(
+            s["stage"],
+            f"{human_count(s['params'])} ({base['params'] / max(s['params'], 1):.1f}x)",
+            f"{human_count(s['macs'])} ({base['macs'] / max(s['macs'], 1):.1f}x)",
+            human_bytes(s["size_bytes"]),
+            f"{s['test_accuracy']:.2%}",
+            f"{s['seconds']:.1f}",
+        )
+    _console().print(t)
+    _console().print(f"QAT weights: {report['qdq_weight_bits']}-bit ({'VNNI' if report['qat']['cpu_vnni'] else 'no VNNI'} on this CPU, setting {report['qat']['weight_bits_setting']!r})")
+
+
+def print_export(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title="ONNX exports (ONNX Runtime vs PyTorch on the test split)")
+    for col in ("file", "size", "ORT test acc", "torch test acc", "agreement", "max |Δlogit|"):
+        t.add_column(col, justify="left" if col == "file" else "right")
+    for name, m in report["models"].items():
+        t.add_row(
+            m["file"], human_bytes(m["size_bytes"]), f"{m['ort_accuracy']:.2%}", f"{m['torch_accuracy']:.2%}",
+            f"{m['agreement']:.2%}", f"{m['max_abs_logit_diff']:.2e}",
+        )
+    _console().print(t)
+    _console().print(f"QDQ weights: {report['qdq_weight_bits']}-bit")
