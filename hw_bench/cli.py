@@ -53,6 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         bundles=args.bundles, settings=_settings(args), threads=args.threads, repetitions=args.repetitions,
         data=args.data or [], run_dirs=args.run or [], baselines=args.baseline or [],
         accuracy=not args.no_accuracy, vendor_check=not args.no_vendor_check, vendor_seconds=args.vendor_seconds,
+        vendor_rounds=args.vendor_rounds,
         progress=_progress,
     )
     path = write_run(Path(args.out), run, append=args.append)
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="append", help="[MODEL=]run dir | .pt | python:module:function (repeatable)")
     p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--no-vendor-check", action="store_true", help="skip benchmark_app / trtexec")
-    p.add_argument("--vendor-seconds", type=float, default=5.0)
+    p.add_argument("--vendor-seconds", type=float, default=5.0, help="seconds per benchmark_app round (default 5)")
+    p.add_argument("--vendor-rounds", type=int, default=3, help="alternating benchmark_app/ours rounds (default 3)")
     p.add_argument("--out", required=True, help="results JSON file")
     p.add_argument("--append", action="store_true", help="add rows to an existing results file")
     add_json_flag(p)

@@ -32,6 +32,7 @@ def run_local(
     accuracy: bool = True,
     vendor_check: bool = True,
     vendor_seconds: float = 5.0,
+    vendor_rounds: int = 3,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Benchmark ``bundles`` side by side with their PyTorch baselines.
@@ -65,16 +66,21 @@ def run_local(
     checks: list[dict[str, Any]] = []
     notes: list[str] = []
     if vendor_check:
-        from .vendor import cross_check, run_benchmark_app, trtexec_status
+        from .bench import data_for, inputs_for
+        from .vendor import cross_check_openvino, trtexec_status
 
-        for b, row in zip(opened, rows[len(contenders) - len(opened):]):
+        bundle_contenders = contenders[len(contenders) - len(opened):]
+        for b, row, c in zip(opened, rows[len(contenders) - len(opened):], bundle_contenders):
             if b.target == "openvino":
                 if settings.scenario is not Scenario.SINGLE_STREAM:
                     notes.append(f"{row['artifact']}: benchmark_app cross-check runs with single-stream only")
                     continue
                 if progress:
                     progress(f"benchmark_app: {row['artifact']}")
-                checks.append(cross_check(row, run_benchmark_app(b, threads=threads, seconds=vendor_seconds)))
+                samples = inputs_for(c.input_spec, data_for(c.input_spec, tests))
+                checks.append({"artifact": row["artifact"],
+                               **cross_check_openvino(b, c.run, samples, threads=threads, seconds=vendor_seconds,
+                                                      rounds=vendor_rounds)})
             elif b.target == "jetson":
                 checks.append({"artifact": row["artifact"], **trtexec_status()})
         if not any(b.target == "jetson" for b in opened):

@@ -132,6 +132,7 @@ def markdown(runs: list[dict[str, Any]], rows: list[dict[str, Any]], sources: li
     checks = [c for run in runs for c in run.get("cross_checks", [])]
     if checks:
         L += ["## Vendor tool cross-check", "",
+              "Same IR, same threads, one stream, sync API, batch 1, f32 inference; alternating rounds, medians.", "",
               "| artifact | tool | tool median ms | our p50 ms | ours / tool (latency) | tool throughput/s | our throughput/s | ours / tool (throughput) |",
               "|---|---|---|---|---|---|---|---|"]
         for c in checks:

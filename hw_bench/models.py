@@ -1,0 +1,192 @@
+"""Benchmark models built with the toolchain itself (cloud side; torch inside).
+
+MobileNet-style and ResNet-style networks from `toolchain.models` at
+``size``x``size``x3 with random weights (speed does not depend on the
+weights), exported by `toolchain.export.export_onnx`, then built by every
+available target for every precision it has, with `Target.build`, into
+bundles. A trained run directory's student can be built the same way
+(``run_dir``), calibrated on its own training split.
+
+Layout: ``OUT/<model>/model.pt`` (the PyTorch baseline: ``hw-bench run
+--baseline OUT/<model>/model.pt``), ``OUT/<model>/model.onnx``,
+``OUT/<model>/bundles/<target>-<precision>/``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from toolchain.errors import BenchError, EdgeError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: family -> ModelConfig keyword arguments (ImageNet-like widths)
+FAMILIES: dict[str, dict[str, Any]] = {
+    "mobilenet": {"family": "mobilenet", "width": 32, "width_mult": 1.0, "depth_mult": 1.0, "dropout": 0.0},
+    "resnet": {"family": "resnet", "width": 64, "depth": 2, "dropout": 0.0},
+}
+NUM_CLASSES = 1000
+CALIBRATION_SAMPLES = 32
+
+
+def _write_bundle(bundle_dir: Path, *, artifact: Any, source: Any, calibration: Any, metrics: dict[str, Any]) -> None:
+    """Manifest + hashes for a built artifact (the bundle contract, device_agent/bundle.py)."""
+    from device_agent.bundle import SCHEMA_VERSION, file_entries
+    from targets import get_target
+    from toolchain import __version__
+
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"name": source.name, "version": "bench"},
+        "target": artifact.target,
+        "precision": str(artifact.precision),
+        "toolchain_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "input": source.input_spec.to_dict(),
+        "output": {"name": "logits", "labels": list(source.labels)},
+        "artifact": {"main": artifact.main, "runtime": artifact.runtime,
+                     "runtime_version": get_target(artifact.target).runtime_version(), "details": artifact.details},
+        "files": file_entries(bundle_dir, list(artifact.files)),
+        "metrics": metrics,
+        "routing": {},
+        "calibration": calibration.provenance() if calibration is not None else None,
+        "lineage": {},
+    }
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def _agreement(bundle_dir: Path, ref_logits: np.ndarray, x: np.ndarray) -> dict[str, Any]:
+    """Top-1 agreement of the built artifact with PyTorch on ``x`` (checks the build ran right)."""
+    from device_agent.bundle import open_bundle
+
+    runner = open_bundle(bundle_dir).runner()
+    try:
+        out = np.asarray(runner.run(x))
+    except Exception:
+        out = np.concatenate([np.asarray(runner.run(x[i : i + 1])) for i in range(len(x))])
+    return {
+        "agreement": float((out.argmax(1) == ref_logits.argmax(1)).mean()),
+        "max_abs_logit_diff": float(np.abs(out - ref_logits).max()),
+    }
+
+
+def build_for_targets(
+    *, source: Any, calibration: Any, out_dir: Path, targets: list[str] | None, precisions: list[str] | None,
+    check_inputs: np.ndarray, progress: Callable[[str], None] | None = None,
+) -> tuple[list[Path], list[str]]:
+    """Build ``source`` for every (available) target x precision; returns (bundles, skipped reasons)."""
+    import torch
+
+    from targets import get_target, target_names
+    from toolchain.fsutil import atomic_dir
+
+    names = targets or target_names()
+    built: list[Path] = []
+    skipped: list[str] = []
+    model = source.torch_model()
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(check_inputs)).numpy()
+    for name in names:
+        target = get_target(name)
+        ok, why = target.build_available()
+        ok2, why2 = target.available()
+        if not (ok and ok2):
+            skipped.append(f"{name}: {why if not ok else why2}")
+            continue
+        for p in target.precisions:
+            if precisions and p.value not in precisions:
+                continue
+            dest = out_dir / f"{name}-{p.value}"
+            if progress:
+                progress(f"building {source.name} for {name}/{p.value}")
+            try:
+                with atomic_dir(dest) as tmp:
+                    artifact = target.build(source, p, calibration, tmp)
+                    _write_bundle(tmp, artifact=artifact, source=source, calibration=calibration, metrics={})
+                    metrics = _agreement(tmp, ref, check_inputs)
+                    from toolchain.models import count_params
+
+                    metrics["params"] = count_params(model)
+                    _write_bundle(tmp, artifact=artifact, source=source, calibration=calibration, metrics=metrics)
+            except EdgeError as e:
+                skipped.append(f"{name}/{p.value}: {e}")
+                continue
+            built.append(dest)
+    return built, skipped
+
+
+def build_bench_models(
+    *, out_dir: Path, families: list[str], targets: list[str] | None = None, precisions: list[str] | None = None,
+    size: int = 224, progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Random-weight ``size``x``size``x3 models of ``families``, built for every available target."""
+    import torch
+
+    from calibration.representative import RepresentativeSet, _digest
+    from targets.base import InputSpec, ModelSource
+    from toolchain.config import ModelConfig
+    from toolchain.export import export_onnx
+    from toolchain.models import build_model
+
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise BenchError(f"unknown benchmark families {unknown}; choose from {', '.join(FAMILIES)}")
+    out_dir = Path(out_dir)
+    spec = InputSpec("input", (None, 3, size, size), layout="NCHW", scale=1 / 255, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(CALIBRATION_SAMPLES, 3, size, size)).astype(np.float32)
+    x = spec.preprocess(raw)
+    labels = rng.integers(0, NUM_CLASSES, CALIBRATION_SAMPLES).astype(np.int64)
+    calib = RepresentativeSet(inputs=x, labels=labels, indices=np.arange(len(x)), sha256=_digest(x, labels),
+                              method="random-images (speed benchmark)")
+    all_built: list[Path] = []
+    skipped: list[str] = []
+    for fam in families:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**FAMILIES[fam]), input_shape=(3, size, size), num_classes=NUM_CLASSES).eval()
+        name = f"{fam}{size}"
+        mdir = out_dir / name
+        mdir.mkdir(parents=True, exist_ok=True)
+        torch.save({"module": model, "name": name}, mdir / "model.pt")
+        if progress:
+            progress(f"exporting {name} to ONNX")
+        export_onnx(model, mdir / "model.onnx", input_shape=(3, size, size), opset=18)
+        source = ModelSource(name=name, input_spec=spec, labels=tuple(str(i) for i in range(NUM_CLASSES)),
+                             onnx_fp32=mdir / "model.onnx", torch_model=lambda m=model: m)
+        built, sk = build_for_targets(source=source, calibration=calib, out_dir=mdir / "bundles", targets=targets,
+                                      precisions=precisions, check_inputs=x[:4], progress=progress)
+        all_built += built
+        skipped += [f"{name} {s}" for s in sk]
+    return {"bundles": all_built, "skipped": skipped}
+
+
+def build_run_bundles(
+    *, run_dir: Path, out_dir: Path, targets: list[str] | None = None, precisions: list[str] | None = None,
+    calibration_samples: int = 300, progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """A trained run's student for every available target x precision (QAT QDQ graph for int8 where it has one)."""
+    from calibration.representative import build_representative_set
+    from toolchain.rundir import RunDir
+
+    run = RunDir(Path(run_dir))
+    source = run.model_source()
+    splits = run.splits()
+    xtr, ytr = splits.train
+    calib = build_representative_set(inputs=source.input_spec.preprocess(xtr), labels=ytr, n=calibration_samples)
+    xte = source.input_spec.preprocess(splits.test[0][:64])
+    built, skipped = build_for_targets(source=source, calibration=calib, out_dir=Path(out_dir), targets=targets,
+                                       precisions=precisions, check_inputs=xte, progress=progress)
+    return {"bundles": built, "skipped": skipped}
+
+
+def clean(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
