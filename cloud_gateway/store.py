@@ -39,7 +39,11 @@ telemetry = Table(
 def db_url(spec: str | Path) -> str:
     """A path becomes ``sqlite:///path``; anything with ``://`` is used as is."""
     s = str(spec)
-    return s if "://" in s else f"sqlite:///{Path(s).resolve()}"
+    if "://" in s:
+        return s
+    path = Path(s).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
 
 
 class TelemetryStore:

@@ -45,6 +45,7 @@ class WorkerConfig:
     batch_size: int = 32
     batch_ms: float = 5.0
     max_payload_bytes: int = 1 << 20
+    session_expiry_s: int = 3600
 
 
 @dataclass
@@ -84,12 +85,18 @@ class GatewayWorker:
         self._batcher = threading.Thread(target=self._batch_loop, name="gateway-batcher", daemon=True)
         p = config.prefix
         self.sub_req = f"$share/{config.group}/{p}/+/infer/req"
-        self.sub_tel = f"$share/{config.group}-telemetry/{p}/+/telemetry"
+        self.sub_tel = f"{p}/+/telemetry"
         self.sub_status = f"{p}/+/status"
 
     # --- lifecycle -------------------------------------------------------------
     def start(self, *, wait: float = 10.0) -> "GatewayWorker":
-        self.client.connect_async(self._addr.host, self._addr.port, keepalive=10)
+        # A persistent session (stable client id, no clean start): while this replica is away the
+        # broker queues its telemetry share (and persists it across broker restarts); stale
+        # requests are not a concern, agents set a message expiry equal to their deadline.
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.config.session_expiry_s
+        self.client.connect_async(self._addr.host, self._addr.port, keepalive=10, clean_start=False,
+                                  properties=props)
         self.client.loop_start()
         self._batcher.start()
         if not self.connected.wait(wait):

@@ -12,6 +12,7 @@ import enum
 import json
 import logging
 import queue
+import shutil
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from toolchain.errors import AgentError, EdgeError
+from toolchain.errors import AgentError, BundleTrustError, EdgeError
 
 from . import wire
 from .bundle import Bundle, open_bundle
@@ -95,7 +96,13 @@ class _Pending:
 
 
 def load_model(bundle: Bundle, *, threads: int | None = None) -> _Model:
-    runner = bundle.runner(threads=threads)
+    """Load with this device's runtime and answer a smoke input, or raise an `EdgeError`."""
+    try:
+        runner = bundle.runner(threads=threads)
+    except EdgeError:
+        raise
+    except Exception as e:  # runtimes raise their own types for corrupt artifacts
+        raise BundleTrustError(f"bundle {bundle.root} failed to load: {type(e).__name__}: {e}") from e
     smoke_test(bundle, runner)
     r = bundle.routing
     return _Model(bundle, runner, str(r.get("measure", "max_prob")), float(r.get("temperature", 1.0)))
@@ -391,13 +398,19 @@ class Agent:
                 url = cmd.get("url")
                 if not isinstance(url, str):
                     raise AgentError("update_bundle needs a 'url'")
-                self.swap_bundle(fetch_bundle(url=url, sha256=cmd.get("sha256"), state_dir=self.config.state_dir))
+                new = fetch_bundle(url=url, sha256=cmd.get("sha256"), state_dir=self.config.state_dir)
+                try:
+                    self.swap_bundle(new)
+                except Exception:
+                    if new.root != self.bundle.root:  # never leave a bundle that failed lying around
+                        shutil.rmtree(new.root, ignore_errors=True)
+                    raise
             elif name == "bench":
                 self._run_bench(cmd)
             else:
                 raise AgentError(f"unknown command {name!r} (set_threshold, update_bundle, bench)")
             outcome: dict[str, Any] = {"cmd": name, "ok": True}
-        except (EdgeError, ValueError, TypeError) as e:
+        except Exception as e:  # the command thread must survive any command
             log.error("command %s failed: %s", name, e)
             outcome = {"cmd": name, "ok": False, "error": str(e)}
         self.last_cmd = outcome

@@ -1,0 +1,157 @@
+"""Agent building blocks without a broker: wire format, histograms, drift, outbox, sources, trust."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from device_agent import wire
+from device_agent.agent import Agent, AgentConfig, Route, summarize
+from device_agent.bundle import open_bundle
+from device_agent.drift import DriftConfig, DriftMonitor, ks_2samp, psi
+from device_agent.histogram import LatencyHistogram
+from device_agent.outbox import DropPolicy, Outbox
+from device_agent.sources import folder_source, iterator_source, npz_source
+from tests.agent.tiny import items
+from toolchain.errors import AgentError, BundleTrustError
+
+
+def test_tensor_roundtrip_and_errors():
+    x = np.random.default_rng(0).normal(size=(1, 1, 8, 8)).astype(np.float32)
+    b = wire.encode_tensor(x)
+    assert len(b) == 8 + 16 + 256  # header + 4 dims + raw floats: compact, not JSON
+    np.testing.assert_array_equal(wire.decode_tensor(b), x)
+    for bad, why in [(b"", "shorter"), (b"XX" + b[2:], "magic"), (b[:-4], "needs"), (b + b"\0", "needs")]:
+        with pytest.raises(wire.WireError, match=why):
+            wire.decode_tensor(bad)
+    with pytest.raises(wire.WireError, match="exceeds"):
+        wire.decode_tensor(b, max_bytes=100)
+    assert wire.decode_tensor(wire.encode_tensor(np.arange(3, dtype=np.int64))).tolist() == [0, 1, 2]
+    with pytest.raises(wire.WireError, match="schema"):
+        wire.loads(b'{"schema": 99}')
+
+
+def test_latency_histogram_percentiles():
+    h = LatencyHistogram()
+    for v in np.linspace(0.001, 0.1, 1000):
+        h.observe(float(v))
+    s = h.summary()
+    assert s["count"] == 1000
+    assert 0.045 <= s["p50"] <= 0.065 and 0.09 <= s["p95"] <= 0.13 and s["p99"] >= s["p95"]
+    snap = h.snapshot_and_reset()
+    assert snap.count == 1000 and h.count == 0 and h.quantile(0.5) is None
+    assert len(h.counts) == 72  # fixed buckets: memory does not grow with inputs
+
+
+def test_drift_scores_separate_same_from_shifted():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=2000)
+    counts, edges = np.histogram(ref, bins=20)
+    same, shifted = rng.normal(size=500), rng.normal(loc=1.0, size=500)
+    assert psi(counts, edges, same) < 0.1 < 0.25 < psi(counts, edges, shifted)
+    d0, p0 = ks_2samp(same, ref)
+    d1, p1 = ks_2samp(shifted, ref)
+    assert p0 > 0.01 and p1 < 1e-6 and d1 > d0
+
+
+def test_drift_monitor_flags_shifted_inputs(tiny_cascade):
+    run = tiny_cascade
+    ref = open_bundle(run.bundle_dir).drift_reference()
+    mon = DriftMonitor(ref, DriftConfig(min_samples=50))
+    conf = np.full(len(run.x_test), 0.99)
+    mon.observe(confidence=conf[:10], raw=run.x_test[:10])
+    assert mon.scores() is None  # too few samples to say anything
+    mon.reset(ref)
+    from calibration.confidence import confidence
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(run.student_onnx))
+    logits = s.run(None, {"input": run.spec.preprocess(run.x_test)})[0]
+    c = confidence(logits, measure="max_prob", temperature=ref["temperature"])
+    mon.observe(confidence=c, raw=run.x_test)
+    assert mon.scores()["flag"] is False
+    mon.reset(ref)
+    dim = run.x_test * 0.4  # faded sensor
+    mon.observe(confidence=c, raw=dim)
+    sc = mon.scores()
+    assert sc["flag"] is True and sc["mean"]["psi"] > 0.25
+
+
+def test_outbox_order_bound_and_drop_counting(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite", max_rows=3)
+    for i in range(5):
+        assert box.put("t", f"m{i}".encode())
+    assert len(box) == 3 and box.dropped == 2
+    got = []
+    while (row := box.peek()) is not None:
+        got.append(row[2])
+        box.ack(row[0])
+    assert got == [b"m2", b"m3", b"m4"]  # oldest dropped, the rest in order
+    seqs = [box.next_seq() for _ in range(3)]
+    box.close()
+    again = Outbox(tmp_path / "o.sqlite", max_rows=3)  # survives a restart of the agent
+    assert again.dropped == 2 and again.next_seq() == seqs[-1] + 1
+    newest = Outbox(tmp_path / "n.sqlite", max_rows=1, policy=DropPolicy.DROP_NEWEST)
+    assert newest.put("t", b"a") and not newest.put("t", b"b")
+    assert newest.peek()[2] == b"a" and newest.dropped == 1
+    with pytest.raises(AgentError):
+        Outbox(tmp_path / "x.sqlite", max_rows=0)
+
+
+def test_sources(tmp_path, tiny_cascade):
+    spec = tiny_cascade.spec
+    x, y = tiny_cascade.x_test[:6], tiny_cascade.y_test[:6]
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    got = list(npz_source(tmp_path / "d.npz", spec))
+    assert [g.label for g in got] == y.tolist() and np.array_equal(got[0].raw, x[0])
+    folder = tmp_path / "f"
+    folder.mkdir()
+    np.save(folder / "a.npy", x[0])
+    np.save(folder / "b.npy", x[1:3])
+    from PIL import Image
+
+    Image.fromarray((x[3, 0] * 15).astype(np.uint8)).save(folder / "c.png")
+    got = list(folder_source(folder, spec))
+    assert [g.id for g in got] == ["a.npy", "b.npy[0]", "b.npy[1]", "c.png"]
+    assert got[3].raw.shape == (1, 8, 8)
+    assert len(list(iterator_source(((s, int(l)) for s, l in zip(x, y)), spec))) == 6
+    with pytest.raises(AgentError, match="does not match"):
+        list(iterator_source([np.zeros((3, 3))], spec))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AgentError, match="no images"):
+        list(folder_source(tmp_path / "empty", spec))
+
+
+def test_bundle_trust_refusals(tmp_path, tiny_cascade):
+    bad = tmp_path / "b"
+    shutil.copytree(tiny_cascade.bundle_dir, bad)
+    with open(bad / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleTrustError, match="model.onnx: size"):
+        Agent(bad, AgentConfig(device_id="x"))
+    m = json.loads((tiny_cascade.bundle_dir / "manifest.json").read_text())
+    shutil.rmtree(bad)
+    shutil.copytree(tiny_cascade.bundle_dir, bad)
+    (bad / "manifest.json").write_text(json.dumps({**m, "schema_version": 42}))
+    with pytest.raises(BundleTrustError, match="schema version 42"):
+        Agent(bad, AgentConfig(device_id="x"))
+    (bad / "manifest.json").write_text(json.dumps({**m, "target": "coreml"}))
+    with pytest.raises(Exception, match="coreml"):
+        Agent(bad, AgentConfig(device_id="x"))
+
+
+def test_edge_only_agent_answers_everything_and_commands(tiny_cascade):
+    run = tiny_cascade
+    agent = Agent(run.bundle_dir, AgentConfig(device_id="x"))
+    ans = list(agent.run(items(run.x_test[:50], run.y_test[:50])))
+    s = summarize(ans)
+    assert s["inputs"] == 50 and s["edge"] + s["fallback"] == 50
+    assert all(a.reason == "broker" for a in ans if a.route is Route.FALLBACK)  # no broker: counted fallback
+    assert agent.handle_command({"schema": 1, "cmd": "set_threshold", "threshold": 0.0})["ok"]
+    assert summarize(list(agent.run(items(run.x_test[:50]))))["edge"] == 50
+    out = agent.handle_command({"schema": 1, "cmd": "set_threshold", "threshold": "nan"})
+    assert not out["ok"] and agent.threshold == 0.0
+    assert not agent.handle_command({"schema": 1, "cmd": "reboot"})["ok"]

@@ -1,0 +1,310 @@
+"""Gateway behaviour through a real Mosquitto: replicas, bad input, ACL, outage, API, updates."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from device_agent import wire
+from device_agent.agent import Route, summarize
+from device_agent.bundle import file_entries, sha256_file
+from device_agent.sources import Item
+from tests.agent.tiny import Listener, items, make_agent, start_gateway
+
+pytestmark = pytest.mark.broker
+
+
+def _wait(pred, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _client(broker, creds, client_id):
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.username_pw_set(*creds)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    return c
+
+
+def _req_props(resp: str | None, corr: bytes):
+    p = Properties(PacketTypes.PUBLISH)
+    if resp:
+        p.ResponseTopic = resp
+    p.CorrelationData = corr
+    return p
+
+
+def test_two_replicas_share_the_requests(mosquitto, tiny_cascade, tmp_path):
+    run = tiny_cascade
+    with start_gateway(mosquitto, run, tmp_path / "g0", replica="gw-0", http=False, batch_ms=2) as g0, \
+            start_gateway(mosquitto, run, tmp_path / "g1", replica="gw-1", http=False, batch_ms=2) as g1:
+        with make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path, threshold=1.01, deadline_s=3.0,
+                        batch_size=4) as agent:
+            ans = list(agent.run(items(run.x_test[:80], run.y_test[:80])))
+    s = summarize(ans)
+    assert s["cloud"] == 80, s  # threshold above 1: every input asks the cloud
+    assert g0.worker.served > 0 and g1.worker.served > 0
+    assert g0.worker.served + g1.worker.served == 80
+
+
+def test_malformed_requests_get_error_replies_and_the_gateway_keeps_serving(mosquitto, tiny_cascade, tmp_path):
+    run = tiny_cascade
+    with start_gateway(mosquitto, run, tmp_path, http=False) as gw:
+        replies: dict[bytes, dict] = {}
+        c = _client(mosquitto, mosquitto.credentials("dev-b"), "dev-b-raw")
+        c.on_message = lambda cl, u, m: replies.__setitem__(bytes(m.properties.CorrelationData), wire.loads(m.payload))
+        c.subscribe("fleet/dev-b/infer/resp", qos=1)
+        time.sleep(0.3)
+        resp = "fleet/dev-b/infer/resp"
+        good = wire.encode_tensor(run.spec.preprocess(run.x_test[:1]))
+        bad = {
+            b"random": np.random.default_rng(0).bytes(300),
+            b"shape": wire.encode_tensor(np.zeros((1, 3, 8, 8), np.float32)),
+            b"dtype": wire.encode_tensor(np.zeros((1, 1, 8, 8), np.int32)),
+            b"nan": wire.encode_tensor(np.full((1, 1, 8, 8), np.nan, np.float32)),
+            b"huge": wire.encode_tensor(np.zeros((1, 1, 800, 800), np.float32)),  # 2.5 MB
+            b"truncated": good[:-10],
+        }
+        for corr, payload in bad.items():
+            c.publish("fleet/dev-b/infer/req", payload, qos=1, properties=_req_props(resp, corr))
+        # no response topic, and a response topic of another device: counted, never answered
+        c.publish("fleet/dev-b/infer/req", good, qos=1, properties=_req_props(None, b"noresp"))
+        c.publish("fleet/dev-b/infer/req", good, qos=1, properties=_req_props("fleet/dev-c/infer/resp", b"other"))
+        c.publish("fleet/dev-b/infer/req", good, qos=1, properties=_req_props(resp, b"good"))
+        _wait(lambda: len(replies) >= len(bad) + 1, 10, "replies")
+        time.sleep(0.3)
+        c.disconnect()
+        c.loop_stop()
+        for corr in bad:
+            assert replies[corr]["ok"] is False and replies[corr]["error"], corr
+        assert "exceeds" in replies[b"huge"]["error"] and "shape" in replies[b"shape"]["error"]
+        assert replies[b"good"]["ok"] is True and replies[b"good"]["prediction"] in range(10)
+        assert b"noresp" not in replies and b"other" not in replies
+        assert gw.metrics.value("gateway_invalid_requests_total", device="dev-b") == len(bad) + 2
+        # and a well-behaved agent is still served afterwards
+        with make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path, threshold=1.01, deadline_s=2) as agent:
+            assert summarize(list(agent.run(items(run.x_test[:10]))))["cloud"] == 10
+
+
+def test_acl_device_cannot_act_as_another(mosquitto, tiny_cascade, tmp_path):
+    watch = Listener(mosquitto, ["fleet/#"])
+    a = Listener(mosquitto, ["fleet/dev-b/#"], client_id="dev-a-snoop", creds=mosquitto.credentials("dev-a"))
+    c = _client(mosquitto, mosquitto.credentials("dev-a"), "dev-a-evil")
+    c.publish("fleet/dev-b/telemetry", wire.dumps({"device_id": "dev-b", "seq": 0}), qos=1).wait_for_publish(5)
+    c.publish("fleet/dev-b/infer/req", b"x", qos=1, properties=_req_props("fleet/dev-b/infer/resp", b"1")
+              ).wait_for_publish(5)
+    c.publish("fleet/dev-a/telemetry", b"own", qos=1).wait_for_publish(5)  # control: its own topic works
+    _wait(lambda: any(t == "fleet/dev-a/telemetry" for t, _ in watch.messages), 5, "own message")
+    time.sleep(0.3)
+    assert not [t for t, _ in watch.messages if t.startswith("fleet/dev-b/")]
+    # nor read B's traffic: a real message from B reaches the operator, never A's snooping client
+    b = _client(mosquitto, mosquitto.credentials("dev-b"), "dev-b")
+    b.publish("fleet/dev-b/telemetry", b"from-b", qos=1).wait_for_publish(5)
+    _wait(lambda: any(p == b"from-b" for _, p in watch.messages), 5, "B's own message")
+    time.sleep(0.3)
+    assert a.messages == []
+    b.disconnect()
+    b.loop_stop()
+    bad = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="x", protocol=mqtt.MQTTv5)
+    bad.username_pw_set("dev-a", "wrong")
+    with pytest.raises(Exception):
+        bad.connect(mosquitto.host, mosquitto.port)
+        rc = bad.loop(timeout=2) or bad.loop(timeout=2)
+        if not bad.is_connected():
+            raise ConnectionRefusedError(rc)
+    for x in (c,):
+        x.disconnect()
+        x.loop_stop()
+    watch.stop()
+    a.stop()
+
+
+def _spawn_gateway(mosquitto, run, tmp_path, replica="gw-k"):
+    user, pw = mosquitto.gateway_credentials
+    cmd = [sys.executable, "-m", "cloud_gateway.cli", "serve", "--broker", mosquitto.url, "--teacher",
+           str(run.teacher_onnx), "--username", user, "--password", pw, "--replica-id", replica,
+           "--db", str(tmp_path / "gw.sqlite"), "--http-port", "-1"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = p.stdout.readline()
+    assert "serving" in line, line
+    return p
+
+
+def test_gateway_killed_mid_stream_everything_answered_then_offload_resumes(mosquitto, tiny_cascade, tmp_path):
+    run = tiny_cascade
+    gw = _spawn_gateway(mosquitto, run, tmp_path)
+
+    def source():
+        nonlocal gw
+        for i in range(150):
+            if i == 50:  # mid-stream: the gateway dies without a goodbye
+                gw.send_signal(signal.SIGKILL)
+                gw.wait()
+            if i == 100:  # back: wait until it is serving again
+                gw = _spawn_gateway(mosquitto, run, tmp_path)
+            yield Item(str(i), run.x_test[i], int(run.y_test[i]))
+
+    try:
+        with make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path, threshold=1.01, deadline_s=0.3,
+                        batch_size=5) as agent:
+            ans = list(agent.run(source()))
+    finally:
+        gw.send_signal(signal.SIGTERM)
+        gw.wait(10)
+    assert len(ans) == 150 and len({a.id for a in ans}) == 150  # every input answered, once
+    routes = [a.route for a in ans]
+    assert routes[:45].count(Route.CLOUD) == 45
+    assert routes[55:95].count(Route.FALLBACK) == 40
+    assert all(a.reason == "timeout" for a in ans if a.route is Route.FALLBACK)
+    assert routes[110:].count(Route.CLOUD) == 40  # offloading resumed
+    assert agent.counts["fallback"] == routes.count(Route.FALLBACK)
+    acc = summarize(ans)["accuracy"]
+    assert acc > 0.9  # fallbacks are the device's own (good) predictions
+
+
+def _retag(src, dst, *, version: str, model_bytes: bytes | None = None):
+    shutil.copytree(src, dst)
+    if model_bytes is not None:
+        (dst / "model.onnx").write_bytes(model_bytes)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["model"]["version"] = version
+    m["files"] = file_entries(dst, ["model.onnx", "drift_reference.json"])
+    (dst / "manifest.json").write_text(json.dumps(m))
+    tar = dst.parent / f"{dst.name}.tar.gz"
+    with tarfile.open(tar, "w:gz") as tf:
+        tf.add(dst, arcname=dst.name)
+    return tar
+
+
+def _http(method, url, data=None, token=None):
+    req = urllib.request.Request(url, data=data, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if data is not None and method == "POST" and url.endswith("/cmd"):
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_api_bundle_update_rollback_and_bench_over_mqtt(mosquitto, tiny_cascade, tmp_path):
+    run = tiny_cascade
+    v2 = _retag(run.bundle_dir, tmp_path / "v2", version="2")
+    broken = _retag(run.bundle_dir, tmp_path / "broken", version="3", model_bytes=b"not an onnx model")
+    watch = Listener(mosquitto, ["fleet/dev-a/status", "fleet/dev-a/bench"])
+    with start_gateway(mosquitto, run, tmp_path) as gw:
+        url = gw.http_url
+        assert _http("GET", f"{url}/healthz")[0] == 200
+        assert _http("PUT", f"{url}/api/bundles/v2", v2.read_bytes())[0] == 401  # token needed
+        assert _http("PUT", f"{url}/api/bundles/junk", b"garbage", token="test-token")[0] == 400
+        code, body = _http("PUT", f"{url}/api/bundles/v2", v2.read_bytes(), token="test-token")
+        assert code == 201, body
+        info = json.loads(body)
+        assert info["sha256"] == sha256_file(v2)
+        assert _http("PUT", f"{url}/api/bundles/broken", broken.read_bytes(), token="test-token")[0] == 201
+        assert _http("GET", f"{url}/api/bundles/v2")[1] == v2.read_bytes()
+
+        with make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path, deadline_s=2.0) as agent:
+            old = agent.bundle.manifest_sha256
+            list(agent.run(items(run.x_test[:40], run.y_test[:40])))
+
+            def cmd(body):
+                n = len(watch.messages)
+                code, _ = _http("POST", f"{url}/api/devices/dev-a/cmd", json.dumps(body).encode(), token="test-token")
+                assert code == 200
+                _wait(lambda: any(json.loads(p).get("last_cmd") and json.loads(p)["last_cmd"]["cmd"] == body["cmd"]
+                                  for t, p in watch.messages[n:] if t.endswith("status")), 20, body["cmd"])
+                return [json.loads(p) for t, p in watch.messages[n:] if t.endswith("status")][-1]
+
+            st = cmd({"cmd": "update_bundle", "url": info["url"], "sha256": "0" * 64})
+            assert not st["last_cmd"]["ok"] and "expected" in st["last_cmd"]["error"]
+            assert agent.bundle.manifest_sha256 == old  # wrong hash: refused, nothing changed
+            st = cmd({"cmd": "update_bundle", "url": f"{url}/api/bundles/broken"})
+            assert not st["last_cmd"]["ok"] and agent.bundle.manifest_sha256 == old  # fails to load: kept old
+            st = cmd({"cmd": "update_bundle", "url": info["url"], "sha256": info["sha256"]})
+            assert st["last_cmd"]["ok"] and st["version"] == "2"
+            assert agent.bundle.manifest_sha256 == info["manifest_sha256"] != old
+            st = cmd({"cmd": "set_threshold", "threshold": 0.5})
+            assert st["threshold"] == 0.5 and agent.threshold == 0.5
+            assert summarize(list(agent.run(items(run.x_test[:20]))))["inputs"] == 20
+            n = len(watch.messages)
+            cmd({"cmd": "bench", "job_id": "j1", "bundle_url": None, "bundle_path": None, "scenario": "single-stream",
+                 "duration_s": 0.2, "min_queries": 20, "warmup": 2, "threads": 1, "accuracy": False})
+            bench = [json.loads(p) for t, p in watch.messages[n:] if t.endswith("/bench")]
+            assert bench and bench[0]["job_id"] == "j1" and bench[0]["device_id"] == "dev-a"
+            assert bench[0]["ok"], bench[0]
+            assert bench[0]["result"]["results"]
+
+        _wait(lambda: (gw.store.device("dev-a") or {}).get("last_telemetry"), 5, "telemetry")
+        devs = json.loads(_http("GET", f"{url}/api/devices")[1])
+        assert [d["device_id"] for d in devs] == ["dev-a"]
+        one = json.loads(_http("GET", f"{url}/api/devices/dev-a")[1])
+        assert one["history"] and one["history"][-1]["latency"]["edge"]["count"] >= 0
+        assert one["state"] == "offline"  # the agent said goodbye on stop
+        assert _http("GET", f"{url}/api/devices/nope")[0] == 404
+        prom = _http("GET", f"{url}/metrics")[1].decode()
+        for name in ("gateway_requests_total", "gateway_batch_size_bucket", "gateway_request_seconds_bucket",
+                     "device_offload_rate", "gateway_telemetry_windows_total"):
+            assert name in prom, name
+    watch.stop()
+
+
+def test_fleet_credentials_cli(tmp_path):
+    out = tmp_path / "creds"
+    r = subprocess.run([sys.executable, "-m", "cloud_gateway.cli", "fleet-credentials", "cam-1", "cam-2",
+                        "--out", str(out), "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    creds = json.loads((out / "credentials.json").read_text())
+    assert set(creds["devices"]) == {"cam-1", "cam-2"}
+    users = dict(line.split(":", 1) for line in (out / "passwd").read_text().splitlines())
+    assert set(users) == {"cam-1", "cam-2", "gateway", "admin"} and all(h.startswith("$7$") for h in users.values())
+    assert "pattern readwrite fleet/%u/#" in (out / "acl").read_text()
+    assert oct((out / "credentials.json").stat().st_mode)[-3:] == "600"
+    r = subprocess.run([sys.executable, "-m", "cloud_gateway.cli", "fleet-credentials", "bad/id", "--out", str(out)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "invalid device id" in r.stderr
+
+
+def test_generated_fleet_files_work_in_mosquitto(tmp_path):
+    """The files `fleet-credentials` writes are accepted by a real Mosquitto."""
+    from cloud_gateway.credentials import make_fleet, write_fleet_files
+    from tests.fixtures.broker import MosquittoBroker, _find_mosquitto
+
+    exe = _find_mosquitto()
+    if exe is None:
+        pytest.skip("mosquitto is not installed")
+    b = MosquittoBroker(exe, tmp_path / "b", device_ids=())
+    creds = make_fleet(device_ids=["cam-1"])
+    paths = write_fleet_files(creds, tmp_path / "b")
+    assert paths["passwd"] == tmp_path / "b" / "passwd"
+    b.start()
+    try:
+        c = _client(b, ("cam-1", creds.devices["cam-1"]), "cam-1")
+        _wait(c.is_connected, 5, "cam-1 connected with generated credentials")
+        c.disconnect()
+        c.loop_stop()
+    finally:
+        b.stop()
