@@ -96,18 +96,25 @@ class OnnxTarget(Target):
     def build(
         self, source: ModelSource, precision: Precision, calibration: "RepresentativeSet | None", out_dir: Path
     ) -> Artifact:
+        from ._onnx_clean import clean_onnx
+
         dst = Path(out_dir) / MODEL_FILE
         details: dict[str, Any] = {}
         if precision is Precision.FP32:
-            shutil.copyfile(source.onnx_fp32, dst)
+            details["cleanup"] = clean_onnx(Path(source.onnx_fp32), dst)
             details["method"] = "exported fp32"
         elif source.onnx_qdq is not None and Path(source.onnx_qdq).is_file():
-            shutil.copyfile(source.onnx_qdq, dst)
+            details["cleanup"] = clean_onnx(Path(source.onnx_qdq), dst)
             details.update(method="qat-qdq", weight_bits=source.qdq_weight_bits)
         else:
             if calibration is None:
                 raise BuildError("onnx int8 without a QAT QDQ graph needs a calibration set")
-            static_quantize_onnx(Path(source.onnx_fp32), dst, calibration, input_name=source.input_spec.name)
+            clean = dst.with_name("fp32.clean.onnx")
+            try:
+                details["cleanup"] = clean_onnx(Path(source.onnx_fp32), clean)
+                static_quantize_onnx(clean, dst, calibration, input_name=source.input_spec.name)
+            finally:
+                clean.unlink(missing_ok=True)
             details.update(method="ort-static-ptq-qdq", weight_bits=7, per_channel=True, calibration="minmax")
         _check_onnx(dst)
         return Artifact(target=self.name, precision=precision, files=[MODEL_FILE], runtime=self.runtime, details=details)

@@ -74,13 +74,17 @@ class OpenVinoTarget(Target):
     ) -> Artifact:
         import openvino as ov
 
+        from ._onnx_clean import clean_onnx
+
         details: dict[str, Any] = {}
+        use_qdq = precision is Precision.INT8 and source.onnx_qdq is not None and Path(source.onnx_qdq).is_file()
+        clean = Path(out_dir) / "source.clean.onnx"
         try:
-            if precision is Precision.INT8 and source.onnx_qdq is not None and Path(source.onnx_qdq).is_file():
-                model = ov.convert_model(str(source.onnx_qdq))
+            details["cleanup"] = clean_onnx(Path(source.onnx_qdq if use_qdq else source.onnx_fp32), clean)
+            model = ov.convert_model(str(clean))
+            if use_qdq:
                 details.update(method="qat-qdq", weight_bits=source.qdq_weight_bits)
             else:
-                model = ov.convert_model(str(source.onnx_fp32))
                 if precision is Precision.INT8:
                     model = self._nncf_ptq(model, calibration)
                     details.update(method="nncf-ptq", preset="performance")
@@ -91,6 +95,8 @@ class OpenVinoTarget(Target):
             raise
         except Exception as e:
             raise BuildError(f"OpenVINO conversion ({precision}) failed: {e}") from e
+        finally:
+            clean.unlink(missing_ok=True)
         return Artifact(target=self.name, precision=precision, files=[XML, BIN], runtime=self.runtime, details=details)
 
     @staticmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,22 +59,37 @@ class JetsonTarget(Target):
     def build(
         self, source: ModelSource, precision: Precision, calibration: "RepresentativeSet | None", out_dir: Path
     ) -> Artifact:
+        from .._onnx_clean import clean_onnx
+
         dst = Path(out_dir) / MODEL_FILE
         details: dict[str, Any] = {}
         if precision is not Precision.INT8:
-            shutil.copyfile(source.onnx_fp32, dst)
+            details["cleanup"] = clean_onnx(Path(source.onnx_fp32), dst)
             details["method"] = "fp32 onnx; TensorRT lowers precision at engine build"
-        elif source.onnx_qdq is not None and Path(source.onnx_qdq).is_file():
-            shutil.copyfile(source.onnx_qdq, dst)
-            details.update(method="qat-qdq", weight_bits=source.qdq_weight_bits)
         else:
-            if calibration is None:
-                raise BuildError("jetson int8 without a QAT QDQ graph needs a calibration set")
-            from ..onnx_target import static_quantize_onnx
+            qat_problem = None
+            if source.onnx_qdq is not None and Path(source.onnx_qdq).is_file():
+                details["cleanup"] = clean_onnx(Path(source.onnx_qdq), dst)
+                try:
+                    check_onnx_for_tensorrt(dst, precision=precision)
+                    details.update(method="qat-qdq", weight_bits=source.qdq_weight_bits)
+                except BuildError as e:
+                    qat_problem = str(e).split(": not buildable by TensorRT: ", 1)[-1]
+            if "method" not in details:
+                if calibration is None:
+                    raise BuildError("jetson int8 without a TensorRT-compatible QDQ graph needs a calibration set")
+                from ..onnx_target import static_quantize_onnx
 
-            # TensorRT's int8 kernels take full 8-bit symmetric weights (no VNNI limit on GPUs)
-            static_quantize_onnx(Path(source.onnx_fp32), dst, calibration, input_name=source.input_spec.name, reduce_range=False)
-            details.update(method="ort-static-ptq-qdq", weight_bits=8)
+                clean = dst.with_name("fp32.clean.onnx")
+                try:
+                    details["cleanup"] = clean_onnx(Path(source.onnx_fp32), clean)
+                    # TensorRT takes symmetric int8 with full 8-bit weights (no VNNI limit on GPUs)
+                    static_quantize_onnx(clean, dst, calibration, input_name=source.input_spec.name, reduce_range=False)
+                finally:
+                    clean.unlink(missing_ok=True)
+                details.update(method="ort-static-ptq-qdq (symmetric)", weight_bits=8)
+                if qat_problem:
+                    details["qat_qdq_rejected"] = qat_problem
         details["tensorrt_check"] = check_onnx_for_tensorrt(dst, precision=precision)
         recipe = make_recipe(onnx_file=MODEL_FILE, precision=precision, spec=source.input_spec)
         atomic_write_json(Path(out_dir) / RECIPE_FILE, recipe)

@@ -1,0 +1,133 @@
+"""``toolchain build``: turn a run's student into verified deployment bundles."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from toolchain.clikit import add_common, add_json_flag, emit_json
+
+
+def register(subparsers: Any) -> None:
+    from toolchain.config import add_config_args
+
+    p = subparsers.add_parser(
+        "build", help="build + verify a deployment bundle for a target (or all)",
+        description="Build the bundle (artifact, manifest, drift reference, routing curve, .tar.gz) for one "
+        "target/precision, or every available one with --target all, and verify it on the test split.",
+    )
+    p.add_argument("--run", type=Path, default=None, help="run directory (default: run.dir of the config)")
+    p.add_argument("--target", "-t", required=True, help="target name, or 'all' (see `toolchain targets`)")
+    p.add_argument("--precision", "-p", default="all", help="fp32 | fp16 | int8 | all (default: every precision the target has)")
+    p.add_argument("--out", "-o", type=Path, default=None,
+                   help="bundle directory (with several builds: their parent); default RUN/bundles/TARGET-PRECISION")
+    add_config_args(p)
+    add_json_flag(p)
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def plan(target: str, precision: str) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+    """(builds to do, targets skipped with why) for ``--target/--precision``."""
+    from targets import Precision, get_target, parse_precision, target_names
+
+    names = target_names() if target == "all" else [target]
+    todo: list[tuple[str, str]] = []
+    skipped: list[dict[str, str]] = []
+    for name in names:
+        t = get_target(name)  # unknown name: UnknownTargetError listing the known ones
+        if precision == "all":
+            precs = [p.value for p in t.precisions]
+        elif target == "all":
+            Precision(precision) if precision in {p.value for p in Precision} else parse_precision(t, precision)
+            precs = [precision] if Precision(precision) in t.precisions else []
+        else:
+            precs = [parse_precision(t, precision).value]
+        if target == "all":
+            ok, why = t.build_available()
+            if not ok:
+                skipped.append({"target": name, "reason": why})
+                continue
+        todo += [(name, p) for p in precs]
+    return todo, skipped
+
+
+def run(args: argparse.Namespace) -> int:
+    from toolchain.bundle import build_bundle
+    from toolchain.config import config_from_args
+    from toolchain.errors import BuildError, EdgeError
+
+    cfg = config_from_args(args)
+    run_dir = args.run or args.run_dir or cfg.run.dir
+    from toolchain.rundir import RunDir
+
+    RunDir(run_dir)  # a missing or empty run folder fails before anything is built
+    todo, skipped = plan(args.target, args.precision)
+    single = len(todo) == 1 and args.target != "all"
+    reports: list[dict[str, Any]] = []
+    failures: list[dict[str, str]] = []
+    progress = _progress(len(todo), enabled=not args.json and len(todo) > 1)
+    for target, precision in todo:
+        out = args.out if single else (args.out / f"{target}-{precision}" if args.out else None)
+        progress.set_description(f"{target} {precision}")
+        try:
+            reports.append(build_bundle(run_dir=run_dir, target=target, precision=precision, out=out, cfg=cfg.build))
+        except EdgeError as e:
+            if single:
+                raise
+            failures.append({"target": target, "precision": precision, "error": f"{type(e).__name__}: {e}"})
+        progress.update(1)
+    progress.close()
+    summary = {"run": str(run_dir), "bundles": reports, "skipped": skipped, "failed": failures}
+    if args.json:
+        emit_json(summary if not single else reports[0])
+    else:
+        _print_table(reports, skipped, failures)
+    if failures:
+        raise BuildError(f"{len(failures)} of {len(todo)} builds failed: " + "; ".join(
+            f"{f['target']} {f['precision']}: {f['error']}" for f in failures))
+    return 0
+
+
+class _NoProgress:
+    def set_description(self, _: str) -> None: ...
+    def update(self, _: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, *, enabled: bool) -> Any:
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="bundle")
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v * 100:.2f}%" if pct else (f"{v:.3g}" if isinstance(v, float) else str(v))
+
+
+def _print_table(reports: list[dict[str, Any]], skipped: list[dict[str, str]], failures: list[dict[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    table = Table(title="bundles")
+    for col in ("target", "precision", "accuracy", "reference", "agreement", "max diff", "size", "build s", "threshold",
+                "verify", "bundle"):
+        table.add_column(col)
+    for r in reports:
+        m = r["metrics"]
+        table.add_row(r["target"], r["precision"], _fmt(m["accuracy"], True), _fmt(m["reference_accuracy"], True),
+                      _fmt(m["agreement"], True), _fmt(m["max_abs_logit_diff"]), f"{m['size_bytes'] / 1024:.1f} KiB",
+                      _fmt(m["build_seconds"]), f"{r['routing']['threshold']:.3f}",
+                      r["verify"]["status"] + ("" if r["verify"]["status"] != "skipped" else f" ({r['verify']['reason'][:40]})"),
+                      r["bundle"])
+    console.print(table)
+    for s in skipped:
+        console.print(f"[yellow]skipped[/] {s['target']}: {s['reason']}")
+    for f in failures:
+        console.print(f"[red]failed[/] {f['target']} {f['precision']}: {f['error']}")
