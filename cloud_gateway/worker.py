@@ -24,7 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device_agent import wire
-from device_agent.transport import BrokerAddress
+from device_agent.transport import BrokerAddress, set_nodelay
 from toolchain.errors import GatewayError
 
 from .metrics import BATCH_BUCKETS, Metrics
@@ -117,6 +117,7 @@ class GatewayWorker:
         if reason_code.is_failure:
             log.error("broker refused the gateway: %s", reason_code)
             return
+        set_nodelay(client)
         client.subscribe([(self.sub_req, 1), (self.sub_tel, 1), (self.sub_status, 1)])
         self.connected.set()
         log.info("gateway %s connected", self.config.replica_id)

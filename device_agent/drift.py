@@ -49,6 +49,22 @@ def ks_2samp(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return d, float(min(max(p, 0.0), 1.0))
 
 
+def reference_bins(ref: dict[str, Any], *, bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, edges) for PSI: deciles of the reference sample when it has one.
+
+    Why: fixed-width bins over a confidence that piles up near 1.0 leave many
+    nearly empty bins, and PSI over near-empty bins is noise. Quantile bins
+    give every bin ~10% of the reference mass (the usual PSI practice).
+    """
+    sample = np.asarray(ref.get("sample") or [], dtype=np.float64)
+    if len(sample) >= 5 * bins:
+        edges = np.unique(np.quantile(sample, np.linspace(0.0, 1.0, bins + 1)))
+        if len(edges) >= 3:
+            counts, _ = np.histogram(sample, bins=edges)
+            return counts, edges
+    return np.asarray(ref["counts"], dtype=np.float64), np.asarray(ref["edges"], dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class DriftConfig:
     window: int = 500  # most recent inputs compared with the reference
@@ -92,7 +108,8 @@ class DriftMonitor:
             if not ref:
                 continue
             live = np.fromiter(self._buf[name], dtype=np.float64)
-            s_psi = psi(np.asarray(ref["counts"]), np.asarray(ref["edges"]), live)
+            counts, edges = reference_bins(ref)
+            s_psi = psi(counts, edges, live)
             d, p = ks_2samp(live, np.asarray(ref.get("sample") or [], dtype=np.float64))
             out[name] = {"psi": round(s_psi, 6), "ks_d": round(d, 6), "ks_p": p}
             flag = flag or s_psi > self.config.psi_threshold or p < self.config.ks_alpha

@@ -148,7 +148,7 @@ def start_gateway(broker, run: TinyRun, tmp: Path, *, replica: str = "gw-0", htt
         worker=WorkerConfig(broker_url=broker.url, username=user, password=pw, replica_id=replica,
                             batch_ms=batch_ms),
         teacher=run.teacher_onnx, db=db or str(tmp / "gateway.sqlite"), bundles_dir=tmp / "bundles",
-        http_port=0 if http else None, token=token,
+        http_port=0 if http else None, token=token, threads=1,
     )
     return Gateway(cfg).start()
 
@@ -157,7 +157,7 @@ def make_agent(broker, bundle, device_id: str, tmp: Path, **overrides):
     from device_agent.agent import Agent, AgentConfig
 
     user, pw = broker.credentials(device_id)
-    kw = dict(deadline_s=0.5, telemetry_window_s=0.2, state_dir=tmp / f"agent-{device_id}")
+    kw = dict(deadline_s=0.5, telemetry_window_s=0.2, state_dir=tmp / f"agent-{device_id}", threads=1)
     kw.update(overrides)
     return Agent(bundle, AgentConfig(device_id=device_id, broker_url=broker.url, username=user, password=pw, **kw))
 

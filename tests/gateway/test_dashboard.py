@@ -1,0 +1,67 @@
+"""The fleet dashboard in a real headless Chromium: devices, charts, the drifted one flagged."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+from tests.agent.tiny import items, make_agent, start_gateway
+
+pytestmark = [pytest.mark.browser, pytest.mark.broker]
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("chromium is not installed")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return exe
+
+
+def test_dashboard_shows_devices_charts_and_flags_drift(mosquitto, tiny_cascade, tmp_path):
+    exe = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    from device_agent.drift import DriftConfig
+
+    run = tiny_cascade
+    with start_gateway(mosquitto, run, tmp_path) as gw:
+        drift = DriftConfig(min_samples=50, window=200)
+        with make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path, drift=drift) as a, \
+                make_agent(mosquitto, run.bundle_dir, "dev-b", tmp_path, drift=drift) as b:
+            for i in range(4):  # several telemetry windows of each
+                chunk = run.x_test[i * 90:(i + 1) * 90]
+                list(a.run(items(chunk)))
+                list(b.run(items(chunk * 0.4)))  # a fading sensor: inputs drift
+                time.sleep(0.25)
+        assert a.last_drift and a.last_drift["flag"] is False
+        assert b.last_drift and b.last_drift["flag"] is True
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("request", lambda r: errors.append(f"external request {r.url}")
+                        if not r.url.startswith(gw.http_url) else None)
+                page.goto(gw.http_url + "/")
+                page.wait_for_selector("body[data-loaded='1']", timeout=15000)
+                assert page.locator("#devices .device").count() == 2
+                dev_a = page.locator(".device[data-id='dev-a']")
+                dev_b = page.locator(".device[data-id='dev-b']")
+                assert dev_b.locator(".drift-flag").count() == 1 and dev_a.locator(".drift-flag").count() == 0
+                assert "drifted" in (dev_b.get_attribute("class") or "")
+                for card in (dev_a, dev_b):
+                    assert card.locator("svg").count() == 3  # latency, offload, drift over time
+                    pts = card.locator("svg.drift polyline").get_attribute("points") or ""
+                    assert len(pts.split()) >= 2  # a line over several windows
+                    assert (card.locator("svg.offload polyline").first.get_attribute("points") or "").strip()
+                assert "offline" in dev_a.locator(".state").inner_text()
+                assert "1 drifted" in page.locator("#summary").inner_text()
+                assert errors == []
+            finally:
+                browser.close()
