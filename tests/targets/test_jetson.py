@@ -1,0 +1,134 @@
+"""Jetson/TensorRT: everything up to the engine build for real; the TensorRT calls against a stand-in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+
+from targets import Precision, get_target
+from targets.jetson.engine import EngineCache, build_engine, engine_key
+from targets.jetson.recipe import check_onnx_for_tensorrt, make_recipe, trtexec_command
+from tests.targets import trt_standin
+from tests.targets.contract import TargetContract
+from toolchain.errors import BuildError
+
+
+class TestJetsonContract(TargetContract):
+    target_name = "jetson"
+
+
+@pytest.fixture(scope="module")
+def jetson_builds(tiny_source: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
+    t = get_target("jetson")
+    out = {}
+    for p in (Precision.FP16, Precision.INT8):
+        d = tmp_path_factory.mktemp(f"jetson-{p.value}")
+        out[p.value] = (d, t.build(tiny_source.source, p, tiny_source.rep, d))
+    return out
+
+
+def test_recipe_and_trtexec_line(jetson_builds: dict[str, Any]) -> None:
+    d, art = jetson_builds["int8"]
+    recipe = json.loads((d / "trt_recipe.json").read_text())
+    assert recipe["builder_flags"] == ["INT8", "FP16"] and recipe["quantization"] == "explicit-qdq"
+    assert recipe["profile"] == {"min": [1, 1, 8, 8], "opt": [8, 1, 8, 8], "max": [32, 1, 8, 8]}
+    cmd = recipe["trtexec"]
+    for part in ("trtexec", "--onnx=model.onnx", "--minShapes=input:1x1x8x8", "--maxShapes=input:32x1x8x8", "--int8", "--fp16",
+                 "--memPoolSize=workspace:256M"):
+        assert part in cmd
+    d16, _ = jetson_builds["fp16"]
+    r16 = json.loads((d16 / "trt_recipe.json").read_text())
+    assert r16["builder_flags"] == ["FP16"] and "--int8" not in r16["trtexec"]
+
+
+def test_int8_graph_is_tensorrt_ready(jetson_builds: dict[str, Any]) -> None:
+    d, art = jetson_builds["int8"]
+    chk = art.details["tensorrt_check"]
+    assert chk["int8_compute_layers"] == chk["compute_layers"] > 0
+    m = onnx.load(str(d / "model.onnx"))
+    zps = [onnx.numpy_helper.to_array(i) for i in m.graph.initializer if i.data_type == onnx.TensorProto.UINT8]
+    assert not zps, "TensorRT needs signed symmetric int8"
+
+
+def test_check_rejects_what_tensorrt_would(tiny_source: Any, tmp_path: Path) -> None:
+    m = onnx.load(str(tiny_source.source.onnx_fp32))
+    with pytest.raises(BuildError, match="no Q/DQ nodes"):
+        check_onnx_for_tensorrt(tiny_source.source.onnx_fp32, precision=Precision.INT8)
+    # an operator outside the parser's list
+    m.graph.node[-1].op_type = "NonMaxSuppression"
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    with pytest.raises(BuildError, match="NonMaxSuppression"):
+        check_onnx_for_tensorrt(bad, precision=Precision.FP16)
+    # the tiny QDQ source uses asymmetric uint8 activations? ORT's symmetric PTQ does not; fp16 must refuse QDQ
+    with pytest.raises(BuildError, match="use the fp32 ONNX"):
+        check_onnx_for_tensorrt(tiny_source.qdq_source.onnx_qdq, precision=Precision.FP16)
+
+
+def test_engine_builder_against_standin(jetson_builds: dict[str, Any]) -> None:
+    assert trt_standin.IS_STANDIN
+    d, _ = jetson_builds["int8"]
+    recipe = json.loads((d / "trt_recipe.json").read_text())
+    engine = json.loads(build_engine(d / "model.onnx", recipe, trt=trt_standin))
+    assert engine["flags"] == ["FP16", "INT8"]
+    assert engine["pools"] == {"WORKSPACE": 256 << 20}
+    assert engine["profiles"] == [{"input": [[1, 1, 8, 8], [8, 1, 8, 8], [32, 1, 8, 8]]}]
+    assert "QuantizeLinear" in engine["ops"]
+
+
+def test_engine_builder_reports_parser_and_build_errors(tmp_path: Path, jetson_builds: dict[str, Any]) -> None:
+    d, _ = jetson_builds["fp16"]
+    recipe = json.loads((d / "trt_recipe.json").read_text())
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not onnx")
+    with pytest.raises(BuildError, match="could not parse"):
+        build_engine(broken, recipe, trt=trt_standin)
+    trt_standin.Builder.fail_build = True
+    try:
+        with pytest.raises(BuildError, match="failed to build an engine"):
+            build_engine(d / "model.onnx", recipe, trt=trt_standin)
+    finally:
+        trt_standin.Builder.fail_build = False
+
+
+def test_engine_cache_is_keyed_by_gpu_and_tensorrt(tmp_path: Path, jetson_builds: dict[str, Any]) -> None:
+    d, _ = jetson_builds["fp16"]
+    recipe = json.loads((d / "trt_recipe.json").read_text())
+    onnx_path = d / "model.onnx"
+    orin = EngineCache(tmp_path, trt=trt_standin, gpu=lambda: "NVIDIA Jetson AGX Orin")
+    p1, built1 = orin.get(onnx_path, recipe)
+    p2, built2 = orin.get(onnx_path, recipe)
+    assert built1 and not built2 and p1 == p2  # second call is a cache hit
+    assert "nvidia-jetson-agx-orin" in p1.name and "trt10.99.0" in p1.name
+    nano = EngineCache(tmp_path, trt=trt_standin, gpu=lambda: "NVIDIA Jetson Orin Nano")
+    p3, built3 = nano.get(onnx_path, recipe)
+    assert built3 and p3 != p1  # another GPU never reuses an engine
+    k1 = engine_key(onnx_path=onnx_path, recipe=recipe, gpu="g", trt_version="10.0")
+    k2 = engine_key(onnx_path=onnx_path, recipe=recipe, gpu="g", trt_version="10.1")
+    k3 = engine_key(onnx_path=onnx_path, recipe={**recipe, "builder_flags": []}, gpu="g", trt_version="10.0")
+    assert len({k1.filename, k2.filename, k3.filename}) == 3
+    assert json.loads(p1.with_suffix(".json").read_text())["gpu"] == "NVIDIA Jetson AGX Orin"
+
+
+def test_recipe_shapes_follow_the_input_spec() -> None:
+    from targets.base import InputSpec
+
+    spec = InputSpec(name="features", shape=(None, 30), layout="NF")
+    r = make_recipe(onnx_file="model.onnx", precision=Precision.FP32, spec=spec, max_batch=4)
+    assert r["profile"] == {"min": [1, 30], "opt": [4, 30], "max": [4, 30]} and r["builder_flags"] == []
+    assert "--optShapes=features:4x30" in trtexec_command(r)
+
+
+@pytest.mark.tensorrt
+def test_real_tensorrt_build_and_run(jetson_builds: dict[str, Any], tiny_source: Any) -> None:
+    ok, why = get_target("jetson").available()
+    if not ok:
+        pytest.skip(f"needs TensorRT and an NVIDIA GPU: {why}")
+    d, art = jetson_builds["fp16"]
+    runner = get_target("jetson").load(d, {"artifact": {"main": art.main, "details": art.details}})
+    logits = runner.run(tiny_source.x_test[:8])
+    assert (logits.argmax(1) == tiny_source.ref_logits[:8].argmax(1)).mean() >= 0.99

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from typing import Any
+
+from targets import Precision, get_target
+from tests.targets.contract import TargetContract
+
+
+class TestOpenVinoContract(TargetContract):
+    target_name = "openvino"
+
+
+class TestOpenVinoFromQdqContract(TargetContract):
+    target_name = "openvino"
+    use_qdq_source = True
+
+
+def test_fp16_halves_the_weights(tiny_source: Any, tmp_path) -> None:
+    t = get_target("openvino")
+    a32, a16 = tmp_path / "a", tmp_path / "b"
+    a32.mkdir(), a16.mkdir()
+    t.build(tiny_source.source, Precision.FP32, None, a32)
+    t.build(tiny_source.source, Precision.FP16, None, a16)
+    b32, b16 = (a32 / "model.bin").stat().st_size, (a16 / "model.bin").stat().st_size
+    assert b16 < 0.6 * b32
+
+
+def test_int8_ptq_uses_nncf_and_int8_weights(tiny_source: Any, tmp_path) -> None:
+    art = get_target("openvino").build(tiny_source.source, Precision.INT8, tiny_source.rep, tmp_path)
+    assert art.details["method"] == "nncf-ptq"
+    xml = (tmp_path / "model.xml").read_text()
+    assert 'element_type="i8"' in xml and "FakeQuantize" in xml
