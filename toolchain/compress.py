@@ -290,6 +290,9 @@ def quantization_aware_training(
     from toolchain import engine
 
     model = copy.deepcopy(student).cpu().train()
+    # torchao's train/eval switch rewrites every dropout in an exported graph to
+    # p=0.5: drop dropout from the QAT copy (short fine-tune, not needed).
+    _strip_dropout(model)
     example = train[0][: min(8, len(train[0]))]
     try:
         graph = torch.export.export(model, (example,), dynamic_shapes=({0: _batch_dim()},)).module()
@@ -317,6 +320,16 @@ def quantization_aware_training(
     converted = convert_pt2e(prepared)
     pt2e.allow_exported_model_train_eval(converted)
     return converted, state.best_acc
+
+
+def _strip_dropout(model: "nn.Module") -> None:
+    from torch import nn
+
+    for name, child in list(model.named_children()):
+        if isinstance(child, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)):
+            setattr(model, name, nn.Identity())
+        else:
+            _strip_dropout(child)
 
 
 def save_qat_program(path: Path, converted: "nn.Module", input_shape: tuple[int, ...]) -> int:

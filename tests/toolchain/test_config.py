@@ -1,0 +1,94 @@
+"""Strict typed config: one clear line naming the field and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from toolchain.cli import main
+from toolchain.config import (Config, PruneTarget, QdqWeightBits, from_dict, load_config, to_toml)
+from toolchain.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "t.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_file_matches_dataclass_defaults():
+    """toolchain.toml at the repo root documents every key with its default."""
+    cfg = load_config(REPO / "toolchain.toml")
+    assert cfg == Config()
+    text = (REPO / "toolchain.toml").read_text()
+    import tomllib
+
+    raw = tomllib.loads(text)
+    import dataclasses
+
+    for section in dataclasses.fields(Config):
+        if section.name == "source_file":
+            continue
+        keys = {f.name for f in dataclasses.fields(getattr(cfg, section.name))}
+        assert set(raw[section.name]) == keys, section.name
+
+
+def test_unknown_key_names_field_and_file(tmp_path):
+    p = write(tmp_path, "[train]\nepochz = 3\n")
+    with pytest.raises(ConfigError, match=r"t\.toml: unknown key train\.epochz"):
+        load_config(p)
+
+
+def test_wrong_type(tmp_path):
+    p = write(tmp_path, '[train]\nepochs = "many"\n')
+    with pytest.raises(ConfigError, match=r"t\.toml: train\.epochs: expected an integer"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="train.augment: expected a boolean"):
+        load_config(write(tmp_path, "[train]\naugment = 1\n"))
+    with pytest.raises(ConfigError, match=r"prune\.target: expected one of \['macs', 'params'\]"):
+        load_config(write(tmp_path, '[prune]\ntarget = "flops"\n'))
+
+
+def test_missing_path(tmp_path):
+    p = write(tmp_path, f'[data]\nsource = "imagefolder:{tmp_path}/nope"\n')
+    with pytest.raises(ConfigError, match=r"data\.source: image folder .*nope.* does not exist"):
+        load_config(p)
+
+
+def test_unknown_section_and_family(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown section \[student\]"):
+        load_config(write(tmp_path, "[student]\nx = 1\n"))
+    with pytest.raises(ConfigError, match="teacher.family: unknown model family 'vgg'"):
+        load_config(write(tmp_path, '[teacher]\nfamily = "vgg"\n'))
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[train\n"))
+
+
+def test_overrides_and_roundtrip(tmp_path):
+    cfg = load_config(None, overrides=["train.epochs=3", "qat.weight_bits=7", "prune.target=params",
+                                       "teacher.hidden=[16, 8]", "run.dir=/tmp/x"])
+    assert cfg.train.epochs == 3 and cfg.qat.weight_bits is QdqWeightBits.SEVEN
+    assert cfg.prune.target is PruneTarget.PARAMS and cfg.teacher.hidden == (16, 8)
+    assert cfg.run.dir == Path("/tmp/x")
+    import tomllib
+
+    assert from_dict(tomllib.loads(to_toml(cfg))) == cfg
+    with pytest.raises(ConfigError, match="expected SECTION.KEY=VALUE"):
+        load_config(None, overrides=["epochs=3"])
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
+    p = write(tmp_path, "[train]\nepochz = 3\n")
+    rc = main(["train", "--config", str(p)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "unknown key train.epochz" in err[0] and "t.toml" in err[0]
+    assert "Traceback" not in "\n".join(err)

@@ -1,0 +1,97 @@
+"""Data sources: digits split, image folders, user factories; clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from toolchain.config import DataConfig
+from toolchain.data import data_record, load_splits, splits_from_record
+from toolchain.errors import ConfigError, DataError
+
+
+def test_digits_split_is_deterministic_stratified_and_normalised_on_train():
+    cfg = DataConfig()
+    a = load_splits(cfg, seed=0)
+    b = load_splits(cfg, seed=0)
+    c = load_splits(cfg, seed=1)
+    assert np.array_equal(a.test[0], b.test[0]) and not np.array_equal(a.test[0], c.test[0])
+    n = {k: len(getattr(a, k)[1]) for k in ("train", "val", "test")}
+    assert sum(n.values()) == 1797 and n["test"] == 360
+    # stratified: every class in every split, in proportion
+    for _, y in (a.train, a.val, a.test):
+        frac = np.bincount(y, minlength=10) / len(y)
+        assert frac.min() > 0.07 and frac.max() < 0.13
+    spec = a.input_spec
+    xtr = a.train[0] * spec.scale
+    assert spec.mean[0] == pytest.approx(float(xtr.mean()), rel=1e-5)
+    assert spec.std[0] == pytest.approx(float(xtr.std()), rel=1e-4)
+    # reload from the record gives the same arrays
+    r = splits_from_record(data_record(a, cfg, seed=0))
+    assert np.array_equal(r.val[0], a.val[0]) and np.array_equal(r.val[1], a.val[1])
+
+
+def test_record_refuses_changed_data():
+    cfg = DataConfig()
+    rec = data_record(load_splits(cfg, seed=0), cfg, seed=0)
+    rec["sha256"] = "0" * 64
+    with pytest.raises(DataError, match="changed since the run was made"):
+        splits_from_record(rec)
+
+
+def _folder(root, classes=("cat", "dog"), n=6, size=10):
+    rng = np.random.default_rng(0)
+    for ci, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            arr = (rng.random((size, size, 3)) * 80 + ci * 150).astype(np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    return root
+
+
+def test_imagefolder(tmp_path):
+    root = _folder(tmp_path / "imgs")
+    s = load_splits(DataConfig(source=f"imagefolder:{root}", image_size=16, channels=3,
+                               val_fraction=0.2, test_fraction=0.25), seed=0)
+    assert s.labels == ("cat", "dog")
+    assert s.train[0].shape[1:] == (3, 16, 16) and s.input_spec.layout == "NCHW"
+    assert s.input_spec.scale == pytest.approx(1 / 255) and len(s.input_spec.mean) == 3
+    g = load_splits(DataConfig(source=f"imagefolder:{root}", image_size=8, channels=1,
+                               val_fraction=0.2, test_fraction=0.25), seed=0)
+    assert g.train[0].shape[1:] == (1, 8, 8)
+
+
+def test_imagefolder_errors(tmp_path):
+    one = _folder(tmp_path / "one", classes=("only",))
+    with pytest.raises(DataError, match="1 class sub-folder"):
+        load_splits(DataConfig(source=f"imagefolder:{one}"), seed=0)
+    bad = _folder(tmp_path / "bad")
+    (bad / "dog" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot read image .*broken\.png"):
+        load_splits(DataConfig(source=f"imagefolder:{bad}"), seed=0)
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    (empty / "b").mkdir()
+    with pytest.raises(DataError, match="has no images"):
+        load_splits(DataConfig(source=f"imagefolder:{empty}"), seed=0)
+
+
+def test_python_factory():
+    s = load_splits(DataConfig(source="python:tests.toolchain.user_factories:tabular"), seed=0)
+    assert s.labels == ("low", "mid", "high") and s.input_spec.layout == "NF"
+    assert s.input_spec.shape == (None, 12) and len(s.input_spec.mean) == 12
+    x = s.input_spec.preprocess(s.train[0])
+    assert np.allclose(x.mean(0), 0, atol=1e-4) and np.allclose(x.std(0), 1, atol=1e-3)
+
+
+@pytest.mark.parametrize("src,err,msg", [
+    ("python:tests.toolchain.user_factories:broken_data", DataError, "raised RuntimeError: database offline"),
+    ("python:tests.toolchain.user_factories:bad_shape", DataError, "X must be"),
+    ("python:tests.toolchain.user_factories:missing", ConfigError, "has no function 'missing'"),
+    ("python:no_such_module_xyz:f", ConfigError, "cannot import module"),
+    ("python:nocolon", ConfigError, "expected 'python:package.module:function'"),
+])
+def test_python_factory_errors(src, err, msg):
+    with pytest.raises(err, match=msg):
+        load_splits(DataConfig(source=src), seed=0)
