@@ -73,11 +73,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 40
+    epochs: int = 30
     lr: float = 3e-3
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
-    patience: int = 10  # early stopping: epochs without a better validation accuracy
+    patience: int = 15  # early stopping: epochs without a better validation accuracy
     label_smoothing: float = 0.05
     augment: bool = True  # random shifts by one pixel (images only)
     amp: bool = True  # mixed precision, used only when CUDA is present
@@ -89,7 +89,7 @@ class TrainConfig:
 class PruneConfig:
     target: PruneTarget = PruneTarget.MACS
     ratio: float = 10.0  # reach at least this many times fewer MACs (or params) than the teacher
-    steps: int = 8  # iterative steps, each followed by fine-tuning
+    steps: int = 4  # iterative steps, each followed by fine-tuning
     finetune_epochs: int = 2  # per step
     importance: str = "l2"  # "l1" | "l2" (magnitude of the channel group)
     max_channel_ratio: float = 0.95  # never remove more than this fraction of one layer's channels
@@ -98,16 +98,16 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    epochs: int = 30
+    epochs: int = 20
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the soft (teacher) loss; 1 - alpha goes to the hard labels
     lr: float = 3e-3
-    patience: int = 10
+    patience: int = 8
 
 
 @dataclass(frozen=True)
 class QatConfig:
-    epochs: int = 4
+    epochs: int = 3
     lr: float = 2e-4
     weight_bits: QdqWeightBits = QdqWeightBits.AUTO
     freeze_observer_epoch: int = 2  # after this many QAT epochs the quantization ranges are frozen

@@ -9,6 +9,7 @@ checkpoints, AMP only when CUDA is present, and DistributedDataParallel when
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import random
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from targets.base import InputSpec
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -266,11 +269,14 @@ def fit(
             state.bad_epochs += 1
             if opts.patience is not None and state.bad_epochs >= opts.patience:
                 state.stopped_early = True
+        line = (
+            f"{opts.desc} epoch {epoch + 1}/{opts.epochs}: loss {total_loss / max(n, 1):.4f} "
+            f"val_acc {val_acc:.4f} (best {state.best_acc:.4f} @ {state.best_epoch})"
+        )
         if show:
-            tqdm.write(
-                f"{opts.desc} epoch {epoch + 1}/{opts.epochs}: loss {total_loss / max(n, 1):.4f} "
-                f"val_acc {val_acc:.4f} (best {state.best_acc:.4f} @ {state.best_epoch})"
-            )
+            tqdm.write(line)
+        elif rank() == 0:
+            log.info(line)
         state.model, state.optimizer, state.scheduler = model.state_dict(), opt.state_dict(), sched.state_dict()
         if on_epoch_end is not None:
             on_epoch_end(state)
