@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlparse
@@ -85,6 +86,7 @@ class MqttLink:
         self.connected = threading.Event()
         self.generation = 0  # incremented on every successful connect
         self.last_error: str | None = None
+        self.refused = False
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -96,10 +98,14 @@ class MqttLink:
         except (OSError, ValueError) as e:
             raise AgentError(f"cannot reach broker {self.address.host}:{self.address.port}: {e}") from e
         self.client.loop_start()
-        if wait is not None and not self.connected.wait(wait):
-            why = self.last_error or "no answer"
-            self.stop()
-            raise AgentError(f"could not connect to broker {self.address.host}:{self.address.port}: {why}")
+        if wait is None:
+            return
+        end = time.monotonic() + wait
+        while not self.connected.wait(0.05):
+            if self.refused or time.monotonic() > end:  # refused credentials will not get better
+                why = self.last_error or "no answer"
+                self.stop()
+                raise AgentError(f"could not connect to broker {self.address.host}:{self.address.port}: {why}")
 
     def stop(self) -> None:
         try:
@@ -144,6 +150,7 @@ class MqttLink:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         if reason_code.is_failure:
             self.last_error = f"refused: {reason_code}"
+            self.refused = True
             log.warning("broker refused connection: %s", reason_code)
             return
         set_nodelay(client)

@@ -109,9 +109,15 @@ def test_acceptance_default_config_cascade(mosquitto, tmp_path):
     from toolchain.config import load_config
     from toolchain.rundir import RunDir
 
-    run_dir = tmp_path / "run"
+    import os
+    from pathlib import Path
+
+    # EDGE_ACCEPTANCE_RUN: a run dir already trained with the default config (e.g. by `make demo`)
+    existing = os.environ.get("EDGE_ACCEPTANCE_RUN")
+    run_dir = Path(existing) if existing else tmp_path / "run"
     cfg = load_config(None, overrides=[f"run.dir={run_dir}"])
-    pipeline.run_all(cfg, run_dir, show=False)
+    if not existing:
+        pipeline.run_all(cfg, run_dir, show=False)
     build_bundle(run_dir=run_dir, target="onnx", precision="fp32", out=tmp_path / "bundle", cfg=cfg.build)
     x, y = RunDir(run_dir).splits().test
     m = measure_cascade(mosquitto, tmp_path / "bundle", run_dir, x, y, tmp_path)

@@ -1,0 +1,62 @@
+"""``device-agent`` command line: edge-only and through the broker with a gateway."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.agent.tiny import Listener, start_gateway
+
+
+def _agent(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "device_agent.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_edge_only_on_npz_and_refuses_bad_input(tiny_cascade, tmp_path):
+    run = tiny_cascade
+    np.savez(tmp_path / "in.npz", x=run.x_test[:30], y=run.y_test[:30])
+    r = _agent("run", "--bundle", str(run.tarball), "--source", str(tmp_path / "in.npz"), "--device-id", "d1",
+               "--output", str(tmp_path / "a.jsonl"), "--json")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len(lines) == 30 and {a["route"] for a in lines} <= {"edge", "fallback"}
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["inputs"] == 30 and summary["accuracy"] > 0.8
+    r = _agent("run", "--bundle", str(tmp_path / "nope"), "--source", str(tmp_path / "in.npz"), "--device-id", "d1")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "no such bundle" in r.stderr
+    np.savez(tmp_path / "bad.npz", x=np.zeros((3, 5)))
+    r = _agent("run", "--bundle", str(run.bundle_dir), "--source", str(tmp_path / "bad.npz"), "--device-id", "d1")
+    assert r.returncode == 2 and "does not match" in r.stderr
+    r = _agent("verify", str(run.bundle_dir))
+    assert r.returncode == 0 and "ok:" in r.stdout
+
+
+@pytest.mark.broker
+def test_cli_through_the_broker(mosquitto, tiny_cascade, tmp_path):
+    run = tiny_cascade
+    np.savez(tmp_path / "in.npz", x=run.x_test[:40], y=run.y_test[:40])
+    creds = tmp_path / "creds.json"
+    user, pw = mosquitto.credentials("dev-d")
+    creds.write_text(json.dumps({"username": user, "password": pw}))
+    watch = Listener(mosquitto, ["fleet/dev-d/#"])
+    with start_gateway(mosquitto, run, tmp_path, http=False):
+        r = _agent("run", "--bundle", str(run.bundle_dir), "--source", str(tmp_path / "in.npz"), "--device-id",
+                   "dev-d", "--broker", mosquitto.url, "--credentials", str(creds), "--threshold", "1.01",
+                   "--window", "0.2", "--deadline", "2", "--state-dir", str(tmp_path / "state"), "--json")
+    watch.stop()
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["cloud"] == 40
+    topics = {t for t, _ in watch.messages}
+    assert {"fleet/dev-d/status", "fleet/dev-d/telemetry", "fleet/dev-d/infer/req"} <= topics
+    status = [json.loads(p) for t, p in watch.messages if t.endswith("status")]
+    assert status[0]["state"] == "online" and status[-1]["state"] == "offline"
+    r = _agent("run", "--bundle", str(run.bundle_dir), "--source", str(tmp_path / "in.npz"), "--device-id", "dev-d",
+               "--broker", mosquitto.url, "--username", "dev-d", "--password", "wrong", "--state-dir",
+               str(tmp_path / "s2"))
+    assert r.returncode == 2 and "could not connect" in r.stderr
