@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -74,13 +75,20 @@ def test_ddp_two_cpu_processes(tmp_path):
         '[teacher]\nwidth = 4\ndepth = 1\n[train]\nepochs = 2\nprogress = false\n'
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "toolchain.cli", "train", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), "--json"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        start_new_session=True,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:  # kill the launcher and its workers (its own process group)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
     assert report["world_size"] == 2 and report["epochs_run"] == 2
     assert json.loads((tmp_path / "run/reports/train.json").read_text())["world_size"] == 2
     assert RunDir(tmp_path / "run").load_teacher() is not None
