@@ -86,6 +86,17 @@ def run_local(
         if not any(b.target == "jetson" for b in opened):
             t = trtexec_status()
             notes.append("trtexec: " + (f"present at {t['path']} (no jetson bundle given)" if t["available"] else t["reason"]))
+    notes.append(harness_overhead_note())
     env = environment(threads=threads)
     notes.append("int8 on this CPU: " + int8_hint(env["cpu"]))
     return new_run(env=env, rows=rows, cross_checks=checks, notes=notes)
+
+
+def harness_overhead_note() -> str:
+    """What the timing loop itself costs per query (a no-op model), so no one wonders."""
+    import numpy as np
+
+    from .loadgen import single_stream
+
+    r = single_stream(lambda b: b, np.zeros((4, 1), np.float32), Settings(min_duration_s=0.05, min_queries=1000, warmup=10))
+    return f"harness overhead per query (no-op model): p50 {r.percentiles()['p50'] * 1000:.2f} µs"

@@ -2,10 +2,11 @@
 
 MobileNet-style and ResNet-style networks from `toolchain.models` at
 ``size``x``size``x3 with random weights (speed does not depend on the
-weights), exported by `toolchain.export.export_onnx`, then built by every
+weights; BatchNorm statistics are re-estimated so activations keep a
+trained network's scale), exported by `toolchain.export.export_onnx`, then built by every
 available target for every precision it has, with `Target.build`, into
-bundles. A trained run directory's student can be built the same way
-(``run_dir``), calibrated on its own training split.
+bundles. (A trained run's student is built by ``toolchain build``, which
+also verifies it and chooses its routing threshold.)
 
 Layout: ``OUT/<model>/model.pt`` (the PyTorch baseline: ``hw-bench run
 --baseline OUT/<model>/model.pt``), ``OUT/<model>/model.onnx``,
@@ -36,6 +37,28 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 NUM_CLASSES = 1000
 CALIBRATION_SAMPLES = 32
+
+
+def recalibrate_batchnorm(model: Any, *, shape: tuple[int, ...], batches: int = 4, batch_size: int = 8) -> Any:
+    """Re-estimate BatchNorm statistics on random inputs, then eval mode.
+
+    With freshly initialised weights activations shrink layer after layer (the
+    logits of a 224 MobileNet end up ~1e-3 and all but tied); with statistics
+    measured on its own activations every layer is normalised as in a trained
+    network, so int8 calibration ranges and logit gaps are realistic.
+    """
+    import torch
+
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches below
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(batch_size, *shape, generator=g))
+    return model.eval()
 
 
 def _write_bundle(bundle_dir: Path, *, artifact: Any, source: Any, calibration: Any, metrics: dict[str, Any]) -> None:
@@ -152,7 +175,8 @@ def build_bench_models(
     skipped: list[str] = []
     for fam in families:
         torch.manual_seed(0)
-        model = build_model(ModelConfig(**FAMILIES[fam]), input_shape=(3, size, size), num_classes=NUM_CLASSES).eval()
+        model = build_model(ModelConfig(**FAMILIES[fam]), input_shape=(3, size, size), num_classes=NUM_CLASSES)
+        model = recalibrate_batchnorm(model, shape=(3, size, size))
         name = f"{fam}{size}"
         mdir = out_dir / name
         mdir.mkdir(parents=True, exist_ok=True)
@@ -167,25 +191,6 @@ def build_bench_models(
         all_built += built
         skipped += [f"{name} {s}" for s in sk]
     return {"bundles": all_built, "skipped": skipped}
-
-
-def build_run_bundles(
-    *, run_dir: Path, out_dir: Path, targets: list[str] | None = None, precisions: list[str] | None = None,
-    calibration_samples: int = 300, progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """A trained run's student for every available target x precision (QAT QDQ graph for int8 where it has one)."""
-    from calibration.representative import build_representative_set
-    from toolchain.rundir import RunDir
-
-    run = RunDir(Path(run_dir))
-    source = run.model_source()
-    splits = run.splits()
-    xtr, ytr = splits.train
-    calib = build_representative_set(inputs=source.input_spec.preprocess(xtr), labels=ytr, n=calibration_samples)
-    xte = source.input_spec.preprocess(splits.test[0][:64])
-    built, skipped = build_for_targets(source=source, calibration=calib, out_dir=Path(out_dir), targets=targets,
-                                       precisions=precisions, check_inputs=xte, progress=progress)
-    return {"bundles": built, "skipped": skipped}
 
 
 def clean(path: Path) -> None:

@@ -31,6 +31,13 @@ def _fmt(v: Any, spec: str = ".3g", none: str = "–") -> str:
         return str(v)
 
 
+def _ms(v: Any) -> str:
+    if v is None:
+        return "–"
+    v = float(v)
+    return f"{v:,.0f}" if v >= 1000 else f"{v:.3g}"
+
+
 def _acc(row: dict[str, Any]) -> float | None:
     a = row.get("accuracy")
     if isinstance(a, dict):
@@ -111,7 +118,7 @@ def markdown(runs: list[dict[str, Any]], rows: list[dict[str, Any]], sources: li
         sp = r.get("speedup_vs_pytorch")
         L.append(
             f"| {r['artifact']} | {r.get('device_id') or r['_env'].get('hostname', '')} | {r.get('target')} | {r.get('precision')} "
-            f"| {r.get('scenario')} | {r.get('batch_size')} | {_fmt(lat.get('p50'))} | {_fmt(lat.get('p99'))} "
+            f"| {r.get('scenario')} | {r.get('batch_size')} | {_ms(lat.get('p50'))} | {_ms(lat.get('p99'))} "
             f"| {_tput(r.get('throughput_sps'))} | {_fmt(sp, '.2f') + '×' if sp is not None else '–'} "
             f"| {_fmt(_acc(r), '.4f')} | {_size(r.get('size_bytes'))} |"
         )
@@ -180,7 +187,8 @@ def plot_latency(rows: list[dict[str, Any]], path: Path) -> None:
     else:
         data = [r["latencies_ms"] for r in rows]
         labels = [f"{_label(r)}  b{r.get('batch_size')}  p50 {r['latency_ms']['p50']:.3g} ms" for r in rows]
-        bp = ax.boxplot(data, vert=False, whis=(1, 99), showfliers=False, patch_artist=True, widths=0.6)
+        bp = ax.boxplot(data, vert=False, whis=(1, 99), showfliers=False, patch_artist=True, widths=0.6,
+                        medianprops={"color": "black", "linewidth": 1.6})
         for patch, r in zip(bp["boxes"], rows):
             patch.set_facecolor(TARGET_COLORS.get(str(r.get("target")), "#bbbbbb"))
             patch.set_alpha(0.75)

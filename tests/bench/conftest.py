@@ -7,12 +7,11 @@ import pytest
 
 from hw_bench.data import TestData
 
-from .tinybundle import ensure_onnx_target, make_bundle
+from .tinybundle import make_bundle
 
 
 @pytest.fixture
-def tiny_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    ensure_onnx_target(monkeypatch)
+def tiny_bundle(tmp_path: Path) -> Path:
     return make_bundle(tmp_path / "bundle")
 
 

@@ -53,12 +53,9 @@ def _wait_online(broker, ids: list[str], timeout: float = 10.0) -> None:  # type
         c.disconnect()
 
 
-def test_fleet_bench_two_agents_and_a_silent_device(mosquitto, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_fleet_bench_two_agents_and_a_silent_device(mosquitto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from tests.agent.tiny import build_tiny, make_agent
 
-    from .tinybundle import ensure_onnx_target
-
-    ensure_onnx_target(monkeypatch)
     run = build_tiny(tmp_path / "tiny")
     save_npz(tmp_path / "test.npz", TestData(run.x_test, run.y_test, "digits-test"))
     agents = [make_agent(mosquitto, run.bundle_dir, d, tmp_path).start() for d in ("dev-a", "dev-b")]

@@ -29,8 +29,8 @@ def _torch_twin(bundle: Path, out: Path) -> Path:
     lin1 = torch.nn.Linear(64, w["w1"].shape[1], bias=False)
     lin2 = torch.nn.Linear(w["w2"].shape[0], 10, bias=False)
     with torch.no_grad():
-        lin1.weight.copy_(torch.from_numpy(w["w1"].T))
-        lin2.weight.copy_(torch.from_numpy(w["w2"].T))
+        lin1.weight.copy_(torch.from_numpy(np.ascontiguousarray(w["w1"].T)))
+        lin2.weight.copy_(torch.from_numpy(np.ascontiguousarray(w["w2"].T)))
     module = torch.nn.Sequential(torch.nn.Flatten(), lin1, torch.nn.ReLU(), lin2).eval()
     torch.save({"module": module, "name": "tiny"}, out)
     return out

@@ -10,8 +10,6 @@ from pathlib import Path
 def test_runner_core_imports_no_torch(tiny_bundle: Path) -> None:
     code = (
         "import sys; sys.path.insert(0, '.');"
-        "from tests.bench.tinybundle import OrtTarget; import targets, importlib.util;"
-        "(importlib.util.find_spec('targets.onnx_target') is None) and targets.BUILTIN.__setitem__('onnx','tests.bench.tinybundle:OrtTarget');"
         "import hw_bench.job, hw_bench.loadgen, hw_bench.bench, hw_bench.envinfo, hw_bench.data, hw_bench.fleet, hw_bench.results, hw_bench.vendor, hw_bench.local;"
         "from device_agent.bundle import open_bundle;"
         f"hw_bench.job.run_job({{'duration_s': 0.01, 'min_queries': 3, 'accuracy': False}}, open_bundle({str(tiny_bundle)!r}));"

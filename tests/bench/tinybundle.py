@@ -1,10 +1,8 @@
 """Tiny real ONNX bundles for the bench tests (built with onnx.helper, no torch).
 
-The shared `bundle_factory` fixture builds from a trained run and takes
-longer; these let the runner, reports and fleet be tested in well under a
-second each. Until ``targets.onnx_target`` exists, `ensure_onnx_target`
-points the registry's "onnx" entry at `OrtTarget` below: a real ONNX Runtime
-runner, the same calls the real target makes.
+A trained run takes longer to build; these let the runner, reports and
+fleet be tested in well under a second each. They run through the real
+``onnx`` target (`targets.onnx_target`), as every bundle does.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from device_agent.bundle import SCHEMA_VERSION, file_entries
-from targets.base import InputSpec, Precision, Target
+from targets.base import InputSpec
 
 
 def tiny_onnx(path: Path, *, in_shape: tuple[int, ...] = (1, 8, 8), classes: int = 10, seed: int = 0, hidden: int = 32) -> np.ndarray:
@@ -72,44 +70,3 @@ def make_bundle(root: Path, *, name: str = "tiny", in_shape: tuple[int, ...] = (
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return root
-
-
-class OrtTarget(Target):
-    name = "onnx"
-    precisions = (Precision.FP32,)
-    runtime = "onnxruntime"
-    install_hint = "pip install onnxruntime"
-
-    def available(self) -> tuple[bool, str]:
-        return True, ""
-
-    def build_available(self) -> tuple[bool, str]:
-        return False, "test target: builds nothing"
-
-    def build(self, source, precision, calibration, out_dir):  # type: ignore[no-untyped-def]
-        raise NotImplementedError("test target builds nothing")
-
-    def load(self, bundle_dir: Path, manifest: dict[str, Any], *, threads: int | None = None):  # type: ignore[no-untyped-def]
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        sess = ort.InferenceSession(str(bundle_dir / manifest["artifact"]["main"]), so, providers=["CPUExecutionProvider"])
-
-        class _R:
-            def run(self, batch: np.ndarray) -> np.ndarray:
-                return sess.run(None, {"input": batch})[0]
-
-        return _R()
-
-
-def ensure_onnx_target(monkeypatch: Any) -> None:
-    """Use the real ``targets.onnx_target`` when it exists, else `OrtTarget`."""
-    import importlib.util
-
-    import targets
-
-    if importlib.util.find_spec("targets.onnx_target") is None:
-        monkeypatch.setitem(targets.BUILTIN, "onnx", "tests.bench.tinybundle:OrtTarget")
