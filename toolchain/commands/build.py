@@ -40,7 +40,8 @@ def plan(target: str, precision: str) -> tuple[list[tuple[str, str]], list[dict[
         if precision == "all":
             precs = [p.value for p in t.precisions]
         elif target == "all":
-            Precision(precision) if precision in {p.value for p in Precision} else parse_precision(t, precision)
+            if precision not in {p.value for p in Precision}:
+                parse_precision(t, precision)  # raises "unknown precision ..."
             precs = [precision] if Precision(precision) in t.precisions else []
         else:
             precs = [parse_precision(t, precision).value]
