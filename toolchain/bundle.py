@@ -169,6 +169,7 @@ def build_bundle(
     t0 = time.perf_counter()
     try:
         with atomic_dir(out) as tmp:
+            log.info("building %s %s from %s", t.name, p.value, run.path)
             artifact = t.build(source, p, rep, tmp)
             build_s = time.perf_counter() - t0
             manifest: dict[str, Any] = {
@@ -186,6 +187,7 @@ def build_bundle(
             size = sum(e["size"] for e in file_entries(tmp, artifact.files).values())
             verify: dict[str, Any]
             if can_run and cfg.verify:
+                log.info("verifying %s %s on %d test inputs", t.name, p.value, len(ref.y_test))
                 runner = t.load(tmp, manifest)
                 res = compare(run_batched(runner, ref.x_test), ref.student_test, ref.y_test, precision=p,
                               budget_pt=cfg.accuracy_budget_pt, labels=ref.labels)
@@ -231,6 +233,7 @@ def build_bundle(
         _remove_stale(out)
         raise
     tar = write_tarball(out)
+    log.info("wrote %s (%s)", out, tar.name)
     return {
         "bundle": str(out), "tarball": str(tar), "target": t.name, "precision": p.value,
         "metrics": manifest["metrics"], "verify": {k: v for k, v in verify.items() if k != "mismatches"},
