@@ -120,6 +120,7 @@ class TfliteTarget(Target):
             import litert_torch
         except ImportError as e:
             raise BuildError(f"litert-torch is not installed ({e}); {self.install_hint}") from e
+        litert_torch.config.show_progress = False  # its per-pass lines would drown our progress bar
         model = source.torch_model().eval()
         sample = (torch.zeros((1, *source.input_spec.sample_shape), dtype=torch.float32),)
         if calibration is not None and len(calibration):
