@@ -18,7 +18,7 @@ def test_tabular_user_data_and_user_model_end_to_end(tmp_path):
         run_dir,
         data={"source": "python:tests.toolchain.user_factories:tabular", "batch_size": 32},
         teacher={"family": "python:tests.toolchain.user_factories:tiny_mlp"},
-        train={"epochs": 4, "augment": True},
+        train={"epochs": 6, "augment": True},
         prune={"ratio": 2.0, "target": "params"},
     )
     out = pipeline.run_all(cfg, run_dir, show=False)

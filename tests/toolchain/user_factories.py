@@ -11,8 +11,8 @@ def tabular():
     n = 360
     y = np.repeat(np.arange(3), n // 3)
     X = rng.normal(size=(n, 12)).astype(np.float32) * 2.0 + 5.0
-    X[:, 0] += y * 3.0
-    X[:, 1] -= y * 2.0
+    X[:, 0] += y * 8.0
+    X[:, 1] -= y * 6.0
     return {"X": X, "y": y, "labels": ["low", "mid", "high"]}
 
 
