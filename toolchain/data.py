@@ -210,8 +210,11 @@ def load_splits(cfg: DataConfig, *, seed: int) -> Splits:
 
 def data_record(splits: Splits, cfg: DataConfig, *, seed: int) -> dict[str, Any]:
     """What ``data.json`` holds: enough to reload the exact same splits."""
+    source = cfg.source
+    if source.startswith("imagefolder:"):  # absolute, so the run reloads from any directory
+        source = "imagefolder:" + str(Path(source.split(":", 1)[1]).resolve())
     return {
-        "source": cfg.source,
+        "source": source,
         "seed": seed,
         "sha256": splits.sha256,
         "splits": {k: int(len(getattr(splits, k)[1])) for k in ("train", "val", "test")},

@@ -95,3 +95,23 @@ def test_python_factory():
 def test_python_factory_errors(src, err, msg):
     with pytest.raises(err, match=msg):
         load_splits(DataConfig(source=src), seed=0)
+
+
+def test_imagefolder_run_records_absolute_path_and_reloads(tmp_path, monkeypatch):
+    """A mobilenet teacher on an image folder given by a relative path; the run reloads it from elsewhere."""
+    from tests.fixtures.pipeline import tiny_config
+    from toolchain.rundir import RunDir
+    from toolchain.train import train
+
+    _folder(tmp_path / "imgs", n=8)
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(tmp_path / "run", data={"source": "imagefolder:imgs", "image_size": 12, "channels": 3},
+                      teacher={"family": "mobilenet", "width": 8}, train={"epochs": 1})
+    rep = train(cfg, tmp_path / "run")
+    assert rep["epochs_run"] == 1
+    monkeypatch.chdir("/")
+    run = RunDir(tmp_path / "run")
+    assert run.data_record()["source"] == f"imagefolder:{tmp_path / 'imgs'}"
+    s = run.splits()
+    assert s.labels == ("cat", "dog") and s.train[0].shape[1:] == (3, 12, 12)
+    assert run.load_teacher()(__import__("torch").zeros(2, 3, 12, 12)).shape == (2, 2)
