@@ -125,9 +125,11 @@ def _print_table(reports: list[dict[str, Any]], skipped: list[dict[str, str]], f
         table.add_row(r["target"], r["precision"], _fmt(m["accuracy"], True), _fmt(m["reference_accuracy"], True),
                       _fmt(m["agreement"], True), _fmt(m["max_abs_logit_diff"]), f"{m['size_bytes'] / 1024:.1f} KiB",
                       _fmt(m["build_seconds"]), f"{r['routing']['threshold']:.3f}",
-                      r["verify"]["status"] + ("" if r["verify"]["status"] != "skipped" else f" ({r['verify']['reason'][:40]})"),
-                      r["bundle"])
+                      r["verify"]["status"], r["bundle"])
     console.print(table)
+    reasons = {r["target"]: r["verify"]["reason"] for r in reports if r["verify"]["status"] == "skipped"}
+    for target, why in reasons.items():
+        console.print(f"[yellow]verify skipped[/] for {target}: {why}", markup=True, highlight=False)
     for s in skipped:
         console.print(f"[yellow]skipped[/] {s['target']}: {s['reason']}")
     for f in failures:
