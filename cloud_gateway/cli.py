@@ -42,6 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         teacher=args.teacher, db=args.db, bundles_dir=args.bundles_dir, http_host=args.http_host,
         http_port=None if args.http_port < 0 else args.http_port,
         token=args.token or os.environ.get("GATEWAY_TOKEN"), threads=args.threads,
+        teacher_format=args.teacher_format,
     )
     gw = Gateway(cfg).start()
     done = threading.Event()
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(s)
     s.add_argument("--broker", required=True, help="mqtt://host:port")
     s.add_argument("--teacher", required=True, type=Path, help="run dir (teacher.onnx/teacher.pt) or .onnx file")
+    s.add_argument("--teacher-format", choices=["onnx", "torch"], default="onnx",
+                   help="for a run dir: serve teacher.onnx (onnxruntime) or teacher.pt (PyTorch)")
     s.add_argument("--username", default="gateway")
     s.add_argument("--password", help="or $GATEWAY_MQTT_PASSWORD")
     s.add_argument("--credentials", type=Path, help="credentials.json from fleet-credentials")

@@ -69,7 +69,7 @@ def load_onnx_teacher(path: Path, *, threads: int | None = None, labels: list[st
     )
 
 
-def load_torch_teacher(run_dir: Path) -> Teacher:
+def load_torch_teacher(run_dir: Path, *, threads: int | None = None) -> Teacher:
     import torch  # cloud side only
 
     from toolchain.rundir import RunDir
@@ -79,24 +79,30 @@ def load_torch_teacher(run_dir: Path) -> Teacher:
     data = json.loads((run_dir / "data.json").read_text())
     shape = tuple(int(d) for d in data["input_spec"]["shape"][1:])
 
+    if threads:
+        torch.set_num_threads(threads)
+
     def _run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return model(torch.from_numpy(np.ascontiguousarray(x))).numpy()
 
     labels = [str(v) for v in data.get("labels", [])]
-    return Teacher("teacher", run.lineage().get("teacher_sha256", "unknown")[:12], shape, labels, _run)
+    version = (run.lineage().get("teacher_sha256") or "unknown")[:12]
+    return Teacher("teacher", version, shape, labels, _run)
 
 
 def load_teacher(path: str | Path, *, threads: int | None = None, prefer: str = "onnx") -> Teacher:
-    """A run dir (``teacher.onnx`` preferred, else ``teacher.pt``), or an ``.onnx`` file."""
+    """A run dir (``teacher.onnx`` preferred, else ``teacher.pt``; ``prefer="torch"`` flips it), or an ``.onnx``."""
     p = Path(path)
+    if prefer not in ("onnx", "torch"):
+        raise GatewayError(f"teacher format {prefer!r}: choose onnx or torch")
     if p.is_file() and p.suffix == ".onnx":
         return load_onnx_teacher(p, threads=threads)
     if p.is_dir():
         if prefer == "onnx" and (p / "teacher.onnx").exists():
             return load_onnx_teacher(p / "teacher.onnx", threads=threads)
         if (p / "teacher.pt").exists():
-            return load_torch_teacher(p)
+            return load_torch_teacher(p, threads=threads)
         if (p / "teacher.onnx").exists():
             return load_onnx_teacher(p / "teacher.onnx", threads=threads)
     raise GatewayError(f"{p}: no teacher found (give a run dir with teacher.onnx/teacher.pt, or an .onnx file)")

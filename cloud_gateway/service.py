@@ -28,6 +28,7 @@ class GatewayConfig:
     http_port: int | None = 8080  # None: no HTTP API (a pure worker replica); 0: any free port
     token: str | None = None
     threads: int | None = None
+    teacher_format: str = "onnx"  # which one a run dir's teacher is loaded from: onnx | torch
     metrics: Metrics = field(default_factory=Metrics)
 
 
@@ -35,7 +36,8 @@ class Gateway:
     def __init__(self, config: GatewayConfig, *, teacher: Teacher | None = None) -> None:
         self.config = config
         self.metrics = config.metrics
-        self.teacher = teacher or load_teacher(config.teacher, threads=config.threads)
+        self.teacher = teacher or load_teacher(config.teacher, threads=config.threads,
+                                               prefer=config.teacher_format)
         self.store = TelemetryStore(config.db)
         self.worker = GatewayWorker(config=config.worker, teacher=self.teacher, store=self.store,
                                     metrics=self.metrics)

@@ -29,7 +29,7 @@ from .bundle import Bundle, open_bundle
 from .drift import DriftConfig, DriftMonitor
 from .histogram import LatencyHistogram
 from .outbox import DropPolicy, Outbox
-from .sources import Item
+from .sources import Item, MqttInputSource
 from .transport import MqttLink
 from .updates import fetch_bundle, smoke_test
 
@@ -301,6 +301,22 @@ class Agent:
             if cb:
                 cb(a)
             yield a
+
+    def mqtt_source(self, topic: str | None = None) -> "MqttInputSource":
+        """Inputs from an MQTT topic (default ``<prefix>/<id>/input``); needs ``start()`` first."""
+        from .sources import MqttInputSource
+
+        if self.link is None:
+            raise AgentError("an MQTT source needs the agent started with a broker")
+        src = MqttInputSource(topic or f"{self.topics.prefix}/{self.config.device_id}/input",
+                              self._model.bundle.input_spec)
+        self.link.subscribe(src.topic, lambda m: src.push(m.payload))
+        return src
+
+    def publish_answer(self, answer: Answer) -> None:
+        """Answers of MQTT-fed inputs go back on ``<prefix>/<id>/answers`` (QoS 1)."""
+        if self.link is not None:
+            self.link.publish(self.topics.answers, wire.dumps(answer.to_dict()), qos=1)
 
     # --- telemetry ----------------------------------------------------------------
     def telemetry_window(self, *, t_start: float, t_end: float) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .bundle import open_bundle
     from .drift import DriftConfig
     from .outbox import DropPolicy
-    from .sources import Item, MqttInputSource, folder_source, npz_source
+    from .sources import Item, MqttInputSource, folder_source, npz_source  # noqa: F401
 
     bundle = open_bundle(args.bundle)
     user, pw = _credentials(args)
@@ -60,8 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if src.startswith("mqtt:"):
         if not args.broker:
             raise AgentError("an MQTT source needs --broker")
-        mqtt_src = MqttInputSource(src.removeprefix("mqtt:") or agent.topics.prefix + f"/{args.device_id}/input", spec)
-        source = mqtt_src
+        source = []  # attached once connected
     elif src.endswith(".npz"):
         source = npz_source(Path(src), spec, key=args.key)
     elif Path(src).is_dir():
@@ -71,11 +70,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = open(args.output, "w") if args.output else sys.stdout
     answers = []
     with agent:
-        if mqtt_src is not None and agent.link is not None:
-            agent.link.subscribe(mqtt_src.topic, lambda m: mqtt_src.push(m.payload))
-            signal.signal(signal.SIGTERM, lambda *_: mqtt_src.close())
+        if src.startswith("mqtt:"):
+            mqtt_src = agent.mqtt_source(src.removeprefix("mqtt:") or None)
+            source = mqtt_src
+            signal.signal(signal.SIGTERM, lambda *_: mqtt_src.close())  # type: ignore[union-attr]
         try:
             for a in agent.run(source):
+                if mqtt_src is not None:
+                    agent.publish_answer(a)
                 answers.append(a)
                 out.write(json.dumps(a.to_dict()) + "\n")
                 out.flush()

@@ -60,3 +60,40 @@ def test_cli_through_the_broker(mosquitto, tiny_cascade, tmp_path):
                "--broker", mosquitto.url, "--username", "dev-d", "--password", "wrong", "--state-dir",
                str(tmp_path / "s2"))
     assert r.returncode == 2 and "could not connect" in r.stderr
+
+
+@pytest.mark.broker
+def test_cli_mqtt_source_answers_on_the_answers_topic(mosquitto, tiny_cascade, tmp_path):
+    import signal
+    import time
+
+    from device_agent import wire
+
+    run = tiny_cascade
+    user, pw = mosquitto.credentials("dev-c")
+    watch = Listener(mosquitto, ["fleet/dev-c/answers", "fleet/dev-c/status"])
+    p = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "run", "--bundle", str(run.bundle_dir),
+                          "--source", "mqtt:", "--device-id", "dev-c", "--broker", mosquitto.url, "--username", user,
+                          "--password", pw, "--state-dir", str(tmp_path / "s"), "--output", str(tmp_path / "a.jsonl")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 60
+        while not any(t.endswith("status") for t, _ in watch.messages) and time.monotonic() < end:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the input subscription follows the status
+        pub = Listener(mosquitto, ["fleet/none"], client_id="feeder")
+        pub.client.publish("fleet/dev-c/input", wire.encode_tensor(run.x_test[:5]), qos=1).wait_for_publish(5)
+        pub.client.publish("fleet/dev-c/input", b"garbage", qos=1).wait_for_publish(5)  # skipped, not fatal
+        pub.client.publish("fleet/dev-c/input", wire.encode_tensor(run.x_test[5]), qos=1).wait_for_publish(5)
+        while sum(t.endswith("answers") for t, _ in watch.messages) < 6 and time.monotonic() < end:
+            time.sleep(0.05)
+        pub.stop()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    watch.stop()
+    got = [json.loads(m) for t, m in watch.messages if t.endswith("answers")]
+    assert len(got) == 6 and [g["true_label"] for g in got] == [None] * 6
+    preds = [g["prediction"] for g in got]
+    assert sum(pr == int(t) for pr, t in zip(preds, run.y_test[:6])) >= 5
+    assert p.returncode == 0, err

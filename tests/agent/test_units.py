@@ -155,3 +155,25 @@ def test_edge_only_agent_answers_everything_and_commands(tiny_cascade):
     out = agent.handle_command({"schema": 1, "cmd": "set_threshold", "threshold": "nan"})
     assert not out["ok"] and agent.threshold == 0.0
     assert not agent.handle_command({"schema": 1, "cmd": "reboot"})["ok"]
+
+
+def test_live_failure_after_a_swap_rolls_back(tiny_cascade, tmp_path):
+    import dataclasses
+
+    from tests.agent.tiny import retag_bundle
+
+    run = tiny_cascade
+    retag_bundle(run.bundle_dir, tmp_path / "v2", version="2")
+    agent = Agent(run.bundle_dir, AgentConfig(device_id="x", threads=1))
+    agent.swap_bundle(open_bundle(tmp_path / "v2"))
+    assert agent.bundle.version == "2"
+
+    class Boom:
+        def run(self, batch):
+            raise RuntimeError("runtime crashed")
+
+    agent._model = dataclasses.replace(agent._model, runner=Boom())
+    ans = list(agent.run(items(run.x_test[:20], run.y_test[:20])))
+    assert len(ans) == 20 and summarize(ans)["accuracy"] > 0.8  # answered by the previous bundle
+    assert agent.bundle.version == "1" and agent.counts["rollbacks"] == 1
+    assert agent.last_cmd and not agent.last_cmd["ok"] and "rolled back" in agent.last_cmd["error"]

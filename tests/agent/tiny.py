@@ -126,14 +126,39 @@ def build_tiny(root: Path, *, offload_budget: float = 0.10) -> TinyRun:
         "calibration": None, "lineage": {},
     }
     (bdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    tarball = root / "bundle.tar.gz"
-    with tarfile.open(tarball, "w:gz") as tf:
+    with tarfile.open(root / "bundle.tar.gz", "w:gz") as tf:
         tf.add(bdir, arcname="bundle")
-    return TinyRun(root, spec, x[va], y[va], x[te], y[te], s_path, t_path, bdir, tarball)
+    np.savez(root / "splits.npz", x_val=x[va], y_val=y[va], x_test=x[te], y_test=y[te])
+    return load_tiny(root)
+
+
+def load_tiny(root: Path) -> TinyRun:
+    """Reopen what `build_tiny` wrote (the fixture caches it across sessions)."""
+    spec = InputSpec.from_dict(json.loads((root / "data.json").read_text())["input_spec"])
+    d = np.load(root / "splits.npz")
+    return TinyRun(root, spec, d["x_val"], d["y_val"], d["x_test"], d["y_test"], root / "student.onnx",
+                   root / "teacher.onnx", root / "bundle", root / "bundle.tar.gz")
 
 
 def tarball_sha(run: TinyRun) -> str:
     return sha256_file(run.tarball)
+
+
+def retag_bundle(src: Path, dst: Path, *, version: str, model_bytes: bytes | None = None) -> Path:
+    """A copy of a bundle with another model version (and optionally another model file), re-hashed + tarred."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    if model_bytes is not None:
+        (dst / "model.onnx").write_bytes(model_bytes)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["model"]["version"] = version
+    m["files"] = file_entries(dst, ["model.onnx", "drift_reference.json"])
+    (dst / "manifest.json").write_text(json.dumps(m))
+    tar = dst.parent / f"{dst.name}.tar.gz"
+    with tarfile.open(tar, "w:gz") as tf:
+        tf.add(dst, arcname=dst.name)
+    return tar
 
 
 # --- harness: a gateway and agents wired to the test broker -------------------------------------

@@ -25,7 +25,7 @@ from device_agent import wire
 from device_agent.agent import Route, summarize
 from device_agent.bundle import file_entries, sha256_file
 from device_agent.sources import Item
-from tests.agent.tiny import Listener, items, make_agent, start_gateway
+from tests.agent.tiny import Listener, items, make_agent, retag_bundle, start_gateway
 
 pytestmark = pytest.mark.broker
 
@@ -183,20 +183,6 @@ def test_gateway_killed_mid_stream_everything_answered_then_offload_resumes(mosq
     assert acc > 0.9  # fallbacks are the device's own (good) predictions
 
 
-def _retag(src, dst, *, version: str, model_bytes: bytes | None = None):
-    shutil.copytree(src, dst)
-    if model_bytes is not None:
-        (dst / "model.onnx").write_bytes(model_bytes)
-    m = json.loads((dst / "manifest.json").read_text())
-    m["model"]["version"] = version
-    m["files"] = file_entries(dst, ["model.onnx", "drift_reference.json"])
-    (dst / "manifest.json").write_text(json.dumps(m))
-    tar = dst.parent / f"{dst.name}.tar.gz"
-    with tarfile.open(tar, "w:gz") as tf:
-        tf.add(dst, arcname=dst.name)
-    return tar
-
-
 def _http(method, url, data=None, token=None):
     req = urllib.request.Request(url, data=data, method=method)
     if token:
@@ -212,8 +198,8 @@ def _http(method, url, data=None, token=None):
 
 def test_api_bundle_update_rollback_and_bench_over_mqtt(mosquitto, tiny_cascade, tmp_path):
     run = tiny_cascade
-    v2 = _retag(run.bundle_dir, tmp_path / "v2", version="2")
-    broken = _retag(run.bundle_dir, tmp_path / "broken", version="3", model_bytes=b"not an onnx model")
+    v2 = retag_bundle(run.bundle_dir, tmp_path / "v2", version="2")
+    broken = retag_bundle(run.bundle_dir, tmp_path / "broken", version="3", model_bytes=b"not an onnx model")
     watch = Listener(mosquitto, ["fleet/dev-a/status", "fleet/dev-a/bench"])
     with start_gateway(mosquitto, run, tmp_path) as gw:
         url = gw.http_url
