@@ -15,32 +15,22 @@ pytestmark = pytest.mark.broker
 
 
 def test_cascade_accuracy_and_offload(mosquitto, tiny_cascade, tmp_path):
-    run = tiny_cascade
+    """Student LR on the agent + MLP teacher in the gateway (tests/agent/tiny.py), through the broker."""
     import onnxruntime as ort
 
-    def acc(path):
-        s = ort.InferenceSession(str(path))
-        return float((s.run(None, {"input": run.spec.preprocess(run.x_test)})[0].argmax(1) == run.y_test).mean())
-
-    edge_acc, teacher_acc = acc(run.student_onnx), acc(run.teacher_onnx)
-    with start_gateway(mosquitto, run, tmp_path) as gw:
-        with make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path, deadline_s=2.0) as agent:
-            answers = list(agent.run(items(run.x_test, run.y_test)))
-    s = summarize(answers)
-    print(f"edge-only {edge_acc:.4f} teacher {teacher_acc:.4f} cascade {s['accuracy']:.4f} "
-          f"offload {s['offload_rate']:.3f} fallbacks {s['fallback']}")
-    assert len(answers) == len(run.x_test)
-    assert s["fallback"] == 0 and s["cloud"] > 0
-    assert 0.04 <= s["offload_rate"] <= 0.18  # threshold chosen for 10% on val
-    assert s["accuracy"] >= edge_acc  # the cloud fixes more than it breaks
-    assert s["accuracy"] >= teacher_acc - 0.01
-    assert gw.worker.served == s["cloud"]
-    # every cloud answer is the teacher's prediction for that input
+    run = tiny_cascade
+    m = measure_cascade(mosquitto, run.bundle_dir, run.teacher_onnx, run.x_test, run.y_test, tmp_path)
+    print(json.dumps(m))
+    s = m["summary"]
     sess = ort.InferenceSession(str(run.teacher_onnx))
-    t_pred = sess.run(None, {"input": run.spec.preprocess(run.x_test)})[0].argmax(1)
-    for a in answers:
-        if a.route is Route.CLOUD:
-            assert a.prediction == t_pred[int(a.id)]
+    local_teacher = sess.run(None, {"input": run.spec.preprocess(run.x_test)})[0].argmax(1)
+    assert m["teacher_accuracy"] == pytest.approx(float((local_teacher == run.y_test).mean()))
+    assert s["cloud"] > 0 and s["fallback"] == 0
+    assert 0.04 <= s["offload_rate"] <= 0.10  # threshold chosen for a 10% budget on val
+    assert s["accuracy"] >= m["edge_accuracy"]  # the cloud fixes more than it breaks
+    assert s["accuracy"] >= m["teacher_accuracy"] - 0.003  # the acceptance relation, on this pair
+    accs = [c["accuracy"] for c in m["curve"]]
+    assert accs[0] == pytest.approx(m["edge_accuracy"]) and accs[-1] == pytest.approx(m["teacher_accuracy"])
 
 
 def measure_cascade(broker, bundle_dir, teacher, x_raw, y, tmp_path, *, device_id="dev-c", gateway_run=None):
