@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
 
 from device_agent.agent import Route, summarize
-from tests.agent.tiny import make_agent, items, start_gateway
+from tests.agent.tiny import items, make_agent
 
 pytestmark = pytest.mark.broker
 

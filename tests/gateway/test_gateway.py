@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import tarfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +19,7 @@ from paho.mqtt.properties import Properties
 
 from device_agent import wire
 from device_agent.agent import Route, summarize
-from device_agent.bundle import file_entries, sha256_file
+from device_agent.bundle import sha256_file
 from device_agent.sources import Item
 from tests.agent.tiny import Listener, items, make_agent, retag_bundle, start_gateway
 
