@@ -38,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = GatewayConfig(
         worker=WorkerConfig(broker_url=args.broker, username=user, password=pw, prefix=args.prefix,
                             replica_id=args.replica_id, batch_size=args.batch_size, batch_ms=args.batch_ms,
-                            max_payload_bytes=args.max_payload),
+                            max_payload_bytes=args.max_payload, mqtt_version=args.mqtt_version),
         teacher=args.teacher, db=args.db, bundles_dir=args.bundles_dir, http_host=args.http_host,
         http_port=None if args.http_port < 0 else args.http_port,
         token=args.token or os.environ.get("GATEWAY_TOKEN"), threads=args.threads,
@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--password", help="or $GATEWAY_MQTT_PASSWORD")
     s.add_argument("--credentials", type=Path, help="credentials.json from fleet-credentials")
     s.add_argument("--prefix", default="fleet")
+    s.add_argument("--mqtt-version", choices=["5", "3.1.1"], default="5",
+                   help="3.1.1 for brokers without MQTT 5 (then no shared subscription: run one replica)")
     s.add_argument("--replica-id", default="gw-0")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--batch-ms", type=float, default=5.0)

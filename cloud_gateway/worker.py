@@ -24,7 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device_agent import wire
-from device_agent.transport import BrokerAddress, set_nodelay
+from device_agent.transport import BrokerAddress, mqtt_protocol, set_nodelay
 from toolchain.errors import GatewayError
 
 from .metrics import BATCH_BUCKETS, Metrics
@@ -46,6 +46,7 @@ class WorkerConfig:
     batch_ms: float = 5.0
     max_payload_bytes: int = 1 << 20
     session_expiry_s: int = 3600
+    mqtt_version: str = "5"  # "3.1.1": no shared subscription (one replica), requests carry an envelope
 
 
 @dataclass
@@ -74,8 +75,11 @@ class GatewayWorker:
         self.served = 0
         addr = BrokerAddress.parse(config.broker_url)
         self._addr = addr
+        proto = mqtt_protocol(config.mqtt_version)
+        self.v5 = proto == mqtt.MQTTv5
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                  client_id=f"gateway-{config.replica_id}", protocol=mqtt.MQTTv5)
+                                  client_id=f"gateway-{config.replica_id}", protocol=proto,
+                                  clean_session=None if self.v5 else False)
         if config.username is not None:
             self.client.username_pw_set(config.username, config.password)
         self.client.reconnect_delay_set(min_delay=1, max_delay=2)
@@ -84,19 +88,25 @@ class GatewayWorker:
         self.client.on_message = self._on_message
         self._batcher = threading.Thread(target=self._batch_loop, name="gateway-batcher", daemon=True)
         p = config.prefix
-        self.sub_req = f"$share/{config.group}/{p}/+/infer/req"
+        self.sub_req = f"$share/{config.group}/{p}/+/infer/req" if self.v5 else f"{p}/+/infer/req"
         self.sub_tel = f"{p}/+/telemetry"
         self.sub_status = f"{p}/+/status"
 
     # --- lifecycle -------------------------------------------------------------
     def start(self, *, wait: float = 10.0) -> "GatewayWorker":
+        # warm the model up before taking requests: a runtime's first call is slow (allocations,
+        # kernel selection), and the first devices after a restart would pay it as timeouts
+        self.teacher.run(np.zeros((1, *self.teacher.sample_shape), np.float32))
         # A persistent session (stable client id, no clean start): while this replica is away the
         # broker queues its telemetry share (and persists it across broker restarts); stale
         # requests are not a concern, agents set a message expiry equal to their deadline.
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.config.session_expiry_s
-        self.client.connect_async(self._addr.host, self._addr.port, keepalive=10, clean_start=False,
-                                  properties=props)
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.config.session_expiry_s
+            self.client.connect_async(self._addr.host, self._addr.port, keepalive=10, clean_start=False,
+                                      properties=props)
+        else:
+            self.client.connect_async(self._addr.host, self._addr.port, keepalive=10)
         self.client.loop_start()
         self._batcher.start()
         if not self.connected.wait(wait):
@@ -142,13 +152,22 @@ class GatewayWorker:
         corr = getattr(props, "CorrelationData", None) if props else None
         self.metrics.inc("gateway_requests_total", "Inference requests received", device=device_id)
         expected = f"{self.config.prefix}/{device_id}/infer/resp"
+        payload = msg.payload
+        try:
+            env_corr, env_resp, payload = wire.decode_request(payload)
+        except wire.WireError as e:
+            self.metrics.inc("gateway_invalid_requests_total", "Requests rejected by validation", device=device_id)
+            log.warning("invalid request from %s: %s", device_id, e)
+            return
+        corr = corr or env_corr
+        resp = resp or env_resp
         try:
             if not resp:
                 raise InvalidRequest("no response topic")
             if resp != expected:
                 resp_bad, resp = resp, None
                 raise InvalidRequest(f"response topic {resp_bad!r} is not the device's own {expected!r}")
-            x = self._validate(msg.payload)
+            x = self._validate(payload)
         except (InvalidRequest, wire.WireError) as e:
             self.metrics.inc("gateway_invalid_requests_total", "Requests rejected by validation", device=device_id)
             log.warning("invalid request from %s: %s", device_id, e)
@@ -175,9 +194,12 @@ class GatewayWorker:
         return x
 
     def _reply(self, topic: str, corr: bytes | None, body: dict[str, Any]) -> None:
-        props = Properties(PacketTypes.PUBLISH)
+        props = None
         if corr:
-            props.CorrelationData = corr
+            body["correlation"] = corr.hex()  # for MQTT 3.1.1 clients; v5 ones use the property
+            if self.v5:
+                props = Properties(PacketTypes.PUBLISH)
+                props.CorrelationData = corr
         body.setdefault("server_time", time.time())
         body.setdefault("replica", self.config.replica_id)
         self.client.publish(topic, wire.dumps(body), qos=1, properties=props)

@@ -77,6 +77,7 @@ class AgentConfig:
     batch_size: int = 1
     threads: int | None = None
     drift: DriftConfig = field(default_factory=DriftConfig)
+    mqtt_version: str = "5"  # "3.1.1" for brokers without MQTT 5: request metadata then travels in an envelope
 
 
 @dataclass(frozen=True)
@@ -260,8 +261,11 @@ class Agent:
         corr = uuid.uuid4().bytes
         pend = _Pending()
         self._pending[corr] = pend
+        payload = wire.encode_tensor(x[None])
+        if not link.v5:
+            payload = wire.encode_request(payload, correlation=corr, response_topic=self.topics.resp)
         info = link.publish(
-            self.topics.req, wire.encode_tensor(x[None]), qos=1, response_topic=self.topics.resp,
+            self.topics.req, payload, qos=1, response_topic=self.topics.resp,
             correlation=corr, expiry_s=max(1, int(np.ceil(self.config.deadline_s))),
         )
         if info.rc != 0:
@@ -272,13 +276,18 @@ class Agent:
     def _on_response(self, msg: Any) -> None:
         props = getattr(msg, "properties", None)
         corr = getattr(props, "CorrelationData", None) if props else None
-        pend = self._pending.get(bytes(corr)) if corr else None
-        if pend is None:
-            return  # late (after its deadline) or unknown: the input was already answered
         try:
             rep = wire.loads(msg.payload)
         except wire.WireError as e:
             rep = {"ok": False, "error": str(e)}
+        if not corr and isinstance(rep.get("correlation"), str):  # MQTT 3.1.1: echoed in the body
+            try:
+                corr = bytes.fromhex(rep["correlation"])
+            except ValueError:
+                return
+        pend = self._pending.get(bytes(corr)) if corr else None
+        if pend is None:
+            return  # late (after its deadline) or unknown: the input was already answered
         rep["_received"] = time.perf_counter()
         pend.reply = rep
         pend.event.set()
@@ -463,7 +472,7 @@ class Agent:
         offline = wire.dumps({"device_id": self.config.device_id, "state": "offline"})
         self.link = MqttLink(url=self.config.broker_url, client_id=f"agent-{self.config.device_id}",
                              username=self.config.username, password=self.config.password,
-                             will=(self.topics.status, offline))
+                             will=(self.topics.status, offline), mqtt_version=self.config.mqtt_version)
         self.link.subscribe(self.topics.resp, self._on_response)
         self.link.subscribe(self.topics.cmd, self._on_cmd)
         self.link.on_connect(self._publish_status)

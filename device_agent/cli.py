@@ -51,6 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         deadline_s=args.deadline, telemetry_window_s=args.window, threshold=args.threshold,
         state_dir=args.state_dir, outbox_max_rows=args.outbox_max, drop_policy=DropPolicy(args.drop_policy),
         batch_size=args.batch_size, threads=args.threads, drift=DriftConfig(window=args.drift_window),
+        mqtt_version=args.mqtt_version,
     )
     agent = Agent(bundle, cfg)
     spec = agent.bundle.input_spec
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--password", help="or $DEVICE_AGENT_PASSWORD")
     r.add_argument("--credentials", type=Path, help="JSON {username,password} or the fleet credentials.json")
     r.add_argument("--prefix", default="fleet")
+    r.add_argument("--mqtt-version", choices=["5", "3.1.1"], default="5")
     r.add_argument("--deadline", type=float, default=2.0, help="seconds to wait for the cloud")
     r.add_argument("--window", type=float, default=10.0, help="telemetry window, seconds")
     r.add_argument("--threshold", type=float, help="override the bundle's routing threshold")

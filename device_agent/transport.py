@@ -43,6 +43,15 @@ def set_nodelay(client: mqtt.Client) -> None:
             pass
 
 
+def mqtt_protocol(version: str) -> int:
+    """"5" (default: correlation data, response topics, shared subscriptions) or "3.1.1"."""
+    if version in ("5", "5.0"):
+        return mqtt.MQTTv5
+    if version in ("3.1.1", "311"):
+        return mqtt.MQTTv311
+    raise AgentError(f"MQTT version {version!r}: choose 5 or 3.1.1")
+
+
 @dataclass(frozen=True)
 class BrokerAddress:
     host: str
@@ -66,12 +75,14 @@ class MqttLink:
         password: str | None,
         will: tuple[str, bytes] | None = None,
         keepalive: int = 10,
+        mqtt_version: str = "5",
     ) -> None:
         self.address = BrokerAddress.parse(url)
+        self.v5 = mqtt_protocol(mqtt_version) == mqtt.MQTTv5
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt_protocol(mqtt_version),
         )
         if username is not None:
             self.client.username_pw_set(username, password)
@@ -136,7 +147,7 @@ class MqttLink:
         expiry_s: int | None = None,
     ) -> mqtt.MQTTMessageInfo:
         props = None
-        if response_topic or correlation or expiry_s:
+        if self.v5 and (response_topic or correlation or expiry_s):
             props = Properties(PacketTypes.PUBLISH)
             if response_topic:
                 props.ResponseTopic = response_topic

@@ -72,6 +72,38 @@ def decode_tensor(payload: bytes, *, max_bytes: int | None = None) -> np.ndarray
     return np.frombuffer(payload, dtype=dt, offset=off).reshape(shape)
 
 
+_ENV = struct.Struct("<2sBH")
+
+
+def encode_request(tensor: bytes, *, correlation: bytes, response_topic: str) -> bytes:
+    """A request envelope for MQTT 3.1.1 brokers, which lack MQTT 5's properties.
+
+    ``EV``, version, correlation data and response topic (length-prefixed),
+    then the tensor payload. With MQTT 5 the properties carry these instead.
+    """
+    rt = response_topic.encode()
+    return _ENV.pack(b"EV", 1, len(correlation)) + correlation + struct.pack("<H", len(rt)) + rt + tensor
+
+
+def decode_request(payload: bytes) -> tuple[bytes | None, str | None, bytes]:
+    """``(correlation, response_topic, tensor payload)``; (None, None, payload) for a bare tensor."""
+    if payload[:2] != b"EV":
+        return None, None, payload
+    try:
+        _, version, n = _ENV.unpack_from(payload)
+        if version != 1:
+            raise WireError(f"unknown request envelope version {version}")
+        corr = payload[_ENV.size:_ENV.size + n]
+        off = _ENV.size + n
+        (m,) = struct.unpack_from("<H", payload, off)
+        rt = payload[off + 2:off + 2 + m].decode()
+        if len(corr) != n or len(rt.encode()) != m:
+            raise WireError("truncated request envelope")
+        return corr, rt, payload[off + 2 + m:]
+    except (struct.error, UnicodeDecodeError) as e:
+        raise WireError(f"unreadable request envelope ({e})") from e
+
+
 def dumps(msg: dict[str, Any]) -> bytes:
     return json.dumps({"schema": MESSAGE_SCHEMA, **msg}, separators=(",", ":")).encode()
 

@@ -164,14 +164,15 @@ def retag_bundle(src: Path, dst: Path, *, version: str, model_bytes: bytes | Non
 # --- harness: a gateway and agents wired to the test broker -------------------------------------
 
 def start_gateway(broker, run: TinyRun, tmp: Path, *, replica: str = "gw-0", http: bool = True,
-                  batch_ms: float = 5.0, token: str | None = "test-token", db: str | None = None):
+                  batch_ms: float = 5.0, token: str | None = "test-token", db: str | None = None,
+                  mqtt_version: str = "5"):
     from cloud_gateway.service import Gateway, GatewayConfig
     from cloud_gateway.worker import WorkerConfig
 
     user, pw = broker.gateway_credentials
     cfg = GatewayConfig(
         worker=WorkerConfig(broker_url=broker.url, username=user, password=pw, replica_id=replica,
-                            batch_ms=batch_ms),
+                            batch_ms=batch_ms, mqtt_version=mqtt_version),
         teacher=run.teacher_onnx, db=db or str(tmp / "gateway.sqlite"), bundles_dir=tmp / "bundles",
         http_port=0 if http else None, token=token, threads=1,
     )
