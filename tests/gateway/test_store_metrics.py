@@ -1,0 +1,59 @@
+"""Gateway building blocks without a broker: store, Prometheus text, credentials."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+
+from cloud_gateway.credentials import acl_text, hash_password, make_fleet
+from cloud_gateway.metrics import Metrics
+from cloud_gateway.store import TelemetryStore, db_url
+from toolchain.errors import GatewayError
+
+
+def test_store_dedupes_windows_and_keeps_order(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.sqlite'}"
+    assert db_url(url) == url and db_url(tmp_path / "y.sqlite").startswith("sqlite:////")
+    st = TelemetryStore(url)
+    for seq in (0, 1, 1, 2, 0):
+        st.add_telemetry("d1", {"seq": seq, "device_id": "d1", "offload_rate": 0.1 * seq})
+    assert st.arrival_order("d1") == [0, 1, 2]
+    st.set_status("d1", {"state": "online"})
+    assert st.device("d1")["status"]["state"] == "online"
+    assert [h["seq"] for h in st.history("d1", limit=2)] == [1, 2]
+    again = TelemetryStore(url)  # a second replica on the same database
+    assert not again.add_telemetry("d1", {"seq": 2})
+    assert [d["device_id"] for d in again.devices()] == ["d1"]
+    with pytest.raises(GatewayError, match="cannot open"):
+        TelemetryStore("nosuchdialect://x")
+
+
+def test_prometheus_text():
+    m = Metrics()
+    m.inc("req_total", "Requests", device='a"b')
+    m.inc("req_total", "Requests", 2, device='a"b')
+    m.set("rate", "Rate", 0.25, device="a")
+    for v in (0.0004, 0.003, 0.003, 10.0):
+        m.observe("lat_seconds", "Latency", v)
+    text = m.render()
+    assert '# TYPE req_total counter' in text and 'req_total{device="a\\"b"} 3' in text
+    assert 'rate{device="a"} 0.25' in text
+    assert 'lat_seconds_bucket{le="0.0005"} 1' in text and 'lat_seconds_bucket{le="0.005"} 3' in text
+    assert 'lat_seconds_bucket{le="+Inf"} 4' in text and "lat_seconds_count 4" in text
+    assert m.hist_count("lat_seconds") == 4 and m.value("req_total", device='a"b') == 3
+
+
+def test_password_hash_is_mosquitto_pbkdf2_sha512():
+    h = hash_password("secret", salt=base64.b64decode("PKrODV9OApe7tN3Z"))
+    # the line `mosquitto_passwd -b pw alice secret` wrote with that salt
+    assert h == ("$7$101$PKrODV9OApe7tN3Z$ywxQnev4D5p/CuE2IGpB0yBA4GpftsdB6W3Tew9c1y5p5FrTIN7ZadlHk8efPbagY6jlW"
+                 "+19izL2dD8aVaRvww==")
+    _, _, it, salt, digest = h.split("$")
+    assert base64.b64decode(digest) == hashlib.pbkdf2_hmac("sha512", b"secret", base64.b64decode(salt), int(it))
+    assert "pattern readwrite fleet/%u/#" in acl_text()
+    with pytest.raises(GatewayError, match="collides"):
+        make_fleet(device_ids=["gateway"])
+    with pytest.raises(GatewayError, match="duplicate"):
+        make_fleet(device_ids=["a", "a"])
