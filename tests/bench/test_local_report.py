@@ -101,3 +101,16 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path, tiny_bundle: Path, caps
 def test_baseline_factory_must_return_a_module(tiny_bundle: Path) -> None:
     with pytest.raises(BenchError, match="not a torch module"):
         run_local(bundles=[tiny_bundle], settings=FAST, baselines=["python:collections:OrderedDict"], vendor_check=False)
+
+
+def test_run_with_a_trained_run_dir_gives_data_and_baseline(onnx_bundle: Path, tiny_run: Path, tmp_path: Path) -> None:
+    """The contract path: a toolchain-built bundle + its run dir (test split, PyTorch student)."""
+    run = run_local(bundles=[onnx_bundle], settings=FAST, threads=1, repetitions=1, run_dirs=[tiny_run],
+                    vendor_check=False)
+    rows = {r["kind"]: r for r in run["results"]}
+    assert set(rows) == {"pytorch", "bundle"}
+    b, t = rows["bundle"], rows["pytorch"]
+    assert b["model"] == t["model"] and b["speedup_vs_pytorch"] > 0
+    # the fp32 ONNX export and the PyTorch student agree on the test split
+    assert b["accuracy"]["n"] == t["accuracy"]["n"] > 0
+    assert abs(b["accuracy"]["accuracy"] - t["accuracy"]["accuracy"]) <= 1 / b["accuracy"]["n"] + 1e-9
