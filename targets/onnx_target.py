@@ -35,7 +35,8 @@ def _check_onnx(path: Path) -> None:
 
 
 def static_quantize_onnx(
-    src: Path, dst: Path, calibration: "RepresentativeSet", *, input_name: str = "input", reduce_range: bool = True
+    src: Path, dst: Path, calibration: "RepresentativeSet", *, input_name: str = "input", reduce_range: bool = True,
+    op_types: list[str] | None = None,
 ) -> None:
     """Post-training static QDQ quantization of ``src`` into ``dst`` with the representative set."""
     import onnx
@@ -61,6 +62,7 @@ def static_quantize_onnx(
             per_channel=True,
             reduce_range=reduce_range,
             calibrate_method=CalibrationMethod.MinMax,
+            op_types_to_quantize=op_types,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
     except BuildError:

@@ -84,7 +84,9 @@ class JetsonTarget(Target):
                 try:
                     details["cleanup"] = clean_onnx(Path(source.onnx_fp32), clean)
                     # TensorRT takes symmetric int8 with full 8-bit weights (no VNNI limit on GPUs)
-                    static_quantize_onnx(clean, dst, calibration, input_name=source.input_spec.name, reduce_range=False)
+                    # Q/DQ only around the compute layers, the placement TensorRT recommends
+                    static_quantize_onnx(clean, dst, calibration, input_name=source.input_spec.name, reduce_range=False,
+                                         op_types=["Conv", "Gemm", "MatMul", "ConvTranspose"])
                 finally:
                     clean.unlink(missing_ok=True)
                 details.update(method="ort-static-ptq-qdq (symmetric)", weight_bits=8)

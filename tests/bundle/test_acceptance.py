@@ -51,8 +51,8 @@ def test_default_student_all_targets(default_run: Path, tmp_path: Path) -> None:
     print(json.dumps({"int8_size_ratio": ratios, "openvino_bin_ratio": ov}))
     # ONNX: >= 3x. OpenVINO: the .xml graph text (~110 KB here) does not shrink with int8, so the weights
     # file is what must: >= 3x. LiteRT: per-channel scales and int64 zero points per output channel cost
-    # ~30 KB on this student; measured 2.98x (see docs/targets.md).
-    assert ratios["onnx"] >= 3.0 and ov >= 3.0 and ratios["tflite"] >= 2.8, (ratios, ov)
+    # ~30 KB, so weights are per tensor by default (3.25x measured; per channel: 2.98x).
+    assert ratios["onnx"] >= 3.0 and ov >= 3.0 and ratios["tflite"] >= 3.0, (ratios, ov)
     for key, m in rows.items():
         target, precision = key.split("-")
         if m["verify"] == "skipped":
