@@ -491,7 +491,7 @@ class Agent:
         if self.outbox is not None:
             self.flush_window(t_start=time.time(), t_end=time.time())
             end = time.monotonic() + flush_timeout
-            while len(self.outbox) and time.monotonic() < end and self.link.connected.is_set():
+            while len(self.outbox) and time.monotonic() < end:  # also rides out a reconnect
                 time.sleep(0.02)
         self._stop.set()
         self._cmd_q.put(None)
