@@ -84,8 +84,16 @@ def cpu_record() -> dict[str, Any]:
 
 
 def environment(*, threads: int | None = None) -> dict[str, Any]:
-    """The record written once per run file (per device for fleet runs)."""
+    """The record written once per run file (per device for fleet runs).
+
+    The load average says how shared the machine was while it measured.
+    """
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        load = None
     return {
+        "load_avg": load,
         "cpu": cpu_record(),
         "threads": threads,
         "python": platform.python_version(),

@@ -93,13 +93,14 @@ def markdown(runs: list[dict[str, Any]], rows: list[dict[str, Any]], sources: li
             if e and e not in envs:
                 envs.append(e)
     if envs:
-        L += ["## Environment", "", "| host | CPU | cores (logical/usable) | ISA | threads | python | date |",
-              "|---|---|---|---|---|---|---|"]
+        L += ["## Environment", "", "| host | CPU | cores (logical/usable) | ISA | threads | load avg 1/5/15 min | python | date |",
+              "|---|---|---|---|---|---|---|---|"]
         for e in envs:
             cpu = e.get("cpu", {})
             isa = ", ".join(k for k, v in (cpu.get("isa") or {}).items() if v) or "–"
             L.append(f"| {e.get('hostname')} | {cpu.get('model')} | {cpu.get('logical_cores')}/{cpu.get('usable_cores')} "
-                     f"| {isa} | {e.get('threads') or 'default'} | {e.get('python')} | {e.get('date')} |")
+                     f"| {isa} | {e.get('threads') or 'default'} | {' / '.join(map(str, e.get('load_avg') or [])) or '–'} "
+                     f"| {e.get('python')} | {e.get('date')} |")
         L.append("")
     fleet = [d for run in runs for d in run.get("devices", [])]
     if fleet:
@@ -232,12 +233,17 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
             ax.text(0.5, 0.5, "no accuracy measured\n(give --data or --run)", ha="center", va="center")
             ax.set_axis_off()
             continue
-        for r in mine:
+        placed: list[tuple[float, float]] = []
+        for r in sorted(mine, key=lambda r: (float(_acc(r)), r["latency_ms"]["p50"])):
             x, y = r["latency_ms"]["p50"], _acc(r)
+            # neighbours with the same accuracy and a close latency: stagger the labels
+            crowd = sum(1 for px, py in placed if py == y and max(px, x) / min(px, x) < 1.6)
+            placed.append((x, y))
+            dy = 4 - 12 * (crowd % 2) - 6 * (crowd // 2)
             ax.scatter(x, y, s=70, c=TARGET_COLORS.get(str(r.get("target")), "#bbbbbb"),
                        marker=markers.get(str(r.get("precision")), "D"), edgecolors="black", linewidths=0.5, zorder=3)
             ax.annotate(f"{r.get('target')}/{r.get('precision')}" + (f" @{r['device_id']}" if r.get("device_id") else ""),
-                        (x, y), xytext=(5, 4), textcoords="offset points", fontsize=8)
+                        (x, y), xytext=(5, dy), textcoords="offset points", fontsize=8)
         front = _pareto([(r["latency_ms"]["p50"], float(_acc(r))) for r in mine])
         if len(front) > 1:
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", alpha=0.4,
@@ -253,7 +259,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ys = [float(_acc(r)) for r in mine]
         pad = max(0.01, (max(ys) - min(ys)) * 0.3)
-        ax.set_ylim(min(ys) - pad, min(1.0 + pad / 3, max(ys) + pad))
+        ax.set_ylim(min(ys) - pad, min(1.0 + pad / 6, max(ys) + pad))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
