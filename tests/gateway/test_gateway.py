@@ -271,17 +271,15 @@ def test_fleet_credentials_cli(tmp_path):
 
 
 def test_generated_fleet_files_work_in_mosquitto(tmp_path):
-    """The files `fleet-credentials` writes are accepted by a real Mosquitto."""
-    from cloud_gateway.credentials import make_fleet, write_fleet_files
-    from tests.fixtures.broker import MosquittoBroker, _find_mosquitto
+    """The files `fleet-credentials` writes (random passwords) are accepted by a real Mosquitto."""
+    from cloud_gateway.broker import MosquittoBroker, find_mosquitto
+    from cloud_gateway.credentials import make_fleet
 
-    exe = _find_mosquitto()
-    if exe is None:
+    if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed")
-    b = MosquittoBroker(exe, tmp_path / "b", device_ids=())
     creds = make_fleet(device_ids=["cam-1"])
-    paths = write_fleet_files(creds, tmp_path / "b")
-    assert paths["passwd"] == tmp_path / "b" / "passwd"
+    b = MosquittoBroker(tmp_path / "b", creds)
+    assert (tmp_path / "b" / "credentials.json").exists()  # written by write_fleet_files
     b.start()
     try:
         c = _client(b, ("cam-1", creds.devices["cam-1"]), "cam-1")
