@@ -77,10 +77,12 @@ function renderDevice(d) {
   head.appendChild(el("span", {class: "state " + d.state}, d.state));
   if (d.drift_flag) head.appendChild(el("span", {class: "drift-flag", title: "drift tests flagged this device"}, "DRIFT"));
   card.appendChild(head);
-  const lat = d.latency || {};
+  // The last window that saw inputs: a device that stopped still shows what it did.
+  const busy = [...hist].reverse().find(h => ((h.counts || {}).inputs || 0) > 0) || d;
+  const lat = busy.latency || {};
   const edge = lat.edge || {}, cloud = lat.cloud_rtt || {};
-  card.appendChild(el("div", {class: "stats"},
-    `offload ${fmt(100 * (d.offload_rate || 0), 1)}% · fallback ${fmt(100 * (d.fallback_rate || 0), 1)}% · ` +
+  card.appendChild(el("div", {class: "stats", title: "last window with inputs"},
+    `offload ${fmt(100 * (busy.offload_rate || 0), 1)}% · fallback ${fmt(100 * (busy.fallback_rate || 0), 1)}% · ` +
     `edge p95 ${fmt(1000 * edge.p95, 2)} ms · cloud p95 ${fmt(1000 * cloud.p95, 1)} ms · ` +
     `threshold ${fmt((d.status || {}).threshold, 3)} · bundle ${(d.bundle_sha256 || "").slice(0, 10)}`));
   const charts = el("div", {class: "charts"});

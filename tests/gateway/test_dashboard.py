@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import shutil
 import time
 
@@ -63,5 +64,11 @@ def test_dashboard_shows_devices_charts_and_flags_drift(mosquitto, tiny_cascade,
                 assert "offline" in dev_a.locator(".state").inner_text()
                 assert "1 drifted" in page.locator("#summary").inner_text()
                 assert errors == []
+                # What a person would see, kept for review (EDGE_TEST_ARTIFACTS=DIR keeps it past the run).
+                shot = Path(os.environ.get("EDGE_TEST_ARTIFACTS", tmp_path)) / "dashboard.png"
+                shot.parent.mkdir(parents=True, exist_ok=True)
+                page.set_viewport_size({"width": 1280, "height": 900})
+                page.screenshot(path=str(shot), full_page=True)
+                assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
             finally:
                 browser.close()
