@@ -1,0 +1,44 @@
+"""``toolchain demo``: the main job, end to end (see `toolchain.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from toolchain.clikit import add_common, add_json_flag, emit_json
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "demo", help="the whole story on digits: train, compress, build, fleet, bench, summary",
+        description="Train the teacher on digits, compress it (prune, distill, QAT), build bundles for every target "
+        "whose tooling is installed, start a broker, the cloud gateway and three device agents (one fed a drifted "
+        "stream), benchmark the bundles, and print a summary. Everything lands in --out.",
+    )
+    p.add_argument("--out", "-o", type=Path, default=Path("demo_out"), help="results folder (default: demo_out)")
+    p.add_argument("--config", "-c", type=Path, default=None,
+                   help="toolchain config (default: ./toolchain.toml if present, else built-in defaults)")
+    p.add_argument("--reuse", action="store_true", help="reuse a finished run in OUT/run instead of training again")
+    p.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto",
+                   help="local broker: Mosquitto when installed (auto), or the embedded amqtt")
+    p.add_argument("--rate", type=float, default=120.0, help="inputs per second per device (default 120)")
+    p.add_argument("--window", type=float, default=1.0, help="telemetry window in seconds (default 1)")
+    p.add_argument("--bench-seconds", type=float, default=1.0, help="single-stream duration per artifact (default 1)")
+    p.add_argument("--serve", type=float, default=0.0, metavar="SECONDS",
+                   help="keep the broker, gateway and dashboard up this long after the run")
+    add_json_flag(p)
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from toolchain.demo import DemoOptions, run_demo
+
+    summary = run_demo(DemoOptions(
+        out=args.out, config=args.config, reuse=args.reuse, broker=args.broker, rate_hz=args.rate,
+        window_s=args.window, bench_seconds=args.bench_seconds, serve_s=args.serve,
+    ))
+    if args.json:
+        emit_json(summary)
+    return 0

@@ -1,0 +1,383 @@
+"""``toolchain demo``: the whole story on the digits data set, in a few minutes.
+
+1. train the teacher, compress it (prune, distill, QAT), export ONNX;
+2. build a bundle for every target and precision whose tooling is installed
+   (and say plainly which were skipped and why);
+3. start a local broker (Mosquitto when installed, else amqtt), the cloud
+   gateway (teacher as ONNX, HTTP API + dashboard) and three device agents,
+   one of them fed a drifted stream (rotated, noisy digits);
+4. benchmark every runnable bundle beside PyTorch eager;
+5. print one summary (per device, per artifact) and leave everything in one
+   folder: run, bundles, bench report and plots, routing curve, summary.
+
+Every piece is the real one the CLIs use; the demo only wires them together.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from toolchain.errors import EdgeError
+from toolchain.fsutil import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+#: device id -> bundles it prefers (first one built and runnable wins), fed a drifted stream?
+FLEET: tuple[tuple[str, tuple[str, ...], bool], ...] = (
+    ("edge-1", ("onnx-int8", "onnx-fp32"), False),
+    ("edge-2", ("openvino-int8", "openvino-fp32", "onnx-int8", "onnx-fp32"), False),
+    ("edge-3", ("tflite-int8", "tflite-fp32", "onnx-int8", "onnx-fp32"), True),
+)
+
+
+@dataclass
+class DemoOptions:
+    out: Path = Path("demo_out")
+    config: Path | None = None  # default: toolchain.toml in the working directory, else built-in defaults
+    reuse: bool = False  # reuse a finished run in OUT/run instead of training again
+    rate_hz: float = 120.0  # inputs per second per device: paced, so telemetry shows a time series
+    window_s: float = 1.0  # telemetry window
+    deadline_s: float = 1.0  # cloud answer deadline
+    broker: str = "auto"  # auto | mosquitto | amqtt
+    bench_seconds: float = 1.0
+    serve_s: float = 0.0  # keep broker, gateway and dashboard up this long after the run
+
+
+def drifted(x: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """A shifted input distribution: images rotated a quarter turn, plus noise.
+
+    Rotation keeps per-input mean and std but breaks the model (confidence
+    drops); the noise moves the input statistics. Both drift tests then fire.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.rot90(x, k=1, axes=(-2, -1)) if x.ndim == 4 else x.copy()
+    lo, hi = float(x.min()), float(x.max())
+    out = out + rng.normal(0.0, 0.15 * (hi - lo), size=out.shape)
+    return np.clip(out, lo, hi).astype(np.float32)
+
+
+def _paced(xs: np.ndarray, ys: np.ndarray, rate_hz: float) -> Iterator[tuple[np.ndarray, int]]:
+    period = 1.0 / rate_hz if rate_hz > 0 else 0.0
+    t_next = time.monotonic()
+    for x, y in zip(xs, ys):
+        delay = t_next - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        t_next += period
+        yield x, int(y)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(width=150)
+
+
+class _Steps:
+    def __init__(self, total: int) -> None:
+        self.n = 0
+        self.total = total
+        self.console = _console()
+
+    def __call__(self, title: str) -> None:
+        self.n += 1
+        self.console.rule(f"[bold]step {self.n}/{self.total}: {title}")
+
+
+def _pipeline(opts: DemoOptions, run_dir: Path, step: _Steps) -> dict[str, Any]:
+    from toolchain import pipeline
+    from toolchain.config import load_config
+
+    cfg_path = opts.config or (Path("toolchain.toml") if Path("toolchain.toml").exists() else None)
+    cfg = load_config(cfg_path)
+    step("train the teacher, compress it into a student, export ONNX")
+    if opts.reuse and (run_dir / "student_qdq.onnx").exists() and (run_dir / "teacher.onnx").exists():
+        step.console.print(f"reusing the finished run in {run_dir}")
+        return {"reused": str(run_dir), "config": str(cfg_path) if cfg_path else "defaults"}
+    report = pipeline.run_all(cfg, run_dir)
+    report["config"] = str(cfg_path) if cfg_path else "defaults"
+    return report
+
+
+def _build_all(run_dir: Path, bundles_dir: Path, step: _Steps) -> tuple[dict[str, dict], list[dict], list[dict]]:
+    from toolchain.bundle import build_bundle
+    from toolchain.commands.build import plan
+    from toolchain.rundir import RunDir
+
+    step("build a bundle for every target whose tooling is installed")
+    cfg = RunDir(run_dir).config()
+    todo, skipped = plan("all", "all")
+    for s in skipped:
+        step.console.print(f"[yellow]skipped target {s['target']}[/]: {s['reason']}")
+    built: dict[str, dict] = {}
+    failed: list[dict] = []
+    from tqdm import tqdm
+
+    for target, precision in tqdm(todo, unit="bundle", desc="bundles"):
+        name = f"{target}-{precision}"
+        try:
+            built[name] = build_bundle(
+                run_dir=run_dir, target=target, precision=precision, out=bundles_dir / name, cfg=cfg.build
+            )
+        except EdgeError as e:
+            failed.append({"bundle": name, "error": f"{type(e).__name__}: {e}"})
+            step.console.print(f"[red]{name} not built[/]: {e}")
+    return built, skipped, failed
+
+
+def _runnable(name: str, bundles_dir: Path, built: dict[str, dict]) -> bool:
+    from targets import get_target
+
+    if name not in built:
+        return False
+    return get_target(name.split("-")[0]).available()[0]
+
+
+def _run_fleet(
+    opts: DemoOptions, run_dir: Path, bundles_dir: Path, built: dict[str, dict], step: _Steps
+) -> dict[str, Any]:
+    from cloud_gateway.broker import start_local_broker
+    from cloud_gateway.credentials import make_fleet, write_fleet_files
+    from cloud_gateway.service import Gateway, GatewayConfig
+    from cloud_gateway.worker import WorkerConfig
+    from device_agent.agent import Agent, AgentConfig, summarize
+    from device_agent.sources import iterator_source
+    from toolchain.rundir import RunDir
+
+    step("start the broker, the cloud gateway and three device agents")
+    plan: list[tuple[str, str, bool]] = []
+    for device_id, prefs, drift in FLEET:
+        choice = next((b for b in prefs if _runnable(b, bundles_dir, built)), None)
+        if choice is None:
+            step.console.print(f"[yellow]{device_id} not started[/]: none of {', '.join(prefs)} was built")
+            continue
+        plan.append((device_id, choice, drift))
+    if not plan:
+        raise EdgeError("no runnable bundle was built, so no device agent can start")
+
+    fleet_dir = opts.out / "fleet"
+    creds = make_fleet(device_ids=[d for d, _, _ in plan])
+    write_fleet_files(creds, fleet_dir / "credentials")
+    broker = start_local_broker(fleet_dir / "broker", creds, prefer=opts.broker)
+    step.console.print(f"broker: {type(broker).__name__} on {broker.url} (MQTT {broker.mqtt_version})")
+    token = secrets.token_urlsafe(16)
+    gateway = Gateway(
+        GatewayConfig(
+            worker=WorkerConfig(broker_url=broker.url, username=creds.gateway[0], password=creds.gateway[1],
+                                mqtt_version=broker.mqtt_version),
+            teacher=run_dir / "teacher.onnx",
+            db=str(fleet_dir / "gateway.sqlite"),
+            bundles_dir=fleet_dir / "gateway-bundles",
+            http_port=0,
+            token=token,
+        )
+    )
+    splits = RunDir(run_dir).splits()
+    x_test, y_test = splits.test
+    answers_by_device: dict[str, list[Any]] = {}
+    try:
+        gateway.start()
+        step.console.print(f"gateway: dashboard at {gateway.http_url}/  (write token in {fleet_dir}/token)")
+        atomic_write_text(fleet_dir / "token", token + "\n")
+        agents: dict[str, Any] = {}
+        for device_id, bundle_name, drift in plan:
+            agents[device_id] = Agent(
+                bundles_dir / bundle_name,
+                AgentConfig(
+                    device_id=device_id, broker_url=broker.url, username=device_id,
+                    password=creds.devices[device_id], deadline_s=opts.deadline_s,
+                    telemetry_window_s=opts.window_s, state_dir=fleet_dir / "agents" / device_id,
+                    mqtt_version=broker.mqtt_version,
+                ),
+            ).start()
+
+        def feed(device_id: str, drift: bool) -> None:
+            agent = agents[device_id]
+            xs = drifted(x_test) if drift else x_test
+            source = iterator_source(_paced(xs, y_test, opts.rate_hz), agent.bundle.input_spec)
+            answers_by_device[device_id] = list(agent.run(source))
+
+        threads = [threading.Thread(target=feed, args=(d, drift), name=f"feed-{d}") for d, _, drift in plan]
+        from tqdm import tqdm
+
+        expected = len(x_test) / opts.rate_hz
+        with tqdm(total=round(expected, 1), unit="s", desc="streaming test inputs", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s") as bar:
+            for t in threads:
+                t.start()
+            t0 = time.monotonic()
+            while any(t.is_alive() for t in threads):
+                time.sleep(0.25)
+                bar.n = min(expected, time.monotonic() - t0)
+                bar.refresh()
+        devices: list[dict[str, Any]] = []
+        for device_id, bundle_name, drift in plan:
+            agent = agents[device_id]
+            answers = answers_by_device[device_id]
+            agent.stop()
+            lat = np.array([a.latency_s for a in answers]) * 1000.0
+            s = summarize(answers)
+            last = agent.last_drift or {}
+            devices.append({
+                "device": device_id, "bundle": bundle_name, "stream": "drifted" if drift else "test split",
+                "inputs": s["inputs"], "accuracy": s.get("accuracy"), "offload_rate": s["offload_rate"],
+                "cloud": s["cloud"], "fallbacks": s["fallback"],
+                "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+                "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+                "drift_flag": bool(last.get("flag")), "drift": last,
+            })
+        time.sleep(opts.window_s)  # let the last telemetry reach the store
+        results = {"devices": devices, "broker": type(broker).__name__, "dashboard": f"{gateway.http_url}/",
+                   "gateway_view": _get_json(f"{gateway.http_url}/api/devices")}
+        if opts.serve_s > 0:
+            step.console.print(f"[bold]serving the dashboard at {gateway.http_url}/ for {opts.serve_s:.0f} s (Ctrl-C stops)")
+            try:
+                time.sleep(opts.serve_s)
+            except KeyboardInterrupt:
+                pass
+        return results
+    finally:
+        gateway.stop()
+        broker.stop()
+
+
+def _get_json(url: str) -> Any:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - loopback URL we started
+        return json.loads(r.read())
+
+
+def _bench(opts: DemoOptions, run_dir: Path, bundles_dir: Path, built: dict[str, dict], step: _Steps) -> dict[str, Any]:
+    from hw_bench.loadgen import Settings
+    from hw_bench.local import run_local
+    from hw_bench.report import report
+    from hw_bench.results import write_run
+
+    step("benchmark every runnable bundle beside PyTorch eager")
+    names = [n for n in built if _runnable(n, bundles_dir, built)]
+    if not names:
+        return {"skipped": "no runnable bundle"}
+    bench_dir = opts.out / "bench"
+    run = run_local(
+        bundles=[bundles_dir / n for n in names],
+        settings=Settings(min_duration_s=opts.bench_seconds, min_queries=200, warmup=20),
+        repetitions=1, run_dirs=[run_dir], vendor_check=False,
+        progress=lambda msg: step.console.print(f"  {msg}"),
+    )
+    results_path = write_run(bench_dir / "results.json", run)
+    paths = report([results_path], bench_dir)
+    rows = [{k: v for k, v in r.items() if k != "latencies_ms"} for r in run["results"]]
+    return {"results": str(results_path), **{k: str(v) for k, v in paths.items()}, "rows": rows}
+
+
+def _latency_by_bundle(bench: dict[str, Any]) -> dict[str, float]:
+    """``{"onnx-int8": p50 ms}`` from the bench rows (the PyTorch baseline under "pytorch-fp32")."""
+    out: dict[str, float] = {}
+    for row in bench.get("rows", []):
+        p50 = (row.get("latency_ms") or {}).get("p50")
+        if p50 is not None and row.get("target") and row.get("precision"):
+            out[f"{row['target']}-{row['precision']}"] = float(p50)
+    return out
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The summary tables as Markdown, for people who open the folder later."""
+    lat = _latency_by_bundle(summary.get("bench", {}))
+    pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    lines = ["# Demo summary", "", f"Ran in {summary['seconds']} s. Dashboard was at {summary['fleet'].get('dashboard', '-')}.",
+             "", "## Devices", "", "| device | bundle | stream | inputs | accuracy | offload | fallbacks | p50 ms | p99 ms | drift |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for d in summary["fleet"].get("devices", []):
+        lines.append(f"| {d['device']} | {d['bundle']} | {d['stream']} | {d['inputs']} | {pct(d['accuracy'])} | "
+                     f"{pct(d['offload_rate'])} | {d['fallbacks']} | {d['p50_ms']:.2f} | {d['p99_ms']:.2f} | "
+                     f"{'**DRIFT**' if d['drift_flag'] else 'ok'} |")
+    lines += ["", "## Artifacts", "", "| bundle | size KiB | accuracy | agreement | verify | p50 ms |", "|---|---:|---:|---:|---|---:|"]
+    for name, r in summary["bundles"].items():
+        m = r["metrics"]
+        lines.append(f"| {name} | {m['size_bytes'] / 1024:.1f} | {pct(m.get('accuracy'))} | {pct(m.get('agreement'))} | "
+                     f"{r.get('verify', {}).get('status', '-')} | {lat.get(name, float('nan')):.3f} |")
+    if summary["skipped_targets"]:
+        lines += ["", "## Skipped targets", ""] + [f"- {s['target']}: {s['reason']}" for s in summary["skipped_targets"]]
+    if summary["failed_builds"]:
+        lines += ["", "## Failed builds", ""] + [f"- {f['bundle']}: {f['error']}" for f in summary["failed_builds"]]
+    lines += ["", "Bench report: bench/report.md (latency.png, pareto.png). Routing curve: routing_curve.png.", ""]
+    return "\n".join(lines)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console = _console()
+    console.rule("[bold]summary")
+    t = Table(title="devices (one agent per row, all through the real broker)")
+    for col in ("device", "bundle", "stream", "inputs", "accuracy", "offload", "fallbacks", "p50 ms", "p99 ms", "drift"):
+        t.add_column(col, justify="right" if col not in ("device", "bundle", "stream", "drift") else "left")
+    for d in summary["fleet"].get("devices", []):
+        t.add_row(
+            d["device"], d["bundle"], d["stream"], str(d["inputs"]),
+            "-" if d["accuracy"] is None else f"{d['accuracy']:.1%}", f"{d['offload_rate']:.1%}",
+            str(d["fallbacks"]), f"{d['p50_ms']:.2f}", f"{d['p99_ms']:.2f}",
+            "[red bold]DRIFT[/]" if d["drift_flag"] else "[green]ok[/]",
+        )
+    console.print(t)
+    lat = _latency_by_bundle(summary.get("bench", {}))
+    a = Table(title="artifacts (accuracy on the test split; latency: single-stream p50 on this machine)")
+    for col in ("bundle", "size", "accuracy", "agreement", "verify", "p50 ms"):
+        a.add_column(col, justify="left" if col in ("bundle", "verify") else "right")
+    for name, r in summary["bundles"].items():
+        m = r["metrics"]
+        a.add_row(
+            name, f"{m['size_bytes'] / 1024:.1f} KiB",
+            "-" if m.get("accuracy") is None else f"{m['accuracy']:.2%}",
+            "-" if m.get("agreement") is None else f"{m['agreement']:.2%}",
+            r.get("verify", {}).get("status", "-"),
+            f"{lat[name]:.3f}" if name in lat else "-",
+        )
+    console.print(a)
+    for s in summary["skipped_targets"]:
+        console.print(f"[yellow]target {s['target']} skipped[/]: {s['reason']}")
+    for f in summary["failed_builds"]:
+        console.print(f"[red]{f['bundle']} failed[/]: {f['error']}")
+    console.print(f"\n[bold]everything is in {summary['out']}[/]: summary.json, summary.md, run/, bundles/, "
+                  "bench/ (report.md, latency.png, pareto.png), routing_curve.png")
+
+
+def run_demo(opts: DemoOptions) -> dict[str, Any]:
+    """Run the whole story; returns the summary (also written to OUT/summary.json)."""
+    t0 = time.perf_counter()
+    opts.out = Path(opts.out)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    run_dir, bundles_dir = opts.out / "run", opts.out / "bundles"
+    step = _Steps(5)
+    pipe = _pipeline(opts, run_dir, step)
+    built, skipped, failed = _build_all(run_dir, bundles_dir, step)
+    curve = next((bundles_dir / n / "routing_curve.png" for n in built if (bundles_dir / n / "routing_curve.png").exists()), None)
+    if curve is not None:
+        shutil.copyfile(curve, opts.out / "routing_curve.png")
+    fleet = _run_fleet(opts, run_dir, bundles_dir, built, step)
+    bench = _bench(opts, run_dir, bundles_dir, built, step)
+    step("summary")
+    summary = {
+        "out": str(opts.out.resolve()),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "pipeline": pipe,
+        "bundles": built,
+        "skipped_targets": skipped,
+        "failed_builds": failed,
+        "fleet": fleet,
+        "bench": bench,
+    }
+    atomic_write_json(opts.out / "summary.json", summary)
+    atomic_write_text(opts.out / "summary.md", summary_markdown(summary))
+    _print_summary(summary)
+    return summary
