@@ -51,6 +51,7 @@ class DemoOptions:
     broker: str = "auto"  # auto | mosquitto | amqtt
     bench_seconds: float = 1.0
     serve_s: float = 0.0  # keep broker, gateway and dashboard up this long after the run
+    targets: tuple[str, ...] = ()  # build only these targets (default: every target)
 
 
 def drifted(x: np.ndarray, *, seed: int = 0) -> np.ndarray:
@@ -109,7 +110,9 @@ def _pipeline(opts: DemoOptions, run_dir: Path, step: _Steps) -> dict[str, Any]:
     return report
 
 
-def _build_all(run_dir: Path, bundles_dir: Path, step: _Steps) -> tuple[dict[str, dict], list[dict], list[dict]]:
+def _build_all(
+    run_dir: Path, bundles_dir: Path, targets: tuple[str, ...], step: _Steps
+) -> tuple[dict[str, dict], list[dict], list[dict]]:
     from toolchain.bundle import build_bundle
     from toolchain.commands.build import plan
     from toolchain.rundir import RunDir
@@ -117,6 +120,13 @@ def _build_all(run_dir: Path, bundles_dir: Path, step: _Steps) -> tuple[dict[str
     step("build a bundle for every target whose tooling is installed")
     cfg = RunDir(run_dir).config()
     todo, skipped = plan("all", "all")
+    if targets:
+        from targets import get_target
+
+        for name in targets:
+            get_target(name)  # an unknown name fails here, listing the known ones
+        todo = [(t, p) for t, p in todo if t in targets]
+        skipped = [s for s in skipped if s["target"] in targets]
     for s in skipped:
         step.console.print(f"[yellow]skipped target {s['target']}[/]: {s['reason']}")
     built: dict[str, dict] = {}
@@ -201,24 +211,34 @@ def _run_fleet(
                 ),
             ).start()
 
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(plan) * len(x_test), unit="input", desc="streaming the test split to the fleet")
+        bar_lock = threading.Lock()
+
+        def tick(_: Any) -> None:
+            with bar_lock:
+                bar.update(1)
+
+        errors: dict[str, BaseException] = {}
+
         def feed(device_id: str, drift: bool) -> None:
             agent = agents[device_id]
             xs = drifted(x_test) if drift else x_test
             source = iterator_source(_paced(xs, y_test, opts.rate_hz), agent.bundle.input_spec)
-            answers_by_device[device_id] = list(agent.run(source))
+            try:
+                answers_by_device[device_id] = list(agent.run(source, on_answer=tick))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread below
+                errors[device_id] = e
 
         threads = [threading.Thread(target=feed, args=(d, drift), name=f"feed-{d}") for d, _, drift in plan]
-        from tqdm import tqdm
-
-        expected = len(x_test) / opts.rate_hz
-        with tqdm(total=round(expected, 1), unit="s", desc="streaming test inputs", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s") as bar:
-            for t in threads:
-                t.start()
-            t0 = time.monotonic()
-            while any(t.is_alive() for t in threads):
-                time.sleep(0.25)
-                bar.n = min(expected, time.monotonic() - t0)
-                bar.refresh()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        bar.close()
+        for device_id, e in errors.items():
+            raise EdgeError(f"device agent {device_id} failed: {e}") from e
         devices: list[dict[str, Any]] = []
         for device_id, bundle_name, drift in plan:
             agent = agents[device_id]
@@ -360,7 +380,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     run_dir, bundles_dir = opts.out / "run", opts.out / "bundles"
     step = _Steps(5)
     pipe = _pipeline(opts, run_dir, step)
-    built, skipped, failed = _build_all(run_dir, bundles_dir, step)
+    built, skipped, failed = _build_all(run_dir, bundles_dir, opts.targets, step)
     curve = next((bundles_dir / n / "routing_curve.png" for n in built if (bundles_dir / n / "routing_curve.png").exists()), None)
     if curve is not None:
         shutil.copyfile(curve, opts.out / "routing_curve.png")

@@ -25,6 +25,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rate", type=float, default=120.0, help="inputs per second per device (default 120)")
     p.add_argument("--window", type=float, default=1.0, help="telemetry window in seconds (default 1)")
     p.add_argument("--bench-seconds", type=float, default=1.0, help="single-stream duration per artifact (default 1)")
+    p.add_argument("--targets", default="", metavar="T,T",
+                   help="build only these targets, e.g. onnx,openvino (default: every target)")
     p.add_argument("--serve", type=float, default=0.0, metavar="SECONDS",
                    help="keep the broker, gateway and dashboard up this long after the run")
     add_json_flag(p)
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_demo(DemoOptions(
         out=args.out, config=args.config, reuse=args.reuse, broker=args.broker, rate_hz=args.rate,
         window_s=args.window, bench_seconds=args.bench_seconds, serve_s=args.serve,
+        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
     ))
     if args.json:
         emit_json(summary)

@@ -1,0 +1,102 @@
+"""``toolchain demo``: the whole story wired together, through a real broker.
+
+The default test reuses the shared tiny run and builds two targets, so it takes
+seconds; the slow test runs ``make demo``'s command itself, from training on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cloud_gateway.broker import find_mosquitto
+from toolchain.demo import FLEET, DemoOptions, drifted, run_demo
+from toolchain.errors import UnknownTargetError
+
+pytestmark = pytest.mark.broker
+
+
+def _needs_mosquitto() -> None:
+    if find_mosquitto() is None:
+        msg = "mosquitto is not installed (apt-get install mosquitto)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def _check_summary(out: Path, summary: dict, *, n_test: int) -> None:
+    for name in ("summary.json", "summary.md", "bench/report.md", "bench/latency.png", "bench/pareto.png",
+                 "routing_curve.png"):
+        assert (out / name).is_file(), f"demo left no {name}"
+    assert json.loads((out / "summary.json").read_text())["out"] == str(out.resolve())
+    devices = {d["device"]: d for d in summary["fleet"]["devices"]}
+    assert set(devices) == {d for d, _, _ in FLEET}
+    for d in devices.values():
+        assert d["inputs"] == n_test  # every input answered
+        assert d["p50_ms"] is not None and d["p99_ms"] >= d["p50_ms"]
+    # the drifted device is flagged, the others are not, and it is visibly worse
+    assert devices["edge-3"]["drift_flag"] is True
+    assert devices["edge-1"]["drift_flag"] is False and devices["edge-2"]["drift_flag"] is False
+    assert devices["edge-3"]["accuracy"] < devices["edge-1"]["accuracy"]
+    # the gateway saw every device's telemetry
+    seen = json.dumps(summary["fleet"]["gateway_view"])
+    assert all(d in seen for d in devices)
+    md = (out / "summary.md").read_text()
+    assert "**DRIFT**" in md and "| edge-1 |" in md
+
+
+def test_demo_on_a_finished_run(tiny_run: Path, tmp_path: Path) -> None:
+    _needs_mosquitto()
+    out = tmp_path / "demo"
+    shutil.copytree(tiny_run, out / "run")
+    summary = run_demo(DemoOptions(out=out, reuse=True, targets=("onnx", "openvino"), rate_hz=0, window_s=0.3,
+                                   bench_seconds=0.2))
+    from toolchain.rundir import RunDir
+
+    _check_summary(out, summary, n_test=len(RunDir(out / "run").splits().test[1]))
+    assert set(summary["bundles"]) == {"onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-fp16", "openvino-int8"}
+    assert {d["device"]: d["bundle"] for d in summary["fleet"]["devices"]} == {
+        "edge-1": "onnx-int8", "edge-2": "openvino-int8", "edge-3": "onnx-int8"}  # no tflite: edge-3 falls back
+    bench = {r["artifact"] for r in summary["bench"]["rows"]}
+    assert any("pytorch" in a for a in bench) and len(bench) == 6  # PyTorch baseline + 5 bundles
+
+
+def test_demo_rejects_an_unknown_target(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    shutil.copytree(tiny_run, out / "run")
+    with pytest.raises(UnknownTargetError, match="unknown target 'tensorflow'"):
+        run_demo(DemoOptions(out=out, reuse=True, targets=("tensorflow",)))
+
+
+def test_drifted_stream_moves_input_statistics() -> None:
+    import numpy as np
+
+    x = np.random.default_rng(1).uniform(0, 16, size=(50, 1, 8, 8)).astype(np.float32)
+    d = drifted(x)
+    assert d.shape == x.shape and d.dtype == np.float32
+    assert d.min() >= x.min() and d.max() <= x.max()
+    assert not np.allclose(d, x)
+
+
+@pytest.mark.slow
+def test_make_demo_command_end_to_end(tmp_path: Path) -> None:
+    """What `make demo` runs, from training on: every installed target, a few minutes."""
+    _needs_mosquitto()
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "toolchain.cli", "demo", "--out", str(out), "--json"],
+                       capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    from toolchain.rundir import RunDir
+
+    _check_summary(out, summary, n_test=len(RunDir(out / "run").splits().test[1]))
+    assert summary["failed_builds"] == []
+    for name in ("onnx-int8", "openvino-int8", "tflite-int8"):
+        m = summary["bundles"][name]["metrics"]
+        assert m["accuracy"] >= m["reference_accuracy"] - 0.01
