@@ -195,11 +195,11 @@ def _run_fleet(
     splits = RunDir(run_dir).splits()
     x_test, y_test = splits.test
     answers_by_device: dict[str, list[Any]] = {}
+    agents: dict[str, Any] = {}
     try:
         gateway.start()
         step.console.print(f"gateway: dashboard at {gateway.http_url}/  (write token in {fleet_dir}/token)")
         atomic_write_text(fleet_dir / "token", token + "\n")
-        agents: dict[str, Any] = {}
         for device_id, bundle_name, drift in plan:
             agents[device_id] = Agent(
                 bundles_dir / bundle_name,
@@ -266,6 +266,8 @@ def _run_fleet(
                 pass
         return results
     finally:
+        for agent in agents.values():
+            agent.stop()  # no-op for an agent already stopped
         gateway.stop()
         broker.stop()
 
