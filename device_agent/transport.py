@@ -160,7 +160,9 @@ class MqttLink:
     # --- callbacks -------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         if reason_code.is_failure:
-            self.last_error = f"refused: {reason_code}"
+            hint = " (check the username and password, or the credentials file)" if "authori" in str(
+                reason_code).lower() or "password" in str(reason_code).lower() else ""
+            self.last_error = f"the broker refused the login: {reason_code}{hint}"
             self.refused = True
             log.warning("broker refused connection: %s", reason_code)
             return
@@ -180,7 +182,8 @@ class MqttLink:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         self.connected.clear()
-        if reason_code.is_failure if hasattr(reason_code, "is_failure") else reason_code:
+        failed = reason_code.is_failure if hasattr(reason_code, "is_failure") else reason_code
+        if failed and not self.refused:  # keep the refusal's reason: it says what to fix
             self.last_error = f"disconnected: {reason_code}"
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:  # type: ignore[no-untyped-def]

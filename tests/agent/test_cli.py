@@ -60,6 +60,7 @@ def test_cli_through_the_broker(mosquitto, tiny_cascade, tmp_path):
                "--broker", mosquitto.url, "--username", "dev-d", "--password", "wrong", "--state-dir",
                str(tmp_path / "s2"))
     assert r.returncode == 2 and "could not connect" in r.stderr
+    assert "refused the login: Not authorized (check the username and password" in r.stderr
 
 
 @pytest.mark.broker
