@@ -7,18 +7,9 @@ import time
 
 import pytest
 
-from tests.agent.tiny import items, make_agent, start_gateway
+from tests.agent.tiny import wait_for as _wait, items, make_agent, start_gateway
 
 pytestmark = pytest.mark.broker
-
-
-def _wait(pred, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_broker_restart_delivers_every_window_once_in_order(mosquitto, tiny_cascade, tmp_path):

@@ -231,3 +231,15 @@ class Listener:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def wait_for(pred, timeout: float, what: str) -> None:
+    """Poll ``pred`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

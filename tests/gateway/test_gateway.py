@@ -21,18 +21,9 @@ from device_agent import wire
 from device_agent.agent import Route, summarize
 from device_agent.bundle import sha256_file
 from device_agent.sources import Item
-from tests.agent.tiny import Listener, items, make_agent, retag_bundle, start_gateway
+from tests.agent.tiny import wait_for as _wait, Listener, items, make_agent, retag_bundle, start_gateway
 
 pytestmark = pytest.mark.broker
-
-
-def _wait(pred, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _client(broker, creds, client_id):
