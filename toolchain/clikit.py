@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import warnings
 from typing import Any, Callable, Sequence
 
 from toolchain.errors import EdgeError
@@ -31,6 +33,13 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def escape(text: Any) -> str:
+    """Text for rich output: messages name extras like ``edge-toolchain[tensorrt]``, which is not markup."""
+    from rich.markup import escape as _escape
+
+    return _escape(str(text))
+
+
 def emit_json(report: Any) -> None:
     """Print ``report`` as one JSON line (the last line of stdout, for scripts)."""
     from toolchain.fsutil import _json_default
@@ -39,13 +48,35 @@ def emit_json(report: Any) -> None:
     print(json.dumps(report, default=_json_default), flush=True)
 
 
-def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
-    args = parser.parse_args(argv)
+#: our packages: their INFO lines are progress a user wants to see
+OWN_LOGGERS = ("toolchain", "targets", "calibration", "device_agent", "cloud_gateway", "hw_bench")
+#: third parties whose warnings are noise on a CPU-only machine (e.g. torchao's CUDA kernels not loading)
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "onnxscript", "onnx_ir", "nncf", "amqtt", "transitions")
+
+
+def setup_logging(*, debug: bool) -> None:
+    """INFO for our packages, WARNING for the rest (ERROR for known-noisy ones); everything with --debug."""
     logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "debug", False) else logging.INFO,
+        level=logging.DEBUG if debug else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if debug:
+        return
+    # Converters' own chatter: TensorFlow/LiteRT C++ logs, libraries' deprecation notices to their authors.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    args = parser.parse_args(argv)
+    setup_logging(debug=bool(getattr(args, "debug", False)))
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()

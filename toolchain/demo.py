@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from toolchain.clikit import escape
 from toolchain.errors import EdgeError
 from toolchain.fsutil import atomic_write_json, atomic_write_text
 
@@ -84,6 +85,7 @@ def _console() -> Any:
     return Console(width=150)
 
 
+
 class _Steps:
     def __init__(self, total: int) -> None:
         self.n = 0
@@ -128,7 +130,7 @@ def _build_all(
         todo = [(t, p) for t, p in todo if t in targets]
         skipped = [s for s in skipped if s["target"] in targets]
     for s in skipped:
-        step.console.print(f"[yellow]skipped target {s['target']}[/]: {s['reason']}")
+        step.console.print(f"[yellow]skipped target {s['target']}[/]: {escape(s['reason'])}")
     built: dict[str, dict] = {}
     failed: list[dict] = []
     from tqdm import tqdm
@@ -141,7 +143,7 @@ def _build_all(
             )
         except EdgeError as e:
             failed.append({"bundle": name, "error": f"{type(e).__name__}: {e}"})
-            step.console.print(f"[red]{name} not built[/]: {e}")
+            step.console.print(f"[red]{name} not built[/]: {escape(str(e))}")
     return built, skipped, failed
 
 
@@ -312,6 +314,16 @@ def _latency_by_bundle(bench: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def not_run_reasons(summary: dict[str, Any]) -> dict[str, str]:
+    """``{target: why}`` for targets whose bundles were built but could not be run here."""
+    out: dict[str, str] = {}
+    for name, r in summary["bundles"].items():
+        v = r.get("verify", {})
+        if v.get("status") == "skipped":
+            out.setdefault(name.split("-")[0], str(v.get("reason", "")))
+    return out
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The summary tables as Markdown, for people who open the folder later."""
     lat = _latency_by_bundle(summary.get("bench", {}))
@@ -327,7 +339,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     for name, r in summary["bundles"].items():
         m = r["metrics"]
         lines.append(f"| {name} | {m['size_bytes'] / 1024:.1f} | {pct(m.get('accuracy'))} | {pct(m.get('agreement'))} | "
-                     f"{r.get('verify', {}).get('status', '-')} | {lat.get(name, float('nan')):.3f} |")
+                     f"{r.get('verify', {}).get('status', '-')} | {f'{lat[name]:.3f}' if name in lat else '-'} |")
+    not_run = not_run_reasons(summary)
+    if not_run:
+        lines += ["", "## Built but not run on this machine", ""] + [f"- {t}: {why}" for t, why in not_run.items()]
     if summary["skipped_targets"]:
         lines += ["", "## Skipped targets", ""] + [f"- {s['target']}: {s['reason']}" for s in summary["skipped_targets"]]
     if summary["failed_builds"]:
@@ -366,10 +381,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"{lat[name]:.3f}" if name in lat else "-",
         )
     console.print(a)
+    for target, why in not_run_reasons(summary).items():
+        console.print(f"[yellow]{target} bundles built and checked, not run here[/]: {escape(why)}")
     for s in summary["skipped_targets"]:
-        console.print(f"[yellow]target {s['target']} skipped[/]: {s['reason']}")
+        console.print(f"[yellow]target {s['target']} skipped[/]: {escape(s['reason'])}")
     for f in summary["failed_builds"]:
-        console.print(f"[red]{f['bundle']} failed[/]: {f['error']}")
+        console.print(f"[red]{f['bundle']} failed[/]: {escape(f['error'])}")
     console.print(f"\n[bold]everything is in {summary['out']}[/]: summary.json, summary.md, run/, bundles/, "
                   "bench/ (report.md, latency.png, pareto.png), routing_curve.png")
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from toolchain.clikit import add_common, add_json_flag, emit_json
+from toolchain.clikit import add_common, add_json_flag, emit_json, escape
 
 
 def register(subparsers: Any) -> None:
@@ -129,8 +129,8 @@ def _print_table(reports: list[dict[str, Any]], skipped: list[dict[str, str]], f
     console.print(table)
     reasons = {r["target"]: r["verify"]["reason"] for r in reports if r["verify"]["status"] == "skipped"}
     for target, why in reasons.items():
-        console.print(f"[yellow]verify skipped[/] for {target}: {why}", markup=True, highlight=False)
+        console.print(f"[yellow]verify skipped[/] for {target}: {escape(why)}", highlight=False)
     for s in skipped:
-        console.print(f"[yellow]skipped[/] {s['target']}: {s['reason']}")
+        console.print(f"[yellow]skipped[/] {s['target']}: {escape(s['reason'])}")
     for f in failures:
-        console.print(f"[red]failed[/] {f['target']} {f['precision']}: {f['error']}")
+        console.print(f"[red]failed[/] {f['target']} {f['precision']}: {escape(f['error'])}")

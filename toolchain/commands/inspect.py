@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from toolchain.clikit import add_common, add_json_flag, emit_json
+from toolchain.clikit import add_common, add_json_flag, emit_json, escape
 
 
 def register(subparsers: Any) -> None:
@@ -44,7 +44,7 @@ def _kv_table(title: str, rows: dict[str, Any]) -> Any:
 
             v = json.dumps(v)
             v = v if len(v) < 110 else v[:107] + "..."
-        t.add_row(k, "-" if v is None else str(v))
+        t.add_row(k, "-" if v is None else escape(v))
     return t
 
 
@@ -72,5 +72,5 @@ def render(root: Path, m: dict[str, Any], sha: str) -> None:
     files.add_column("size", justify="right")
     files.add_column("sha256")
     for name, e in m["files"].items():
-        files.add_row(name, str(e["size"]), e["sha256"][:16] + "…")
+        files.add_row(escape(name), str(e["size"]), e["sha256"][:16] + "…")
     c.print(files)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from toolchain.clikit import add_common, add_json_flag, emit_json
+from toolchain.clikit import add_common, add_json_flag, emit_json, escape
 
 
 def register(subparsers: Any) -> None:
@@ -45,6 +45,6 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         t.add_row(r["name"], ", ".join(r["precisions"]), "[green]yes[/]" if r["buildable"] else "[red]no[/]",
                   "[green]yes[/]" if r["available"] else "[red]no[/]",
-                  r["reason"] if r["available"] or not r["buildable"] else r["reason"])
+                  escape(r["reason"]))
     Console(width=160).print(t)
     return 0
