@@ -12,12 +12,12 @@ Importing this module does not import torch; the loaders do.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from device_agent.bundle import sha256_file  # one hashing helper for runs and bundles
 from toolchain.errors import ModelError
 from toolchain.fsutil import atomic_write_bytes, atomic_write_json
 
@@ -28,14 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from toolchain.data import Splits
 
 CHECKPOINT_FORMAT = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class RunDir:
