@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from toolchain.clikit import escape
-from toolchain.errors import EdgeError
+from toolchain.errors import AgentError, EdgeError
 from toolchain.fsutil import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,6 @@ def _build_all(
     cfg = RunDir(run_dir).config()
     todo, skipped = plan("all", "all")
     if targets:
-        from targets import get_target
-
-        for name in targets:
-            get_target(name)  # an unknown name fails here, listing the known ones
         todo = [(t, p) for t, p in todo if t in targets]
         skipped = [s for s in skipped if s["target"] in targets]
     for s in skipped:
@@ -147,7 +143,7 @@ def _build_all(
     return built, skipped, failed
 
 
-def _runnable(name: str, bundles_dir: Path, built: dict[str, dict]) -> bool:
+def _runnable(name: str, built: dict[str, dict]) -> bool:
     from targets import get_target
 
     if name not in built:
@@ -169,13 +165,13 @@ def _run_fleet(
     step("start the broker, the cloud gateway and three device agents")
     plan: list[tuple[str, str, bool]] = []
     for device_id, prefs, drift in FLEET:
-        choice = next((b for b in prefs if _runnable(b, bundles_dir, built)), None)
+        choice = next((b for b in prefs if _runnable(b, built)), None)
         if choice is None:
             step.console.print(f"[yellow]{device_id} not started[/]: none of {', '.join(prefs)} was built")
             continue
         plan.append((device_id, choice, drift))
     if not plan:
-        raise EdgeError("no runnable bundle was built, so no device agent can start")
+        raise AgentError("no runnable bundle was built, so no device agent can start")
 
     fleet_dir = opts.out / "fleet"
     creds = make_fleet(device_ids=[d for d, _, _ in plan])
@@ -288,7 +284,7 @@ def _bench(opts: DemoOptions, run_dir: Path, bundles_dir: Path, built: dict[str,
     from hw_bench.results import write_run
 
     step("benchmark every runnable bundle beside PyTorch eager")
-    names = [n for n in built if _runnable(n, bundles_dir, built)]
+    names = [n for n in built if _runnable(n, built)]
     if not names:
         return {"skipped": "no runnable bundle"}
     bench_dir = opts.out / "bench"
@@ -394,6 +390,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
     """Run the whole story; returns the summary (also written to OUT/summary.json)."""
     t0 = time.perf_counter()
+    if opts.targets:
+        from targets import get_target
+
+        for name in opts.targets:
+            get_target(name)  # an unknown name fails now, listing the known ones, not after training
     opts.out = Path(opts.out)
     opts.out.mkdir(parents=True, exist_ok=True)
     run_dir, bundles_dir = opts.out / "run", opts.out / "bundles"
