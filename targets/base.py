@@ -126,6 +126,22 @@ class Runner(Protocol):
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 
 
+TORCH_HINT = "pip install 'edge-toolchain[toolchain]'"
+
+
+def first_missing(*modules: tuple[str, str]) -> str | None:
+    """``(module, how to install it)`` pairs -> why the first missing one is missing, or None.
+
+    Checks importability without importing (converters are heavy).
+    """
+    from importlib.util import find_spec
+
+    for module, hint in modules:
+        if find_spec(module) is None:
+            return f"{module.replace('_', '-')} is not installed; {hint}"  # the package name users install
+    return None
+
+
 class Target(abc.ABC):
     """Base of every target. Subclasses set the class variables and the four calls."""
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from toolchain.errors import BuildError
 
-from .base import Artifact, ModelSource, Precision, Runner, Target
+from .base import TORCH_HINT, Artifact, ModelSource, Precision, Runner, Target, first_missing
 
 if TYPE_CHECKING:  # pragma: no cover
     from calibration.representative import RepresentativeSet
@@ -103,13 +103,8 @@ class CoreMLTarget(Target):
         return True, f"coremltools {ct.__version__} on macOS {platform.mac_ver()[0]}"
 
     def build_available(self) -> tuple[bool, str]:
-        from importlib.util import find_spec
-
-        if find_spec("coremltools") is None:
-            return False, f"coremltools is not installed; {self.install_hint}"
-        if find_spec("torch") is None:
-            return False, "torch is not installed; pip install 'edge-toolchain[toolchain]'"
-        return True, f"coremltools {self.runtime_version()}"
+        missing = first_missing(("coremltools", self.install_hint), ("torch", TORCH_HINT))
+        return (False, missing) if missing else (True, f"coremltools {self.runtime_version()}")
 
     def build(
         self, source: ModelSource, precision: Precision, calibration: "RepresentativeSet | None", out_dir: Path

@@ -23,7 +23,7 @@ import numpy as np
 
 from toolchain.errors import BuildError
 
-from .base import Artifact, ModelSource, Precision, Runner, Target
+from .base import TORCH_HINT, Artifact, ModelSource, Precision, Runner, Target, first_missing
 
 if TYPE_CHECKING:  # pragma: no cover
     from calibration.representative import RepresentativeSet
@@ -102,17 +102,12 @@ class TfliteTarget(Target):
         try:
             from ai_edge_litert.interpreter import Interpreter  # noqa: F401
         except ImportError as e:
-            return False, f"ai-edge-litert is not installed ({e}); pip install ai-edge-litert"
+            return False, f"ai-edge-litert is not installed ({e}); {self.install_hint}"
         return True, f"ai-edge-litert {self.runtime_version()}"
 
     def build_available(self) -> tuple[bool, str]:
-        from importlib.util import find_spec
-
-        if find_spec("litert_torch") is None:
-            return False, f"litert-torch is not installed; {self.install_hint}"
-        if find_spec("torch") is None:
-            return False, "torch is not installed; pip install 'edge-toolchain[toolchain]'"
-        return True, "litert-torch present"
+        missing = first_missing(("litert_torch", self.install_hint), ("torch", TORCH_HINT))
+        return (False, missing) if missing else (True, "litert-torch present")
 
     def build(
         self, source: ModelSource, precision: Precision, calibration: "RepresentativeSet | None", out_dir: Path
