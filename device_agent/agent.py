@@ -191,33 +191,35 @@ class Agent:
         self._publish_status()
         return self._model
 
-    def _infer(self, raw: np.ndarray) -> tuple[_Model, np.ndarray, np.ndarray, float]:
+    def _infer(self, raw: np.ndarray) -> tuple[_Model, np.ndarray, np.ndarray, np.ndarray, float]:
+        """(model used, its preprocessed input, logits, confidence, seconds); rolls back on a live failure."""
         m = self._model
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # on-device latency counts preprocessing too
+        x = m.bundle.input_spec.preprocess(raw)
         try:
-            logits = np.asarray(m.runner.run(m.bundle.input_spec.preprocess(raw)))
+            logits = np.asarray(m.runner.run(x))
         except Exception as e:
             if isinstance(e, EdgeError) and self._previous is None:
                 raise
             m = self._rollback(e)
             t0 = time.perf_counter()
-            logits = np.asarray(m.runner.run(m.bundle.input_spec.preprocess(raw)))
+            x = m.bundle.input_spec.preprocess(raw)  # the previous bundle may normalise differently
+            logits = np.asarray(m.runner.run(x))
         dt = time.perf_counter() - t0
         conf = self._confidence(logits, measure=m.measure, temperature=m.temperature)
-        return m, logits, np.asarray(conf, dtype=np.float64), dt
+        return m, x, logits, np.asarray(conf, dtype=np.float64), dt
 
     def process(self, items: list[Item]) -> list[Answer]:
         """Answer a batch: local model first, uncertain ones to the cloud within the deadline."""
         if not items:
             return []
         raw = np.stack([it.raw for it in items]).astype(np.float32, copy=False)
-        m, logits, conf, dt = self._infer(raw)
+        m, x, logits, conf, dt = self._infer(raw)
         self.edge_latency.observe(dt)
         self.drift.observe(confidence=conf, raw=raw)
         preds = logits.argmax(axis=1)
         labels = m.bundle.labels
         offload = conf < self._threshold
-        x = m.bundle.input_spec.preprocess(raw)
         sent: dict[int, tuple[bytes, _Pending, float]] = {}
         broker_down: set[int] = set()
         for i in np.flatnonzero(offload):
