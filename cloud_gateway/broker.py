@@ -205,7 +205,13 @@ class AmqttBroker:
         return f"mqtt://{self.host}:{self.port}"
 
     def _config(self) -> dict:
-        import crypt  # noqa: PLC0415 - amqtt's password file is sha512-crypt (Python < 3.13)
+        try:
+            import crypt  # amqtt's password file is sha512-crypt; the module is gone from Python 3.13
+        except ImportError as e:
+            raise GatewayError(
+                "the embedded amqtt broker needs Python < 3.13 (its password file uses the crypt module); "
+                "install mosquitto instead (apt-get install mosquitto)"
+            ) from e
 
         users = dict(self.creds.devices)
         users[self.creds.gateway[0]] = self.creds.gateway[1]
