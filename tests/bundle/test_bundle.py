@@ -63,10 +63,14 @@ def test_int8_bundles(target: str, bundle_factory: Callable[[str, str], Path], t
     m = b.manifest
     cal = m["calibration"]
     assert cal["method"] == "class-stratified" and cal["samples"] > 0
-    from calibration.representative import load_representative_set
+    from calibration.representative import build_representative_set
+    from toolchain.bundle import reference_for
 
-    stored = load_representative_set(tiny_run / "calibration" / f"representative-{BuildConfig().calibration_samples}.npz")
-    assert stored.sha256 == cal["dataset_sha256"]
+    # The provenance names this run's set: rebuilt from the run's data exactly as the build selects it
+    # (not read back from the run dir, which a bundle taken from the fixture's cache never wrote to).
+    ref = reference_for(tiny_run)
+    expected = build_representative_set(inputs=ref.x_train, labels=ref.y_train, n=BuildConfig().calibration_samples)
+    assert expected.sha256 == cal["dataset_sha256"] and len(expected.labels) == cal["samples"]
     if m["verify"]["status"] == "skipped":
         assert target in ("jetson", "coreml") and m["verify"]["reason"]
     else:
