@@ -13,46 +13,13 @@ routing threshold means the same thing on every device (Guo et al., 2017).
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import numpy as np
 
+from edgecore.confidence import Measure, confidence, softmax
+
 __all__ = ["Measure", "softmax", "confidence", "fit_temperature", "ece", "TemperatureFit", "calibrate"]
-
-
-class Measure(str, enum.Enum):
-    MAX_PROB = "max_prob"  # top-1 probability
-    MARGIN = "margin"  # top-1 minus top-2 probability
-    ENTROPY = "entropy"  # 1 - normalised entropy (so that higher = more confident)
-
-    def __str__(self) -> str:
-        return self.value
-
-
-def softmax(logits: np.ndarray, *, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def confidence(logits: np.ndarray, *, measure: Measure | str = Measure.MAX_PROB, temperature: float = 1.0) -> np.ndarray:
-    """Per-sample confidence in [0, 1] of ``logits`` (N, C); higher = more confident."""
-    m = Measure(measure)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    p = softmax(np.atleast_2d(logits), temperature=temperature)
-    if m is Measure.MAX_PROB:
-        return p.max(axis=1)
-    if m is Measure.MARGIN:
-        if p.shape[1] < 2:
-            return np.ones(len(p))
-        top2 = np.partition(p, -2, axis=1)[:, -2:]
-        return top2[:, 1] - top2[:, 0]
-    c = p.shape[1]
-    ent = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)
-    return 1.0 - ent / np.log(c) if c > 1 else np.ones(len(p))
 
 
 def _nll(logits: np.ndarray, y: np.ndarray, t: float) -> float:

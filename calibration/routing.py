@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from toolchain.fsutil import atomic_write_bytes, atomic_write_json
+from edgecore.fsutil import atomic_write_bytes, atomic_write_json
 
 __all__ = ["RoutingChoice", "routing_curve", "choose_threshold", "write_curve"]
 

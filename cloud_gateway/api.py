@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 from flask import Flask, Response, abort, jsonify, request, send_file
 
-from device_agent import wire
-from device_agent.bundle import open_bundle, sha256_file
-from toolchain.errors import BundleTrustError
+from edgecore import wire
+from edgecore.bundle import open_bundle, sha256_file
+from edgecore.errors import BundleTrustError
 
 from .metrics import Metrics
 from .store import TelemetryStore

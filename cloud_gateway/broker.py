@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol
 
-from toolchain.errors import GatewayError
+from edgecore.errors import GatewayError
 
 from .credentials import FleetCredentials, write_fleet_files
 

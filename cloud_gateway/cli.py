@@ -11,8 +11,8 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from toolchain.clikit import add_common, add_json_flag, emit_json, run_cli
-from toolchain.errors import GatewayError
+from edgecore.clikit import add_common, add_json_flag, emit_json, run_cli
+from edgecore.errors import GatewayError
 
 log = logging.getLogger("cloud_gateway")
 

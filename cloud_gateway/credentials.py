@@ -17,8 +17,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolchain.errors import GatewayError
-from toolchain.fsutil import atomic_write_text
+from edgecore.errors import GatewayError
+from edgecore.fsutil import atomic_write_text
 
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.x writes
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

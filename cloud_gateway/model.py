@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from toolchain.errors import GatewayError
+from edgecore.errors import GatewayError
 
 
 @dataclass
@@ -43,7 +43,7 @@ def _labels_from_run(run_dir: Path | None, n: int) -> list[str]:
 def load_onnx_teacher(path: Path, *, threads: int | None = None, labels: list[str] | None = None) -> Teacher:
     import onnxruntime as ort
 
-    from device_agent.bundle import sha256_file
+    from edgecore.bundle import sha256_file
 
     opts = ort.SessionOptions()
     if threads:

@@ -12,11 +12,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (JSON, Column, Float, Integer, MetaData, String, Table, UniqueConstraint, create_engine,
-                        insert, select, update)
+from sqlalchemy import (
+    JSON,
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    create_engine,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from toolchain.errors import GatewayError
+from edgecore.errors import GatewayError
 
 meta = MetaData()
 devices = Table(

@@ -23,9 +23,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device_agent import wire
 from device_agent.transport import BrokerAddress, mqtt_protocol, set_nodelay
-from toolchain.errors import GatewayError
+from edgecore import wire
+from edgecore.errors import GatewayError
 
 from .metrics import BATCH_BUCKETS, Metrics
 from .model import Teacher

@@ -22,10 +22,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from toolchain.errors import AgentError, BundleTrustError, EdgeError
+from edgecore import wire
+from edgecore.bundle import Bundle, open_bundle
+from edgecore.errors import AgentError, BundleTrustError, EdgeError
+from targets import load_runner
 
-from . import wire
-from .bundle import Bundle, open_bundle
 from .drift import DriftConfig, DriftMonitor
 from .histogram import LatencyHistogram
 from .outbox import DropPolicy, Outbox
@@ -99,7 +100,7 @@ class _Pending:
 def load_model(bundle: Bundle, *, threads: int | None = None) -> _Model:
     """Load with this device's runtime and answer a smoke input, or raise an `EdgeError`."""
     try:
-        runner = bundle.runner(threads=threads)
+        runner = load_runner(bundle, threads=threads)
     except EdgeError:
         raise
     except Exception as e:  # runtimes raise their own types for corrupt artifacts
@@ -113,7 +114,7 @@ class Agent:
     """Runs a verified bundle; ``start()`` connects, ``run(source)`` answers every input."""
 
     def __init__(self, bundle: Bundle | str | Path, config: AgentConfig) -> None:
-        from calibration.confidence import confidence  # numpy-only
+        from edgecore.confidence import confidence
 
         self._confidence = confidence
         self.config = config
@@ -454,7 +455,9 @@ class Agent:
                 bundle = open_bundle(job["bundle_path"])
             else:
                 bundle = self.bundle
-            from hw_bench.job import run_job  # lazy: the bench helper's torch-free runner core
+            from hw_bench.job import (
+                run_job,  # lazy: the bench helper's torch-free runner core
+            )
 
             reply.update(ok=True, result=run_job(job, bundle))
         except Exception as e:  # the operator must get an answer, whatever failed

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from toolchain.clikit import add_common, add_json_flag, emit_json, run_cli
-from toolchain.errors import AgentError
+from edgecore.clikit import add_common, add_json_flag, emit_json, run_cli
+from edgecore.errors import AgentError
 
 
 def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
@@ -38,8 +38,9 @@ def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from edgecore.bundle import open_bundle
+
     from .agent import Agent, AgentConfig, summarize
-    from .bundle import open_bundle
     from .drift import DriftConfig
     from .outbox import DropPolicy
     from .sources import Item, MqttInputSource, folder_source, npz_source  # noqa: F401
@@ -109,8 +110,9 @@ def _print_summary(s: dict[str, object]) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from edgecore.bundle import open_bundle
+
     from .agent import load_model
-    from .bundle import open_bundle
 
     b = open_bundle(args.bundle)
     load_model(b)

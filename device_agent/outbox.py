@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from toolchain.errors import AgentError
+from edgecore.errors import AgentError
 
 
 class DropPolicy(str, enum.Enum):

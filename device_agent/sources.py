@@ -15,8 +15,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from edgecore.errors import AgentError
 from targets.base import InputSpec
-from toolchain.errors import AgentError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".pgm"}
 
@@ -120,7 +120,7 @@ class MqttInputSource:
         self.rejected = 0
 
     def push(self, payload: bytes) -> None:
-        from .wire import WireError, decode_tensor
+        from edgecore.wire import WireError, decode_tensor
 
         try:
             a = decode_tensor(payload, max_bytes=1 << 24)

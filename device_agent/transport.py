@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from toolchain.errors import AgentError
+from edgecore.errors import AgentError
 
 log = logging.getLogger(__name__)
 

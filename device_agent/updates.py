@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.errors import BundleTrustError
-
-from .bundle import Bundle, open_bundle, sha256_file
+from edgecore.bundle import Bundle, open_bundle, sha256_file
+from edgecore.errors import BundleTrustError
 
 MAX_DOWNLOAD = 512 << 20
 

@@ -13,8 +13,8 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from edgecore.errors import BenchError
 from targets.base import InputSpec
-from toolchain.errors import BenchError
 
 from .bench import Contender
 

@@ -18,9 +18,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from device_agent.bundle import Bundle
+from edgecore.bundle import Bundle
+from edgecore.errors import BenchError
+from targets import load_runner
 from targets.base import InputSpec
-from toolchain.errors import BenchError
 
 from .data import TestData
 from .loadgen import RunFn, Scenario, ScenarioResult, Settings, offline, single_stream
@@ -58,7 +59,7 @@ def bundle_size_bytes(bundle: Bundle) -> int:
 def bundle_contender(bundle: Bundle, *, threads: int | None) -> Contender:
     """Load the bundle's artifact through `Bundle.runner` (the agent's one way to run it)."""
     m = bundle.manifest
-    runner = bundle.runner(threads=threads)
+    runner = load_runner(bundle, threads=threads)
     model = str(m["model"].get("name", "model"))
     return Contender(
         name=f"{model} {bundle.target}/{bundle.precision}",
@@ -218,6 +219,6 @@ def settings_threads(c: Contender) -> int | None:
 
 
 def open_bundles(paths: Iterable[str | Path]) -> list[Bundle]:
-    from device_agent.bundle import open_bundle
+    from edgecore.bundle import open_bundle
 
     return [open_bundle(p) for p in paths]

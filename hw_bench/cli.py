@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from toolchain.clikit import add_common, add_json_flag, emit_json, run_cli
+from edgecore.clikit import add_common, add_json_flag, emit_json, run_cli
 
 from .loadgen import Scenario, Settings
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.errors import BenchError
+from edgecore.errors import BenchError
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,9 @@ def from_run_dir(run_dir: str | Path) -> TestData:
 
 
 def save_npz(path: Path, data: TestData) -> None:
-    from toolchain.fsutil import atomic_write_bytes
     import io
+
+    from edgecore.fsutil import atomic_write_bytes
 
     buf = io.BytesIO()
     np.savez(buf, X_raw=data.X_raw, y=data.y)

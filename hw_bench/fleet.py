@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from toolchain.errors import BenchError
+from edgecore.errors import BenchError
 
 from .envinfo import environment
 from .loadgen import Scenario

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from device_agent.bundle import Bundle
-from toolchain.errors import BenchError
+from edgecore.bundle import Bundle
+from edgecore.errors import BenchError
 
 from . import RESULTS_SCHEMA_VERSION
 from .bench import bundle_contender, measure

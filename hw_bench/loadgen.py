@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from toolchain.errors import BenchError
+from edgecore.errors import BenchError
 
 RunFn = Callable[[np.ndarray], Any]
 #: kept in results for plots; the percentiles use every latency.

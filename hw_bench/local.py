@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from toolchain.errors import BenchError
+from edgecore.errors import BenchError
 
 from .bench import Contender, bundle_contender, measure, open_bundles
 from .data import TestData, from_run_dir, load_npz

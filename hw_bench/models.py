@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from toolchain.errors import BenchError, EdgeError
+from edgecore.errors import BenchError, EdgeError
+from targets import load_runner
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ def recalibrate_batchnorm(model: Any, *, shape: tuple[int, ...], batches: int = 
 
 
 def _write_bundle(bundle_dir: Path, *, artifact: Any, source: Any, calibration: Any, metrics: dict[str, Any]) -> None:
-    """Manifest + hashes for a built artifact (the bundle contract, device_agent/bundle.py)."""
-    from device_agent.bundle import SCHEMA_VERSION, file_entries
+    """Manifest + hashes for a built artifact (the bundle contract, edgecore/bundle.py)."""
+    from edgecore.bundle import SCHEMA_VERSION, file_entries
     from targets import get_target
     from toolchain import __version__
 
@@ -89,9 +90,9 @@ def _write_bundle(bundle_dir: Path, *, artifact: Any, source: Any, calibration: 
 
 def _agreement(bundle_dir: Path, ref_logits: np.ndarray, x: np.ndarray) -> dict[str, Any]:
     """Top-1 agreement of the built artifact with PyTorch on ``x`` (checks the build ran right)."""
-    from device_agent.bundle import open_bundle
+    from edgecore.bundle import open_bundle
 
-    runner = open_bundle(bundle_dir).runner()
+    runner = load_runner(open_bundle(bundle_dir))
     try:
         out = np.asarray(runner.run(x))
     except Exception:
@@ -109,8 +110,8 @@ def build_for_targets(
     """Build ``source`` for every (available) target x precision; returns (bundles, skipped reasons)."""
     import torch
 
+    from edgecore.fsutil import atomic_dir
     from targets import get_target, target_names
-    from toolchain.fsutil import atomic_dir
 
     names = targets or target_names()
     built: list[Path] = []
@@ -154,7 +155,8 @@ def build_bench_models(
     """Random-weight ``size``x``size``x3 models of ``families``, built for every available target."""
     import torch
 
-    from calibration.representative import RepresentativeSet, _digest
+    from edgecore.representative import RepresentativeSet
+    from edgecore.representative import content_digest as _digest
     from targets.base import InputSpec, ModelSource
     from toolchain.config import ModelConfig
     from toolchain.export import export_onnx

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from toolchain.errors import BenchError
-from toolchain.fsutil import atomic_write_text
+from edgecore.errors import BenchError
+from edgecore.fsutil import atomic_write_text
 
 from .envinfo import int8_hint
 from .results import read_run, rows_with_env

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from toolchain.errors import BenchError
-from toolchain.fsutil import atomic_write_json
+from edgecore.errors import BenchError
+from edgecore.fsutil import atomic_write_json
 
 from . import RESULTS_SCHEMA_VERSION
 

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from device_agent.bundle import Bundle
-from toolchain.errors import BenchError
+from edgecore.bundle import Bundle
+from edgecore.errors import BenchError
 
 _MEDIAN = re.compile(r"Median:\s+([\d.]+)\s*(us|ms)")
 _TPUT = re.compile(r"Throughput:\s+([\d.]+)\s*FPS")

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import importlib
 from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from toolchain.errors import UnknownTargetError
+from edgecore.errors import TargetUnavailableError, UnknownTargetError
 
 from .base import Artifact, InputSpec, ModelSource, Precision, Runner, Target
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgecore.bundle import Bundle
 
 __all__ = [
     "Artifact",
@@ -25,6 +30,7 @@ __all__ = [
     "get_target",
     "target_names",
     "parse_precision",
+    "load_runner",
 ]
 
 ENTRY_POINT_GROUP = "edge_toolchain.targets"
@@ -73,3 +79,14 @@ def parse_precision(target: Target, precision: str) -> Precision:
             f"{', '.join(x.value for x in target.precisions)}"
         )
     return p
+
+
+def load_runner(bundle: "Bundle", *, threads: int | None = None) -> Runner:
+    """Load a verified bundle's artifact with this device's runtime (refuses if it is missing)."""
+    target = get_target(bundle.target)
+    ok, why = target.available()
+    if not ok:
+        raise TargetUnavailableError(
+            f"bundle {bundle.root} is for target {bundle.target!r}, which this device cannot run: {why}"
+        )
+    return target.load(Path(bundle.root), bundle.manifest, threads=threads)

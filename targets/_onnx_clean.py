@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from toolchain.errors import BuildError
+from edgecore.errors import BuildError
 
 
 def clean_onnx(src: Path, dst: Path) -> dict[str, Any]:

@@ -19,12 +19,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from toolchain.errors import BuildError
+from edgecore.errors import BuildError
 
-from .base import TORCH_HINT, Artifact, ModelSource, Precision, Runner, Target, first_missing
+from .base import (
+    TORCH_HINT,
+    Artifact,
+    ModelSource,
+    Precision,
+    Runner,
+    Target,
+    first_missing,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from calibration.representative import RepresentativeSet
+    from edgecore.representative import RepresentativeSet
 
 PACKAGE = "model.mlpackage"
 MAX_BATCH = 1024
@@ -130,7 +138,11 @@ class CoreMLTarget(Target):
                 minimum_deployment_target=ct.target.iOS16,
             )
             if precision is Precision.INT8:
-                from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+                from coremltools.optimize.coreml import (
+                    OpLinearQuantizerConfig,
+                    OptimizationConfig,
+                    linear_quantize_weights,
+                )
 
                 cfg = OptimizationConfig(
                     global_config=OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=0)

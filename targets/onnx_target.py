@@ -15,12 +15,12 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolchain.errors import BuildError
+from edgecore.errors import BuildError
 
 from .base import Artifact, ModelSource, Precision, Runner, Target
 
 if TYPE_CHECKING:  # pragma: no cover
-    from calibration.representative import RepresentativeSet
+    from edgecore.representative import RepresentativeSet
 
 MODEL_FILE = "model.onnx"
 
@@ -40,10 +40,15 @@ def static_quantize_onnx(
 ) -> None:
     """Post-training static QDQ quantization of ``src`` into ``dst`` with the representative set."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from calibration.adapters import ort_data_reader
+    from targets.calibration_data import ort_data_reader
 
     real_input = onnx.load(str(src), load_external_data=False).graph.input[0].name or input_name
     pre = dst.with_name(dst.stem + ".pre.onnx")

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from toolchain.errors import BuildError
+from edgecore.errors import BuildError
 
 from .base import Artifact, ModelSource, Precision, Runner, Target
 
 if TYPE_CHECKING:  # pragma: no cover
-    from calibration.representative import RepresentativeSet
+    from edgecore.representative import RepresentativeSet
 
 XML, BIN = "model.xml", "model.bin"
 
@@ -135,7 +135,7 @@ class OpenVinoTarget(Target):
             import nncf
         except ImportError as e:
             raise BuildError(f"NNCF is needed for OpenVINO int8 post-training quantization ({e}); pip install nncf") from e
-        from calibration.adapters import nncf_dataset
+        from targets.calibration_data import nncf_dataset
 
         return nncf.quantize(
             model,

@@ -21,12 +21,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from toolchain.errors import BuildError
+from edgecore.errors import BuildError
 
-from .base import TORCH_HINT, Artifact, ModelSource, Precision, Runner, Target, first_missing
+from .base import (
+    TORCH_HINT,
+    Artifact,
+    ModelSource,
+    Precision,
+    Runner,
+    Target,
+    first_missing,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from calibration.representative import RepresentativeSet
+    from edgecore.representative import RepresentativeSet
 
 MODEL_FILE = "model.tflite"
 
@@ -149,7 +157,7 @@ class TfliteTarget(Target):
         from litert_torch.quantize.quant_config import QuantConfig
         from torchao.quantization.pt2e import quantize_pt2e
 
-        from calibration.adapters import torch_batches
+        from targets.calibration_data import torch_batches
 
         if calibration is None:
             raise BuildError("tflite int8 needs a calibration (representative) set")

@@ -6,7 +6,7 @@ is here), temperature scaling and routing threshold on the validation split,
 drift reference, manifest with every file's hash; then the directory is
 renamed into place and ``BUNDLE.tar.gz`` written beside it. Any failure, the
 accuracy gate included, leaves nothing at the destination that looks shippable
-(`toolchain.fsutil.atomic_dir`).
+(`edgecore.fsutil.atomic_dir`).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.bundle import DRIFT_REFERENCE, MANIFEST, SCHEMA_VERSION, file_entries
+from edgecore.bundle import DRIFT_REFERENCE, MANIFEST, SCHEMA_VERSION, file_entries
+from edgecore.errors import TargetUnavailableError
+from edgecore.fsutil import atomic_dir, atomic_write_json
 from targets import Precision, get_target, parse_precision
 from targets.base import InputSpec
 from toolchain import __version__
 from toolchain.config import BuildConfig
-from toolchain.errors import TargetUnavailableError
-from toolchain.fsutil import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 

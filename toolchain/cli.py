@@ -2,6 +2,9 @@
 
 The CLI only parses and calls. Each subcommand is one module in
 `toolchain.commands` with ``register(subparsers)``; its parser sets ``func``.
+Packages above the toolchain (the demo) add commands through the
+``edge_toolchain.commands`` entry-point group (``name = "package.module"``),
+so the toolchain never imports them.
 """
 
 from __future__ import annotations
@@ -9,10 +12,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+from importlib import metadata
 from typing import Sequence
 
+from edgecore.clikit import add_common, run_cli
 from toolchain import __version__, commands
-from toolchain.clikit import add_common, run_cli
+
+COMMANDS_GROUP = "edge_toolchain.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         module.register(sub)
+    for ep in sorted(metadata.entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        importlib.import_module(ep.value).register(sub)
     return parser
 
 

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgecore.errors import CompressionError
 from toolchain.config import Config, PruneTarget, QdqWeightBits
-from toolchain.errors import CompressionError
 from toolchain.rundir import RunDir, save_checkpoint
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -336,7 +336,7 @@ def save_qat_program(path: Path, converted: "nn.Module", input_shape: tuple[int,
     """Save the converted QAT module as a torch.export program (int8 weights inside)."""
     import torch
 
-    from toolchain.fsutil import atomic_write_bytes
+    from edgecore.fsutil import atomic_write_bytes
 
     ep = torch.export.export(converted, (torch.zeros(2, *input_shape),), dynamic_shapes=({0: _batch_dim()},))
     buf = io.BytesIO()

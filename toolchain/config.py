@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from toolchain.errors import ConfigError
+import tomllib
+
+from edgecore.errors import ConfigError
 
 
 class PruneTarget(str, enum.Enum):

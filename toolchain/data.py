@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgecore.errors import ConfigError, DataError
 from targets.base import InputSpec
 from toolchain.config import DataConfig
-from toolchain.errors import ConfigError, DataError
 
 _IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 

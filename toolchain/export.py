@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgecore.errors import ExportError
 from toolchain.config import Config
-from toolchain.errors import ExportError
 from toolchain.rundir import RunDir
 
 if TYPE_CHECKING:  # pragma: no cover

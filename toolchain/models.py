@@ -15,8 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from edgecore.errors import ModelError
 from toolchain.config import ModelConfig
-from toolchain.errors import ModelError
 
 
 def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:

@@ -17,9 +17,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from device_agent.bundle import sha256_file  # one hashing helper for runs and bundles
-from toolchain.errors import ModelError
-from toolchain.fsutil import atomic_write_bytes, atomic_write_json
+from edgecore.bundle import sha256_file  # one hashing helper for runs and bundles
+from edgecore.errors import ModelError
+from edgecore.fsutil import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

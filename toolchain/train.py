@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgecore.errors import ModelError
+from edgecore.fsutil import atomic_write_text
 from toolchain.config import Config, to_dict, to_toml
-from toolchain.errors import ModelError
-from toolchain.fsutil import atomic_write_text
 from toolchain.rundir import RunDir, load_checkpoint, save_checkpoint
 
 # Files of later stages: stale once the teacher is retrained.

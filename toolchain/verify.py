@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from edgecore.errors import AccuracyGateError, BuildError
 from targets.base import Precision, Runner
-from toolchain.errors import AccuracyGateError, BuildError
 
 MIN_FP32_AGREEMENT = 0.995
 MAX_LISTED_MISMATCHES = 20
@@ -105,10 +105,10 @@ def verify_bundle(bundle: Path | str, *, run_dir: Path | str | None = None, budg
     The run folder defaults to the one recorded in the manifest's lineage.
     A target whose runtime is absent here is reported as skipped, with why.
     """
-    from device_agent.bundle import open_bundle
+    from edgecore.bundle import open_bundle
+    from edgecore.errors import ModelError
     from targets import get_target, parse_precision
     from toolchain.bundle import reference_for
-    from toolchain.errors import ModelError
 
     b = open_bundle(bundle)
     m = b.manifest

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from toolchain.errors import BuildError, TargetUnavailableError
-from toolchain.fsutil import atomic_write_bytes, atomic_write_json
+from edgecore.errors import BuildError, TargetUnavailableError
+from edgecore.fsutil import atomic_write_bytes, atomic_write_json
 
 DEFAULT_CACHE = Path(os.environ.get("EDGE_TRT_CACHE", Path.home() / ".cache" / "edge-toolchain" / "trt"))
 

@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from toolchain.errors import BuildError
+from edgecore.errors import BuildError
 
 from ..base import InputSpec, Precision
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from toolchain.errors import AgentError
+from edgecore.errors import AgentError
 
 
 def _cudart() -> Any:

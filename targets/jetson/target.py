@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolchain.errors import BuildError, TargetUnavailableError
-from toolchain.fsutil import atomic_write_json
+from edgecore.errors import BuildError, TargetUnavailableError
+from edgecore.fsutil import atomic_write_json
 
 from ..base import Artifact, ModelSource, Precision, Runner, Target
 from .recipe import check_onnx_for_tensorrt, make_recipe
 
 if TYPE_CHECKING:  # pragma: no cover
-    from calibration.representative import RepresentativeSet
+    from edgecore.representative import RepresentativeSet
 
 MODEL_FILE = "model.onnx"
 RECIPE_FILE = "trt_recipe.json"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from device_agent.agent import Route, summarize
+from targets import load_runner
 from tests.agent.tiny import items, make_agent
 
 pytestmark = pytest.mark.broker
@@ -39,10 +40,10 @@ def measure_cascade(broker, bundle_dir, teacher, x_raw, y, tmp_path, *, device_i
     teacher accuracies, and the accuracy/offload curve measured with the cloud
     answers that actually came back over MQTT.
     """
+    from calibration.confidence import confidence
     from cloud_gateway.service import Gateway, GatewayConfig
     from cloud_gateway.worker import WorkerConfig
-    from calibration.confidence import confidence
-    from device_agent.bundle import open_bundle
+    from edgecore.bundle import open_bundle
 
     user, pw = broker.gateway_credentials
     cfg = GatewayConfig(worker=WorkerConfig(broker_url=broker.url, username=user, password=pw),
@@ -57,7 +58,7 @@ def measure_cascade(broker, bundle_dir, teacher, x_raw, y, tmp_path, *, device_i
     assert s["inputs"] == len(y) and s["fallback"] == 0
     assert all(a.route is Route.CLOUD for a in cloud)
     cloud_pred = np.array([a.prediction for a in cloud])
-    runner = b.runner(threads=1)
+    runner = load_runner(b, threads=1)
     logits = runner.run(b.input_spec.preprocess(x_raw))
     edge_pred = logits.argmax(1)
     r = b.routing
@@ -93,13 +94,13 @@ def test_cascade_on_the_shared_tiny_run(mosquitto, onnx_bundle, tiny_run, tmp_pa
 @pytest.mark.slow
 def test_acceptance_default_config_cascade(mosquitto, tmp_path):
     """Acceptance: cascade >= teacher - 0.3 pt at <= 10% offload, default config, through the broker."""
+    import os
+    from pathlib import Path
+
     from toolchain import pipeline
     from toolchain.bundle import build_bundle
     from toolchain.config import load_config
     from toolchain.rundir import RunDir
-
-    import os
-    from pathlib import Path
 
     # EDGE_ACCEPTANCE_RUN: a run dir already trained with the default config (e.g. by `make demo`)
     existing = os.environ.get("EDGE_ACCEPTANCE_RUN")

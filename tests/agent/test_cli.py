@@ -68,7 +68,7 @@ def test_cli_mqtt_source_answers_on_the_answers_topic(mosquitto, tiny_cascade, t
     import signal
     import time
 
-    from device_agent import wire
+    from edgecore import wire
 
     run = tiny_cascade
     user, pw = mosquitto.credentials("dev-c")

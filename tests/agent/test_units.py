@@ -8,15 +8,15 @@ import shutil
 import numpy as np
 import pytest
 
-from device_agent import wire
 from device_agent.agent import Agent, AgentConfig, Route, summarize
-from device_agent.bundle import open_bundle
 from device_agent.drift import DriftConfig, DriftMonitor, ks_2samp, psi
 from device_agent.histogram import LatencyHistogram
 from device_agent.outbox import DropPolicy, Outbox
 from device_agent.sources import folder_source, iterator_source, npz_source
+from edgecore import wire
+from edgecore.bundle import open_bundle
+from edgecore.errors import AgentError, BundleTrustError
 from tests.agent.tiny import items
-from toolchain.errors import AgentError, BundleTrustError
 
 
 def test_tensor_roundtrip_and_errors():
@@ -65,8 +65,9 @@ def test_drift_monitor_flags_shifted_inputs(tiny_cascade):
     mon.observe(confidence=conf[:10], raw=run.x_test[:10])
     assert mon.scores() is None  # too few samples to say anything
     mon.reset(ref)
-    from calibration.confidence import confidence
     import onnxruntime as ort
+
+    from calibration.confidence import confidence
 
     s = ort.InferenceSession(str(run.student_onnx))
     logits = s.run(None, {"input": run.spec.preprocess(run.x_test)})[0]

@@ -11,15 +11,15 @@ exactly as they run exported PyTorch models. The bundle follows the contract
 from __future__ import annotations
 
 import json
-import warnings
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from calibration.confidence import confidence, fit_temperature
-from device_agent.bundle import SCHEMA_VERSION, file_entries, sha256_file
+from edgecore.bundle import SCHEMA_VERSION, file_entries, sha256_file
 from targets.base import InputSpec
 
 

@@ -5,10 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.bundle import open_bundle
+from edgecore.bundle import open_bundle
+from edgecore.errors import BenchError
 from hw_bench.data import TestData, save_npz
 from hw_bench.job import run_job
-from toolchain.errors import BenchError
+from targets import load_runner
 
 
 def _job(**kw):  # type: ignore[no-untyped-def]
@@ -34,7 +35,7 @@ def test_run_job_single_stream_reports_latency_env_and_skipped_accuracy(tiny_bun
 
 def test_run_job_accuracy_from_npz(tiny_bundle: Path, tmp_path: Path, tiny_data: TestData) -> None:
     b = open_bundle(tiny_bundle)
-    runner = b.runner(threads=1)
+    runner = load_runner(b, threads=1)
     pred = runner.run(b.input_spec.preprocess(tiny_data.X_raw)).argmax(1)
     y = pred.copy()
     y[::2] = (y[::2] + 1) % 10  # half wrong, on purpose

@@ -5,8 +5,8 @@ import time
 import numpy as np
 import pytest
 
+from edgecore.errors import BenchError
 from hw_bench.loadgen import Scenario, Settings, offline, single_stream
-from toolchain.errors import BenchError
 
 
 class Counter:

@@ -6,13 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgecore.errors import BenchError
 from hw_bench.cli import main
 from hw_bench.data import TestData, save_npz
 from hw_bench.loadgen import Scenario, Settings
 from hw_bench.local import run_local
 from hw_bench.report import report
 from hw_bench.results import read_run, write_run
-from toolchain.errors import BenchError
+from targets import load_runner
 
 from .tinybundle import make_bundle
 
@@ -37,10 +38,10 @@ def _torch_twin(bundle: Path, out: Path) -> Path:
 
 
 def test_local_run_with_pytorch_baseline_accuracy_and_report(tiny_bundle: Path, tmp_path: Path, tiny_data: TestData) -> None:
-    from device_agent.bundle import open_bundle
+    from edgecore.bundle import open_bundle
 
     b = open_bundle(tiny_bundle)
-    y = b.runner().run(b.input_spec.preprocess(tiny_data.X_raw)).argmax(1)
+    y = load_runner(b).run(b.input_spec.preprocess(tiny_data.X_raw)).argmax(1)
     y[:10] = (y[:10] + 3) % 10  # 30/40 right
     save_npz(tmp_path / "d.npz", TestData(tiny_data.X_raw, y, "d"))
     base = _torch_twin(tiny_bundle, tmp_path / "tiny.pt")

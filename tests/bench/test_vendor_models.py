@@ -5,10 +5,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.bundle import open_bundle
-from hw_bench.vendor import benchmark_app_command, find_tool, parse_benchmark_app, trtexec_status
+from edgecore.bundle import open_bundle
+from edgecore.errors import BenchError
+from hw_bench.vendor import (
+    benchmark_app_command,
+    find_tool,
+    parse_benchmark_app,
+    trtexec_status,
+)
+from targets import load_runner
 from targets.base import InputSpec, ModelSource, Precision
-from toolchain.errors import BenchError
 
 from .tinybundle import tiny_onnx
 
@@ -61,7 +67,7 @@ def test_benchmark_app_cross_check_on_the_same_ir(tmp_path: Path) -> None:
     cmd = benchmark_app_command(b, threads=1, seconds=1, exe="benchmark_app")
     assert cmd[cmd.index("-nthreads") + 1] == "1" and cmd[cmd.index("-infer_precision") + 1] == "f32"
     assert "-api" in cmd and cmd[cmd.index("-api") + 1] == "sync" and cmd[cmd.index("-data_shape") + 1] == "input[1,1,8,8]"
-    runner = b.runner(threads=1)
+    runner = load_runner(b, threads=1)
     x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
     c = cross_check_openvino(b, runner.run, x, threads=1, seconds=1, rounds=1)
     assert c["available"] and c["median_ms"] > 0 and c["ours_median_ms"] > 0

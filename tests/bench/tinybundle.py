@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.bundle import SCHEMA_VERSION, file_entries
+from edgecore.bundle import SCHEMA_VERSION, file_entries
 from targets.base import InputSpec
 
 

@@ -32,7 +32,7 @@ def default_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 @pytest.mark.slow
 def test_default_student_all_targets(default_run: Path, tmp_path: Path) -> None:
-    from device_agent.bundle import open_bundle
+    from edgecore.bundle import open_bundle
     from toolchain.bundle import build_bundle
 
     out = tmp_path / "bundles"

@@ -11,11 +11,18 @@ import numpy as np
 import onnx
 import pytest
 
-from device_agent.bundle import open_bundle
+from edgecore.bundle import open_bundle
+from edgecore.errors import (
+    AccuracyGateError,
+    BundleTrustError,
+    ModelError,
+    TargetUnavailableError,
+    UnknownTargetError,
+)
+from targets import load_runner
 from toolchain.bundle import build_bundle, tarball_path
 from toolchain.cli import main as cli
 from toolchain.config import BuildConfig
-from toolchain.errors import AccuracyGateError, BundleTrustError, ModelError, TargetUnavailableError, UnknownTargetError
 
 MANIFEST_KEYS = {"schema_version", "model", "target", "precision", "toolchain_version", "created", "input", "output",
                  "artifact", "files", "metrics", "routing", "calibration", "lineage"}
@@ -53,7 +60,7 @@ def test_onnx_bundle_follows_the_contract(onnx_bundle: Path, tiny_run: Path) -> 
     from toolchain.rundir import RunDir
 
     s = RunDir(tiny_run).splits()
-    logits = b.runner().run(b.input_spec.preprocess(s.test[0]))
+    logits = load_runner(b).run(b.input_spec.preprocess(s.test[0]))
     assert float((logits.argmax(1) == s.test[1]).mean()) == pytest.approx(met["accuracy"])
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.bundle import open_bundle
+from edgecore.bundle import open_bundle
+from targets import load_runner
 from tests.fixtures.pipeline import tiny_config
 from toolchain.bundle import build_bundle
 
@@ -47,5 +48,5 @@ def test_wine_bundles(wine_run: Path, tmp_path: Path, target: str, precision: st
     from toolchain.rundir import RunDir
 
     s = RunDir(wine_run).splits()
-    logits = b.runner().run(b.input_spec.preprocess(s.test[0]))
+    logits = load_runner(b).run(b.input_spec.preprocess(s.test[0]))
     assert logits.shape == (len(s.test[1]), 3)

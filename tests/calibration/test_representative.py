@@ -5,9 +5,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration.adapters import litert_representative_dataset, nncf_dataset, ort_data_reader
-from calibration.representative import build_representative_set, load_representative_set, select_stratified
-from toolchain.errors import DataError
+from calibration.representative import (
+    build_representative_set,
+    load_representative_set,
+    select_stratified,
+)
+from edgecore.errors import DataError
+from targets.calibration_data import (
+    litert_representative_dataset,
+    nncf_dataset,
+    ort_data_reader,
+)
 
 
 def _data(n: int = 1000) -> tuple[np.ndarray, np.ndarray]:

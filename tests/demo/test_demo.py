@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from cloud_gateway.broker import find_mosquitto
-from toolchain.demo import FLEET, DemoOptions, drifted, run_demo
-from toolchain.errors import UnknownTargetError
+from edge_demo.story import FLEET, DemoOptions, drifted, run_demo
+from edgecore.errors import UnknownTargetError
 
 pytestmark = pytest.mark.broker
 

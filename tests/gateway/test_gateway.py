@@ -17,11 +17,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device_agent import wire
 from device_agent.agent import Route, summarize
-from device_agent.bundle import sha256_file
 from device_agent.sources import Item
-from tests.agent.tiny import wait_for as _wait, Listener, items, make_agent, retag_bundle, start_gateway
+from edgecore import wire
+from edgecore.bundle import sha256_file
+from tests.agent.tiny import Listener, items, make_agent, retag_bundle, start_gateway
+from tests.agent.tiny import wait_for as _wait
 
 pytestmark = pytest.mark.broker
 

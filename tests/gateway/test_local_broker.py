@@ -15,11 +15,16 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud_gateway.broker import AmqttBroker, MosquittoBroker, find_mosquitto, start_local_broker
+from cloud_gateway.broker import (
+    AmqttBroker,
+    MosquittoBroker,
+    find_mosquitto,
+    start_local_broker,
+)
 from device_agent.agent import summarize
+from edgecore.errors import GatewayError
 from tests.agent.tiny import items, make_agent, start_gateway
 from tests.fixtures.broker import CredentialsMixin, known_credentials
-from toolchain.errors import GatewayError
 
 pytestmark = pytest.mark.broker
 

@@ -10,7 +10,7 @@ import pytest
 from cloud_gateway.credentials import acl_text, hash_password, make_fleet
 from cloud_gateway.metrics import Metrics
 from cloud_gateway.store import TelemetryStore, db_url
-from toolchain.errors import GatewayError
+from edgecore.errors import GatewayError
 
 
 def test_store_dedupes_windows_and_keeps_order(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cloud_gateway.model import load_teacher
-from toolchain.errors import GatewayError
+from edgecore.errors import GatewayError
 
 
 def test_onnx_and_torch_teachers_agree(tiny_run):

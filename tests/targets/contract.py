@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
+from edgecore.errors import UnknownTargetError
 from targets import Precision, Target, get_target, parse_precision, target_names
-from toolchain.errors import UnknownTargetError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,10 +5,10 @@ from typing import Any
 
 import pytest
 
+from edgecore.errors import BuildError
 from targets import Precision, get_target
 from targets.coreml_target import check_structure
 from tests.targets.contract import TargetContract
-from toolchain.errors import BuildError
 
 
 class TestCoreMLContract(TargetContract):

@@ -9,12 +9,12 @@ from typing import Any
 import onnx
 import pytest
 
+from edgecore.errors import BuildError
 from targets import Precision, get_target
 from targets.jetson.engine import EngineCache, build_engine, engine_key
 from targets.jetson.recipe import check_onnx_for_tensorrt, make_recipe, trtexec_command
 from tests.targets import trt_standin
 from tests.targets.contract import TargetContract
-from toolchain.errors import BuildError
 
 
 class TestJetsonContract(TargetContract):

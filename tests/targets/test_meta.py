@@ -8,9 +8,9 @@ import pkgutil
 import pytest
 
 import tests.targets as pkg
+from edgecore.errors import UnknownTargetError
 from targets import get_target, target_names
 from tests.targets.contract import TargetContract
-from toolchain.errors import UnknownTargetError
 
 
 def _contract_targets() -> set[str]:

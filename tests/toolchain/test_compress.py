@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from edgecore.errors import CompressionError
 from toolchain.compress import cpu_has_vnni, find_pruning_ratio, resolve_weight_bits
 from toolchain.config import PruneTarget, QdqWeightBits
-from toolchain.errors import CompressionError
 from toolchain.rundir import RunDir
 
 NO_VNNI = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
@@ -57,8 +57,8 @@ def test_compress_report_and_student(tiny_run):
 def test_seven_bit_quantizer_keeps_weights_within_63(tmp_path):
     """The reduced-range recipe for CPUs without VNNI: every int8 weight in [-63, 63]."""
     import torch
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
     import torchao.quantization.pt2e as pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
     from toolchain.compress import _batch_dim, make_quantizer
     from toolchain.export import _qdq_stats, export_onnx

@@ -6,9 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from edgecore.errors import ConfigError
 from toolchain.cli import main
-from toolchain.config import (Config, PruneTarget, QdqWeightBits, from_dict, load_config, to_toml)
-from toolchain.errors import ConfigError
+from toolchain.config import (
+    Config,
+    PruneTarget,
+    QdqWeightBits,
+    from_dict,
+    load_config,
+    to_toml,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

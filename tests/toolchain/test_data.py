@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edgecore.errors import ConfigError, DataError
 from toolchain.config import DataConfig
 from toolchain.data import data_record, load_splits, splits_from_record
-from toolchain.errors import ConfigError, DataError
 
 
 def test_digits_split_is_deterministic_stratified_and_normalised_on_train():

@@ -60,8 +60,8 @@ def test_export_report_keys(tiny_run):
 def test_export_refuses_a_run_without_student(tmp_path, tiny_run):
     import shutil
 
+    from edgecore.errors import ModelError
     from tests.fixtures.pipeline import tiny_config
-    from toolchain.errors import ModelError
     from toolchain.export import export
 
     run = tmp_path / "r"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from edgecore.errors import ModelError
 from toolchain.config import ModelConfig
-from toolchain.errors import ModelError
 from toolchain.models import build_model, count_macs, count_params
 
 

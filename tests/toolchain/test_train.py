@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from edgecore.errors import ModelError
 from tests.fixtures.pipeline import tiny_config
-from toolchain.errors import ModelError
 from toolchain.rundir import RunDir
 from toolchain.train import train
 

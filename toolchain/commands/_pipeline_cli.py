@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from toolchain.clikit import add_common, add_json_flag, emit_json
+from edgecore.clikit import add_common, add_json_flag, emit_json
 
 
 def add_parser(subparsers: Any, name: str, *, help: str, description: str) -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from toolchain.clikit import add_common, add_json_flag, emit_json, escape
+from edgecore.clikit import add_common, add_json_flag, emit_json, escape
 
 
 def register(subparsers: Any) -> None:
@@ -55,9 +55,9 @@ def plan(target: str, precision: str) -> tuple[list[tuple[str, str]], list[dict[
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgecore.errors import BuildError, EdgeError
     from toolchain.bundle import build_bundle
     from toolchain.config import config_from_args
-    from toolchain.errors import BuildError, EdgeError
 
     cfg = config_from_args(args)
     run_dir = args.run or args.run_dir or cfg.run.dir

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from toolchain.clikit import add_common, add_json_flag, emit_json, escape
+from edgecore.clikit import add_common, add_json_flag, emit_json, escape
 
 
 def register(subparsers: Any) -> None:
@@ -20,7 +20,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from device_agent.bundle import open_bundle
+    from edgecore.bundle import open_bundle
 
     b = open_bundle(args.bundle)
     if args.json:

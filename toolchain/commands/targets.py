@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from toolchain.clikit import add_common, add_json_flag, emit_json, escape
+from edgecore.clikit import add_common, add_json_flag, emit_json, escape
 
 
 def register(subparsers: Any) -> None:

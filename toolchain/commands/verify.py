@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from toolchain.clikit import add_common, add_json_flag, emit_json
+from edgecore.clikit import add_common, add_json_flag, emit_json
 
 
 def register(subparsers: Any) -> None:

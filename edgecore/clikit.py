@@ -16,7 +16,7 @@ import sys
 import warnings
 from typing import Any, Callable, Sequence
 
-from toolchain.errors import EdgeError
+from edgecore.errors import EdgeError
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def escape(text: Any) -> str:
 
 def emit_json(report: Any) -> None:
     """Print ``report`` as one JSON line (the last line of stdout, for scripts)."""
-    from toolchain.fsutil import _json_default
+    from edgecore.fsutil import _json_default
 
     sys.stdout.flush()
     print(json.dumps(report, default=_json_default), flush=True)

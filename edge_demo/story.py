@@ -27,9 +27,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from toolchain.clikit import escape
-from toolchain.errors import AgentError, EdgeError
-from toolchain.fsutil import atomic_write_json, atomic_write_text
+from edgecore.clikit import escape
+from edgecore.errors import AgentError, EdgeError
+from edgecore.fsutil import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

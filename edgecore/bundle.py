@@ -2,7 +2,8 @@
 
 A bundle is a directory (or a ``.tar.gz`` of one) holding ``manifest.json``,
 the artifact files and ``drift_reference.json``. The toolchain writes it
-(`toolchain.bundle`) with the helpers here; the agent opens it with
+(`toolchain.bundle`) with the helpers here; `targets.load_runner`
+loads its artifact; the agent opens it with
 `open_bundle`, which refuses anything it cannot trust, naming the problem:
 an unknown schema version, a missing file, a size or sha256 mismatch, an
 unsafe path, or a target whose runtime this device lacks.
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from targets.base import InputSpec, Runner
-from toolchain.errors import BundleTrustError, TargetUnavailableError
+from edgecore.errors import BundleTrustError
+from edgecore.spec import InputSpec
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMAS = (1,)
@@ -89,18 +90,6 @@ class Bundle:
     def drift_reference(self) -> dict[str, Any] | None:
         p = self.root / DRIFT_REFERENCE
         return json.loads(p.read_text()) if p.exists() else None
-
-    def runner(self, *, threads: int | None = None) -> Runner:
-        """Load the artifact with this device's runtime (refuses if it is missing)."""
-        from targets import get_target
-
-        target = get_target(self.target)
-        ok, why = target.available()
-        if not ok:
-            raise TargetUnavailableError(
-                f"bundle {self.root} is for target {self.target!r}, which this device cannot run: {why}"
-            )
-        return target.load(self.root, self.manifest, threads=threads)
 
 
 def read_manifest(root: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``toolchain demo``: the main job, end to end (see `toolchain.demo`)."""
+"""``toolchain demo``: the main job, end to end (see `edge_demo.story`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from toolchain.clikit import add_common, add_json_flag, emit_json
+from edgecore.clikit import add_common, add_json_flag, emit_json
 
 
 def register(subparsers: Any) -> None:
@@ -35,7 +35,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from toolchain.demo import DemoOptions, run_demo
+    from edge_demo.story import DemoOptions, run_demo
 
     summary = run_demo(DemoOptions(
         out=args.out, config=args.config, reuse=args.reuse, broker=args.broker, rate_hz=args.rate,

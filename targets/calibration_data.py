@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from calibration.representative import RepresentativeSet
+from edgecore.representative import RepresentativeSet
 
 __all__ = ["ort_data_reader", "nncf_dataset", "litert_representative_dataset", "torch_batches"]
 

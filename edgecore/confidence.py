@@ -1,0 +1,49 @@
+"""Calibrated confidence as the device computes it: softmax with a temperature and a measure.
+
+The bundle's routing block names the measure and the temperature; the agent
+and the build both call `confidence`, so the threshold means the same on
+every device. Fitting the temperature lives in `calibration.confidence`.
+Numpy only.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+__all__ = ["Measure", "softmax", "confidence"]
+
+
+class Measure(str, enum.Enum):
+    MAX_PROB = "max_prob"  # top-1 probability
+    MARGIN = "margin"  # top-1 minus top-2 probability
+    ENTROPY = "entropy"  # 1 - normalised entropy (so that higher = more confident)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def softmax(logits: np.ndarray, *, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def confidence(logits: np.ndarray, *, measure: Measure | str = Measure.MAX_PROB, temperature: float = 1.0) -> np.ndarray:
+    """Per-sample confidence in [0, 1] of ``logits`` (N, C); higher = more confident."""
+    m = Measure(measure)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    p = softmax(np.atleast_2d(logits), temperature=temperature)
+    if m is Measure.MAX_PROB:
+        return p.max(axis=1)
+    if m is Measure.MARGIN:
+        if p.shape[1] < 2:
+            return np.ones(len(p))
+        top2 = np.partition(p, -2, axis=1)[:, -2:]
+        return top2[:, 1] - top2[:, 0]
+    c = p.shape[1]
+    ent = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)
+    return 1.0 - ent / np.log(c) if c > 1 else np.ones(len(p))
