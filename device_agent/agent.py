@@ -25,6 +25,7 @@ import numpy as np
 from edgecore import wire
 from edgecore.bundle import Bundle, open_bundle
 from edgecore.errors import AgentError, BundleTrustError, EdgeError
+from edgecore.manifest import Routing
 from targets import load_runner
 
 from .drift import DriftConfig, DriftMonitor
@@ -106,8 +107,8 @@ def load_model(bundle: Bundle, *, threads: int | None = None) -> _Model:
     except Exception as e:  # runtimes raise their own types for corrupt artifacts
         raise BundleTrustError(f"bundle {bundle.root} failed to load: {type(e).__name__}: {e}") from e
     smoke_test(bundle, runner)
-    r = bundle.routing
-    return _Model(bundle, runner, str(r.get("measure", "max_prob")), float(r.get("temperature", 1.0)))
+    r = bundle.routing or Routing()
+    return _Model(bundle, runner, r.measure, r.temperature)
 
 
 class Agent:
@@ -145,10 +146,9 @@ class Agent:
     def _initial_threshold(bundle: Bundle, override: float | None) -> float:
         if override is not None:
             return float(override)
-        t = bundle.routing.get("threshold")
-        if t is None:
+        if bundle.routing is None:
             raise AgentError(f"bundle {bundle.root} has no routing threshold; pass --threshold")
-        return float(t)
+        return bundle.routing.threshold
 
     @property
     def bundle(self) -> Bundle:
@@ -172,9 +172,8 @@ class Agent:
             raise AgentError("the new bundle takes a different input shape than this device's source")
         with self._lock:
             self._previous, self._model = self._model, new
-            t = bundle.routing.get("threshold")
-            if t is not None:
-                self._threshold = float(t)
+            if bundle.routing is not None:
+                self._threshold = bundle.routing.threshold
         self.drift.reset(bundle.drift_reference())
         log.info("now running bundle %s (%s)", bundle.root, bundle.manifest_sha256[:12])
         self._publish_status()
@@ -349,7 +348,7 @@ class Agent:
             "drift": drift,
             "threshold": self._threshold,
             "bundle_sha256": self.bundle.manifest_sha256,
-            "model": {"name": self.bundle.manifest["model"].get("name"), "version": self.bundle.version},
+            "model": {"name": self.bundle.manifest.model.name, "version": self.bundle.version},
             "outbox": {"dropped": self.outbox.dropped if self.outbox else 0,
                        "queued": len(self.outbox) if self.outbox else 0},
         }
@@ -397,7 +396,7 @@ class Agent:
         b = self.bundle
         return {
             "device_id": self.config.device_id, "state": state, "time": time.time(),
-            "bundle_sha256": b.manifest_sha256, "model": b.manifest["model"].get("name"), "version": b.version,
+            "bundle_sha256": b.manifest_sha256, "model": b.manifest.model.name, "version": b.version,
             "target": b.target, "precision": b.precision, "threshold": self._threshold, "last_cmd": self.last_cmd,
         }
 

@@ -112,10 +112,20 @@ def _pipeline(opts: DemoOptions, run_dir: Path, step: _Steps) -> dict[str, Any]:
     return report
 
 
+def _signing_key(out: Path) -> tuple[Any, Path]:
+    """The demo's release key (``OUT/keys/demo.key``, made once): bundles are signed, agents trust ``demo.pub``."""
+    from edgecore.signing import load_private_key, new_keypair
+
+    prefix = out / "keys" / "demo"
+    if not prefix.with_suffix(".key").exists():
+        new_keypair(prefix)
+    return load_private_key(prefix.with_suffix(".key")), prefix.with_suffix(".pub")
+
+
 def _build_all(
-    run_dir: Path, bundles_dir: Path, targets: tuple[str, ...], step: _Steps
+    run_dir: Path, bundles_dir: Path, targets: tuple[str, ...], step: _Steps, signing_key: Any = None,
 ) -> tuple[dict[str, dict], list[dict], list[dict]]:
-    from toolchain.bundle import build_bundle
+    from toolchain.bundle import build_bundle, build_each
     from toolchain.commands.build import plan
     from toolchain.rundir import RunDir
 
@@ -127,19 +137,15 @@ def _build_all(
         skipped = [s for s in skipped if s["target"] in targets]
     for s in skipped:
         step.console.print(f"[yellow]skipped target {s['target']}[/]: {escape(s['reason'])}")
-    built: dict[str, dict] = {}
-    failed: list[dict] = []
-    from tqdm import tqdm
-
-    for target, precision in tqdm(todo, unit="bundle", desc="bundles"):
-        name = f"{target}-{precision}"
-        try:
-            built[name] = build_bundle(
-                run_dir=run_dir, target=target, precision=precision, out=bundles_dir / name, cfg=cfg.build
-            )
-        except EdgeError as e:
-            failed.append({"bundle": name, "error": f"{type(e).__name__}: {e}"})
-            step.console.print(f"[red]{name} not built[/]: {escape(str(e))}")
+    done, failures = build_each(
+        todo, lambda t, p: build_bundle(run_dir=run_dir, target=t, precision=p, out=bundles_dir / f"{t}-{p}",
+                                        cfg=cfg.build, signing_key=signing_key),
+        on_step=lambda t, p: step.console.print(f"building {t} {p}", highlight=False),
+    )
+    built = {f"{t}-{p}": rep for (t, p), rep in done.items()}
+    failed = [{"bundle": f"{f['target']}-{f['precision']}", "error": f["error"]} for f in failures]
+    for f in failed:
+        step.console.print(f"[red]{f['bundle']} not built[/]: {escape(f['error'])}")
     return built, skipped, failed
 
 
@@ -400,7 +406,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     run_dir, bundles_dir = opts.out / "run", opts.out / "bundles"
     step = _Steps(5)
     pipe = _pipeline(opts, run_dir, step)
-    built, skipped, failed = _build_all(run_dir, bundles_dir, opts.targets, step)
+    signing_key, _public_key = _signing_key(opts.out)
+    built, skipped, failed = _build_all(run_dir, bundles_dir, opts.targets, step, signing_key)
     curve = next((bundles_dir / n / "routing_curve.png" for n in built if (bundles_dir / n / "routing_curve.png").exists()), None)
     if curve is not None:
         shutil.copyfile(curve, opts.out / "routing_curve.png")

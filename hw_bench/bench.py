@@ -45,22 +45,22 @@ class Contender:
 
 def bundle_size_bytes(bundle: Bundle) -> int:
     """Bytes of the artifact itself (not the manifest, drift reference or plots)."""
-    main = str(bundle.manifest["artifact"].get("main", ""))
-    files = bundle.manifest.get("files", {})
+    main = bundle.manifest.artifact.main
+    files = bundle.manifest.files
     own = {n: e for n, e in files.items() if n == main or n.startswith(main.rstrip("/") + "/")}
     # companions of the main file (model.bin beside model.xml)
     stem = Path(main).stem
     for n, e in files.items():
         if Path(n).stem == stem and n not in own and not n.endswith((".json", ".png")):
             own[n] = e
-    return int(sum(int(e.get("size", 0)) for e in own.values()))
+    return int(sum(e.size for e in own.values()))
 
 
 def bundle_contender(bundle: Bundle, *, threads: int | None) -> Contender:
     """Load the bundle's artifact through `Bundle.runner` (the agent's one way to run it)."""
     m = bundle.manifest
     runner = load_runner(bundle, threads=threads)
-    model = str(m["model"].get("name", "model"))
+    model = m.model.name or "model"
     return Contender(
         name=f"{model} {bundle.target}/{bundle.precision}",
         model=model,
@@ -69,15 +69,15 @@ def bundle_contender(bundle: Bundle, *, threads: int | None) -> Contender:
         meta={
             "kind": "bundle",
             "model": model,
-            "model_version": str(m["model"].get("version", "")),
+            "model_version": m.model.version,
             "target": bundle.target,
             "precision": bundle.precision,
-            "runtime": m["artifact"].get("runtime"),
-            "runtime_version": m["artifact"].get("runtime_version"),
+            "runtime": m.artifact.runtime,
+            "runtime_version": m.artifact.runtime_version,
             "bundle": str(bundle.root),
             "bundle_sha256": bundle.manifest_sha256,
             "size_bytes": bundle_size_bytes(bundle),
-            "build_metrics": m.get("metrics") or {},
+            "build_metrics": m.metrics,
             "threads": threads,
         },
     )

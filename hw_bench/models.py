@@ -16,9 +16,7 @@ Layout: ``OUT/<model>/model.pt`` (the PyTorch baseline: ``hw-bench run
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,28 +62,19 @@ def recalibrate_batchnorm(model: Any, *, shape: tuple[int, ...], batches: int = 
 
 def _write_bundle(bundle_dir: Path, *, artifact: Any, source: Any, calibration: Any, metrics: dict[str, Any]) -> None:
     """Manifest + hashes for a built artifact (the bundle contract, edgecore/bundle.py)."""
-    from edgecore.bundle import SCHEMA_VERSION, file_entries
+    from edgecore.bundle import write_bundle
+    from edgecore.manifest import ArtifactInfo, Manifest, ModelInfo, OutputSpec
     from targets import get_target
     from toolchain import __version__
 
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "model": {"name": source.name, "version": "bench"},
-        "target": artifact.target,
-        "precision": str(artifact.precision),
-        "toolchain_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "input": source.input_spec.to_dict(),
-        "output": {"name": "logits", "labels": list(source.labels)},
-        "artifact": {"main": artifact.main, "runtime": artifact.runtime,
-                     "runtime_version": get_target(artifact.target).runtime_version(), "details": artifact.details},
-        "files": file_entries(bundle_dir, list(artifact.files)),
-        "metrics": metrics,
-        "routing": {},
-        "calibration": calibration.provenance() if calibration is not None else None,
-        "lineage": {},
-    }
-    (bundle_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    write_bundle(bundle_dir, Manifest(
+        model=ModelInfo(name=source.name, version="bench"), target=artifact.target, precision=artifact.precision,
+        input=source.input_spec, output=OutputSpec(name="logits", labels=tuple(source.labels)),
+        artifact=ArtifactInfo(main=artifact.main, runtime=artifact.runtime,
+                              runtime_version=get_target(artifact.target).runtime_version(), details=artifact.details),
+        toolchain_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        metrics=metrics, calibration=calibration.provenance() if calibration is not None else None,
+    ))
 
 
 def _agreement(bundle_dir: Path, ref_logits: np.ndarray, x: np.ndarray) -> dict[str, Any]:
@@ -195,5 +184,3 @@ def build_bench_models(
     return {"bundles": all_built, "skipped": skipped}
 
 
-def clean(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -32,7 +32,7 @@ def find_tool(name: str) -> str | None:
 
 
 def benchmark_app_command(bundle: Bundle, *, threads: int | None, seconds: float, exe: str) -> list[str]:
-    main = bundle.root / bundle.manifest["artifact"]["main"]
+    main = bundle.root / bundle.manifest.artifact.main
     spec = bundle.input_spec
     shape = ",".join(str(s) for s in (1, *spec.sample_shape))
     # -data_shape keeps the IR's dynamic batch, as our runner loads it (-shape would make it

@@ -89,4 +89,4 @@ def load_runner(bundle: "Bundle", *, threads: int | None = None) -> Runner:
         raise TargetUnavailableError(
             f"bundle {bundle.root} is for target {bundle.target!r}, which this device cannot run: {why}"
         )
-    return target.load(Path(bundle.root), bundle.manifest, threads=threads)
+    return target.load(Path(bundle.root), bundle.manifest.artifact, bundle.input_spec, threads=threads)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import numpy as np
 
+from edgecore.manifest import ArtifactInfo
 from edgecore.spec import InputSpec, Precision
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,8 +109,9 @@ class Target(abc.ABC):
         """Write the artifact's files into ``out_dir``. Heavy imports go inside."""
 
     @abc.abstractmethod
-    def load(self, bundle_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
-        """Load the artifact of a verified bundle and return its runner."""
+    def load(self, bundle_dir: Path, artifact: ArtifactInfo, input_spec: InputSpec, *,
+             threads: int | None = None) -> Runner:
+        """Load the artifact of a verified bundle (its manifest's typed parts) and return its runner."""
 
     def runtime_version(self) -> str | None:
         """Version of the runtime package, for manifests and bench records."""

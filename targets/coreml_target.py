@@ -24,6 +24,8 @@ from edgecore.errors import BuildError
 from .base import (
     TORCH_HINT,
     Artifact,
+    ArtifactInfo,
+    InputSpec,
     ModelSource,
     Precision,
     Runner,
@@ -162,10 +164,11 @@ class CoreMLTarget(Target):
         }
         return Artifact(target=self.name, precision=precision, files=[PACKAGE], runtime=self.runtime, details=details)
 
-    def load(self, bundle_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
-        d = manifest["artifact"].get("details", {})
+    def load(self, bundle_dir: Path, artifact: ArtifactInfo, input_spec: InputSpec, *,
+             threads: int | None = None) -> Runner:
+        d = artifact.details
         return CoreMLRunner(
-            Path(bundle_dir) / manifest["artifact"]["main"],
-            input_name=d.get("input_name", manifest["input"]["name"]),
+            Path(bundle_dir) / artifact.main,
+            input_name=d.get("input_name", input_spec.name),
             output_name=d.get("output_name", "logits"),
         )

@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 from edgecore.errors import BuildError
 
-from .base import Artifact, ModelSource, Precision, Runner, Target
+from .base import (
+    Artifact,
+    ArtifactInfo,
+    InputSpec,
+    ModelSource,
+    Precision,
+    Runner,
+    Target,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgecore.representative import RepresentativeSet
@@ -126,7 +134,8 @@ class OnnxTarget(Target):
         _check_onnx(dst)
         return Artifact(target=self.name, precision=precision, files=[MODEL_FILE], runtime=self.runtime, details=details)
 
-    def load(self, bundle_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+    def load(self, bundle_dir: Path, artifact: ArtifactInfo, input_spec: InputSpec, *,
+             threads: int | None = None) -> Runner:
         from ._ort import OrtRunner
 
-        return OrtRunner(Path(bundle_dir) / manifest["artifact"]["main"], threads=threads)
+        return OrtRunner(Path(bundle_dir) / artifact.main, threads=threads)

@@ -17,7 +17,15 @@ import numpy as np
 
 from edgecore.errors import BuildError
 
-from .base import Artifact, ModelSource, Precision, Runner, Target
+from .base import (
+    Artifact,
+    ArtifactInfo,
+    InputSpec,
+    ModelSource,
+    Precision,
+    Runner,
+    Target,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgecore.representative import RepresentativeSet
@@ -144,5 +152,6 @@ class OpenVinoTarget(Target):
             subset_size=len(calibration),
         )
 
-    def load(self, bundle_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
-        return OpenVinoRunner(Path(bundle_dir) / manifest["artifact"]["main"], threads=threads)
+    def load(self, bundle_dir: Path, artifact: ArtifactInfo, input_spec: InputSpec, *,
+             threads: int | None = None) -> Runner:
+        return OpenVinoRunner(Path(bundle_dir) / artifact.main, threads=threads)

@@ -26,6 +26,8 @@ from edgecore.errors import BuildError
 from .base import (
     TORCH_HINT,
     Artifact,
+    ArtifactInfo,
+    InputSpec,
     ModelSource,
     Precision,
     Runner,
@@ -172,8 +174,9 @@ class TfliteTarget(Target):
         converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
         return litert_torch.convert(converted, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer))
 
-    def load(self, bundle_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
-        return TfliteRunner(Path(bundle_dir) / manifest["artifact"]["main"], threads=threads)
+    def load(self, bundle_dir: Path, artifact: ArtifactInfo, input_spec: InputSpec, *,
+             threads: int | None = None) -> Runner:
+        return TfliteRunner(Path(bundle_dir) / artifact.main, threads=threads)
 
 
 def _version(pkg: str) -> str:

@@ -108,13 +108,13 @@ def verify_bundle(bundle: Path | str, *, run_dir: Path | str | None = None, budg
     from edgecore.bundle import open_bundle
     from edgecore.errors import ModelError
     from targets import get_target, parse_precision
-    from toolchain.bundle import reference_for
+    from toolchain.reference import reference_for
 
     b = open_bundle(bundle)
     m = b.manifest
-    target = get_target(m["target"])
-    precision = parse_precision(target, m["precision"])
-    run_path = run_dir or (m.get("lineage") or {}).get("run_dir")
+    target = get_target(m.target)
+    precision = parse_precision(target, m.precision.value)
+    run_path = run_dir or m.lineage.get("run_dir")
     if not run_path:
         raise ModelError(f"{b.root}: manifest names no run folder; pass --run DIR")
     report: dict[str, Any] = {"bundle": str(b.root), "target": target.name, "precision": precision.value,
@@ -125,8 +125,8 @@ def verify_bundle(bundle: Path | str, *, run_dir: Path | str | None = None, budg
         return report
     ref = reference_for(Path(run_path))
     if budget_pt is None:
-        budget_pt = float((m.get("metrics") or {}).get("accuracy_budget_pt", 1.0))
-    logits = run_batched(target.load(b.root, m, threads=threads), ref.x_test)
+        budget_pt = float(m.metrics.get("accuracy_budget_pt", 1.0))
+    logits = run_batched(target.load(b.root, m.artifact, m.input, threads=threads), ref.x_test)
     res = compare(logits, ref.student_test, ref.y_test, precision=precision, budget_pt=budget_pt, labels=ref.labels)
     report.update(status="passed" if res.passed else "failed", **res.to_dict())
     res.raise_if_failed(f"bundle {b.root}")

@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING, Any
 from edgecore.errors import BuildError, TargetUnavailableError
 from edgecore.fsutil import atomic_write_json
 
-from ..base import Artifact, ModelSource, Precision, Runner, Target
+from ..base import (
+    Artifact,
+    ArtifactInfo,
+    InputSpec,
+    ModelSource,
+    Precision,
+    Runner,
+    Target,
+)
 from .recipe import check_onnx_for_tensorrt, make_recipe
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -99,7 +107,8 @@ class JetsonTarget(Target):
         details["trtexec"] = recipe["trtexec"]
         return Artifact(target=self.name, precision=precision, files=[MODEL_FILE, RECIPE_FILE], runtime=self.runtime, details=details)
 
-    def load(self, bundle_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+    def load(self, bundle_dir: Path, artifact: ArtifactInfo, input_spec: InputSpec, *,
+             threads: int | None = None) -> Runner:
         import json
 
         from .engine import EngineCache
@@ -107,6 +116,6 @@ class JetsonTarget(Target):
 
         trt = _import_trt()
         root = Path(bundle_dir)
-        recipe = json.loads((root / manifest["artifact"]["details"].get("recipe", RECIPE_FILE)).read_text())
+        recipe = json.loads((root / artifact.details.get("recipe", RECIPE_FILE)).read_text())
         engine, _built = EngineCache(trt=trt).get(root / recipe["onnx"], recipe)
         return TrtRunner(engine, input_name=recipe["input"], trt=trt)

@@ -62,7 +62,7 @@ def measure_cascade(broker, bundle_dir, teacher, x_raw, y, tmp_path, *, device_i
     logits = runner.run(b.input_spec.preprocess(x_raw))
     edge_pred = logits.argmax(1)
     r = b.routing
-    conf = confidence(logits, measure=r["measure"], temperature=r["temperature"])
+    conf = confidence(logits, measure=r.measure, temperature=r.temperature)
     order = np.argsort(conf)  # least confident first
     curve = []
     for frac in (0.0, 0.02, 0.05, 0.08, 0.10, 0.15, 0.20, 0.30, 0.50, 1.0):

@@ -81,7 +81,7 @@ def test_models_built_with_the_toolchain_for_onnx(tmp_path: Path) -> None:
     names = sorted(p.name for p in out["bundles"])
     assert names == ["onnx-fp32", "onnx-int8"]
     fp32 = open_bundle(tmp_path / "m" / "mobilenet32" / "bundles" / "onnx-fp32")
-    assert fp32.manifest["metrics"]["agreement"] == 1.0  # fp32 ONNX == PyTorch
+    assert fp32.manifest.metrics["agreement"] == 1.0  # fp32 ONNX == PyTorch
     assert fp32.input_spec.sample_shape == (3, 32, 32)
     assert (tmp_path / "m" / "mobilenet32" / "model.pt").exists()
     with pytest.raises(BenchError, match="unknown benchmark families"):

@@ -44,8 +44,8 @@ def test_default_student_all_targets(default_run: Path, tmp_path: Path) -> None:
                                          "method": rep["artifact"].get("method")}
     sizes = {k: v["size_bytes"] for k, v in rows.items()}
     ratios = {t: sizes[f"{t}-fp32"] / sizes[f"{t}-int8"] for t in ("onnx", "openvino", "tflite") }
-    ov = open_bundle(out / "openvino-fp32").manifest["files"]["model.bin"]["size"] / \
-        open_bundle(out / "openvino-int8").manifest["files"]["model.bin"]["size"]
+    ov = open_bundle(out / "openvino-fp32").manifest.files["model.bin"].size / \
+        open_bundle(out / "openvino-int8").manifest.files["model.bin"].size
     (out / "acceptance.json").write_text(json.dumps({"bundles": rows, "int8_size_ratio": ratios,
                                                      "openvino_bin_ratio": ov}, indent=2))
     print(json.dumps({"int8_size_ratio": ratios, "openvino_bin_ratio": ov}))

@@ -35,7 +35,7 @@ def _last_json(capsys: pytest.CaptureFixture[str]) -> dict:
 
 def test_onnx_bundle_follows_the_contract(onnx_bundle: Path, tiny_run: Path) -> None:
     b = open_bundle(onnx_bundle)
-    m = b.manifest
+    m = b.manifest.to_dict()
     assert MANIFEST_KEYS <= set(m)
     assert m["target"] == "onnx" and m["precision"] == "fp32" and m["calibration"] is None
     assert m["artifact"]["main"] == "model.onnx" and m["artifact"]["runtime"] == "onnxruntime"
@@ -67,7 +67,7 @@ def test_onnx_bundle_follows_the_contract(onnx_bundle: Path, tiny_run: Path) -> 
 @pytest.mark.parametrize("target", ["onnx", "openvino", "tflite", "jetson", "coreml"])
 def test_int8_bundles(target: str, bundle_factory: Callable[[str, str], Path], tiny_run: Path) -> None:
     b = open_bundle(bundle_factory(target, "int8"))
-    m = b.manifest
+    m = b.manifest.to_dict()
     cal = m["calibration"]
     assert cal["method"] == "class-stratified" and cal["samples"] > 0
     from calibration.representative import build_representative_set
@@ -224,3 +224,28 @@ def test_build_all_fp16_with_json(tiny_run: Path, tmp_path: Path, capsys) -> Non
         assert tarball_path(tmp_path / f"{t}-fp16").is_file()
     jet = json.loads((tmp_path / "jetson-fp16" / "trt_recipe.json").read_text())
     assert jet["builder_flags"] == ["FP16"] and jet["trtexec"].startswith("trtexec ")
+
+
+def test_keys_build_sign_and_cosign(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    """`toolchain keys new`, `build --sign`, `sign` (co-signing for rotation), as users run them."""
+    from edgecore.signing import load_public_keys
+
+    assert cli(["keys", "new", str(tmp_path / "k" / "old"), "--json"]) == 0
+    old = _last_json(capsys)
+    assert cli(["keys", "new", str(tmp_path / "k" / "old")]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert cli(["keys", "new", str(tmp_path / "k" / "new"), "--json"]) == 0
+    new = _last_json(capsys)
+    out = tmp_path / "b" / "onnx-fp32"
+    assert cli(["build", "--run", str(tiny_run), "--target", "onnx", "--precision", "fp32", "--out", str(out),
+                "--sign", old["private_key"], "--json"]) == 0
+    assert _last_json(capsys)["signed"] is True
+    assert open_bundle(tarball_path(out), keys=load_public_keys([old["public_key"]])).signed_by == old["key_id"]
+    with pytest.raises(BundleTrustError, match="none of which this side trusts"):
+        open_bundle(out, keys=load_public_keys([new["public_key"]]))
+    assert cli(["sign", str(out), "--key", new["private_key"], "--json"]) == 0
+    assert _last_json(capsys)["key_id"] == new["key_id"]
+    for pub in (old, new):  # either key verifies the co-signed bundle and its rewritten tarball
+        assert open_bundle(tarball_path(out), keys=load_public_keys([pub["public_key"]])).signed_by == pub["key_id"]
+    assert cli(["sign", str(out), "--key", new["public_key"]]) == 2
+    assert "not a readable Ed25519 private key" in capsys.readouterr().err

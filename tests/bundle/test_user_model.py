@@ -36,7 +36,7 @@ def test_wine_bundles(wine_run: Path, tmp_path: Path, target: str, precision: st
     out = tmp_path / f"{target}-{precision}"
     rep = build_bundle(run_dir=wine_run, target=target, precision=precision, out=out)
     b = open_bundle(out)
-    m = b.manifest
+    m = b.manifest.to_dict()
     assert m["model"]["name"] == "wine-mlp"
     assert m["input"]["layout"] == "NF" and m["input"]["shape"] == [None, 13]
     assert m["output"]["labels"] == ["class_0", "class_1", "class_2"]

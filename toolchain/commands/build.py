@@ -22,6 +22,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--precision", "-p", default="all", help="fp32 | fp16 | int8 | all (default: every precision the target has)")
     p.add_argument("--out", "-o", type=Path, default=None,
                    help="bundle directory (with several builds: their parent); default RUN/bundles/TARGET-PRECISION")
+    p.add_argument("--sign", type=Path, default=None, metavar="KEY",
+                   help="sign each bundle's manifest with this Ed25519 private key (`toolchain keys new`)")
     add_config_args(p)
     add_json_flag(p)
     add_common(p)
@@ -55,8 +57,9 @@ def plan(target: str, precision: str) -> tuple[list[tuple[str, str]], list[dict[
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgecore.errors import BuildError, EdgeError
-    from toolchain.bundle import build_bundle
+    from edgecore.errors import BuildError
+    from edgecore.signing import load_private_key
+    from toolchain.bundle import build_bundle, build_each
     from toolchain.config import config_from_args
 
     cfg = config_from_args(args)
@@ -66,19 +69,21 @@ def run(args: argparse.Namespace) -> int:
     RunDir(run_dir)  # a missing or empty run folder fails before anything is built
     todo, skipped = plan(args.target, args.precision)
     single = len(todo) == 1 and args.target != "all"
-    reports: list[dict[str, Any]] = []
-    failures: list[dict[str, str]] = []
+    key = load_private_key(args.sign) if args.sign else None
     progress = _progress(len(todo), enabled=not args.json and len(todo) > 1)
-    for target, precision in todo:
+
+    def one(target: str, precision: str) -> dict[str, Any]:
         out = args.out if single else (args.out / f"{target}-{precision}" if args.out else None)
-        progress.set_description(f"{target} {precision}")
-        try:
-            reports.append(build_bundle(run_dir=run_dir, target=target, precision=precision, out=out, cfg=cfg.build))
-        except EdgeError as e:
-            if single:
-                raise
-            failures.append({"target": target, "precision": precision, "error": f"{type(e).__name__}: {e}"})
+        rep = build_bundle(run_dir=run_dir, target=target, precision=precision, out=out, cfg=cfg.build,
+                           signing_key=key)
         progress.update(1)
+        return rep
+
+    if single:
+        reports, failures = [one(*todo[0])], []
+    else:
+        done, failures = build_each(todo, one, on_step=lambda t, p: progress.set_description(f"{t} {p}"))
+        reports = list(done.values())
     progress.close()
     summary = {"run": str(run_dir), "bundles": reports, "skipped": skipped, "failed": failures}
     if args.json:

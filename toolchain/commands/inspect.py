@@ -24,9 +24,9 @@ def run(args: argparse.Namespace) -> int:
 
     b = open_bundle(args.bundle)
     if args.json:
-        emit_json({"bundle": str(b.root), "manifest_sha256": b.manifest_sha256, "manifest": b.manifest})
+        emit_json({"bundle": str(b.root), "manifest_sha256": b.manifest_sha256, "manifest": b.manifest.to_dict()})
         return 0
-    render(b.root, b.manifest, b.manifest_sha256)
+    render(b.root, b.manifest.to_dict(), b.manifest_sha256)
     return 0
 
 
