@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgecore.errors import BenchError, EdgeError
+from edgecore.errors import BenchError
 from targets import load_runner
 
 log = logging.getLogger(__name__)
@@ -100,41 +100,38 @@ def build_for_targets(
     import torch
 
     from edgecore.fsutil import atomic_dir
-    from targets import get_target, target_names
+    from targets import Precision, get_target, target_names
+    from toolchain.bundle import build_each
+    from toolchain.models import count_params
 
-    names = targets or target_names()
-    built: list[Path] = []
-    skipped: list[str] = []
     model = source.torch_model()
     with torch.inference_mode():
         ref = model(torch.from_numpy(check_inputs)).numpy()
-    for name in names:
+    todo: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    for name in targets or target_names():
         target = get_target(name)
         ok, why = target.build_available()
         ok2, why2 = target.available()
         if not (ok and ok2):
             skipped.append(f"{name}: {why if not ok else why2}")
             continue
-        for p in target.precisions:
-            if precisions and p.value not in precisions:
-                continue
-            dest = out_dir / f"{name}-{p.value}"
-            if progress:
-                progress(f"building {source.name} for {name}/{p.value}")
-            try:
-                with atomic_dir(dest) as tmp:
-                    artifact = target.build(source, p, calibration, tmp)
-                    _write_bundle(tmp, artifact=artifact, source=source, calibration=calibration, metrics={})
-                    metrics = _agreement(tmp, ref, check_inputs)
-                    from toolchain.models import count_params
+        todo += [(name, p.value) for p in target.precisions if not precisions or p.value in precisions]
 
-                    metrics["params"] = count_params(model)
-                    _write_bundle(tmp, artifact=artifact, source=source, calibration=calibration, metrics=metrics)
-            except EdgeError as e:
-                skipped.append(f"{name}/{p.value}: {e}")
-                continue
-            built.append(dest)
-    return built, skipped
+    def build_one(name: str, precision: str) -> Path:
+        target = get_target(name)
+        dest = out_dir / f"{name}-{precision}"
+        with atomic_dir(dest) as tmp:
+            artifact = target.build(source, Precision(precision), calibration, tmp)
+            _write_bundle(tmp, artifact=artifact, source=source, calibration=calibration, metrics={})
+            metrics = {**_agreement(tmp, ref, check_inputs), "params": count_params(model)}
+            _write_bundle(tmp, artifact=artifact, source=source, calibration=calibration, metrics=metrics)
+        return dest
+
+    done, failed = build_each(todo, build_one, on_step=lambda t, p: progress and progress(
+        f"building {source.name} for {t}/{p}"))
+    skipped += [f"{f['target']}/{f['precision']}: {f['error']}" for f in failed]
+    return list(done.values()), skipped
 
 
 def build_bench_models(
