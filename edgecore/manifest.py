@@ -81,6 +81,9 @@ class FileEntry:
     size: int
     sha256: str
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "sha256": self.sha256}
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -172,7 +175,7 @@ class Manifest:
             "calibration": self.calibration,
             "lineage": self.lineage,
             "verify": self.verify,
-            "files": {k: {"size": v.size, "sha256": v.sha256} for k, v in sorted(self.files.items())},
+            "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
         }
 
     # --- reading -------------------------------------------------------------------

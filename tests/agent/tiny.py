@@ -119,11 +119,11 @@ def build_tiny(root: Path, *, offload_budget: float = 0.10) -> TinyRun:
         "target": "onnx", "precision": "fp32", "toolchain_version": "test", "created": "2026-01-01T00:00:00Z",
         "input": spec.to_dict(), "output": {"name": "logits", "labels": labels},
         "artifact": {"main": "model.onnx", "runtime": "onnxruntime", "runtime_version": None, "details": {}},
-        "files": file_entries(bdir, ["model.onnx", "drift_reference.json"]),
+        "files": {k: e.to_dict() for k, e in file_entries(bdir, ["model.onnx", "drift_reference.json"]).items()},
         "metrics": {"accuracy": float(student.score(f(x[te]), y[te]))},
         "routing": {"measure": "max_prob", "temperature": temp, "threshold": threshold,
                     "offload_budget": offload_budget, "expected_offload": offload_budget},
-        "calibration": None, "lineage": {},
+        "calibration": None, "lineage": {}, "drift_reference": "drift_reference.json",
     }
     (bdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     with tarfile.open(root / "bundle.tar.gz", "w:gz") as tf:
@@ -153,7 +153,7 @@ def retag_bundle(src: Path, dst: Path, *, version: str, model_bytes: bytes | Non
         (dst / "model.onnx").write_bytes(model_bytes)
     m = json.loads((dst / "manifest.json").read_text())
     m["model"]["version"] = version
-    m["files"] = file_entries(dst, ["model.onnx", "drift_reference.json"])
+    m["files"] = {k: e.to_dict() for k, e in file_entries(dst, ["model.onnx", "drift_reference.json"]).items()}
     (dst / "manifest.json").write_text(json.dumps(m))
     tar = dst.parent / f"{dst.name}.tar.gz"
     with tarfile.open(tar, "w:gz") as tf:

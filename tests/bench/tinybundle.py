@@ -62,7 +62,7 @@ def make_bundle(root: Path, *, name: str = "tiny", in_shape: tuple[int, ...] = (
         "input": spec.to_dict(),
         "output": {"name": "logits", "labels": [str(i) for i in range(10)]},
         "artifact": {"main": "model.onnx", "runtime": "onnxruntime", "runtime_version": onnxruntime.__version__, "details": {}},
-        "files": file_entries(root, ["model.onnx"]),
+        "files": {k: e.to_dict() for k, e in file_entries(root, ["model.onnx"]).items()},
         "metrics": {"accuracy": None},
         "routing": {},
         "calibration": None,
