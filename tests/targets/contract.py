@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from edgecore.errors import UnknownTargetError
+from edgecore.manifest import ArtifactInfo
 from targets import Precision, Target, get_target, parse_precision, target_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,8 +82,8 @@ class TargetContract:
         ok, why = target.available()
         if not ok:
             pytest.skip(f"{target.name} artifacts cannot run here: {why}")
-        manifest = {"artifact": {"main": art.main, "details": art.details}, "input": tiny_source.source.input_spec.to_dict()}
-        runner = target.load(out, manifest, threads=1)
+        info = ArtifactInfo(main=art.main, runtime=art.runtime, details=art.details)
+        runner = target.load(out, info, tiny_source.source.input_spec, threads=1)
         logits = np.asarray(runner.run(tiny_source.x_test))
         assert logits.shape == tiny_source.ref_logits.shape
         assert np.all(np.isfinite(logits))
@@ -99,11 +100,16 @@ class TargetContract:
         ok, why = target.available()
         if not ok:
             pytest.skip(f"{target.name} artifacts cannot run here: {why}")
-        manifest = {"artifact": {"main": art.main, "details": art.details}, "input": tiny_source.source.input_spec.to_dict()}
+        parts = {"main": art.main, "details": art.details, "input": tiny_source.source.input_spec.to_dict()}
         code = (
             "import json, sys, numpy as np\n"
+            "from pathlib import Path\n"
+            "from edgecore.manifest import ArtifactInfo\n"
+            "from edgecore.spec import InputSpec\n"
             "from targets import get_target\n"
-            f"r = get_target({target.name!r}).load(__import__('pathlib').Path({str(out)!r}), json.loads({json.dumps(json.dumps(manifest))}))\n"
+            f"d = json.loads({json.dumps(json.dumps(parts))})\n"
+            f"r = get_target({target.name!r}).load(Path({str(out)!r}), ArtifactInfo(main=d['main'], runtime='', "
+            "details=d['details']), InputSpec.from_dict(d['input']))\n"
             f"y = r.run(np.zeros((2, {', '.join(map(str, tiny_source.source.input_spec.sample_shape))}), np.float32))\n"
             "print(json.dumps(sorted(m for m in ('torch', 'tensorflow') if m in sys.modules)))\n"
         )
