@@ -76,6 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             mqtt_src = agent.mqtt_source(src.removeprefix("mqtt:") or None)
             source = mqtt_src
             signal.signal(signal.SIGTERM, lambda *_: mqtt_src.close())  # type: ignore[union-attr]
+        else:  # SIGTERM ends the run like Ctrl-C: the open telemetry window is flushed on the way out
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             for a in agent.run(source):
                 if mqtt_src is not None:

@@ -7,7 +7,7 @@ can happen (ack lost with the connection), which is why each window carries a
 sequence number the gateway deduplicates on: together, exactly once.
 
 Bounded: past ``max_rows`` the policy drops either the oldest or the newest
-window, and the drop is counted, in messages and in the inputs they
+window (never the one being forwarded: its delivery may still complete), and the drop is counted, in messages and in the inputs they
 accounted for (cumulative over the life of the state dir, persisted, and
 reported in every telemetry window).
 """
@@ -37,6 +37,7 @@ class Outbox:
         self.max_rows = max_rows
         self.policy = DropPolicy(policy)
         self._lock = threading.Lock()
+        self._inflight = -1  # the row the forwarder is publishing
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -109,11 +110,14 @@ class Outbox:
             if self.policy is DropPolicy.DROP_NEWEST:
                 self._count_drop(1, inputs)
                 return False
-            old = "SELECT id FROM outbox ORDER BY id LIMIT ?"
-            (lost,) = db.execute(f"SELECT COALESCE(SUM(inputs), 0) FROM outbox WHERE id IN ({old})",
-                                 (n - self.max_rows + 1,)).fetchone()
-            db.execute(f"DELETE FROM outbox WHERE id IN ({old})", (n - self.max_rows + 1,))
-            self._count_drop(n - self.max_rows + 1, int(lost))
+            # never the row being forwarded: the MQTT client may still deliver its copy after a reconnect,
+            # and a window both delivered and counted as dropped would be counted twice
+            old = "SELECT id FROM outbox WHERE id != ? ORDER BY id LIMIT ?"
+            args = (self._inflight, n - self.max_rows + 1)
+            (k, lost) = db.execute(f"SELECT COUNT(*), COALESCE(SUM(inputs), 0) FROM outbox WHERE id IN ({old})",
+                                   args).fetchone()
+            db.execute(f"DELETE FROM outbox WHERE id IN ({old})", args)
+            self._count_drop(int(k), int(lost))
         db.execute("INSERT INTO outbox (topic, payload, created, inputs) VALUES (?, ?, ?, ?)",
                    (topic, payload, time.time(), inputs))
         return True
@@ -123,13 +127,17 @@ class Outbox:
         self._db.execute("UPDATE meta SET value=value+? WHERE key='dropped_inputs'", (inputs,))
 
     def peek(self) -> tuple[int, str, bytes] | None:
+        """The oldest row, now marked in flight (the bound will not drop it) until `ack`."""
         with self._lock:
             row = self._db.execute("SELECT id, topic, payload FROM outbox ORDER BY id LIMIT 1").fetchone()
+            self._inflight = int(row[0]) if row else -1
         return (int(row[0]), str(row[1]), bytes(row[2])) if row else None
 
     def ack(self, row_id: int) -> None:
         with self._lock:
             self._db.execute("DELETE FROM outbox WHERE id=?", (row_id,))
+            if row_id == self._inflight:
+                self._inflight = -1
 
     def __len__(self) -> int:
         with self._lock:

@@ -168,6 +168,12 @@ def test_outbox_counts_dropped_inputs_and_keeps_boot_and_last_seq(tmp_path):
     assert not again.put("t", b"w", inputs=5, seq=4)
     assert again.stats()["dropped_inputs"] == 26 and again.last_put_seq == 4
     assert Outbox(tmp_path / "other.sqlite").boot != boot  # a new state dir: a new boot id
+    fwd = Outbox(tmp_path / "f.sqlite", max_rows=2)
+    for i in range(2):
+        fwd.put("t", f"m{i}".encode(), inputs=1)
+    first = fwd.peek()  # being forwarded: the bound drops the next oldest instead
+    fwd.put("t", b"m2", inputs=1)
+    assert fwd.peek() == first and fwd.stats()["dropped_inputs"] == 1
     old = sqlite3.connect(tmp_path / "r1.sqlite")  # an outbox written by round 1 (no inputs column)
     old.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
                 " payload BLOB NOT NULL, created REAL NOT NULL)")
