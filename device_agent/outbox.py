@@ -7,9 +7,10 @@ can happen (ack lost with the connection), which is why each window carries a
 sequence number the gateway deduplicates on: together, exactly once.
 
 Bounded: past ``max_rows`` the policy drops either the oldest or the newest
-window (never the one being forwarded: its delivery may still complete), and the drop is counted, in messages and in the inputs they
-accounted for (cumulative over the life of the state dir, persisted, and
-reported in every telemetry window).
+window (never the one being forwarded: its delivery may still complete),
+and the drop is counted, in messages and in the inputs they accounted for
+(cumulative over the life of the state dir, persisted, and reported in every
+telemetry window).
 """
 
 from __future__ import annotations

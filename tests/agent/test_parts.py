@@ -308,3 +308,18 @@ def test_agent_keeps_current_and_previous_bundle_only(tiny_cascade, tmp_path):
     assert kept == sorted([agent.bundle.root.resolve(), agent.model.previous.bundle.root.resolve()])
     assert agent.model.previous.bundle.version == "3"
     assert prune_bundles(state, [agent.bundle.root]) and len(list((state / "bundles").iterdir())) == 1
+
+
+def test_progress_bars_only_on_a_terminal_and_ort_never_spins(tiny_cascade, tmp_path):
+    import io
+
+    from edgecore.clikit import on_terminal, progress_bar
+    from targets._ort import OrtRunner
+
+    log = io.StringIO()  # a log file, not a TTY: no bar frames in it
+    assert not on_terminal(log)
+    for _ in progress_bar(range(50), file=log, desc="x"):
+        pass
+    assert log.getvalue() == ""
+    so = OrtRunner(tiny_cascade.bundle_dir / "model.onnx").session.get_session_options()
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
