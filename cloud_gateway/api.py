@@ -104,7 +104,7 @@ def create_app(
             abort(Response("body must be a JSON command (cmd: set_threshold|update_bundle|bench)\n", 400))
         if not _NAME_RE.match(device_id):
             abort(Response("bad device id\n", 400))
-        publish(f"{prefix}/{device_id}/cmd", wire.dumps({k: v for k, v in body.items() if k != "schema"}))
+        publish(wire.Topics.of(prefix, device_id, wire.Topics.CMD), wire.dumps({k: v for k, v in body.items() if k != "schema"}))
         return jsonify({"ok": True})
 
     @app.get("/api/bundles")

@@ -1,8 +1,10 @@
 """Telemetry store: SQLite file by default, any SQLAlchemy URL (PostgreSQL) in production.
 
-Telemetry windows are unique on (device, seq): the agent may send a window
-twice across a broker outage (QoS 1 is at-least-once), and the store turns
-that into exactly once. Several gateway replicas can share one database.
+Telemetry windows are unique on (device, boot, seq): the agent may send a
+window twice across a broker outage (QoS 1 is at-least-once), and the store
+turns that into exactly once. ``boot`` is a random id the agent makes with its
+state dir, so a device whose state dir was reset (its seq back at 0) is not
+mistaken for a redelivery. Several gateway replicas can share one database.
 """
 
 from __future__ import annotations
@@ -41,10 +43,11 @@ telemetry = Table(
     "telemetry", meta,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("device_id", String(64), nullable=False, index=True),
+    Column("boot", String(32), nullable=False, server_default=""),
     Column("seq", Integer, nullable=False),
     Column("t_end", Float), Column("received", Float, nullable=False),
     Column("payload", JSON, nullable=False),
-    UniqueConstraint("device_id", "seq", name="uq_device_seq"),
+    UniqueConstraint("device_id", "boot", "seq", name="uq_device_boot_seq"),
 )
 
 
@@ -71,11 +74,12 @@ class TelemetryStore:
             raise GatewayError(f"cannot open telemetry store {self.url}: {e}") from e
 
     def add_telemetry(self, device_id: str, msg: dict[str, Any]) -> bool:
-        """Store a window; False if this (device, seq) was already stored (a redelivery)."""
+        """Store a window; False if this (device, boot, seq) was already stored (a redelivery)."""
         now = time.time()
         try:
             with self.engine.begin() as c:
-                c.execute(insert(telemetry).values(device_id=device_id, seq=int(msg["seq"]),
+                c.execute(insert(telemetry).values(device_id=device_id, boot=str(msg.get("boot") or ""),
+                                                   seq=int(msg["seq"]),
                                                    t_end=msg.get("t_end"), received=now, payload=msg))
         except IntegrityError:
             return False

@@ -88,9 +88,10 @@ class GatewayWorker:
         self.client.on_message = self._on_message
         self._batcher = threading.Thread(target=self._batch_loop, name="gateway-batcher", daemon=True)
         p = config.prefix
-        self.sub_req = f"$share/{config.group}/{p}/+/infer/req" if self.v5 else f"{p}/+/infer/req"
-        self.sub_tel = f"{p}/+/telemetry"
-        self.sub_status = f"{p}/+/status"
+        T = wire.Topics
+        self.sub_req = T.pattern(p, T.REQ, share=config.group if self.v5 else None)
+        self.sub_tel = T.pattern(p, T.TELEMETRY)
+        self.sub_status = T.pattern(p, T.STATUS)
 
     # --- lifecycle -------------------------------------------------------------
     def start(self, *, wait: float = 10.0) -> "GatewayWorker":
@@ -151,7 +152,7 @@ class GatewayWorker:
         resp = getattr(props, "ResponseTopic", None) if props else None
         corr = getattr(props, "CorrelationData", None) if props else None
         self.metrics.inc("gateway_requests_total", "Inference requests received", device=device_id)
-        expected = f"{self.config.prefix}/{device_id}/infer/resp"
+        expected = wire.Topics.of(self.config.prefix, device_id, wire.Topics.RESP)
         payload = msg.payload
         try:
             env_corr, env_resp, payload = wire.decode_request(payload)

@@ -32,8 +32,8 @@ def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
             user, pw = args.device_id, data["devices"][args.device_id]
         else:
             user, pw = data.get("username", args.device_id), data.get("password")
-    if args.broker and pw is None:
-        raise AgentError("the broker needs a password: --password, $DEVICE_AGENT_PASSWORD or --credentials")
+    if pw is None and user is None:
+        return None, None  # anonymous: for brokers that allow it (a refusal names the fix)
     return (user or args.device_id), pw
 
 
@@ -52,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         deadline_s=args.deadline, telemetry_window_s=args.window, threshold=args.threshold,
         state_dir=args.state_dir, outbox_max_rows=args.outbox_max, drop_policy=DropPolicy(args.drop_policy),
         batch_size=args.batch_size, threads=args.threads, drift=DriftConfig(window=args.drift_window),
-        mqtt_version=args.mqtt_version,
+        mqtt_version=args.mqtt_version, update_bases=tuple(args.update_base or ()),
     )
     agent = Agent(bundle, cfg)
     spec = agent.bundle.input_spec
@@ -76,6 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             mqtt_src = agent.mqtt_source(src.removeprefix("mqtt:") or None)
             source = mqtt_src
             signal.signal(signal.SIGTERM, lambda *_: mqtt_src.close())  # type: ignore[union-attr]
+        else:  # SIGTERM ends the run like Ctrl-C: the open telemetry window is flushed on the way out
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             for a in agent.run(source):
                 if mqtt_src is not None:
@@ -145,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=1)
     r.add_argument("--drift-window", type=int, default=500)
     r.add_argument("--threads", type=int)
+    r.add_argument("--update-base", action="append", metavar="URL",
+                   help="update_bundle URLs must be under this gateway URL (repeatable; none: updates by URL refused)")
     r.add_argument("--output", type=Path, help="JSON lines of answers (default stdout)")
     add_json_flag(r)
     r.set_defaults(func=cmd_run)

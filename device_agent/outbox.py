@@ -7,12 +7,16 @@ can happen (ack lost with the connection), which is why each window carries a
 sequence number the gateway deduplicates on: together, exactly once.
 
 Bounded: past ``max_rows`` the policy drops either the oldest or the newest
-window, and the drop is counted (persisted, and reported in telemetry).
+window (never the one being forwarded: its delivery may still complete),
+and the drop is counted, in messages and in the inputs they accounted for
+(cumulative over the life of the state dir, persisted, and reported in every
+telemetry window).
 """
 
 from __future__ import annotations
 
 import enum
+import secrets
 import sqlite3
 import threading
 import time
@@ -34,63 +38,107 @@ class Outbox:
         self.max_rows = max_rows
         self.policy = DropPolicy(policy)
         self._lock = threading.Lock()
+        self._inflight = -1  # the row the forwarder is publishing
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
-                " topic TEXT NOT NULL, payload BLOB NOT NULL, created REAL NOT NULL)"
-            )
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('dropped', 0)")
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_seq', 0)")
+            self._create()
         except sqlite3.Error as e:
             raise AgentError(f"cannot open outbox {self.path}: {e}") from e
+
+    def _create(self) -> None:
+        db = self._db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " topic TEXT NOT NULL, payload BLOB NOT NULL, created REAL NOT NULL, inputs INTEGER NOT NULL DEFAULT 0)"
+        )
+        if "inputs" not in {r[1] for r in db.execute("PRAGMA table_info(outbox)")}:  # an outbox of round 1
+            db.execute("ALTER TABLE outbox ADD COLUMN inputs INTEGER NOT NULL DEFAULT 0")
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        for key, value in (("dropped", 0), ("dropped_inputs", 0), ("next_seq", 0), ("last_put_seq", -1),
+                           ("boot", secrets.randbits(52))):
+            db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
+
+    def _meta(self, key: str) -> int:
+        return int(self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0])
+
+    @property
+    def boot(self) -> str:
+        """A random id made with this outbox (the state dir): windows are unique on (device, boot, seq)."""
+        with self._lock:
+            return f"{self._meta('boot'):013x}"
+
+    @property
+    def last_put_seq(self) -> int:
+        """The highest window seq stored (or dropped by the drop-newest policy); -1 before the first."""
+        with self._lock:
+            return self._meta("last_put_seq")
 
     def next_seq(self) -> int:
         """A persistent, monotonically increasing window number (survives agent restarts)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            (seq,) = self._db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+            seq = self._meta("next_seq")
             self._db.execute("UPDATE meta SET value=value+1 WHERE key='next_seq'")
             self._db.execute("COMMIT")
             return int(seq)
 
-    def put(self, topic: str, payload: bytes) -> bool:
-        """Store a message; returns False when the drop-newest policy refused it."""
+    def put(self, topic: str, payload: bytes, *, inputs: int = 0, seq: int | None = None) -> bool:
+        """Store a message; returns False when the drop-newest policy refused it.
+
+        ``inputs``: how many inputs the message accounts for (counted in
+        ``dropped_inputs`` if it is ever dropped); ``seq``: the window it
+        closes, recorded in the same transaction (see `last_put_seq`).
+        """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                (n,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-                if n >= self.max_rows:
-                    excess = n - self.max_rows + 1
-                    if self.policy is DropPolicy.DROP_NEWEST:
-                        self._db.execute("UPDATE meta SET value=value+1 WHERE key='dropped'")
-                        self._db.execute("COMMIT")
-                        return False
-                    self._db.execute(
-                        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)", (excess,)
-                    )
-                    self._db.execute("UPDATE meta SET value=value+? WHERE key='dropped'", (excess,))
-                self._db.execute(
-                    "INSERT INTO outbox (topic, payload, created) VALUES (?, ?, ?)", (topic, payload, time.time())
-                )
+                stored = self._put(topic, payload, inputs)
+                if seq is not None:
+                    self._db.execute("UPDATE meta SET value=MAX(value, ?) WHERE key='last_put_seq'", (seq,))
                 self._db.execute("COMMIT")
-                return True
+                return stored
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def _put(self, topic: str, payload: bytes, inputs: int) -> bool:
+        db = self._db
+        (n,) = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        if n >= self.max_rows:
+            if self.policy is DropPolicy.DROP_NEWEST:
+                self._count_drop(1, inputs)
+                return False
+            # never the row being forwarded: the MQTT client may still deliver its copy after a reconnect,
+            # and a window both delivered and counted as dropped would be counted twice
+            old = "SELECT id FROM outbox WHERE id != ? ORDER BY id LIMIT ?"
+            args = (self._inflight, n - self.max_rows + 1)
+            (k, lost) = db.execute(f"SELECT COUNT(*), COALESCE(SUM(inputs), 0) FROM outbox WHERE id IN ({old})",
+                                   args).fetchone()
+            db.execute(f"DELETE FROM outbox WHERE id IN ({old})", args)
+            self._count_drop(int(k), int(lost))
+        db.execute("INSERT INTO outbox (topic, payload, created, inputs) VALUES (?, ?, ?, ?)",
+                   (topic, payload, time.time(), inputs))
+        return True
+
+    def _count_drop(self, rows: int, inputs: int) -> None:
+        self._db.execute("UPDATE meta SET value=value+? WHERE key='dropped'", (rows,))
+        self._db.execute("UPDATE meta SET value=value+? WHERE key='dropped_inputs'", (inputs,))
+
     def peek(self) -> tuple[int, str, bytes] | None:
+        """The oldest row, now marked in flight (the bound will not drop it) until `ack`."""
         with self._lock:
             row = self._db.execute("SELECT id, topic, payload FROM outbox ORDER BY id LIMIT 1").fetchone()
+            self._inflight = int(row[0]) if row else -1
         return (int(row[0]), str(row[1]), bytes(row[2])) if row else None
 
     def ack(self, row_id: int) -> None:
         with self._lock:
             self._db.execute("DELETE FROM outbox WHERE id=?", (row_id,))
+            if row_id == self._inflight:
+                self._inflight = -1
 
     def __len__(self) -> int:
         with self._lock:
@@ -98,8 +146,16 @@ class Outbox:
 
     @property
     def dropped(self) -> int:
+        """Messages dropped by the bound, cumulative over the life of this outbox (persisted)."""
         with self._lock:
-            return int(self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()[0])
+            return self._meta("dropped")
+
+    def stats(self) -> dict[str, int]:
+        """``dropped`` messages and ``dropped_inputs`` (cumulative, persisted), ``queued`` now."""
+        with self._lock:
+            (queued,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            return {"dropped": self._meta("dropped"), "dropped_inputs": self._meta("dropped_inputs"),
+                    "queued": int(queued)}
 
     def close(self) -> None:
         with self._lock:

@@ -84,6 +84,7 @@ class MqttLink:
             client_id=client_id,
             protocol=mqtt_protocol(mqtt_version),
         )
+        self.anonymous = username is None
         if username is not None:
             self.client.username_pw_set(username, password)
         if will is not None:
@@ -160,8 +161,12 @@ class MqttLink:
     # --- callbacks -------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         if reason_code.is_failure:
-            hint = " (check the username and password, or the credentials file)" if "authori" in str(
-                reason_code).lower() or "password" in str(reason_code).lower() else ""
+            auth = any(w in str(reason_code).lower() for w in ("authori", "password"))
+            hint = ""
+            if auth:
+                hint = (" (check the username and password, or the credentials file)" if self.anonymous is False else
+                        " (this broker does not take anonymous clients: give --password,"
+                        " $DEVICE_AGENT_PASSWORD or --credentials)")
             self.last_error = f"the broker refused the login: {reason_code}{hint}"
             self.refused = True
             log.warning("broker refused connection: %s", reason_code)

@@ -1,8 +1,10 @@
 """Fetch, verify and smoke-test a bundle before the agent swaps to it.
 
 Why so careful: a model update reaches devices nobody can touch. The new
-bundle is downloaded over HTTP from the gateway, its hash compared with the
-one in the command (the tarball's or the manifest's sha256), every file
+bundle is downloaded over HTTP from the gateway (only from URLs under the
+base URLs the agent was configured with; redirects elsewhere are refused),
+its hash compared with the one in the command (the tarball's or the
+manifest's sha256), every file
 verified by `open_bundle`, loaded with this device's runtime and asked to
 answer a smoke input; only then does the agent swap. Any failure leaves the
 running bundle in place and is reported.
@@ -10,59 +12,145 @@ running bundle in place and is reported.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from edgecore.bundle import Bundle, open_bundle, sha256_file
 from edgecore.errors import BundleTrustError
 
+log = logging.getLogger(__name__)
+
 MAX_DOWNLOAD = 512 << 20
+BUNDLES = "bundles"
 
 
-def download(url: str, dest: Path, *, timeout: float = 30.0, max_bytes: int = MAX_DOWNLOAD) -> Path:
-    if not url.startswith(("http://", "https://")):
-        raise BundleTrustError(f"bundle URL {url!r} must be http(s)")
+def _origin_and_path(url: str) -> tuple[tuple[str, str, int], str] | None:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(dest, "wb") as f:
+        u = urlsplit(url)
+        port = u.port or {"http": 80, "https": 443}.get(u.scheme, 0)
+    except ValueError:
+        return None
+    if u.scheme not in ("http", "https") or not u.hostname or u.username or u.password:
+        return None
+    path = u.path or "/"
+    if any(seg in (".", "..") for seg in path.split("/")) or "%2e" in path.lower():
+        return None  # a dot segment could climb out of the base once the server normalises it
+    return (u.scheme, u.hostname.lower(), port), path
+
+
+def url_allowed(url: str, bases: Sequence[str]) -> bool:
+    """True when ``url`` is under one of ``bases`` (same scheme, host and port; path below the base's)."""
+    got = _origin_and_path(url)
+    if got is None:
+        return False
+    for base in bases:
+        b = _origin_and_path(base)
+        if b is not None and b[0] == got[0]:
+            root = b[1].rstrip("/") + "/"
+            if got[1] == b[1].rstrip("/") or got[1].startswith(root):
+                return True
+    return False
+
+
+class _StayUnder(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to a URL under the allowed bases."""
+
+    def __init__(self, bases: Sequence[str]) -> None:
+        self.bases = tuple(bases)
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        if not url_allowed(newurl, self.bases):
+            raise urllib.error.URLError(f"redirect to {newurl} is outside the allowed update bases")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def download(url: str, dest: Path, *, allowed: Sequence[str], timeout: float = 30.0,
+             max_bytes: int = MAX_DOWNLOAD) -> Path:
+    """Fetch ``url`` (under ``allowed``) to ``dest``. Errors say "download failed" only: details go to the log.
+
+    Why so terse: the outcome of an update is published in the device's status,
+    and telling "connection refused" from "timed out" from "404" there would
+    make every device a port scanner for whoever can send it commands.
+    """
+    if not url_allowed(url, allowed):
+        raise BundleTrustError(
+            f"bundle URL {url!r} is not under an allowed update base"
+            + (f" ({', '.join(allowed)})" if allowed else ": this agent takes updates by URL only with --update-base")
+        )
+    opener = urllib.request.build_opener(_StayUnder(allowed))
+    try:
+        with opener.open(url, timeout=timeout) as r, open(dest, "wb") as f:
             total = 0
             while block := r.read(1 << 20):
                 total += len(block)
                 if total > max_bytes:
-                    raise BundleTrustError(f"{url}: larger than {max_bytes} bytes")
+                    raise BundleTrustError(f"bundle download failed: larger than {max_bytes} bytes")
                 f.write(block)
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise BundleTrustError(f"cannot download bundle {url}: {e}") from e
+        log.error("downloading %s failed: %s", url, e)
+        raise BundleTrustError("bundle download failed") from e
     return dest
 
 
-def fetch_bundle(*, url: str, sha256: str | None, state_dir: Path) -> Bundle:
-    """Download ``url`` (a bundle ``.tar.gz``), check ``sha256`` and open it under ``state_dir``."""
+def _open_verified(tar: Path, extract: Path, *, trusted_keys: Any = None) -> Bundle:
+    """Open and verify a downloaded bundle; "not a bundle" upstream, the reason in the log.
+
+    Signature checking plugs in here: ``trusted_keys`` (`edgecore.signing.TrustedKey`)
+    go to `open_bundle`, which then requires a signature by one of them.
+    """
+    try:
+        return open_bundle(tar, extract_to=extract, keys=tuple(trusted_keys or ()))
+    except BundleTrustError as e:
+        log.error("downloaded bundle refused: %s", e)
+        raise BundleTrustError("not a bundle this device trusts (the reason is in the device's log)") from e
+
+
+def fetch_bundle(*, url: str, sha256: str | None, state_dir: Path, allowed: Sequence[str] = (),
+                 trusted_keys: Any = None) -> Bundle:
+    """Download ``url`` (a bundle ``.tar.gz`` under ``allowed``), check ``sha256``, open it under ``state_dir``."""
     state_dir = Path(state_dir)
-    (state_dir / "bundles").mkdir(parents=True, exist_ok=True)
+    (state_dir / BUNDLES).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=state_dir))
     try:
-        tar = download(url, tmp / "bundle.tar.gz")
+        tar = download(url, tmp / "bundle.tar.gz", allowed=allowed)
         tar_sha = sha256_file(tar)
         extract = tmp / "x"
         extract.mkdir()
-        bundle = open_bundle(tar, extract_to=extract)
+        bundle = _open_verified(tar, extract, trusted_keys=trusted_keys)
         if sha256 is not None and sha256 not in (tar_sha, bundle.manifest_sha256):
             raise BundleTrustError(
-                f"bundle from {url} has sha256 {tar_sha} (manifest {bundle.manifest_sha256}), "
-                f"the command expected {sha256}"
+                f"bundle has sha256 {tar_sha} (manifest {bundle.manifest_sha256}), the command expected {sha256}"
             )
-        final = state_dir / "bundles" / bundle.manifest_sha256[:16]
+        final = state_dir / BUNDLES / bundle.manifest_sha256[:16]
         if final.exists():
             shutil.rmtree(final)
         shutil.move(str(bundle.root), final)
         return open_bundle(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prune_bundles(state_dir: Path, keep: Sequence[Path]) -> list[Path]:
+    """Remove fetched bundles under ``state_dir`` except ``keep`` (current and previous); returns what went."""
+    root = Path(state_dir) / BUNDLES
+    if not root.is_dir():
+        return []
+    kept = {Path(k).resolve() for k in keep}
+    gone = [p for p in root.iterdir() if p.resolve() not in kept]
+    for p in gone:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return gone
 
 
 def smoke_test(bundle: Bundle, runner: object) -> None:

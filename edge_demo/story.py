@@ -215,9 +215,9 @@ def _run_fleet(
                 ),
             ).start()
 
-        from tqdm import tqdm
+        from edgecore.clikit import progress_bar
 
-        bar = tqdm(total=len(plan) * len(x_test), unit="input", desc="streaming the test split to the fleet")
+        bar = progress_bar(total=len(plan) * len(x_test), unit="input", desc="streaming the test split to the fleet")
         bar_lock = threading.Lock()
 
         def tick(_: Any) -> None:

@@ -54,6 +54,20 @@ OWN_LOGGERS = ("toolchain", "targets", "calibration", "device_agent", "cloud_gat
 QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "onnxscript", "onnx_ir", "nncf", "amqtt", "transitions")
 
 
+def on_terminal(stream: Any = None) -> bool:
+    """True when ``stream`` (default stderr) is an interactive terminal: progress bars only there."""
+    s = sys.stderr if stream is None else stream
+    return bool(getattr(s, "isatty", lambda: False)())
+
+
+def progress_bar(iterable: Any = None, **kwargs: Any) -> Any:
+    """A tqdm bar on a terminal; disabled otherwise, so logs never fill with carriage-return frames."""
+    from tqdm import tqdm  # lazy: only the commands that show progress need it
+
+    kwargs.setdefault("disable", not on_terminal(kwargs.get("file")))
+    return tqdm(iterable, **kwargs)
+
+
 def setup_logging(*, debug: bool) -> None:
     """INFO for our packages, WARNING for the rest (ERROR for known-noisy ones); everything with --debug."""
     logging.basicConfig(

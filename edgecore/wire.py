@@ -122,16 +122,34 @@ def loads(payload: bytes) -> dict[str, Any]:
 
 
 class Topics:
-    """Topic names under a prefix (default ``fleet``) for one device."""
+    """Topic names under a prefix (default ``fleet``) for one device, and the fleet-wide patterns.
+
+    The one home of the topic scheme: ``<prefix>/<device>/<suffix>``. Devices use
+    the instance attributes; the gateway and operators subscribe to `pattern`.
+    """
+
+    REQ, RESP, TELEMETRY, STATUS, CMD, BENCH, ANSWERS, INPUT = (
+        "infer/req", "infer/resp", "telemetry", "status", "cmd", "bench", "answers", "input")
 
     def __init__(self, device_id: str, prefix: str = "fleet") -> None:
         self.device_id = device_id
         self.prefix = prefix
-        base = f"{prefix}/{device_id}"
-        self.req = f"{base}/infer/req"
-        self.resp = f"{base}/infer/resp"
-        self.telemetry = f"{base}/telemetry"
-        self.status = f"{base}/status"
-        self.cmd = f"{base}/cmd"
-        self.bench = f"{base}/bench"
-        self.answers = f"{base}/answers"
+        self.req = self.of(prefix, device_id, self.REQ)
+        self.resp = self.of(prefix, device_id, self.RESP)
+        self.telemetry = self.of(prefix, device_id, self.TELEMETRY)
+        self.status = self.of(prefix, device_id, self.STATUS)
+        self.cmd = self.of(prefix, device_id, self.CMD)
+        self.bench = self.of(prefix, device_id, self.BENCH)
+        self.answers = self.of(prefix, device_id, self.ANSWERS)
+        self.input = self.of(prefix, device_id, self.INPUT)
+
+    @staticmethod
+    def of(prefix: str, device_id: str, suffix: str) -> str:
+        """One device's topic, e.g. ``of("fleet", "dev-a", Topics.CMD)`` -> ``fleet/dev-a/cmd``."""
+        return f"{prefix}/{device_id}/{suffix}"
+
+    @staticmethod
+    def pattern(prefix: str, suffix: str, *, share: str | None = None) -> str:
+        """Every device's ``suffix`` topic (``<prefix>/+/<suffix>``), optionally as an MQTT 5 shared subscription."""
+        p = f"{prefix}/+/{suffix}"
+        return f"$share/{share}/{p}" if share else p

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from edgecore.errors import BenchError
+from edgecore.wire import Topics
 
 from .envinfo import environment
 from .loadgen import Scenario
@@ -141,12 +142,12 @@ def run_fleet(
             raise BenchError(f"broker {broker} refused the connection: {rc} (check --username/--password)")
         with lock:
             for d in devices:
-                r, mid = client.subscribe(f"{prefix}/{d}/bench", qos=1)
+                r, mid = client.subscribe(Topics.of(prefix, d, Topics.BENCH), qos=1)
                 pending_sub.add(mid)
         if not suback.wait(connect_timeout_s):
             raise BenchError(f"broker {broker} did not acknowledge the subscriptions")
         msg = job.message(job_id=job_id, bundle=bundle, sha256=sha256)
-        infos = [client.publish(f"{prefix}/{d}/cmd", json.dumps(msg), qos=1) for d in devices]
+        infos = [client.publish(Topics.of(prefix, d, Topics.CMD), json.dumps(msg), qos=1) for d in devices]
         for i in infos:
             i.wait_for_publish(timeout=connect_timeout_s)
         if progress:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgecore.bundle import Bundle
+from edgecore.bundle import Bundle, open_bundle
 from edgecore.errors import BenchError
 
 from . import RESULTS_SCHEMA_VERSION
@@ -109,3 +109,27 @@ def run_job(job: dict[str, Any], bundle: Bundle) -> dict[str, Any]:
         "results": rows,
         "notes": notes,
     }
+
+
+def agent_command(agent: Any, cmd: dict[str, Any]) -> None:
+    """The device agent's ``bench`` command (entry point ``edge_toolchain.agent_commands``).
+
+    Resolves the job's bundle (``bundle_url`` under the agent's update bases,
+    ``bundle_path`` on the device, or the one it runs), runs `run_job` and
+    publishes ``{job_id, device_id, ok, result|error}`` on ``<prefix>/<id>/bench``;
+    raises on failure so the agent's status says so too.
+    """
+    reply: dict[str, Any] = {"job_id": cmd.get("job_id"), "device_id": agent.config.device_id}
+    try:
+        if cmd.get("bundle_url"):
+            bundle = agent.fetch(str(cmd["bundle_url"]), sha256=cmd.get("sha256"))
+        elif cmd.get("bundle_path"):
+            bundle = open_bundle(str(cmd["bundle_path"]))
+        else:
+            bundle = agent.bundle
+        reply.update(ok=True, result=run_job(cmd, bundle))
+    except Exception as e:  # the operator must get an answer, whatever failed
+        reply.update(ok=False, error=f"{type(e).__name__}: {e}")
+    agent.publish(agent.topics.bench, reply)
+    if not reply["ok"]:
+        raise BenchError(reply["error"])

@@ -18,6 +18,10 @@ class OrtRunner:
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        # no spin-waiting: on a device the spinning threads burn the cores the agent and the OS need,
+        # and with tiny models they make the tail latency worse, not better
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if threads:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1

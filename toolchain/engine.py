@@ -235,6 +235,8 @@ def fit(
     Xv, yv = val
     from tqdm.auto import tqdm
 
+    from edgecore.clikit import on_terminal
+
     while state.epoch < opts.epochs and not state.stopped_early:
         epoch = state.epoch
         if sampler is not None:
@@ -242,7 +244,8 @@ def fit(
         torch.manual_seed(opts.seed * 1000 + epoch)
         model.train()
         total_loss, n = 0.0, 0
-        bar = tqdm(loader, desc=f"{opts.desc} {epoch + 1}/{opts.epochs}", leave=False, disable=not show, unit="batch")
+        bar = tqdm(loader, desc=f"{opts.desc} {epoch + 1}/{opts.epochs}", leave=False,
+                   disable=not show or not on_terminal(), unit="batch")
         for xb, yb in bar:
             xb, yb = xb.to(dev), yb.to(dev)
             if opts.augment:

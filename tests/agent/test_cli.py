@@ -98,3 +98,18 @@ def test_cli_mqtt_source_answers_on_the_answers_topic(mosquitto, tiny_cascade, t
     preds = [g["prediction"] for g in got]
     assert sum(pr == int(t) for pr, t in zip(preds, run.y_test[:6])) >= 5
     assert p.returncode == 0, err
+
+
+@pytest.mark.broker
+def test_cli_joins_an_anonymous_broker_without_credentials(anonymous_mosquitto, mosquitto, tiny_cascade, tmp_path):
+    run = tiny_cascade
+    np.savez(tmp_path / "in.npz", x=run.x_test[:20], y=run.y_test[:20])
+    with start_gateway(anonymous_mosquitto, run, tmp_path, http=False):
+        r = _agent("run", "--bundle", str(run.bundle_dir), "--source", str(tmp_path / "in.npz"), "--device-id",
+                   "lab-1", "--broker", anonymous_mosquitto.url, "--threshold", "1.01", "--window", "0.2",
+                   "--state-dir", str(tmp_path / "s"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["cloud"] == 20  # connected, asked the cloud, got answers
+    r = _agent("run", "--bundle", str(run.bundle_dir), "--source", str(tmp_path / "in.npz"), "--device-id", "dev-a",
+               "--broker", mosquitto.url, "--state-dir", str(tmp_path / "s2"))
+    assert r.returncode == 2 and "does not take anonymous clients" in r.stderr  # a broker with passwords says so

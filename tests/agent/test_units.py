@@ -173,7 +173,7 @@ def test_live_failure_after_a_swap_rolls_back(tiny_cascade, tmp_path):
         def run(self, batch):
             raise RuntimeError("runtime crashed")
 
-    agent._model = dataclasses.replace(agent._model, runner=Boom())
+    agent.model._current = dataclasses.replace(agent.model.current, runner=Boom())  # the serving one breaks live
     ans = list(agent.run(items(run.x_test[:20], run.y_test[:20])))
     assert len(ans) == 20 and summarize(ans)["accuracy"] > 0.8  # answered by the previous bundle
     assert agent.bundle.version == "1" and agent.counts["rollbacks"] == 1

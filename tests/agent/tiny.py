@@ -179,13 +179,27 @@ def start_gateway(broker, run: TinyRun, tmp: Path, *, replica: str = "gw-0", htt
     return Gateway(cfg).start()
 
 
-def make_agent(broker, bundle, device_id: str, tmp: Path, **overrides):
+def make_agent(broker, bundle, device_id: str, tmp: Path, *, commands=None, **overrides):
+    """An agent on the test broker; ``commands`` adds handlers (e.g. hw_bench's ``bench``, see `bench_commands`)."""
     from device_agent.agent import Agent, AgentConfig
 
     user, pw = broker.credentials(device_id)
     kw = dict(deadline_s=0.5, telemetry_window_s=0.2, state_dir=tmp / f"agent-{device_id}", threads=1)
     kw.update(overrides)
-    return Agent(bundle, AgentConfig(device_id=device_id, broker_url=broker.url, username=user, password=pw, **kw))
+    cfg = AgentConfig(device_id=device_id, broker_url=broker.url, username=user, password=pw, **kw)
+    return Agent(bundle, cfg, commands=commands)
+
+
+def bench_commands() -> dict:
+    """hw_bench's ``bench`` agent command, passed explicitly.
+
+    It is registered under the ``edge_toolchain.agent_commands`` entry point;
+    passing it keeps the tests independent of whether the editable install's
+    metadata was refreshed since the entry point was added.
+    """
+    from hw_bench.job import agent_command
+
+    return {"bench": agent_command}
 
 
 def items(x: np.ndarray, y: np.ndarray | None = None):

@@ -54,11 +54,11 @@ def _wait_online(broker, ids: list[str], timeout: float = 10.0) -> None:  # type
 
 
 def test_fleet_bench_two_agents_and_a_silent_device(mosquitto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from tests.agent.tiny import build_tiny, make_agent
+    from tests.agent.tiny import bench_commands, build_tiny, make_agent
 
     run = build_tiny(tmp_path / "tiny")
     save_npz(tmp_path / "test.npz", TestData(run.x_test, run.y_test, "digits-test"))
-    agents = [make_agent(mosquitto, run.bundle_dir, d, tmp_path).start() for d in ("dev-a", "dev-b")]
+    agents = [make_agent(mosquitto, run.bundle_dir, d, tmp_path, commands=bench_commands()).start() for d in ("dev-a", "dev-b")]
     try:
         _wait_online(mosquitto, ["dev-a", "dev-b"])
         user, pw = mosquitto.admin_credentials

@@ -26,6 +26,10 @@ def test_store_dedupes_windows_and_keeps_order(tmp_path):
     again = TelemetryStore(url)  # a second replica on the same database
     assert not again.add_telemetry("d1", {"seq": 2})
     assert [d["device_id"] for d in again.devices()] == ["d1"]
+    # a device whose state dir was reset counts from 0 again under a new boot id: new windows, not duplicates
+    assert again.add_telemetry("d1", {"seq": 0, "boot": "b2"}) and again.add_telemetry("d1", {"seq": 1, "boot": "b2"})
+    assert not again.add_telemetry("d1", {"seq": 1, "boot": "b2"})
+    assert again.arrival_order("d1") == [0, 1, 2, 0, 1]
     with pytest.raises(GatewayError, match="cannot open"):
         TelemetryStore("nosuchdialect://x")
 

@@ -105,9 +105,9 @@ class _NoProgress:
 def _progress(total: int, *, enabled: bool) -> Any:
     if not enabled:
         return _NoProgress()
-    from tqdm import tqdm
+    from edgecore.clikit import progress_bar
 
-    return tqdm(total=total, unit="bundle")
+    return progress_bar(total=total, unit="bundle")
 
 
 def _fmt(v: Any, pct: bool = False) -> str:

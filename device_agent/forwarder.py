@@ -1,0 +1,43 @@
+"""The outbox forwarder: oldest row first, one at a time, deleted only after the broker's PUBACK."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from .outbox import Outbox
+from .transport import MqttLink
+
+
+class OutboxForwarder:
+    """Runs in its own thread until ``stop`` is set; a reconnect (or a stuck publish) re-sends the row."""
+
+    def __init__(self, outbox: Outbox, link: MqttLink, stop: threading.Event, *, stuck_s: float = 10.0) -> None:
+        self.outbox = outbox
+        self.link = link
+        self.stop = stop
+        self.stuck_s = stuck_s
+        self.forwarded = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            row = self.outbox.peek()
+            if row is None or not self.link.connected.wait(0.2):
+                self.stop.wait(0.05)
+                continue
+            if self.forward_one(*row):
+                self.forwarded += 1
+
+    def forward_one(self, row_id: int, topic: str, payload: bytes) -> bool:
+        """Publish one row at QoS 1; True (and the row acked) once the broker confirmed it."""
+        gen = self.link.generation
+        info = self.link.publish(topic, payload, qos=1)
+        t0 = time.monotonic()
+        while not self.stop.is_set():
+            if info.is_published():
+                self.outbox.ack(row_id)
+                return True
+            if self.link.generation != gen or time.monotonic() - t0 > self.stuck_s:
+                return False  # reconnected (or stuck): publish the row again
+            time.sleep(0.01)
+        return False

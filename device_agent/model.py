@@ -1,0 +1,123 @@
+"""The local model with rollback: load, smoke-test, swap atomically, roll back on a live failure.
+
+Why staged: an update must never leave the device half-switched. `load_model`
+does everything that can fail (load with this device's runtime, answer a smoke
+input, read the drift reference, parse the routing block) and returns an
+immutable `LoadedModel`; `LocalModel.swap` then only exchanges two references
+under a lock, which cannot fail. ``ok: false`` therefore always means the old
+model is still serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from edgecore.bundle import Bundle
+from edgecore.confidence import confidence
+from edgecore.errors import AgentError, BundleTrustError, EdgeError
+from targets import load_runner
+
+from .updates import smoke_test
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A bundle loaded, smoke-tested and with everything the agent reads from it already parsed."""
+
+    bundle: Bundle
+    runner: Any
+    measure: str
+    temperature: float
+    threshold: float | None  # the bundle's own routing threshold
+    drift_reference: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Inference:
+    model: LoadedModel  # the model that answered (the previous one after a rollback)
+    x: np.ndarray  # its preprocessed input
+    logits: np.ndarray
+    confidence: np.ndarray
+    seconds: float  # preprocessing + runtime
+
+
+def _routing(bundle: Bundle) -> tuple[str, float, float | None]:
+    r = bundle.routing  # typed and validated by the manifest reader
+    return (r.measure, r.temperature, r.threshold) if r is not None else ("max_prob", 1.0, None)
+
+
+def load_model(bundle: Bundle, *, threads: int | None = None) -> LoadedModel:
+    """Load with this device's runtime, answer a smoke input and read what the agent needs, or raise."""
+    try:
+        runner = load_runner(bundle, threads=threads)
+    except EdgeError:
+        raise
+    except Exception as e:  # runtimes raise their own types for corrupt artifacts
+        raise BundleTrustError(f"bundle {bundle.root} failed to load: {type(e).__name__}: {e}") from e
+    smoke_test(bundle, runner)
+    measure, temperature, threshold = _routing(bundle)
+    # read now, not after the switch: an unreadable reference is a `BundleTrustError` here
+    return LoadedModel(bundle, runner, measure, temperature, threshold, bundle.drift_reference())
+
+
+class LocalModel:
+    """The serving model and the previous one; ``infer`` rolls back when the serving one fails live."""
+
+    def __init__(self, model: LoadedModel, *, on_rollback: Callable[[LoadedModel, Exception], None] | None = None):
+        self._current = model
+        self._previous: LoadedModel | None = None
+        self._lock = threading.Lock()
+        self._on_rollback = on_rollback
+
+    @property
+    def current(self) -> LoadedModel:
+        return self._current
+
+    @property
+    def previous(self) -> LoadedModel | None:
+        return self._previous
+
+    def check_compatible(self, new: LoadedModel) -> None:
+        if new.bundle.input_spec.sample_shape != self._current.bundle.input_spec.sample_shape:
+            raise AgentError("the new bundle takes a different input shape than this device's source")
+
+    def swap(self, new: LoadedModel) -> None:
+        """Serve ``new``, keep the old one for rollback. Only exchanges references: cannot fail halfway."""
+        with self._lock:
+            self._previous, self._current = self._current, new
+
+    def rollback(self, err: Exception) -> LoadedModel:
+        with self._lock:
+            if self._previous is None:
+                raise AgentError(f"the bundle failed on a live input and there is none to roll back to: {err}") from err
+            bad, self._current, self._previous = self._current, self._previous, None
+        log.error("bundle %s failed on a live input (%s); rolled back", bad.bundle.root, err)
+        if self._on_rollback is not None:
+            self._on_rollback(self._current, err)
+        return self._current
+
+    def infer(self, raw: np.ndarray) -> Inference:
+        """Preprocess, run and score a batch of raw samples; rolls back on a live failure."""
+        m = self._current
+        t0 = time.perf_counter()  # on-device latency counts preprocessing too
+        try:
+            x = m.bundle.input_spec.preprocess(raw)
+            logits = np.asarray(m.runner.run(x))
+        except Exception as e:
+            if isinstance(e, EdgeError) and self._previous is None:
+                raise
+            m = self.rollback(e)
+            t0 = time.perf_counter()
+            x = m.bundle.input_spec.preprocess(raw)  # the previous bundle may normalise differently
+            logits = np.asarray(m.runner.run(x))
+        dt = time.perf_counter() - t0
+        conf = confidence(logits, measure=m.measure, temperature=m.temperature)
+        return Inference(m, x, logits, np.asarray(conf, dtype=np.float64), dt)

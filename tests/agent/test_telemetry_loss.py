@@ -1,0 +1,129 @@
+"""Telemetry is never silently lost: answers = inputs in stored telemetry + inputs reported dropped.
+
+Through a real Mosquitto and gateway: the agent killed with SIGKILL mid-stream
+(its open window is in a memory-mapped file), restarted, stopped with SIGTERM,
+its state dir wiped (a new boot id, seq from 0 again: not taken for
+duplicates), and the broker stopped while windows pile up past the outbox bound.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from edgecore import wire
+from tests.agent.tiny import Listener, items, make_agent, start_gateway, wait_for
+
+pytestmark = pytest.mark.broker
+
+
+def _stored(gw, device: str) -> tuple[int, dict[str, int]]:
+    """(inputs over every stored window, dropped inputs per boot: the last report of each)."""
+    hist = gw.store.history(device, limit=10000)
+    dropped: dict[str, int] = {}
+    for w in hist:
+        dropped[w["boot"]] = max(dropped.get(w["boot"], 0), w["outbox"]["dropped_inputs"])
+    return sum(w["counts"]["inputs"] for w in hist), dropped
+
+
+class _AgentProcess:
+    """``device-agent run --source mqtt:`` as a child process, fed over MQTT."""
+
+    def __init__(self, broker, run, tmp, state, out, *, window: float) -> None:
+        user, pw = broker.credentials("dev-b")
+        self.out = out
+        self.watch = Listener(broker, ["fleet/dev-b/answers", "fleet/dev-b/status"], client_id=f"w-{out.name}")
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "device_agent.cli", "run", "--bundle", str(run.bundle_dir), "--source", "mqtt:",
+             "--device-id", "dev-b", "--broker", broker.url, "--username", user, "--password", pw,
+             "--state-dir", str(state), "--window", str(window), "--output", str(out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: any(t.endswith("status") and json.loads(p).get("state") == "online"
+                             for t, p in self.watch.messages), 60, "agent online")
+        time.sleep(0.3)  # the input subscription follows the status
+        self.feeder = Listener(broker, ["fleet/none"], client_id=f"f-{out.name}")
+
+    def feed(self, x) -> None:
+        n = self.answers() + len(x)
+        self.feeder.client.publish("fleet/dev-b/input", wire.encode_tensor(x), qos=1).wait_for_publish(5)
+        wait_for(lambda: self.answers() >= n, 30, f"{n} answers")
+
+    def answers(self) -> int:
+        return sum(t.endswith("answers") for t, _ in self.watch.messages)
+
+    def end(self, sig: int) -> int:
+        self.p.send_signal(sig)
+        self.p.communicate(timeout=30)
+        self.feeder.stop()
+        self.watch.stop()
+        return len(self.out.read_text().splitlines())
+
+
+def test_kill_9_restart_and_state_reset_lose_no_input(mosquitto, tiny_cascade, tmp_path):
+    run = tiny_cascade
+    state = tmp_path / "state"
+    with start_gateway(mosquitto, run, tmp_path, http=False) as gw:
+        a = _AgentProcess(mosquitto, run, tmp_path, state, tmp_path / "a1.jsonl", window=60)
+        a.feed(run.x_test[:12])
+        answered = a.end(signal.SIGKILL)  # the window is open: nothing of it was sent yet
+        b = _AgentProcess(mosquitto, run, tmp_path, state, tmp_path / "a2.jsonl", window=0.3)
+        b.feed(run.x_test[12:19])
+        answered += b.end(signal.SIGTERM)
+        shutil.rmtree(state)  # a wiped device: seq starts at 0 again
+        c = _AgentProcess(mosquitto, run, tmp_path, state, tmp_path / "a3.jsonl", window=0.3)
+        c.feed(run.x_test[19:24])
+        answered += c.end(signal.SIGTERM)
+        assert answered == 24
+        try:
+            wait_for(lambda: _stored(gw, "dev-b")[0] >= answered, 20, "telemetry of every answer")
+        finally:
+            stored, dropped = _stored(gw, "dev-b")
+        hist = gw.store.history("dev-b", limit=10000)
+    assert stored + sum(dropped.values()) == answered, (stored, dropped, answered)
+    assert len(dropped) == 2  # two state dirs, two boot ids
+    assert min(w["seq"] for w in hist if w["boot"] == hist[-1]["boot"]) == 0  # the reset device counted from 0
+
+
+def test_broker_outage_past_the_outbox_bound_reports_what_it_dropped(mosquitto, tiny_cascade, tmp_path):
+    run = tiny_cascade
+    gw = start_gateway(mosquitto, run, tmp_path, http=False)
+    agent = make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path, telemetry_window_s=0.1, deadline_s=0.2,
+                       outbox_max_rows=3).start()
+    stop = threading.Event()
+    answered: list[int] = []
+
+    def stream() -> None:
+        while not stop.is_set():
+            answered.extend(1 for _ in agent.run(items(run.x_test[:5])))
+            time.sleep(0.02)
+
+    t = threading.Thread(target=stream, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: len(gw.store.arrival_order("dev-a")) >= 2, 15, "first windows stored")
+        mosquitto.stop()
+        wait_for(lambda: agent.outbox.stats()["dropped_inputs"] > 0, 15, "windows dropped by the bound")
+        mosquitto.start()
+        wait_for(lambda: len(agent.outbox) == 0, 20, "outbox drained after the restart")
+    finally:
+        stop.set()
+        t.join(10)
+        agent.stop()
+    try:
+        def accounted() -> int:
+            stored, dropped = _stored(gw, "dev-a")
+            return stored + sum(dropped.values())
+
+        wait_for(lambda: accounted() >= len(answered), 15, "the last windows")
+    finally:
+        stored, dropped = _stored(gw, "dev-a")
+        gw.stop()
+    assert sum(dropped.values()) > 0
+    assert stored + sum(dropped.values()) == len(answered), (stored, dropped, len(answered))
