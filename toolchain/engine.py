@@ -89,7 +89,11 @@ def shift_augment(x: torch.Tensor, max_shift: int = 1) -> torch.Tensor:
     cols = (torch.arange(w)[None, :] + dx[:, None])  # (n, w)
     idx_n = torch.arange(n)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
-    return out.permute(0, 3, 1, 2).contiguous()
+    # Not ``.contiguous()``: with one channel the permuted view already counts as contiguous, so it is
+    # returned as is, strides (H*W, 1, W, 1), which torch reads as channels_last. The whole network then
+    # runs NHWC through oneDNN, whose 1x1 stride-2 conv backward-weights kernel (jit_1x1:avx2, fewer than
+    # 8 input channels) writes past its buffer: heap corruption, SIGABRT/SIGBUS in backward. Real NCHW.
+    return out.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()

@@ -68,6 +68,24 @@ def test_early_stopping(tmp_path):
     assert r["stopped_early"] and r["epochs_run"] < 30
 
 
+def test_augmented_one_channel_batch_runs_the_network_nchw():
+    """A shifted 1-channel batch must not read as channels_last: that sent the net down oneDNN's NHWC
+    1x1 stride-2 backward-weights kernel, which corrupts the heap (SIGABRT in backward, see engine)."""
+    import torch
+
+    from toolchain.engine import shift_augment
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 8, 8)
+    out = shift_augment(x)
+    assert out.shape == x.shape and out.stride() == x.stride()
+    conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+    assert conv(out).is_contiguous()  # NCHW all the way down, not NHWC
+    assert not conv(out).is_contiguous(memory_format=torch.channels_last)
+    shifted = [(out[i, 0] - x[i, 0]).abs().max() for i in range(len(x))]
+    assert any(d > 0 for d in shifted)  # still augments
+
+
 def test_ddp_two_cpu_processes(tmp_path):
     """`torchrun --nproc_per_node 2 ... train` on CPU (gloo): one run, world size 2."""
     cfg = tmp_path / "ddp.toml"
