@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from edgecore import wire
-from edgecore.bundle import Bundle, open_bundle
+from edgecore.bundle import Bundle, TrustPolicy
 from edgecore.errors import AgentError
 
 from .cloud import CloudClient, CloudResult
@@ -88,6 +88,7 @@ class AgentConfig:
     drift: DriftConfig = field(default_factory=DriftConfig)
     mqtt_version: str = "5"  # "3.1.1" for brokers without MQTT 5: request metadata then travels in an envelope
     update_bases: tuple[str, ...] = ()  # update_bundle URLs must be under one of these (none: refused)
+    trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures this device accepts
 
 
 class Agent:
@@ -97,7 +98,9 @@ class Agent:
                  commands: Mapping[str, CommandFn] | None = None) -> None:
         self.config = config
         self.topics = wire.Topics(config.device_id, config.prefix)
-        first = load_model(bundle if isinstance(bundle, Bundle) else open_bundle(bundle), threads=config.threads)
+        config.trust.warn_if_open(f"device agent {config.device_id}")
+        opened = config.trust.check(bundle) if isinstance(bundle, Bundle) else config.trust.open(bundle)
+        first = load_model(opened, threads=config.threads)
         self.model = LocalModel(first, on_rollback=self._rolled_back)
         self._threshold = self._initial_threshold(first, config.threshold)
         self.cloud = CloudClient(self.topics, deadline_s=config.deadline_s)
@@ -177,7 +180,7 @@ class Agent:
     def fetch(self, url: str, *, sha256: str | None = None) -> Bundle:
         """Download and verify a bundle from under the configured update bases into the state dir."""
         return fetch_bundle(url=url, sha256=sha256, state_dir=self.config.state_dir,
-                            allowed=self.config.update_bases)
+                            allowed=self.config.update_bases, trust=self.config.trust)
 
     def update_from(self, url: str, *, sha256: str | None = None) -> None:
         """Fetch, switch, and keep only the current and previous bundle in the state dir."""

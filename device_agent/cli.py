@@ -13,10 +13,13 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from edgecore.clikit import add_common, add_json_flag, emit_json, run_cli
 from edgecore.errors import AgentError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgecore.bundle import TrustPolicy
 
 
 def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
@@ -37,22 +40,35 @@ def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return (user or args.device_id), pw
 
 
+def _trust(args: argparse.Namespace) -> "TrustPolicy":
+    from edgecore.bundle import TrustPolicy
+
+    return TrustPolicy.from_paths(args.trust_key or (), allow_unsigned=args.allow_unsigned)
+
+
+def _add_trust_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-key", action="append", type=Path, metavar="PUB",
+                   help="public key (.pub) or folder of them whose signatures this device accepts (repeatable)")
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="DEVELOPMENT ONLY: accept unsigned bundles when no --trust-key is given (logged loudly)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from edgecore.bundle import open_bundle
 
     from .agent import Agent, AgentConfig, summarize
     from .drift import DriftConfig
     from .outbox import DropPolicy
     from .sources import Item, MqttInputSource, folder_source, npz_source  # noqa: F401
 
-    bundle = open_bundle(args.bundle)
+    trust = _trust(args)
+    bundle = trust.open(args.bundle)
     user, pw = _credentials(args)
     cfg = AgentConfig(
         device_id=args.device_id, broker_url=args.broker, username=user, password=pw, prefix=args.prefix,
         deadline_s=args.deadline, telemetry_window_s=args.window, threshold=args.threshold,
         state_dir=args.state_dir, outbox_max_rows=args.outbox_max, drop_policy=DropPolicy(args.drop_policy),
         batch_size=args.batch_size, threads=args.threads, drift=DriftConfig(window=args.drift_window),
-        mqtt_version=args.mqtt_version, update_bases=tuple(args.update_base or ()),
+        mqtt_version=args.mqtt_version, update_bases=tuple(args.update_base or ()), trust=trust,
     )
     agent = Agent(bundle, cfg)
     spec = agent.bundle.input_spec
@@ -112,13 +128,14 @@ def _print_summary(s: dict[str, object]) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from edgecore.bundle import open_bundle
-
     from .agent import load_model
 
-    b = open_bundle(args.bundle)
+    trust = _trust(args)
+    trust.warn_if_open("device-agent verify")
+    b = trust.open(args.bundle)
     load_model(b)
-    print(f"ok: {b.root} ({b.target}/{b.precision}, manifest sha256 {b.manifest_sha256})")
+    signed = f", signed by key {b.signed_by}" if b.signed_by else ", UNSIGNED"
+    print(f"ok: {b.root} ({b.target}/{b.precision}, manifest sha256 {b.manifest_sha256}{signed})")
     return 0
 
 
@@ -150,11 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--update-base", action="append", metavar="URL",
                    help="update_bundle URLs must be under this gateway URL (repeatable; none: updates by URL refused)")
     r.add_argument("--output", type=Path, help="JSON lines of answers (default stdout)")
+    _add_trust_args(r)
     add_json_flag(r)
     r.set_defaults(func=cmd_run)
     v = sub.add_parser("verify", help="check a bundle's trust and that this device can run it")
     add_common(v)
     v.add_argument("bundle")
+    _add_trust_args(v)
     v.set_defaults(func=cmd_verify)
     return p
 

@@ -18,12 +18,12 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from edgecore.bundle import Bundle, open_bundle, sha256_file
+from edgecore.bundle import Bundle, TrustPolicy, sha256_file
 from edgecore.errors import BundleTrustError
 
 log = logging.getLogger(__name__)
@@ -100,21 +100,18 @@ def download(url: str, dest: Path, *, allowed: Sequence[str], timeout: float = 3
     return dest
 
 
-def _open_verified(tar: Path, extract: Path, *, trusted_keys: Any = None) -> Bundle:
-    """Open and verify a downloaded bundle; "not a bundle" upstream, the reason in the log.
-
-    Signature checking plugs in here: ``trusted_keys`` (`edgecore.signing.TrustedKey`)
-    go to `open_bundle`, which then requires a signature by one of them.
-    """
+def _open_verified(tar: Path, extract: Path, *, trust: TrustPolicy) -> Bundle:
+    """Open and verify a downloaded bundle (hashes, listing, limits, signature); "not a bundle" upstream,
+    the reason in the log."""
     try:
-        return open_bundle(tar, extract_to=extract, keys=tuple(trusted_keys or ()))
+        return trust.open(tar, extract_to=extract)
     except BundleTrustError as e:
         log.error("downloaded bundle refused: %s", e)
         raise BundleTrustError("not a bundle this device trusts (the reason is in the device's log)") from e
 
 
 def fetch_bundle(*, url: str, sha256: str | None, state_dir: Path, allowed: Sequence[str] = (),
-                 trusted_keys: Any = None) -> Bundle:
+                 trust: TrustPolicy = TrustPolicy()) -> Bundle:
     """Download ``url`` (a bundle ``.tar.gz`` under ``allowed``), check ``sha256``, open it under ``state_dir``."""
     state_dir = Path(state_dir)
     (state_dir / BUNDLES).mkdir(parents=True, exist_ok=True)
@@ -124,7 +121,7 @@ def fetch_bundle(*, url: str, sha256: str | None, state_dir: Path, allowed: Sequ
         tar_sha = sha256_file(tar)
         extract = tmp / "x"
         extract.mkdir()
-        bundle = _open_verified(tar, extract, trusted_keys=trusted_keys)
+        bundle = _open_verified(tar, extract, trust=trust)
         if sha256 is not None and sha256 not in (tar_sha, bundle.manifest_sha256):
             raise BundleTrustError(
                 f"bundle has sha256 {tar_sha} (manifest {bundle.manifest_sha256}), the command expected {sha256}"
@@ -133,7 +130,7 @@ def fetch_bundle(*, url: str, sha256: str | None, state_dir: Path, allowed: Sequ
         if final.exists():
             shutil.rmtree(final)
         shutil.move(str(bundle.root), final)
-        return open_bundle(final)
+        return trust.open(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -157,18 +157,8 @@ def _runnable(name: str, built: dict[str, dict]) -> bool:
     return get_target(name.split("-")[0]).available()[0]
 
 
-def _run_fleet(
-    opts: DemoOptions, run_dir: Path, bundles_dir: Path, built: dict[str, dict], step: _Steps
-) -> dict[str, Any]:
-    from cloud_gateway.broker import start_local_broker
-    from cloud_gateway.credentials import make_fleet, write_fleet_files
-    from cloud_gateway.service import Gateway, GatewayConfig
-    from cloud_gateway.worker import WorkerConfig
-    from device_agent.agent import Agent, AgentConfig, summarize
-    from device_agent.sources import iterator_source
-    from toolchain.rundir import RunDir
-
-    step("start the broker, the cloud gateway and three device agents")
+def _fleet_plan(built: dict[str, dict], step: _Steps) -> list[tuple[str, str, bool]]:
+    """(device, bundle, drifted stream) for each device whose preferred bundle was built and runs here."""
     plan: list[tuple[str, str, bool]] = []
     for device_id, prefs, drift in FLEET:
         choice = next((b for b in prefs if _runnable(b, built)), None)
@@ -178,87 +168,128 @@ def _run_fleet(
         plan.append((device_id, choice, drift))
     if not plan:
         raise AgentError("no runnable bundle was built, so no device agent can start")
+    return plan
 
+
+def _gateway(opts: DemoOptions, run_dir: Path, fleet_dir: Path, broker: Any, creds: Any, token: str,
+             public_key: Path) -> Any:
+    from cloud_gateway.service import Gateway, GatewayConfig
+    from cloud_gateway.worker import WorkerConfig
+
+    return Gateway(GatewayConfig(
+        worker=WorkerConfig(broker_url=broker.url, username=creds.gateway[0], password=creds.gateway[1],
+                            mqtt_version=broker.mqtt_version),
+        teacher=run_dir / "teacher.onnx", db=str(fleet_dir / "gateway.sqlite"),
+        bundles_dir=fleet_dir / "gateway-bundles", http_port=0, token=token,
+        **_gateway_trust(public_key),
+    ))
+
+
+def _gateway_trust(public_key: Path) -> dict[str, Any]:
+    """The gateway's upload checks signatures with the demo's key, where the gateway supports it."""
+    import dataclasses
+
+    from cloud_gateway.service import GatewayConfig
+
+    names = {f.name for f in dataclasses.fields(GatewayConfig)}
+    return {"trusted_keys": (public_key,)} if "trusted_keys" in names else {}
+
+
+def _start_agents(opts: DemoOptions, plan: list[tuple[str, str, bool]], bundles_dir: Path, fleet_dir: Path,
+                  broker: Any, creds: Any, public_key: Path) -> dict[str, Any]:
+    from device_agent.agent import Agent, AgentConfig
+    from edgecore.bundle import TrustPolicy
+
+    trust = TrustPolicy.from_paths([public_key])
+    agents: dict[str, Any] = {}
+    for device_id, bundle_name, _ in plan:
+        agents[device_id] = Agent(bundles_dir / bundle_name, AgentConfig(
+            device_id=device_id, broker_url=broker.url, username=device_id, password=creds.devices[device_id],
+            deadline_s=opts.deadline_s, telemetry_window_s=opts.window_s, state_dir=fleet_dir / "agents" / device_id,
+            mqtt_version=broker.mqtt_version, trust=trust,
+        )).start()
+    return agents
+
+
+def _stream(opts: DemoOptions, agents: dict[str, Any], plan: list[tuple[str, str, bool]], x_test: np.ndarray,
+            y_test: np.ndarray) -> dict[str, list[Any]]:
+    """Feed every device its stream (drifted or not) in parallel, paced; returns the answers per device."""
+    from device_agent.sources import iterator_source
+    from edgecore.clikit import progress_bar
+
+    bar = progress_bar(total=len(plan) * len(x_test), unit="input", desc="streaming the test split to the fleet")
+    bar_lock = threading.Lock()
+    answers: dict[str, list[Any]] = {}
+    errors: dict[str, BaseException] = {}
+
+    def tick(_: Any) -> None:
+        with bar_lock:
+            bar.update(1)
+
+    def feed(device_id: str, drift: bool) -> None:
+        agent = agents[device_id]
+        xs = drifted(x_test) if drift else x_test
+        source = iterator_source(_paced(xs, y_test, opts.rate_hz), agent.bundle.input_spec)
+        try:
+            answers[device_id] = list(agent.run(source, on_answer=tick))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread below
+            errors[device_id] = e
+
+    threads = [threading.Thread(target=feed, args=(d, drift), name=f"feed-{d}") for d, _, drift in plan]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bar.close()
+    for device_id, e in errors.items():
+        raise EdgeError(f"device agent {device_id} failed: {e}") from e
+    return answers
+
+
+def _device_row(device_id: str, bundle_name: str, drift: bool, agent: Any, answers: list[Any]) -> dict[str, Any]:
+    from device_agent.agent import summarize
+
+    lat = np.array([a.latency_s for a in answers]) * 1000.0
+    s = summarize(answers)
+    last = agent.last_drift or {}
+    return {
+        "device": device_id, "bundle": bundle_name, "stream": "drifted" if drift else "test split",
+        "inputs": s["inputs"], "accuracy": s.get("accuracy"), "offload_rate": s["offload_rate"],
+        "cloud": s["cloud"], "fallbacks": s["fallback"],
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+        "drift_flag": bool(last.get("flag")), "drift": last,
+    }
+
+
+def _run_fleet(
+    opts: DemoOptions, run_dir: Path, bundles_dir: Path, built: dict[str, dict], step: _Steps, public_key: Path,
+) -> dict[str, Any]:
+    from cloud_gateway.broker import start_local_broker
+    from cloud_gateway.credentials import make_fleet, write_fleet_files
+    from toolchain.rundir import RunDir
+
+    step("start the broker, the cloud gateway and three device agents")
+    plan = _fleet_plan(built, step)
     fleet_dir = opts.out / "fleet"
     creds = make_fleet(device_ids=[d for d, _, _ in plan])
     write_fleet_files(creds, fleet_dir / "credentials")
     broker = start_local_broker(fleet_dir / "broker", creds, prefer=opts.broker)
     step.console.print(f"broker: {type(broker).__name__} on {broker.url} (MQTT {broker.mqtt_version})")
     token = secrets.token_urlsafe(16)
-    gateway = Gateway(
-        GatewayConfig(
-            worker=WorkerConfig(broker_url=broker.url, username=creds.gateway[0], password=creds.gateway[1],
-                                mqtt_version=broker.mqtt_version),
-            teacher=run_dir / "teacher.onnx",
-            db=str(fleet_dir / "gateway.sqlite"),
-            bundles_dir=fleet_dir / "gateway-bundles",
-            http_port=0,
-            token=token,
-        )
-    )
-    splits = RunDir(run_dir).splits()
-    x_test, y_test = splits.test
-    answers_by_device: dict[str, list[Any]] = {}
+    gateway = _gateway(opts, run_dir, fleet_dir, broker, creds, token, public_key)
+    x_test, y_test = RunDir(run_dir).splits().test
     agents: dict[str, Any] = {}
     try:
         gateway.start()
         step.console.print(f"gateway: dashboard at {gateway.http_url}/  (write token in {fleet_dir}/token)")
         atomic_write_text(fleet_dir / "token", token + "\n")
+        agents = _start_agents(opts, plan, bundles_dir, fleet_dir, broker, creds, public_key)
+        answers = _stream(opts, agents, plan, x_test, y_test)
+        devices = []
         for device_id, bundle_name, drift in plan:
-            agents[device_id] = Agent(
-                bundles_dir / bundle_name,
-                AgentConfig(
-                    device_id=device_id, broker_url=broker.url, username=device_id,
-                    password=creds.devices[device_id], deadline_s=opts.deadline_s,
-                    telemetry_window_s=opts.window_s, state_dir=fleet_dir / "agents" / device_id,
-                    mqtt_version=broker.mqtt_version,
-                ),
-            ).start()
-
-        from edgecore.clikit import progress_bar
-
-        bar = progress_bar(total=len(plan) * len(x_test), unit="input", desc="streaming the test split to the fleet")
-        bar_lock = threading.Lock()
-
-        def tick(_: Any) -> None:
-            with bar_lock:
-                bar.update(1)
-
-        errors: dict[str, BaseException] = {}
-
-        def feed(device_id: str, drift: bool) -> None:
-            agent = agents[device_id]
-            xs = drifted(x_test) if drift else x_test
-            source = iterator_source(_paced(xs, y_test, opts.rate_hz), agent.bundle.input_spec)
-            try:
-                answers_by_device[device_id] = list(agent.run(source, on_answer=tick))
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread below
-                errors[device_id] = e
-
-        threads = [threading.Thread(target=feed, args=(d, drift), name=f"feed-{d}") for d, _, drift in plan]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        bar.close()
-        for device_id, e in errors.items():
-            raise EdgeError(f"device agent {device_id} failed: {e}") from e
-        devices: list[dict[str, Any]] = []
-        for device_id, bundle_name, drift in plan:
-            agent = agents[device_id]
-            answers = answers_by_device[device_id]
-            agent.stop()
-            lat = np.array([a.latency_s for a in answers]) * 1000.0
-            s = summarize(answers)
-            last = agent.last_drift or {}
-            devices.append({
-                "device": device_id, "bundle": bundle_name, "stream": "drifted" if drift else "test split",
-                "inputs": s["inputs"], "accuracy": s.get("accuracy"), "offload_rate": s["offload_rate"],
-                "cloud": s["cloud"], "fallbacks": s["fallback"],
-                "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-                "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
-                "drift_flag": bool(last.get("flag")), "drift": last,
-            })
+            agents[device_id].stop()
+            devices.append(_device_row(device_id, bundle_name, drift, agents[device_id], answers[device_id]))
         time.sleep(opts.window_s)  # let the last telemetry reach the store
         results = {"devices": devices, "broker": type(broker).__name__, "dashboard": f"{gateway.http_url}/",
                    "gateway_view": _get_json(f"{gateway.http_url}/api/devices")}
@@ -406,12 +437,12 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     run_dir, bundles_dir = opts.out / "run", opts.out / "bundles"
     step = _Steps(5)
     pipe = _pipeline(opts, run_dir, step)
-    signing_key, _public_key = _signing_key(opts.out)
+    signing_key, public_key = _signing_key(opts.out)
     built, skipped, failed = _build_all(run_dir, bundles_dir, opts.targets, step, signing_key)
     curve = next((bundles_dir / n / "routing_curve.png" for n in built if (bundles_dir / n / "routing_curve.png").exists()), None)
     if curve is not None:
         shutil.copyfile(curve, opts.out / "routing_curve.png")
-    fleet = _run_fleet(opts, run_dir, bundles_dir, built, step)
+    fleet = _run_fleet(opts, run_dir, bundles_dir, built, step, public_key)
     bench = _bench(opts, run_dir, bundles_dir, built, step)
     step("summary")
     summary = {

@@ -46,7 +46,7 @@ from edgecore.spec import InputSpec
 __all__ = [
     "MANIFEST", "SIGNATURE", "DRIFT_REFERENCE", "SCHEMA_VERSION", "SUPPORTED_SCHEMAS", "Limits", "Bundle",
     "sha256_file", "file_entries", "read_manifest", "verify_files", "extract_tarball", "open_bundle",
-    "write_bundle", "write_tarball", "tarball_path",
+    "write_bundle", "write_tarball", "tarball_path", "TrustPolicy",
 ]
 
 log = logging.getLogger(__name__)
@@ -349,6 +349,45 @@ def open_bundle(path: str | os.PathLike[str], *, extract_to: Path | None = None,
     if cleanup is not None:
         weakref.finalize(b, cleanup)
     return b
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """What a receiving side (a device, the gateway's upload) accepts.
+
+    ``keys``: trusted public keys (`edgecore.signing.TrustedKey`); a bundle must be signed by one of them.
+    ``allow_unsigned``: development only; with no keys configured, unsigned bundles pass (logged loudly).
+    The default, no keys and not allowing unsigned, refuses every bundle with a message saying what to set.
+    """
+
+    keys: tuple[Any, ...] = ()
+    allow_unsigned: bool = False
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[Path | str] = (), *, allow_unsigned: bool = False) -> "TrustPolicy":
+        from edgecore.signing import load_public_keys
+
+        return cls(keys=tuple(load_public_keys(paths)), allow_unsigned=allow_unsigned)
+
+    def open(self, path: str | os.PathLike[str], **kw: Any) -> Bundle:
+        """`open_bundle` under this policy."""
+        try:
+            return open_bundle(path, keys=self.keys, require_signature=not self.allow_unsigned, **kw)
+        except BundleTrustError as e:
+            if not self.keys and not self.allow_unsigned and "no trusted public key" in str(e):
+                raise BundleTrustError(f"{e} (give the release key's .pub with --trust-key; development only: "
+                                       "--allow-unsigned)") from e
+            raise
+
+    def check(self, bundle: Bundle) -> Bundle:
+        """Check an already opened bundle's signature under this policy (returns it, with ``signed_by``)."""
+        bundle.signed_by = _check_signature(bundle.root, self.keys, not self.allow_unsigned)
+        return bundle
+
+    def warn_if_open(self, who: str) -> None:
+        if self.allow_unsigned and not self.keys:
+            log.warning("%s accepts UNSIGNED bundles (--allow-unsigned): anyone who can send an update chooses "
+                        "the model. Development only.", who)
 
 
 def write_bundle(root: Path, manifest: Manifest, *, signing_key: Any = None) -> Manifest:

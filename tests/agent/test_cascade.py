@@ -9,7 +9,7 @@ import pytest
 
 from device_agent.agent import Route, summarize
 from targets import load_runner
-from tests.agent.tiny import items, make_agent
+from tests.agent.tiny import items, make_agent, signing_key
 
 pytestmark = pytest.mark.broker
 
@@ -108,7 +108,8 @@ def test_acceptance_default_config_cascade(mosquitto, tmp_path):
     cfg = load_config(None, overrides=[f"run.dir={run_dir}"])
     if not existing:
         pipeline.run_all(cfg, run_dir, show=False)
-    build_bundle(run_dir=run_dir, target="onnx", precision="fp32", out=tmp_path / "bundle", cfg=cfg.build)
+    build_bundle(run_dir=run_dir, target="onnx", precision="fp32", out=tmp_path / "bundle", cfg=cfg.build,
+                 signing_key=signing_key())
     x, y = RunDir(run_dir).splits().test
     m = measure_cascade(mosquitto, tmp_path / "bundle", run_dir, x, y, tmp_path)
     print(json.dumps(m))

@@ -9,11 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from tests.agent.tiny import Listener, start_gateway
+from tests.agent.tiny import Listener, start_gateway, test_pub_path
 
 
 def _agent(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "device_agent.cli", *args], capture_output=True, text=True,
+    trust = ["--trust-key", str(test_pub_path())] if args[0] in ("run", "verify") else []
+    return subprocess.run([sys.executable, "-m", "device_agent.cli", *args, *trust], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -75,7 +76,8 @@ def test_cli_mqtt_source_answers_on_the_answers_topic(mosquitto, tiny_cascade, t
     watch = Listener(mosquitto, ["fleet/dev-c/answers", "fleet/dev-c/status"])
     p = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "run", "--bundle", str(run.bundle_dir),
                           "--source", "mqtt:", "--device-id", "dev-c", "--broker", mosquitto.url, "--username", user,
-                          "--password", pw, "--state-dir", str(tmp_path / "s"), "--output", str(tmp_path / "a.jsonl")],
+                          "--password", pw, "--state-dir", str(tmp_path / "s"), "--output", str(tmp_path / "a.jsonl"),
+                          "--trust-key", str(test_pub_path())],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         end = time.monotonic() + 60

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from tests.agent.tiny import wait_for as _wait, items, make_agent, start_gateway
+from tests.agent.tiny import items, make_agent, start_gateway
+from tests.agent.tiny import wait_for as _wait
 
 pytestmark = pytest.mark.broker
 

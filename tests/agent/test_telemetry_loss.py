@@ -19,7 +19,14 @@ import time
 import pytest
 
 from edgecore import wire
-from tests.agent.tiny import Listener, items, make_agent, start_gateway, wait_for
+from tests.agent.tiny import (
+    Listener,
+    items,
+    make_agent,
+    start_gateway,
+    test_pub_path,
+    wait_for,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -43,7 +50,8 @@ class _AgentProcess:
         self.p = subprocess.Popen(
             [sys.executable, "-m", "device_agent.cli", "run", "--bundle", str(run.bundle_dir), "--source", "mqtt:",
              "--device-id", "dev-b", "--broker", broker.url, "--username", user, "--password", pw,
-             "--state-dir", str(state), "--window", str(window), "--output", str(out)],
+             "--state-dir", str(state), "--window", str(window), "--output", str(out),
+             "--trust-key", str(test_pub_path())],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: any(t.endswith("status") and json.loads(p).get("state") == "online"
                              for t, p in self.watch.messages), 60, "agent online")

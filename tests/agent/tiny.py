@@ -19,7 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from calibration.confidence import confidence, fit_temperature
-from edgecore.bundle import SCHEMA_VERSION, file_entries, sha256_file
+from edgecore.bundle import (
+    SCHEMA_VERSION,
+    SIGNATURE,
+    TrustPolicy,
+    file_entries,
+    sha256_file,
+)
 from targets.base import InputSpec
 
 
@@ -35,6 +41,42 @@ class TinyRun:
     teacher_onnx: Path
     bundle_dir: Path
     tarball: Path
+
+
+# --- signatures: one deterministic test key signs every tiny bundle; agents trust it -------------
+
+def signing_key():
+    """The tests' release key (deterministic, so cached tiny runs stay valid)."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"edge-toolchain test release key").digest())
+
+
+def test_trust() -> TrustPolicy:
+    from edgecore.signing import TrustedKey, key_id
+
+    pub = signing_key().public_key()
+    return TrustPolicy(keys=(TrustedKey(key_id(pub), pub),))
+
+
+def test_pub_path() -> Path:
+    """The test key's .pub file, for ``--trust-key`` on the command lines."""
+    import tempfile
+
+    from cryptography.hazmat.primitives import serialization
+
+    p = Path(tempfile.gettempdir()) / "edge-toolchain-test-release.pub"
+    p.write_bytes(signing_key().public_key().public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+    return p
+
+
+def sign_dir(bundle_dir: Path) -> None:
+    from edgecore.signing import sign
+
+    (bundle_dir / SIGNATURE).write_bytes(sign((bundle_dir / "manifest.json").read_bytes(), signing_key()))
 
 
 def _gemm_onnx(path: Path, layers: list[tuple[np.ndarray, np.ndarray]], sample_shape: tuple[int, ...]) -> None:
@@ -126,6 +168,7 @@ def build_tiny(root: Path, *, offload_budget: float = 0.10) -> TinyRun:
         "calibration": None, "lineage": {}, "drift_reference": "drift_reference.json",
     }
     (bdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    sign_dir(bdir)
     with tarfile.open(root / "bundle.tar.gz", "w:gz") as tf:
         tf.add(bdir, arcname="bundle")
     np.savez(root / "splits.npz", x_val=x[va], y_val=y[va], x_test=x[te], y_test=y[te])
@@ -155,6 +198,7 @@ def retag_bundle(src: Path, dst: Path, *, version: str, model_bytes: bytes | Non
     m["model"]["version"] = version
     m["files"] = {k: e.to_dict() for k, e in file_entries(dst, ["model.onnx", "drift_reference.json"]).items()}
     (dst / "manifest.json").write_text(json.dumps(m))
+    sign_dir(dst)
     tar = dst.parent / f"{dst.name}.tar.gz"
     with tarfile.open(tar, "w:gz") as tf:
         tf.add(dst, arcname=dst.name)
@@ -184,7 +228,8 @@ def make_agent(broker, bundle, device_id: str, tmp: Path, *, commands=None, **ov
     from device_agent.agent import Agent, AgentConfig
 
     user, pw = broker.credentials(device_id)
-    kw = dict(deadline_s=0.5, telemetry_window_s=0.2, state_dir=tmp / f"agent-{device_id}", threads=1)
+    kw = dict(deadline_s=0.5, telemetry_window_s=0.2, state_dir=tmp / f"agent-{device_id}", threads=1,
+              trust=test_trust())
     kw.update(overrides)
     cfg = AgentConfig(device_id=device_id, broker_url=broker.url, username=user, password=pw, **kw)
     return Agent(bundle, cfg, commands=commands)
