@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     todo, skipped = plan(args.target, args.precision)
     single = len(todo) == 1 and args.target != "all"
     key = load_private_key(args.sign) if args.sign else None
-    progress = _progress(len(todo), enabled=not args.json and len(todo) > 1)
+    progress = _progress(len(todo), enabled=len(todo) > 1 and sys.stderr.isatty())
 
     def one(target: str, precision: str) -> dict[str, Any]:
         out = args.out if single else (args.out / f"{target}-{precision}" if args.out else None)
@@ -86,10 +87,9 @@ def run(args: argparse.Namespace) -> int:
         reports = list(done.values())
     progress.close()
     summary = {"run": str(run_dir), "bundles": reports, "skipped": skipped, "failed": failures}
+    _print_table(reports, skipped, failures)  # like every command: the table, then with --json the JSON line
     if args.json:
         emit_json(summary if not single else reports[0])
-    else:
-        _print_table(reports, skipped, failures)
     if failures:
         raise BuildError(f"{len(failures)} of {len(todo)} builds failed: " + "; ".join(
             f"{f['target']} {f['precision']}: {f['error']}" for f in failures))
