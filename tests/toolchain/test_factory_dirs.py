@@ -20,7 +20,7 @@ _MODULE = textwrap.dedent('''
         rng = np.random.default_rng(1)
         y = np.repeat(np.arange(3), 80)
         X = rng.normal(size=(240, 6)).astype(np.float32)
-        X[:, 0] += y * 4.0
+        X[:, 0] += y * 8.0  # easy: student and teacher both get the validation split right
         return X, y, ["a", "b", "c"]
 
     def model(*, input_shape, num_classes):
@@ -53,6 +53,7 @@ def test_factory_module_next_to_config_works_from_other_directories(tmp_path, mo
     cfg = tiny_config(
         run_dir, data={"source": "python:mydata_factories:load", "batch_size": 32},
         teacher={"family": "python:mydata_factories:model"}, prune={"ratio": 2.0, "target": "params"},
+        train={"epochs": 30, "patience": 30}, distill={"epochs": 10, "patience": 10},
     )
     (project / "toolchain.toml").write_text(to_toml(cfg))
 
@@ -73,6 +74,14 @@ def test_factory_module_next_to_config_works_from_other_directories(tmp_path, mo
         sys.path[:] = [p for p in sys.path if p not in (str(project.resolve()), str(elsewhere.resolve()))]
         _fresh_process(monkeypatch, later)
         assert main(argv) == 0, argv
+
+    # issue 15, item 5: a 36-sample validation split the student gets right like the teacher. Routing stays
+    # on (the budget goes to the least confident inputs), T is bounded, and the manifest says so.
+    r = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["routing"]
+    assert r["edge_accuracy"] == r["cloud_accuracy"] == 1.0
+    assert r["rule"] == "budget_quantile" and "36-sample validation split" in r["rule_reason"]
+    assert r["threshold"] > 0 and r["expected_offload"] == pytest.approx(3 / 36)
+    assert r["temperature_bounds"] == [0.5, 2.0] and 0.5 <= r["temperature"] <= 2.0
 
 
 def test_missing_factory_module_names_where_it_looked(tmp_path, monkeypatch, restore_sys_path, capsys):

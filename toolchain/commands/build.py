@@ -116,6 +116,11 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return f"{v * 100:.2f}%" if pct else (f"{v:.3g}" if isinstance(v, float) else str(v))
 
 
+def _threshold(routing: dict[str, Any]) -> str:
+    rule = routing.get("rule", "accuracy")
+    return f"{routing['threshold']:.3f}" + ("" if rule == "accuracy" else f" ({rule})")
+
+
 def _print_table(reports: list[dict[str, Any]], skipped: list[dict[str, str]], failures: list[dict[str, str]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -129,7 +134,7 @@ def _print_table(reports: list[dict[str, Any]], skipped: list[dict[str, str]], f
         m = r["metrics"]
         table.add_row(r["target"], r["precision"], _fmt(m["accuracy"], True), _fmt(m["reference_accuracy"], True),
                       _fmt(m["agreement"], True), _fmt(m["max_abs_logit_diff"]), f"{m['size_bytes'] / 1024:.1f} KiB",
-                      _fmt(m["build_seconds"]), f"{r['routing']['threshold']:.3f}",
+                      _fmt(m["build_seconds"]), _threshold(r["routing"]),
                       r["verify"]["status"], r["bundle"])
     console.print(table)
     reasons = {r["target"]: r["verify"]["reason"] for r in reports if r["verify"]["status"] == "skipped"}
