@@ -3,6 +3,7 @@
 One revision per schema change, in ``versions/``. The store runs them itself
 when it opens a database, so an existing store upgrades in place; new tables
 (samples, rollouts, ...) are added as new revisions here, never with
-``create_all``. Write one with ``alembic revision`` against ``alembic.ini``-less
-config: copy the newest file, set ``down_revision`` to its ``revision``.
+``create_all``: copy the newest file, give it the next ``revision`` and set its
+``down_revision`` to the previous one; change the tables in ``store.py`` to
+match (tests/gateway/test_store_migrations.py compares the two).
 """
