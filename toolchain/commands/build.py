@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     todo, skipped = plan(args.target, args.precision)
     single = len(todo) == 1 and args.target != "all"
     key = load_private_key(args.sign) if args.sign else None
-    progress = _progress(len(todo), enabled=len(todo) > 1 and sys.stderr.isatty())
+    progress = _progress(len(todo), enabled=len(todo) > 1)  # progress_bar shows only on a terminal
 
     def one(target: str, precision: str) -> dict[str, Any]:
         out = args.out if single else (args.out / f"{target}-{precision}" if args.out else None)
