@@ -4,11 +4,22 @@ Inputs are sent to the cloud when their calibrated confidence is *below* the
 threshold. On held-out data we know, per input, whether the edge model and the
 cloud (heavy) model are right; offloading the k least confident inputs gives a
 system accuracy for every k. The threshold is the one with the best system
-accuracy among those offloading at most the budget (ties: fewer offloads).
+accuracy among those offloading at most the budget (ties: fewer offloads):
+rule ``accuracy``.
+
+When offloading never raises accuracy on the validation split although the
+cloud is at least as accurate as the edge (typically: the student matches the
+teacher on a small split), that rule offloads nothing, and routing would be off
+for good. Then the threshold is taken from the confidence distribution instead:
+it spends the budget on the least confident inputs (rule ``budget_quantile``),
+and a warning gives the numbers. A cloud less accurate than the edge keeps
+routing off (rule ``accuracy``), with a warning too. The rule and why are
+recorded in the bundle's routing block.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +28,14 @@ import numpy as np
 
 from edgecore.fsutil import atomic_write_bytes, atomic_write_json
 
-__all__ = ["RoutingChoice", "routing_curve", "choose_threshold", "write_curve"]
+__all__ = ["ACCURACY", "BUDGET_QUANTILE", "RoutingChoice", "routing_curve", "choose_threshold", "write_curve"]
 
 CURVE_POINTS = 201
+
+log = logging.getLogger(__name__)
+
+ACCURACY = "accuracy"  # best system accuracy on validation within the budget
+BUDGET_QUANTILE = "budget_quantile"  # offload the budget's share of the least confident inputs
 
 
 @dataclass(frozen=True)
@@ -30,6 +46,8 @@ class RoutingChoice:
     expected_accuracy: float
     edge_accuracy: float
     cloud_accuracy: float
+    rule: str = ACCURACY
+    reason: str = ""
 
 
 def routing_curve(
@@ -56,21 +74,50 @@ def routing_curve(
 def choose_threshold(
     conf: np.ndarray, edge_correct: np.ndarray, cloud_correct: np.ndarray, *, offload_budget: float
 ) -> RoutingChoice:
+    """The threshold for ``offload_budget`` (see the module's doc for the two rules)."""
+    conf = np.asarray(conf, dtype=np.float64)
+    edge_correct = np.asarray(edge_correct, dtype=bool)
+    cloud_correct = np.asarray(cloud_correct, dtype=bool)
     off, acc, thr = routing_curve(conf, edge_correct, cloud_correct)
     allowed = np.flatnonzero(off <= offload_budget + 1e-12)
     k = int(allowed[np.argmax(acc[allowed])])  # argmax takes the first (fewest offloads) on ties
-    t = float(thr[k])
-    conf = np.asarray(conf, dtype=np.float64)
+    n = len(conf)
+    rule, reason = ACCURACY, ""
+    if k == 0 and offload_budget > 0 and n:
+        edge_acc, cloud_acc = float(edge_correct.mean()), float(cloud_correct.mean())
+        helps = int(np.sum(cloud_correct & ~edge_correct))
+        facts = (f"on the {n}-sample validation split offloading never raises accuracy (edge {edge_acc:.1%}, "
+                 f"cloud {cloud_acc:.1%}, {helps} input(s) only the cloud gets right), so the accuracy rule "
+                 f"offloads nothing (threshold 0.0)")
+        if cloud_acc >= edge_acc:
+            rule = BUDGET_QUANTILE
+            k = max(1, int(np.floor(offload_budget * n + 1e-9)))
+            reason = f"{facts}; the budget is spent on the least confident inputs instead"
+        else:
+            reason = f"{facts}; the cloud is less accurate than the edge there, so nothing is offloaded"
+    return _choice(conf, edge_correct, cloud_correct, float(thr[k]), offload_budget, rule, reason)
+
+
+def _choice(
+    conf: np.ndarray, edge_correct: np.ndarray, cloud_correct: np.ndarray, t: float, budget: float, rule: str,
+    reason: str,
+) -> RoutingChoice:
+    n = len(conf)
     mask = conf < t  # what the device will really do (ties in confidence move together)
-    system = np.where(mask, cloud_correct, edge_correct).mean() if len(conf) else 0.0
-    return RoutingChoice(
+    ch = RoutingChoice(
         threshold=t,
-        offload_budget=float(offload_budget),
-        expected_offload=float(mask.mean()) if len(conf) else 0.0,
-        expected_accuracy=float(system),
-        edge_accuracy=float(np.mean(edge_correct)),
-        cloud_accuracy=float(np.mean(cloud_correct)),
+        offload_budget=float(budget),
+        expected_offload=float(mask.mean()) if n else 0.0,
+        expected_accuracy=float(np.where(mask, cloud_correct, edge_correct).mean()) if n else 0.0,
+        edge_accuracy=float(np.mean(edge_correct)) if n else 0.0,
+        cloud_accuracy=float(np.mean(cloud_correct)) if n else 0.0,
+        rule=rule,
+        reason=reason,
     )
+    if reason:
+        log.warning("routing: %s: threshold %.4g offloads %d of %d validation inputs (%.1f%%, budget %.1f%%)",
+                    reason, t, int(mask.sum()), n, ch.expected_offload * 100, budget * 100)
+    return ch
 
 
 def write_curve(
@@ -85,7 +132,7 @@ def write_curve(
         "accuracy": acc[idx].tolist(),
         "threshold": thr[idx].tolist(),
         "chosen": {"threshold": choice.threshold, "offload": choice.expected_offload, "accuracy": choice.expected_accuracy,
-                   "offload_budget": choice.offload_budget},
+                   "offload_budget": choice.offload_budget, "rule": choice.rule},
     }
     atomic_write_json(Path(out_dir) / "routing_curve.json", data)
     atomic_write_bytes(Path(out_dir) / "routing_curve.png", _plot(off, acc, choice, title))
@@ -106,7 +153,7 @@ def _plot(off: np.ndarray, acc: np.ndarray, choice: RoutingChoice, title: str) -
     ax.axhline(choice.cloud_accuracy * 100, color="gray", ls="--", lw=1, label="cloud only")
     ax.axvline(choice.offload_budget * 100, color="tab:red", ls=":", lw=1, label="offload budget")
     ax.plot([choice.expected_offload * 100], [choice.expected_accuracy * 100], "o", color="tab:red",
-            label=f"threshold {choice.threshold:.3f}")
+            label=f"threshold {choice.threshold:.3f} ({choice.rule})")
     ax.set_xlabel("inputs sent to the cloud (%)")
     ax.set_ylabel("system accuracy (%)")
     ax.set_title(title or "accuracy vs offload (validation split)")

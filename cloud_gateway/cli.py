@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--batch-ms", type=float, default=5.0)
     s.add_argument("--max-payload", type=int, default=1 << 20, help="bytes")
-    s.add_argument("--db", default="gateway.sqlite", help="SQLite path or SQLAlchemy URL")
+    s.add_argument("--db", default="gateway.sqlite", help="SQLite path or database URL (postgresql://user:pw@host/db); upgraded in place on open")
     s.add_argument("--bundles-dir", type=Path, default=Path("gateway-bundles"))
     s.add_argument("--http-host", default="127.0.0.1")
     s.add_argument("--http-port", type=int, default=8080, help="-1: no HTTP API")

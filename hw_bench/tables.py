@@ -5,8 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 
-def print_rows(run: dict[str, Any]) -> None:
+def console() -> Any:
+    """The terminal's width on a TTY; wide in pipes and logs, where rich would cut tables to 80 columns."""
     from rich.console import Console
+
+    con = Console()
+    return con if con.is_terminal else Console(width=200)
+
+
+def print_rows(run: dict[str, Any]) -> None:
     from rich.table import Table
 
     t = Table(title="hw-bench results")
@@ -19,7 +26,7 @@ def print_rows(run: dict[str, Any]) -> None:
         t.add_row(str(r["artifact"]), str(r.get("device_id") or ""), str(r.get("scenario")),
                   f"{r['latency_ms']['p50']:.3g}", f"{r['latency_ms']['p99']:.3g}", f"{r['throughput_sps']:.4g}",
                   f"{sp:.2f}×" if sp is not None else "–", f"{acc:.4f}" if acc is not None else "–")
-    con = Console(stderr=False)
+    con = console()
     con.print(t)
     for d in run.get("devices", []):
         if not d.get("ok"):

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.bundles",  # bundles built from it (targets)
     "tests.fixtures.broker",  # a real Mosquitto broker with auth + ACL (agent/gateway)
     "tests.fixtures.anon_broker",  # a real Mosquitto that allows anonymous clients
+    "tests.fixtures.postgres",  # a real PostgreSQL server (gateway store)
 ]

@@ -129,7 +129,9 @@ def _routing(tmp: Path, ref: Reference, cfg: BuildConfig, val_logits: np.ndarray
         info={"expected_accuracy": choice.expected_accuracy, "expected_offload": choice.expected_offload,
               "edge_accuracy": choice.edge_accuracy, "cloud_accuracy": choice.cloud_accuracy,
               "curve_file": curve_json, "curve_plot": curve_png, "ece_before": fit.ece_before,
-              "ece_after": fit.ece_after, "fitted_on": f"validation split, {conf_source}"},
+              "ece_after": fit.ece_after, "fitted_on": f"validation split, {conf_source}",
+              "rule": choice.rule, "rule_reason": choice.reason or None,
+              "temperature_fitted": fit.fitted, "temperature_bounds": list(fit.bounds)},
     )
 
 

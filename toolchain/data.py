@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from edgecore.errors import ConfigError, DataError
 from targets.base import InputSpec
-from toolchain.config import DataConfig
+from toolchain.config import Config, DataConfig
 
 _IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -108,8 +110,41 @@ def _imagefolder(root: Path, *, size: int, channels: int) -> RawData:
     return RawData(X=X, y=np.asarray(ys, np.int64), labels=tuple(classes), layout="NCHW", scale=1.0 / 255.0)
 
 
+def import_dirs(cfg: Config) -> list[str]:
+    """Folders where ``cfg``'s ``python:`` factories are looked for besides ``sys.path``.
+
+    The config file's folder first, then the working directory (absolute), and
+    only when the config names a ``python:`` factory. `train` records them in
+    ``data.json`` so later commands find the module from any directory.
+    """
+    if not any(s.startswith("python:") for s in (cfg.data.source, cfg.teacher.family)):
+        return []
+    dirs = []
+    if Path(cfg.source_file).is_file():
+        dirs.append(str(Path(cfg.source_file).resolve().parent))
+    dirs.append(str(Path.cwd().resolve()))
+    return list(dict.fromkeys(dirs))
+
+
+_ADDED_DIRS: list[str] = []  # what add_import_dirs put on sys.path (named in import errors)
+
+
+def add_import_dirs(dirs: Iterable[str]) -> None:
+    """Append ``dirs`` to ``sys.path``, after the installed packages, so they never shadow them."""
+    for d in dirs:
+        d = os.fspath(d)
+        if d not in sys.path:
+            sys.path.append(d)
+        if d not in _ADDED_DIRS:
+            _ADDED_DIRS.append(d)
+    importlib.invalidate_caches()
+
+
 def resolve_factory(spec: str, *, what: str) -> Callable[..., Any]:
-    """``python:package.module:function`` -> the callable (errors name ``what``)."""
+    """``python:package.module:function`` -> the callable (errors name ``what``).
+
+    The module is imported from ``sys.path`` plus the folders `add_import_dirs` added.
+    """
     parts = spec.split(":")
     if len(parts) != 3 or parts[0] != "python" or not parts[1] or not parts[2]:
         raise ConfigError(f"{what}: expected 'python:package.module:function', got {spec!r}")
@@ -117,10 +152,17 @@ def resolve_factory(spec: str, *, what: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ConfigError(f"{what}: cannot import module {mod_name!r}: {e}") from e
+        where = ", ".join(repr(d) for d in _ADDED_DIRS) or "none"
+        raise ConfigError(
+            f"{what}: cannot import module {mod_name!r}: {e} (looked on sys.path and in the config file's folder and "
+            f"the working directory recorded for this run: {where})"
+        ) from e
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise ConfigError(f"{what}: module {mod_name!r} has no function {fn_name!r}")
+        raise ConfigError(
+            f"{what}: module {mod_name!r} (from {getattr(module, '__file__', None) or 'a namespace package'}) "
+            f"has no function {fn_name!r}"
+        )
     return fn
 
 
@@ -208,8 +250,10 @@ def load_splits(cfg: DataConfig, *, seed: int) -> Splits:
     return split(load_source(cfg), cfg, seed=seed)
 
 
-def data_record(splits: Splits, cfg: DataConfig, *, seed: int) -> dict[str, Any]:
-    """What ``data.json`` holds: enough to reload the exact same splits."""
+def data_record(
+    splits: Splits, cfg: DataConfig, *, seed: int, python_dirs: Iterable[str] = ()
+) -> dict[str, Any]:
+    """What ``data.json`` holds: enough to reload the exact same splits (from any directory)."""
     source = cfg.source
     if source.startswith("imagefolder:"):  # absolute, so the run reloads from any directory
         source = "imagefolder:" + str(Path(source.split(":", 1)[1]).resolve())
@@ -224,11 +268,13 @@ def data_record(splits: Splits, cfg: DataConfig, *, seed: int) -> dict[str, Any]
         "channels": cfg.channels,
         "input_spec": splits.input_spec.to_dict(),
         "labels": list(splits.labels),
+        "python_dirs": list(python_dirs),
     }
 
 
 def splits_from_record(record: dict[str, Any]) -> Splits:
     """Reload the splits ``data.json`` describes; refuse if the data changed."""
+    add_import_dirs(record.get("python_dirs") or ())
     try:
         cfg = DataConfig(
             source=str(record["source"]),

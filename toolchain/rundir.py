@@ -90,6 +90,12 @@ class RunDir:
         atomic_write_json(p, report)
         return p
 
+    def use_python_dirs(self) -> None:
+        """Make the run's ``python:`` factories importable (the folders `train` recorded)."""
+        from toolchain.data import add_import_dirs
+
+        add_import_dirs(self.data_record().get("python_dirs") or ())
+
     def config(self) -> Any:
         from toolchain.config import load_config
 
@@ -116,6 +122,7 @@ class RunDir:
     def load_teacher(self) -> "torch.nn.Module":
         """The trained teacher, rebuilt from its family and config, eval mode."""
         ck = load_checkpoint(self.require(self.TEACHER, hint="run `toolchain train` first"), kind="teacher")
+        self.use_python_dirs()
         from toolchain.config import ModelConfig, from_dict
         from toolchain.models import build_model
 
@@ -128,7 +135,8 @@ class RunDir:
         return model.eval()
 
     def load_student(self) -> "torch.nn.Module":
-        """The pruned + distilled fp32 student, eval mode."""
+        """The pruned + distilled fp32 student, eval mode (its pickle may name the user's model module)."""
+        self.use_python_dirs()
         ck = load_checkpoint(self.require(self.STUDENT, hint="run `toolchain compress` first"), kind="student")
         model = ck.get("model")
         import torch

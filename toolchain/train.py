@@ -29,7 +29,7 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = Fals
     import torch
 
     from toolchain import engine
-    from toolchain.data import data_record, load_splits
+    from toolchain.data import add_import_dirs, data_record, import_dirs, load_splits
     from toolchain.models import build_model, count_macs, count_params
 
     t0 = time.perf_counter()
@@ -37,6 +37,8 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = Fals
     is_main = engine.rank() == 0
     path = Path(run_dir) if run_dir is not None else cfg.run.dir
     engine.set_seed(cfg.run.seed)
+    python_dirs = import_dirs(cfg)
+    add_import_dirs(python_dirs)
     splits = load_splits(cfg.data, seed=cfg.run.seed)
     spec = splits.input_spec
     run = RunDir(path, create=True)
@@ -54,7 +56,7 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = Fals
             for name in _DOWNSTREAM:
                 (run.path / name).unlink(missing_ok=True)
         atomic_write_text(run.file(RunDir.CONFIG), to_toml(cfg))
-        run.write_data_record(data_record(splits, cfg.data, seed=cfg.run.seed))
+        run.write_data_record(data_record(splits, cfg.data, seed=cfg.run.seed, python_dirs=python_dirs))
 
     input_shape = spec.sample_shape
     model = build_model(cfg.teacher, input_shape=input_shape, num_classes=splits.num_classes)

@@ -101,7 +101,19 @@ def test_inspect_prints_and_json(onnx_bundle: Path, capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert "routing" in out and "model.onnx" in out and "tiny-digits" in out
     assert cli(["inspect", str(tarball_path(onnx_bundle)), "--json"]) == 0
-    assert _last_json(capsys)["manifest"]["target"] == "onnx"
+    rep = _last_json(capsys)
+    assert rep["manifest"]["target"] == "onnx" and rep["bundle"] == str(tarball_path(onnx_bundle))
+
+
+def test_inspect_tarball_titles_with_its_name(onnx_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not with the temporary folder it was unpacked into (which is removed afterwards)."""
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("inspect-*"))
+    assert cli(["inspect", str(tarball_path(onnx_bundle))]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.strip() == f"bundle {tarball_path(onnx_bundle)}"
+    assert set(Path(tempfile.gettempdir()).glob("inspect-*")) == before
 
 
 def test_targets_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -215,7 +227,10 @@ def test_corrupt_bundles_are_refused(onnx_bundle: Path, tmp_path: Path, capsys) 
 def test_build_all_fp16_with_json(tiny_run: Path, tmp_path: Path, capsys) -> None:
     """`--target all` builds every target that has the precision (here fp16: openvino, coreml, jetson)."""
     assert cli(["build", "--run", str(tiny_run), "--target", "all", "--precision", "fp16", "--out", str(tmp_path), "--json"]) == 0
-    rep = _last_json(capsys)
+    out = capsys.readouterr().out.strip().splitlines()
+    rep = json.loads(out[-1])
+    table = "\n".join(out[:-1])  # the table first, like every other command with --json
+    assert "bundles" in table and "threshold" in table and all(t in table for t in ("openvino", "coreml", "jetson"))
     got = {(b["target"], b["precision"]) for b in rep["bundles"]}
     assert got == {("openvino", "fp16"), ("coreml", "fp16"), ("jetson", "fp16")}
     assert not rep["failed"]

@@ -57,3 +57,30 @@ def test_confidence_module_is_numpy_only() -> None:
     code = "import sys, calibration.confidence; print(sorted(m for m in ('torch','tensorflow','scipy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_tiny_separable_split_bounds_the_temperature(caplog) -> None:
+    """27 samples all classified right: the NLL wants T -> 0; kept in [0.5, 2] with a warning."""
+    from calibration.confidence import calibrate, confidence, temperature_bounds
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 5, 27)
+    logits = rng.normal(size=(27, 5))
+    logits[np.arange(27), y] += 8.0  # every argmax right
+    assert (logits.argmax(1) == y).all()
+    with caplog.at_level("WARNING", logger="calibration.confidence"):
+        fit = calibrate(logits, y)
+    assert fit.fitted < 0.2 and fit.bounded and fit.temperature == 0.5  # the NLL flattens to 0 as T -> 0
+    assert temperature_bounds(27) == (0.5, 2.0)
+    assert "27 validation samples" in caplog.text and "bounded to [0.5, 2]" in caplog.text
+    conf = confidence(logits, measure="max_prob", temperature=fit.temperature)
+    assert len(np.unique(conf)) == 27  # still something to rank, not 1.0 everywhere
+
+
+def test_large_split_is_not_bounded(caplog) -> None:
+    from calibration.confidence import calibrate
+
+    logits, y = _overconfident()
+    with caplog.at_level("WARNING", logger="calibration.confidence"):
+        fit = calibrate(logits, y)
+    assert not fit.bounded and fit.temperature == fit.fitted and not caplog.text

@@ -57,3 +57,42 @@ def test_drift_reference_matches_the_agent_contract() -> None:
     assert psi(np.array(ref["features"]["mean"]["counts"]), np.array(ref["features"]["mean"]["edges"]), same) < 0.01
     shifted = same + 3.0
     assert psi(np.array(ref["features"]["mean"]["counts"]), np.array(ref["features"]["mean"]["edges"]), shifted) > 0.25
+
+
+def test_student_matching_teacher_on_a_small_split_still_routes(caplog) -> None:
+    """27 validation samples, edge and cloud both right everywhere: not 'nothing is ever offloaded'."""
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0.4, 1.0, 27)
+    ok = np.ones(27, bool)
+    with caplog.at_level("WARNING", logger="calibration.routing"):
+        ch = choose_threshold(conf, ok, ok, offload_budget=0.10)
+    assert ch.rule == "budget_quantile" and ch.threshold > 0
+    offloaded = conf < ch.threshold
+    assert offloaded.sum() == 2  # floor(0.10 * 27): the budget, spent ...
+    assert conf[offloaded].max() < conf[~offloaded].min()  # ... on the least confident inputs
+    assert "27-sample" in ch.reason and "edge 100.0%" in ch.reason
+    msg = caplog.text
+    assert "threshold 0.0" in msg and "offloads 2 of 27" in msg and "budget 10.0%" in msg
+
+
+def test_tiny_split_offloads_at_least_one_input() -> None:
+    conf = np.array([0.9, 0.5, 0.7, 0.95, 0.8])
+    ok = np.ones(5, bool)
+    ch = choose_threshold(conf, ok, ok, offload_budget=0.10)
+    assert ch.rule == "budget_quantile" and np.flatnonzero(conf < ch.threshold).tolist() == [1]
+
+
+def test_accuracy_rule_when_offloading_helps_has_no_warning(caplog) -> None:
+    conf = np.linspace(0.1, 1, 50)
+    edge_ok = conf > 0.15
+    with caplog.at_level("WARNING", logger="calibration.routing"):
+        ch = choose_threshold(conf, edge_ok, np.ones(50, bool), offload_budget=0.2)
+    assert ch.rule == "accuracy" and ch.reason == "" and ch.expected_accuracy == 1.0 and not caplog.text
+
+
+def test_worse_cloud_keeps_routing_off_and_says_so(caplog) -> None:
+    conf = np.linspace(0.1, 1, 50)
+    with caplog.at_level("WARNING", logger="calibration.routing"):
+        ch = choose_threshold(conf, np.ones(50, bool), np.zeros(50, bool), offload_budget=0.5)
+    assert ch.rule == "accuracy" and ch.expected_offload == 0.0
+    assert "less accurate than the edge" in caplog.text

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     todo, skipped = plan(args.target, args.precision)
     single = len(todo) == 1 and args.target != "all"
     key = load_private_key(args.sign) if args.sign else None
-    progress = _progress(len(todo), enabled=not args.json and len(todo) > 1)
+    progress = _progress(len(todo), enabled=len(todo) > 1)  # progress_bar shows only on a terminal
 
     def one(target: str, precision: str) -> dict[str, Any]:
         out = args.out if single else (args.out / f"{target}-{precision}" if args.out else None)
@@ -86,10 +86,9 @@ def run(args: argparse.Namespace) -> int:
         reports = list(done.values())
     progress.close()
     summary = {"run": str(run_dir), "bundles": reports, "skipped": skipped, "failed": failures}
+    _print_table(reports, skipped, failures)  # like every command: the table, then with --json the JSON line
     if args.json:
         emit_json(summary if not single else reports[0])
-    else:
-        _print_table(reports, skipped, failures)
     if failures:
         raise BuildError(f"{len(failures)} of {len(todo)} builds failed: " + "; ".join(
             f"{f['target']} {f['precision']}: {f['error']}" for f in failures))
@@ -116,6 +115,11 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return f"{v * 100:.2f}%" if pct else (f"{v:.3g}" if isinstance(v, float) else str(v))
 
 
+def _threshold(routing: dict[str, Any]) -> str:
+    rule = routing.get("rule", "accuracy")
+    return f"{routing['threshold']:.3f}" + ("" if rule == "accuracy" else f" ({rule})")
+
+
 def _print_table(reports: list[dict[str, Any]], skipped: list[dict[str, str]], failures: list[dict[str, str]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -129,7 +133,7 @@ def _print_table(reports: list[dict[str, Any]], skipped: list[dict[str, str]], f
         m = r["metrics"]
         table.add_row(r["target"], r["precision"], _fmt(m["accuracy"], True), _fmt(m["reference_accuracy"], True),
                       _fmt(m["agreement"], True), _fmt(m["max_abs_logit_diff"]), f"{m['size_bytes'] / 1024:.1f} KiB",
-                      _fmt(m["build_seconds"]), f"{r['routing']['threshold']:.3f}",
+                      _fmt(m["build_seconds"]), _threshold(r["routing"]),
                       r["verify"]["status"], r["bundle"])
     console.print(table)
     reasons = {r["target"]: r["verify"]["reason"] for r in reports if r["verify"]["status"] == "skipped"}

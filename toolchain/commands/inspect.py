@@ -20,13 +20,17 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import tempfile
+
     from edgecore.bundle import open_bundle
 
-    b = open_bundle(args.bundle)
-    if args.json:
-        emit_json({"bundle": str(b.root), "manifest_sha256": b.manifest_sha256, "manifest": b.manifest.to_dict()})
-        return 0
-    render(b.root, b.manifest.to_dict(), b.manifest_sha256)
+    # a tarball is unpacked into a temporary folder, removed afterwards; the output names what the user gave
+    with tempfile.TemporaryDirectory(prefix="inspect-") as tmp:
+        b = open_bundle(args.bundle, extract_to=Path(tmp) if args.bundle.is_file() else None)
+        if args.json:
+            emit_json({"bundle": str(args.bundle), "manifest_sha256": b.manifest_sha256, "manifest": b.manifest.to_dict()})
+        else:
+            render(args.bundle, b.manifest.to_dict(), b.manifest_sha256)
     return 0
 
 
@@ -53,7 +57,7 @@ def render(root: Path, m: dict[str, Any], sha: str) -> None:
     from rich.table import Table
 
     c = Console(width=150)
-    c.print(_kv_table(f"bundle {root}", {
+    c.print(_kv_table(f"bundle {escape(root)}", {
         "model": f"{m['model']['name']} {m['model'].get('version')}", "target": m["target"], "precision": m["precision"],
         "schema": m["schema_version"], "toolchain": m.get("toolchain_version"), "created": m.get("created"),
         "manifest sha256": sha, "artifact": m["artifact"]["main"],
