@@ -30,6 +30,7 @@ from edgecore.errors import GatewayError
 from .metrics import BATCH_BUCKETS, Metrics
 from .model import Teacher
 from .store import TelemetryStore
+from .telemetry import parse_window
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +154,13 @@ class GatewayWorker:
         corr = getattr(props, "CorrelationData", None) if props else None
         self.metrics.inc("gateway_requests_total", "Inference requests received", device=device_id)
         expected = wire.Topics.of(self.config.prefix, device_id, wire.Topics.RESP)
-        payload = msg.payload
         try:
-            env_corr, env_resp, payload = wire.decode_request(payload)
-        except wire.WireError as e:
-            self.metrics.inc("gateway_invalid_requests_total", "Requests rejected by validation", device=device_id)
-            log.warning("invalid request from %s: %s", device_id, e)
-            return
-        corr = corr or env_corr
-        resp = resp or env_resp
-        try:
+            try:
+                env_corr, env_resp, payload = wire.decode_request(msg.payload)
+            except wire.EnvelopeError as e:  # answer on whatever reply address it still carries
+                corr, resp = corr or e.correlation, resp or e.response_topic
+                raise
+            corr, resp = corr or env_corr, resp or env_resp
             if not resp:
                 raise InvalidRequest("no response topic")
             if resp != expected:
@@ -172,7 +170,7 @@ class GatewayWorker:
         except (InvalidRequest, wire.WireError) as e:
             self.metrics.inc("gateway_invalid_requests_total", "Requests rejected by validation", device=device_id)
             log.warning("invalid request from %s: %s", device_id, e)
-            if resp:
+            if resp == expected:  # never reply on another device's topic
                 self._reply(resp, corr, {"ok": False, "error": str(e)})
             return
         try:
@@ -207,12 +205,11 @@ class GatewayWorker:
 
     def _on_telemetry(self, device_id: str, payload: bytes) -> None:
         try:
-            msg = wire.loads(payload)
-            if msg.get("device_id") != device_id or not isinstance(msg.get("seq"), int):
-                raise wire.WireError("device_id/seq missing or not matching the topic")
+            msg = parse_window(payload, device_id)
         except wire.WireError as e:
-            self.metrics.inc("gateway_invalid_telemetry_total", "Telemetry messages rejected", device=device_id)
-            log.warning("bad telemetry from %s: %s", device_id, e)
+            self.metrics.inc("gateway_invalid_telemetry_total", "Telemetry windows refused (not stored)",
+                             device=device_id)
+            log.warning("telemetry window from %s refused: %s", device_id, e)
             return
         new = self.store.add_telemetry(device_id, msg) if self.store else True
         self.metrics.inc("gateway_telemetry_windows_total", "Telemetry windows stored", device=device_id)
@@ -231,6 +228,23 @@ class GatewayWorker:
             if "psi" in conf:
                 self.metrics.set("device_drift_psi", "PSI of the confidence vs the reference", conf["psi"],
                                  device=device_id)
+
+    def _answer(self, logits: np.ndarray, batch_size: int) -> dict[str, Any]:
+        """The reply for one row of teacher output: a prediction, or an error when it is not finite."""
+        with np.errstate(all="ignore"):
+            z = logits.astype(np.float64) - logits.max()
+            p = np.exp(z) / np.exp(z).sum()
+        if not (np.all(np.isfinite(logits)) and np.all(np.isfinite(p))):
+            self.metrics.inc("gateway_nonfinite_outputs_total", "Requests whose teacher output was not finite")
+            return {"ok": False, "error": "the teacher's output for this input is not finite "
+                                          "(input out of the model's range?)"}
+        pred = int(p.argmax())
+        return {
+            "ok": True, "prediction": pred,
+            "label": self.teacher.labels[pred] if pred < len(self.teacher.labels) else str(pred),
+            "probabilities": [round(float(v), 6) for v in p], "model_version": self.teacher.version,
+            "batch_size": batch_size,
+        }
 
     def _on_status(self, device_id: str, payload: bytes) -> None:
         if not payload:
@@ -273,16 +287,8 @@ class GatewayWorker:
                 self._reply(r.response_topic, r.correlation, {"ok": False, "error": f"model error: {e}"})
             return
         self.metrics.observe("gateway_model_seconds", "Teacher time per batch", time.perf_counter() - t0)
-        z = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        for r, p in zip(batch, probs):
-            pred = int(p.argmax())
-            self._reply(r.response_topic, r.correlation, {
-                "ok": True, "prediction": pred,
-                "label": self.teacher.labels[pred] if pred < len(self.teacher.labels) else str(pred),
-                "probabilities": [round(float(v), 6) for v in p], "model_version": self.teacher.version,
-                "batch_size": len(batch),
-            })
+        for r, row in zip(batch, logits):
+            self._reply(r.response_topic, r.correlation, self._answer(row, len(batch)))
             self.metrics.observe("gateway_request_seconds", "Time from request arrival to reply",
                                  time.perf_counter() - r.received, device=r.device_id)
         self.served += len(batch)

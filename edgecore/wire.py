@@ -9,6 +9,7 @@ the raw little-endian bytes. Every JSON message carries ``"schema": 1``.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -36,7 +37,7 @@ class WireError(ValueError):
 
 
 def encode_tensor(x: np.ndarray) -> bytes:
-    a = np.ascontiguousarray(x)
+    a = np.asarray(x)  # not ascontiguousarray: it turns a 0-d array into shape (1,); tobytes() is C order anyway
     code = next((c for c, d in _DTYPES.items() if d.kind == a.dtype.kind and d.itemsize == a.dtype.itemsize), None)
     if code is None:
         raise WireError(f"dtype {a.dtype} cannot be sent (supported: {[str(d) for d in _DTYPES.values()]})")
@@ -66,42 +67,82 @@ def decode_tensor(payload: bytes, *, max_bytes: int | None = None) -> np.ndarray
         raise WireError("truncated tensor header")
     shape = struct.unpack_from(f"<{ndim}I", payload, _HEADER.size)
     dt = _DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    # Python ints: no int64 overflow (np.prod wraps silently). numpy also refuses a shape whose non-zero dims
+    # overflow, even when another dim is 0 and the array is empty.
+    if math.prod(max(d, 1) for d in shape) * dt.itemsize >= 2**63:
+        raise WireError(f"shape {list(shape)} {dt} is too large (over 2^63 bytes)")
+    expected = math.prod(shape) * dt.itemsize
     if len(payload) - off != expected:
         raise WireError(f"tensor body is {len(payload) - off} bytes, shape {list(shape)} {dt} needs {expected}")
     return np.frombuffer(payload, dtype=dt, offset=off).reshape(shape)
 
 
 _ENV = struct.Struct("<2sBH")
+ENVELOPE_VERSION = 1
 
 
-def encode_request(tensor: bytes, *, correlation: bytes, response_topic: str) -> bytes:
+class EnvelopeError(WireError):
+    """A request envelope the gateway cannot serve; carries whatever reply address it could read.
+
+    Every envelope version keeps the same prefix (``EV``, version, correlation,
+    response topic), so a gateway can answer even a version it does not know.
+    """
+
+    def __init__(self, message: str, *, correlation: bytes | None = None, response_topic: str | None = None):
+        super().__init__(message)
+        self.correlation = correlation
+        self.response_topic = response_topic
+
+
+def encode_request(tensor: bytes, *, correlation: bytes, response_topic: str,
+                   version: int = ENVELOPE_VERSION) -> bytes:
     """A request envelope for MQTT 3.1.1 brokers, which lack MQTT 5's properties.
 
-    ``EV``, version, correlation data and response topic (length-prefixed),
-    then the tensor payload. With MQTT 5 the properties carry these instead.
+    ``EV``, version (u8), correlation length (u16 LE) and bytes, response topic
+    length (u16 LE) and UTF-8 bytes, then the tensor payload. With MQTT 5 the
+    properties carry these instead. See docs/wire.md.
     """
     rt = response_topic.encode()
-    return _ENV.pack(b"EV", 1, len(correlation)) + correlation + struct.pack("<H", len(rt)) + rt + tensor
+    if len(correlation) > 0xFFFF or len(rt) > 0xFFFF:
+        raise WireError("correlation data and response topic must each be under 64 KiB")
+    return _ENV.pack(b"EV", version, len(correlation)) + correlation + struct.pack("<H", len(rt)) + rt + tensor
+
+
+def _envelope_prefix(payload: bytes) -> tuple[int, bytes | None, str | None, int]:
+    """(version, correlation, response topic, offset of the body); None where truncated or unreadable."""
+    if len(payload) < _ENV.size:
+        return (payload[2] if len(payload) > 2 else -1), None, None, len(payload)
+    _, version, n = _ENV.unpack_from(payload)
+    off = _ENV.size + n
+    if len(payload) < off:
+        return version, None, None, len(payload)
+    corr = payload[_ENV.size:off]
+    if len(payload) < off + 2:
+        return version, corr, None, len(payload)
+    (m,) = struct.unpack_from("<H", payload, off)
+    raw = payload[off + 2:off + 2 + m]
+    try:
+        rt = raw.decode() if len(raw) == m else None
+    except UnicodeDecodeError:
+        rt = None
+    return version, corr, rt, off + 2 + m
 
 
 def decode_request(payload: bytes) -> tuple[bytes | None, str | None, bytes]:
-    """``(correlation, response_topic, tensor payload)``; (None, None, payload) for a bare tensor."""
+    """``(correlation, response_topic, tensor payload)``; (None, None, payload) for a bare tensor.
+
+    A malformed envelope raises `EnvelopeError` with the reply address it could
+    still read, so the sender gets an error reply instead of silence.
+    """
     if payload[:2] != b"EV":
         return None, None, payload
-    try:
-        _, version, n = _ENV.unpack_from(payload)
-        if version != 1:
-            raise WireError(f"unknown request envelope version {version}")
-        corr = payload[_ENV.size:_ENV.size + n]
-        off = _ENV.size + n
-        (m,) = struct.unpack_from("<H", payload, off)
-        rt = payload[off + 2:off + 2 + m].decode()
-        if len(corr) != n or len(rt.encode()) != m:
-            raise WireError("truncated request envelope")
-        return corr, rt, payload[off + 2 + m:]
-    except (struct.error, UnicodeDecodeError) as e:
-        raise WireError(f"unreadable request envelope ({e})") from e
+    version, corr, rt, off = _envelope_prefix(payload)
+    if rt is None:
+        raise EnvelopeError("truncated or unreadable request envelope", correlation=corr)
+    if version != ENVELOPE_VERSION:
+        raise EnvelopeError(f"unknown request envelope version {version} (this gateway speaks {ENVELOPE_VERSION})",
+                            correlation=corr, response_topic=rt)
+    return corr, rt, payload[off:]
 
 
 def dumps(msg: dict[str, Any]) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -61,7 +62,8 @@ def test_malformed_requests_get_error_replies_and_the_gateway_keeps_serving(mosq
     with start_gateway(mosquitto, run, tmp_path, http=False) as gw:
         replies: dict[bytes, dict] = {}
         c = _client(mosquitto, mosquitto.credentials("dev-b"), "dev-b-raw")
-        c.on_message = lambda cl, u, m: replies.__setitem__(bytes(m.properties.CorrelationData), wire.loads(m.payload))
+        c.on_message = lambda cl, u, m: replies.__setitem__(
+            bytes.fromhex(wire.loads(m.payload)["correlation"]), wire.loads(m.payload))
         c.subscribe("fleet/dev-b/infer/resp", qos=1)
         time.sleep(0.3)
         resp = "fleet/dev-b/infer/resp"
@@ -73,9 +75,20 @@ def test_malformed_requests_get_error_replies_and_the_gateway_keeps_serving(mosq
             b"nan": wire.encode_tensor(np.full((1, 1, 8, 8), np.nan, np.float32)),
             b"huge": wire.encode_tensor(np.zeros((1, 1, 800, 800), np.float32)),  # 2.5 MB
             b"truncated": good[:-10],
+            b"finite-but-huge": wire.encode_tensor(np.full((1, 1, 8, 8), 3e38, np.float32)),  # teacher overflows
+            b"int64-overflow": wire.encode_tensor(np.zeros((1, 1, 8, 8), np.float32))[:8]
+            + struct.pack("<4I", 2**16, 2**16, 2**16, 2**16),
+            b"garbage-envelope": b"EV\x01\xff\xff",
         }
         for corr, payload in bad.items():
             c.publish("fleet/dev-b/infer/req", payload, qos=1, properties=_req_props(resp, corr))
+        # envelopes (MQTT 3.1.1 style, no properties): unknown version and truncated tensor both answered
+        for corr, payload in {b"env-v9": wire.encode_request(good, correlation=b"env-v9", response_topic=resp,
+                                                              version=9),
+                              b"env-trunc": wire.encode_request(good[:-3], correlation=b"env-trunc",
+                                                                response_topic=resp)}.items():
+            bad[corr] = payload
+            c.publish("fleet/dev-b/infer/req", payload, qos=1)
         # no response topic, and a response topic of another device: counted, never answered
         c.publish("fleet/dev-b/infer/req", good, qos=1, properties=_req_props(None, b"noresp"))
         c.publish("fleet/dev-b/infer/req", good, qos=1, properties=_req_props("fleet/dev-c/infer/resp", b"other"))
@@ -87,9 +100,14 @@ def test_malformed_requests_get_error_replies_and_the_gateway_keeps_serving(mosq
         for corr in bad:
             assert replies[corr]["ok"] is False and replies[corr]["error"], corr
         assert "exceeds" in replies[b"huge"]["error"] and "shape" in replies[b"shape"]["error"]
+        assert "not finite" in replies[b"finite-but-huge"]["error"]
+        assert "too large" in replies[b"int64-overflow"]["error"]
+        assert "unknown request envelope version 9" in replies[b"env-v9"]["error"]
+        assert "tensor body" in replies[b"env-trunc"]["error"]
         assert replies[b"good"]["ok"] is True and replies[b"good"]["prediction"] in range(10)
         assert b"noresp" not in replies and b"other" not in replies
-        assert gw.metrics.value("gateway_invalid_requests_total", device="dev-b") == len(bad) + 2
+        assert gw.metrics.value("gateway_invalid_requests_total", device="dev-b") == len(bad) + 2 - 1  # huge: valid
+        assert gw.metrics.value("gateway_nonfinite_outputs_total") == 1
         # and a well-behaved agent is still served afterwards
         with make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path, threshold=1.01, deadline_s=2) as agent:
             assert summarize(list(agent.run(items(run.x_test[:10]))))["cloud"] == 10
@@ -296,3 +314,26 @@ def test_mqtt_311_mode_carries_request_metadata_in_an_envelope(mosquitto, tiny_c
             s = summarize(list(agent.run(items(run.x_test[:30], run.y_test[:30]))))
         _wait(lambda: len(gw.store.arrival_order("dev-a")) >= 1, 5, "telemetry over 3.1.1")
     assert s["cloud"] == 30 and s["accuracy"] > 0.9
+
+
+def test_bad_telemetry_windows_are_refused_counted_and_not_stored(mosquitto, tiny_cascade, tmp_path):
+    from tests.gateway.test_fuzz import good_window
+
+    with start_gateway(mosquitto, tiny_cascade, tmp_path) as gw:
+        c = _client(mosquitto, mosquitto.credentials("dev-b"), "dev-b-raw")
+        bad = [{**good_window("dev-b", 1), "offload_rate": "lots"},
+               {**good_window("dev-b", 2), "latency": {"edge": {"count": 1, "p50": "fast"}}},
+               {**good_window("dev-b", 3), "seq": "4"},
+               {**good_window("dev-b", 5), "drift": {"flag": "yes"}}]
+        for w in bad:
+            c.publish("fleet/dev-b/telemetry", json.dumps(w).encode(), qos=1).wait_for_publish(5)
+        c.publish("fleet/dev-b/telemetry", b"\xff garbage", qos=1).wait_for_publish(5)
+        c.publish("fleet/dev-b/telemetry", json.dumps(good_window("dev-b", 9)).encode(), qos=1).wait_for_publish(5)
+        _wait(lambda: gw.store.arrival_order("dev-b"), 5, "the good window")
+        time.sleep(0.2)
+        c.disconnect()
+        c.loop_stop()
+        assert gw.store.arrival_order("dev-b") == [9]
+        assert gw.metrics.value("gateway_invalid_telemetry_total", device="dev-b") == len(bad) + 1
+        code, body = _http("GET", f"{gw.http_url}/api/devices/dev-b")
+        assert code == 200 and json.loads(body)["offload_rate"] == 0.2
