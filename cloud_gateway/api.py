@@ -3,11 +3,17 @@
 Reads are open (devices fetch bundles without credentials; the agent checks
 every hash anyway); writes (bundle upload, device commands) need the
 gateway's token as ``Authorization: Bearer <token>``.
+
+Every error is a JSON body ``{"ok": false, "error": "..."}`` with
+``application/json``: never the request echoed back as HTML, never a server
+path. The dashboard is served with a Content-Security-Policy that allows only
+its own script, stylesheet and API.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 import shutil
 import tempfile
@@ -16,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flask import Flask, Response, abort, jsonify, request, send_file
+from werkzeug.exceptions import HTTPException
 
 from edgecore import wire
 from edgecore.bundle import open_bundle, sha256_file
@@ -24,6 +31,11 @@ from edgecore.errors import BundleTrustError
 from .metrics import Metrics
 from .store import TelemetryStore
 
+log = logging.getLogger(__name__)
+
+DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+                 "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 MAX_BUNDLE_BYTES = 512 << 20
 
@@ -51,6 +63,43 @@ def _device_view(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _fail(code: int, message: str) -> None:
+    abort(code, description=message)
+
+
+def _scrub(message: str, *paths: Path) -> str:
+    """The message without server paths (a client learns nothing about the gateway's disk)."""
+    for p in sorted({str(p) for p in paths}, key=len, reverse=True):
+        message = message.replace(p + "/", "").replace(p, "")
+    return message
+
+
+def _install_handlers(app: Flask) -> None:
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException) -> Response:
+        custom = e.description if e.description != type(e).description else None
+        resp = jsonify({"ok": False, "error": custom or (e.name or "error").lower()})
+        resp.status_code = e.code or 500
+        for k, v in e.get_headers():
+            if k.lower() != "content-type":
+                resp.headers[k] = v
+        return resp
+
+    @app.errorhandler(Exception)
+    def internal_error(e: Exception) -> Response:
+        log.exception("HTTP handler failed")
+        resp = jsonify({"ok": False, "error": "internal error (see the gateway log)"})
+        resp.status_code = 500
+        return resp
+
+    @app.after_request
+    def security_headers(resp: Response) -> Response:
+        resp.headers.setdefault("Content-Security-Policy", API_CSP)
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["Referrer-Policy"] = "no-referrer"
+        return resp
+
+
 def create_app(
     *,
     store: TelemetryStore,
@@ -63,15 +112,17 @@ def create_app(
 ) -> Flask:
     app = Flask("cloud_gateway")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BUNDLE_BYTES
-    bundles_dir = Path(bundles_dir)
+    _install_handlers(app)
+    # absolute at start-up: Flask resolves a relative send_file path against the package, not the cwd
+    bundles_dir = Path(bundles_dir).resolve()
     bundles_dir.mkdir(parents=True, exist_ok=True)
 
     def require_token() -> None:
         if not token:
-            abort(Response("write endpoints are disabled: start the gateway with --token\n", 403))
+            _fail(403, "write endpoints are disabled: start the gateway with --token")
         got = request.headers.get("Authorization", "")
         if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-            abort(Response("missing or wrong token\n", 401))
+            _fail(401, "missing or wrong token")
 
     @app.get("/healthz")
     def healthz() -> Any:
@@ -90,20 +141,23 @@ def create_app(
     def one_device(device_id: str) -> Any:
         row = store.device(device_id)
         if row is None:
-            abort(Response(f"unknown device {device_id}\n", 404))
-        limit = min(max(int(request.args.get("history", 200)), 0), 5000)
+            _fail(404, "unknown device")
+        try:
+            limit = min(max(int(request.args.get("history", 200)), 0), 5000)
+        except ValueError:
+            _fail(400, "history must be an integer (number of windows, at most 5000)")
         return jsonify({**_device_view(row), "history": store.history(device_id, limit=limit)})
 
     @app.post("/api/devices/<device_id>/cmd")
     def command(device_id: str) -> Any:
         require_token()
         if publish is None:
-            abort(Response("this gateway has no MQTT link\n", 503))
+            _fail(503, "this gateway has no MQTT link")
         body = request.get_json(silent=True)
         if not isinstance(body, dict) or body.get("cmd") not in ("set_threshold", "update_bundle", "bench"):
-            abort(Response("body must be a JSON command (cmd: set_threshold|update_bundle|bench)\n", 400))
+            _fail(400, "body must be a JSON command (cmd: set_threshold|update_bundle|bench)")
         if not _NAME_RE.match(device_id):
-            abort(Response("bad device id\n", 400))
+            _fail(400, "bad device id")
         publish(wire.Topics.of(prefix, device_id, wire.Topics.CMD), wire.dumps({k: v for k, v in body.items() if k != "schema"}))
         return jsonify({"ok": True})
 
@@ -117,7 +171,7 @@ def create_app(
         name = name.removesuffix(".tar.gz")
         p = bundles_dir / f"{name}.tar.gz"
         if not _NAME_RE.match(name) or not p.is_file():
-            abort(Response(f"no bundle {name}\n", 404))
+            _fail(404, "no such bundle")
         return send_file(p, mimetype="application/gzip", download_name=p.name)
 
     @app.put("/api/bundles/<name>")
@@ -126,7 +180,7 @@ def create_app(
         require_token()
         name = name.removesuffix(".tar.gz")
         if not _NAME_RE.match(name):
-            abort(Response("bundle name: 1-100 characters from A-Z a-z 0-9 _ . -\n", 400))
+            _fail(400, "bundle name: 1-100 characters from A-Z a-z 0-9 _ . -")
         tmp = Path(tempfile.mkdtemp(prefix="upload-", dir=bundles_dir))
         try:
             tar = tmp / "b.tar.gz"
@@ -134,7 +188,7 @@ def create_app(
             try:
                 b = open_bundle(tar, extract_to=tmp / "x")  # refuse anything that is not a valid bundle
             except BundleTrustError as e:
-                abort(Response(f"not a valid bundle: {e}\n", 400))
+                _fail(400, f"not a valid bundle: {_scrub(str(e), tmp / 'x', tmp, bundles_dir)}")
             final = bundles_dir / f"{name}.tar.gz"
             tar.replace(final)
             return jsonify({"name": name, "sha256": sha256_file(final), "manifest_sha256": b.manifest_sha256,
@@ -145,10 +199,16 @@ def create_app(
     @app.get("/")
     @app.get("/dashboard")
     def dashboard() -> Response:
-        return Response(_static("dashboard.html"), mimetype="text/html")
+        resp = Response(_static("dashboard.html"), mimetype="text/html")
+        resp.headers["Content-Security-Policy"] = DASHBOARD_CSP
+        return resp
 
     @app.get("/static/dashboard.js")
     def dashboard_js() -> Response:
         return Response(_static("dashboard.js"), mimetype="application/javascript")
+
+    @app.get("/static/dashboard.css")
+    def dashboard_css() -> Response:
+        return Response(_static("dashboard.css"), mimetype="text/css")
 
     return app

@@ -1,4 +1,10 @@
-"""One gateway replica: MQTT worker + telemetry store + HTTP API in one process."""
+"""One gateway replica: MQTT worker + telemetry store + HTTP API in one process.
+
+The HTTP API runs on waitress, a production WSGI server that is pure Python:
+it runs in a thread of this process next to the MQTT worker (gunicorn would
+fork its own master and workers and does not run on Windows), on every OS,
+with bounded request bodies, channel time-outs and a fixed thread pool.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from werkzeug.serving import make_server
+from flask import Flask
+from waitress.server import create_server
 
-from .api import create_app
+from .api import MAX_BUNDLE_BYTES, create_app
 from .metrics import Metrics
 from .model import Teacher, load_teacher
 from .store import TelemetryStore
@@ -23,13 +30,42 @@ class GatewayConfig:
     worker: WorkerConfig
     teacher: Path
     db: str = "gateway.sqlite"
-    bundles_dir: Path = Path("gateway-bundles")
+    bundles_dir: Path = Path("gateway-bundles")  # resolved against the working directory at start-up
     http_host: str = "127.0.0.1"
     http_port: int | None = 8080  # None: no HTTP API (a pure worker replica); 0: any free port
     token: str | None = None
     threads: int | None = None
     teacher_format: str = "onnx"  # which one a run dir's teacher is loaded from: onnx | torch
     metrics: Metrics = field(default_factory=Metrics)
+
+
+class HttpServer:
+    """waitress serving a WSGI app from a background thread, stoppable (waitress's own run() is not)."""
+
+    def __init__(self, app: Flask, host: str, port: int, *, threads: int = 4) -> None:
+        self._server = create_server(app, host=host, port=port, threads=threads, ident="cloud-gateway",
+                                     max_request_body_size=MAX_BUNDLE_BYTES + (1 << 20), clear_untrusted_proxy_headers=True)
+        self.port = int(self._server.effective_port)  # type: ignore[union-attr]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="gateway-http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _serve(self) -> None:
+        from waitress import wasyncore
+
+        srv = self._server
+        while not self._stop.is_set():
+            wasyncore.loop(timeout=0.5, map=srv._map, use_poll=True, count=1)  # type: ignore[union-attr]
+        for ch in list(srv._map.values()):  # type: ignore[union-attr]
+            ch.close()
+        srv.task_dispatcher.shutdown()  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._server.pull_trigger()  # type: ignore[union-attr]  # wake the poll loop
+        self._thread.join(timeout=10)
 
 
 class Gateway:
@@ -41,14 +77,13 @@ class Gateway:
         self.store = TelemetryStore(config.db)
         self.worker = GatewayWorker(config=config.worker, teacher=self.teacher, store=self.store,
                                     metrics=self.metrics)
-        self._server = None
-        self._thread: threading.Thread | None = None
+        self._server: HttpServer | None = None
         self._started = False
 
     @property
     def http_url(self) -> str:
         assert self._server is not None, "HTTP API not started"
-        return f"http://{self.config.http_host}:{self._server.server_port}"
+        return f"http://{self.config.http_host}:{self._server.port}"
 
     def start(self) -> "Gateway":
         if self._started:
@@ -63,15 +98,14 @@ class Gateway:
                 health=lambda: {"ok": self.worker.connected.is_set(), "mqtt_connected": self.worker.connected.is_set(),
                                 "replica": self.config.worker.replica_id, "teacher": self.teacher.version},
             )
-            self._server = make_server(self.config.http_host, self.config.http_port, app, threaded=True)
-            self._thread = threading.Thread(target=self._server.serve_forever, name="gateway-http", daemon=True)
-            self._thread.start()
+            self._server = HttpServer(app, self.config.http_host, self.config.http_port)
+            self._server.start()
             log.info("gateway HTTP API on %s", self.http_url)
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            self._server.stop()
             self._server = None
         self.worker.stop()
 

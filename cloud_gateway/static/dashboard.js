@@ -63,7 +63,7 @@ function chartBox(title, svg, names) {
   box.appendChild(svg);
   if (names.length > 1) {
     const lg = el("div", {class: "legend"});
-    names.forEach((n, k) => { const s = el("span", {style: `color:${COLORS[k]}`}, "■ " + n + "  "); lg.appendChild(s); });
+    names.forEach((n, k) => { const s = el("span", {}, "■ " + n + "  "); s.style.color = COLORS[k]; lg.appendChild(s); });
     box.appendChild(lg);
   }
   return box;

@@ -1,0 +1,86 @@
+"""The HTTP API on waitress: JSON errors, bad parameters, relative paths, no server paths, CSP."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cloud_gateway.api import DASHBOARD_CSP, create_app
+from cloud_gateway.metrics import Metrics
+from cloud_gateway.service import HttpServer
+from cloud_gateway.store import TelemetryStore
+
+
+def _get(url: str, *, method: str = "GET", data: bytes | None = None, token: str | None = None):
+    req = urllib.request.Request(url, data=data, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+@pytest.fixture
+def api(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --bundles-dir, resolved against the working directory
+    store = TelemetryStore("gw.sqlite")
+    store.set_status("dev-a", {"state": "online"})
+    app = create_app(store=store, metrics=Metrics(), bundles_dir=Path("rel-bundles"), token="tok")
+    server = HttpServer(app, "127.0.0.1", 0, threads=2)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}", tmp_path
+    finally:
+        server.stop()
+
+
+def _json_error(code, headers, body, expected):
+    assert code == expected, (code, body)
+    assert headers["Content-Type"] == "application/json", headers
+    msg = json.loads(body)
+    assert msg["ok"] is False and msg["error"]
+    return msg["error"]
+
+
+def test_errors_are_json_and_never_echo_the_request(api):
+    url, _ = api
+    code, headers, body = _get(url + "/nope/%3Cscript%3Ealert(1)%3C/script%3E")
+    _json_error(code, headers, body, 404)
+    assert b"script" not in body and b"nope" not in body
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    _json_error(*_get(url + "/api/devices/%3Cimg%20src=x%3E"), 404)
+    assert "integer" in _json_error(*_get(url + "/api/devices/dev-a?history=abc"), 400)
+    assert _get(url + "/api/devices/dev-a?history=3")[0] == 200
+    _json_error(*_get(url + "/healthz", method="DELETE"), 405)
+    assert "token" in _json_error(*_get(url + "/api/bundles/x", method="PUT", data=b"x"), 401)
+    assert _get(url + "/healthz")[1]["Server"] == "cloud-gateway"  # waitress, not werkzeug's dev server
+
+
+def test_relative_bundles_dir_serves_downloads_and_upload_errors_show_no_server_paths(api, tiny_cascade):
+    url, root = api
+    data = tiny_cascade.tarball.read_bytes()
+    code, _, body = _get(url + "/api/bundles/v1", method="PUT", data=data, token="tok")
+    assert code == 201, body
+    assert (root / "rel-bundles" / "v1.tar.gz").is_file()
+    code, headers, got = _get(url + "/api/bundles/v1")
+    assert code == 200 and got == data and headers["Content-Type"] == "application/gzip"
+    err = _json_error(*_get(url + "/api/bundles/junk", method="PUT", data=b"garbage" * 100, token="tok"), 400)
+    assert "not a valid bundle" in err
+    assert str(root) not in err and "/tmp" not in err and "upload-" not in err, err
+
+
+def test_dashboard_has_a_content_security_policy(api):
+    url, _ = api
+    code, headers, body = _get(url + "/")
+    assert code == 200 and headers["Content-Type"].startswith("text/html")
+    assert headers["Content-Security-Policy"] == DASHBOARD_CSP and "unsafe-inline" not in DASHBOARD_CSP
+    assert b"<style" not in body and b"style=" not in body and b"<script>" not in body  # all from 'self' files
+    for asset, kind in (("dashboard.js", "application/javascript"), ("dashboard.css", "text/css")):
+        code, headers, _ = _get(f"{url}/static/{asset}")
+        assert code == 200 and headers["Content-Type"].startswith(kind)
