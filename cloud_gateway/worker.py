@@ -1,9 +1,9 @@
 """MQTT workers: shared-subscription requests, micro-batching, replies, telemetry ingest.
 
 Several replicas subscribe to ``$share/gateways/<prefix>/+/infer/req`` and the
-broker splits requests between them. Each replica collects up to
-``batch_size`` requests or waits ``batch_ms`` for more, runs the teacher once
-on the stacked batch and replies on each request's response topic with its
+broker splits requests between them. Each replica takes what is queued (up
+to ``batch_size``); only under load (more than one queued) does it wait up to
+``batch_ms`` for more. It runs the teacher once on the stacked batch and replies on each request's response topic with its
 correlation data. A bad request is answered with an error reply where
 possible, counted, logged, and the worker goes on.
 """
@@ -46,7 +46,9 @@ class WorkerConfig:
     batch_size: int = 32
     batch_ms: float = 5.0
     max_payload_bytes: int = 1 << 20
-    session_expiry_s: int = 3600
+    session_expiry_s: int = 3600  # the ingest (telemetry, status) session, kept while the replica is away
+    request_session_expiry_s: int = 0  # the request session: 0 = clean, gone with the connection (see docs)
+    keepalive_s: int = 10
     mqtt_version: str = "5"  # "3.1.1": no shared subscription (one replica), requests carry an envelope
 
 
@@ -73,66 +75,91 @@ class GatewayWorker:
         self._q: queue.Queue[_Request] = queue.Queue(maxsize=10000)
         self._stop = threading.Event()
         self.connected = threading.Event()
+        self._unsubscribed = threading.Event()
         self.served = 0
-        addr = BrokerAddress.parse(config.broker_url)
-        self._addr = addr
-        proto = mqtt_protocol(config.mqtt_version)
-        self.v5 = proto == mqtt.MQTTv5
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                  client_id=f"gateway-{config.replica_id}", protocol=proto,
-                                  clean_session=None if self.v5 else False)
-        if config.username is not None:
-            self.client.username_pw_set(config.username, config.password)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda *a: self.connected.clear()
-        self.client.on_message = self._on_message
-        self._batcher = threading.Thread(target=self._batch_loop, name="gateway-batcher", daemon=True)
+        self._addr = BrokerAddress.parse(config.broker_url)
+        self.v5 = mqtt_protocol(config.mqtt_version) == mqtt.MQTTv5
         p = config.prefix
         T = wire.Topics
         self.sub_req = T.pattern(p, T.REQ, share=config.group if self.v5 else None)
         self.sub_tel = T.pattern(p, T.TELEMETRY)
         self.sub_status = T.pattern(p, T.STATUS)
+        # Two connections. Requests: a clean session that the broker forgets on disconnect, so a stopped
+        # replica leaves the shared group at once instead of collecting requests it never answers
+        # (docs/gateway.md, "Replicas"). Ingest: a persistent session, so telemetry published while every
+        # replica is away is queued by the broker (agents' outboxes count a window sent at its PUBACK).
+        self.client = self._client(f"gateway-{config.replica_id}", self.connected, [(self.sub_req, 1)])
+        self.client.on_unsubscribe = lambda *a: self._unsubscribed.set()
+        self.ingest_connected = threading.Event()
+        self.ingest = self._client(f"gateway-{config.replica_id}-ingest", self.ingest_connected,
+                                   [(self.sub_tel, 1), (self.sub_status, 1)])
+        self._batcher = threading.Thread(target=self._batch_loop, name="gateway-batcher", daemon=True)
+
+    def _client(self, client_id: str, connected: threading.Event, subs: list[tuple[str, int]]) -> mqtt.Client:
+        c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+                        protocol=mqtt_protocol(self.config.mqtt_version),
+                        clean_session=None if self.v5 else (subs[0][0] == self.sub_req))
+        if self.config.username is not None:
+            c.username_pw_set(self.config.username, self.config.password)
+        c.reconnect_delay_set(min_delay=1, max_delay=2)
+
+        def on_connect(client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+            if reason_code.is_failure:
+                log.error("broker refused the gateway (%s): %s", client_id, reason_code)
+                return
+            set_nodelay(client)
+            client.subscribe(subs)
+            connected.set()
+            log.info("gateway %s connected", client_id)
+
+        c.on_connect = on_connect
+        c.on_disconnect = lambda *a: connected.clear()
+        c.on_message = self._on_message
+        return c
+
+    def _connect(self, client: mqtt.Client, expiry_s: int) -> None:
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = expiry_s
+            client.connect_async(self._addr.host, self._addr.port, keepalive=self.config.keepalive_s,
+                                 clean_start=expiry_s == 0, properties=props)
+        else:
+            client.connect_async(self._addr.host, self._addr.port, keepalive=self.config.keepalive_s)
+        client.loop_start()
 
     # --- lifecycle -------------------------------------------------------------
     def start(self, *, wait: float = 10.0) -> "GatewayWorker":
         # warm the model up before taking requests: a runtime's first call is slow (allocations,
         # kernel selection), and the first devices after a restart would pay it as timeouts
         self.teacher.run(np.zeros((1, *self.teacher.sample_shape), np.float32))
-        # A persistent session (stable client id, no clean start): while this replica is away the
-        # broker queues its telemetry share (and persists it across broker restarts); stale
-        # requests are not a concern, agents set a message expiry equal to their deadline.
-        if self.v5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = self.config.session_expiry_s
-            self.client.connect_async(self._addr.host, self._addr.port, keepalive=10, clean_start=False,
-                                      properties=props)
-        else:
-            self.client.connect_async(self._addr.host, self._addr.port, keepalive=10)
-        self.client.loop_start()
+        self._connect(self.ingest, self.config.session_expiry_s)
+        self._connect(self.client, self.config.request_session_expiry_s)
         self._batcher.start()
-        if not self.connected.wait(wait):
+        end = time.monotonic() + wait
+        if not (self.connected.wait(wait) and self.ingest_connected.wait(max(0.0, end - time.monotonic()))):
             self.stop()
             raise GatewayError(f"gateway could not connect to {self.config.broker_url} (credentials? ACL?)")
         return self
 
-    def stop(self) -> None:
+    def stop(self, *, drain_s: float = 5.0) -> None:
+        """Leave the shared group first, answer what was already queued, then disconnect."""
+        if self.connected.is_set():
+            try:
+                self.client.unsubscribe(self.sub_req)
+                self._unsubscribed.wait(2.0)
+            except Exception as e:  # noqa: BLE001 - stopping anyway
+                log.warning("unsubscribe on stop: %s", e)
+        end = time.monotonic() + drain_s
+        while self._q.unfinished_tasks and self._batcher.is_alive() and time.monotonic() < end:
+            time.sleep(0.01)
         self._stop.set()
-        try:
-            self.client.disconnect()
-        finally:
-            self.client.loop_stop()
+        for c in (self.client, self.ingest):
+            try:
+                c.disconnect()
+            finally:
+                c.loop_stop()
         if self._batcher.is_alive():
             self._batcher.join(timeout=5)
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
-        if reason_code.is_failure:
-            log.error("broker refused the gateway: %s", reason_code)
-            return
-        set_nodelay(client)
-        client.subscribe([(self.sub_req, 1), (self.sub_tel, 1), (self.sub_status, 1)])
-        self.connected.set()
-        log.info("gateway %s connected", self.config.replica_id)
 
     # --- messages --------------------------------------------------------------
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:  # type: ignore[no-untyped-def]
@@ -264,16 +291,28 @@ class GatewayWorker:
             except queue.Empty:
                 continue
             batch = [first]
-            until = time.perf_counter() + self.config.batch_ms / 1000.0
-            while len(batch) < self.config.batch_size:
-                left = until - time.perf_counter()
-                if left <= 0:
-                    break
+            while len(batch) < self.config.batch_size:  # take what is already queued, without waiting
                 try:
-                    batch.append(self._q.get(timeout=left))
+                    batch.append(self._q.get_nowait())
                 except queue.Empty:
                     break
-            self._serve(batch)
+            if len(batch) > 1:  # under load: wait up to batch_ms for more to fill the batch
+                self._fill(batch, time.perf_counter() + self.config.batch_ms / 1000.0)
+            try:
+                self._serve(batch)
+            finally:
+                for _ in batch:
+                    self._q.task_done()
+
+    def _fill(self, batch: list[_Request], until: float) -> None:
+        while len(batch) < self.config.batch_size:
+            left = until - time.perf_counter()
+            if left <= 0:
+                return
+            try:
+                batch.append(self._q.get(timeout=left))
+            except queue.Empty:
+                return
 
     def _serve(self, batch: list[_Request]) -> None:
         self.metrics.observe("gateway_batch_size", "Requests per model call", len(batch), buckets=BATCH_BUCKETS)

@@ -337,3 +337,45 @@ def test_bad_telemetry_windows_are_refused_counted_and_not_stored(mosquitto, tin
         assert gw.metrics.value("gateway_invalid_telemetry_total", device="dev-b") == len(bad) + 1
         code, body = _http("GET", f"{gw.http_url}/api/devices/dev-b")
         assert code == 200 and json.loads(body)["offload_rate"] == 0.2
+
+
+def _stream_with_a_replica_leaving(mosquitto, run, tmp_path, leave, n=120, at=40):
+    """Two replicas; ``leave(g1)`` mid-stream; returns (answers, index from which the replica was gone)."""
+    with start_gateway(mosquitto, run, tmp_path / "g0", replica="gw-0", http=False, batch_ms=1) as g0:
+        g1 = start_gateway(mosquitto, run, tmp_path / "g1", replica="gw-1", http=False, batch_ms=1)
+        served_before = {}
+
+        def source():
+            for i in range(n):
+                if i == at:
+                    served_before.update(g0=g0.worker.served, g1=g1.worker.served)
+                    leave(g1)
+                yield Item(str(i), run.x_test[i], int(run.y_test[i]))
+
+        try:
+            with make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path, threshold=1.01, deadline_s=1.0,
+                            batch_size=2) as agent:
+                ans = list(agent.run(source()))
+        finally:
+            g1.stop()
+    assert served_before["g0"] > 0 and served_before["g1"] > 0, served_before  # both were in the group
+    return ans
+
+
+def test_a_stopped_replica_leaves_the_shared_group(mosquitto, tiny_cascade, tmp_path):
+    ans = _stream_with_a_replica_leaving(mosquitto, tiny_cascade, tmp_path, lambda g: g.stop())
+    after = [a.route for a in ans[40:]]
+    assert len(ans) == 120 and after.count(Route.FALLBACK) == 0 and after.count(Route.CLOUD) == 80
+
+
+def test_a_crashed_replica_leaves_the_shared_group(mosquitto, tiny_cascade, tmp_path):
+    def crash(g):  # what kill -9 does to the connection: gone without DISCONNECT, no unsubscribe, no drain
+        g.worker._stop.set()
+        for c in (g.worker.client, g.worker.ingest):
+            c.loop_stop()
+            c.socket().close()
+
+    ans = _stream_with_a_replica_leaving(mosquitto, tiny_cascade, tmp_path, crash)
+    after = [a.route for a in ans[40:]]
+    # at most the requests in flight at the crash are lost (the agent's batch of 2); none after
+    assert after[:2].count(Route.FALLBACK) <= 2 and after[2:].count(Route.FALLBACK) == 0, after
