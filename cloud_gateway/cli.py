@@ -28,6 +28,8 @@ def _read_credentials(path: Path, who: str) -> tuple[str, str]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .service import Gateway, GatewayConfig
+    from device_agent.transport import broker_url
+
     from .worker import WorkerConfig
 
     user, pw = args.username, args.password or os.environ.get("GATEWAY_MQTT_PASSWORD")
@@ -36,7 +38,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.batch_ms < 0:
         raise GatewayError("--batch-size must be >= 1 and --batch-ms >= 0")
     cfg = GatewayConfig(
-        worker=WorkerConfig(broker_url=args.broker, username=user, password=pw, prefix=args.prefix,
+        worker=WorkerConfig(broker_url=broker_url(args.broker, ca_file=args.ca_file, cert_file=args.cert_file,
+                                              key_file=args.key_file), username=user, password=pw, prefix=args.prefix,
                             replica_id=args.replica_id, batch_size=args.batch_size, batch_ms=args.batch_ms,
                             max_payload_bytes=args.max_payload, mqtt_version=args.mqtt_version),
         teacher=args.teacher, db=args.db, bundles_dir=args.bundles_dir, http_host=args.http_host,
@@ -79,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     s = sub.add_parser("serve", help="run one gateway replica (MQTT worker + HTTP API)")
     add_common(s)
-    s.add_argument("--broker", required=True, help="mqtt://host:port")
+    s.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
+    from device_agent.transport import add_tls_args
+
+    add_tls_args(s)
     s.add_argument("--teacher", required=True, type=Path, help="run dir (teacher.onnx/teacher.pt) or .onnx file")
     s.add_argument("--teacher-format", choices=["onnx", "torch"], default="onnx",
                    help="for a run dir: serve teacher.onnx (onnxruntime) or teacher.pt (PyTorch)")

@@ -101,6 +101,7 @@ class GatewayWorker:
                         clean_session=None if self.v5 else (subs[0][0] == self.sub_req))
         if self.config.username is not None:
             c.username_pw_set(self.config.username, self.config.password)
+        self._addr.configure(c)
         c.reconnect_delay_set(min_delay=1, max_delay=2)
 
         def on_connect(client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]

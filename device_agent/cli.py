@@ -22,6 +22,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgecore.bundle import TrustPolicy
 
 
+def _broker_url(args: argparse.Namespace) -> str | None:
+    from .transport import broker_url
+
+    return broker_url(args.broker, ca_file=args.ca_file, cert_file=args.cert_file,
+                      key_file=args.key_file) if args.broker else None
+
+
 def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
     user, pw = args.username, args.password or os.environ.get("DEVICE_AGENT_PASSWORD")
     if args.credentials:
@@ -64,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     bundle = trust.open(args.bundle)
     user, pw = _credentials(args)
     cfg = AgentConfig(
-        device_id=args.device_id, broker_url=args.broker, username=user, password=pw, prefix=args.prefix,
+        device_id=args.device_id, broker_url=_broker_url(args), username=user, password=pw, prefix=args.prefix,
         deadline_s=args.deadline, telemetry_window_s=args.window, threshold=args.threshold,
         state_dir=args.state_dir, outbox_max_rows=args.outbox_max, drop_policy=DropPolicy(args.drop_policy),
         batch_size=args.batch_size, threads=args.threads, drift=DriftConfig(window=args.drift_window),
@@ -149,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--source", required=True, help="folder of images/.npy, a .npz, or mqtt:TOPIC")
     r.add_argument("--key", help="array name inside the .npz")
     r.add_argument("--device-id", required=True)
-    r.add_argument("--broker", help="mqtt://host:port (omit: edge only)")
+    r.add_argument("--broker", help="mqtt://host:port or mqtts://host:port (omit: edge only)")
+    from .transport import add_tls_args
+
+    add_tls_args(r)
     r.add_argument("--username")
     r.add_argument("--password", help="or $DEVICE_AGENT_PASSWORD")
     r.add_argument("--credentials", type=Path, help="JSON {username,password} or the fleet credentials.json")

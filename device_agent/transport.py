@@ -9,12 +9,14 @@ properties. Everything else (routing, outbox) lives above it.
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
-from urllib.parse import urlparse
+from typing import TYPE_CHECKING, Callable
+from urllib.parse import parse_qs, urlencode, urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -22,6 +24,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgecore.errors import AgentError
+
+if TYPE_CHECKING:
+    import argparse
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +58,85 @@ def mqtt_protocol(version: str) -> int:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """TLS for ``mqtts://``: the CA that signed the broker's certificate (None: the system's CAs),
+    and optionally a client certificate and key for brokers that require one."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+_TLS_PARAMS = {"ca": "ca_file", "cert": "cert_file", "key": "key_file"}
+
+
+@dataclass(frozen=True)
 class BrokerAddress:
+    """``mqtt://host[:1883]`` or ``mqtts://host[:8883]?ca=FILE&cert=FILE&key=FILE`` (TLS files optional).
+
+    The TLS files travel in the URL so that every client (agent, gateway, bench)
+    gets them through the one string it already takes; `broker_url` adds them.
+    """
+
     host: str
     port: int
+    tls: TlsFiles | None = None
 
     @classmethod
     def parse(cls, url: str) -> "BrokerAddress":
         u = urlparse(url if "://" in url else f"mqtt://{url}")
-        if u.scheme not in ("mqtt", "tcp") or not u.hostname:
-            raise AgentError(f"broker URL {url!r} must look like mqtt://host:port")
-        return cls(u.hostname, u.port or 1883)
+        secure = u.scheme in ("mqtts", "ssl")
+        if u.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not u.hostname:
+            raise AgentError(f"broker URL {url!r} must look like mqtt://host:port or mqtts://host:port")
+        q = parse_qs(u.query)
+        unknown = set(q) - set(_TLS_PARAMS)
+        if unknown:
+            raise AgentError(f"broker URL {url!r}: unknown parameter(s) {sorted(unknown)} (known: ca, cert, key)")
+        if q and not secure:
+            raise AgentError(f"broker URL {url!r}: CA or client certificate files need an mqtts:// URL")
+        files = {_TLS_PARAMS[k]: v[-1] for k, v in q.items()}
+        if ("cert_file" in files) != ("key_file" in files):
+            raise AgentError("a client certificate needs both --cert-file and --key-file")
+        try:
+            port = u.port or (8883 if secure else 1883)
+        except ValueError as e:
+            raise AgentError(f"broker URL {url!r}: {e}") from e
+        return cls(u.hostname, port, TlsFiles(**files) if secure else None)
+
+    def configure(self, client: mqtt.Client) -> None:
+        """Turn on TLS on ``client`` when this is an ``mqtts://`` address (certificate and hostname checked)."""
+        if self.tls is None:
+            return
+        for what, path in (("CA file", self.tls.ca_file), ("client certificate", self.tls.cert_file),
+                           ("client key", self.tls.key_file)):
+            if path is not None and not os.access(path, os.R_OK):
+                raise AgentError(f"{what} {path} does not exist or is not readable")
+        try:
+            client.tls_set(ca_certs=self.tls.ca_file, certfile=self.tls.cert_file, keyfile=self.tls.key_file,
+                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        except (ssl.SSLError, OSError, ValueError) as e:
+            raise AgentError(f"cannot use the TLS files {self.tls}: {e}") from e
+
+
+def broker_url(url: str, *, ca_file: str | os.PathLike[str] | None = None,
+               cert_file: str | os.PathLike[str] | None = None,
+               key_file: str | os.PathLike[str] | None = None) -> str:
+    """``url`` with the CLIs' ``--ca-file``/``--cert-file``/``--key-file`` added (as absolute paths)."""
+    params = {k: os.path.abspath(v) for k, v in (("ca", ca_file), ("cert", cert_file), ("key", key_file)) if v}
+    if not params:
+        return url
+    sep = "&" if "?" in url else "?"
+    out = url + sep + urlencode(params)
+    BrokerAddress.parse(out)  # refuse mqtt:// with TLS files now, with the message that says why
+    return out
+
+
+def add_tls_args(parser: "argparse.ArgumentParser") -> None:
+    """``--ca-file``, ``--cert-file``, ``--key-file`` for a CLI that takes ``--broker``."""
+    parser.add_argument("--ca-file", help="CA certificate (PEM) the mqtts:// broker's certificate is checked "
+                                          "against (default: the system's CAs)")
+    parser.add_argument("--cert-file", help="client certificate (PEM), for brokers that require one")
+    parser.add_argument("--key-file", help="client private key (PEM) for --cert-file")
 
 
 class MqttLink:
@@ -89,6 +163,7 @@ class MqttLink:
             self.client.username_pw_set(username, password)
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.address.configure(self.client)
         self.client.reconnect_delay_set(min_delay=1, max_delay=2)
         self.client.max_inflight_messages_set(100)
         self.keepalive = keepalive

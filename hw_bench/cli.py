@@ -82,7 +82,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     job = FleetJob(scenario=Scenario(args.scenario), duration_s=args.duration, min_queries=args.min_queries,
                    warmup=args.warmup, threads=args.threads, accuracy=not args.no_accuracy, data=args.data)
-    run = run_fleet(broker=args.broker, username=args.username, password=args.password, devices=devices,
+    from device_agent.transport import broker_url
+
+    url = broker_url(args.broker, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+    run = run_fleet(broker=url, username=args.username, password=args.password, devices=devices,
                     bundle=args.bundle, job=job, deadline_s=args.deadline, prefix=args.prefix, progress=_progress)
     out = Path(args.out)
     path = write_run(out / "fleet_results.json", run)
@@ -139,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fleet", help="run a bench job on devices over MQTT and collect one report")
     add_common(p)
-    p.add_argument("--broker", required=True, help="mqtt://host:port")
+    p.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
+    from device_agent.transport import add_tls_args
+
+    add_tls_args(p)
     p.add_argument("--username")
     p.add_argument("--password")
     p.add_argument("--devices", required=True, help="comma-separated device ids")

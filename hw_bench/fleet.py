@@ -15,7 +15,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
-from urllib.parse import urlparse
 
 from edgecore.errors import BenchError
 from edgecore.wire import Topics
@@ -53,12 +52,14 @@ class FleetJob:
         return msg
 
 
-def _broker(url: str) -> tuple[str, int, bool]:
-    u = urlparse(url)
-    if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not u.hostname:
-        raise BenchError(f"broker {url!r}: want mqtt://host:port or mqtts://host:port")
-    tls = u.scheme in ("mqtts", "ssl")
-    return u.hostname, u.port or (8883 if tls else 1883), tls
+def _broker(url: str) -> Any:
+    from device_agent.transport import BrokerAddress
+    from edgecore.errors import AgentError
+
+    try:
+        return BrokerAddress.parse(url)
+    except AgentError as e:
+        raise BenchError(str(e)) from e
 
 
 def run_fleet(
@@ -85,7 +86,8 @@ def run_fleet(
     for d in devices:
         if not d or any(c in d for c in "/+#"):
             raise BenchError(f"bad device id {d!r}")
-    host, port, tls = _broker(broker)
+    addr = _broker(broker)
+    host, port = addr.host, addr.port
     job_id = uuid.uuid4().hex
     answers: dict[str, dict[str, Any]] = {}
     lock = threading.Lock()
@@ -126,8 +128,7 @@ def run_fleet(
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"hw-bench-{job_id[:8]}")
     if username:
         client.username_pw_set(username, password)
-    if tls:
-        client.tls_set()
+    addr.configure(client)
     client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
     try:
         client.connect(host, port, keepalive=30)
