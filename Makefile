@@ -23,6 +23,7 @@ install: $(STAMP)
 system-deps:
 	@need=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need="$$need mosquitto"; \
+	command -v mosquitto_pub >/dev/null 2>&1 || need="$$need mosquitto-clients"; \
 	command -v chromium >/dev/null 2>&1 || need="$$need chromium"; \
 	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$$need postgresql"; \
 	if [ -n "$$need" ]; then \
