@@ -47,6 +47,8 @@ def test_dashboard_shows_devices_charts_and_flags_drift(mosquitto, tiny_cascade,
                 page = browser.new_page()
                 errors: list[str] = []
                 page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("console", lambda m: errors.append(m.text)  # a CSP violation is logged, not thrown
+                        if m.type == "error" or "Content Security Policy" in m.text else None)
                 page.on("request", lambda r: errors.append(f"external request {r.url}")
                         if not r.url.startswith(gw.http_url) else None)
                 page.goto(gw.http_url + "/")
