@@ -207,6 +207,10 @@ def create_app(
     def dashboard_js() -> Response:
         return Response(_static("dashboard.js"), mimetype="application/javascript")
 
+    @app.get("/favicon.ico")
+    def favicon() -> Response:  # browsers ask for it; no icon, and no 404 in the console
+        return Response(status=204)
+
     @app.get("/static/dashboard.css")
     def dashboard_css() -> Response:
         return Response(_static("dashboard.css"), mimetype="text/css")
