@@ -95,13 +95,17 @@ class Gateway:
                 store=self.store, metrics=self.metrics, bundles_dir=self.config.bundles_dir,
                 token=self.config.token, prefix=self.config.worker.prefix,
                 publish=lambda t, p: self.worker.client.publish(t, p, qos=1),
-                health=lambda: {"ok": self.worker.connected.is_set(), "mqtt_connected": self.worker.connected.is_set(),
-                                "replica": self.config.worker.replica_id, "teacher": self.teacher.version},
+                health=self._health,
             )
             self._server = HttpServer(app, self.config.http_host, self.config.http_port)
             self._server.start()
             log.info("gateway HTTP API on %s", self.http_url)
         return self
+
+    def _health(self) -> dict[str, object]:
+        req, ingest = self.worker.connected.is_set(), self.worker.ingest_connected.is_set()
+        return {"ok": req and ingest, "mqtt_connected": req, "ingest_connected": ingest,
+                "replica": self.config.worker.replica_id, "teacher": self.teacher.version}
 
     def stop(self) -> None:
         if self._server is not None:
