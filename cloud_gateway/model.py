@@ -46,8 +46,11 @@ def load_onnx_teacher(path: Path, *, threads: int | None = None, labels: list[st
     from edgecore.bundle import sha256_file
 
     opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
+    # No spin-waiting: ORT's idle threads otherwise burn the cores the MQTT threads need (issue #11:
+    # default threads cost 40% of the capacity). One thread unless asked: a gateway serves small batches.
+    opts.intra_op_num_threads = threads or 1
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types

@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_report)
 
+    from .gateway_load import register as register_gateway
+
+    register_gateway(sub)
+
     p = sub.add_parser("fleet", help="run a bench job on devices over MQTT and collect one report")
     add_common(p)
     p.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")

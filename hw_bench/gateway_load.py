@@ -1,0 +1,361 @@
+"""``hw-bench gateway``: a load generator for the edge-cloud split, and the MQTT floor to compare with.
+
+Clients are MQTT 5 devices that publish tensors on ``<prefix>/<id>/infer/req``
+with a response topic and correlation data, exactly as agents do. First a
+closed loop (each client keeps ``inflight`` requests outstanding) finds the
+maximum rate; then open loops at 50/80/100% of it measure the round trip.
+With ``--floor`` the same is measured against a minimal paho + onnxruntime
+responder (this module's ``__main__``) in the same session, and the ratio is
+reported. Point it at your own broker and gateway (``--broker``,
+``--credentials``), or let it start a local Mosquitto and gateway
+(``--teacher``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from edgecore import wire
+from edgecore.errors import BenchError
+
+LEVELS = (0.5, 0.8, 1.0)
+
+
+class _Client:
+    """One simulated device: publishes requests, matches replies by correlation, records round trips."""
+
+    def __init__(self, url: str, device: str, password: str, payload: bytes, prefix: str) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        from device_agent.transport import BrokerAddress, set_nodelay
+
+        self._props, self._ptype = Properties, PacketTypes.PUBLISH
+        self.req, self.resp = f"{prefix}/{device}/infer/req", f"{prefix}/{device}/infer/resp"
+        self.payload, self.sent, self.rtts, self.errors = payload, {}, [], 0
+        self.lock, self.cv, self.n = threading.Lock(), threading.Condition(), 0
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"load-{device}-{os.getpid()}",
+                             protocol=mqtt.MQTTv5)
+        self.c.username_pw_set(device, password)
+        addr = BrokerAddress.parse(url)
+        addr.configure(self.c)
+        self.c.max_inflight_messages_set(1000)
+        ready = threading.Event()
+        self.c.on_connect = lambda cl, *a: (set_nodelay(cl), cl.subscribe(self.resp, qos=1))
+        self.c.on_subscribe = lambda *a: ready.set()
+        self.c.on_message = self._on_reply
+        self.c.connect(addr.host, addr.port, keepalive=30)
+        self.c.loop_start()
+        if not ready.wait(10):
+            raise BenchError(f"load client {device} could not subscribe on {url} (credentials? ACL?)")
+
+    def send(self) -> None:
+        with self.lock:
+            self.n += 1
+            corr = self.n.to_bytes(8, "little")
+            self.sent[corr] = time.perf_counter()
+        p = self._props(self._ptype)
+        p.ResponseTopic, p.CorrelationData = self.resp, corr
+        self.c.publish(self.req, self.payload, qos=1, properties=p)
+
+    def _on_reply(self, client: Any, userdata: Any, msg: Any) -> None:
+        corr = bytes(getattr(msg.properties, "CorrelationData", b"") or b"")
+        with self.lock:
+            t0 = self.sent.pop(corr, None)
+        if t0 is None:
+            return
+        self.rtts.append(time.perf_counter() - t0)
+        if b'"ok":true' not in msg.payload:
+            self.errors += 1
+        with self.cv:
+            self.cv.notify_all()
+
+    def outstanding(self) -> int:
+        with self.lock:
+            return len(self.sent)
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def _closed_loop(clients: list[_Client], inflight: int, seconds: float) -> float:
+    """Requests/s with ``inflight`` outstanding per client."""
+    stop = time.perf_counter() + seconds
+    start_counts = [len(c.rtts) for c in clients]
+
+    def drive(c: _Client) -> None:
+        while time.perf_counter() < stop:
+            while c.outstanding() < inflight:
+                c.send()
+            with c.cv:
+                c.cv.wait(0.05)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=drive, args=(c,), daemon=True) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done = sum(len(c.rtts) - s for c, s in zip(clients, start_counts))
+    return done / (time.perf_counter() - t0)
+
+
+def _open_loop(clients: list[_Client], rate: float, seconds: float) -> dict[str, Any]:
+    """Send at ``rate`` requests/s in total (spread over the clients); round-trip percentiles."""
+    for c in clients:
+        c.rtts.clear()
+    interval = len(clients) / rate
+    stop = time.perf_counter() + seconds
+
+    def pace(c: _Client, offset: float) -> None:
+        nxt = time.perf_counter() + offset
+        while nxt < stop:
+            time.sleep(max(0.0, nxt - time.perf_counter()))
+            c.send()
+            nxt += interval
+
+    threads = [threading.Thread(target=pace, args=(c, i * interval / len(clients)), daemon=True)
+               for i, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    time.sleep(0.5)  # late replies
+    rtts = np.array([r for c in clients for r in c.rtts]) * 1000
+    sent = int(rate * seconds)
+    if not len(rtts):
+        raise BenchError("no replies at all: is a gateway serving this broker?")
+    return {"rate": round(rate, 1), "answered": int(len(rtts)), "sent": sent,
+            "lost": max(0, sent - int(len(rtts))), "errors": sum(c.errors for c in clients),
+            **{f"p{q}_ms": round(float(np.percentile(rtts, q)), 3) for q in (50, 95, 99)}}
+
+
+def measure(url: str, devices: dict[str, str], *, payload: bytes, clients: int, inflight: int, seconds: float,
+            prefix: str = "fleet") -> dict[str, Any]:
+    ids = list(devices)[:clients]
+    if len(ids) < clients:
+        raise BenchError(f"{clients} clients need {clients} device credentials, the file has {len(devices)}")
+    cs = [_Client(url, d, devices[d], payload, prefix) for d in ids]
+    try:
+        _closed_loop(cs, inflight, min(1.0, seconds / 2))  # warm-up
+        max_rate = _closed_loop(cs, inflight, seconds)
+        levels = [{"load": lv, **_open_loop(cs, max_rate * lv, seconds)} for lv in LEVELS]
+    finally:
+        for c in cs:
+            c.close()
+    return {"max_offloads_per_s": round(max_rate, 1), "levels": levels}
+
+
+# --- local broker, gateway and floor responder ------------------------------------------------------
+def _spawn(args: list[str], ready: str) -> subprocess.Popen[str]:
+    p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = p.stdout.readline() if p.stdout else ""
+    if ready not in line:
+        p.kill()
+        raise BenchError(f"{args[1]} did not start: {line.strip() or 'no output'}")
+    return p
+
+
+def _stop(p: subprocess.Popen[str]) -> None:
+    p.terminate()
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
+def _serve_gateway(url: str, user: str, pw: str, teacher: Path, tmp: Path) -> Iterator[None]:
+    p = _spawn(["-m", "cloud_gateway.cli", "serve", "--broker", url, "--username", user, "--password", pw,
+                "--teacher", str(teacher), "--db", str(tmp / "gw.sqlite"), "--http-port", "-1"], "serving")
+    try:
+        yield
+    finally:
+        _stop(p)
+
+
+def _serve_floor(url: str, user: str, pw: str, teacher: Path, tmp: Path) -> Iterator[None]:
+    p = _spawn(["-m", "hw_bench.gateway_load", url, user, pw, str(teacher)], "floor ready")
+    try:
+        yield
+    finally:
+        _stop(p)
+
+
+def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, teacher: Path | None,
+                      clients: int = 4, inflight: int = 4, seconds: float = 5.0, floor: bool = False,
+                      gateway_user: tuple[str, str] | None = None, workdir: Path) -> dict[str, Any]:
+    """Measure the gateway (and with ``floor`` the minimal responder) on one broker, side by side."""
+    from contextlib import contextmanager
+
+    from .envinfo import cpu_record
+
+    if floor and teacher is None:
+        raise BenchError("--floor needs --teacher (the responder runs the same model)")
+    if broker is None and teacher is None:
+        raise BenchError("give --broker and --credentials (a running gateway), or --teacher (start them here)")
+    with ExitStack() as stack:
+        if broker is None:
+            from cloud_gateway.broker import start_local_broker
+            from cloud_gateway.credentials import make_fleet
+
+            creds = make_fleet(device_ids=[f"load-{i}" for i in range(clients)])
+            b = start_local_broker(workdir / "broker", creds, prefer="mosquitto")
+            stack.callback(b.stop)
+            broker, devices, gateway_user = b.url, dict(creds.devices), creds.gateway
+        if devices is None:
+            raise BenchError("--broker needs --credentials (the devices' passwords)")
+        shape = _teacher_shape(teacher) if teacher else (1, 1, 8, 8)
+        payload = wire.encode_tensor(np.random.default_rng(0).random(shape, dtype=np.float32))
+        out: dict[str, Any] = {"cpu": cpu_record(), "load_average_before": os.getloadavg(), "clients": clients,
+                               "inflight": inflight, "seconds": seconds}
+        runs = [("gateway", _serve_gateway)] + ([("floor", _serve_floor)] if floor else [])
+        for name, serve in runs:
+            if teacher is not None:
+                if gateway_user is None:
+                    raise BenchError("starting a gateway on your broker needs its credentials in --credentials")
+                stack2 = contextmanager(serve)(broker, *gateway_user, teacher, workdir)
+            else:
+                stack2 = ExitStack()
+            with stack2:
+                out[name] = measure(broker, devices, payload=payload, clients=clients, inflight=inflight,
+                                    seconds=seconds)
+        if floor:
+            out["gateway_vs_floor"] = round(out["gateway"]["max_offloads_per_s"] / out["floor"]["max_offloads_per_s"], 3)
+        out["load_average_after"] = os.getloadavg()
+    return out
+
+
+def _teacher_shape(teacher: Path) -> tuple[int, ...]:
+    from cloud_gateway.model import load_teacher
+
+    return (1, *load_teacher(teacher, threads=1).sample_shape)
+
+
+def _floor_main(url: str, user: str, pw: str, teacher: str) -> None:
+    """The minimal responder: paho + onnxruntime, one request at a time, nothing else."""
+    import onnxruntime as ort
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from device_agent.transport import BrokerAddress, set_nodelay
+
+    path = Path(teacher)
+    path = path / "teacher.onnx" if path.is_dir() else path
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+
+    def on_message(cl: Any, u: Any, m: Any) -> None:
+        logits = sess.run(None, {name: wire.decode_tensor(m.payload)})[0][0]
+        e = np.exp(logits - logits.max())
+        p = e / e.sum()
+        props = Properties(PacketTypes.PUBLISH)
+        props.CorrelationData = m.properties.CorrelationData
+        cl.publish(m.properties.ResponseTopic, wire.dumps({"ok": True, "prediction": int(p.argmax()),
+                                                           "probabilities": [round(float(v), 6) for v in p]}),
+                   qos=1, properties=props)
+
+    addr = BrokerAddress.parse(url)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="floor", protocol=mqtt.MQTTv5)
+    c.username_pw_set(user, pw)
+    addr.configure(c)
+    subscribed = threading.Event()
+    c.on_connect = lambda cl, *a: (set_nodelay(cl), cl.subscribe("$share/gateways/fleet/+/infer/req", qos=1))
+    c.on_subscribe = lambda *a: subscribed.set()
+    c.on_message = on_message
+    c.connect(addr.host, addr.port, keepalive=30)
+    c.loop_start()
+    subscribed.wait(10)
+    print("floor ready", flush=True)
+    try:
+        threading.Event().wait()
+    finally:
+        c.loop_stop()
+
+
+if __name__ == "__main__":
+    _floor_main(*sys.argv[1:5])
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+def register(sub: Any) -> None:
+    """``hw-bench gateway``: registered by hw_bench/cli.py."""
+    from edgecore.clikit import add_common, add_json_flag
+
+    from device_agent.transport import add_tls_args
+
+    p = sub.add_parser("gateway", help="load-test a gateway (offloads/s, round trip at 50/80/100%% load)")
+    add_common(p)
+    p.add_argument("--broker", help="mqtt(s)://host:port of a running broker + gateway (else one is started)")
+    add_tls_args(p)
+    p.add_argument("--credentials", type=Path, help="fleet credentials.json (device passwords; gateway's too "
+                                                   "to start one on your broker with --teacher)")
+    p.add_argument("--teacher", type=Path, help="teacher run dir or .onnx: start a gateway (and broker) here")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--inflight", type=int, default=4, help="requests outstanding per client in the closed loop")
+    p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    p.add_argument("--floor", action="store_true", help="also measure a minimal paho + onnxruntime responder")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_gateway)
+
+
+def cmd_gateway(args: Any) -> int:
+    import json
+    import tempfile
+
+    from edgecore.clikit import emit_json
+
+    from device_agent.transport import broker_url
+
+    if args.clients < 1 or args.inflight < 1 or args.seconds <= 0:
+        raise BenchError("--clients and --inflight must be >= 1 and --seconds > 0")
+    devices, gw = None, None
+    if args.credentials:
+        try:
+            data = json.loads(Path(args.credentials).read_text())
+            devices = dict(data["devices"])
+            gw = (data["gateway"]["username"], data["gateway"]["password"]) if "gateway" in data else None
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise BenchError(f"{args.credentials}: not a fleet credentials file ({e})") from e
+    if args.broker and devices is None:
+        raise BenchError("--broker needs --credentials (the devices' passwords)")
+    url = broker_url(args.broker, ca_file=args.ca_file, cert_file=args.cert_file,
+                     key_file=args.key_file) if args.broker else None
+    with tempfile.TemporaryDirectory(prefix="hw-bench-gateway-") as tmp:
+        out = run_gateway_bench(broker=url, devices=devices, teacher=args.teacher, clients=args.clients,
+                                inflight=args.inflight, seconds=args.seconds, floor=args.floor,
+                                gateway_user=gw, workdir=Path(tmp))
+    _print(out)
+    if args.json:
+        emit_json(out)
+    return 0
+
+
+def _print(out: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"gateway load ({out['clients']} clients, load avg {out['load_average_before'][0]:.2f})")
+    for col in ("responder", "max/s", "load", "rate/s", "p50 ms", "p95 ms", "p99 ms", "lost", "errors"):
+        t.add_column(col)
+    for name in ("gateway", "floor"):
+        if name in out:
+            for lv in out[name]["levels"]:
+                t.add_row(name, str(out[name]["max_offloads_per_s"]), f"{lv['load']:.0%}", str(lv["rate"]),
+                          str(lv["p50_ms"]), str(lv["p95_ms"]), str(lv["p99_ms"]), str(lv["lost"]), str(lv["errors"]))
+    Console(width=140).print(t)
+    if "gateway_vs_floor" in out:
+        print(f"gateway / floor (max offloads/s): {out['gateway_vs_floor']}")

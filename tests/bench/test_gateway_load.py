@@ -1,0 +1,37 @@
+"""``hw-bench gateway``: a real broker, a real gateway process and the floor responder, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cloud_gateway.broker import find_mosquitto
+
+pytestmark = pytest.mark.broker
+
+
+def test_hw_bench_gateway_measures_gateway_and_floor(tiny_cascade, tmp_path):
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed")
+    r = subprocess.run([sys.executable, "-m", "hw_bench.cli", "gateway", "--teacher", str(tiny_cascade.teacher_onnx),
+                        "--clients", "2", "--inflight", "2", "--seconds", "0.5", "--floor", "--json"],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "gateway / floor" in r.stdout and out["cpu"]["logical_cores"] >= 1 and len(out["load_average_before"]) == 3
+    for name in ("gateway", "floor"):
+        assert out[name]["max_offloads_per_s"] > 0
+        assert [lv["load"] for lv in out[name]["levels"]] == [0.5, 0.8, 1.0]
+        for lv in out[name]["levels"]:
+            assert lv["answered"] > 0 and lv["errors"] == 0 and lv["p50_ms"] <= lv["p95_ms"] <= lv["p99_ms"]
+    assert out["gateway_vs_floor"] == pytest.approx(
+        out["gateway"]["max_offloads_per_s"] / out["floor"]["max_offloads_per_s"], abs=1e-3)
+
+
+def test_hw_bench_gateway_needs_a_target(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hw_bench.cli", "gateway", "--clients", "1"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "--teacher" in r.stderr and "Traceback" not in r.stderr
