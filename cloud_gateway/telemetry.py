@@ -130,6 +130,7 @@ _FIELDS: dict[str, Callable[[str, Any], None]] = {
     "fallback_rate": lambda p, v: _num(p, v, lo=0, hi=1),
     "threshold": lambda p, v: _num(p, v, null=True),
     "bundle_sha256": lambda p, v: _str(p, v, null=True),
+    "boot": lambda p, v: _str(p, v, null=True),  # the agent's per-state-dir id, part of the window's identity
     "counts": _counts,
     "latency": _latency,
     "drift": _drift,
