@@ -206,13 +206,7 @@ def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, tea
         raise BenchError("give --broker and --credentials (a running gateway), or --teacher (start them here)")
     with ExitStack() as stack:
         if broker is None:
-            from cloud_gateway.broker import start_local_broker
-            from cloud_gateway.credentials import make_fleet
-
-            creds = make_fleet(device_ids=[f"load-{i}" for i in range(clients)])
-            b = start_local_broker(workdir / "broker", creds, prefer="mosquitto")
-            stack.callback(b.stop)
-            broker, devices, gateway_user = b.url, dict(creds.devices), creds.gateway
+            broker, devices, gateway_user = _local_broker(stack, workdir, clients)
         if devices is None:
             raise BenchError("--broker needs --credentials (the devices' passwords)")
         shape = _teacher_shape(teacher) if teacher else (1, 1, 8, 8)
@@ -237,9 +231,54 @@ def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, tea
 
 
 def _teacher_shape(teacher: Path) -> tuple[int, ...]:
-    from cloud_gateway.model import load_teacher
+    import onnxruntime as ort
 
-    return (1, *load_teacher(teacher, threads=1).sample_shape)
+    path = teacher / "teacher.onnx" if teacher.is_dir() else teacher
+    try:
+        shape = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape
+    except Exception as e:  # onnxruntime raises its own types
+        raise BenchError(f"--teacher {teacher}: not an ONNX teacher ({e})") from e
+    return (1, *(int(d) for d in shape[1:]))
+
+
+def _local_broker(stack: ExitStack, workdir: Path, clients: int) -> tuple[str, dict[str, str], tuple[str, str]]:
+    """A Mosquitto with a fresh fleet's passwords and ACL, through the `cloud-gateway fleet-credentials` CLI
+    (hw_bench does not import cloud_gateway: they are peers in the layers)."""
+    import json
+    import shutil
+    import socket
+
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None)
+    if exe is None:
+        raise BenchError("a local run needs mosquitto (apt-get install mosquitto), or give --broker")
+    root = workdir / "broker"
+    r = subprocess.run([sys.executable, "-m", "cloud_gateway.cli", "fleet-credentials",
+                        *[f"load-{i}" for i in range(clients)], "--out", str(root)], capture_output=True, text=True)
+    if r.returncode:
+        raise BenchError(f"fleet-credentials failed: {r.stderr.strip()}")
+    creds = json.loads((root / "credentials.json").read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import pwd
+
+    (root / "mosquitto.conf").write_text(
+        f"per_listener_settings false\nuser {pwd.getpwuid(os.getuid()).pw_name}\nlistener {port} 127.0.0.1\n"
+        f"allow_anonymous false\npassword_file {root / 'passwd'}\nacl_file {root / 'acl'}\n"
+        "max_queued_messages 10000\nset_tcp_nodelay true\n")
+    proc = subprocess.Popen([exe, "-c", str(root / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    stack.callback(lambda: (proc.terminate(), proc.wait(10)))
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        raise BenchError("the local mosquitto did not start")
+    gw = creds["gateway"]
+    return f"mqtt://127.0.0.1:{port}", dict(creds["devices"]), (gw["username"], gw["password"])
 
 
 def _floor_main(url: str, user: str, pw: str, teacher: str) -> None:
