@@ -25,7 +25,7 @@ from flask import Flask, Response, abort, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
 from edgecore import wire
-from edgecore.bundle import open_bundle, sha256_file
+from edgecore.bundle import TrustPolicy, sha256_file
 from edgecore.errors import BundleTrustError
 
 from .metrics import Metrics
@@ -109,6 +109,7 @@ def create_app(
     publish: Callable[[str, bytes], None] | None = None,
     prefix: str = "fleet",
     health: Callable[[], dict[str, Any]] | None = None,
+    trust: TrustPolicy = TrustPolicy(),
 ) -> Flask:
     app = Flask("cloud_gateway")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BUNDLE_BYTES
@@ -186,7 +187,7 @@ def create_app(
             tar = tmp / "b.tar.gz"
             tar.write_bytes(request.get_data())
             try:
-                b = open_bundle(tar, extract_to=tmp / "x")  # refuse anything that is not a valid bundle
+                b = trust.open(tar, extract_to=tmp / "x")  # refuse anything not valid, or not signed by a trusted key
             except BundleTrustError as e:
                 _fail(400, f"not a valid bundle: {_scrub(str(e), tmp / 'x', tmp, bundles_dir)}")
             final = bundles_dir / f"{name}.tar.gz"

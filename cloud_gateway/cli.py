@@ -11,7 +11,14 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from edgecore.clikit import add_common, add_json_flag, emit_json, run_cli
+from edgecore.clikit import (
+    add_common,
+    add_json_flag,
+    add_trust_args,
+    emit_json,
+    run_cli,
+    trust_from_args,
+)
 from edgecore.errors import GatewayError
 
 log = logging.getLogger("cloud_gateway")
@@ -27,9 +34,9 @@ def _read_credentials(path: Path, who: str) -> tuple[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .service import Gateway, GatewayConfig
     from device_agent.transport import broker_url
 
+    from .service import Gateway, GatewayConfig
     from .worker import WorkerConfig
 
     user, pw = args.username, args.password or os.environ.get("GATEWAY_MQTT_PASSWORD")
@@ -45,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         teacher=args.teacher, db=args.db, bundles_dir=args.bundles_dir, http_host=args.http_host,
         http_port=None if args.http_port < 0 else args.http_port,
         token=args.token or os.environ.get("GATEWAY_TOKEN"), threads=args.threads,
-        teacher_format=args.teacher_format,
+        teacher_format=args.teacher_format, trust=trust_from_args(args),
     )
     gw = Gateway(cfg).start()
     done = threading.Event()
@@ -105,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, default=8080, help="-1: no HTTP API")
     s.add_argument("--token", help="token for write endpoints (or $GATEWAY_TOKEN)")
     s.add_argument("--threads", type=int)
+    add_trust_args(s, who="the bundle upload")
     s.set_defaults(func=cmd_serve)
     c = sub.add_parser("fleet-credentials", help="write mosquitto password + ACL files for a fleet")
     add_common(c)

@@ -16,6 +16,8 @@ from pathlib import Path
 from flask import Flask
 from waitress.server import create_server
 
+from edgecore.bundle import TrustPolicy
+
 from .api import MAX_BUNDLE_BYTES, create_app
 from .metrics import Metrics
 from .model import Teacher, load_teacher
@@ -37,6 +39,7 @@ class GatewayConfig:
     threads: int | None = None
     teacher_format: str = "onnx"  # which one a run dir's teacher is loaded from: onnx | torch
     metrics: Metrics = field(default_factory=Metrics)
+    trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures an uploaded bundle needs
 
 
 class HttpServer:
@@ -88,12 +91,13 @@ class Gateway:
     def start(self) -> "Gateway":
         if self._started:
             return self
+        self.config.trust.warn_if_open("the gateway's bundle upload")
         self._started = True
         self.worker.start()
         if self.config.http_port is not None:
             app = create_app(
                 store=self.store, metrics=self.metrics, bundles_dir=self.config.bundles_dir,
-                token=self.config.token, prefix=self.config.worker.prefix,
+                token=self.config.token, prefix=self.config.worker.prefix, trust=self.config.trust,
                 publish=lambda t, p: self.worker.client.publish(t, p, qos=1),
                 health=self._health,
             )

@@ -13,13 +13,17 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
-from edgecore.clikit import add_common, add_json_flag, emit_json, run_cli
+from edgecore.clikit import (
+    add_common,
+    add_json_flag,
+    add_trust_args,
+    emit_json,
+    run_cli,
+    trust_from_args,
+)
 from edgecore.errors import AgentError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from edgecore.bundle import TrustPolicy
 
 
 def _broker_url(args: argparse.Namespace) -> str | None:
@@ -47,19 +51,6 @@ def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return (user or args.device_id), pw
 
 
-def _trust(args: argparse.Namespace) -> "TrustPolicy":
-    from edgecore.bundle import TrustPolicy
-
-    return TrustPolicy.from_paths(args.trust_key or (), allow_unsigned=args.allow_unsigned)
-
-
-def _add_trust_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trust-key", action="append", type=Path, metavar="PUB",
-                   help="public key (.pub) or folder of them whose signatures this device accepts (repeatable)")
-    p.add_argument("--allow-unsigned", action="store_true",
-                   help="DEVELOPMENT ONLY: accept unsigned bundles when no --trust-key is given (logged loudly)")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
 
     from .agent import Agent, AgentConfig, summarize
@@ -67,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .outbox import DropPolicy
     from .sources import Item, MqttInputSource, folder_source, npz_source  # noqa: F401
 
-    trust = _trust(args)
+    trust = trust_from_args(args)
     bundle = trust.open(args.bundle)
     user, pw = _credentials(args)
     cfg = AgentConfig(
@@ -137,7 +128,7 @@ def _print_summary(s: dict[str, object]) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .agent import load_model
 
-    trust = _trust(args)
+    trust = trust_from_args(args)
     trust.warn_if_open("device-agent verify")
     b = trust.open(args.bundle)
     load_model(b)
@@ -177,13 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--update-base", action="append", metavar="URL",
                    help="update_bundle URLs must be under this gateway URL (repeatable; none: updates by URL refused)")
     r.add_argument("--output", type=Path, help="JSON lines of answers (default stdout)")
-    _add_trust_args(r)
+    add_trust_args(r, who="this device")
     add_json_flag(r)
     r.set_defaults(func=cmd_run)
     v = sub.add_parser("verify", help="check a bundle's trust and that this device can run it")
     add_common(v)
     v.add_argument("bundle")
-    _add_trust_args(v)
+    add_trust_args(v, who="this device")
     v.set_defaults(func=cmd_verify)
     return p
 

@@ -175,24 +175,15 @@ def _gateway(opts: DemoOptions, run_dir: Path, fleet_dir: Path, broker: Any, cre
              public_key: Path) -> Any:
     from cloud_gateway.service import Gateway, GatewayConfig
     from cloud_gateway.worker import WorkerConfig
+    from edgecore.bundle import TrustPolicy
 
     return Gateway(GatewayConfig(
         worker=WorkerConfig(broker_url=broker.url, username=creds.gateway[0], password=creds.gateway[1],
                             mqtt_version=broker.mqtt_version),
         teacher=run_dir / "teacher.onnx", db=str(fleet_dir / "gateway.sqlite"),
         bundles_dir=fleet_dir / "gateway-bundles", http_port=0, token=token,
-        **_gateway_trust(public_key),
+        trust=TrustPolicy.from_paths([public_key]),
     ))
-
-
-def _gateway_trust(public_key: Path) -> dict[str, Any]:
-    """The gateway's upload checks signatures with the demo's key, where the gateway supports it."""
-    import dataclasses
-
-    from cloud_gateway.service import GatewayConfig
-
-    names = {f.name for f in dataclasses.fields(GatewayConfig)}
-    return {"trusted_keys": (public_key,)} if "trusted_keys" in names else {}
 
 
 def _start_agents(opts: DemoOptions, plan: list[tuple[str, str, bool]], bundles_dir: Path, fleet_dir: Path,

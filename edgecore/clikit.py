@@ -105,3 +105,20 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def add_trust_args(parser: argparse.ArgumentParser, *, who: str = "this side") -> None:
+    """``--trust-key PUB`` (repeatable) and ``--allow-unsigned``: whose bundle signatures ``who`` accepts."""
+    from pathlib import Path
+
+    parser.add_argument("--trust-key", action="append", type=Path, metavar="PUB",
+                        help=f"public key (.pub) or folder of them whose signatures {who} accepts (repeatable)")
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="DEVELOPMENT ONLY: accept unsigned bundles when no --trust-key is given (logged loudly)")
+
+
+def trust_from_args(args: argparse.Namespace) -> Any:
+    """The `edgecore.bundle.TrustPolicy` the ``--trust-key``/``--allow-unsigned`` flags ask for."""
+    from edgecore.bundle import TrustPolicy
+
+    return TrustPolicy.from_paths(args.trust_key or (), allow_unsigned=args.allow_unsigned)

@@ -218,7 +218,7 @@ def start_gateway(broker, run: TinyRun, tmp: Path, *, replica: str = "gw-0", htt
         worker=WorkerConfig(broker_url=broker.url, username=user, password=pw, replica_id=replica,
                             batch_ms=batch_ms, mqtt_version=mqtt_version),
         teacher=run.teacher_onnx, db=db or str(tmp / "gateway.sqlite"), bundles_dir=tmp / "bundles",
-        http_port=0 if http else None, token=token, threads=1,
+        http_port=0 if http else None, token=token, threads=1, trust=test_trust(),
     )
     return Gateway(cfg).start()
 

@@ -22,7 +22,14 @@ from device_agent.agent import Route, summarize
 from device_agent.sources import Item
 from edgecore import wire
 from edgecore.bundle import sha256_file
-from tests.agent.tiny import Listener, bench_commands, items, make_agent, retag_bundle, start_gateway
+from tests.agent.tiny import (
+    Listener,
+    bench_commands,
+    items,
+    make_agent,
+    retag_bundle,
+    start_gateway,
+)
 from tests.agent.tiny import wait_for as _wait
 
 pytestmark = pytest.mark.broker
@@ -379,3 +386,41 @@ def test_a_crashed_replica_leaves_the_shared_group(mosquitto, tiny_cascade, tmp_
     after = [a.route for a in ans[40:]]
     # at most the requests in flight at the crash are lost (the agent's batch of 2); none after
     assert after[:2].count(Route.FALLBACK) <= 2 and after[2:].count(Route.FALLBACK) == 0, after
+
+
+def test_upload_requires_a_trusted_signature(mosquitto, tiny_cascade, tmp_path):
+    """The gateway serves bundles to the fleet: it refuses unsigned, untrusted and edited-after-signing ones."""
+    import tarfile
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edgecore.signing import sign
+
+    def tar_of(d):
+        t = d.parent / f"{d.name}.tar.gz"
+        with tarfile.open(t, "w:gz") as tf:
+            tf.add(d, arcname=d.name)
+        return t
+
+    good = retag_bundle(tiny_cascade.bundle_dir, tmp_path / "good", version="7")
+    unsigned = tmp_path / "unsigned"
+    retag_bundle(tiny_cascade.bundle_dir, unsigned, version="8")
+    (unsigned / "manifest.sig").unlink()
+    stranger = tmp_path / "stranger"
+    retag_bundle(tiny_cascade.bundle_dir, stranger, version="9")
+    (stranger / "manifest.sig").write_bytes(sign((stranger / "manifest.json").read_bytes(),
+                                                 Ed25519PrivateKey.generate()))
+    edited = tmp_path / "edited"
+    retag_bundle(tiny_cascade.bundle_dir, edited, version="10")
+    m = json.loads((edited / "manifest.json").read_text())
+    m["routing"]["threshold"] = 0.0  # an attacker turns offloading off, keeping the old signature
+    (edited / "manifest.json").write_text(json.dumps(m))
+    with start_gateway(mosquitto, tiny_cascade, tmp_path) as gw:
+        put = lambda name, t: _http("PUT", f"{gw.http_url}/api/bundles/{name}", t.read_bytes(), token="test-token")
+        assert put("good", good)[0] == 201
+        for name, d, why in (("unsigned", unsigned, "not signed"), ("stranger", stranger, "none of which"),
+                             ("edited", edited, "does not match the manifest")):
+            code, body = put(name, tar_of(d))
+            assert code == 400 and why in json.loads(body)["error"], body
+        listed = json.loads(_http("GET", f"{gw.http_url}/api/bundles")[1])
+        assert [b["name"] for b in listed] == ["good"]
