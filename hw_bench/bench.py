@@ -86,8 +86,8 @@ def bundle_contender(bundle: Bundle, *, threads: int | None) -> Contender:
 def not_run_entry(bundle: Bundle, why: str) -> dict[str, Any]:
     """A bundle this machine cannot run: what its build measured, a proxy figure marked as such."""
     m = bundle.manifest
-    metrics, verify = m.get("metrics") or {}, m.get("verify") or {}
-    model = str(m["model"].get("name", "model"))
+    metrics, verify = m.metrics or {}, m.verify or {}
+    model = m.model.name
     return {
         "artifact": f"{model} {bundle.target}/{bundle.precision}", "model": model, "target": bundle.target,
         "precision": bundle.precision, "bundle": str(bundle.root), "reason": why, "size_bytes": bundle_size_bytes(bundle),

@@ -41,7 +41,10 @@ class WeightCompression:
     weight_threshold: int = 0
 
     def coreml_config(self) -> Any:
-        from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig
+        from coremltools.optimize.coreml import (
+            OpLinearQuantizerConfig,
+            OptimizationConfig,
+        )
 
         return OptimizationConfig(global_config=OpLinearQuantizerConfig(
             mode=self.mode, dtype=self.dtype, granularity=self.granularity, weight_threshold=self.weight_threshold))
@@ -50,7 +53,7 @@ class WeightCompression:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "WeightCompression":
+    def from_dict(cls, d: dict[str, Any] | None) -> WeightCompression:
         return cls(**(d or {}))
 
 
@@ -97,7 +100,7 @@ def compress_like_coreml(model: Any, precision: Precision, compression: WeightCo
     m = copy.deepcopy(model).eval()
     try:
         m, folded = fuse(m), True
-    except Exception:  # not symbolically traceable: BatchNorm stays separate (quantized the same per channel)
+    except Exception:  # noqa: BLE001 - not symbolically traceable: BatchNorm stays separate (quantized the same per channel)
         folded = False
     dtype = torch.float32 if precision is Precision.FP32 else torch.float16
     m = m.to(dtype)

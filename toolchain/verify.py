@@ -141,7 +141,7 @@ def evaluate(
     can_run, why = target.available()
     if not enabled:
         can_run, why = False, "disabled by build.verify = false"
-    args = dict(precision=precision, budget_pt=budget_pt, labels=labels)
+    args = {"precision": precision, "budget_pt": budget_pt, "labels": labels}
     proxied = _proxy_block(target, bundle_dir, artifact, source, x_test, ref_test, y_test, **args) if enabled else None
     metrics: dict[str, Any] = {"accuracy": None, "reference_accuracy": ref_acc, "agreement": None, "max_abs_logit_diff": None}
     if proxied:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from edgecore.errors import AccuracyGateError, BuildError
+from edgecore.manifest import ArtifactInfo
 from targets import Precision, get_target
 from targets.coreml_proxy import WeightCompression, coreml_proxy, quantize_like_coremltools
 from targets.coreml_target import check_structure
@@ -38,8 +39,8 @@ def test_not_available_off_macos() -> None:
 
 
 # ---------------------------------------------------------------------- proxy (Core ML predicts on macOS only)
-def _manifest(art: Any) -> dict[str, Any]:
-    return {"precision": art.precision.value, "artifact": {"main": art.main, "details": art.details}}
+def _info(art: Any) -> ArtifactInfo:
+    return ArtifactInfo(main=art.main, runtime=art.runtime, details=art.details)
 
 
 @pytest.mark.parametrize("mode,dtype,granularity", [("linear_symmetric", "int8", "per_channel"),
@@ -77,7 +78,7 @@ class TestCoreMLProxy:
     def test_proxy_has_the_artifacts_weights_and_passes(self, builds: dict[str, Any], tiny_source: Any) -> None:
         d, art = builds["int8"]
         assert art.details["compression"] == WeightCompression().to_dict()
-        proxy = get_target("coreml").proxy(d, _manifest(art), tiny_source.source)
+        proxy = get_target("coreml").proxy(d, _info(art), art.precision, tiny_source.source)
         assert f"all {art.details['structure']['quantized_weights']} equal to the artifact's stored weights" in proxy.evaluates
         assert proxy.runtime.startswith("pytorch") and "float16" in proxy.runtime
         res = compare(proxy.runner.run(tiny_source.x_test), tiny_source.ref_logits, tiny_source.y_test,
@@ -105,7 +106,7 @@ class TestCoreMLProxy:
             ref = model(torch.from_numpy(tiny_source.x_test)).numpy()
         src = dataclasses.replace(tiny_source.source, torch_model=lambda: model)
         art = get_target("coreml").build(src, Precision.INT8, None, tmp_path)  # the real coremltools artifact
-        proxy = get_target("coreml").proxy(tmp_path, _manifest(art), src)  # its weights match the artifact's
+        proxy = get_target("coreml").proxy(tmp_path, _info(art), art.precision, src)  # its weights match the artifact's
         res = compare(proxy.runner.run(tiny_source.x_test), ref, tiny_source.y_test, precision=Precision.INT8, budget_pt=1.0)
         assert res.gate_failed, res
         with pytest.raises(AccuracyGateError, match="below the PyTorch reference"):

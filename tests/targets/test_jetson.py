@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 from edgecore.errors import AccuracyGateError, BuildError
+from edgecore.manifest import ArtifactInfo
 from targets import Precision, get_target
 from targets.jetson.engine import EngineCache, build_engine, engine_key
 from targets.jetson.proxy import round_through_fp16
@@ -74,8 +75,8 @@ def test_check_rejects_what_tensorrt_would(tiny_source: Any, tmp_path: Path) -> 
         check_onnx_for_tensorrt(tiny_source.qdq_source.onnx_qdq, precision=Precision.FP16)
 
 
-def _manifest(d: Path, art: Any) -> dict[str, Any]:
-    return {"precision": art.precision.value, "artifact": {"main": art.main, "details": art.details}}
+def _info(art: Any) -> ArtifactInfo:
+    return ArtifactInfo(main=art.main, runtime=art.runtime, details=art.details)
 
 
 def _recipe(d: Path) -> dict[str, Any]:
@@ -127,7 +128,7 @@ def test_proxy_runs_the_bundles_own_graph(tiny_source: Any, jetson_builds: dict[
     t = get_target("jetson")
     for precision, floor in (("fp16", 0.99), ("int8", 0.95)):
         d, art = jetson_builds[precision]
-        proxy = t.proxy(d, _manifest(d, art), None)
+        proxy = t.proxy(d, _info(art), art.precision, None)
         assert proxy.runtime.startswith("onnxruntime") and proxy.not_modelled
         logits = proxy.runner.run(tiny_source.x_test)
         agree = float((logits.argmax(1) == tiny_source.ref_logits.argmax(1)).mean())
@@ -162,7 +163,7 @@ def test_broken_classifier_fails_the_proxy_gate(tiny_source: Any, jetson_builds:
     scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * np.float32(1e-6), scale.name))
     onnx.save(m, str(d / "model.onnx"))
     check_onnx_for_tensorrt(d / "model.onnx", precision=Precision.INT8, recipe=_recipe(d))  # structurally fine
-    proxy = get_target("jetson").proxy(d, _manifest(d, art), None)
+    proxy = get_target("jetson").proxy(d, _info(art), art.precision, None)
     res = compare(proxy.runner.run(tiny_source.x_test), tiny_source.ref_logits, tiny_source.y_test,
                   precision=Precision.INT8, budget_pt=1.0)
     assert res.gate_failed and res.accuracy < 0.5
