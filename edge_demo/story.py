@@ -343,9 +343,20 @@ def not_run_reasons(summary: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, r in summary["bundles"].items():
         v = r.get("verify", {})
-        if v.get("status") == "skipped":
-            out.setdefault(name.split("-")[0], str(v.get("reason", "")))
+        if v.get("status") in ("skipped", "proxy"):
+            proxy = f" (accuracy from a PROXY: {v['runtime']})" if v.get("status") == "proxy" else ""
+            out.setdefault(name.split("-")[0], str(v.get("reason", "")) + proxy)
     return out
+
+
+def _artifact_cells(r: dict[str, Any], pct: Any) -> tuple[str, str, str]:
+    """accuracy, agreement and verify cells of one bundle; a proxy figure is marked as one."""
+    from toolchain.verify import shown_accuracy, verify_label
+
+    acc, agree, proxy = shown_accuracy(r["metrics"])
+    mark = " (proxy)" if proxy else ""
+    return pct(acc) + (mark if acc is not None else ""), pct(agree) + (mark if agree is not None else ""), \
+        verify_label(r.get("verify", {}))
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -362,11 +373,12 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines += ["", "## Artifacts", "", "| bundle | size KiB | accuracy | agreement | verify | p50 ms |", "|---|---:|---:|---:|---|---:|"]
     for name, r in summary["bundles"].items():
         m = r["metrics"]
-        lines.append(f"| {name} | {m['size_bytes'] / 1024:.1f} | {pct(m.get('accuracy'))} | {pct(m.get('agreement'))} | "
-                     f"{r.get('verify', {}).get('status', '-')} | {f'{lat[name]:.3f}' if name in lat else '-'} |")
+        acc, agree, ver = _artifact_cells(r, pct)
+        lines.append(f"| {name} | {m['size_bytes'] / 1024:.1f} | {acc} | {agree} | {ver} | "
+                     f"{f'{lat[name]:.3f}' if name in lat else '-'} |")
     not_run = not_run_reasons(summary)
     if not_run:
-        lines += ["", "## Built but not run on this machine", ""] + [f"- {t}: {why}" for t, why in not_run.items()]
+        lines += ["", "## Built but not run on the target's runtime here", ""] + [f"- {t}: {why}" for t, why in not_run.items()]
     if summary["skipped_targets"]:
         lines += ["", "## Skipped targets", ""] + [f"- {s['target']}: {s['reason']}" for s in summary["skipped_targets"]]
     if summary["failed_builds"]:
@@ -395,18 +407,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
     a = Table(title="artifacts (accuracy on the test split; latency: single-stream p50 on this machine)")
     for col in ("bundle", "size", "accuracy", "agreement", "verify", "p50 ms"):
         a.add_column(col, justify="left" if col in ("bundle", "verify") else "right")
+    pct2 = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
     for name, r in summary["bundles"].items():
         m = r["metrics"]
-        a.add_row(
-            name, f"{m['size_bytes'] / 1024:.1f} KiB",
-            "-" if m.get("accuracy") is None else f"{m['accuracy']:.2%}",
-            "-" if m.get("agreement") is None else f"{m['agreement']:.2%}",
-            r.get("verify", {}).get("status", "-"),
-            f"{lat[name]:.3f}" if name in lat else "-",
-        )
+        acc, agree, ver = _artifact_cells(r, pct2)
+        a.add_row(name, f"{m['size_bytes'] / 1024:.1f} KiB", acc, agree, escape(ver),
+                  f"{lat[name]:.3f}" if name in lat else "-")
     console.print(a)
     for target, why in not_run_reasons(summary).items():
-        console.print(f"[yellow]{target} bundles built and checked, not run here[/]: {escape(why)}")
+        console.print(f"[yellow]{target} bundles built and checked, not run on {target}'s runtime here[/]: {escape(why)}")
     for s in summary["skipped_targets"]:
         console.print(f"[yellow]target {s['target']} skipped[/]: {escape(s['reason'])}")
     for f in summary["failed_builds"]:

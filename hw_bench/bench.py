@@ -83,6 +83,34 @@ def bundle_contender(bundle: Bundle, *, threads: int | None) -> Contender:
     )
 
 
+def not_run_entry(bundle: Bundle, why: str) -> dict[str, Any]:
+    """A bundle this machine cannot run: what its build measured, a proxy figure marked as such."""
+    m = bundle.manifest
+    metrics, verify = m.metrics or {}, m.verify or {}
+    model = m.model.name
+    return {
+        "artifact": f"{model} {bundle.target}/{bundle.precision}", "model": model, "target": bundle.target,
+        "precision": bundle.precision, "bundle": str(bundle.root), "reason": why, "size_bytes": bundle_size_bytes(bundle),
+        "build_verify": verify.get("status"), "build_accuracy": metrics.get("accuracy"),
+        "proxy_accuracy": metrics.get("proxy_accuracy"), "proxy_runtime": metrics.get("proxy_runtime"),
+        "reference_accuracy": metrics.get("reference_accuracy"),
+    }
+
+
+def split_runnable(bundles: list[Bundle]) -> tuple[list[Bundle], list[dict[str, Any]]]:
+    """(bundles this machine's runtimes can run, `not_run_entry` of the others)."""
+    from targets import get_target
+
+    runnable, not_run = [], []
+    for b in bundles:
+        ok, why = get_target(b.target).available()
+        if ok:
+            runnable.append(b)
+        else:
+            not_run.append(not_run_entry(b, why))
+    return runnable, not_run
+
+
 def random_inputs(spec: InputSpec, n: int = 64, *, seed: int = 0) -> np.ndarray:
     """Normalised-looking inputs for speed runs when no test data is given."""
     rng = np.random.default_rng(seed)

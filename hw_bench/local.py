@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from edgecore.errors import BenchError
 
-from .bench import Contender, bundle_contender, measure, open_bundles
+from .bench import Contender, bundle_contender, measure, open_bundles, split_runnable
 from .data import TestData, from_run_dir, load_npz
 from .envinfo import environment, int8_hint
 from .loadgen import Scenario, Settings
@@ -41,9 +41,11 @@ def run_local(
     student) for the model they trained; ``baselines`` add ``[MODEL=]SOURCE``
     baselines (see `hw_bench.baseline`); ``data`` adds .npz test sets.
     """
-    opened = open_bundles(bundles)
+    opened, not_run = split_runnable(open_bundles(bundles))
     if not opened:
-        raise BenchError("no bundles to benchmark")
+        if not not_run:
+            raise BenchError("no bundles to benchmark")
+        raise BenchError("no bundle here can run: " + "; ".join(f"{n['artifact']}: {n['reason']}" for n in not_run))
     contenders: list[Contender] = [bundle_contender(b, threads=threads) for b in opened]
     models = {c.model: c.input_spec for c in contenders}
     tests: list[TestData] = [load_npz(d) for d in data]
@@ -89,7 +91,7 @@ def run_local(
     notes.append(harness_overhead_note())
     env = environment(threads=threads)
     notes.append("int8 on this CPU: " + int8_hint(env["cpu"]))
-    return new_run(env=env, rows=rows, cross_checks=checks, notes=notes)
+    return new_run(env=env, rows=rows, cross_checks=checks, notes=notes, not_run=not_run)
 
 
 def harness_overhead_note() -> str:

@@ -151,11 +151,36 @@ def markdown(runs: list[dict[str, Any]], rows: list[dict[str, Any]], sources: li
             else:
                 L.append(f"| {c['artifact']} | {c['tool']} | absent: {c.get('reason')} | | | | | |")
         L.append("")
+    L += not_run_section([n for run in runs for n in run.get("not_run", [])])
     notes = [n for run in runs for n in run.get("notes", [])]
     if notes:
         L += ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
     L += ["## Plots", "", "![latency distribution](latency.png)", "", "![accuracy vs latency](pareto.png)", ""]
     return "\n".join(L)
+
+
+def build_accuracy_cell(n: dict[str, Any]) -> str:
+    """The build's accuracy of a bundle not run here: the target runtime's figure, else the proxy's, marked."""
+    if n.get("build_accuracy") is not None:
+        return f"{_fmt(n['build_accuracy'], '.4f')} ({n.get('build_verify')} at build)"
+    if n.get("proxy_accuracy") is not None:
+        return f"{_fmt(n['proxy_accuracy'], '.4f')} PROXY ({n.get('proxy_runtime')})"
+    return "–"
+
+
+def not_run_section(not_run: list[dict[str, Any]]) -> list[str]:
+    if not not_run:
+        return []
+    L = ["## Not run on this machine", "",
+         "Their target's runtime is absent here: no latency. Accuracy as the build measured it; a PROXY figure "
+         "comes from a stand-in of the runtime, not from the target itself.", "",
+         "| artifact | target | precision | build verify | accuracy | reference | size | why not run |",
+         "|---|---|---|---|---|---|---|---|"]
+    for n in not_run:
+        L.append(f"| {n['artifact']} | {n['target']} | {n['precision']} | {n.get('build_verify') or '–'} "
+                 f"| {build_accuracy_cell(n)} | {_fmt(n.get('reference_accuracy'), '.4f')} | {_size(n.get('size_bytes'))} "
+                 f"| {n.get('reason', '')} |")
+    return L + [""]
 
 
 def _plain_ticks(ax: Any) -> None:

@@ -23,7 +23,8 @@ KIND = "hw_bench.results"
 
 
 def new_run(*, env: dict[str, Any], rows: list[dict[str, Any]], cross_checks: list[dict[str, Any]] | None = None,
-            notes: list[str] | None = None) -> dict[str, Any]:
+            notes: list[str] | None = None, not_run: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A run; ``not_run``: bundles this machine could not run, with their build-time figures (`bench.not_run_entry`)."""
     return {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "kind": KIND,
@@ -32,6 +33,7 @@ def new_run(*, env: dict[str, Any], rows: list[dict[str, Any]], cross_checks: li
         "results": rows,
         "cross_checks": cross_checks or [],
         "notes": notes or [],
+        "not_run": not_run or [],
     }
 
 
@@ -62,6 +64,7 @@ def write_run(path: Path, run: dict[str, Any], *, append: bool = False) -> Path:
         old["results"].extend(run["results"])
         old["cross_checks"] = old.get("cross_checks", []) + run.get("cross_checks", [])
         old["notes"] = old.get("notes", []) + run.get("notes", [])
+        old["not_run"] = old.get("not_run", []) + run.get("not_run", [])
         old.setdefault("envs", []).append(run["env"])
         run = old
     atomic_write_json(path, run)

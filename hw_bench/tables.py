@@ -37,5 +37,12 @@ def print_rows(run: dict[str, Any]) -> None:
                       f"{c['median_ms']:.4g} ms (ratio {c['latency_ratio']:.3f}); throughput ratio {c['throughput_ratio']:.3f}")
         else:
             con.print(f"{c['artifact']}: {c['tool']} absent: {c.get('reason')}")
+    from rich.markup import escape
+
+    from .report import build_accuracy_cell
+
+    for n in run.get("not_run", []):
+        con.print(f"[yellow]not run here[/yellow] {escape(n['artifact'])}: build accuracy {escape(build_accuracy_cell(n))}; "
+                  f"{escape(n['reason'])}", highlight=False)
     for n in run.get("notes", []):
         con.print(f"note: {n}")

@@ -13,7 +13,8 @@ import numpy as np
 class OrtRunner:
     """One ONNX Runtime session; ``run(batch) -> logits``."""
 
-    def __init__(self, model_path: Path, *, threads: int | None = None) -> None:
+    def __init__(self, model_path: Path | bytes, *, threads: int | None = None, optimize: bool = True) -> None:
+        """``model_path``: a file, or the serialized model; ``optimize=False`` runs the graph as written."""
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -22,10 +23,13 @@ class OrtRunner:
         # and with tiny models they make the tail latency worse, not better
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if not optimize:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if threads:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(model_path), sess_options=so, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            model_path if isinstance(model_path, bytes) else str(model_path), sess_options=so, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 

@@ -65,6 +65,25 @@ class Runner(Protocol):
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 
 
+@dataclass(frozen=True)
+class Proxy:
+    """A stand-in for a target's runtime where it is absent: what to run and what it is.
+
+    ``runner`` evaluates the artifact (or the exact reproduction of its
+    compression) up to the hardware boundary; ``runtime`` names what runs it
+    (e.g. "onnxruntime 1.20 CPUExecutionProvider"); ``evaluates`` says what is
+    modelled and ``not_modelled`` what only the real runtime can tell.
+    """
+
+    runner: Runner
+    runtime: str
+    evaluates: str
+    not_modelled: str
+
+    def describe(self) -> dict[str, str]:
+        return {"runtime": self.runtime, "evaluates": self.evaluates, "not_modelled": self.not_modelled}
+
+
 TORCH_HINT = "pip install 'edge-toolchain[toolchain]'"
 
 
@@ -112,6 +131,16 @@ class Target(abc.ABC):
     def load(self, bundle_dir: Path, artifact: ArtifactInfo, input_spec: InputSpec, *,
              threads: int | None = None) -> Runner:
         """Load the artifact of a verified bundle (its manifest's typed parts) and return its runner."""
+
+    def proxy(self, bundle_dir: Path, artifact: ArtifactInfo, precision: Precision,
+              source: ModelSource | None) -> Proxy | None:
+        """A proxy evaluation of a built artifact for machines without the target's runtime, or None.
+
+        Build side (may import converters and torch). ``source`` is the model
+        the bundle was built from, when known. Targets whose runtime runs
+        anywhere have no proxy: they are verified for real.
+        """
+        return None
 
     def runtime_version(self) -> str | None:
         """Version of the runtime package, for manifests and bench records."""

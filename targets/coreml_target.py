@@ -7,7 +7,9 @@ linear symmetric, every weight tensor) on top of an fp16 program. Prediction
 needs the Core ML framework, i.e. macOS: elsewhere `available()` says so and
 the build is checked structurally instead (`check_structure`): ML-program
 type, the input name/shape range, the logits output, and for int8 that the
-weights really are stored quantized.
+weights really are stored quantized; and its accuracy is measured on a proxy
+that reproduces the artifact's weight treatment on the PyTorch student
+(`targets.coreml_proxy`).
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from .base import (
     InputSpec,
     ModelSource,
     Precision,
+    Proxy,
     Runner,
     Target,
     first_missing,
 )
+from .coreml_proxy import WeightCompression
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgecore.representative import RepresentativeSet
@@ -102,6 +106,7 @@ class CoreMLTarget(Target):
     runtime = "coremltools"
     install_hint = "pip install 'edge-toolchain[coreml]'  (coremltools; prediction needs macOS)"
     description = "Core ML ML program for Apple devices (prediction on macOS only)"
+    int8_compression: WeightCompression = WeightCompression()  # what linear_quantize_weights gets for int8
 
     def available(self) -> tuple[bool, str]:
         if sys.platform != "darwin":
@@ -140,16 +145,9 @@ class CoreMLTarget(Target):
                 minimum_deployment_target=ct.target.iOS16,
             )
             if precision is Precision.INT8:
-                from coremltools.optimize.coreml import (
-                    OpLinearQuantizerConfig,
-                    OptimizationConfig,
-                    linear_quantize_weights,
-                )
+                from coremltools.optimize.coreml import linear_quantize_weights
 
-                cfg = OptimizationConfig(
-                    global_config=OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=0)
-                )
-                mlmodel = linear_quantize_weights(mlmodel, config=cfg)
+                mlmodel = linear_quantize_weights(mlmodel, config=self.int8_compression.coreml_config())
             mlmodel.save(str(out))
         except BuildError:
             raise
@@ -157,11 +155,13 @@ class CoreMLTarget(Target):
             raise BuildError(f"Core ML conversion ({precision}) failed: {e}") from e
         structure = check_structure(out, input_name=source.input_spec.name, sample_shape=shape, precision=precision)
         details = {
-            "method": {Precision.FP32: "mlprogram fp32", Precision.FP16: "mlprogram fp16", Precision.INT8: "int8 weights (linear symmetric) on fp16"}[precision],
+            "method": {Precision.FP32: "mlprogram fp32", Precision.FP16: "mlprogram fp16", Precision.INT8: f"{self.int8_compression.dtype} weights ({self.int8_compression.mode}) on fp16"}[precision],
             "input_name": source.input_spec.name,
             "output_name": "logits",
             "structure": structure,
         }
+        if precision is Precision.INT8:
+            details["compression"] = self.int8_compression.to_dict()
         return Artifact(target=self.name, precision=precision, files=[PACKAGE], runtime=self.runtime, details=details)
 
     def load(self, bundle_dir: Path, artifact: ArtifactInfo, input_spec: InputSpec, *,
@@ -172,3 +172,12 @@ class CoreMLTarget(Target):
             input_name=d.get("input_name", input_spec.name),
             output_name=d.get("output_name", "logits"),
         )
+
+    def proxy(self, bundle_dir: Path, artifact: ArtifactInfo, precision: Precision, source: ModelSource | None) -> Proxy:
+        """The student with the artifact's weight compression reproduced (`coreml_proxy`), in PyTorch."""
+        from .coreml_proxy import coreml_proxy
+
+        if source is None or source.torch_model is None:
+            raise BuildError("the coreml proxy reproduces the artifact on the PyTorch student, but none was given")
+        return coreml_proxy(source.torch_model(), precision, WeightCompression.from_dict(artifact.details.get("compression")),
+                            package=Path(bundle_dir) / artifact.main)

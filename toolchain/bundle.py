@@ -1,8 +1,8 @@
 """``toolchain build``: one run + one target/precision -> a verified, optionally signed deployment bundle.
 
 Steps: calibration set (int8), target build into a temporary directory,
-verify against the PyTorch student on the test split (when the target's runtime
-is here), temperature scaling and routing threshold on the validation split,
+verify against the PyTorch student on the test split (on the target's runtime
+when it is here, else on the target's proxy: `toolchain.verify.evaluate`), temperature scaling and routing threshold on the validation split,
 drift reference, then the typed manifest through the one writer
 (`edgecore.bundle.write_bundle`: every file hashed, signed with ``--sign``);
 then the directory is renamed into place and ``BUNDLE.tar.gz`` written beside
@@ -32,7 +32,7 @@ from edgecore.bundle import (
 from edgecore.errors import EdgeError, TargetUnavailableError
 from edgecore.fsutil import atomic_dir, atomic_write_json
 from edgecore.manifest import ArtifactInfo, Manifest, ModelInfo, OutputSpec, Routing
-from targets import Precision, Target, get_target, parse_precision
+from targets import ModelSource, Precision, Target, get_target, parse_precision
 from toolchain import __version__
 from toolchain.config import BuildConfig
 from toolchain.reference import Reference, reference_for
@@ -86,26 +86,16 @@ class _Verified:
 
 
 def _verify(t: Target, p: Precision, tmp: Path, art: ArtifactInfo, ref: Reference, cfg: BuildConfig,
-            can_run: bool, run_why: str) -> _Verified:
-    """Run the artifact on the test split and gate it; or say why it was not run."""
-    from toolchain.verify import compare, run_batched
+            source: ModelSource) -> _Verified:
+    """Run the artifact (or, without its runtime, the target's proxy) on the test split and gate it."""
+    from toolchain.verify import evaluate
 
-    if not (can_run and cfg.verify):
-        reason = run_why if not can_run else "disabled by build.verify = false"
-        metrics = {"accuracy": None, "reference_accuracy": float((ref.student_test.argmax(1) == ref.y_test).mean()),
-                   "agreement": None, "max_abs_logit_diff": None}
-        return _Verified({"status": "skipped", "reason": reason}, metrics, ref.student_val,
-                         "pytorch reference (artifact not runnable here)")
     log.info("verifying %s %s on %d test inputs", t.name, p.value, len(ref.y_test))
-    runner = t.load(tmp, art, ref.input_spec)
-    res = compare(run_batched(runner, ref.x_test), ref.student_test, ref.y_test, precision=p,
-                  budget_pt=cfg.accuracy_budget_pt, labels=ref.labels)
-    val_logits = run_batched(runner, ref.x_val)
-    verify = {"status": "passed" if res.passed else "failed", **res.to_dict()}
-    res.raise_if_failed(f"{t.name} {p.value} build")
-    metrics = {"accuracy": res.accuracy, "reference_accuracy": res.reference_accuracy,
-               "agreement": res.agreement, "max_abs_logit_diff": res.max_abs_logit_diff}
-    return _Verified(verify, metrics, val_logits, "artifact")
+    ev = evaluate(t, tmp, art, ref.input_spec, x_test=ref.x_test, y_test=ref.y_test, ref_test=ref.student_test,
+                  x_val=ref.x_val, precision=p, budget_pt=cfg.accuracy_budget_pt, labels=ref.labels, source=source,
+                  enabled=cfg.verify)
+    val = ev.val_logits if ev.val_logits is not None else ref.student_val
+    return _Verified(ev.verify, ev.metrics, val, ev.conf_source)
 
 
 def _routing(tmp: Path, ref: Reference, cfg: BuildConfig, val_logits: np.ndarray, conf_source: str,
@@ -161,7 +151,6 @@ def build_bundle(
             inputs=ref.x_train, labels=ref.y_train, n=cfg.calibration_samples,
             path=run.path / "calibration" / f"representative-{cfg.calibration_samples}.npz",
         )
-    can_run, run_why = t.available()
     t0 = time.perf_counter()
     try:
         with atomic_dir(out) as tmp:
@@ -171,7 +160,7 @@ def build_bundle(
             art = ArtifactInfo(main=artifact.main, runtime=artifact.runtime, runtime_version=t.runtime_version(),
                                details=artifact.details)
             size = sum(e.size for e in file_entries(tmp, artifact.files).values())
-            ver = _verify(t, p, tmp, art, ref, cfg, can_run, run_why)
+            ver = _verify(t, p, tmp, art, ref, cfg, source)
             ver.metrics.update(size_bytes=int(size), macs=ref.macs, params=ref.params,
                              accuracy_budget_pt=cfg.accuracy_budget_pt, build_seconds=round(build_s, 3))
             routing = _routing(tmp, ref, cfg, ver.val_logits, ver.conf_source,

@@ -14,6 +14,7 @@ from ..base import (
     InputSpec,
     ModelSource,
     Precision,
+    Proxy,
     Runner,
     Target,
 )
@@ -71,6 +72,7 @@ class JetsonTarget(Target):
 
         dst = Path(out_dir) / MODEL_FILE
         details: dict[str, Any] = {}
+        recipe = make_recipe(onnx_file=MODEL_FILE, precision=precision, spec=source.input_spec)
         if precision is not Precision.INT8:
             details["cleanup"] = clean_onnx(Path(source.onnx_fp32), dst)
             details["method"] = "fp32 onnx; TensorRT lowers precision at engine build"
@@ -79,10 +81,10 @@ class JetsonTarget(Target):
             if source.onnx_qdq is not None and Path(source.onnx_qdq).is_file():
                 details["cleanup"] = clean_onnx(Path(source.onnx_qdq), dst)
                 try:
-                    check_onnx_for_tensorrt(dst, precision=precision)
+                    check_onnx_for_tensorrt(dst, precision=precision, recipe=recipe)
                     details.update(method="qat-qdq", weight_bits=source.qdq_weight_bits)
                 except BuildError as e:
-                    qat_problem = str(e).split(": not buildable by TensorRT: ", 1)[-1]
+                    qat_problem = str(e).split(": not buildable by TensorRT", 1)[-1].lstrip(" 0123456789.:")
             if "method" not in details:
                 if calibration is None:
                     raise BuildError("jetson int8 without a TensorRT-compatible QDQ graph needs a calibration set")
@@ -100,8 +102,7 @@ class JetsonTarget(Target):
                 details.update(method="ort-static-ptq-qdq (symmetric)", weight_bits=8)
                 if qat_problem:
                     details["qat_qdq_rejected"] = qat_problem
-        details["tensorrt_check"] = check_onnx_for_tensorrt(dst, precision=precision)
-        recipe = make_recipe(onnx_file=MODEL_FILE, precision=precision, spec=source.input_spec)
+        details["tensorrt_check"] = check_onnx_for_tensorrt(dst, precision=precision, recipe=recipe)
         atomic_write_json(Path(out_dir) / RECIPE_FILE, recipe)
         details["recipe"] = RECIPE_FILE
         details["trtexec"] = recipe["trtexec"]
@@ -119,3 +120,13 @@ class JetsonTarget(Target):
         recipe = json.loads((root / artifact.details.get("recipe", RECIPE_FILE)).read_text())
         engine, _built = EngineCache(trt=trt).get(root / recipe["onnx"], recipe)
         return TrtRunner(engine, input_name=recipe["input"], trt=trt)
+
+    def proxy(self, bundle_dir: Path, artifact: ArtifactInfo, precision: Precision, source: ModelSource | None) -> Proxy:
+        """The bundle's graph on ONNX Runtime (CPU) under the recipe's precision (`proxy.jetson_proxy`)."""
+        import json
+
+        from .proxy import jetson_proxy
+
+        root = Path(bundle_dir)
+        recipe = json.loads((root / artifact.details.get("recipe", RECIPE_FILE)).read_text())
+        return jetson_proxy(root / recipe["onnx"], Precision(recipe["precision"]))

@@ -55,8 +55,9 @@ def test_default_student_all_targets(default_run: Path, tmp_path: Path) -> None:
     assert ratios["onnx"] >= 3.0 and ov >= 3.0 and ratios["tflite"] >= 3.0, (ratios, ov)
     for key, m in rows.items():
         target, precision = key.split("-")
-        if m["verify"] == "skipped":
+        if m["verify"] == "proxy":  # runtime absent here: the proxy figure is gated like the real one
             assert target in ("coreml", "jetson")
+            assert m["proxy_accuracy"] >= m["reference_accuracy"] - 0.01, key
             continue
         if precision == "fp32":
             assert m["agreement"] >= 0.995, key

@@ -6,13 +6,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import shutil
+
+import numpy as np
 import onnx
 import pytest
 
-from edgecore.errors import BuildError
+from edgecore.errors import AccuracyGateError, BuildError
+from edgecore.manifest import ArtifactInfo
 from targets import Precision, get_target
 from targets.jetson.engine import EngineCache, build_engine, engine_key
+from targets.jetson.proxy import round_through_fp16
 from targets.jetson.recipe import check_onnx_for_tensorrt, make_recipe, trtexec_command
+from toolchain.verify import compare
 from tests.targets import trt_standin
 from tests.targets.contract import TargetContract
 
@@ -64,9 +70,105 @@ def test_check_rejects_what_tensorrt_would(tiny_source: Any, tmp_path: Path) -> 
     onnx.save(m, str(bad))
     with pytest.raises(BuildError, match="NonMaxSuppression"):
         check_onnx_for_tensorrt(bad, precision=Precision.FP16)
-    # the tiny QDQ source uses asymmetric uint8 activations? ORT's symmetric PTQ does not; fp16 must refuse QDQ
+    # fp16 must refuse a QDQ graph
     with pytest.raises(BuildError, match="use the fp32 ONNX"):
         check_onnx_for_tensorrt(tiny_source.qdq_source.onnx_qdq, precision=Precision.FP16)
+
+
+def _info(art: Any) -> ArtifactInfo:
+    return ArtifactInfo(main=art.main, runtime=art.runtime, details=art.details)
+
+
+def _recipe(d: Path) -> dict[str, Any]:
+    return json.loads((d / "trt_recipe.json").read_text())
+
+
+def _node(m: onnx.ModelProto, op: str) -> onnx.NodeProto:
+    return next(n for n in m.graph.node if n.op_type == op)
+
+
+def test_each_tensorrt_violation_names_its_node(jetson_builds: dict[str, Any], tmp_path: Path) -> None:
+    d, _ = jetson_builds["int8"]
+    m = onnx.load(str(d / "model.onnx"))
+    q = _node(m, "QuantizeLinear")
+    zp = next(i for i in m.graph.initializer if i.name == q.input[2])
+    zp.CopyFrom(onnx.numpy_helper.from_array(np.array(3, np.int8), zp.name))  # asymmetric
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # batch fixed at 1, the profile runs 1..32
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    with pytest.raises(BuildError) as e:
+        check_onnx_for_tensorrt(bad, precision=Precision.INT8, recipe=_recipe(d))
+    msg = str(e.value)
+    assert f"QuantizeLinear node {q.name!r}: zero point int8 [3]" in msg
+    assert "graph input 'input' dim 0 is fixed at 1, the profile runs 1..32" in msg
+    assert "output 'logits' has a fixed batch 1" in msg
+    # the opset TensorRT 8.6's parser takes ends at 17; this graph is opset 18
+    with pytest.raises(BuildError, match=r"opset 18 outside 7\.\.17, what TensorRT 8\.6"):
+        check_onnx_for_tensorrt(d / "model.onnx", precision=Precision.INT8, recipe={**_recipe(d), "tensorrt": "8.6"})
+    assert check_onnx_for_tensorrt(d / "model.onnx", precision=Precision.INT8, recipe=_recipe(d))["tensorrt"] == "10.0"
+
+
+def test_reshape_that_fixes_the_batch_is_named(tiny_source: Any, jetson_builds: dict[str, Any], tmp_path: Path) -> None:
+    d, _ = jetson_builds["fp16"]
+    m = onnx.load(str(d / "model.onnx"))
+    flat = next((n for n in m.graph.node if n.op_type in ("Flatten", "Reshape")), None)
+    assert flat is not None
+    shape = onnx.numpy_helper.from_array(np.array([1, -1], np.int64), "fixed_batch_shape")
+    m.graph.initializer.append(shape)
+    flat.op_type, flat.input[:] = "Reshape", [flat.input[0], "fixed_batch_shape"]
+    del flat.attribute[:]
+    bad = tmp_path / "reshape.onnx"
+    onnx.save(m, str(bad))
+    with pytest.raises(BuildError, match=rf"Reshape node {flat.name!r}: reshapes to a fixed leading dim 1, the profile runs "
+                                         r"batches 1\.\.32"):
+        check_onnx_for_tensorrt(bad, precision=Precision.FP16, recipe=_recipe(d))
+
+
+def test_proxy_runs_the_bundles_own_graph(tiny_source: Any, jetson_builds: dict[str, Any]) -> None:
+    t = get_target("jetson")
+    for precision, floor in (("fp16", 0.99), ("int8", 0.95)):
+        d, art = jetson_builds[precision]
+        proxy = t.proxy(d, _info(art), art.precision, None)
+        assert proxy.runtime.startswith("onnxruntime") and proxy.not_modelled
+        logits = proxy.runner.run(tiny_source.x_test)
+        agree = float((logits.argmax(1) == tiny_source.ref_logits.argmax(1)).mean())
+        assert agree >= floor, (precision, agree)
+        res = compare(logits, tiny_source.ref_logits, tiny_source.y_test, precision=Precision(precision), budget_pt=2.0)
+        assert res.passed, res.problems
+
+
+def test_fp16_proxy_rounds_every_activation(tiny_source: Any) -> None:
+    from targets._ort import OrtRunner
+
+    m = onnx.load(str(tiny_source.source.onnx_fp32))
+    exact = OrtRunner(m.SerializeToString(), optimize=False).run(tiny_source.x_test)
+    half = OrtRunner(round_through_fp16(m, weights=True).SerializeToString(), optimize=False).run(tiny_source.x_test)
+    np.testing.assert_array_equal(half, half.astype(np.float16).astype(np.float32))  # the logits are fp16 values
+    assert 0 < float(np.abs(half - exact).max()) < 0.1
+    casts = sum(n.op_type == "Cast" for n in round_through_fp16(m, weights=False).graph.node)
+    assert casts == 2 * (1 + len(m.graph.node))  # the input and every node's float output
+
+
+def test_broken_classifier_fails_the_proxy_gate(tiny_source: Any, jetson_builds: dict[str, Any], tmp_path: Path) -> None:
+    """An int8 graph TensorRT would build without complaint, whose classifier weights have a degenerate scale."""
+    d0, art = jetson_builds["int8"]
+    d = tmp_path / "broken"
+    shutil.copytree(d0, d)
+    m = onnx.load(str(d / "model.onnx"))
+    producer = {o: n for n in m.graph.node for o in n.output}
+    fc = _node(m, "Gemm")
+    dq = producer[fc.input[1]]
+    assert dq.op_type == "DequantizeLinear"
+    scale = next(i for i in m.graph.initializer if i.name == dq.input[1])
+    scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * np.float32(1e-6), scale.name))
+    onnx.save(m, str(d / "model.onnx"))
+    check_onnx_for_tensorrt(d / "model.onnx", precision=Precision.INT8, recipe=_recipe(d))  # structurally fine
+    proxy = get_target("jetson").proxy(d, _info(art), art.precision, None)
+    res = compare(proxy.runner.run(tiny_source.x_test), tiny_source.ref_logits, tiny_source.y_test,
+                  precision=Precision.INT8, budget_pt=1.0)
+    assert res.gate_failed and res.accuracy < 0.5
+    with pytest.raises(AccuracyGateError, match="below the PyTorch reference"):
+        res.raise_if_failed("jetson int8 build")
 
 
 def test_engine_builder_against_standin(jetson_builds: dict[str, Any]) -> None:

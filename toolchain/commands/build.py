@@ -124,6 +124,8 @@ def _print_table(reports: list[dict[str, Any]], skipped: list[dict[str, str]], f
     from rich.console import Console
     from rich.table import Table
 
+    from toolchain.verify import shown_accuracy, verify_label
+
     console = Console(width=160)
     table = Table(title="bundles")
     for col in ("target", "precision", "accuracy", "reference", "agreement", "max diff", "size", "build s", "threshold",
@@ -131,14 +133,20 @@ def _print_table(reports: list[dict[str, Any]], skipped: list[dict[str, str]], f
         table.add_column(col)
     for r in reports:
         m = r["metrics"]
-        table.add_row(r["target"], r["precision"], _fmt(m["accuracy"], True), _fmt(m["reference_accuracy"], True),
-                      _fmt(m["agreement"], True), _fmt(m["max_abs_logit_diff"]), f"{m['size_bytes'] / 1024:.1f} KiB",
+        acc, agree, proxy = shown_accuracy(m)
+        mark = " (proxy)" if proxy else ""
+        table.add_row(r["target"], r["precision"], _fmt(acc, True) + mark, _fmt(m["reference_accuracy"], True),
+                      _fmt(agree, True) + mark, _fmt(m["max_abs_logit_diff"]), f"{m['size_bytes'] / 1024:.1f} KiB",
                       _fmt(m["build_seconds"]), _threshold(r["routing"]),
-                      r["verify"]["status"], r["bundle"])
+                      escape(verify_label(r["verify"])), r["bundle"])
     console.print(table)
-    reasons = {r["target"]: r["verify"]["reason"] for r in reports if r["verify"]["status"] == "skipped"}
-    for target, why in reasons.items():
-        console.print(f"[yellow]verify skipped[/] for {target}: {escape(why)}", highlight=False)
+    reasons = {r["target"]: r["verify"] for r in reports if r["verify"]["status"] in ("skipped", "proxy")}
+    for target, v in reasons.items():
+        if v["status"] == "proxy":
+            console.print(f"[yellow]{target}: accuracy is a PROXY[/] on {escape(v['runtime'])} ({escape(v['evaluates'])}); "
+                          f"{v['proxy_for']} not here: {escape(v['reason'])}", highlight=False)
+        else:
+            console.print(f"[yellow]verify skipped[/] for {target}: {escape(v['reason'])}", highlight=False)
     for s in skipped:
         console.print(f"[yellow]skipped[/] {s['target']}: {escape(s['reason'])}")
     for f in failures:

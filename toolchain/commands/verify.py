@@ -27,10 +27,28 @@ def run(args: argparse.Namespace) -> int:
     report = verify_bundle(args.bundle, run_dir=args.run, budget_pt=args.budget)
     if args.json:
         emit_json(report)
-    elif report["status"] == "skipped":
-        print(f"{report['target']} {report['precision']}: hashes ok; verify skipped: {report['reason']}")
     else:
-        print(f"{report['target']} {report['precision']}: {report['status']}  accuracy {report['accuracy'] * 100:.2f}% "
-              f"(reference {report['reference_accuracy'] * 100:.2f}%), agreement {report['agreement'] * 100:.2f}%, "
-              f"max |logit diff| {report['max_abs_logit_diff']:.3g}, {report['mismatch_count']} mismatches of {report['n']}")
+        print(describe(report))
     return 0
+
+
+def _figures(r: dict[str, Any]) -> str:
+    return (f"accuracy {r['accuracy'] * 100:.2f}% (reference {r['reference_accuracy'] * 100:.2f}%), agreement "
+            f"{r['agreement'] * 100:.2f}%, max |logit diff| {r['max_abs_logit_diff']:.3g}, {r['mismatch_count']} mismatches "
+            f"of {r['n']}")
+
+
+def describe(report: dict[str, Any]) -> str:
+    """One report in words; a proxy figure is always marked PROXY and names what ran it."""
+    head = f"{report['target']} {report['precision']}"
+    if report["status"] == "skipped":
+        return f"{head}: hashes ok; verify skipped: {report['reason']}"
+    if report["status"] == "proxy":
+        return (f"{head}: PROXY only, {report['proxy_for']} is not here ({report['reason']})\n"
+                f"  {_figures(report)}\n  ran on {report['runtime']}: {report['evaluates']}\n"
+                f"  not modelled: {report['not_modelled']}")
+    line = f"{head}: {report['status']} on {report.get('runtime', report['target'])}  {_figures(report)}"
+    proxy = report.get("proxy")
+    if proxy:
+        line += f"\n  PROXY beside it ({proxy['runtime']}): accuracy {proxy['accuracy'] * 100:.2f}%"
+    return line
