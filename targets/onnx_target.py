@@ -7,6 +7,14 @@ quantization (`onnxruntime.quantization`, QDQ, per-channel weights) calibrated
 on the run's representative set. Weights are reduced to 7 bits
 (``reduce_range``) because ORT's int8 kernels on CPUs without VNNI saturate
 in the u8*s8 multiply-add with full 8-bit weights.
+
+Activations are uint8 (asymmetric): ORT's CPU kernels fuse uint8 Q/DQ groups
+into QLinearConv / QLinearAdd / QGemm, while with int8 activations its
+optimizer leaves convolutions and adds in fp32 and int8 runs slower than fp32.
+A QDQ source with int8 activations is rewritten to uint8 (exact, see
+`targets._qdq`). The artifact details record the scheme and what ORT's
+optimizer left in float (``ort_graph``). TensorRT (``jetson``) keeps its
+symmetric int8 recipe.
 """
 
 from __future__ import annotations
@@ -44,9 +52,13 @@ def _check_onnx(path: Path) -> None:
 
 def static_quantize_onnx(
     src: Path, dst: Path, calibration: "RepresentativeSet", *, input_name: str = "input", reduce_range: bool = True,
-    op_types: list[str] | None = None,
+    op_types: list[str] | None = None, symmetric_activations: bool = False,
 ) -> None:
-    """Post-training static QDQ quantization of ``src`` into ``dst`` with the representative set."""
+    """Post-training static QDQ quantization of ``src`` into ``dst`` with the representative set.
+
+    Activations are uint8 affine (what ORT's CPU kernels fuse) unless ``symmetric_activations``
+    (int8, zero point 0: TensorRT's explicit quantization).
+    """
     import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -70,13 +82,13 @@ def static_quantize_onnx(
             str(dst),
             ort_data_reader(calibration, input_name=real_input),
             quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8,
+            activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             per_channel=True,
             reduce_range=reduce_range,
             calibrate_method=CalibrationMethod.MinMax,
             op_types_to_quantize=op_types,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
         )
     except BuildError:
         raise
@@ -84,6 +96,32 @@ def static_quantize_onnx(
         raise BuildError(f"ONNX Runtime static quantization of {src} failed: {e}") from e
     finally:
         pre.unlink(missing_ok=True)
+
+
+def _to_uint8_activations(path: Path) -> int:
+    """Rewrite the int8 activation Q/DQ pairs of the graph at ``path`` to uint8 (exact); returns the nodes changed."""
+    import onnx
+
+    from ._qdq import activations_to_uint8
+
+    model = onnx.load(str(path))
+    changed = activations_to_uint8(model)
+    if changed:
+        onnx.save(model, str(path))
+    return changed
+
+
+def _int8_details(path: Path) -> dict[str, Any]:
+    """The scheme of the QDQ graph at ``path`` and what ORT's optimizer leaves of it."""
+    import onnx
+
+    from ._qdq import ort_fusion, qdq_scheme
+
+    try:
+        graph = ort_fusion(path)
+    except Exception as e:  # an ORT session failure is the build's problem, named with its cause
+        raise BuildError(f"{path}: ONNX Runtime cannot load the int8 graph ({e})") from e
+    return {"scheme": qdq_scheme(onnx.load(str(path))), "ort_graph": graph}
 
 
 class OnnxTarget(Target):
@@ -121,6 +159,7 @@ class OnnxTarget(Target):
         elif source.onnx_qdq is not None and Path(source.onnx_qdq).is_file():
             details["cleanup"] = clean_onnx(Path(source.onnx_qdq), dst)
             details.update(method="qat-qdq", weight_bits=source.qdq_weight_bits)
+            details["uint8_rewrite_nodes"] = _to_uint8_activations(dst)
         else:
             if calibration is None:
                 raise BuildError("onnx int8 without a QAT QDQ graph needs a calibration set")
@@ -132,6 +171,8 @@ class OnnxTarget(Target):
                 clean.unlink(missing_ok=True)
             details.update(method="ort-static-ptq-qdq", weight_bits=7, per_channel=True, calibration="minmax")
         _check_onnx(dst)
+        if precision is Precision.INT8:
+            details.update(_int8_details(dst))
         return Artifact(target=self.name, precision=precision, files=[MODEL_FILE], runtime=self.runtime, details=details)
 
     def load(self, bundle_dir: Path, artifact: ArtifactInfo, input_spec: InputSpec, *,

@@ -9,15 +9,14 @@ Three passes, each with its typed config section:
 2. **distill**: knowledge distillation from the *unpruned* teacher.
 3. **qat** (torchao pt2e): the student is exported with a dynamic batch
    dimension (a static one trips a batch-size guard when training), prepared
-   with an x86 quantizer (uint8 activations, int8 per-channel weights, or 7-bit
-   weights (±63) for CPUs without VNNI), fine-tuned, converted. The converted
+   with `toolchain.quantizer` (ORT's QDQ placement; uint8 activations, int8
+   per-channel weights, or 7-bit weights (±63) for CPUs without VNNI), fine-tuned, converted. The converted
    program is saved as student_qat.pt; ``export`` turns it into QDQ ONNX.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
 import time
 from pathlib import Path
@@ -260,16 +259,10 @@ def compress(cfg: Config, run_dir: Path | str | None = None, *, show: bool = Tru
 
 
 def make_quantizer(bits: int) -> Any:
-    """torchao's x86 quantizer (QAT config), weights narrowed to ±63 for 7 bits."""
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
+    """The QAT quantizer: Q/DQ where CPU runtimes fuse them (see `toolchain.quantizer`)."""
+    from toolchain.quantizer import make_quantizer as _make
 
-    qcfg = get_default_x86_inductor_quantization_config(is_qat=True)
-    if bits == 7:
-        qcfg = dataclasses.replace(qcfg, weight=dataclasses.replace(qcfg.weight, quant_min=-63, quant_max=63))
-    return X86InductorQuantizer().set_global(qcfg)
+    return _make(bits)
 
 
 def _batch_dim() -> Any:

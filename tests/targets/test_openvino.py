@@ -30,3 +30,18 @@ def test_int8_ptq_uses_nncf_and_int8_weights(tiny_source: Any, tmp_path) -> None
     assert art.details["method"] == "nncf-ptq"
     xml = (tmp_path / "model.xml").read_text()
     assert 'element_type="i8"' in xml and "FakeQuantize" in xml
+
+
+def test_int8_records_its_size_against_fp32_and_warns_when_not_smaller(tiny_source, tmp_path, caplog) -> None:
+    import logging
+
+    from targets import Precision, get_target
+
+    with caplog.at_level(logging.WARNING, logger="targets.openvino_target"):
+        art = get_target("openvino").build(tiny_source.qdq_source, Precision.INT8, tiny_source.rep, tmp_path)
+    sizes = art.details["size_vs_fp32"]
+    int8 = (tmp_path / "model.xml").stat().st_size + (tmp_path / "model.bin").stat().st_size
+    assert sizes["int8_bytes"] == int8 and sizes["fp32_bytes"] > 0
+    assert sizes["ratio"] == round(int8 / sizes["fp32_bytes"], 3)
+    warned = any("not smaller than fp32" in r.getMessage() for r in caplog.records)
+    assert warned == (int8 >= sizes["fp32_bytes"]) == ("warning" in sizes)
