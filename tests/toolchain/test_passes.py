@@ -1,0 +1,76 @@
+"""Compression as passes: the registry, and pass lists other than the default."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from edgecore.errors import ConfigError
+from tests.fixtures.pipeline import tiny_config
+from toolchain import pipeline
+from toolchain.passes import PASS_MODULES, get_pass
+from toolchain.passes.base import Pass
+from toolchain.rundir import RunDir
+
+STAGE = {"prune": "pruned", "distill": "distilled", "qat": "qat", "ptq": "ptq"}
+
+
+def test_registry_imports_each_pass_on_demand_and_names_the_known_ones():
+    for name in PASS_MODULES:
+        cls = get_pass(name)
+        assert issubclass(cls, Pass) and cls.name == name and Pass.registry[name] is cls
+        assert cls.section in ("prune", "distill", "qat", "ptq")
+    assert get_pass("qat").quantizes and get_pass("ptq").quantizes and not get_pass("distill").quantizes
+    with pytest.raises(ConfigError, match=r"unknown compression pass 'sparsify' \(known: prune, distill, qat, ptq\)"):
+        get_pass("sparsify")
+
+
+def _copy_run(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    return run_dir
+
+
+def test_distill_only_keeps_the_architecture_and_leaves_no_quantized_program(tiny_run, tmp_path):
+    run_dir = _copy_run(tiny_run, tmp_path)
+    assert (run_dir / RunDir.STUDENT_QAT).is_file()  # from the default passes: must go, it is stale
+    cfg = tiny_config(run_dir, compress={"passes": ["distill"]})
+    rep = pipeline.compress(cfg, run_dir, show=False)
+    assert [s["stage"] for s in rep["stages"]] == ["teacher", "distilled"]
+    assert "prune" not in rep and "qat" not in rep and rep["distill"]["epochs_run"] >= 1
+    assert rep["stages"][1]["macs"] == rep["stages"][0]["macs"] and rep["quantization"] is None
+    assert rep["qdq_weight_bits"] is None and rep["qat_accuracy"] is None
+    assert not (run_dir / RunDir.STUDENT_QAT).exists() and not (run_dir / RunDir.STUDENT_QDQ).exists()
+    exp = pipeline.export(cfg, run_dir, show=False)
+    assert set(exp["models"]) == {"student", "teacher"} and exp["student_qdq_ort_accuracy"] is None
+    assert RunDir(run_dir).model_source().onnx_qdq is None
+    assert exp["student_fp32_ort_accuracy"] == pytest.approx(rep["student_accuracy"], abs=0.01)
+
+
+def test_prune_then_ptq_gives_a_quantized_program_without_training(tiny_run, tmp_path):
+    run_dir = _copy_run(tiny_run, tmp_path)
+    cfg = tiny_config(run_dir, compress={"passes": ["prune", "ptq"]}, ptq={"calibration_samples": 200})
+    rep = pipeline.compress(cfg, run_dir, show=False)
+    assert [s["stage"] for s in rep["stages"]] == ["teacher", "pruned", "ptq"]
+    assert "distill" not in rep and rep["quantization"] == "ptq"
+    assert rep["ptq"]["calibration_samples"] == 200 and rep["ptq"]["batchnorm_left"] == 0
+    assert rep["macs_reduction"] >= 3.0 and rep["stages"][2]["macs"] == rep["stages"][1]["macs"]
+    assert rep["qdq_weight_bits"] in (7, 8) and rep["stages"][2]["quantized"]
+    # PTQ costs a little accuracy at most on this model, never the whole model
+    assert rep["qat_accuracy"] >= rep["student_accuracy"] - 0.1
+    exp = pipeline.export(cfg, run_dir, show=False)
+    q = exp["models"]["student_qdq"]
+    assert q["quantize_nodes"] > 0 and q["agreement"] >= 0.9
+    assert RunDir(run_dir).model_source().onnx_qdq is not None
+
+
+def test_a_failing_pass_changes_nothing_in_the_run(tiny_run, tmp_path):
+    run_dir = _copy_run(tiny_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    cfg = tiny_config(run_dir, prune={"ratio": 1000.0, "target": "params"})
+    from edgecore.errors import CompressionError
+
+    with pytest.raises(CompressionError, match="pruning target unreachable"):
+        pipeline.compress(cfg, run_dir, show=False)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
