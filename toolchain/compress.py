@@ -118,6 +118,7 @@ def compress(cfg: Config, run_dir: Path | str | None = None, *, show: bool = Tru
     res = run_passes(passes, student, ctx)
     rows += res.rows
     report = _report(cfg, run, ctx, res, rows=rows, teacher_acc=teacher_acc, alternatives=alternatives)
+    report["control"] = _control(cfg, ctx, res, report)
     _write_outputs(run, res, ctx, report)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     run.write_report("compress", report)
@@ -134,6 +135,23 @@ def _pruned_teacher(passes: list[Pass], ctx: PassContext) -> dict[str, Any]:
     res = run_passes(fp32, copy.deepcopy(ctx.teacher).train(), ctx, label="pruned teacher: ")
     return {"name": "pruned teacher", "passes": [p.name for p in fp32], "stages": res.rows,
             "test_accuracy": res.rows[-1]["test_accuracy"] if res.rows else None}
+
+
+def _control(cfg: Config, ctx: PassContext, res: PassesResult, report: dict[str, Any]) -> dict[str, Any]:
+    """The scratch control (compress.control), its row added to the report's alternatives."""
+    from toolchain.config import Control
+    from toolchain.passes.control import epoch_budget, scratch_control
+
+    if cfg.compress.control is Control.NONE:
+        return {"kind": "none"}
+    budget = epoch_budget(res.sections, cfg)
+    if budget <= 0:
+        return {"kind": "scratch", "skipped": "no training pass ran (nothing to compare with)"}
+    control = scratch_control(res.student, ctx, budget=budget, student_accuracy=report["student_accuracy"])
+    row = control.pop("row")
+    report["alternatives"].append({"name": "scratch control", "passes": [], "stages": [row],
+                                   "test_accuracy": row["test_accuracy"]})
+    return control
 
 
 def _report(cfg: Config, run: RunDir, ctx: PassContext, res: PassesResult, *, rows: list[dict[str, Any]],

@@ -36,6 +36,13 @@ class QdqWeightBits(str, enum.Enum):
     EIGHT = "8"
 
 
+class Control(str, enum.Enum):
+    """The baseline compress reports against: the student's architecture trained from scratch, or none."""
+
+    SCRATCH = "scratch"
+    NONE = "none"
+
+
 class Confidence(str, enum.Enum):
     MAX_PROB = "max_prob"
     MARGIN = "margin"
@@ -91,6 +98,7 @@ class CompressConfig:
     """The compression pipeline: which passes run, in order (see `toolchain.passes`)."""
 
     passes: tuple[str, ...] = ("prune", "distill", "qat")
+    control: Control = Control.SCRATCH  # "scratch": also train the student's architecture from scratch, compare
 
 
 @dataclass(frozen=True)
@@ -421,7 +429,7 @@ def config_from_args(args: Any) -> Config:
 
 
 __all__ = [
-    "BuildConfig", "CompressConfig", "Config", "Confidence", "DataConfig", "DistillConfig", "ExportConfig",
+    "BuildConfig", "CompressConfig", "Config", "Confidence", "Control", "DataConfig", "DistillConfig", "ExportConfig",
     "ModelConfig", "PruneConfig", "PruneTarget", "PtqConfig", "QatConfig", "QdqWeightBits", "RunConfig",
     "StudentConfig", "TrainConfig",
     "add_config_args", "config_from_args", "from_dict", "load_config", "parse_overrides", "to_dict", "to_toml",

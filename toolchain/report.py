@@ -66,6 +66,9 @@ def print_compress(report: dict[str, Any]) -> None:
         )
     else:
         _console().print("no quantizing pass: the student stays fp32 (int8 targets calibrate it themselves)")
+    control = report.get("control") or {}
+    if control.get("verdict"):
+        _console().print(control["verdict"])
 
 
 def _stage_cells(s: dict[str, Any], base: dict[str, Any]) -> list[str]:
