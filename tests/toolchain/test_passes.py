@@ -94,7 +94,8 @@ def test_mobilenet_student_of_a_resnet_teacher_is_reported_beside_the_pruned_tea
     assert distilled["test_accuracy"] > untrained["test_accuracy"] + 0.2  # it learned from the teacher
     student = RunDir(run_dir).load_student()
     assert isinstance(student, MobileNet) and count_macs(student, (1, 8, 8)) == distilled["macs"]
-    (alt,) = rep["alternatives"]
+    alt, control = rep["alternatives"]  # the pruned teacher, then the scratch control (on by default)
+    assert control["name"] == "scratch control" and control["stages"][0]["macs"] == distilled["macs"]
     assert alt["name"] == "pruned teacher" and alt["passes"] == ["prune", "distill"]
     assert [s["stage"] for s in alt["stages"]] == ["pruned teacher: pruned", "pruned teacher: distilled"]
     print_compress(rep)
