@@ -1,255 +1,131 @@
-"""``toolchain compress``: teacher -> pruned -> distilled -> QAT student.
+"""``toolchain compress``: the teacher through a list of compression passes into the student.
 
-Three passes, each with its typed config section:
-
-1. **prune** (torch-pruning): structured channel pruning to a MACs or params
-   ratio. The uniform per-layer channel ratio that reaches the target is found
-   by bisection on a copy, then applied in ``prune.steps`` iterative steps,
-   each followed by fine-tuning. Unreachable targets are a `CompressionError`.
-2. **distill**: knowledge distillation from the *unpruned* teacher.
-3. **qat** (torchao pt2e): the student is exported with a dynamic batch
-   dimension (a static one trips a batch-size guard when training), prepared
-   with `toolchain.quantizer` (ORT's QDQ placement; uint8 activations, int8
-   per-channel weights, or 7-bit weights (±63) for CPUs without VNNI), fine-tuned, converted. The converted
-   program is saved as student_qat.pt; ``export`` turns it into QDQ ONNX.
+The passes are named in ``compress.passes`` (default ``["prune", "distill",
+"qat"]``; ``["distill"]`` or ``["prune", "ptq"]`` work too) and live in
+`toolchain.passes`, one module each, with their own config section and report
+row. The student starts as a copy of the teacher (``student.family =
+"teacher"``) or, for another family, as a fresh model built from ``[student]``;
+then it also compresses the pruned teacher with the same fp32 passes and
+reports it beside. Nothing in the run directory changes until every pass has
+run: then student.pt (the last fp32 student), student_qat.pt (the quantized
+program, when a quantizing pass ran) and reports/compress.json are written,
+and the export outputs, now stale, are removed.
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgecore.errors import CompressionError
-from toolchain.config import Config, PruneTarget, QdqWeightBits
+from toolchain.config import Config
+from toolchain.passes import get_pass
+from toolchain.passes.base import Pass, PassContext, stage_row, state_size
+
+# the quantization helpers' old home: re-exported so existing imports keep working
+from toolchain.passes.prune import find_pruning_ratio  # noqa: F401
+from toolchain.passes.qat import (  # noqa: F401
+    _batch_dim,
+    cpu_has_vnni,
+    make_quantizer,
+    resolve_weight_bits,
+)
 from toolchain.rundir import RunDir, save_checkpoint
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from torch import nn
 
 
-def cpu_has_vnni(cpuinfo: str | None = None) -> bool:
-    """VNNI lets ORT's int8 kernels accumulate u8*s8 without 16-bit saturation."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False  # unknown CPU: the safe choice is reduced range
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+@dataclass
+class PassesResult:
+    """What running a pass list produced: table rows, report sections, the models."""
+
+    student: "nn.Module"
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quantized: "nn.Module | None" = None
+    program: bytes | None = None
+    quantizer: str | None = None  # name of the quantizing pass that ran
 
 
-def resolve_weight_bits(setting: QdqWeightBits, *, cpuinfo: str | None = None) -> int:
-    if setting is QdqWeightBits.SEVEN:
-        return 7
-    if setting is QdqWeightBits.EIGHT:
-        return 8
-    return 8 if cpu_has_vnni(cpuinfo) else 7
+def run_passes(passes: list[Pass], student: "nn.Module", ctx: PassContext, *, label: str = "") -> PassesResult:
+    """Run ``passes`` in order on ``student``; each adds one row (stage prefixed by ``label``)."""
+    res = PassesResult(student=student)
+    for p in passes:
+        out, seconds = p.run(res.student, ctx)
+        res.sections[p.name] = out.summary
+        stage = f"{label}{p.stage}"
+        if p.quantizes:
+            from toolchain import engine
 
-
-def _output_layers(model: "nn.Module", num_classes: int) -> list["nn.Module"]:
-    """Layers whose outputs are the logits: never pruned."""
-    from torch import nn
-
-    out = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
-    out += [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels == num_classes]
-    return out
-
-
-def _measure(model: "nn.Module", input_shape: tuple[int, ...], target: PruneTarget) -> int:
-    from toolchain.models import count_macs, count_params
-
-    return count_macs(model, input_shape) if target is PruneTarget.MACS else count_params(model)
-
-
-def _make_pruner(model: "nn.Module", *, input_shape: tuple[int, ...], ratio: float, steps: int, num_classes: int,
-                 importance: str, max_ratio: float) -> Any:
-    import torch
-    import torch_pruning as tp
-
-    imp = tp.importance.MagnitudeImportance(p=1 if importance == "l1" else 2)
-    return tp.pruner.MetaPruner(
-        model,
-        torch.zeros(1, *input_shape),
-        importance=imp,
-        pruning_ratio=ratio,
-        max_pruning_ratio=max_ratio,
-        iterative_steps=steps,
-        ignored_layers=_output_layers(model, num_classes),
-        global_pruning=False,
-    )
-
-
-def find_pruning_ratio(model: "nn.Module", *, input_shape: tuple[int, ...], num_classes: int, target: PruneTarget,
-                       goal: float, importance: str, max_ratio: float) -> tuple[float, int]:
-    """Smallest uniform channel ratio whose pruned copy is ``goal`` times smaller.
-
-    Returns (ratio, measured size). Raises CompressionError when even
-    ``max_ratio`` does not reach the goal.
-    """
-    base = _measure(model, input_shape, target)
-    want = base / goal
-
-    def pruned_size(r: float) -> int:
-        m = copy.deepcopy(model).eval()
-        _make_pruner(m, input_shape=input_shape, ratio=r, steps=1, num_classes=num_classes,
-                     importance=importance, max_ratio=max_ratio).step()
-        return _measure(m, input_shape, target)
-
-    # Channel rounding makes size non-monotone near max_ratio on tiny layers (a
-    # layer that would drop to 0 channels is skipped): scan a grid, then bisect.
-    grid = [round(max_ratio * k / 10, 4) for k in range(1, 11)]
-    sizes = [pruned_size(r) for r in grid]
-    ok = [i for i, s in enumerate(sizes) if s <= want]
-    if not ok:
-        smallest = min(sizes)
-        raise CompressionError(
-            f"pruning target unreachable: {goal:g}x fewer {target.value} needs <= {want:,.0f}, but the most "
-            f"pruning up to {max_ratio:.0%} of each layer's channels reaches is {smallest:,} "
-            f"({base / max(smallest, 1):.1f}x); lower prune.ratio or use a larger teacher"
-        )
-    i = ok[0]
-    lo, hi, best = (grid[i - 1] if i > 0 else 0.0), grid[i], (grid[i], sizes[i])
-    for _ in range(6):
-        mid = (lo + hi) / 2
-        size = pruned_size(mid)
-        if size <= want:
-            hi, best = mid, (mid, size)
+            res.quantized, res.program, res.quantizer = out.model, out.program, p.name
+            last = res.rows[-1] if res.rows else stage_row("", res.student, ctx, size=0, seconds=0)
+            res.rows.append({**last, "stage": stage, "size_bytes": len(out.program or b""), "quantized": True,
+                             "test_accuracy": engine.accuracy(out.model, *ctx.test), "seconds": round(seconds, 2)})
         else:
-            lo = mid
-    return best
+            res.student = out.model
+            res.rows.append(stage_row(stage, out.model, ctx, size=state_size(out.model), seconds=seconds))
+    return res
 
 
-def _state_size(model: "nn.Module") -> int:
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return len(buf.getvalue())
-
-
-def compress(cfg: Config, run_dir: Path | str | None = None, *, show: bool = True) -> dict[str, Any]:
-    """Prune, distill and QAT the teacher of ``run_dir``; returns the compress report."""
+def make_context(cfg: Config, run: RunDir) -> PassContext:
+    """Load the run's teacher and splits (normalised tensors) into a pass context."""
     import torch
 
     from toolchain import engine
     from toolchain.models import count_macs, count_params
 
-    t0 = time.perf_counter()
-    run = RunDir(run_dir if run_dir is not None else cfg.run.dir)
-    engine.set_seed(cfg.run.seed)
     teacher = run.load_teacher()
     splits = run.splits()
     spec = splits.input_spec
-    input_shape = spec.sample_shape
-    n_classes = splits.num_classes
-    Xtr, ytr = engine.normalise(splits.train[0], spec), torch.from_numpy(splits.train[1])
-    Xv, yv = engine.normalise(splits.val[0], spec), torch.from_numpy(splits.val[1])
-    Xte, yte = engine.normalise(splits.test[0], spec), torch.from_numpy(splits.test[1])
-    augment = cfg.train.augment and len(input_shape) == 3
-    progress = cfg.train.progress
-    stages: list[dict[str, Any]] = []
 
-    def row(name: str, model: "nn.Module", acc: float, size: int, seconds: float) -> None:
-        stages.append({
-            "stage": name, "params": count_params(model), "macs": count_macs(model, input_shape),
-            "size_bytes": size, "test_accuracy": acc, "seconds": round(seconds, 2),
-        })
+    def tensors(split: tuple[Any, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return engine.normalise(split[0], spec), torch.from_numpy(split[1])
 
-    teacher_acc = engine.accuracy(teacher, Xte, yte)
-    row("teacher", teacher, teacher_acc, run.file(RunDir.TEACHER).stat().st_size, 0.0)
-
-    # 1. prune, iteratively, fine-tuning after each step
-    t = time.perf_counter()
-    p = cfg.prune
-    ratio, _ = find_pruning_ratio(
-        teacher, input_shape=input_shape, num_classes=n_classes, target=p.target, goal=p.ratio,
-        importance=p.importance, max_ratio=p.max_channel_ratio,
+    shape = spec.sample_shape
+    return PassContext(
+        cfg=cfg, teacher=teacher, train=tensors(splits.train), val=tensors(splits.val), test=tensors(splits.test),
+        input_shape=shape, num_classes=splits.num_classes, augment=cfg.train.augment and len(shape) == 3,
+        teacher_params=count_params(teacher), teacher_macs=count_macs(teacher, shape),
     )
-    student = copy.deepcopy(teacher).train()
-    pruner = _make_pruner(student, input_shape=input_shape, ratio=ratio, steps=p.steps, num_classes=n_classes,
-                          importance=p.importance, max_ratio=p.max_channel_ratio)
-    for step in range(p.steps):
-        student.eval()
-        pruner.step()
-        if p.finetune_epochs > 0:
-            engine.fit(
-                student, loss_fn=engine.ce_loss(cfg.train.label_smoothing), train=(Xtr, ytr), val=(Xv, yv),
-                opts=engine.FitOptions(
-                    epochs=p.finetune_epochs, lr=p.lr, weight_decay=cfg.train.weight_decay,
-                    batch_size=cfg.data.batch_size, augment=augment, amp=cfg.train.amp,
-                    desc=f"prune {step + 1}/{p.steps}", progress=progress, seed=cfg.run.seed + step,
-                ),
-            )
-    student = student.cpu().eval()
-    achieved = _measure(teacher, input_shape, p.target) / max(1, _measure(student, input_shape, p.target))
-    if achieved + 1e-9 < p.ratio:
-        raise CompressionError(f"pruning reached only {achieved:.2f}x fewer {p.target.value}, target {p.ratio:g}x")
-    row("pruned", student, engine.accuracy(student, Xte, yte), _state_size(student), time.perf_counter() - t)
 
-    # 2. distill from the unpruned teacher
-    t = time.perf_counter()
-    d = cfg.distill
-    if d.epochs > 0:
-        engine.fit(
-            student,
-            loss_fn=engine.distill_loss(teacher, temperature=d.temperature, alpha=d.alpha,
-                                        label_smoothing=cfg.train.label_smoothing),
-            train=(Xtr, ytr), val=(Xv, yv),
-            opts=engine.FitOptions(
-                epochs=d.epochs, lr=d.lr, weight_decay=cfg.train.weight_decay, warmup_epochs=0,
-                patience=d.patience, batch_size=cfg.data.batch_size, augment=augment, amp=cfg.train.amp,
-                desc="distill", progress=progress, seed=cfg.run.seed + 100,
-            ),
-        )
-    student = student.cpu().eval()
-    student_acc = engine.accuracy(student, Xte, yte)
-    size = save_checkpoint(run.file(RunDir.STUDENT), {
-        "kind": "student", "model": student, "state_dict": student.state_dict(),
-        "input_shape": list(input_shape), "num_classes": n_classes, "test_accuracy": student_acc,
-    })
-    row("distilled", student, student_acc, size, time.perf_counter() - t)
 
-    # 3. quantization-aware training (torchao pt2e)
-    t = time.perf_counter()
-    bits = resolve_weight_bits(cfg.qat.weight_bits)
-    converted, qat_val = quantization_aware_training(
-        student, teacher=teacher, cfg=cfg, bits=bits, train=(Xtr, ytr), val=(Xv, yv), augment=augment,
-    )
-    qat_acc = engine.accuracy(converted, Xte, yte)
-    qat_size = save_qat_program(run.file(RunDir.STUDENT_QAT), converted, input_shape)
-    stages.append({
-        "stage": "qat", "params": stages[-1]["params"], "macs": stages[-1]["macs"], "size_bytes": qat_size,
-        "test_accuracy": qat_acc, "seconds": round(time.perf_counter() - t, 2),
-    })
+def make_student(cfg: Config, ctx: PassContext) -> "nn.Module":
+    """A copy of the teacher, or a fresh model of ``student.family`` (same input and classes)."""
+    if cfg.student.family == "teacher":
+        return copy.deepcopy(ctx.teacher).train()
+    from toolchain.models import build_model
 
-    tm, sm = stages[0]["macs"], stages[2]["macs"]
-    tp_, sp = stages[0]["params"], stages[2]["params"]
-    report: dict[str, Any] = {
-        "command": "compress",
-        "run_dir": str(run.path),
-        "stages": stages,
-        "prune": {"target": p.target.value, "ratio_goal": p.ratio, "channel_ratio": round(ratio, 4),
-                  "macs_reduction": tm / max(sm, 1), "params_reduction": tp_ / max(sp, 1), "steps": p.steps},
-        "distill": {"temperature": d.temperature, "alpha": d.alpha, "epochs": d.epochs},
-        "qat": {"epochs": cfg.qat.epochs, "weight_bits": bits, "weight_bits_setting": cfg.qat.weight_bits.value,
-                "cpu_vnni": cpu_has_vnni(), "val_accuracy": qat_val},
-        "qdq_weight_bits": bits,
-        "teacher_accuracy": teacher_acc,
-        "student_accuracy": student_acc,
-        "qat_accuracy": qat_acc,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    # outputs of export are stale now
-    for name in (RunDir.STUDENT_ONNX, RunDir.STUDENT_QDQ, "reports/export.json"):
-        (run.path / name).unlink(missing_ok=True)
+    return build_model(cfg.student, input_shape=ctx.input_shape, num_classes=ctx.num_classes, what="student.family")
+
+
+def compress(cfg: Config, run_dir: Path | str | None = None, *, show: bool = True) -> dict[str, Any]:
+    """Run the configured passes on the teacher of ``run_dir``; returns the compress report."""
+    from toolchain import engine
+
+    t0 = time.perf_counter()
+    run = RunDir(run_dir if run_dir is not None else cfg.run.dir)
+    engine.set_seed(cfg.run.seed)
+    ctx = make_context(cfg, run)
+    teacher_acc = engine.accuracy(ctx.teacher, *ctx.test)
+    rows = [stage_row("teacher", ctx.teacher, ctx, size=run.file(RunDir.TEACHER).stat().st_size, seconds=0.0,
+                      accuracy=teacher_acc)]
+    passes = [get_pass(name)(cfg) for name in cfg.compress.passes]
+    student = make_student(cfg, ctx)
+    alternatives = []
+    if cfg.student.family != "teacher":
+        rows.append(stage_row(f"student ({cfg.student.family}, untrained)", student, ctx,
+                              size=state_size(student), seconds=0.0))
+        if cfg.student.compare:
+            alternatives.append(_pruned_teacher(passes, ctx))
+    res = run_passes(passes, student, ctx)
+    rows += res.rows
+    report = _report(cfg, run, ctx, res, rows=rows, teacher_acc=teacher_acc, alternatives=alternatives)
+    report["control"] = _control(cfg, ctx, res, report)
+    _write_outputs(run, res, ctx, report)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
     run.write_report("compress", report)
     if show:
         from toolchain.report import print_compress
@@ -258,82 +134,71 @@ def compress(cfg: Config, run_dir: Path | str | None = None, *, show: bool = Tru
     return report
 
 
-def make_quantizer(bits: int) -> Any:
-    """The QAT quantizer: Q/DQ where CPU runtimes fuse them (see `toolchain.quantizer`)."""
-    from toolchain.quantizer import make_quantizer as _make
-
-    return _make(bits)
-
-
-def _batch_dim() -> Any:
-    import torch
-
-    return torch.export.Dim("batch", min=1, max=1 << 16)
+def _pruned_teacher(passes: list[Pass], ctx: PassContext) -> dict[str, Any]:
+    """The default student (the teacher, through the same fp32 passes), for the table."""
+    fp32 = [p for p in passes if not p.quantizes]
+    res = run_passes(fp32, copy.deepcopy(ctx.teacher).train(), ctx, label="pruned teacher: ")
+    return {"name": "pruned teacher", "passes": [p.name for p in fp32], "stages": res.rows,
+            "test_accuracy": res.rows[-1]["test_accuracy"] if res.rows else None}
 
 
-def quantization_aware_training(
-    student: "nn.Module", *, teacher: "nn.Module", cfg: Config, bits: int,
-    train: tuple["torch.Tensor", "torch.Tensor"], val: tuple["torch.Tensor", "torch.Tensor"], augment: bool,
-) -> tuple["nn.Module", float]:
-    """Returns (converted pt2e module, best fake-quant validation accuracy)."""
-    import torch
-    import torchao.quantization.pt2e as pt2e
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+def _control(cfg: Config, ctx: PassContext, res: PassesResult, report: dict[str, Any]) -> dict[str, Any]:
+    """The scratch control (compress.control), its row added to the report's alternatives."""
+    from toolchain.config import Control
+    from toolchain.passes.control import epoch_budget, scratch_control
 
-    from toolchain import engine
-
-    model = copy.deepcopy(student).cpu().train()
-    # torchao's train/eval switch rewrites every dropout in an exported graph to
-    # p=0.5: drop dropout from the QAT copy (short fine-tune, not needed).
-    _strip_dropout(model)
-    example = train[0][: min(8, len(train[0]))]
-    try:
-        graph = torch.export.export(model, (example,), dynamic_shapes=({0: _batch_dim()},)).module()
-        prepared = prepare_qat_pt2e(graph, make_quantizer(bits))
-    except Exception as e:  # export/prepare failures come in many types
-        raise CompressionError(f"QAT: cannot export/prepare the student for quantization: {e}") from e
-    pt2e.allow_exported_model_train_eval(prepared)
-    q = cfg.qat
-
-    def on_epoch_end(state: engine.FitState) -> None:
-        if state.epoch >= q.freeze_observer_epoch:
-            prepared.apply(pt2e.disable_observer)
-
-    state = engine.fit(
-        prepared,
-        loss_fn=engine.distill_loss(teacher, temperature=cfg.distill.temperature, alpha=cfg.distill.alpha),
-        train=train, val=val,
-        opts=engine.FitOptions(
-            epochs=q.epochs, lr=q.lr, weight_decay=0.0, batch_size=cfg.data.batch_size, augment=augment,
-            amp=False, desc="qat", progress=cfg.train.progress, seed=cfg.run.seed + 200,
-        ),
-        on_epoch_end=on_epoch_end,
-    )
-    pt2e.move_exported_model_to_eval(prepared)
-    converted = convert_pt2e(prepared)
-    pt2e.allow_exported_model_train_eval(converted)
-    return converted, state.best_acc
+    if cfg.compress.control is Control.NONE:
+        return {"kind": "none"}
+    budget = epoch_budget(res.sections, cfg)
+    if budget <= 0:
+        return {"kind": "scratch", "skipped": "no training pass ran (nothing to compare with)"}
+    control = scratch_control(res.student, ctx, budget=budget, student_accuracy=report["student_accuracy"])
+    row = control.pop("row")
+    report["alternatives"].append({"name": "scratch control", "passes": [], "stages": [row],
+                                   "test_accuracy": row["test_accuracy"]})
+    return control
 
 
-def _strip_dropout(model: "nn.Module") -> None:
-    from torch import nn
+def _report(cfg: Config, run: RunDir, ctx: PassContext, res: PassesResult, *, rows: list[dict[str, Any]],
+            teacher_acc: float, alternatives: list[dict[str, Any]]) -> dict[str, Any]:
+    from toolchain.models import count_macs, count_params
 
-    for name, child in list(model.named_children()):
-        if isinstance(child, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)):
-            setattr(model, name, nn.Identity())
-        else:
-            _strip_dropout(child)
+    fp32_rows = [r for r in res.rows if not r.get("quantized")]
+    quant = res.sections.get(res.quantizer or "", {})
+    return {
+        "command": "compress",
+        "run_dir": str(run.path),
+        "passes": list(cfg.compress.passes),
+        "student_family": cfg.student.family,
+        "stages": rows,
+        **res.sections,
+        "macs_reduction": ctx.teacher_macs / max(count_macs(res.student, ctx.input_shape), 1),
+        "params_reduction": ctx.teacher_params / max(count_params(res.student), 1),
+        "quantization": res.quantizer,
+        "qdq_weight_bits": quant.get("weight_bits"),
+        "teacher_accuracy": teacher_acc,
+        "student_accuracy": fp32_rows[-1]["test_accuracy"] if fp32_rows else rows[-1]["test_accuracy"],
+        "qat_accuracy": res.rows[-1]["test_accuracy"] if res.quantizer else None,
+        "alternatives": alternatives,
+    }
 
 
-def save_qat_program(path: Path, converted: "nn.Module", input_shape: tuple[int, ...]) -> int:
-    """Save the converted QAT module as a torch.export program (int8 weights inside)."""
-    import torch
+def _write_outputs(run: RunDir, res: PassesResult, ctx: PassContext, report: dict[str, Any]) -> None:
+    """student.pt, student_qat.pt (or its removal), stale exports removed; fp32 row sizes from disk."""
+    size = save_checkpoint(run.file(RunDir.STUDENT), {
+        "kind": "student", "model": res.student, "state_dict": res.student.state_dict(),
+        "input_shape": list(ctx.input_shape), "num_classes": ctx.num_classes,
+        "test_accuracy": report["student_accuracy"],
+    })
+    fp32 = [r for r in report["stages"] if not r.get("quantized")]
+    if len(fp32) > 1:
+        fp32[-1]["size_bytes"] = size
+    qat_path = run.file(RunDir.STUDENT_QAT)
+    if res.program is not None:
+        from edgecore.fsutil import atomic_write_bytes
 
-    from edgecore.fsutil import atomic_write_bytes
-
-    ep = torch.export.export(converted, (torch.zeros(2, *input_shape),), dynamic_shapes=({0: _batch_dim()},))
-    buf = io.BytesIO()
-    torch.export.save(ep, buf)
-    data = buf.getvalue()
-    atomic_write_bytes(path, data)
-    return len(data)
+        atomic_write_bytes(qat_path, res.program)
+    else:
+        qat_path.unlink(missing_ok=True)
+    for name in (RunDir.STUDENT_ONNX, RunDir.STUDENT_QDQ, "reports/export.json"):
+        (run.path / name).unlink(missing_ok=True)

@@ -36,6 +36,13 @@ class QdqWeightBits(str, enum.Enum):
     EIGHT = "8"
 
 
+class Control(str, enum.Enum):
+    """The baseline compress reports against: the student's architecture trained from scratch, or none."""
+
+    SCRATCH = "scratch"
+    NONE = "none"
+
+
 class Confidence(str, enum.Enum):
     MAX_PROB = "max_prob"
     MARGIN = "margin"
@@ -87,6 +94,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CompressConfig:
+    """The compression pipeline: which passes run, in order (see `toolchain.passes`)."""
+
+    passes: tuple[str, ...] = ("prune", "distill", "qat")
+    control: Control = Control.SCRATCH  # "scratch": also train the student's architecture from scratch, compare
+
+
+@dataclass(frozen=True)
+class StudentConfig(ModelConfig):
+    """The student's architecture: ``teacher`` (default) starts from a copy of the teacher;
+    any model family (with the same shape keys as [teacher]) builds a fresh student."""
+
+    family: str = "teacher"
+    compare: bool = True  # another family: also compress the pruned teacher and report it beside
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     target: PruneTarget = PruneTarget.MACS
     ratio: float = 10.0  # reach at least this many times fewer MACs (or params) than the teacher
@@ -112,6 +136,17 @@ class QatConfig:
     lr: float = 2e-4
     weight_bits: QdqWeightBits = QdqWeightBits.AUTO
     freeze_observer_epoch: int = 2  # after this many QAT epochs the quantization ranges are frozen
+    max_steps: int = 600  # cap on optimizer steps (epochs shrink on large data); 0 = no cap
+    fold_batchnorm: bool = True  # fold BatchNorm into the conv/linear before it (much faster prepare/convert)
+
+
+@dataclass(frozen=True)
+class PtqConfig:
+    """Post-training quantization (torchao pt2e): calibrate observers, no training."""
+
+    calibration_samples: int = 512  # training samples the activation ranges are observed on
+    weight_bits: QdqWeightBits = QdqWeightBits.AUTO
+    fold_batchnorm: bool = True
 
 
 @dataclass(frozen=True)
@@ -139,9 +174,12 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     qat: QatConfig = field(default_factory=QatConfig)
+    ptq: PtqConfig = field(default_factory=PtqConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
     source_file: str = field(default="<defaults>", compare=False)
@@ -235,17 +273,7 @@ def _validate_section(obj: Any, section: str, origin: str) -> None:
                 f"'python:module:function', got {obj.source!r}"
             )
     elif isinstance(obj, ModelConfig):
-        families = ("resnet", "mobilenet", "mlp")
-        if obj.family not in families and not obj.family.startswith("python:"):
-            raise ConfigError(
-                f"{origin}: {section}.family: unknown model family {obj.family!r} "
-                f"(known: {', '.join(families)}, or python:module:function)"
-            )
-        need(obj.width >= 1, "width", "must be >= 1")
-        need(obj.depth >= 1, "depth", "must be >= 1")
-        need(obj.width_mult > 0, "width_mult", "must be > 0")
-        need(obj.depth_mult > 0, "depth_mult", "must be > 0")
-        need(0.0 <= obj.dropout < 1.0, "dropout", "must be in [0, 1)")
+        _validate_model(obj, section, origin, need)
     elif isinstance(obj, TrainConfig):
         need(obj.epochs >= 1, "epochs", "must be >= 1")
         need(obj.lr > 0, "lr", "must be > 0")
@@ -261,9 +289,36 @@ def _validate_section(obj: Any, section: str, origin: str) -> None:
         need(obj.epochs >= 0, "epochs", "must be >= 0")
     elif isinstance(obj, QatConfig):
         need(obj.epochs >= 1, "epochs", "must be >= 1")
+        need(obj.max_steps >= 0, "max_steps", "must be >= 0 (0: no cap)")
+        need(obj.freeze_observer_epoch >= 1, "freeze_observer_epoch", "must be >= 1")
+    elif isinstance(obj, PtqConfig):
+        need(obj.calibration_samples >= 1, "calibration_samples", "must be >= 1")
+    elif isinstance(obj, CompressConfig):
+        from toolchain.passes import pass_list_problem
+
+        problem = pass_list_problem(obj.passes)
+        if problem:
+            raise ConfigError(f"{origin}: {section}.passes: {problem}, got {list(obj.passes)!r}")
     elif isinstance(obj, BuildConfig):
         need(0.0 <= obj.offload_budget <= 1.0, "offload_budget", "must be in [0, 1]")
         need(obj.calibration_samples >= 1, "calibration_samples", "must be >= 1")
+
+
+
+def _validate_model(obj: "ModelConfig", section: str, origin: str, need: Any) -> None:
+    """[teacher] and [student]: a known family (a student may also be "teacher") and sane shapes."""
+    families = ("teacher",) if isinstance(obj, StudentConfig) else ()
+    families += ("resnet", "mobilenet", "mlp")
+    if obj.family not in families and not obj.family.startswith("python:"):
+        raise ConfigError(
+            f"{origin}: {section}.family: unknown model family {obj.family!r} "
+            f"(known: {', '.join(families)}, or python:module:function)"
+        )
+    need(obj.width >= 1, "width", "must be >= 1")
+    need(obj.depth >= 1, "depth", "must be >= 1")
+    need(obj.width_mult > 0, "width_mult", "must be > 0")
+    need(obj.depth_mult > 0, "depth_mult", "must be > 0")
+    need(0.0 <= obj.dropout < 1.0, "dropout", "must be in [0, 1)")
 
 
 def from_dict(raw: Mapping[str, Any], *, origin: str = "<dict>", base: Config | None = None) -> Config:
@@ -374,7 +429,8 @@ def config_from_args(args: Any) -> Config:
 
 
 __all__ = [
-    "BuildConfig", "Config", "Confidence", "DataConfig", "DistillConfig", "ExportConfig", "ModelConfig",
-    "PruneConfig", "PruneTarget", "QatConfig", "QdqWeightBits", "RunConfig", "TrainConfig",
+    "BuildConfig", "CompressConfig", "Config", "Confidence", "Control", "DataConfig", "DistillConfig", "ExportConfig",
+    "ModelConfig", "PruneConfig", "PruneTarget", "PtqConfig", "QatConfig", "QdqWeightBits", "RunConfig",
+    "StudentConfig", "TrainConfig",
     "add_config_args", "config_from_args", "from_dict", "load_config", "parse_overrides", "to_dict", "to_toml",
 ]

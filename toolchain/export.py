@@ -123,8 +123,9 @@ def export(cfg: Config, run_dir: Path | str | None = None, *, show: bool = True)
     Xt = torch.from_numpy(X)
     plan: list[tuple[str, str, Any, float | None, float | None]] = [
         ("student", RunDir.STUDENT_ONNX, run.load_student(), cfg.export.atol, None),
-        ("student_qdq", RunDir.STUDENT_QDQ, run.load_student_qat(), None, cfg.export.min_agreement),
     ]
+    if run.file(RunDir.STUDENT_QAT).is_file():  # absent when compress ran no quantizing pass
+        plan.append(("student_qdq", RunDir.STUDENT_QDQ, run.load_student_qat(), None, cfg.export.min_agreement))
     if cfg.export.teacher:
         plan.append(("teacher", RunDir.TEACHER_ONNX, run.load_teacher(), cfg.export.atol, None))
     models: dict[str, Any] = {}
@@ -156,7 +157,7 @@ def export(cfg: Config, run_dir: Path | str | None = None, *, show: bool = True)
         "models": models,
         "qdq_weight_bits": bits,
         "student_fp32_ort_accuracy": models["student"]["ort_accuracy"],
-        "student_qdq_ort_accuracy": models["student_qdq"]["ort_accuracy"],
+        "student_qdq_ort_accuracy": models.get("student_qdq", {}).get("ort_accuracy"),
         "teacher_ort_accuracy": models.get("teacher", {}).get("ort_accuracy"),
         "seconds": round(time.perf_counter() - t0, 2),
     }

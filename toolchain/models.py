@@ -161,8 +161,9 @@ def _image_dims(input_shape: tuple[int, ...], family: str) -> tuple[int, int]:
     return int(c), int(min(h, w))
 
 
-def build_model(cfg: ModelConfig, *, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """``input_shape`` excludes the batch dimension."""
+def build_model(cfg: ModelConfig, *, input_shape: tuple[int, ...], num_classes: int,
+                what: str = "teacher.family") -> nn.Module:
+    """``input_shape`` excludes the batch dimension; ``what`` names the config key in errors."""
     fam = cfg.family
     if fam == "resnet":
         c, hw = _image_dims(input_shape, fam)
@@ -177,7 +178,7 @@ def build_model(cfg: ModelConfig, *, input_shape: tuple[int, ...], num_classes: 
     if fam.startswith("python:"):
         from toolchain.data import resolve_factory
 
-        fn: Callable[..., Any] = resolve_factory(fam, what="teacher.family")
+        fn: Callable[..., Any] = resolve_factory(fam, what=what)
         try:
             model = fn(input_shape=tuple(input_shape), num_classes=num_classes)
         except Exception as e:

@@ -47,21 +47,39 @@ def print_train(report: dict[str, Any]) -> None:
 def print_compress(report: dict[str, Any]) -> None:
     from rich.table import Table
 
-    t = Table(title="compression stages")
+    t = Table(title=f"compression passes: {' -> '.join(report.get('passes', []))}")
     for col in ("stage", "params", "MACs", "size on disk", "test acc", "seconds"):
         t.add_column(col, justify="left" if col == "stage" else "right")
     base = report["stages"][0]
-    for s in report["stages"]:
-        t.add_row(
-            s["stage"],
-            f"{human_count(s['params'])} ({base['params'] / max(s['params'], 1):.1f}x)",
-            f"{human_count(s['macs'])} ({base['macs'] / max(s['macs'], 1):.1f}x)",
-            human_bytes(s["size_bytes"]),
-            f"{s['test_accuracy']:.2%}",
-            f"{s['seconds']:.1f}",
-        )
+    alternatives = report.get("alternatives") or []
+    for i, s in enumerate(report["stages"]):
+        t.add_row(*_stage_cells(s, base), end_section=bool(alternatives) and i == len(report["stages"]) - 1)
+    for alt in alternatives:
+        for s in alt["stages"]:
+            t.add_row(*_stage_cells(s, base), style="dim")
     _console().print(t)
-    _console().print(f"QAT weights: {report['qdq_weight_bits']}-bit ({'VNNI' if report['qat']['cpu_vnni'] else 'no VNNI'} on this CPU, setting {report['qat']['weight_bits_setting']!r})")
+    quant = report.get(report.get("quantization") or "") or {}
+    if quant:
+        _console().print(
+            f"{report['quantization'].upper()} weights: {report['qdq_weight_bits']}-bit "
+            f"({'VNNI' if quant.get('cpu_vnni') else 'no VNNI'} on this CPU, setting {quant.get('weight_bits_setting')!r})"
+        )
+    else:
+        _console().print("no quantizing pass: the student stays fp32 (int8 targets calibrate it themselves)")
+    control = report.get("control") or {}
+    if control.get("verdict"):
+        _console().print(control["verdict"])
+
+
+def _stage_cells(s: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    return [
+        s["stage"],
+        f"{human_count(s['params'])} ({base['params'] / max(s['params'], 1):.1f}x)",
+        f"{human_count(s['macs'])} ({base['macs'] / max(s['macs'], 1):.1f}x)",
+        human_bytes(s["size_bytes"]),
+        f"{s['test_accuracy']:.2%}",
+        f"{s['seconds']:.1f}",
+    ]
 
 
 def print_export(report: dict[str, Any]) -> None:

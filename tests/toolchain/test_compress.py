@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from edgecore.errors import CompressionError
-from toolchain.compress import cpu_has_vnni, find_pruning_ratio, resolve_weight_bits
+from toolchain.passes.prune import find_pruning_ratio
+from toolchain.passes.qat import cpu_has_vnni, resolve_weight_bits
 from toolchain.config import PruneTarget, QdqWeightBits
 from toolchain.rundir import RunDir
 
@@ -60,7 +61,7 @@ def test_seven_bit_quantizer_keeps_weights_within_63(tmp_path):
     import torchao.quantization.pt2e as pt2e
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
-    from toolchain.compress import _batch_dim, make_quantizer
+    from toolchain.passes.qat import batch_dim as _batch_dim, make_quantizer
     from toolchain.export import _qdq_stats, export_onnx
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))

@@ -66,8 +66,8 @@ def test_missing_path(tmp_path):
 
 
 def test_unknown_section_and_family(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown section \[student\]"):
-        load_config(write(tmp_path, "[student]\nx = 1\n"))
+    with pytest.raises(ConfigError, match=r"unknown section \[studnet\]"):
+        load_config(write(tmp_path, "[studnet]\nx = 1\n"))
     with pytest.raises(ConfigError, match="teacher.family: unknown model family 'vgg'"):
         load_config(write(tmp_path, '[teacher]\nfamily = "vgg"\n'))
 
@@ -99,3 +99,24 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
     assert rc == 2
     assert len(err) == 1 and "unknown key train.epochz" in err[0] and "t.toml" in err[0]
     assert "Traceback" not in "\n".join(err)
+
+
+def test_compress_passes_and_student_family_are_checked(tmp_path):
+    cfg = load_config(write(tmp_path, '[compress]\npasses = ["prune", "ptq"]\n[student]\nfamily = "mobilenet"\n'))
+    assert cfg.compress.passes == ("prune", "ptq") and cfg.student.family == "mobilenet"
+    assert load_config(write(tmp_path, '[compress]\npasses = ["distill"]\n')).compress.passes == ("distill",)
+    for passes, why in (
+        ('["prune", "quantize"]', r"compress\.passes: unknown pass 'quantize' \(known: prune, distill, qat, ptq\)"),
+        ('["qat", "distill"]', "'qat' must be the last pass"),
+        ('["distill", "qat", "ptq"]', "at most one quantizing pass"),
+        ('["distill", "distill"]', "'distill' listed twice"),
+        ('"prune"', "compress.passes: expected a list"),
+    ):
+        with pytest.raises(ConfigError, match=rf"t\.toml: {why}" if why.startswith("compress") else why):
+            load_config(write(tmp_path, f"[compress]\npasses = {passes}\n"))
+    with pytest.raises(ConfigError, match=r"t\.toml: student\.family: unknown model family 'vgg'"):
+        load_config(write(tmp_path, '[student]\nfamily = "vgg"\n'))
+    with pytest.raises(ConfigError, match="teacher.family: unknown model family 'teacher'"):
+        load_config(write(tmp_path, '[teacher]\nfamily = "teacher"\n'))
+    with pytest.raises(ConfigError, match=r"qat\.max_steps: must be >= 0"):
+        load_config(write(tmp_path, "[qat]\nmax_steps = -1\n"))

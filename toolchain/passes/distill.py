@@ -1,0 +1,37 @@
+"""``distill``: knowledge distillation (Hinton) from the unpruned teacher."""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+from toolchain.config import DistillConfig
+from toolchain.passes.base import Pass, PassContext, PassOutput
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+
+class DistillPass(Pass):
+    name = "distill"
+    section = "distill"
+    stage = "distilled"
+
+    def _run_for_config(self, student: "nn.Module", config: DistillConfig, ctx: PassContext) -> PassOutput:
+        from toolchain import engine
+
+        d = config
+        model = copy.deepcopy(student)
+        state = None
+        if d.epochs > 0:
+            state = engine.fit(
+                model,
+                loss_fn=engine.distill_loss(ctx.teacher, temperature=d.temperature, alpha=d.alpha,
+                                            label_smoothing=self.cfg.train.label_smoothing),
+                train=ctx.train, val=ctx.val,
+                opts=ctx.fit_options(epochs=d.epochs, lr=d.lr, desc="distill", seed_offset=100,
+                                     warmup_epochs=0, patience=d.patience),
+            )
+        summary = {"temperature": d.temperature, "alpha": d.alpha, "epochs": d.epochs,
+                   "epochs_run": state.epoch if state else 0}
+        return PassOutput(model.cpu().eval(), summary)
