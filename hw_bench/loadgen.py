@@ -183,9 +183,3 @@ def offline(run: RunFn, samples: np.ndarray, settings: Settings) -> ScenarioResu
         max_s=settings.max_duration_s, warmup=max(1, settings.warmup // best),
     )
     return ScenarioResult(Scenario.OFFLINE, best, lat.size, lat.size * best, dur, lat, search, skipped)
-
-
-def run_scenario(run: RunFn, samples: np.ndarray, settings: Settings) -> ScenarioResult:
-    if settings.scenario is Scenario.SINGLE_STREAM:
-        return single_stream(run, samples, settings)
-    return offline(run, samples, settings)
