@@ -80,6 +80,46 @@ def test_latency_histograms_merge_like_one():
     assert ha.counts == hab.counts and ha.summary() == pytest.approx(hab.summary())
 
 
+def _drift_reference(rng: np.random.Generator) -> dict:
+    def block(sample: np.ndarray) -> dict:
+        counts, edges = np.histogram(sample, bins=10)
+        return {"counts": counts.tolist(), "edges": edges.tolist(), "sample": sample.tolist()}
+
+    return {"confidence": block(rng.beta(8, 1, 400)),
+            "features": {"mean": block(rng.normal(5.0, 1.0, 400)), "std": block(rng.gamma(4.0, 1.5, 400))}}
+
+
+@pytest.mark.parametrize("batches", [[1] * 700, [3, 1, 64, 1, 600, 7, 1, 250], [1] * 40])
+def test_drift_monitor_vectorised_matches_per_sample_statistics(batches):
+    """The ring of sums gives the scores the per-sample mean/std of the last ``window`` inputs give."""
+    rng = np.random.default_rng(11)
+    ref = _drift_reference(rng)
+    cfg = DriftConfig(window=500, min_samples=30)
+    mon = DriftMonitor(ref, cfg)
+    kept: list[tuple[float, float, float]] = []
+    for k in batches:
+        raw = rng.uniform(0, 16, size=(k, 1, 8, 8)).astype(np.float32) * rng.uniform(0.2, 1.0)
+        conf = rng.beta(6, 1, size=k)
+        mon.observe(confidence=conf, raw=raw)
+        flat = raw.reshape(k, -1).astype(np.float64)
+        kept += [(float(c), float(r.mean()), float(r.std())) for c, r in zip(conf, flat)]
+    kept = kept[-cfg.window:]
+    expected = DriftMonitor(ref, cfg)
+    for c, m, sd in kept:  # the reference: one exact sample at a time, statistics already computed
+        expected._put(np.array([[c], [m], [sd]]))
+    for i, name in enumerate(DriftMonitor.STATS):
+        assert sorted(mon.live(name)) == pytest.approx(sorted(v[i] for v in kept), rel=1e-9, abs=1e-12)
+    got, want = mon.scores(), expected.scores()
+    if len(kept) < cfg.min_samples:
+        assert got is None and want is None
+    else:
+        assert got["n"] == want["n"] == len(kept) and got["flag"] == want["flag"]
+        for name in DriftMonitor.STATS:
+            assert got[name] == pytest.approx(want[name], rel=1e-9, abs=1e-12)
+    mon.reset(ref)
+    assert mon.scores() is None and len(mon.live("mean")) == 0
+
+
 def test_drift_scores_separate_same_from_shifted():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=2000)
