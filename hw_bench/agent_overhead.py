@@ -42,12 +42,14 @@ def _stats(ns: np.ndarray) -> dict[str, float]:
 
 
 def _timed(fn: Callable[[int], Any], n: int) -> np.ndarray:
-    out = np.empty(n, dtype=np.int64)
-    clock = time.perf_counter_ns
+    """Per call: wall ns (row 0) and this thread's CPU ns (row 1, blind to time spent preempted)."""
+    out = np.empty((2, n), dtype=np.int64)
+    wall, cpu = time.perf_counter_ns, time.thread_time_ns
     for i in range(n):
-        t0 = clock()
+        t0, c0 = wall(), cpu()
         fn(i)
-        out[i] = clock() - t0
+        c1, t1 = cpu(), wall()
+        out[0, i], out[1, i] = t1 - t0, c1 - c0
     return out
 
 
@@ -62,6 +64,7 @@ def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, thr
                 warmup: int = 50, limit: int | None = None) -> dict[str, Any]:
     """Interleaved rounds of bare runtime vs. the agent's per-input path over ``data``; the result record."""
     from device_agent.agent import Agent, AgentConfig
+    from device_agent.model import device_threads
     from device_agent.sources import Item
     from targets import load_runner
 
@@ -76,7 +79,8 @@ def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, thr
     n = len(raw)
     pre = [spec.preprocess(raw[i : i + 1]) for i in range(n)]
     items = [Item(str(i), raw[i], int(data.y[i])) for i in range(n)]
-    runner = load_runner(bundle, threads=threads)
+    runtime_threads = device_threads(bundle, threads)  # the agent's choice, so both paths run alike
+    runner = load_runner(bundle, threads=runtime_threads)
     with tempfile.TemporaryDirectory(prefix="hw-bench-agent-") as state:
         agent = Agent(bundle, AgentConfig(device_id="hw-bench", threads=threads, state_dir=Path(state)))
         paths: dict[str, Callable[[int], Any]] = {
@@ -91,13 +95,16 @@ def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, thr
             for name in (("bare", "agent") if r % 2 == 0 else ("agent", "bare")):
                 samples[name].append(_timed(paths[name], n))
         correct = sum(a.prediction == it.label for it in items for a in agent.process([it]))
-    result = {name: _stats(np.concatenate(v)) for name, v in samples.items()}
+    both = {name: np.concatenate(v, axis=1) for name, v in samples.items()}
+    result = {name: {**_stats(v[0]), "cpu": _stats(v[1])} for name, v in both.items()}
     overhead = result["agent"]["p50_us"] / result["bare"]["p50_us"]
+    overhead_cpu = result["agent"]["cpu"]["p50_us"] / result["bare"]["cpu"]["p50_us"]
     return {
         "bundle": str(bundle.root), "target": bundle.target, "precision": bundle.precision,
         "data": data.source, "inputs": n, "rounds": rounds, "threads": threads,
+        "runtime_threads": runtime_threads,
         "bare": result["bare"], "agent": result["agent"],
-        "agent_overhead": overhead, "agent_minus_bare_p50_us": result["agent"]["p50_us"] - result["bare"]["p50_us"],
+        "agent_overhead": overhead, "agent_overhead_cpu": overhead_cpu, "agent_minus_bare_p50_us": result["agent"]["p50_us"] - result["bare"]["p50_us"],
         "agent_accuracy": correct / n,
         "goal": {"agent_overhead_max": GOAL_OVERHEAD, "p99_over_p50_max": GOAL_TAIL,
                  "met": overhead <= GOAL_OVERHEAD and result["agent"]["p99_over_p50"] <= GOAL_TAIL},
@@ -111,19 +118,22 @@ def print_table(rec: dict[str, Any]) -> None:
     from rich.table import Table
 
     t = Table(title=f"agent overhead: {rec['target']}-{rec['precision']} ({rec['inputs']} inputs × {rec['rounds']} rounds)")
-    for col in ("path", "p50 µs", "p99 µs", "mean µs", "p99/p50"):
+    for col in ("path", "p50 µs", "p99 µs", "mean µs", "p99/p50", "CPU p50 µs", "CPU p99 µs"):
         t.add_column(col, justify="left" if col == "path" else "right")
     for name in ("bare", "agent"):
-        s = rec[name]
-        t.add_row(name, f"{s['p50_us']:.1f}", f"{s['p99_us']:.1f}", f"{s['mean_us']:.1f}", f"{s['p99_over_p50']:.2f}")
+        s, c = rec[name], rec[name]["cpu"]
+        t.add_row(name, f"{s['p50_us']:.1f}", f"{s['p99_us']:.1f}", f"{s['mean_us']:.1f}", f"{s['p99_over_p50']:.2f}",
+                  f"{c['p50_us']:.1f}", f"{c['p99_us']:.1f}")
     con = Console()
     con.print(t)
     g = rec["goal"]
     con.print(f"agent_overhead {rec['agent_overhead']:.3f} (goal ≤ {g['agent_overhead_max']}), "
+              f"on CPU time {rec['agent_overhead_cpu']:.3f}, "
               f"+{rec['agent_minus_bare_p50_us']:.1f} µs per input; goal {'met' if g['met'] else 'NOT met'}")
     cpu = rec["env"]["cpu"]
+    threads = str(rec["runtime_threads"] or "the runtime's own") + (" (device default)" if rec["threads"] is None else "")
     con.print(f"load average {rec['load_avg']['start']} → {rec['load_avg']['end']}; {cpu['model']} "
-              f"({cpu['usable_cores']} usable cores); threads {rec['threads'] or 'device default'}", highlight=False)
+              f"({cpu['usable_cores']} usable cores); runtime threads {threads}", highlight=False)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -151,7 +161,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--data", default=None, help=".npz with X_raw and y (instead of --run)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the inputs (default 5)")
     p.add_argument("--warmup", type=int, default=50, help="untimed inputs per path first (default 50)")
-    p.add_argument("--threads", type=int, default=None, help="runtime threads (default: the device default)")
+    p.add_argument("--threads", type=int, default=None, help="runtime threads (default: the agent's device default; 0: the runtime's own)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N inputs")
     add_json_flag(p)
     p.set_defaults(func=cmd_agent)
