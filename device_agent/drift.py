@@ -95,6 +95,16 @@ class DriftMonitor:
     def observe(self, *, confidence: np.ndarray, raw: np.ndarray) -> None:
         conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
         k = len(conf)
+        if k == 1:  # the usual case on a device: three scalars into the ring, no temporaries
+            v = np.asarray(raw, dtype=np.float64).reshape(-1)
+            d = len(v)
+            m = float(v.sum()) / d
+            var = float(v @ v) / d - m * m
+            j = self._next
+            self._ring[0, j], self._ring[1, j], self._ring[2, j] = conf[0], m, math.sqrt(var) if var > 0 else 0.0
+            self._next = (j + 1) % self._ring.shape[1]
+            self._n = min(self._ring.shape[1], self._n + 1)
+            return
         flat = np.asarray(raw).reshape(k, -1)
         d = flat.shape[1]
         mean = flat.sum(axis=1, dtype=np.float64) / d
