@@ -82,7 +82,10 @@ def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, thr
     runtime_threads = device_threads(bundle, threads)  # the agent's choice, so both paths run alike
     runner = load_runner(bundle, threads=runtime_threads)
     with tempfile.TemporaryDirectory(prefix="hw-bench-agent-") as state:
-        agent = Agent(bundle, AgentConfig(device_id="hw-bench", threads=threads, state_dir=Path(state)))
+        # a bundle without a routing threshold (hand-made ones) answers everything at the edge
+        threshold = None if bundle.routing is not None and bundle.routing.threshold is not None else 0.0
+        agent = Agent(bundle, AgentConfig(device_id="hw-bench", threads=threads, threshold=threshold,
+                                          state_dir=Path(state)))
         paths: dict[str, Callable[[int], Any]] = {
             "bare": lambda i: runner.run(pre[i]),
             "agent": lambda i: agent.process([items[i]]),
@@ -102,7 +105,7 @@ def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, thr
     return {
         "bundle": str(bundle.root), "target": bundle.target, "precision": bundle.precision,
         "data": data.source, "inputs": n, "rounds": rounds, "threads": threads,
-        "runtime_threads": runtime_threads,
+        "runtime_threads": runtime_threads, "threshold": agent.threshold,
         "bare": result["bare"], "agent": result["agent"],
         "agent_overhead": overhead, "agent_overhead_cpu": overhead_cpu, "agent_minus_bare_p50_us": result["agent"]["p50_us"] - result["bare"]["p50_us"],
         "agent_accuracy": correct / n,
