@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgecore.bundle import open_bundle
 from edgecore.errors import BenchError
 
 from .data import TestData, from_run_dir, load_npz
@@ -61,8 +60,11 @@ def _load_avg() -> list[float] | None:
 
 
 def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, threads: int | None = None,
-                warmup: int = 50, limit: int | None = None) -> dict[str, Any]:
-    """Interleaved rounds of bare runtime vs. the agent's per-input path over ``data``; the result record."""
+                warmup: int = 50, limit: int | None = None, trust: Any = None) -> dict[str, Any]:
+    """Interleaved rounds of bare runtime vs. the agent's per-input path over ``data``; the result record.
+
+    ``trust``: the `edgecore.bundle.TrustPolicy` the agent applies (default: the agent's own default).
+    """
     from device_agent.agent import Agent, AgentConfig
     from device_agent.model import device_threads
     from device_agent.sources import Item
@@ -70,7 +72,10 @@ def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, thr
 
     if rounds < 1:
         raise BenchError(f"--rounds must be at least 1, got {rounds}")
-    bundle = open_bundle(bundle_path)
+    from edgecore.bundle import TrustPolicy
+
+    trust = trust if trust is not None else TrustPolicy()
+    bundle = trust.open(bundle_path)
     spec = bundle.input_spec
     raw = np.asarray(data.X_raw[:limit] if limit else data.X_raw, dtype=np.float32)
     if raw.shape[1:] != tuple(spec.sample_shape):
@@ -85,7 +90,7 @@ def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, thr
         # a bundle without a routing threshold (hand-made ones) answers everything at the edge
         threshold = None if bundle.routing is not None and bundle.routing.threshold is not None else 0.0
         agent = Agent(bundle, AgentConfig(device_id="hw-bench", threads=threads, threshold=threshold,
-                                          state_dir=Path(state)))
+                                          state_dir=Path(state), trust=trust))
         paths: dict[str, Callable[[int], Any]] = {
             "bare": lambda i: runner.run(pre[i]),
             "agent": lambda i: agent.process([items[i]]),
@@ -140,13 +145,13 @@ def print_table(rec: dict[str, Any]) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from edgecore.clikit import emit_json
+    from edgecore.clikit import emit_json, trust_from_args
 
     if not args.run and not args.data:
         raise BenchError("hw-bench agent needs inputs: --run RUN_DIR (its test split) or --data NPZ")
     data = from_run_dir(args.run) if args.run else load_npz(args.data)
     rec = bench_agent(args.bundle, data, rounds=args.rounds, threads=args.threads, warmup=args.warmup,
-                      limit=args.limit)
+                      limit=args.limit, trust=trust_from_args(args))
     print_table(rec)
     if args.json:
         emit_json(rec)
@@ -155,7 +160,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Register ``hw-bench agent`` on the CLI's subparsers."""
-    from edgecore.clikit import add_common, add_json_flag
+    from edgecore.clikit import add_common, add_json_flag, add_trust_args
 
     p = sub.add_parser("agent", help="the agent's per-input cost over the bare runtime (interleaved rounds)")
     add_common(p)
@@ -166,5 +171,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--warmup", type=int, default=50, help="untimed inputs per path first (default 50)")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: the agent's device default; 0: the runtime's own)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N inputs")
+    add_trust_args(p, who="the agent")
     add_json_flag(p)
     p.set_defaults(func=cmd_agent)

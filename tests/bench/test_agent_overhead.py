@@ -16,7 +16,8 @@ def test_agent_bench_reports_both_paths_and_the_ratio(tiny_bundle: Path, tiny_da
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     npz = tmp_path / "data.npz"
     save_npz(npz, tiny_data)
-    assert main(["agent", str(tiny_bundle), "--data", str(npz), "--rounds", "3", "--warmup", "5", "--json"]) == 0
+    assert main(["agent", str(tiny_bundle), "--data", str(npz), "--rounds", "3", "--warmup", "5", "--json",
+                 "--allow-unsigned"]) == 0
     out = capsys.readouterr().out
     rec = json.loads(out.strip().splitlines()[-1])
     assert "agent overhead" in out and "bare" in out  # the table
@@ -38,7 +39,8 @@ def test_agent_bench_threads_zero_is_the_runtime_default(tiny_bundle: Path, tiny
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     npz = tmp_path / "data.npz"
     save_npz(npz, tiny_data)
-    assert main(["agent", str(tiny_bundle), "--data", str(npz), "--rounds", "1", "--threads", "0", "--json"]) == 0
+    assert main(["agent", str(tiny_bundle), "--data", str(npz), "--rounds", "1", "--threads", "0", "--json",
+                 "--allow-unsigned"]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["threads"] == 0 and rec["runtime_threads"] is None
 
@@ -49,5 +51,7 @@ def test_agent_bench_refuses_missing_or_mismatched_inputs(tiny_bundle: Path, tmp
     assert "--run RUN_DIR" in capsys.readouterr().err
     npz = tmp_path / "wrong.npz"
     save_npz(npz, TestData(np.zeros((4, 3, 8, 8), np.float32), np.zeros(4, np.int64), "wrong"))
-    assert main(["agent", str(tiny_bundle), "--data", str(npz)]) == 2
+    assert main(["agent", str(tiny_bundle), "--data", str(npz), "--allow-unsigned"]) == 2
     assert "the bundle takes [1, 8, 8]" in capsys.readouterr().err
+    assert main(["agent", str(tiny_bundle), "--data", str(npz)]) == 2  # unsigned, and no --allow-unsigned
+    assert "signatures are required" in capsys.readouterr().err
