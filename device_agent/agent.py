@@ -205,7 +205,8 @@ class Agent:
         """Answer a batch: local model first, uncertain ones to the cloud within the deadline."""
         if not items:
             return []
-        raw = np.stack([it.raw for it in items]).astype(np.float32, copy=False)
+        raw = (np.asarray(items[0].raw)[None] if len(items) == 1 else np.stack([it.raw for it in items])).astype(
+            np.float32, copy=False)
         inf = self.model.infer(raw)
         self.telemetry.observe(seconds=inf.seconds, confidence=inf.confidence, raw=raw)
         preds = inf.logits.argmax(axis=1)

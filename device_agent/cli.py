@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--drop-policy", choices=["drop-oldest", "drop-newest"], default="drop-oldest")
     r.add_argument("--batch-size", type=int, default=1)
     r.add_argument("--drift-window", type=int, default=500)
-    r.add_argument("--threads", type=int)
+    r.add_argument("--threads", type=int, help="runtime threads (default: 1 for models up to 1 MiB, else the "
+                   "runtime's own; 0: the runtime's own)")
     r.add_argument("--update-base", action="append", metavar="URL",
                    help="update_bundle URLs must be under this gateway URL (repeatable; none: updates by URL refused)")
     r.add_argument("--output", type=Path, help="JSON lines of answers (default stdout)")

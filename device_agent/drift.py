@@ -10,7 +10,6 @@ per-input statistics of the raw input (mean and std of each sample).
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,20 +73,65 @@ class DriftConfig:
 
 
 class DriftMonitor:
-    """Keeps the last ``window`` confidences and input statistics; scores them on demand."""
+    """Keeps the last ``window`` confidences and input statistics; scores them on demand.
+
+    Why a ring of one numpy array: ``observe`` runs once per input, and three
+    deque extends of ``tolist()`` results plus numpy's ``mean``/``std``
+    machinery cost more than a tiny model's inference. The statistics come
+    from one sum and one sum of squares per sample (float64), the ring takes
+    them with one slice assignment; PSI and KS do not depend on order, so
+    ``scores`` reads the ring as it lies.
+    """
 
     STATS = ("confidence", "mean", "std")
 
     def __init__(self, reference: dict[str, Any] | None, config: DriftConfig = DriftConfig()) -> None:
         self.config = config
         self.reference = reference
-        self._buf: dict[str, deque[float]] = {k: deque(maxlen=config.window) for k in self.STATS}
+        self._ring = np.zeros((len(self.STATS), max(1, config.window)), dtype=np.float64)
+        self._next = 0  # write position
+        self._n = 0  # filled slots
 
     def observe(self, *, confidence: np.ndarray, raw: np.ndarray) -> None:
-        flat = np.asarray(raw, dtype=np.float64).reshape(len(confidence), -1)
-        self._buf["confidence"].extend(np.asarray(confidence, dtype=np.float64).tolist())
-        self._buf["mean"].extend(flat.mean(axis=1).tolist())
-        self._buf["std"].extend(flat.std(axis=1).tolist())
+        conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+        k = len(conf)
+        if k == 1:  # the usual case on a device: three scalars into the ring, no temporaries
+            v = np.asarray(raw, dtype=np.float64).reshape(-1)
+            d = len(v)
+            m = float(v.sum()) / d
+            var = float(v @ v) / d - m * m
+            j = self._next
+            self._ring[0, j], self._ring[1, j], self._ring[2, j] = conf[0], m, math.sqrt(var) if var > 0 else 0.0
+            self._next = (j + 1) % self._ring.shape[1]
+            self._n = min(self._ring.shape[1], self._n + 1)
+            return
+        flat = np.asarray(raw).reshape(k, -1)
+        d = flat.shape[1]
+        mean = flat.sum(axis=1, dtype=np.float64) / d
+        sq = np.einsum("ij,ij->i", flat, flat, dtype=np.float64) / d
+        std = np.sqrt(np.maximum(sq - mean * mean, 0.0))
+        self._put(np.stack((conf, mean, std)))
+
+    def _put(self, cols: np.ndarray) -> None:
+        w = self._ring.shape[1]
+        k = cols.shape[1]
+        if k >= w:  # only the newest window survives
+            self._ring[:] = cols[:, k - w :]
+            self._next, self._n = 0, w
+            return
+        end = self._next + k
+        if end <= w:
+            self._ring[:, self._next : end] = cols
+        else:
+            split = w - self._next
+            self._ring[:, self._next :] = cols[:, :split]
+            self._ring[:, : k - split] = cols[:, split:]
+        self._next = end % w
+        self._n = min(w, self._n + k)
+
+    def live(self, name: str) -> np.ndarray:
+        """The retained values of one statistic (order not kept)."""
+        return self._ring[self.STATS.index(name), : self._n].copy()
 
     def _ref(self, name: str) -> dict[str, Any] | None:
         if not self.reference:
@@ -98,7 +142,7 @@ class DriftMonitor:
 
     def scores(self) -> dict[str, Any] | None:
         """``{stat: {psi, ks_d, ks_p}, flag, n}`` or None without a reference or enough data."""
-        n = len(self._buf["confidence"])
+        n = self._n
         if not self.reference or n < self.config.min_samples:
             return None
         out: dict[str, Any] = {"n": n}
@@ -107,7 +151,7 @@ class DriftMonitor:
             ref = self._ref(name)
             if not ref:
                 continue
-            live = np.fromiter(self._buf[name], dtype=np.float64)
+            live = self.live(name)
             counts, edges = reference_bins(ref)
             s_psi = psi(counts, edges, live)
             d, p = ks_2samp(live, np.asarray(ref.get("sample") or [], dtype=np.float64))
@@ -119,5 +163,4 @@ class DriftMonitor:
     def reset(self, reference: dict[str, Any] | None) -> None:
         """A new bundle brings a new reference; old samples no longer compare."""
         self.reference = reference
-        for b in self._buf.values():
-            b.clear()
+        self._next = self._n = 0

@@ -54,10 +54,33 @@ def _routing(bundle: Bundle) -> tuple[str, float, float | None]:
     return (r.measure, r.temperature, r.threshold) if r is not None else ("max_prob", 1.0, None)
 
 
+#: models up to this size run on one runtime thread unless told otherwise: their ops are too small for
+#: a thread pool's hand-offs to pay, and the agent and the OS need the other cores (docs/bench.md)
+TINY_MODEL_BYTES = 1 << 20
+
+
+def model_bytes(bundle: Bundle) -> int:
+    """Bytes of the artifact itself (its main file, files beside it of the same stem, or its folder)."""
+    main = bundle.manifest.artifact.main.rstrip("/")
+    stem = main.rsplit(".", 1)[0]
+    return sum(e.size for name, e in bundle.manifest.files.items()
+               if name == main or name.startswith(main + "/") or name.rsplit(".", 1)[0] == stem)
+
+
+def device_threads(bundle: Bundle, threads: int | None) -> int | None:
+    """Runtime threads on the device: ``threads`` if given (0: the runtime's own), else 1 for tiny models."""
+    if threads is not None:
+        return int(threads) or None
+    return 1 if model_bytes(bundle) <= TINY_MODEL_BYTES else None
+
+
 def load_model(bundle: Bundle, *, threads: int | None = None) -> LoadedModel:
-    """Load with this device's runtime, answer a smoke input and read what the agent needs, or raise."""
+    """Load with this device's runtime, answer a smoke input and read what the agent needs, or raise.
+
+    ``threads``: None picks the device default (`device_threads`), 0 the runtime's own.
+    """
     try:
-        runner = load_runner(bundle, threads=threads)
+        runner = load_runner(bundle, threads=device_threads(bundle, threads))
     except EdgeError:
         raise
     except Exception as e:  # runtimes raise their own types for corrupt artifacts

@@ -36,9 +36,12 @@ def confidence(logits: np.ndarray, *, measure: Measure | str = Measure.MAX_PROB,
     m = Measure(measure)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if m is Measure.MAX_PROB:  # the top probability is 1 / sum(exp(z - max z)): no full softmax per input
+        z = np.atleast_2d(np.asarray(logits, dtype=np.float64))
+        if temperature != 1.0:
+            z = z / float(temperature)
+        return 1.0 / np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)
     p = softmax(np.atleast_2d(logits), temperature=temperature)
-    if m is Measure.MAX_PROB:
-        return p.max(axis=1)
     if m is Measure.MARGIN:
         if p.shape[1] < 2:
             return np.ones(len(p))

@@ -7,6 +7,7 @@
     hw-bench fleet --broker mqtt://HOST:PORT --username U --password P --devices ID,ID
                    --bundle PATH_OR_URL [--deadline S] --out DIR
     hw-bench models --out DIR [--families mobilenet,resnet] [--targets ...] [--precisions ...]
+    hw-bench agent BUNDLE (--run RUN_DIR | --data NPZ) [--rounds R] [--threads N] [--json]
 
 The CLI only parses and calls; the logic lives in importable functions.
 """
@@ -171,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default=None, help="default: every precision of each target")
     p.add_argument("--size", type=int, default=224)
     p.set_defaults(func=cmd_models)
+
+    from .agent_overhead import add_parser as add_agent_parser
+
+    add_agent_parser(sub)
     return parser
 
 

@@ -43,7 +43,81 @@ def test_latency_histogram_percentiles():
     assert 0.045 <= s["p50"] <= 0.065 and 0.09 <= s["p95"] <= 0.13 and s["p99"] >= s["p95"]
     snap = h.snapshot_and_reset()
     assert snap.count == 1000 and h.count == 0 and h.quantile(0.5) is None
-    assert len(h.counts) == 72  # fixed buckets: memory does not grow with inputs
+    assert len(h.counts) == len(snap.counts) == 386  # fixed buckets: memory does not grow with inputs
+
+
+@pytest.mark.parametrize("name", ["uniform", "lognormal", "bimodal", "three", "constant", "microseconds"])
+def test_latency_histogram_percentiles_within_5_percent_of_numpy(name):
+    rng = np.random.default_rng(7)
+    data = {
+        "uniform": rng.uniform(1e-5, 2e-3, 4000),
+        "lognormal": rng.lognormal(np.log(1e-4), 0.6, 4000),  # a long tail, as latencies have
+        "bimodal": np.concatenate([rng.normal(8e-5, 4e-6, 3000), rng.normal(2e-3, 1e-4, 1000)]),
+        "three": np.array([1e-4, 2e-4, 3e-4]),
+        "constant": np.full(50, 1.234e-4),
+        "microseconds": rng.uniform(2e-6, 9e-6, 1000),  # a tiny model on a fast runtime
+    }[name]
+    h = LatencyHistogram()
+    for v in data:
+        h.observe(float(v))
+    for q in (0.0, 0.5, 0.9, 0.95, 0.99, 1.0):
+        exact = float(np.percentile(data, 100 * q))
+        assert h.quantile(q) == pytest.approx(exact, rel=0.05), (q, h.quantile(q), exact)
+    assert h.summary()["mean"] == pytest.approx(float(data.mean()))
+
+
+def test_latency_histograms_merge_like_one():
+    rng = np.random.default_rng(3)
+    a, b = rng.lognormal(-9, 0.5, 500), rng.lognormal(-7, 0.5, 500)
+    ha, hb, hab = LatencyHistogram(), LatencyHistogram(), LatencyHistogram()
+    for v in a:
+        ha.observe(float(v))
+        hab.observe(float(v))
+    for v in b:
+        hb.observe(float(v))
+        hab.observe(float(v))
+    ha.merge(hb)
+    assert ha.counts == hab.counts and ha.summary() == pytest.approx(hab.summary())
+
+
+def _drift_reference(rng: np.random.Generator) -> dict:
+    def block(sample: np.ndarray) -> dict:
+        counts, edges = np.histogram(sample, bins=10)
+        return {"counts": counts.tolist(), "edges": edges.tolist(), "sample": sample.tolist()}
+
+    return {"confidence": block(rng.beta(8, 1, 400)),
+            "features": {"mean": block(rng.normal(5.0, 1.0, 400)), "std": block(rng.gamma(4.0, 1.5, 400))}}
+
+
+@pytest.mark.parametrize("batches", [[1] * 700, [3, 1, 64, 1, 600, 7, 1, 250], [1] * 40])
+def test_drift_monitor_vectorised_matches_per_sample_statistics(batches):
+    """The ring of sums gives the scores the per-sample mean/std of the last ``window`` inputs give."""
+    rng = np.random.default_rng(11)
+    ref = _drift_reference(rng)
+    cfg = DriftConfig(window=500, min_samples=30)
+    mon = DriftMonitor(ref, cfg)
+    kept: list[tuple[float, float, float]] = []
+    for k in batches:
+        raw = rng.uniform(0, 16, size=(k, 1, 8, 8)).astype(np.float32) * rng.uniform(0.2, 1.0)
+        conf = rng.beta(6, 1, size=k)
+        mon.observe(confidence=conf, raw=raw)
+        flat = raw.reshape(k, -1).astype(np.float64)
+        kept += [(float(c), float(r.mean()), float(r.std())) for c, r in zip(conf, flat)]
+    kept = kept[-cfg.window:]
+    expected = DriftMonitor(ref, cfg)
+    for c, m, sd in kept:  # the reference: one exact sample at a time, statistics already computed
+        expected._put(np.array([[c], [m], [sd]]))
+    for i, name in enumerate(DriftMonitor.STATS):
+        assert sorted(mon.live(name)) == pytest.approx(sorted(v[i] for v in kept), rel=1e-9, abs=1e-12)
+    got, want = mon.scores(), expected.scores()
+    if len(kept) < cfg.min_samples:
+        assert got is None and want is None
+    else:
+        assert got["n"] == want["n"] == len(kept) and got["flag"] == want["flag"]
+        for name in DriftMonitor.STATS:
+            assert got[name] == pytest.approx(want[name], rel=1e-9, abs=1e-12)
+    mon.reset(ref)
+    assert mon.scores() is None and len(mon.live("mean")) == 0
 
 
 def test_drift_scores_separate_same_from_shifted():
