@@ -192,16 +192,40 @@ def measure(
     if not contenders:
         raise BenchError("nothing to benchmark")
     reps = max(1, int(repetitions))
-    per = dataclasses.replace(
-        settings,
-        min_duration_s=settings.min_duration_s / reps,
-        min_queries=max(1, int(np.ceil(settings.min_queries / reps))),
-    )
     names = [c.name for c in contenders]
     if len(set(names)) != len(names):
         raise BenchError(f"two contenders share a name (the same bundle given twice?): {names}")
     cdata = {c.name: data_for(c.input_spec, data) for c in contenders}
     inputs = {c.name: inputs_for(c.input_spec, cdata[c.name]) for c in contenders}
+    rounds = _run_rounds(contenders, inputs, settings=settings, reps=reps, progress=progress)
+    baselines = {c.model: c for c in contenders if c.is_baseline}
+    rows = []
+    for c in contenders:
+        merged = _merge(rounds[c.name])
+        row: dict[str, Any] = {"artifact": c.name, **c.meta, "threads": settings_threads(c)}
+        row.update(merged.to_dict())
+        row["settings"] = settings.to_dict() | {"repetitions": reps}
+        row.update(_speedup(c, baselines.get(c.model), rounds))
+        row["accuracy"] = None
+        if do_accuracy and cdata[c.name] is not None:
+            row["accuracy"] = accuracy(c.run, c.input_spec, cdata[c.name])
+        rows.append(row)
+    return rows
+
+
+def _run_rounds(
+    contenders: list[Contender], inputs: dict[str, np.ndarray], *, settings: Settings, reps: int,
+    progress: Callable[[str], None] | None,
+) -> dict[str, list[ScenarioResult]]:
+    """``reps`` interleaved rounds (the order rotates), each with 1/reps of the budget; results per contender.
+
+    Offline: the first round searches the batch size, later rounds reuse it (and its search record).
+    """
+    per = dataclasses.replace(
+        settings,
+        min_duration_s=settings.min_duration_s / reps,
+        min_queries=max(1, int(np.ceil(settings.min_queries / reps))),
+    )
     rounds: dict[str, list[ScenarioResult]] = {c.name: [] for c in contenders}
     fixed_batch: dict[str, int] = {}
     search: dict[str, ScenarioResult] = {}
@@ -219,27 +243,19 @@ def measure(
                 res = offline(c.run, inputs[c.name], per)
                 fixed_batch[c.name], search[c.name] = res.batch_size, res
             rounds[c.name].append(res)
-    baselines = {c.model: c for c in contenders if c.is_baseline}
-    rows = []
-    for c in contenders:
-        merged = _merge(rounds[c.name])
-        row: dict[str, Any] = {"artifact": c.name, **c.meta, "threads": settings_threads(c)}
-        row.update(merged.to_dict())
-        row["settings"] = settings.to_dict() | {"repetitions": reps}
-        base = baselines.get(c.model)
-        if base is not None and not c.is_baseline:
-            ratios = [_score(a) / _score(b) for a, b in zip(rounds[c.name], rounds[base.name])]
-            row["speedup_vs_pytorch"] = float(np.median(ratios))
-            row["speedup_rounds"] = [round(x, 4) for x in ratios]
-        elif c.is_baseline:
-            row["speedup_vs_pytorch"] = 1.0
-        else:
-            row["speedup_vs_pytorch"] = None
-        row["accuracy"] = None
-        if do_accuracy and cdata[c.name] is not None:
-            row["accuracy"] = accuracy(c.run, c.input_spec, cdata[c.name])
-        rows.append(row)
-    return rows
+    return rounds
+
+
+def _speedup(
+    c: Contender, base: Contender | None, rounds: dict[str, list[ScenarioResult]]
+) -> dict[str, Any]:
+    """Speed-up vs the model's baseline: median of per-round ratios (1.0 for a baseline, None without one)."""
+    if base is not None and not c.is_baseline:
+        ratios = [_score(a) / _score(b) for a, b in zip(rounds[c.name], rounds[base.name])]
+        return {"speedup_vs_pytorch": float(np.median(ratios)), "speedup_rounds": [round(x, 4) for x in ratios]}
+    if c.is_baseline:
+        return {"speedup_vs_pytorch": 1.0}
+    return {"speedup_vs_pytorch": None}
 
 
 def settings_threads(c: Contender) -> int | None:

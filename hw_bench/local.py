@@ -9,7 +9,9 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from edgecore.bundle import Bundle
 from edgecore.errors import BenchError
+from targets.base import InputSpec
 
 from .bench import Contender, bundle_contender, measure, open_bundles, split_runnable
 from .data import TestData, from_run_dir, load_npz
@@ -47,51 +49,68 @@ def run_local(
             raise BenchError("no bundles to benchmark")
         raise BenchError("no bundle here can run: " + "; ".join(f"{n['artifact']}: {n['reason']}" for n in not_run))
     contenders: list[Contender] = [bundle_contender(b, threads=threads) for b in opened]
-    models = {c.model: c.input_spec for c in contenders}
     tests: list[TestData] = [load_npz(d) for d in data]
     specs = list(baselines)
     for rd in run_dirs:
         tests.append(from_run_dir(rd))
         specs.append(str(rd))
     if specs:
-        from .baseline import torch_contender
-
-        base = [torch_contender(s, models=models, threads=threads) for s in specs]
-        seen = set()
-        for b in base:
-            if b.model in seen:
-                raise BenchError(f"two baselines for model {b.model!r}")
-            seen.add(b.model)
-        contenders = base + contenders
+        contenders = _baseline_contenders(specs, {c.model: c.input_spec for c in contenders}, threads) + contenders
     rows = measure(contenders, settings=settings, repetitions=repetitions, data=tests, do_accuracy=accuracy,
                    progress=progress)
     checks: list[dict[str, Any]] = []
     notes: list[str] = []
     if vendor_check:
-        from .bench import data_for, inputs_for
-        from .vendor import cross_check_openvino, trtexec_status
-
-        bundle_contenders = contenders[len(contenders) - len(opened):]
-        for b, row, c in zip(opened, rows[len(contenders) - len(opened):], bundle_contenders):
-            if b.target == "openvino":
-                if settings.scenario is not Scenario.SINGLE_STREAM:
-                    notes.append(f"{row['artifact']}: benchmark_app cross-check runs with single-stream only")
-                    continue
-                if progress:
-                    progress(f"benchmark_app: {row['artifact']}")
-                samples = inputs_for(c.input_spec, data_for(c.input_spec, tests))
-                checks.append({"artifact": row["artifact"],
-                               **cross_check_openvino(b, c.run, samples, threads=threads, seconds=vendor_seconds,
-                                                      rounds=vendor_rounds)})
-            elif b.target == "jetson":
-                checks.append({"artifact": row["artifact"], **trtexec_status()})
-        if not any(b.target == "jetson" for b in opened):
-            t = trtexec_status()
-            notes.append("trtexec: " + (f"present at {t['path']} (no jetson bundle given)" if t["available"] else t["reason"]))
+        n = len(opened)
+        checks, notes = _vendor_checks(
+            opened, rows[len(contenders) - n:], contenders[len(contenders) - n:], tests, settings=settings,
+            threads=threads, seconds=vendor_seconds, rounds=vendor_rounds, progress=progress,
+        )
     notes.append(harness_overhead_note())
     env = environment(threads=threads)
     notes.append("int8 on this CPU: " + int8_hint(env["cpu"]))
     return new_run(env=env, rows=rows, cross_checks=checks, notes=notes, not_run=not_run)
+
+
+def _baseline_contenders(specs: list[str], models: dict[str, InputSpec], threads: int | None) -> list[Contender]:
+    """The PyTorch baselines of ``specs``, at most one per model."""
+    from .baseline import torch_contender
+
+    base = [torch_contender(s, models=models, threads=threads) for s in specs]
+    seen = set()
+    for b in base:
+        if b.model in seen:
+            raise BenchError(f"two baselines for model {b.model!r}")
+        seen.add(b.model)
+    return base
+
+
+def _vendor_checks(
+    opened: list[Bundle], rows: list[dict[str, Any]], bundle_contenders: list[Contender], tests: list[TestData], *,
+    settings: Settings, threads: int | None, seconds: float, rounds: int, progress: Callable[[str], None] | None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """(cross-checks against the vendors' tools, notes): benchmark_app for openvino, trtexec for jetson."""
+    from .bench import data_for, inputs_for
+    from .vendor import cross_check_openvino, trtexec_status
+
+    checks: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for b, row, c in zip(opened, rows, bundle_contenders):
+        if b.target == "openvino":
+            if settings.scenario is not Scenario.SINGLE_STREAM:
+                notes.append(f"{row['artifact']}: benchmark_app cross-check runs with single-stream only")
+                continue
+            if progress:
+                progress(f"benchmark_app: {row['artifact']}")
+            samples = inputs_for(c.input_spec, data_for(c.input_spec, tests))
+            checks.append({"artifact": row["artifact"],
+                           **cross_check_openvino(b, c.run, samples, threads=threads, seconds=seconds, rounds=rounds)})
+        elif b.target == "jetson":
+            checks.append({"artifact": row["artifact"], **trtexec_status()})
+    if not any(b.target == "jetson" for b in opened):
+        t = trtexec_status()
+        notes.append("trtexec: " + (f"present at {t['path']} (no jetson bundle given)" if t["available"] else t["reason"]))
+    return checks, notes
 
 
 def harness_overhead_note() -> str:

@@ -87,33 +87,60 @@ def markdown(runs: list[dict[str, Any]], rows: list[dict[str, Any]], sources: li
     L: list[str] = ["# hw-bench report", ""]
     L.append("Sources: " + ", ".join(f"`{s}`" for s in sources))
     L.append("")
-    envs = []
+    envs = _envs(runs)
+    L += _env_section(envs)
+    L += _fleet_section([d for run in runs for d in run.get("devices", [])])
+    L += _results_section(rows)
+    L += _int8_section(int8_vs_fp32(rows), envs)
+    L += _cross_check_section([c for run in runs for c in run.get("cross_checks", [])])
+    L += not_run_section([n for run in runs for n in run.get("not_run", [])])
+    notes = [n for run in runs for n in run.get("notes", [])]
+    if notes:
+        L += ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
+    L += ["## Plots", "", "![latency distribution](latency.png)", "", "![accuracy vs latency](pareto.png)", ""]
+    return "\n".join(L)
+
+
+def _envs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every distinct environment of the runs and their fleet devices, in order."""
+    envs: list[dict[str, Any]] = []
     for run in runs:
         for e in [run.get("env")] + list(run.get("envs", [])) + [d.get("env") for d in run.get("devices", [])]:
             if e and e not in envs:
                 envs.append(e)
-    if envs:
-        L += ["## Environment", "", "| host | CPU | cores (logical/usable) | ISA | threads | load avg 1/5/15 min | python | date |",
-              "|---|---|---|---|---|---|---|---|"]
-        for e in envs:
-            cpu = e.get("cpu", {})
-            isa = ", ".join(k for k, v in (cpu.get("isa") or {}).items() if v) or "–"
-            L.append(f"| {e.get('hostname')} | {cpu.get('model')} | {cpu.get('logical_cores')}/{cpu.get('usable_cores')} "
-                     f"| {isa} | {e.get('threads') or 'default'} | {' / '.join(map(str, e.get('load_avg') or [])) or '–'} "
-                     f"| {e.get('python')} | {e.get('date')} |")
-        L.append("")
-    fleet = [d for run in runs for d in run.get("devices", [])]
-    if fleet:
-        L += ["## Fleet devices", "", "| device | status | detail |", "|---|---|---|"]
-        for d in fleet:
-            status = "ok" if d.get("ok") else ("no answer" if d.get("status") == "timeout" else "error")
-            L.append(f"| {d['device_id']} | {status} | {d.get('error') or d.get('env', {}).get('cpu', {}).get('model', '')} |")
-        L.append("")
-    L += ["## Results", "",
-          "Latency per query (batch 1 for single-stream); throughput in samples/s; speed-up = PyTorch eager fp32 "
-          "p50 / this p50 (offline: throughput ratio), median of interleaved rounds.", "",
-          "| artifact | device | target | precision | scenario | batch | p50 ms | p99 ms | throughput/s | speed-up vs PyTorch | accuracy | size |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    return envs
+
+
+def _env_section(envs: list[dict[str, Any]]) -> list[str]:
+    if not envs:
+        return []
+    L = ["## Environment", "", "| host | CPU | cores (logical/usable) | ISA | threads | load avg 1/5/15 min | python | date |",
+         "|---|---|---|---|---|---|---|---|"]
+    for e in envs:
+        cpu = e.get("cpu", {})
+        isa = ", ".join(k for k, v in (cpu.get("isa") or {}).items() if v) or "–"
+        L.append(f"| {e.get('hostname')} | {cpu.get('model')} | {cpu.get('logical_cores')}/{cpu.get('usable_cores')} "
+                 f"| {isa} | {e.get('threads') or 'default'} | {' / '.join(map(str, e.get('load_avg') or [])) or '–'} "
+                 f"| {e.get('python')} | {e.get('date')} |")
+    return L + [""]
+
+
+def _fleet_section(fleet: list[dict[str, Any]]) -> list[str]:
+    if not fleet:
+        return []
+    L = ["## Fleet devices", "", "| device | status | detail |", "|---|---|---|"]
+    for d in fleet:
+        status = "ok" if d.get("ok") else ("no answer" if d.get("status") == "timeout" else "error")
+        L.append(f"| {d['device_id']} | {status} | {d.get('error') or d.get('env', {}).get('cpu', {}).get('model', '')} |")
+    return L + [""]
+
+
+def _results_section(rows: list[dict[str, Any]]) -> list[str]:
+    L = ["## Results", "",
+         "Latency per query (batch 1 for single-stream); throughput in samples/s; speed-up = PyTorch eager fp32 "
+         "p50 / this p50 (offline: throughput ratio), median of interleaved rounds.", "",
+         "| artifact | device | target | precision | scenario | batch | p50 ms | p99 ms | throughput/s | speed-up vs PyTorch | accuracy | size |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lat = r.get("latency_ms", {})
         sp = r.get("speedup_vs_pytorch")
@@ -123,40 +150,40 @@ def markdown(runs: list[dict[str, Any]], rows: list[dict[str, Any]], sources: li
             f"| {_tput(r.get('throughput_sps'))} | {_fmt(sp, '.2f') + '×' if sp is not None else '–'} "
             f"| {_fmt(_acc(r), '.4f')} | {_size(r.get('size_bytes'))} |"
         )
-    L.append("")
-    iv = int8_vs_fp32(rows)
-    if iv:
-        L += ["## int8 vs fp32 per runtime", "",
-              "| model | target | fp32 p50 ms | int8 p50 ms | int8 latency speed-up | int8 throughput speed-up | fp32 acc | int8 acc |",
-              "|---|---|---|---|---|---|---|---|"]
-        for x in iv:
-            L.append(f"| {x['model']}{' @' + x['device_id'] if x['device_id'] else ''} | {x['target']} | {_fmt(x['fp32_p50_ms'])} "
-                     f"| {_fmt(x['int8_p50_ms'])} | {_fmt(x['latency_speedup'], '.2f')}× | {_fmt(x['throughput_speedup'], '.2f')}× "
-                     f"| {_fmt(x['fp32_accuracy'], '.4f')} | {_fmt(x['int8_accuracy'], '.4f')} |")
-        cpu = (envs[0].get("cpu") if envs else None) or {}
-        if cpu:
-            L += ["", f"CPU: {cpu.get('model')}: {int8_hint(cpu)}."]
-        L.append("")
-    checks = [c for run in runs for c in run.get("cross_checks", [])]
-    if checks:
-        L += ["## Vendor tool cross-check", "",
-              "Same IR, same threads, one stream, sync API, batch 1, f32 inference; alternating rounds, medians.", "",
-              "| artifact | tool | tool median ms | our p50 ms | ours / tool (latency) | tool throughput/s | our throughput/s | ours / tool (throughput) |",
-              "|---|---|---|---|---|---|---|---|"]
-        for c in checks:
-            if c.get("available"):
-                L.append(f"| {c['artifact']} | {c['tool']} | {_fmt(c['median_ms'])} | {_fmt(c['ours_median_ms'])} "
-                         f"| {_fmt(c['latency_ratio'], '.3f')} | {_tput(c['throughput_sps'])} "
-                         f"| {_tput(c['ours_throughput_sps'])} | {_fmt(c['throughput_ratio'], '.3f')} |")
-            else:
-                L.append(f"| {c['artifact']} | {c['tool']} | absent: {c.get('reason')} | | | | | |")
-        L.append("")
-    L += not_run_section([n for run in runs for n in run.get("not_run", [])])
-    notes = [n for run in runs for n in run.get("notes", [])]
-    if notes:
-        L += ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
-    L += ["## Plots", "", "![latency distribution](latency.png)", "", "![accuracy vs latency](pareto.png)", ""]
-    return "\n".join(L)
+    return L + [""]
+
+
+def _int8_section(iv: list[dict[str, Any]], envs: list[dict[str, Any]]) -> list[str]:
+    if not iv:
+        return []
+    L = ["## int8 vs fp32 per runtime", "",
+         "| model | target | fp32 p50 ms | int8 p50 ms | int8 latency speed-up | int8 throughput speed-up | fp32 acc | int8 acc |",
+         "|---|---|---|---|---|---|---|---|"]
+    for x in iv:
+        L.append(f"| {x['model']}{' @' + x['device_id'] if x['device_id'] else ''} | {x['target']} | {_fmt(x['fp32_p50_ms'])} "
+                 f"| {_fmt(x['int8_p50_ms'])} | {_fmt(x['latency_speedup'], '.2f')}× | {_fmt(x['throughput_speedup'], '.2f')}× "
+                 f"| {_fmt(x['fp32_accuracy'], '.4f')} | {_fmt(x['int8_accuracy'], '.4f')} |")
+    cpu = (envs[0].get("cpu") if envs else None) or {}
+    if cpu:
+        L += ["", f"CPU: {cpu.get('model')}: {int8_hint(cpu)}."]
+    return L + [""]
+
+
+def _cross_check_section(checks: list[dict[str, Any]]) -> list[str]:
+    if not checks:
+        return []
+    L = ["## Vendor tool cross-check", "",
+         "Same IR, same threads, one stream, sync API, batch 1, f32 inference; alternating rounds, medians.", "",
+         "| artifact | tool | tool median ms | our p50 ms | ours / tool (latency) | tool throughput/s | our throughput/s | ours / tool (throughput) |",
+         "|---|---|---|---|---|---|---|---|"]
+    for c in checks:
+        if c.get("available"):
+            L.append(f"| {c['artifact']} | {c['tool']} | {_fmt(c['median_ms'])} | {_fmt(c['ours_median_ms'])} "
+                     f"| {_fmt(c['latency_ratio'], '.3f')} | {_tput(c['throughput_sps'])} "
+                     f"| {_tput(c['ours_throughput_sps'])} | {_fmt(c['throughput_ratio'], '.3f')} |")
+        else:
+            L.append(f"| {c['artifact']} | {c['tool']} | absent: {c.get('reason')} | | | | | |")
+    return L + [""]
 
 
 def build_accuracy_cell(n: dict[str, Any]) -> str:

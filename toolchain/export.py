@@ -108,19 +108,32 @@ def _check_and_compare(
 
 def export(cfg: Config, run_dir: Path | str | None = None, *, show: bool = True) -> dict[str, Any]:
     """Export the run's models to ONNX and validate them; returns the export report."""
-    import torch
-
-    from toolchain import engine
-
     t0 = time.perf_counter()
     run = RunDir(run_dir if run_dir is not None else cfg.run.dir)
     compress_report = run.report("compress")
-    splits = run.splits()
-    spec = splits.input_spec
-    input_shape = spec.sample_shape
-    X = spec.preprocess(splits.test[0])
-    y = splits.test[1]
-    Xt = torch.from_numpy(X)
+    models = _export_all(cfg, run)
+    bits = (compress_report or {}).get("qdq_weight_bits")
+    report: dict[str, Any] = {
+        "command": "export",
+        "run_dir": str(run.path),
+        "opset": cfg.export.opset,
+        "models": models,
+        "qdq_weight_bits": bits,
+        "student_fp32_ort_accuracy": models["student"]["ort_accuracy"],
+        "student_qdq_ort_accuracy": models.get("student_qdq", {}).get("ort_accuracy"),
+        "teacher_ort_accuracy": models.get("teacher", {}).get("ort_accuracy"),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    run.write_report("export", report)
+    if show:
+        from toolchain.report import print_export
+
+        print_export(report)
+    return report
+
+
+def _plan(cfg: Config, run: RunDir) -> list[tuple[str, str, Any, float | None, float | None]]:
+    """(key, file name, PyTorch model, atol, min agreement) of every graph to export."""
     plan: list[tuple[str, str, Any, float | None, float | None]] = [
         ("student", RunDir.STUDENT_ONNX, run.load_student(), cfg.export.atol, None),
     ]
@@ -128,6 +141,22 @@ def export(cfg: Config, run_dir: Path | str | None = None, *, show: bool = True)
         plan.append(("student_qdq", RunDir.STUDENT_QDQ, run.load_student_qat(), None, cfg.export.min_agreement))
     if cfg.export.teacher:
         plan.append(("teacher", RunDir.TEACHER_ONNX, run.load_teacher(), cfg.export.atol, None))
+    return plan
+
+
+def _export_all(cfg: Config, run: RunDir) -> dict[str, Any]:
+    """Export and check every planned graph in a temporary folder; rename them into place only if all passed."""
+    import torch
+
+    from toolchain import engine
+
+    splits = run.splits()
+    spec = splits.input_spec
+    input_shape = spec.sample_shape
+    X = spec.preprocess(splits.test[0])
+    y = splits.test[1]
+    Xt = torch.from_numpy(X)
+    plan = _plan(cfg, run)
     models: dict[str, Any] = {}
     problems: list[str] = []
     staged: list[tuple[Path, Path]] = []
@@ -149,21 +178,4 @@ def export(cfg: Config, run_dir: Path | str | None = None, *, show: bool = True)
             raise ExportError("ONNX export does not match PyTorch: " + "; ".join(problems))
         for tmp, final in staged:
             os.replace(tmp, final)
-    bits = (compress_report or {}).get("qdq_weight_bits")
-    report: dict[str, Any] = {
-        "command": "export",
-        "run_dir": str(run.path),
-        "opset": cfg.export.opset,
-        "models": models,
-        "qdq_weight_bits": bits,
-        "student_fp32_ort_accuracy": models["student"]["ort_accuracy"],
-        "student_qdq_ort_accuracy": models.get("student_qdq", {}).get("ort_accuracy"),
-        "teacher_ort_accuracy": models.get("teacher", {}).get("ort_accuracy"),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    run.write_report("export", report)
-    if show:
-        from toolchain.report import print_export
-
-        print_export(report)
-    return report
+    return models
