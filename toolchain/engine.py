@@ -185,6 +185,102 @@ class FitOptions:
     restore_best: bool = True
 
 
+def _loader(train: tuple[torch.Tensor, torch.Tensor], opts: FitOptions) -> tuple[Any, Any]:
+    """(DataLoader, DistributedSampler or None) over the training split."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    ds = TensorDataset(train[0], train[1])
+    sampler = DistributedSampler(ds, seed=opts.seed, shuffle=True) if is_distributed() else None
+    gen = torch.Generator().manual_seed(opts.seed)
+    loader = DataLoader(
+        ds, batch_size=opts.batch_size, shuffle=sampler is None, sampler=sampler, generator=gen, drop_last=len(ds) > opts.batch_size
+    )
+    return loader, sampler
+
+
+def _optimizer(model: nn.Module, opts: FitOptions, steps_per_epoch: int) -> tuple[Any, Any]:
+    """AdamW and a warm-up + cosine schedule stepped per batch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    total = opts.epochs * steps_per_epoch
+    warm = opts.warmup_epochs * steps_per_epoch
+
+    def lr_lambda(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+@dataclass
+class _Loop:
+    """What one epoch of `fit` needs besides the model."""
+
+    wrapped: nn.Module
+    loader: Any
+    loss_fn: LossFn
+    opt: Any
+    sched: Any
+    scaler: Any
+    dev: Any
+    use_amp: bool
+    show: bool
+
+
+def _train_epoch(loop: _Loop, opts: FitOptions, epoch: int) -> float:
+    """One pass over the loader; returns the mean training loss."""
+    from tqdm.auto import tqdm
+
+    from edgecore.clikit import on_terminal
+
+    total_loss, n = 0.0, 0
+    bar = tqdm(loop.loader, desc=f"{opts.desc} {epoch + 1}/{opts.epochs}", leave=False,
+               disable=not loop.show or not on_terminal(), unit="batch")
+    for xb, yb in bar:
+        xb, yb = xb.to(loop.dev), yb.to(loop.dev)
+        if opts.augment:
+            xb = shift_augment(xb)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=loop.use_amp):
+            loss = loop.loss_fn(loop.wrapped, xb, yb)
+        loop.opt.zero_grad(set_to_none=True)
+        loop.scaler.scale(loss).backward()
+        loop.scaler.step(loop.opt)
+        loop.scaler.update()
+        loop.sched.step()
+        total_loss += float(loss.detach()) * len(xb)
+        n += len(xb)
+        bar.set_postfix(loss=f"{total_loss / max(n, 1):.4f}")
+    bar.close()
+    return total_loss / max(n, 1)
+
+
+def _end_epoch(state: FitState, model: nn.Module, opts: FitOptions, epoch: int, loss: float, val_acc: float,
+               show: bool) -> None:
+    """Record the epoch, keep the best weights, apply early stopping, report the line."""
+    from tqdm.auto import tqdm
+
+    state.epoch = epoch + 1
+    state.history.append({"epoch": epoch + 1, "loss": loss, "val_accuracy": val_acc})
+    if val_acc > state.best_acc:
+        state.best_acc, state.best_epoch, state.bad_epochs = val_acc, epoch + 1, 0
+        state.best_state = copy.deepcopy(model.state_dict())
+    else:
+        state.bad_epochs += 1
+        if opts.patience is not None and state.bad_epochs >= opts.patience:
+            state.stopped_early = True
+    line = (
+        f"{opts.desc} epoch {epoch + 1}/{opts.epochs}: loss {loss:.4f} "
+        f"val_acc {val_acc:.4f} (best {state.best_acc:.4f} @ {state.best_epoch})"
+    )
+    if show:
+        tqdm.write(line)
+    elif rank() == 0:
+        log.info(line)
+
+
 def fit(
     model: nn.Module,
     *,
@@ -197,35 +293,15 @@ def fit(
     eval_model: Callable[[], nn.Module] | None = None,
 ) -> FitState:
     """Train ``model`` in place; returns the final state (best weights loaded)."""
-    from torch.utils.data import DataLoader, TensorDataset
-    from torch.utils.data.distributed import DistributedSampler
-
     dev = device()
     model.to(dev)
-    ds = TensorDataset(train[0], train[1])
-    sampler = DistributedSampler(ds, seed=opts.seed, shuffle=True) if is_distributed() else None
-    gen = torch.Generator().manual_seed(opts.seed)
-    loader = DataLoader(
-        ds, batch_size=opts.batch_size, shuffle=sampler is None, sampler=sampler, generator=gen, drop_last=len(ds) > opts.batch_size
-    )
+    loader, sampler = _loader(train, opts)
     wrapped: nn.Module = model
     if is_distributed():
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         wrapped = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    steps_per_epoch = max(1, len(loader))
-    total = opts.epochs * steps_per_epoch
-    warm = opts.warmup_epochs * steps_per_epoch
-
-    def lr_lambda(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, total - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    opt, sched = _optimizer(model, opts, max(1, len(loader)))
     state = state or FitState()
     if state.model is not None:
         model.load_state_dict(state.model)
@@ -234,56 +310,18 @@ def fit(
     if state.scheduler is not None:
         sched.load_state_dict(state.scheduler)
     use_amp = opts.amp and dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    show = opts.progress and rank() == 0
+    loop = _Loop(wrapped, loader, loss_fn, opt, sched, torch.amp.GradScaler("cuda", enabled=use_amp), dev, use_amp,
+                 opts.progress and rank() == 0)
     Xv, yv = val
-    from tqdm.auto import tqdm
-
-    from edgecore.clikit import on_terminal
-
     while state.epoch < opts.epochs and not state.stopped_early:
         epoch = state.epoch
         if sampler is not None:
             sampler.set_epoch(epoch)
         torch.manual_seed(opts.seed * 1000 + epoch)
         model.train()
-        total_loss, n = 0.0, 0
-        bar = tqdm(loader, desc=f"{opts.desc} {epoch + 1}/{opts.epochs}", leave=False,
-                   disable=not show or not on_terminal(), unit="batch")
-        for xb, yb in bar:
-            xb, yb = xb.to(dev), yb.to(dev)
-            if opts.augment:
-                xb = shift_augment(xb)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                loss = loss_fn(wrapped, xb, yb)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            total_loss += float(loss.detach()) * len(xb)
-            n += len(xb)
-            bar.set_postfix(loss=f"{total_loss / max(n, 1):.4f}")
-        bar.close()
+        loss = _train_epoch(loop, opts, epoch)
         m = eval_model() if eval_model is not None else model
-        val_acc = accuracy(m, Xv, yv)
-        state.epoch = epoch + 1
-        state.history.append({"epoch": epoch + 1, "loss": total_loss / max(n, 1), "val_accuracy": val_acc})
-        if val_acc > state.best_acc:
-            state.best_acc, state.best_epoch, state.bad_epochs = val_acc, epoch + 1, 0
-            state.best_state = copy.deepcopy(model.state_dict())
-        else:
-            state.bad_epochs += 1
-            if opts.patience is not None and state.bad_epochs >= opts.patience:
-                state.stopped_early = True
-        line = (
-            f"{opts.desc} epoch {epoch + 1}/{opts.epochs}: loss {total_loss / max(n, 1):.4f} "
-            f"val_acc {val_acc:.4f} (best {state.best_acc:.4f} @ {state.best_epoch})"
-        )
-        if show:
-            tqdm.write(line)
-        elif rank() == 0:
-            log.info(line)
+        _end_epoch(state, model, opts, epoch, loss, accuracy(m, Xv, yv), loop.show)
         state.model, state.optimizer, state.scheduler = model.state_dict(), opt.state_dict(), sched.state_dict()
         if on_epoch_end is not None:
             on_epoch_end(state)

@@ -24,66 +24,37 @@ _DOWNSTREAM = (
 )
 
 
-def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = False) -> dict[str, Any]:
-    """Train the teacher; returns the train report (also written to reports/train.json)."""
-    import torch
-
+def _resume_state(last: Path, splits: Any, cfg: Config) -> Any:
+    """The saved training state to continue from, refused when data or teacher config changed."""
     from toolchain import engine
-    from toolchain.data import add_import_dirs, data_record, import_dirs, load_splits
-    from toolchain.models import build_model, count_macs, count_params
 
-    t0 = time.perf_counter()
-    distributed = engine.init_distributed()
-    is_main = engine.rank() == 0
-    path = Path(run_dir) if run_dir is not None else cfg.run.dir
-    engine.set_seed(cfg.run.seed)
-    python_dirs = import_dirs(cfg)
-    add_import_dirs(python_dirs)
-    splits = load_splits(cfg.data, seed=cfg.run.seed)
-    spec = splits.input_spec
-    run = RunDir(path, create=True)
-    last = run.checkpoints / "last.pt"
-    state = None
-    if resume:
-        if not last.is_file():
-            raise ModelError(f"--resume: {last} does not exist (nothing to resume)")
-        ck = load_checkpoint(last, kind="train-state")
-        if ck.get("data_sha256") != splits.sha256 or ck.get("model_config") != to_dict(cfg)["teacher"]:
-            raise ModelError(f"--resume: {last} was made with another data set or teacher config")
-        state = engine.FitState.from_dict(ck["state"])
-    if is_main:
-        if not resume:
-            for name in _DOWNSTREAM:
-                (run.path / name).unlink(missing_ok=True)
-        atomic_write_text(run.file(RunDir.CONFIG), to_toml(cfg))
-        run.write_data_record(data_record(splits, cfg.data, seed=cfg.run.seed, python_dirs=python_dirs))
+    if not last.is_file():
+        raise ModelError(f"--resume: {last} does not exist (nothing to resume)")
+    ck = load_checkpoint(last, kind="train-state")
+    if ck.get("data_sha256") != splits.sha256 or ck.get("model_config") != to_dict(cfg)["teacher"]:
+        raise ModelError(f"--resume: {last} was made with another data set or teacher config")
+    return engine.FitState.from_dict(ck["state"])
 
-    input_shape = spec.sample_shape
-    model = build_model(cfg.teacher, input_shape=input_shape, num_classes=splits.num_classes)
-    Xtr, ytr = engine.normalise(splits.train[0], spec), torch.from_numpy(splits.train[1])
-    Xv, yv = engine.normalise(splits.val[0], spec), torch.from_numpy(splits.val[1])
-    Xte, yte = engine.normalise(splits.test[0], spec), torch.from_numpy(splits.test[1])
+
+def _fit_options(cfg: Config, input_shape: tuple[int, ...]) -> Any:
+    from toolchain import engine
+
     t = cfg.train
-    opts = engine.FitOptions(
+    return engine.FitOptions(
         epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay, warmup_epochs=t.warmup_epochs, patience=t.patience,
         batch_size=cfg.data.batch_size, augment=t.augment and len(input_shape) == 3, amp=t.amp, desc="teacher",
         progress=t.progress, seed=cfg.run.seed,
     )
 
-    def checkpoint(st: engine.FitState) -> None:
-        if is_main:
-            save_checkpoint(last, {
-                "kind": "train-state", "state": st.to_dict(), "data_sha256": splits.sha256,
-                "model_config": to_dict(cfg)["teacher"],
-            })
 
-    state = engine.fit(
-        model, loss_fn=engine.ce_loss(t.label_smoothing), train=(Xtr, ytr), val=(Xv, yv), opts=opts,
-        state=state, on_epoch_end=checkpoint,
-    )
-    model = model.cpu().eval()
-    test_acc = engine.accuracy(model, Xte, yte)
-    report: dict[str, Any] = {
+def _report(cfg: Config, run: RunDir, splits: Any, model: Any, input_shape: tuple[int, ...], state: Any,
+            test_acc: float, resume: bool, t0: float) -> dict[str, Any]:
+    import torch
+
+    from toolchain import engine
+    from toolchain.models import count_macs, count_params
+
+    return {
         "command": "train",
         "run_dir": str(run.path),
         "data": {"source": cfg.data.source, "sha256": splits.sha256,
@@ -103,11 +74,60 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = Fals
         "history": state.history,
         "world_size": engine.world_size(),
         "device": str(engine.device()),
-        "amp": bool(t.amp and torch.cuda.is_available()),
+        "amp": bool(cfg.train.amp and torch.cuda.is_available()),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = False) -> dict[str, Any]:
+    """Train the teacher; returns the train report (also written to reports/train.json)."""
+    import torch
+
+    from toolchain import engine
+    from toolchain.data import add_import_dirs, data_record, import_dirs, load_splits
+    from toolchain.models import build_model
+
+    t0 = time.perf_counter()
+    distributed = engine.init_distributed()
+    is_main = engine.rank() == 0
+    path = Path(run_dir) if run_dir is not None else cfg.run.dir
+    engine.set_seed(cfg.run.seed)
+    python_dirs = import_dirs(cfg)
+    add_import_dirs(python_dirs)
+    splits = load_splits(cfg.data, seed=cfg.run.seed)
+    spec = splits.input_spec
+    run = RunDir(path, create=True)
+    last = run.checkpoints / "last.pt"
+    state = _resume_state(last, splits, cfg) if resume else None
     if is_main:
-        size = save_checkpoint(run.file(RunDir.TEACHER), {
+        if not resume:
+            for name in _DOWNSTREAM:
+                (run.path / name).unlink(missing_ok=True)
+        atomic_write_text(run.file(RunDir.CONFIG), to_toml(cfg))
+        run.write_data_record(data_record(splits, cfg.data, seed=cfg.run.seed, python_dirs=python_dirs))
+
+    input_shape = spec.sample_shape
+    model = build_model(cfg.teacher, input_shape=input_shape, num_classes=splits.num_classes)
+    Xtr, ytr = engine.normalise(splits.train[0], spec), torch.from_numpy(splits.train[1])
+    Xv, yv = engine.normalise(splits.val[0], spec), torch.from_numpy(splits.val[1])
+    Xte, yte = engine.normalise(splits.test[0], spec), torch.from_numpy(splits.test[1])
+
+    def checkpoint(st: engine.FitState) -> None:
+        if is_main:
+            save_checkpoint(last, {
+                "kind": "train-state", "state": st.to_dict(), "data_sha256": splits.sha256,
+                "model_config": to_dict(cfg)["teacher"],
+            })
+
+    state = engine.fit(
+        model, loss_fn=engine.ce_loss(cfg.train.label_smoothing), train=(Xtr, ytr), val=(Xv, yv),
+        opts=_fit_options(cfg, input_shape), state=state, on_epoch_end=checkpoint,
+    )
+    model = model.cpu().eval()
+    test_acc = engine.accuracy(model, Xte, yte)
+    report = _report(cfg, run, splits, model, input_shape, state, test_acc, resume, t0)
+    if is_main:
+        report["teacher"]["size_bytes"] = save_checkpoint(run.file(RunDir.TEACHER), {
             "kind": "teacher",
             "model_config": to_dict(cfg)["teacher"],
             "input_shape": list(input_shape),
@@ -115,7 +135,6 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = Fals
             "state_dict": model.state_dict(),
             "test_accuracy": test_acc,
         })
-        report["teacher"]["size_bytes"] = size
         run.write_report("train", report)
     if distributed:
         import torch.distributed as dist
