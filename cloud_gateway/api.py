@@ -125,6 +125,14 @@ def create_app(
         if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
             _fail(401, "missing or wrong token")
 
+    _register_health(app, metrics=metrics, health=health)
+    _register_devices(app, store=store, publish=publish, prefix=prefix, require_token=require_token)
+    _register_bundles(app, bundles_dir=bundles_dir, trust=trust, require_token=require_token)
+    _register_dashboard(app)
+    return app
+
+
+def _register_health(app: Flask, *, metrics: Metrics, health: Callable[[], dict[str, Any]] | None) -> None:
     @app.get("/healthz")
     def healthz() -> Any:
         h = {"ok": True, **(health() if health else {})}
@@ -134,6 +142,9 @@ def create_app(
     def prom() -> Response:
         return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
 
+
+def _register_devices(app: Flask, *, store: TelemetryStore, publish: Callable[[str, bytes], None] | None,
+                      prefix: str, require_token: Callable[[], None]) -> None:
     @app.get("/api/devices")
     def list_devices() -> Any:
         return jsonify([_device_view(r) for r in store.devices()])
@@ -162,6 +173,8 @@ def create_app(
         publish(wire.Topics.of(prefix, device_id, wire.Topics.CMD), wire.dumps({k: v for k, v in body.items() if k != "schema"}))
         return jsonify({"ok": True})
 
+
+def _register_bundles(app: Flask, *, bundles_dir: Path, trust: TrustPolicy, require_token: Callable[[], None]) -> None:
     @app.get("/api/bundles")
     def list_bundles() -> Any:
         return jsonify([{"name": p.name.removesuffix(".tar.gz"), "sha256": sha256_file(p), "size": p.stat().st_size}
@@ -182,21 +195,28 @@ def create_app(
         name = name.removesuffix(".tar.gz")
         if not _NAME_RE.match(name):
             _fail(400, "bundle name: 1-100 characters from A-Z a-z 0-9 _ . -")
-        tmp = Path(tempfile.mkdtemp(prefix="upload-", dir=bundles_dir))
-        try:
-            tar = tmp / "b.tar.gz"
-            tar.write_bytes(request.get_data())
-            try:
-                b = trust.open(tar, extract_to=tmp / "x")  # refuse anything not valid, or not signed by a trusted key
-            except BundleTrustError as e:
-                _fail(400, f"not a valid bundle: {_scrub(str(e), tmp / 'x', tmp, bundles_dir)}")
-            final = bundles_dir / f"{name}.tar.gz"
-            tar.replace(final)
-            return jsonify({"name": name, "sha256": sha256_file(final), "manifest_sha256": b.manifest_sha256,
-                            "url": f"{request.host_url.rstrip('/')}/api/bundles/{name}"}), 201
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        return _store_upload(bundles_dir, trust, name)
 
+
+def _store_upload(bundles_dir: Path, trust: TrustPolicy, name: str) -> Any:
+    """Verify the request body as a bundle and move it in as ``<name>.tar.gz``; nothing kept on failure."""
+    tmp = Path(tempfile.mkdtemp(prefix="upload-", dir=bundles_dir))
+    try:
+        tar = tmp / "b.tar.gz"
+        tar.write_bytes(request.get_data())
+        try:
+            b = trust.open(tar, extract_to=tmp / "x")  # refuse anything not valid, or not signed by a trusted key
+        except BundleTrustError as e:
+            _fail(400, f"not a valid bundle: {_scrub(str(e), tmp / 'x', tmp, bundles_dir)}")
+        final = bundles_dir / f"{name}.tar.gz"
+        tar.replace(final)
+        return jsonify({"name": name, "sha256": sha256_file(final), "manifest_sha256": b.manifest_sha256,
+                        "url": f"{request.host_url.rstrip('/')}/api/bundles/{name}"}), 201
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _register_dashboard(app: Flask) -> None:
     @app.get("/")
     @app.get("/dashboard")
     def dashboard() -> Response:
@@ -215,5 +235,3 @@ def create_app(
     @app.get("/static/dashboard.css")
     def dashboard_css() -> Response:
         return Response(_static("dashboard.css"), mimetype="text/css")
-
-    return app

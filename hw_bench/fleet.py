@@ -62,6 +62,76 @@ def _broker(url: str) -> Any:
         raise BenchError(str(e)) from e
 
 
+class _FleetClient:
+    """The paho callbacks of one fleet job: connection, subscription acks, and the devices' answers."""
+
+    def __init__(self, *, job_id: str, devices: list[str], progress: Callable[[str], None] | None) -> None:
+        self.job_id, self.devices, self.progress = job_id, devices, progress
+        self.answers: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.connected = threading.Event()
+        self.connect_rc: list[Any] = []
+        self.suback = threading.Event()
+        self.pending_sub: set[int] = set()
+
+    def on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        self.connect_rc.append(rc)
+        self.connected.set()
+
+    def on_subscribe(self, client: Any, userdata: Any, mid: int, rcs: Any, props: Any = None) -> None:
+        with self.lock:
+            self.pending_sub.discard(mid)
+            if not self.pending_sub:
+                self.suback.set()
+
+    def on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        parts = msg.topic.split("/")
+        dev = parts[-2] if len(parts) >= 2 else ""
+        try:
+            body = json.loads(msg.payload)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return
+        if not isinstance(body, dict) or body.get("job_id") != self.job_id or dev not in self.devices:
+            return  # an older job's answer, or noise
+        with self.lock:
+            if dev in self.answers:
+                return
+            self.answers[dev] = body
+            if self.progress:
+                self.progress(f"{dev}: {'ok' if body.get('ok') else 'error: ' + str(body.get('error'))}")
+            if len(self.answers) == len(self.devices):
+                self.done.set()
+
+    def attach(self, client: Any) -> None:
+        client.on_connect, client.on_subscribe, client.on_message = self.on_connect, self.on_subscribe, self.on_message
+
+    def check_connected(self, broker: str, timeout_s: float) -> None:
+        if not self.connected.wait(timeout_s):
+            raise BenchError(f"broker {broker} did not answer the connection within {timeout_s} s")
+        rc = self.connect_rc[0]
+        if getattr(rc, "is_failure", False) or (isinstance(rc, int) and rc != 0):
+            raise BenchError(f"broker {broker} refused the connection: {rc} (check --username/--password)")
+
+    def subscribe(self, client: Any, broker: str, prefix: str, timeout_s: float) -> None:
+        with self.lock:
+            for d in self.devices:
+                r, mid = client.subscribe(Topics.of(prefix, d, Topics.BENCH), qos=1)
+                self.pending_sub.add(mid)
+        if not self.suback.wait(timeout_s):
+            raise BenchError(f"broker {broker} did not acknowledge the subscriptions")
+
+
+def _check_devices(devices: list[str]) -> None:
+    if not devices:
+        raise BenchError("no devices given")
+    if len(set(devices)) != len(devices):
+        raise BenchError(f"a device is listed twice: {devices}")
+    for d in devices:
+        if not d or any(c in d for c in "/+#"):
+            raise BenchError(f"bad device id {d!r}")
+
+
 def run_fleet(
     *,
     broker: str,
@@ -79,74 +149,24 @@ def run_fleet(
     """Dispatch ``job`` to ``devices`` and collect one run dict (``devices`` + flattened ``results``)."""
     import paho.mqtt.client as mqtt
 
-    if not devices:
-        raise BenchError("no devices given")
-    if len(set(devices)) != len(devices):
-        raise BenchError(f"a device is listed twice: {devices}")
-    for d in devices:
-        if not d or any(c in d for c in "/+#"):
-            raise BenchError(f"bad device id {d!r}")
+    _check_devices(devices)
     addr = _broker(broker)
     host, port = addr.host, addr.port
     job_id = uuid.uuid4().hex
-    answers: dict[str, dict[str, Any]] = {}
-    lock = threading.Lock()
-    done = threading.Event()
-    connected = threading.Event()
-    connect_rc: list[Any] = []
-    suback = threading.Event()
-    pending_sub: set[int] = set()
-
-    def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
-        connect_rc.append(rc)
-        connected.set()
-
-    def on_subscribe(client: Any, userdata: Any, mid: int, rcs: Any, props: Any = None) -> None:
-        with lock:
-            pending_sub.discard(mid)
-            if not pending_sub:
-                suback.set()
-
-    def on_message(client: Any, userdata: Any, msg: Any) -> None:
-        parts = msg.topic.split("/")
-        dev = parts[-2] if len(parts) >= 2 else ""
-        try:
-            body = json.loads(msg.payload)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return
-        if not isinstance(body, dict) or body.get("job_id") != job_id or dev not in devices:
-            return  # an older job's answer, or noise
-        with lock:
-            if dev in answers:
-                return
-            answers[dev] = body
-            if progress:
-                progress(f"{dev}: {'ok' if body.get('ok') else 'error: ' + str(body.get('error'))}")
-            if len(answers) == len(devices):
-                done.set()
-
+    fc = _FleetClient(job_id=job_id, devices=devices, progress=progress)
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"hw-bench-{job_id[:8]}")
     if username:
         client.username_pw_set(username, password)
     addr.configure(client)
-    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    fc.attach(client)
     try:
         client.connect(host, port, keepalive=30)
     except OSError as e:
         raise BenchError(f"cannot reach broker {broker}: {e}") from e
     client.loop_start()
     try:
-        if not connected.wait(connect_timeout_s):
-            raise BenchError(f"broker {broker} did not answer the connection within {connect_timeout_s} s")
-        rc = connect_rc[0]
-        if getattr(rc, "is_failure", False) or (isinstance(rc, int) and rc != 0):
-            raise BenchError(f"broker {broker} refused the connection: {rc} (check --username/--password)")
-        with lock:
-            for d in devices:
-                r, mid = client.subscribe(Topics.of(prefix, d, Topics.BENCH), qos=1)
-                pending_sub.add(mid)
-        if not suback.wait(connect_timeout_s):
-            raise BenchError(f"broker {broker} did not acknowledge the subscriptions")
+        fc.check_connected(broker, connect_timeout_s)
+        fc.subscribe(client, broker, prefix, connect_timeout_s)
         msg = job.message(job_id=job_id, bundle=bundle, sha256=sha256)
         infos = [client.publish(Topics.of(prefix, d, Topics.CMD), json.dumps(msg), qos=1) for d in devices]
         for i in infos:
@@ -154,12 +174,12 @@ def run_fleet(
         if progress:
             progress(f"job {job_id} sent to {len(devices)} device(s); waiting up to {deadline_s:g} s")
         started = time.monotonic()
-        done.wait(deadline_s)
+        fc.done.wait(deadline_s)
         waited = time.monotonic() - started
     finally:
         client.loop_stop()
         client.disconnect()
-    return collect(devices=devices, answers=answers, job=msg, deadline_s=deadline_s, waited_s=waited)
+    return collect(devices=devices, answers=fc.answers, job=msg, deadline_s=deadline_s, waited_s=waited)
 
 
 def collect(*, devices: list[str], answers: dict[str, dict[str, Any]], job: dict[str, Any], deadline_s: float,
