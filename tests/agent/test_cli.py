@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from tests.agent.tiny import Listener, start_gateway, test_pub_path
+from tests.agent.tiny import Listener, start_gateway, release_pub_path
 
 
 def _agent(*args, timeout=120):
-    trust = ["--trust-key", str(test_pub_path())] if args[0] in ("run", "verify") else []
+    trust = ["--trust-key", str(release_pub_path())] if args[0] in ("run", "verify") else []
     return subprocess.run([sys.executable, "-m", "device_agent.cli", *args, *trust], capture_output=True, text=True,
                           timeout=timeout)
 
@@ -77,7 +77,7 @@ def test_cli_mqtt_source_answers_on_the_answers_topic(mosquitto, tiny_cascade, t
     p = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "run", "--bundle", str(run.bundle_dir),
                           "--source", "mqtt:", "--device-id", "dev-c", "--broker", mosquitto.url, "--username", user,
                           "--password", pw, "--state-dir", str(tmp_path / "s"), "--output", str(tmp_path / "a.jsonl"),
-                          "--trust-key", str(test_pub_path())],
+                          "--trust-key", str(release_pub_path())],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         end = time.monotonic() + 60

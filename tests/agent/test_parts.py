@@ -33,7 +33,7 @@ from device_agent.updates import fetch_bundle, prune_bundles, url_allowed
 from edgecore import wire
 from edgecore.bundle import file_entries, open_bundle
 from edgecore.errors import AgentError, BundleTrustError
-from tests.agent.tiny import items, retag_bundle, sign_dir, test_trust
+from tests.agent.tiny import items, retag_bundle, sign_dir, release_trust
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,7 +82,7 @@ def test_local_model_reads_everything_before_a_swap_and_rolls_back(tiny_cascade,
 
 def test_update_with_unreadable_drift_reference_keeps_the_old_model_serving(tiny_cascade, tmp_path):
     run = tiny_cascade
-    agent = Agent(run.bundle_dir, AgentConfig(device_id="x", trust=test_trust(), threads=1, state_dir=tmp_path / "s"))
+    agent = Agent(run.bundle_dir, AgentConfig(device_id="x", trust=release_trust(), threads=1, state_dir=tmp_path / "s"))
     old = agent.bundle.manifest_sha256
     bad = _bad_drift_bundle(run.bundle_dir, tmp_path / "bad")
     with pytest.raises(BundleTrustError, match="drift reference"):
@@ -206,7 +206,7 @@ def test_command_registry_has_one_function_per_command(tiny_cascade):
         reg.get("reboot")
     with pytest.raises(AgentError, match="unknown command None"):
         reg.get(None)
-    agent = Agent(tiny_cascade.bundle_dir, AgentConfig(device_id="x", trust=test_trust()), commands={"ping": reg.get("ping")})
+    agent = Agent(tiny_cascade.bundle_dir, AgentConfig(device_id="x", trust=release_trust()), commands={"ping": reg.get("ping")})
     assert agent.handle_command({"cmd": "ping", "n": 1}) == {"cmd": "ping", "ok": True}
     out = agent.handle_command({"cmd": "update_bundle", "url": "http://evil.example/b.tar.gz"})
     assert not out["ok"] and "--update-base" in out["error"]  # no bases configured: updates by URL refused
@@ -275,7 +275,7 @@ def test_download_errors_say_what_failed_without_network_details(tiny_cascade, t
     srv = _Server(served, redirect=f"http://127.0.0.1:{closed}/")
     state = tmp_path / "state"
     try:
-        ok = fetch_bundle(url=f"{srv.url}/good.tar.gz", sha256=None, state_dir=state, allowed=[srv.url], trust=test_trust())
+        ok = fetch_bundle(url=f"{srv.url}/good.tar.gz", sha256=None, state_dir=state, allowed=[srv.url], trust=release_trust())
         assert ok.root.parent == state / "bundles"
         msgs = {}
         for name, url, allowed in [
@@ -284,11 +284,11 @@ def test_download_errors_say_what_failed_without_network_details(tiny_cascade, t
             ("redirect out", f"{srv.url}/go/b.tar.gz", [srv.url]),
         ]:
             with pytest.raises(BundleTrustError) as e:
-                fetch_bundle(url=url, sha256=None, state_dir=state, allowed=allowed, trust=test_trust())
+                fetch_bundle(url=url, sha256=None, state_dir=state, allowed=allowed, trust=release_trust())
             msgs[name] = str(e.value)
         assert set(msgs.values()) == {"bundle download failed"}, msgs  # no oracle between them
         with pytest.raises(BundleTrustError, match="^not a bundle this device trusts") as e:
-            fetch_bundle(url=f"{srv.url}/junk.tar.gz", sha256=None, state_dir=state, allowed=[srv.url], trust=test_trust())
+            fetch_bundle(url=f"{srv.url}/junk.tar.gz", sha256=None, state_dir=state, allowed=[srv.url], trust=release_trust())
         assert str(tmp_path) not in str(e.value) and "gzip" not in str(e.value).lower()
     finally:
         srv.close()
@@ -304,7 +304,7 @@ def test_agent_keeps_current_and_previous_bundle_only(tiny_cascade, tmp_path):
         (served / tar.name).write_bytes(tar.read_bytes())
     srv = _Server(served)
     state = tmp_path / "state"
-    agent = Agent(run.bundle_dir, AgentConfig(device_id="x", trust=test_trust(), threads=1, state_dir=state,
+    agent = Agent(run.bundle_dir, AgentConfig(device_id="x", trust=release_trust(), threads=1, state_dir=state,
                                               update_bases=(f"{srv.url}/",)))
     (state / "bundles").mkdir(parents=True)
     (state / "bundles" / "stale").mkdir()  # left by an older agent

@@ -24,7 +24,7 @@ from tests.agent.tiny import (
     items,
     make_agent,
     start_gateway,
-    test_pub_path,
+    release_pub_path,
     wait_for,
 )
 
@@ -51,7 +51,7 @@ class _AgentProcess:
             [sys.executable, "-m", "device_agent.cli", "run", "--bundle", str(run.bundle_dir), "--source", "mqtt:",
              "--device-id", "dev-b", "--broker", broker.url, "--username", user, "--password", pw,
              "--state-dir", str(state), "--window", str(window), "--output", str(out),
-             "--trust-key", str(test_pub_path())],
+             "--trust-key", str(release_pub_path())],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: any(t.endswith("status") and json.loads(p).get("state") == "online"
                              for t, p in self.watch.messages), 60, "agent online")

@@ -16,7 +16,7 @@ from device_agent.sources import folder_source, iterator_source, npz_source
 from edgecore import wire
 from edgecore.bundle import TrustPolicy, open_bundle
 from edgecore.errors import AgentError, BundleTrustError
-from tests.agent.tiny import items, test_trust
+from tests.agent.tiny import items, release_trust
 
 
 def test_tensor_roundtrip_and_errors():
@@ -206,19 +206,19 @@ def test_bundle_trust_refusals(tmp_path, tiny_cascade):
     with open(bad / "model.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(BundleTrustError, match="model.onnx: size"):
-        Agent(bad, AgentConfig(device_id="x", trust=test_trust()))
+        Agent(bad, AgentConfig(device_id="x", trust=release_trust()))
     m = json.loads((tiny_cascade.bundle_dir / "manifest.json").read_text())
     shutil.rmtree(bad)
     shutil.copytree(tiny_cascade.bundle_dir, bad)
     (bad / "manifest.json").write_text(json.dumps({**m, "schema_version": 42}))
     with pytest.raises(BundleTrustError, match="schema version 42"):
-        Agent(bad, AgentConfig(device_id="x", trust=test_trust()))
+        Agent(bad, AgentConfig(device_id="x", trust=release_trust()))
     (bad / "manifest.json").write_text(json.dumps({**m, "target": "coreml"}))
     with pytest.raises(BundleTrustError, match="does not match the manifest"):  # edited after signing
-        Agent(bad, AgentConfig(device_id="x", trust=test_trust()))
+        Agent(bad, AgentConfig(device_id="x", trust=release_trust()))
     (bad / "manifest.sig").unlink()
     with pytest.raises(BundleTrustError, match="bundle is not signed"):
-        Agent(bad, AgentConfig(device_id="x", trust=test_trust()))
+        Agent(bad, AgentConfig(device_id="x", trust=release_trust()))
     with pytest.raises(BundleTrustError, match="no trusted public key is configured.*--trust-key"):
         Agent(bad, AgentConfig(device_id="x"))  # the default trusts nothing
     with pytest.raises(Exception, match="coreml"):  # development mode: unsigned passes, the runtime refuses
@@ -227,7 +227,7 @@ def test_bundle_trust_refusals(tmp_path, tiny_cascade):
 
 def test_edge_only_agent_answers_everything_and_commands(tiny_cascade):
     run = tiny_cascade
-    agent = Agent(run.bundle_dir, AgentConfig(device_id="x", trust=test_trust()))
+    agent = Agent(run.bundle_dir, AgentConfig(device_id="x", trust=release_trust()))
     ans = list(agent.run(items(run.x_test[:50], run.y_test[:50])))
     s = summarize(ans)
     assert s["inputs"] == 50 and s["edge"] + s["fallback"] == 50
@@ -246,7 +246,7 @@ def test_live_failure_after_a_swap_rolls_back(tiny_cascade, tmp_path):
 
     run = tiny_cascade
     retag_bundle(run.bundle_dir, tmp_path / "v2", version="2")
-    agent = Agent(run.bundle_dir, AgentConfig(device_id="x", trust=test_trust(), threads=1))
+    agent = Agent(run.bundle_dir, AgentConfig(device_id="x", trust=release_trust(), threads=1))
     agent.swap_bundle(open_bundle(tmp_path / "v2"))
     assert agent.bundle.version == "2"
 

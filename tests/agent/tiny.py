@@ -54,14 +54,14 @@ def signing_key():
     return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"edge-toolchain test release key").digest())
 
 
-def test_trust() -> TrustPolicy:
+def release_trust() -> TrustPolicy:
     from edgecore.signing import TrustedKey, key_id
 
     pub = signing_key().public_key()
     return TrustPolicy(keys=(TrustedKey(key_id(pub), pub),))
 
 
-def test_pub_path() -> Path:
+def release_pub_path() -> Path:
     """The test key's .pub file, for ``--trust-key`` on the command lines."""
     import tempfile
 
@@ -218,7 +218,7 @@ def start_gateway(broker, run: TinyRun, tmp: Path, *, replica: str = "gw-0", htt
         worker=WorkerConfig(broker_url=broker.url, username=user, password=pw, replica_id=replica,
                             batch_ms=batch_ms, mqtt_version=mqtt_version),
         teacher=run.teacher_onnx, db=db or str(tmp / "gateway.sqlite"), bundles_dir=tmp / "bundles",
-        http_port=0 if http else None, token=token, threads=1, trust=test_trust(),
+        http_port=0 if http else None, token=token, threads=1, trust=release_trust(),
     )
     return Gateway(cfg).start()
 
@@ -229,7 +229,7 @@ def make_agent(broker, bundle, device_id: str, tmp: Path, *, commands=None, **ov
 
     user, pw = broker.credentials(device_id)
     kw = dict(deadline_s=0.5, telemetry_window_s=0.2, state_dir=tmp / f"agent-{device_id}", threads=1,
-              trust=test_trust())
+              trust=release_trust())
     kw.update(overrides)
     cfg = AgentConfig(device_id=device_id, broker_url=broker.url, username=user, password=pw, **kw)
     return Agent(bundle, cfg, commands=commands)
