@@ -67,7 +67,10 @@ class HttpServer:
 
     def stop(self) -> None:
         self._stop.set()
-        self._server.pull_trigger()  # type: ignore[union-attr]  # wake the poll loop
+        try:
+            self._server.pull_trigger()  # type: ignore[union-attr]  # wake the poll loop at once
+        except OSError:
+            pass  # the loop saw the stop flag first and already closed the trigger: nothing to wake
         self._thread.join(timeout=10)
 
 
