@@ -114,7 +114,7 @@ class CoreMLTarget(Target):
         try:
             import coremltools as ct
         except ImportError as e:
-            return False, f"coremltools is not installed ({e}); {self.install_hint}"
+            return False, f"coremltools is not installed ({e}); on a device: pip install 'edge-toolchain[agent-coreml]'; to build: {self.install_hint}"
         return True, f"coremltools {ct.__version__} on macOS {platform.mac_ver()[0]}"
 
     def build_available(self) -> tuple[bool, str]:

@@ -121,7 +121,7 @@ class OpenVinoTarget(Target):
         try:
             import openvino as ov
         except ImportError as e:
-            return False, f"openvino is not installed ({e}); {self.install_hint}"
+            return False, f"openvino is not installed ({e}); on a device: pip install 'edge-toolchain[agent-openvino]'; to build: {self.install_hint}"
         try:
             devices = ov.Core().available_devices
         except Exception as e:  # plugin discovery failures are runtime errors of many kinds

@@ -127,7 +127,7 @@ class TfliteTarget(Target):
         try:
             from ai_edge_litert.interpreter import Interpreter  # noqa: F401
         except ImportError as e:
-            return False, f"ai-edge-litert is not installed ({e}); {self.install_hint}"
+            return False, f"ai-edge-litert is not installed ({e}); on a device: pip install 'edge-toolchain[agent-tflite]'; to build: {self.install_hint}"
         return True, f"ai-edge-litert {self.runtime_version()}"
 
     def build_available(self) -> tuple[bool, str]:

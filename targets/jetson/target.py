@@ -33,7 +33,7 @@ def _import_trt() -> Any:
     except ImportError as e:
         raise TargetUnavailableError(
             f"tensorrt is not installed ({e}); install it from NVIDIA's index: "
-            "pip install 'edge-toolchain[tensorrt]' --extra-index-url https://pypi.nvidia.com"
+            "pip install 'edge-toolchain[agent-tensorrt]' --extra-index-url https://pypi.nvidia.com"
         ) from e
     return trt
 
@@ -42,7 +42,7 @@ class JetsonTarget(Target):
     name = "jetson"
     precisions = (Precision.FP32, Precision.FP16, Precision.INT8)
     runtime = "tensorrt"
-    install_hint = "pip install 'edge-toolchain[tensorrt]' --extra-index-url https://pypi.nvidia.com (needs an NVIDIA GPU)"
+    install_hint = "pip install 'edge-toolchain[agent-tensorrt]' --extra-index-url https://pypi.nvidia.com (needs an NVIDIA GPU)"
     description = "TensorRT on NVIDIA Jetson / GPUs (engine built on the device)"
 
     def available(self) -> tuple[bool, str]:
