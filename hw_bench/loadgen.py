@@ -9,13 +9,13 @@ measured. Torch-free (numpy + the standard library).
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 from edgecore.errors import BenchError
+from edgecore.timing import timed_loop as _timed_loop
 
 RunFn = Callable[[np.ndarray], Any]
 #: kept in results for plots; the percentiles use every latency.
@@ -121,27 +121,6 @@ def make_batches(samples: np.ndarray, batch_size: int, *, count: int = 16) -> li
         idx = (np.arange(batch_size) + i * batch_size) % n
         out.append(np.ascontiguousarray(samples[idx]))
     return out
-
-
-def _timed_loop(run: RunFn, batches: list[np.ndarray], *, min_s: float, min_q: int, max_s: float, warmup: int) -> tuple[np.ndarray, float]:
-    for i in range(warmup):
-        run(batches[i % len(batches)])
-    lat: list[int] = []
-    nb = len(batches)
-    clock = time.perf_counter_ns
-    min_ns, max_ns = int(min_s * 1e9), int(max_s * 1e9)
-    start = clock()
-    q = 0
-    while True:
-        t0 = clock()
-        run(batches[q % nb])
-        t1 = clock()
-        lat.append(t1 - t0)
-        q += 1
-        elapsed = t1 - start
-        if (q >= min_q and elapsed >= min_ns) or elapsed >= max_ns:
-            break
-    return np.asarray(lat, dtype=np.float64) / 1e6, (clock() - start) / 1e9
 
 
 def single_stream(run: RunFn, samples: np.ndarray, settings: Settings) -> ScenarioResult:

@@ -89,6 +89,7 @@ def make_context(cfg: Config, run: RunDir) -> PassContext:
         cfg=cfg, teacher=teacher, train=tensors(splits.train), val=tensors(splits.val), test=tensors(splits.test),
         input_shape=shape, num_classes=splits.num_classes, augment=cfg.train.augment and len(shape) == 3,
         teacher_params=count_params(teacher), teacher_macs=count_macs(teacher, shape),
+        run_dir=run.path, input_spec=spec, labels=tuple(splits.labels),
     )
 
 

@@ -26,6 +26,7 @@ class PruneTarget(str, enum.Enum):
 
     MACS = "macs"
     PARAMS = "params"
+    LATENCY = "latency"  # measured on the target runtime (prune.latency_*)
 
 
 class QdqWeightBits(str, enum.Enum):
@@ -119,6 +120,15 @@ class PruneConfig:
     importance: str = "l2"  # "l1" | "l2" (magnitude of the channel group)
     max_channel_ratio: float = 0.95  # never remove more than this fraction of one layer's channels
     lr: float = 2e-3
+    # target = "latency": NetAdapt-style search, each candidate built for latency_target and timed
+    latency_budget_ms: float = 0.0  # the percentile below must be within this (required for "latency")
+    latency_target: str = "onnx-fp32"  # TARGET-PRECISION the candidates are built for and timed on
+    latency_device: str = "local"  # where they are timed ("local": this machine)
+    latency_percentile: float = 50.0
+    latency_threads: int = 2
+    latency_step: float = 0.1  # share of each layer's channels removed per search step
+    latency_max_candidates: int = 10  # search steps at most
+    latency_extra_steps: int = 1  # steps past the first candidate within budget (a smaller one may be more accurate)
 
 
 @dataclass(frozen=True)
@@ -267,9 +277,9 @@ def _validate_section(obj: Any, section: str, origin: str) -> None:
             path = Path(obj.source.split(":", 1)[1])
             if not path.is_dir():
                 raise ConfigError(f"{origin}: data.source: image folder {str(path)!r} does not exist")
-        elif obj.source != "digits" and not obj.source.startswith("python:"):
+        elif obj.source not in ("digits", "mnist1d") and not obj.source.startswith("python:"):
             raise ConfigError(
-                f"{origin}: data.source: expected 'digits', 'imagefolder:PATH' or "
+                f"{origin}: data.source: expected 'digits', 'mnist1d', 'imagefolder:PATH' or "
                 f"'python:module:function', got {obj.source!r}"
             )
     elif isinstance(obj, ModelConfig):
@@ -283,6 +293,15 @@ def _validate_section(obj: Any, section: str, origin: str) -> None:
         need(obj.steps >= 1, "steps", "must be >= 1")
         need(obj.importance in ("l1", "l2"), "importance", "must be 'l1' or 'l2'")
         need(0.0 < obj.max_channel_ratio < 1.0, "max_channel_ratio", "must be in (0, 1)")
+        if obj.target is PruneTarget.LATENCY:
+            need(obj.latency_budget_ms > 0, "latency_budget_ms", "must be > 0 when prune.target = 'latency'")
+            need(obj.latency_device == "local", "latency_device",
+                 "only 'local' (this machine) is supported; fleet devices are not yet")
+        need(0.0 < obj.latency_percentile <= 100.0, "latency_percentile", "must be in (0, 100]")
+        need(obj.latency_threads >= 1, "latency_threads", "must be >= 1")
+        need(0.0 < obj.latency_step < 1.0, "latency_step", "must be in (0, 1)")
+        need(obj.latency_max_candidates >= 1, "latency_max_candidates", "must be >= 1")
+        need(obj.latency_extra_steps >= 0, "latency_extra_steps", "must be >= 0")
     elif isinstance(obj, DistillConfig):
         need(obj.temperature > 0, "temperature", "must be > 0")
         need(0.0 <= obj.alpha <= 1.0, "alpha", "must be in [0, 1]")

@@ -158,7 +158,8 @@ def _image_dims(input_shape: tuple[int, ...], family: str) -> tuple[int, int]:
             "(use family 'mlp' for feature vectors)"
         )
     c, h, w = input_shape
-    return int(c), int(min(h, w))
+    # a 1-D signal as a (C, 1, W) image: strides follow its length (a stride-2 conv keeps the single row)
+    return int(c), int(min(h, w) if min(h, w) > 1 else max(h, w))
 
 
 def build_model(cfg: ModelConfig, *, input_shape: tuple[int, ...], num_classes: int,

@@ -69,6 +69,29 @@ def print_compress(report: dict[str, Any]) -> None:
     control = report.get("control") or {}
     if control.get("verdict"):
         _console().print(control["verdict"])
+    search = (report.get("prune") or {}).get("latency")
+    if search:
+        print_latency_search(search)
+
+
+def print_latency_search(s: dict[str, Any]) -> None:
+    """Every candidate of the latency-budget search, the chosen one marked."""
+    from rich.table import Table
+
+    pct = f"p{s['percentile']:g} ms"
+    t = Table(title=f"latency-budget search: {s['latency_target']} on {s['device']}, budget {s['budget_ms']:g} ms "
+                    f"({pct}, {s['threads']} threads)")
+    for col in ("step", "channels removed", "params", "MACs", "p50 ms", pct, "val acc", "test acc", ""):
+        t.add_column(col, justify="right" if col else "left")
+    for c in s["candidates"]:
+        within = c["pxx_ms"] <= s["budget_ms"]
+        t.add_row(str(c["step"]), f"{c['channel_ratio']:.0%}", human_count(c["params"]), human_count(c["macs"]),
+                  f"{c['p50_ms']:.4f}", f"{c['pxx_ms']:.4f}", f"{c['val_accuracy']:.2%}", f"{c['test_accuracy']:.2%}",
+                  ("[bold green]chosen[/]" if c["chosen"] else ("within budget" if within else "over budget"))
+                  + (" (cached)" if c["cached"] else ""), style=None if within else "dim")
+    _console().print(t)
+    _console().print(f"{s['built_and_measured']} candidates built and measured, {s['cache_hits']} from the cache, "
+                     f"{s['search_seconds']:.1f} s; plot: {s.get('plot', '-')}")
 
 
 def _stage_cells(s: dict[str, Any], base: dict[str, Any]) -> list[str]:

@@ -115,3 +115,18 @@ def test_imagefolder_run_records_absolute_path_and_reloads(tmp_path, monkeypatch
     s = run.splits()
     assert s.labels == ("cat", "dog") and s.train[0].shape[1:] == (3, 12, 12)
     assert run.load_teacher()(__import__("torch").zeros(2, 3, 12, 12)).shape == (2, 2)
+
+
+def test_mnist1d_is_generated_locally_deterministic_and_fits_the_image_families():
+    import torch
+
+    from toolchain.config import DataConfig, ModelConfig
+    from toolchain.data import load_source
+    from toolchain.models import build_model
+
+    a, b = load_source(DataConfig(source="mnist1d")), load_source(DataConfig(source="mnist1d"))
+    assert a.X.shape == (5000, 1, 1, 40) and a.X.dtype.name == "float32" and a.layout == "NCHW"
+    assert sorted(set(a.y.tolist())) == list(range(10)) and a.sha256 == b.sha256
+    for family in ("resnet", "mobilenet"):
+        m = build_model(ModelConfig(family=family, width=8), input_shape=(1, 1, 40), num_classes=10).eval()
+        assert m(torch.from_numpy(a.X[:3])).shape == (3, 10)

@@ -12,6 +12,7 @@ import io
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from toolchain.config import Config
@@ -38,6 +39,9 @@ class PassContext:
     # sizes of the teacher, the reference every reduction is measured against
     teacher_params: int = 0
     teacher_macs: int = 0
+    run_dir: "Path | None" = None  # where passes may keep their own files (the latency search's cache, plot)
+    input_spec: Any = None  # the run's InputSpec (normalisation), for passes that build artifacts
+    labels: tuple[str, ...] = ()
 
     def fit_options(self, *, epochs: int, lr: float, desc: str, seed_offset: int, **kw: Any) -> "FitOptions":
         """The run's shared training options (batch size, AMP, progress, seed) for one pass."""

@@ -23,7 +23,8 @@ def epoch_budget(sections: dict[str, dict[str, Any]], cfg: Any) -> int:
     """Training epochs the fp32 passes were given (the configured budget, before early stopping)."""
     budget = 0
     if sections.get("prune", {}).get("pruned"):
-        budget += cfg.prune.steps * cfg.prune.finetune_epochs
+        # the fine-tuning the chosen student got (the latency search's: its step count)
+        budget += int(sections["prune"].get("steps", cfg.prune.steps)) * cfg.prune.finetune_epochs
     if "distill" in sections:
         budget += cfg.distill.epochs
     return budget

@@ -100,6 +100,8 @@ class PrunePass(Pass):
 
     def _run_for_config(self, student: "nn.Module", config: PruneConfig, ctx: PassContext) -> PassOutput:
         p = config
+        if p.target is PruneTarget.LATENCY:
+            return self._latency(student, p, ctx)
         teacher_size = ctx.teacher_macs if p.target is PruneTarget.MACS else ctx.teacher_params
         goal = measure(student, ctx.input_shape, p.target) / (teacher_size / p.ratio)
         model = copy.deepcopy(student)
@@ -121,6 +123,19 @@ class PrunePass(Pass):
             "macs_reduction": ctx.teacher_macs / max(count_macs(model, ctx.input_shape), 1),
             "params_reduction": ctx.teacher_params / max(count_params(model), 1), "steps": p.steps,
             "pruned": ratio > 0,
+        })
+
+    def _latency(self, student: "nn.Module", p: PruneConfig, ctx: PassContext) -> PassOutput:
+        from toolchain.models import count_macs, count_params
+        from toolchain.passes.latency_search import search
+
+        model, section = search(student, p, ctx)
+        chosen = next(c for c in section["candidates"] if c["chosen"])
+        return PassOutput(model, {
+            "target": p.target.value, "channel_ratio": chosen["channel_ratio"],
+            "macs_reduction": ctx.teacher_macs / max(count_macs(model, ctx.input_shape), 1),
+            "params_reduction": ctx.teacher_params / max(count_params(model), 1), "steps": chosen["step"],
+            "pruned": chosen["step"] > 0, "latency": section,
         })
 
     def _prune_and_finetune(self, model: "nn.Module", ratio: float, ctx: PassContext) -> None:

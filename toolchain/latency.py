@@ -1,0 +1,140 @@
+"""Measured latency of a candidate student: the real artifact, built for the target and timed on the device.
+
+`LatencyMeter.measure(model)` exports the PyTorch model to ONNX, builds the
+artifact of ``prune.latency_target`` (e.g. ``onnx-fp32``, ``openvino-int8``)
+with that target's own builder (int8: post-training quantization on the run's
+representative set, the same graph structure a QAT student exports to), loads
+it with the target's runner, the same code path the agent and ``hw-bench run``
+use, and times single-stream queries (batch 1, `edgecore.timing.timed_loop`).
+
+Measurements are cached by the sha256 of the artifact's files (plus target,
+precision, threads and device) in ``RUN/latency/cache.json``: the same
+candidate is never measured twice. Only ``latency_device = "local"`` (this
+machine) is measured today; fleet devices are refused by the config check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgecore.errors import CompressionError, ConfigError
+from edgecore.fsutil import atomic_write_json
+from edgecore.timing import timed_loop
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from edgecore.representative import RepresentativeSet
+    from edgecore.spec import InputSpec
+
+def parse_latency_target(spec: str) -> tuple[str, str]:
+    """``"openvino-int8"`` -> ("openvino", "int8"); a clear ConfigError otherwise."""
+    from targets import get_target
+
+    name, _, precision = spec.rpartition("-")
+    if not name or not precision:
+        raise ConfigError(f"prune.latency_target: expected TARGET-PRECISION such as 'onnx-fp32', got {spec!r}")
+    t = get_target(name)
+    if precision not in {p.value for p in t.precisions}:
+        raise ConfigError(f"prune.latency_target: {name} has no precision {precision!r} "
+                          f"(it builds {', '.join(p.value for p in t.precisions)})")
+    return name, precision
+
+
+def _files_sha256(root: Path, files: list[str]) -> str:
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        p = root / rel
+        for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
+            if f.is_file():
+                h.update(f.relative_to(root).as_posix().encode())
+                h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+@dataclass
+class LatencyMeter:
+    """Builds and times candidates for one target/precision on one device; caches by artifact hash."""
+
+    target: str
+    precision: str
+    input_spec: "InputSpec"
+    labels: tuple[str, ...]
+    calibration: "RepresentativeSet | None"
+    samples: np.ndarray  # preprocessed inputs to time with (a few are enough)
+    cache_path: Path | None = None
+    device: str = "local"
+    percentile: float = 50.0
+    threads: int = 2
+    min_queries: int = 200
+    min_seconds: float = 0.5
+    warmup: int = 20
+    opset: int = 18
+    measured: int = 0  # how many candidates were actually built and timed (cache misses)
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.cache_path is not None and self.cache_path.exists():
+            try:
+                self._cache = json.loads(self.cache_path.read_text())
+            except (OSError, ValueError):
+                self._cache = {}  # an unreadable cache is only a cache: measure again
+
+    def measure(self, model: "nn.Module", *, name: str = "candidate") -> dict[str, Any]:
+        """Build ``model``'s artifact and time it; returns p50/pXX in ms, the artifact sha256, ``cached``."""
+        with tempfile.TemporaryDirectory(prefix="latency-") as tmp:
+            art_dir, info, sha = self._build(model, Path(tmp), name)
+            key = f"{sha}|{self.target}-{self.precision}|t{self.threads}|{self.device}"
+            hit = self._cache.get(key)
+            if hit is not None:
+                return {**hit, "cached": True}
+            lat = self._time(art_dir, info)
+        self.measured += 1
+        rec = {"sha256": sha, "p50_ms": float(np.percentile(lat, 50)),
+               "pxx_ms": float(np.percentile(lat, self.percentile)), "percentile": self.percentile,
+               "queries": int(lat.size), "device": self.device, "threads": self.threads}
+        self._cache[key] = rec
+        if self.cache_path is not None:
+            atomic_write_json(self.cache_path, self._cache)
+        return {**rec, "cached": False}
+
+    def _build(self, model: "nn.Module", tmp: Path, name: str) -> tuple[Path, Any, str]:
+        import copy
+
+        from edgecore.manifest import ArtifactInfo
+        from targets import Precision, get_target
+        from targets.base import ModelSource
+        from toolchain.export import export_onnx
+
+        model = copy.deepcopy(model).cpu().eval()
+        onnx_path = tmp / "model.onnx"
+        export_onnx(model, onnx_path, input_shape=self.input_spec.sample_shape, opset=self.opset)
+        source = ModelSource(name=name, input_spec=self.input_spec, labels=self.labels, onnx_fp32=onnx_path,
+                             torch_model=lambda: model)
+        out = tmp / "artifact"
+        out.mkdir()
+        t = get_target(self.target)
+        try:
+            artifact = t.build(source, Precision(self.precision), self.calibration, out)
+        except Exception as e:  # a converter failure names the candidate, not a traceback
+            raise CompressionError(f"latency search: building {name} for {self.target}-{self.precision} failed: "
+                                   f"{type(e).__name__}: {e}") from e
+        info = ArtifactInfo(main=artifact.main, runtime=artifact.runtime, runtime_version=t.runtime_version(),
+                            details=artifact.details)
+        return out, info, _files_sha256(out, artifact.files)
+
+    def _time(self, art_dir: Path, info: Any) -> np.ndarray:
+        from targets import get_target
+
+        runner = get_target(self.target).load(art_dir, info, self.input_spec, threads=self.threads)
+        batches = [np.ascontiguousarray(self.samples[i:i + 1]) for i in range(min(16, len(self.samples)))]
+        lat, _ = timed_loop(runner.run, batches, min_s=self.min_seconds, min_q=self.min_queries,
+                            max_s=max(30.0, self.min_seconds * 4), warmup=self.warmup)
+        return lat
