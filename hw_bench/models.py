@@ -60,7 +60,8 @@ def recalibrate_batchnorm(model: Any, *, shape: tuple[int, ...], batches: int = 
     return model.eval()
 
 
-def _write_bundle(bundle_dir: Path, *, artifact: Any, source: Any, calibration: Any, metrics: dict[str, Any]) -> None:
+def _write_bundle(bundle_dir: Path, *, artifact: Any, source: Any, calibration: Any, metrics: dict[str, Any],
+                  signing_key: Any = None) -> None:
     """Manifest + hashes for a built artifact (the bundle contract, edgecore/bundle.py)."""
     from edgecore.bundle import write_bundle
     from edgecore.manifest import ArtifactInfo, Manifest, ModelInfo, OutputSpec
@@ -74,7 +75,7 @@ def _write_bundle(bundle_dir: Path, *, artifact: Any, source: Any, calibration: 
                               runtime_version=get_target(artifact.target).runtime_version(), details=artifact.details),
         toolchain_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         metrics=metrics, calibration=calibration.provenance() if calibration is not None else None,
-    ))
+    ), signing_key=signing_key)
 
 
 def _agreement(bundle_dir: Path, ref_logits: np.ndarray, x: np.ndarray) -> dict[str, Any]:

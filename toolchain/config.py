@@ -129,6 +129,15 @@ class PruneConfig:
     latency_step: float = 0.1  # share of each layer's channels removed per search step
     latency_max_candidates: int = 10  # search steps at most
     latency_extra_steps: int = 1  # steps past the first candidate within budget (a smaller one may be more accurate)
+    latency_margin: float = 0.1  # a candidate must measure within budget * (1 - margin): headroom for the noise
+    #                              between the search's measurement and the deployed artifact's
+    # latency_device = a fleet device id: candidates go to it as signed bundles, timed by its agent's bench command
+    latency_broker: str = ""  # mqtt(s)://host:port of the fleet
+    latency_credentials: str = ""  # JSON {username, password} (or the fleet credentials.json: its operator entry)
+    latency_gateway: str = ""  # upload candidates here (token in $EDGE_GATEWAY_TOKEN); else latency_share_dir
+    latency_share_dir: str = ""  # without a gateway: a folder the device reads too (a shared mount)
+    latency_sign_key: str = ""  # Ed25519 private key signing the candidate bundles (devices refuse unsigned ones)
+    latency_deadline_s: float = 120.0  # per candidate, for the device's answer
 
 
 @dataclass(frozen=True)
@@ -295,13 +304,17 @@ def _validate_section(obj: Any, section: str, origin: str) -> None:
         need(0.0 < obj.max_channel_ratio < 1.0, "max_channel_ratio", "must be in (0, 1)")
         if obj.target is PruneTarget.LATENCY:
             need(obj.latency_budget_ms > 0, "latency_budget_ms", "must be > 0 when prune.target = 'latency'")
-            need(obj.latency_device == "local", "latency_device",
-                 "only 'local' (this machine) is supported; fleet devices are not yet")
+            if obj.latency_device != "local":
+                need(bool(obj.latency_broker), "latency_broker",
+                     f"is required to measure on fleet device {obj.latency_device!r} (or use latency_device = 'local')")
+                need(bool(obj.latency_gateway or obj.latency_share_dir), "latency_gateway",
+                     "or latency_share_dir is required: how the fleet device gets each candidate bundle")
         need(0.0 < obj.latency_percentile <= 100.0, "latency_percentile", "must be in (0, 100]")
         need(obj.latency_threads >= 1, "latency_threads", "must be >= 1")
         need(0.0 < obj.latency_step < 1.0, "latency_step", "must be in (0, 1)")
         need(obj.latency_max_candidates >= 1, "latency_max_candidates", "must be >= 1")
         need(obj.latency_extra_steps >= 0, "latency_extra_steps", "must be >= 0")
+        need(0.0 <= obj.latency_margin < 1.0, "latency_margin", "must be in [0, 1)")
     elif isinstance(obj, DistillConfig):
         need(obj.temperature > 0, "temperature", "must be > 0")
         need(0.0 <= obj.alpha <= 1.0, "alpha", "must be in [0, 1]")

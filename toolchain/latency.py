@@ -9,8 +9,11 @@ use, and times single-stream queries (batch 1, `edgecore.timing.timed_loop`).
 
 Measurements are cached by the sha256 of the artifact's files (plus target,
 precision, threads and device) in ``RUN/latency/cache.json``: the same
-candidate is never measured twice. Only ``latency_device = "local"`` (this
-machine) is measured today; fleet devices are refused by the config check.
+candidate is never measured twice. A ``latency_device`` other than ``local``
+is a fleet device id: a registered device measurer (entry-point group
+``edge_toolchain.latency_devices``; hw-bench registers ``fleet``, which sends
+the agent's ``bench`` command over MQTT) measures there, so the toolchain never
+imports the layers above it.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from edgecore.errors import CompressionError, ConfigError
 from edgecore.fsutil import atomic_write_json
 from edgecore.timing import timed_loop
+
+DEVICE_GROUP = "edge_toolchain.latency_devices"
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -77,6 +82,7 @@ class LatencyMeter:
     min_seconds: float = 0.5
     warmup: int = 20
     opset: int = 18
+    fleet: dict[str, Any] = field(default_factory=dict)  # broker, credentials, gateway, sign_key... (fleet devices)
     measured: int = 0  # how many candidates were actually built and timed (cache misses)
     _cache: dict[str, Any] = field(default_factory=dict)
 
@@ -90,12 +96,12 @@ class LatencyMeter:
     def measure(self, model: "nn.Module", *, name: str = "candidate") -> dict[str, Any]:
         """Build ``model``'s artifact and time it; returns p50/pXX in ms, the artifact sha256, ``cached``."""
         with tempfile.TemporaryDirectory(prefix="latency-") as tmp:
-            art_dir, info, sha = self._build(model, Path(tmp), name)
+            art_dir, info, sha, built = self._build(model, Path(tmp), name)
             key = f"{sha}|{self.target}-{self.precision}|t{self.threads}|{self.device}"
             hit = self._cache.get(key)
             if hit is not None:
                 return {**hit, "cached": True}
-            lat = self._time(art_dir, info)
+            lat = self._time(art_dir, info) if self.device == "local" else self._remote(art_dir, built)
         self.measured += 1
         rec = {"sha256": sha, "p50_ms": float(np.percentile(lat, 50)),
                "pxx_ms": float(np.percentile(lat, self.percentile)), "percentile": self.percentile,
@@ -105,7 +111,7 @@ class LatencyMeter:
             atomic_write_json(self.cache_path, self._cache)
         return {**rec, "cached": False}
 
-    def _build(self, model: "nn.Module", tmp: Path, name: str) -> tuple[Path, Any, str]:
+    def _build(self, model: "nn.Module", tmp: Path, name: str) -> tuple[Path, Any, str, tuple[Any, Any]]:
         import copy
 
         from edgecore.manifest import ArtifactInfo
@@ -128,7 +134,7 @@ class LatencyMeter:
                                    f"{type(e).__name__}: {e}") from e
         info = ArtifactInfo(main=artifact.main, runtime=artifact.runtime, runtime_version=t.runtime_version(),
                             details=artifact.details)
-        return out, info, _files_sha256(out, artifact.files)
+        return out, info, _files_sha256(out, artifact.files), (artifact, source)
 
     def _time(self, art_dir: Path, info: Any) -> np.ndarray:
         from targets import get_target
@@ -138,3 +144,21 @@ class LatencyMeter:
         lat, _ = timed_loop(runner.run, batches, min_s=self.min_seconds, min_q=self.min_queries,
                             max_s=max(30.0, self.min_seconds * 4), warmup=self.warmup)
         return lat
+
+    def _remote(self, art_dir: Path, built: tuple[Any, Any]) -> np.ndarray:
+        measure = device_measurer()
+        artifact, source = built
+        return np.asarray(measure(
+            device=self.device, artifact_dir=art_dir, artifact=artifact, source=source, calibration=self.calibration,
+            threads=self.threads, min_queries=self.min_queries, min_seconds=self.min_seconds, warmup=self.warmup,
+            options=self.fleet), dtype=np.float64)
+
+
+def device_measurer() -> Callable[..., Any]:
+    """The registered fleet-device measurer (hw-bench's), or a ConfigError saying what to install."""
+    from importlib import metadata
+
+    for ep in metadata.entry_points(group=DEVICE_GROUP):
+        return ep.load()  # type: ignore[no-any-return]
+    raise ConfigError(f"prune.latency_device names a fleet device, but no device measurer is installed (entry-point "
+                      f"group {DEVICE_GROUP}): pip install 'edge-toolchain[bench]', or use latency_device = 'local'")

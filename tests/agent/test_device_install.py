@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -62,8 +63,12 @@ def test_agent_tflite_install_runs_a_bundle_without_converters(
 
     bundle = bundle_factory("tflite", "int8")
     house = _wheelhouse(request, tmp_path)
-    dist = tmp_path / "dist"
-    r = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist), str(ROOT)])
+    dist, src = tmp_path / "dist", tmp_path / "src"
+    # built from a copy: setuptools writes build/ and *.egg-info into the source tree, and a stale egg-info in
+    # the repository root would shadow the installed entry points for every later test
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", ".pytest_cache", "tests", "docs", "build",
+                                                             "*.egg-info", "__pycache__", "runs", "demo_out"))
+    r = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)])
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = dist.glob("edge_toolchain-*.whl")
 

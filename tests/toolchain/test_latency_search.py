@@ -28,11 +28,11 @@ def test_choose_keeps_the_most_accurate_within_budget_and_names_the_fastest_when
         choose(cands, 0.5)
 
 
-def test_config_refuses_a_latency_target_without_budget_or_on_a_fleet_device(tmp_path):
+def test_config_refuses_a_latency_target_without_budget_or_with_a_bad_margin(tmp_path):
     with pytest.raises(ConfigError, match="latency_budget_ms: must be > 0"):
         tiny_config(tmp_path, prune={"target": "latency"})
-    with pytest.raises(ConfigError, match="latency_device: only 'local'"):
-        tiny_config(tmp_path, prune={"target": "latency", "latency_budget_ms": 1.0, "latency_device": "edge-7"})
+    with pytest.raises(ConfigError, match=r"latency_margin: must be in \[0, 1\)"):
+        tiny_config(tmp_path, prune={"target": "latency", "latency_budget_ms": 1.0, "latency_margin": 1.0})
 
 
 def test_latency_search_builds_measures_caches_and_reports_every_candidate(tiny_run, tmp_path):
@@ -66,5 +66,5 @@ def test_an_unreachable_budget_fails_naming_the_fastest_candidate(tiny_run, tmp_
     shutil.copytree(tiny_run, run_dir)
     cfg = tiny_config(run_dir, prune={**LATENCY, "latency_budget_ms": 1e-6, "latency_max_candidates": 1},
                       compress={"passes": ["prune"], "control": "none"})
-    with pytest.raises(CompressionError, match=r"latency budget 1e-06 ms not met: the fastest of 2 candidates"):
+    with pytest.raises(CompressionError, match=r"latency budget 1e-06 ms \(with the margin: 9e-07 ms\) not met: the fastest of 2 candidates"):
         pipeline.compress(cfg, run_dir, show=False)
