@@ -27,11 +27,23 @@ def register(subparsers: Any) -> None:
     p.add_argument("--bench-seconds", type=float, default=1.0, help="single-stream duration per artifact (default 1)")
     p.add_argument("--targets", default="", metavar="T,T",
                    help="build only these targets, e.g. onnx,openvino (default: every target)")
+    p.add_argument("--latency-budget-ms", type=_positive, default=None, metavar="MS",
+                   help="compress to this measured onnx-fp32 latency (prune.target = \"latency\"; off by default)")
     p.add_argument("--serve", type=float, default=0.0, metavar="SECONDS",
                    help="keep the broker, gateway and dashboard up this long after the run")
     add_json_flag(p)
     add_common(p)
     p.set_defaults(func=run)
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, got {text!r}") from e
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_demo(DemoOptions(
         out=args.out, config=args.config, reuse=args.reuse, broker=args.broker, rate_hz=args.rate,
         window_s=args.window, bench_seconds=args.bench_seconds, serve_s=args.serve,
+        latency_budget_ms=args.latency_budget_ms,
         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
     ))
     if args.json:

@@ -53,6 +53,7 @@ class DemoOptions:
     bench_seconds: float = 1.0
     serve_s: float = 0.0  # keep broker, gateway and dashboard up this long after the run
     targets: tuple[str, ...] = ()  # build only these targets (default: every target)
+    latency_budget_ms: float | None = None  # compress to a measured onnx-fp32 latency instead of a MACs ratio
 
 
 def drifted(x: np.ndarray, *, seed: int = 0) -> np.ndarray:
@@ -103,6 +104,13 @@ def _pipeline(opts: DemoOptions, run_dir: Path, step: _Steps) -> dict[str, Any]:
 
     cfg_path = opts.config or (Path("toolchain.toml") if Path("toolchain.toml").exists() else None)
     cfg = load_config(cfg_path)
+    if opts.latency_budget_ms is not None:
+        import dataclasses
+
+        from toolchain.config import PruneTarget
+
+        cfg = dataclasses.replace(cfg, prune=dataclasses.replace(
+            cfg.prune, target=PruneTarget.LATENCY, latency_budget_ms=opts.latency_budget_ms))
     step("train the teacher, compress it into a student, export ONNX")
     if opts.reuse and (run_dir / "student_qdq.onnx").exists() and (run_dir / "teacher.onnx").exists():
         step.console.print(f"reusing the finished run in {run_dir}")

@@ -55,7 +55,7 @@ def test_wrong_type(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="train.augment: expected a boolean"):
         load_config(write(tmp_path, "[train]\naugment = 1\n"))
-    with pytest.raises(ConfigError, match=r"prune\.target: expected one of \['macs', 'params'\]"):
+    with pytest.raises(ConfigError, match=r"prune\.target: expected one of \['macs', 'params', 'latency'\]"):
         load_config(write(tmp_path, '[prune]\ntarget = "flops"\n'))
 
 
