@@ -175,16 +175,21 @@ def _stop(p: subprocess.Popen[str]) -> None:
         p.kill()
 
 
-def _serve_gateway(url: str, user: str, pw: str, teacher: Path, tmp: Path) -> Iterator[None]:
-    p = _spawn(["-m", "cloud_gateway.cli", "serve", "--broker", url, "--username", user, "--password", pw,
-                "--teacher", str(teacher), "--db", str(tmp / "gw.sqlite"), "--http-port", "-1"], "serving")
+def _serve_gateway(url: str, user: str, pw: str, teacher: Path, tmp: Path, replicas: int = 1) -> Iterator[None]:
+    """``replicas`` gateway processes (default settings) sharing the request subscription; no HTTP."""
+    procs: list[subprocess.Popen[str]] = []
     try:
+        for i in range(replicas):
+            procs.append(_spawn(["-m", "cloud_gateway.cli", "serve", "--broker", url, "--username", user,
+                                 "--password", pw, "--teacher", str(teacher), "--db", str(tmp / f"gw-{i}.sqlite"),
+                                 "--http-port", "-1", "--replica-id", f"bench-gw-{i}"], "serving"))
         yield
     finally:
-        _stop(p)
+        for p in procs:
+            _stop(p)
 
 
-def _serve_floor(url: str, user: str, pw: str, teacher: Path, tmp: Path) -> Iterator[None]:
+def _serve_floor(url: str, user: str, pw: str, teacher: Path, tmp: Path, replicas: int = 1) -> Iterator[None]:
     p = _spawn(["-m", "hw_bench.gateway_load", url, user, pw, str(teacher)], "floor ready")
     try:
         yield
@@ -192,12 +197,40 @@ def _serve_floor(url: str, user: str, pw: str, teacher: Path, tmp: Path) -> Iter
         _stop(p)
 
 
+#: the goals of issue 11: the gateway within 5% of the floor, and a fast answer at half load
+GOAL_VS_FLOOR = 0.95
+GOAL_P50_AT_HALF_MS = 2.0
+
+
+def _median_run(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-metric medians over rounds of one responder's measurements (the rounds kept beside)."""
+    med = lambda xs: round(float(np.median(xs)), 3)  # noqa: E731
+    levels = []
+    for i, lv in enumerate(rounds[0]["levels"]):
+        per = [r["levels"][i] for r in rounds]
+        levels.append({"load": lv["load"], **{k: med([p[k] for p in per]) for k in
+                                              ("rate", "answered", "p50_ms", "p95_ms", "p99_ms")},
+                       "lost": int(sum(p["lost"] for p in per)), "errors": int(sum(p["errors"] for p in per))})
+    return {"max_offloads_per_s": med([r["max_offloads_per_s"] for r in rounds]), "levels": levels,
+            "rounds": [r["max_offloads_per_s"] for r in rounds]}
+
+
+def _goal(out: dict[str, Any]) -> dict[str, Any]:
+    half = next(lv for lv in out["gateway"]["levels"] if lv["load"] == 0.5)
+    g: dict[str, Any] = {"gateway_p50_at_half_load_ms": half["p50_ms"], "p50_at_half_load_max_ms": GOAL_P50_AT_HALF_MS}
+    met = half["p50_ms"] <= GOAL_P50_AT_HALF_MS
+    if "gateway_vs_floor" in out:
+        g.update(gateway_vs_floor=out["gateway_vs_floor"], gateway_vs_floor_min=GOAL_VS_FLOOR)
+        met = met and out["gateway_vs_floor"] >= GOAL_VS_FLOOR
+    g["met"] = bool(met)
+    return g
+
+
 def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, teacher: Path | None,
                       clients: int = 4, inflight: int = 4, seconds: float = 5.0, floor: bool = False,
-                      gateway_user: tuple[str, str] | None = None, workdir: Path) -> dict[str, Any]:
-    """Measure the gateway (and with ``floor`` the minimal responder) on one broker, side by side."""
-    from contextlib import contextmanager
-
+                      gateway_user: tuple[str, str] | None = None, workdir: Path, rounds: int = 1,
+                      replicas: int = 1) -> dict[str, Any]:
+    """Measure the gateway (and with ``floor`` the minimal responder) on one broker, in interleaved rounds."""
     from .envinfo import cpu_record
 
     if floor and teacher is None:
@@ -209,25 +242,40 @@ def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, tea
             broker, devices, gateway_user = _local_broker(stack, workdir, clients)
         if devices is None:
             raise BenchError("--broker needs --credentials (the devices' passwords)")
+        if teacher is not None and gateway_user is None:
+            raise BenchError("starting a gateway on your broker needs its credentials in --credentials")
         shape = _teacher_shape(teacher) if teacher else (1, 1, 8, 8)
         payload = wire.encode_tensor(np.random.default_rng(0).random(shape, dtype=np.float32))
         out: dict[str, Any] = {"cpu": cpu_record(), "load_average_before": os.getloadavg(), "clients": clients,
-                               "inflight": inflight, "seconds": seconds}
-        runs = [("gateway", _serve_gateway)] + ([("floor", _serve_floor)] if floor else [])
-        for name, serve in runs:
-            if teacher is not None:
-                if gateway_user is None:
-                    raise BenchError("starting a gateway on your broker needs its credentials in --credentials")
-                stack2 = contextmanager(serve)(broker, *gateway_user, teacher, workdir)
-            else:
-                stack2 = ExitStack()
-            with stack2:
-                out[name] = measure(broker, devices, payload=payload, clients=clients, inflight=inflight,
-                                    seconds=seconds)
+                               "inflight": inflight, "seconds": seconds, "rounds": rounds, "replicas": replicas}
+        names = ["gateway"] + (["floor"] if floor else [])
+        per: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:  # order rotated each round
+                per[name].append(_measure_one(name, broker, devices, payload, teacher, gateway_user, workdir,
+                                              clients=clients, inflight=inflight, seconds=seconds, replicas=replicas))
+        for name in names:
+            out[name] = _median_run(per[name])
         if floor:
-            out["gateway_vs_floor"] = round(out["gateway"]["max_offloads_per_s"] / out["floor"]["max_offloads_per_s"], 3)
+            ratios = [g["max_offloads_per_s"] / max(f["max_offloads_per_s"], 1e-9)
+                      for g, f in zip(per["gateway"], per["floor"])]
+            out["gateway_vs_floor"] = round(float(np.median(ratios)), 3)
+            out["gateway_vs_floor_rounds"] = [round(x, 3) for x in ratios]
+        out["goal"] = _goal(out)
         out["load_average_after"] = os.getloadavg()
     return out
+
+
+def _measure_one(name: str, broker: str, devices: dict[str, str], payload: bytes, teacher: Path | None,
+                 gateway_user: tuple[str, str] | None, workdir: Path, *, clients: int, inflight: int,
+                 seconds: float, replicas: int) -> dict[str, Any]:
+    from contextlib import contextmanager
+
+    serve = _serve_gateway if name == "gateway" else _serve_floor
+    ctx = contextmanager(serve)(broker, *gateway_user, teacher, workdir, replicas) \
+        if teacher is not None and gateway_user is not None else ExitStack()
+    with ctx:
+        return measure(broker, devices, payload=payload, clients=clients, inflight=inflight, seconds=seconds)
 
 
 def _teacher_shape(teacher: Path) -> tuple[int, ...]:
@@ -347,6 +395,10 @@ def register(sub: Any) -> None:
     p.add_argument("--inflight", type=int, default=4, help="requests outstanding per client in the closed loop")
     p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     p.add_argument("--floor", action="store_true", help="also measure a minimal paho + onnxruntime responder")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds (gateway and floor alternate, order rotated); medians reported")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="gateway processes sharing the requests (started here with --teacher; default 1)")
     add_json_flag(p)
     p.set_defaults(func=cmd_gateway)
 
@@ -359,8 +411,8 @@ def cmd_gateway(args: Any) -> int:
 
     from device_agent.transport import broker_url
 
-    if args.clients < 1 or args.inflight < 1 or args.seconds <= 0:
-        raise BenchError("--clients and --inflight must be >= 1 and --seconds > 0")
+    if args.clients < 1 or args.inflight < 1 or args.seconds <= 0 or args.rounds < 1 or args.replicas < 1:
+        raise BenchError("--clients, --inflight, --rounds and --replicas must be >= 1 and --seconds > 0")
     devices, gw = None, None
     if args.credentials:
         try:
@@ -376,7 +428,7 @@ def cmd_gateway(args: Any) -> int:
     with tempfile.TemporaryDirectory(prefix="hw-bench-gateway-") as tmp:
         out = run_gateway_bench(broker=url, devices=devices, teacher=args.teacher, clients=args.clients,
                                 inflight=args.inflight, seconds=args.seconds, floor=args.floor,
-                                gateway_user=gw, workdir=Path(tmp))
+                                gateway_user=gw, workdir=Path(tmp), rounds=args.rounds, replicas=args.replicas)
     _print(out)
     if args.json:
         emit_json(out)
@@ -387,7 +439,9 @@ def _print(out: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"gateway load ({out['clients']} clients, load avg {out['load_average_before'][0]:.2f})")
+    t = Table(title=f"gateway load ({out['clients']} clients x {out['inflight']} in flight, {out['rounds']} "
+                    f"interleaved rounds, medians; {out['replicas']} gateway process(es); "
+                    f"load avg {out['load_average_before'][0]:.2f})")
     for col in ("responder", "max/s", "load", "rate/s", "p50 ms", "p95 ms", "p99 ms", "lost", "errors"):
         t.add_column(col)
     for name in ("gateway", "floor"):
@@ -397,4 +451,8 @@ def _print(out: dict[str, Any]) -> None:
                           str(lv["p50_ms"]), str(lv["p95_ms"]), str(lv["p99_ms"]), str(lv["lost"]), str(lv["errors"]))
     Console(width=140).print(t)
     if "gateway_vs_floor" in out:
-        print(f"gateway / floor (max offloads/s): {out['gateway_vs_floor']}")
+        print(f"gateway / floor (max offloads/s): {out['gateway_vs_floor']} (per round: {out['gateway_vs_floor_rounds']})")
+    g = out["goal"]
+    print(f"goal {'MET' if g['met'] else 'NOT MET'}: gateway p50 at half load {g['gateway_p50_at_half_load_ms']} ms "
+          f"(<= {g['p50_at_half_load_max_ms']})"
+          + (f", gateway/floor {g['gateway_vs_floor']} (>= {g['gateway_vs_floor_min']})" if "gateway_vs_floor" in g else ""))
