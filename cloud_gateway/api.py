@@ -110,6 +110,8 @@ def create_app(
     prefix: str = "fleet",
     health: Callable[[], dict[str, Any]] | None = None,
     trust: TrustPolicy = TrustPolicy(),
+    collect: Any = None,
+    num_classes: int | None = None,
 ) -> Flask:
     app = Flask("cloud_gateway")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BUNDLE_BYTES
@@ -128,6 +130,7 @@ def create_app(
     _register_health(app, metrics=metrics, health=health)
     _register_devices(app, store=store, publish=publish, prefix=prefix, require_token=require_token)
     _register_bundles(app, bundles_dir=bundles_dir, trust=trust, require_token=require_token)
+    _register_samples(app, store=store, require_token=require_token, collect=collect, num_classes=num_classes)
     _register_dashboard(app)
     return app
 
@@ -196,6 +199,75 @@ def _register_bundles(app: Flask, *, bundles_dir: Path, trust: TrustPolicy, requ
         if not _NAME_RE.match(name):
             _fail(400, "bundle name: 1-100 characters from A-Z a-z 0-9 _ . -")
         return _store_upload(bundles_dir, trust, name)
+
+
+MAX_SAMPLES_PAGE = 500
+
+
+def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        _fail(400, f"{name}: expected an integer, got {raw!r}")
+    return min(max(v, lo), hi)
+
+
+def _register_samples(app: Flask, *, store: TelemetryStore, require_token: Callable[[], None], collect: Any,
+                      num_classes: int | None) -> None:
+    """Collected samples (user data: every route needs the token), the labelling queue, deletion per device."""
+    from edgecore.samples import Sample, SamplePage
+
+    def page(rows: list[dict[str, Any]], limit: int) -> Any:
+        items = [Sample.from_row(r) for r in rows]
+        nxt = items[-1].id if len(items) == limit else None
+        return jsonify(SamplePage(items, nxt).to_json())
+
+    @app.get("/api/samples")
+    def list_samples() -> Any:
+        require_token()
+        limit = _int_arg("limit", 100, 1, MAX_SAMPLES_PAGE)
+        return page(store.sample_rows(after=_int_arg("after", 0, 0, 1 << 62), limit=limit,
+                                      device=request.args.get("device") or None), limit)
+
+    @app.delete("/api/samples")
+    def delete_samples() -> Any:
+        require_token()
+        device = request.args.get("device")
+        if not device:
+            _fail(400, "give ?device=ID: samples are deleted per device")
+        return jsonify({"device": device, "deleted": store.delete_samples(device)})
+
+    @app.get("/api/samples/stats")
+    def sample_stats() -> Any:
+        require_token()
+        return jsonify({"collection": collect.to_dict() if collect is not None else None,
+                        "devices": store.sample_stats()})
+
+    @app.get("/api/labels/queue")
+    def label_queue() -> Any:
+        require_token()
+        limit = _int_arg("limit", 50, 1, MAX_SAMPLES_PAGE)
+        try:
+            least = float(request.args.get("min_uncertainty", "0.3"))
+        except ValueError:
+            _fail(400, "min_uncertainty: expected a number")
+        return jsonify(SamplePage([Sample.from_row(r) for r in store.sample_rows(limit=limit, queue=least)],
+                                  None).to_json())
+
+    @app.post("/api/samples/<int:sample_id>/label")
+    def label_sample(sample_id: int) -> Any:
+        require_token()
+        body = request.get_json(silent=True)
+        label = body.get("label") if isinstance(body, dict) else None
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0 or (
+                num_classes is not None and label >= num_classes):
+            _fail(400, f"label: expected a class index 0..{(num_classes or 1) - 1}, got {label!r}")
+        if not store.label_sample(sample_id, label):
+            _fail(404, f"no sample {sample_id}")
+        return jsonify({"id": sample_id, "human_label": label})
 
 
 def _store_upload(bundles_dir: Path, trust: TrustPolicy, name: str) -> Any:

@@ -36,6 +36,7 @@ def _read_credentials(path: Path, who: str) -> tuple[str, str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from device_agent.transport import broker_url
 
+    from .samples import CollectionPolicy
     from .service import Gateway, GatewayConfig
     from .worker import WorkerConfig
 
@@ -53,6 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http_port=None if args.http_port < 0 else args.http_port,
         token=args.token or os.environ.get("GATEWAY_TOKEN"), threads=args.threads,
         teacher_format=args.teacher_format, trust=trust_from_args(args),
+        collect=CollectionPolicy.parse(args.collect, rate=args.collect_rate, max_per_device=args.collect_max_per_device,
+                                       max_total=args.collect_max_total, retention_days=args.collect_retention_days),
     )
     gw = Gateway(cfg).start()
     done = threading.Event()
@@ -63,6 +66,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     done.wait()
     gw.stop()
     return 0
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    """``cloud-gateway samples list|stats|delete``: the collected samples in the store, straight from the database."""
+    from .store import TelemetryStore
+
+    store = TelemetryStore(args.db)
+    if args.action == "delete":
+        if not args.device:
+            raise GatewayError("samples delete needs --device ID (samples are deleted per device)")
+        report: dict[str, object] = {"device": args.device, "deleted": store.delete_samples(args.device)}
+        print(f"deleted {report['deleted']} samples of device {args.device}")
+    elif args.action == "stats":
+        report = {"devices": store.sample_stats()}
+        _print_rows(report["devices"], ("device", "samples", "labelled", "oldest", "newest"))  # type: ignore[arg-type]
+    else:
+        rows = store.sample_rows(limit=args.limit, device=args.device)
+        report = {"samples": [{k: v for k, v in r.items() if k not in ("input", "teacher_probs")} for r in rows]}
+        _print_rows(report["samples"], ("id", "device_id", "bundle", "teacher_label", "uncertainty", "confidence",  # type: ignore[arg-type]
+                                        "drift", "flagged", "human_label"))
+    if args.json:
+        emit_json(report)
+    return 0
+
+
+def _print_rows(rows: list[dict[str, object]], cols: tuple[str, ...]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table()
+    for c in cols:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols])
+    Console().print(t)
 
 
 def cmd_credentials(args: argparse.Namespace) -> int:
@@ -113,7 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token", help="token for write endpoints (or $GATEWAY_TOKEN)")
     s.add_argument("--threads", type=int)
     add_trust_args(s, who="the bundle upload")
+    s.add_argument("--collect", metavar="all|DEV[,DEV]", help="collect offloaded inputs with the teacher's answer "
+                   "from these devices (off by default; docs/gateway.md, 'Collected samples')")
+    s.add_argument("--collect-rate", type=float, default=1.0, help="share of offloads collected (flagged: always)")
+    s.add_argument("--collect-max-per-device", type=int, default=10_000)
+    s.add_argument("--collect-max-total", type=int, default=100_000)
+    s.add_argument("--collect-retention-days", type=float, default=30.0, help="0: until the bounds push them out")
     s.set_defaults(func=cmd_serve)
+    sm = sub.add_parser("samples", help="collected samples in the store: list, stats, delete --device D")
+    add_common(sm)
+    sm.add_argument("action", choices=("list", "stats", "delete"))
+    sm.add_argument("--db", default="gateway.sqlite", help="SQLite path or database URL")
+    sm.add_argument("--device", help="only this device (required for delete)")
+    sm.add_argument("--limit", type=int, default=50)
+    add_json_flag(sm)
+    sm.set_defaults(func=cmd_samples)
     c = sub.add_parser("fleet-credentials", help="write mosquitto password + ACL files for a fleet")
     add_common(c)
     c.add_argument("devices", nargs="*", help="device ids")

@@ -21,6 +21,7 @@ from edgecore.bundle import TrustPolicy
 from .api import MAX_BUNDLE_BYTES, create_app
 from .metrics import Metrics
 from .model import Teacher, load_teacher
+from .samples import CollectionPolicy, SampleCollector
 from .store import TelemetryStore
 from .worker import GatewayWorker, WorkerConfig
 
@@ -40,6 +41,7 @@ class GatewayConfig:
     teacher_format: str = "onnx"  # which one a run dir's teacher is loaded from: onnx | torch
     metrics: Metrics = field(default_factory=Metrics)
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures an uploaded bundle needs
+    collect: CollectionPolicy = field(default_factory=CollectionPolicy)  # sample collection (off by default)
 
 
 class HttpServer:
@@ -81,8 +83,9 @@ class Gateway:
         self.teacher = teacher or load_teacher(config.teacher, threads=config.threads,
                                                prefer=config.teacher_format)
         self.store = TelemetryStore(config.db)
+        self.collector = SampleCollector(self.store, config.collect, self.metrics)
         self.worker = GatewayWorker(config=config.worker, teacher=self.teacher, store=self.store,
-                                    metrics=self.metrics)
+                                    metrics=self.metrics, collector=self.collector)
         self._server: HttpServer | None = None
         self._started = False
 
@@ -101,7 +104,8 @@ class Gateway:
             app = create_app(
                 store=self.store, metrics=self.metrics, bundles_dir=self.config.bundles_dir,
                 token=self.config.token, prefix=self.config.worker.prefix, trust=self.config.trust,
-                publish=lambda t, p: self.worker.client.publish(t, p, qos=1),
+                publish=lambda t, p: self.worker.client.publish(t, p, qos=1), collect=self.config.collect,
+                num_classes=len(self.teacher.labels),
                 health=self._health,
             )
             self._server = HttpServer(app, self.config.http_host, self.config.http_port)

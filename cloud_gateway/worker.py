@@ -29,6 +29,7 @@ from edgecore.errors import GatewayError
 
 from .metrics import BATCH_BUCKETS, Metrics
 from .model import Teacher
+from .samples import SampleCollector
 from .store import TelemetryStore
 from .telemetry import parse_window
 
@@ -59,6 +60,9 @@ class _Request:
     response_topic: str
     correlation: bytes | None
     received: float
+    confidence: float | None = None  # the device model's (MQTT 5 user property ``conf``)
+    collect: bool = False  # the collector wants this one (decided on arrival)
+    flagged: bool = False  # the device asked for it to be collected (user property ``collect``)
 
 
 class InvalidRequest(Exception):
@@ -67,8 +71,9 @@ class InvalidRequest(Exception):
 
 class GatewayWorker:
     def __init__(self, *, config: WorkerConfig, teacher: Teacher, store: TelemetryStore | None,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, collector: "SampleCollector | None" = None) -> None:
         self.config = config
+        self.collector = collector
         self.teacher = teacher
         self.store = store
         self.metrics = metrics
@@ -136,6 +141,8 @@ class GatewayWorker:
         self._connect(self.ingest, self.config.session_expiry_s)
         self._connect(self.client, self.config.request_session_expiry_s)
         self._batcher.start()
+        if self.collector is not None:
+            self.collector.start()
         end = time.monotonic() + wait
         if not (self.connected.wait(wait) and self.ingest_connected.wait(max(0.0, end - time.monotonic()))):
             self.stop()
@@ -161,6 +168,8 @@ class GatewayWorker:
                 c.loop_stop()
         if self._batcher.is_alive():
             self._batcher.join(timeout=5)
+        if self.collector is not None:
+            self.collector.stop()
 
     # --- messages --------------------------------------------------------------
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:  # type: ignore[no-untyped-def]
@@ -201,8 +210,10 @@ class GatewayWorker:
             if resp == expected:  # never reply on another device's topic
                 self._reply(resp, corr, {"ok": False, "error": str(e)})
             return
+        conf, flagged = _user_properties(props)
+        want = self.collector is not None and self.collector.wants(device_id, flagged)
         try:
-            self._q.put_nowait(_Request(device_id, x, resp, corr, time.perf_counter()))
+            self._q.put_nowait(_Request(device_id, x, resp, corr, time.perf_counter(), conf, want, flagged))
         except queue.Full:
             self.metrics.inc("gateway_overload_total", "Requests refused because the queue was full")
             self._reply(resp, corr, {"ok": False, "error": "gateway overloaded"})
@@ -241,6 +252,8 @@ class GatewayWorker:
             return
         new = self.store.add_telemetry(device_id, msg) if self.store else True
         self.metrics.inc("gateway_telemetry_windows_total", "Telemetry windows stored", device=device_id)
+        if self.collector is not None:
+            self.collector.note_telemetry(device_id, msg)
         if not new:
             self.metrics.inc("gateway_telemetry_duplicates_total", "Redelivered windows dropped", device=device_id)
             return
@@ -283,6 +296,8 @@ class GatewayWorker:
             return
         if self.store:
             self.store.set_status(device_id, msg)
+        if self.collector is not None:
+            self.collector.note_status(device_id, msg)
 
     # --- batching --------------------------------------------------------------
     def _batch_loop(self) -> None:
@@ -328,8 +343,28 @@ class GatewayWorker:
             return
         self.metrics.observe("gateway_model_seconds", "Teacher time per batch", time.perf_counter() - t0)
         for r, row in zip(batch, logits):
-            self._reply(r.response_topic, r.correlation, self._answer(row, len(batch)))
+            answer = self._answer(row, len(batch))
+            self._reply(r.response_topic, r.correlation, answer)
+            if r.collect and answer["ok"] and self.collector is not None:
+                self.collector.offer(r.device_id, r.x[0], answer["probabilities"], confidence=r.confidence,
+                                     flagged=r.flagged)
             self.metrics.observe("gateway_request_seconds", "Time from request arrival to reply",
                                  time.perf_counter() - r.received, device=r.device_id)
         self.served += len(batch)
         self.metrics.inc("gateway_replies_total", "Predictions sent", float(len(batch)), replica=self.config.replica_id)
+
+
+def _user_properties(props: Any) -> tuple[float | None, bool]:
+    """(confidence, flagged) from a request's MQTT 5 user properties; anything unreadable is ignored."""
+    conf, flagged = None, False
+    for item in getattr(props, "UserProperty", None) or ():
+        try:
+            key, value = item
+            if key == "conf":
+                v = float(value)
+                conf = v if 0.0 <= v <= 1.0 else None
+            elif key == "collect":
+                flagged = value == "1"
+        except (TypeError, ValueError):
+            continue
+    return conf, flagged

@@ -87,6 +87,7 @@ class AgentConfig:
     threads: int | None = None
     drift: DriftConfig = field(default_factory=DriftConfig)
     mqtt_version: str = "5"  # "3.1.1" for brokers without MQTT 5: request metadata then travels in an envelope
+    flag_when_drifted: bool = True  # while drift is flagged, ask the gateway to collect offloaded inputs
     update_bases: tuple[str, ...] = ()  # update_bundle URLs must be under one of these (none: refused)
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures this device accepts
 
@@ -211,7 +212,9 @@ class Agent:
         self.telemetry.observe(seconds=inf.seconds, confidence=inf.confidence, raw=raw)
         preds = inf.logits.argmax(axis=1)
         offload = np.flatnonzero(inf.confidence < self._threshold)
-        cloud = self.cloud.collect({int(i): self.cloud.ask(inf.x[i]) for i in offload}) if len(offload) else {}
+        flag = self.config.flag_when_drifted and bool((self.telemetry.last_drift or {}).get("flag"))
+        cloud = self.cloud.collect({int(i): self.cloud.ask(inf.x[i], confidence=float(inf.confidence[i]), flag=flag)
+                                    for i in offload}) if len(offload) else {}
         answers = [self._answer(it, int(preds[i]), float(inf.confidence[i]), inf, cloud.get(i))
                    for i, it in enumerate(items)]
         self.telemetry.count(answer_counts((a.route.value, a.reason) for a in answers))

@@ -66,8 +66,12 @@ class CloudClient:
     def pending(self) -> int:
         return len(self._pending)
 
-    def ask(self, x: np.ndarray) -> Ticket | None:
-        """Publish one preprocessed sample; None when there is no connected link or the publish failed."""
+    def ask(self, x: np.ndarray, *, confidence: float | None = None, flag: bool = False) -> Ticket | None:
+        """Publish one preprocessed sample; None when there is no connected link or the publish failed.
+
+        MQTT 5 requests also carry the device model's ``confidence`` and, with ``flag``, ask the gateway to
+        collect this input (user properties ``conf`` and ``collect``; docs/wire.md). 3.1.1 requests carry neither.
+        """
         link = self.link
         if link is None or not link.connected.is_set():
             return None
@@ -80,6 +84,7 @@ class CloudClient:
         info = link.publish(
             self.topics.req, payload, qos=1, response_topic=self.topics.resp,
             correlation=corr, expiry_s=max(1, int(np.ceil(self.deadline_s))),
+            user=_request_properties(confidence, flag),
         )
         if info.rc != 0:
             self._pending.pop(corr, None)
@@ -120,3 +125,10 @@ class CloudClient:
         rep["_received"] = time.perf_counter()
         pend.reply = rep
         pend.event.set()
+
+
+def _request_properties(confidence: float | None, flag: bool) -> list[tuple[str, str]] | None:
+    props = [] if confidence is None else [("conf", f"{confidence:.6g}")]
+    if flag:
+        props.append(("collect", "1"))
+    return props or None

@@ -221,9 +221,11 @@ class MqttLink:
         response_topic: str | None = None,
         correlation: bytes | None = None,
         expiry_s: int | None = None,
+        user: list[tuple[str, str]] | None = None,
     ) -> mqtt.MQTTMessageInfo:
+        """``user``: MQTT 5 user properties (dropped on 3.1.1, which has none)."""
         props = None
-        if self.v5 and (response_topic or correlation or expiry_s):
+        if self.v5 and (response_topic or correlation or expiry_s or user):
             props = Properties(PacketTypes.PUBLISH)
             if response_topic:
                 props.ResponseTopic = response_topic
@@ -231,6 +233,8 @@ class MqttLink:
                 props.CorrelationData = correlation
             if expiry_s:
                 props.MessageExpiryInterval = int(expiry_s)
+            if user:
+                props.UserProperty = user
         return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     # --- callbacks -------------------------------------------------------------

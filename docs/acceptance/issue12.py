@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,14 +33,17 @@ def sh(*cmd: str) -> str:
 
 
 def teacher_p50(run: Path) -> float:
+    """The teacher's onnx-fp32 p50, measured as the search measures (same meter, same cache file): the search's
+    first candidate (the unpruned student, a copy of the teacher) then reuses this very measurement."""
     from toolchain.compress import make_context
     from toolchain.latency import LatencyMeter
     from toolchain.rundir import RunDir
 
     r = RunDir(run)
     ctx = make_context(r.config(), r)
+    shutil.rmtree(run / "latency", ignore_errors=True)  # fresh measurements, all under this run's load
     meter = LatencyMeter(target="onnx", precision="fp32", input_spec=ctx.input_spec, labels=ctx.labels,
-                         calibration=None, samples=ctx.val[0][:16].numpy(), min_queries=500, min_seconds=1.0)
+                         calibration=None, samples=ctx.val[0][:16].numpy(), cache_path=run / "latency" / "cache.json")
     return meter.measure(ctx.teacher, name="teacher")["p50_ms"]
 
 

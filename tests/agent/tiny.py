@@ -209,7 +209,8 @@ def retag_bundle(src: Path, dst: Path, *, version: str, model_bytes: bytes | Non
 
 def start_gateway(broker, run: TinyRun, tmp: Path, *, replica: str = "gw-0", http: bool = True,
                   batch_ms: float = 5.0, token: str | None = "test-token", db: str | None = None,
-                  mqtt_version: str = "5"):
+                  mqtt_version: str = "5", collect=None):
+    from cloud_gateway.samples import CollectionPolicy
     from cloud_gateway.service import Gateway, GatewayConfig
     from cloud_gateway.worker import WorkerConfig
 
@@ -219,6 +220,7 @@ def start_gateway(broker, run: TinyRun, tmp: Path, *, replica: str = "gw-0", htt
                             batch_ms=batch_ms, mqtt_version=mqtt_version),
         teacher=run.teacher_onnx, db=db or str(tmp / "gateway.sqlite"), bundles_dir=tmp / "bundles",
         http_port=0 if http else None, token=token, threads=1, trust=release_trust(),
+        collect=collect or CollectionPolicy(),
     )
     return Gateway(cfg).start()
 

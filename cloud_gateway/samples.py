@@ -1,0 +1,178 @@
+"""Collection of offloaded inputs with the teacher's answer: opt-in, sampled, bounded, off the request path.
+
+What is stored, per collected request (docs/gateway.md, "Collected samples"):
+the input tensor exactly as the device sent it, the teacher's probabilities and
+top class, the device id, the bundle version the device reported in its status,
+the device model's confidence and whether the device flagged the input (MQTT 5
+user properties ``conf`` and ``collect``), the device's drift flag from its last
+telemetry window, and the time. Nothing else (no IP address, no user name).
+
+Collection is off unless ``--collect`` names devices (or ``all``). A request is
+collected when its device is named and either the device flagged it or a
+``rate`` draw accepts it. The reply never waits for the database: rows go to a
+bounded queue (dropped and counted when full) that one writer thread inserts in
+batches, enforcing the bounds (per device, total, retention) oldest-out.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgecore import wire
+from edgecore.errors import GatewayError
+
+from .metrics import Metrics
+from .store import TelemetryStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CollectionPolicy:
+    devices: frozenset[str] = frozenset()  # empty: off
+    all_devices: bool = False
+    rate: float = 1.0  # share of a named device's offloads collected (flagged ones always are)
+    max_per_device: int = 10_000
+    max_total: int = 100_000
+    retention_days: float = 30.0  # 0: keep until the bounds push them out
+
+    @classmethod
+    def parse(cls, spec: str | None, **kw: Any) -> "CollectionPolicy":
+        """``--collect``: None/"" (off), ``all``, or ``dev-1,dev-2``; bounds and rate checked here."""
+        names = frozenset(d.strip() for d in (spec or "").split(",") if d.strip())
+        policy = cls(devices=names - {"all"}, all_devices="all" in names, **kw)
+        if not 0.0 <= policy.rate <= 1.0:
+            raise GatewayError(f"--collect-rate must be within 0..1, got {policy.rate}")
+        if policy.max_per_device < 1 or policy.max_total < 1:
+            raise GatewayError("--collect-max-per-device and --collect-max-total must be >= 1")
+        if policy.retention_days < 0:
+            raise GatewayError(f"--collect-retention-days must be >= 0, got {policy.retention_days}")
+        return policy
+
+    @property
+    def enabled(self) -> bool:
+        return self.all_devices or bool(self.devices)
+
+    def covers(self, device_id: str) -> bool:
+        return self.all_devices or device_id in self.devices
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"devices": "all" if self.all_devices else sorted(self.devices), "rate": self.rate,
+                "max_per_device": self.max_per_device, "max_total": self.max_total,
+                "retention_days": self.retention_days}
+
+
+@dataclass
+class SampleCollector:
+    store: TelemetryStore
+    policy: CollectionPolicy
+    metrics: Metrics
+    queue_size: int = 2048
+    batch: int = 64
+    trim_every_s: float = 5.0
+    seed: int | None = None
+    _q: "queue.Queue[dict[str, Any]]" = field(init=False)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _rng: random.Random = field(init=False)
+    device_state: dict[str, dict[str, Any]] = field(default_factory=dict)  # bundle, drift per device
+
+    def __post_init__(self) -> None:
+        self._q = queue.Queue(maxsize=self.queue_size)
+        self._rng = random.Random(self.seed)
+
+    def start(self) -> "SampleCollector":
+        if self.policy.enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sample-writer", daemon=True)
+            self._thread.start()
+            log.info("collecting samples: %s", self.policy.to_dict())
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # --- request path: cheap and never blocking --------------------------------
+    def wants(self, device_id: str, flagged: bool) -> bool:
+        if not self.policy.covers(device_id):
+            return False
+        return flagged or (self.policy.rate > 0 and self._rng.random() < self.policy.rate)
+
+    def note_status(self, device_id: str, status: dict[str, Any]) -> None:
+        """The bundle the device runs, from its retained status: ``version`` (manifest sha256 when none)."""
+        version = status.get("version") or status.get("bundle_sha256") or ""
+        self.device_state.setdefault(device_id, {})["bundle"] = str(version)[:128]
+
+    def note_telemetry(self, device_id: str, window: dict[str, Any]) -> None:
+        drift = window.get("drift")
+        if isinstance(drift, dict) and "flag" in drift:
+            self.device_state.setdefault(device_id, {})["drift"] = bool(drift["flag"])
+
+    def offer(self, device_id: str, x: np.ndarray, probs: list[float], *, confidence: float | None,
+              flagged: bool) -> None:
+        """Queue one collected request (called after the reply went out); dropped and counted when full."""
+        p = np.asarray(probs, dtype=np.float32)
+        state = self.device_state.get(device_id, {})
+        row = {"device_id": device_id, "bundle": state.get("bundle", ""), "received": time.time(),
+               "input": wire.encode_tensor(x), "teacher_probs": wire.encode_tensor(p),
+               "teacher_label": int(p.argmax()), "uncertainty": float(1.0 - p.max()), "confidence": confidence,
+               "drift": state.get("drift"), "flagged": bool(flagged)}
+        try:
+            self._q.put_nowait(row)
+        except queue.Full:
+            self.metrics.inc("gateway_samples_dropped_total", "Collected samples dropped (writer behind)",
+                             device=device_id)
+
+    # --- writer thread -----------------------------------------------------------
+    def _run(self) -> None:
+        last_trim = 0.0
+        while not self._stop.is_set() or not self._q.empty():
+            rows = self._drain()
+            if rows:
+                try:
+                    self.store.add_samples(rows)
+                    self.metrics.inc("gateway_samples_stored_total", "Collected samples stored", float(len(rows)))
+                except Exception:  # the database is away: count, log, go on (the replies were sent)
+                    log.exception("storing %d collected samples failed", len(rows))
+                    self.metrics.inc("gateway_samples_dropped_total", "Collected samples dropped", float(len(rows)))
+            if rows or time.monotonic() - last_trim > self.trim_every_s:
+                self.trim()
+                last_trim = time.monotonic()
+
+    def _drain(self) -> list[dict[str, Any]]:
+        try:
+            rows = [self._q.get(timeout=0.2)]
+        except queue.Empty:
+            return []
+        while len(rows) < self.batch:
+            try:
+                rows.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        return rows
+
+    def trim(self) -> int:
+        p = self.policy
+        older = time.time() - p.retention_days * 86400 if p.retention_days > 0 else None
+        try:
+            return self.store.trim_samples(max_per_device=p.max_per_device, max_total=p.max_total, older_than=older)
+        except Exception:
+            log.exception("trimming collected samples failed")
+            return 0
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every queued row is written (tests, shutdown)."""
+        end = time.monotonic() + timeout
+        while not self._q.empty() and time.monotonic() < end:
+            time.sleep(0.02)
+        time.sleep(0.3)  # the batch being written
