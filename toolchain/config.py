@@ -89,6 +89,11 @@ class TrainConfig:
     patience: int = 15  # early stopping: epochs without a better validation accuracy
     label_smoothing: float = 0.05
     augment: bool = True  # random shifts by one pixel (images only)
+    # the teacher only (a cloud model trained on broader data than the device sees): random rotations up to
+    # rotate_deg either way and gaussian noise of noise_std (in normalised units) on a share of the batches
+    rotate_deg: float = 0.0
+    noise_std: float = 0.0
+    broad_fraction: float = 0.5  # share of each batch that gets the rotation/noise (the rest stays clean)
     amp: bool = True  # mixed precision, used only when CUDA is present
     num_workers: int = 0
     progress: bool = True
@@ -188,6 +193,18 @@ class BuildConfig:
 
 
 @dataclass(frozen=True)
+class RefreshConfig:
+    """``toolchain refresh``: re-distill the current student on its data plus the gateway's collected samples."""
+
+    epochs: int = 8  # distillation epochs, continuing from the current student
+    lr: float = 1e-3
+    holdout_fraction: float = 0.25  # of the collected samples, kept out of training for the gates
+    max_regression_pt: float = 0.5  # at most this much lost on the original test split
+    min_samples: int = 20  # fewer collected samples than this: nothing to learn from, refused
+    balance: bool = True  # oversample the collected classes to equal counts
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -201,6 +218,7 @@ class Config:
     ptq: PtqConfig = field(default_factory=PtqConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
     source_file: str = field(default="<defaults>", compare=False)
 
     def replace(self, **sections: Any) -> "Config":
@@ -295,6 +313,9 @@ def _validate_section(obj: Any, section: str, origin: str) -> None:
         _validate_model(obj, section, origin, need)
     elif isinstance(obj, TrainConfig):
         need(obj.epochs >= 1, "epochs", "must be >= 1")
+        need(0.0 <= obj.rotate_deg <= 180.0, "rotate_deg", "must be in [0, 180]")
+        need(obj.noise_std >= 0.0, "noise_std", "must be >= 0")
+        need(0.0 <= obj.broad_fraction <= 1.0, "broad_fraction", "must be in [0, 1]")
         need(obj.lr > 0, "lr", "must be > 0")
         need(obj.patience >= 1, "patience", "must be >= 1")
     elif isinstance(obj, PruneConfig):
@@ -315,6 +336,12 @@ def _validate_section(obj: Any, section: str, origin: str) -> None:
         need(obj.latency_max_candidates >= 1, "latency_max_candidates", "must be >= 1")
         need(obj.latency_extra_steps >= 0, "latency_extra_steps", "must be >= 0")
         need(0.0 <= obj.latency_margin < 1.0, "latency_margin", "must be in [0, 1)")
+    elif isinstance(obj, RefreshConfig):
+        need(obj.epochs >= 1, "epochs", "must be >= 1")
+        need(obj.lr > 0, "lr", "must be > 0")
+        need(0.0 < obj.holdout_fraction < 1.0, "holdout_fraction", "must be in (0, 1)")
+        need(obj.max_regression_pt >= 0, "max_regression_pt", "must be >= 0")
+        need(obj.min_samples >= 2, "min_samples", "must be >= 2")
     elif isinstance(obj, DistillConfig):
         need(obj.temperature > 0, "temperature", "must be > 0")
         need(0.0 <= obj.alpha <= 1.0, "alpha", "must be in [0, 1]")
@@ -462,7 +489,7 @@ def config_from_args(args: Any) -> Config:
 
 __all__ = [
     "BuildConfig", "CompressConfig", "Config", "Confidence", "Control", "DataConfig", "DistillConfig", "ExportConfig",
-    "ModelConfig", "PruneConfig", "PruneTarget", "PtqConfig", "QatConfig", "QdqWeightBits", "RunConfig",
+    "ModelConfig", "PruneConfig", "RefreshConfig", "PruneTarget", "PtqConfig", "QatConfig", "QdqWeightBits", "RunConfig",
     "StudentConfig", "TrainConfig",
     "add_config_args", "config_from_args", "from_dict", "load_config", "parse_overrides", "to_dict", "to_toml",
 ]

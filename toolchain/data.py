@@ -314,3 +314,28 @@ def splits_from_record(record: dict[str, Any]) -> Splits:
             f"{str(record.get('sha256'))[:12]})"
         )
     return splits
+
+
+def with_refresh(splits: Splits, path: Path, sha256: str | None) -> Splits:
+    """The splits plus a refresh set (``toolchain refresh``): its train part appended to train, its held-out
+    part to val; test stays the source's own (the regression gate's yardstick)."""
+    try:
+        with np.load(path) as z:
+            parts = {k: z[k] for k in ("x_train", "y_train", "x_val", "y_val")}
+    except (OSError, KeyError, ValueError) as e:
+        raise DataError(f"refresh set {path}: unreadable ({e})") from e
+    if sha256 is not None and refresh_digest(parts) != sha256:
+        raise DataError(f"refresh set {path} changed since the run was made (sha256 mismatch)")
+    return Splits(
+        train=(np.concatenate([splits.train[0], parts["x_train"]]), np.concatenate([splits.train[1], parts["y_train"]])),
+        val=(np.concatenate([splits.val[0], parts["x_val"]]), np.concatenate([splits.val[1], parts["y_val"]])),
+        test=splits.test, input_spec=splits.input_spec, labels=splits.labels, sha256=splits.sha256,
+    )
+
+
+def refresh_digest(parts: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in ("x_train", "y_train", "x_val", "y_val"):
+        a = np.ascontiguousarray(parts[k])
+        h.update(k.encode() + str(a.shape).encode() + str(a.dtype).encode() + a.tobytes())
+    return h.hexdigest()

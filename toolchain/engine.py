@@ -96,6 +96,33 @@ def shift_augment(x: torch.Tensor, max_shift: int = 1) -> torch.Tensor:
     return out.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
 
 
+def broad_augment(x: torch.Tensor, *, rotate_deg: float, noise_std: float, fraction: float) -> torch.Tensor:
+    """Rotate a random ``fraction`` of the batch by up to ±``rotate_deg`` and add gaussian noise to it.
+
+    The cloud model's broader training data (issue 13): inputs a drifted device
+    may send (turned, noisy) next to the clean ones. Draws come from torch's
+    global generator, seeded by the run. Images only for the rotation.
+    """
+    n = x.shape[0]
+    pick = torch.rand(n) < fraction
+    if not bool(pick.any()):
+        return x
+    sub = x[pick]
+    if rotate_deg > 0 and sub.ndim == 4:
+        theta = (torch.rand(sub.shape[0]) * 2 - 1) * math.radians(rotate_deg)
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        mat = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
+                           torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+        grid = F.affine_grid(mat, list(sub.shape), align_corners=False)
+        fill = sub.amin(dim=(1, 2, 3), keepdim=True)  # the background, not zero (normalised inputs)
+        sub = F.grid_sample(sub - fill, grid, align_corners=False, padding_mode="zeros") + fill
+    if noise_std > 0:
+        sub = sub + torch.randn_like(sub) * noise_std
+    out = x.clone()
+    out[pick] = sub
+    return out
+
+
 @torch.no_grad()
 def predict(model: nn.Module, X: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
     was = model.training
@@ -183,6 +210,9 @@ class FitOptions:
     progress: bool = True
     seed: int = 0
     restore_best: bool = True
+    rotate_deg: float = 0.0  # broader data (the teacher): random rotations up to this, images only
+    noise_std: float = 0.0  # ... and gaussian noise, on broad_fraction of each batch
+    broad_fraction: float = 0.5
 
 
 def _loader(train: tuple[torch.Tensor, torch.Tensor], opts: FitOptions) -> tuple[Any, Any]:
@@ -243,6 +273,8 @@ def _train_epoch(loop: _Loop, opts: FitOptions, epoch: int) -> float:
         xb, yb = xb.to(loop.dev), yb.to(loop.dev)
         if opts.augment:
             xb = shift_augment(xb)
+        if opts.rotate_deg > 0 or opts.noise_std > 0:
+            xb = broad_augment(xb, rotate_deg=opts.rotate_deg, noise_std=opts.noise_std, fraction=opts.broad_fraction)
         with torch.autocast("cuda", dtype=torch.float16, enabled=loop.use_amp):
             loss = loop.loss_fn(loop.wrapped, xb, yb)
         loop.opt.zero_grad(set_to_none=True)

@@ -104,9 +104,14 @@ class RunDir:
     # ------------------------------------------------------------- data
     def splits(self) -> "Splits":
         """Deterministic reload of the data recorded in data.json (raw, batch first)."""
-        from toolchain.data import splits_from_record
+        from toolchain.data import splits_from_record, with_refresh
 
-        return splits_from_record(self.data_record())
+        rec = self.data_record()
+        splits = splits_from_record(rec)
+        refresh = rec.get("refresh")
+        if refresh:  # a refreshed run: its splits include the collected samples (toolchain refresh)
+            splits = with_refresh(splits, self.path / refresh["file"], refresh.get("sha256"))
+        return splits
 
     @property
     def input_spec(self) -> "InputSpec":

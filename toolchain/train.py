@@ -43,7 +43,8 @@ def _fit_options(cfg: Config, input_shape: tuple[int, ...]) -> Any:
     return engine.FitOptions(
         epochs=t.epochs, lr=t.lr, weight_decay=t.weight_decay, warmup_epochs=t.warmup_epochs, patience=t.patience,
         batch_size=cfg.data.batch_size, augment=t.augment and len(input_shape) == 3, amp=t.amp, desc="teacher",
-        progress=t.progress, seed=cfg.run.seed,
+        progress=t.progress, seed=cfg.run.seed, rotate_deg=t.rotate_deg, noise_std=t.noise_std,
+        broad_fraction=t.broad_fraction,
     )
 
 

@@ -1,0 +1,163 @@
+"""``toolchain refresh``: collected samples -> a gated, provenance-carrying new run (tiny models)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edgecore.samples import Sample, SamplePage
+from tests.fixtures.pipeline import tiny_config
+from toolchain.config import to_toml
+from toolchain.refresh import RefreshError, build_refresh_set, load_samples, refresh
+from toolchain.rundir import RunDir
+
+
+def _drifted(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = np.rot90(x, k=1, axes=(-2, -1)) + rng.normal(0, 2.0, size=x.shape)
+    return np.clip(out, 0, 16).astype(np.float32)
+
+
+def _parent(tiny_run, tmp_path, **refresh_cfg):
+    parent = tmp_path / "parent"
+    shutil.copytree(tiny_run, parent)
+    cfg = tiny_config(parent, refresh={"epochs": 4, "lr": 0.003, "max_regression_pt": 15.0, "min_samples": 10,
+                                       **refresh_cfg})
+    (parent / "config.toml").write_text(to_toml(cfg))
+    return parent
+
+
+def _samples(run: RunDir, n: int, *, human: bool = True) -> list[Sample]:
+    """Drifted training inputs as a gateway would store them: preprocessed, with teacher probabilities."""
+    x_raw, y = run.splits().train
+    spec = run.input_spec
+    x = spec.preprocess(_drifted(x_raw[:n]))
+    probs = np.full((n, 10), 0.02, np.float32)
+    probs[np.arange(n), y[:n]] = 0.82
+    return [Sample(id=i + 1, device="edge-3", received=1e9 + i, input=x[i][None], teacher_probs=probs[i],
+                   human_label=int(y[i]) if human else None, confidence=0.3, drift=True) for i in range(n)]
+
+
+def test_refresh_set_dedupes_holds_out_balances_and_refuses_foreign_shapes(tiny_run):
+    run = RunDir(tiny_run)
+    ss = _samples(run, 40)
+    dup = Sample(id=99, device="edge-3", received=2e9, input=ss[0].input, teacher_probs=ss[0].teacher_probs)
+    rs = build_refresh_set(ss + [dup], run.input_spec, 10, holdout=0.25, seed=0, balance=True, min_samples=10)
+    assert rs.duplicates == 1 and len(rs.ids_holdout) == 10 and len(rs.ids_train) == 30
+    assert not set(rs.ids_train) & set(rs.ids_holdout)
+    counts = np.bincount(rs.y_train, minlength=10)
+    assert counts[counts > 0].min() == counts.max()  # balanced by oversampling
+    # raw values back: preprocess(raw) gives what the device sent
+    x0 = next(s for s in ss if s.id == rs.ids_holdout[0]).input[0]
+    np.testing.assert_allclose(run.input_spec.preprocess(rs.x_val[:1])[0], x0, atol=1e-4)
+    bad = Sample(id=7, device="d", received=1.0, input=np.zeros((1, 1, 4, 4), np.float32), teacher_probs=ss[0].teacher_probs)
+    with pytest.raises(RefreshError, match=r"sample 7 from d: input shape \[1, 1, 4, 4\] does not match"):
+        build_refresh_set(ss + [bad], run.input_spec, 10, holdout=0.25, seed=0, balance=True, min_samples=10)
+    with pytest.raises(RefreshError, match="refresh.min_samples is 10"):
+        build_refresh_set(ss[:5], run.input_spec, 10, holdout=0.25, seed=0, balance=True, min_samples=10)
+
+
+def _serve_pages(samples: list[Sample], token: str):
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.headers.get("Authorization") != f"Bearer {token}":
+                self.send_response(401)
+                self.end_headers()
+                return
+            from urllib.parse import parse_qs, urlparse
+
+            q = parse_qs(urlparse(self.path).query)
+            after, limit = int(q["after"][0]), int(q["limit"][0])
+            page = [s for s in samples if s.id > after][:limit]
+            body = json.dumps(SamplePage(page, page[-1].id if len(page) == limit else None).to_json()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_samples_come_from_http_pages_or_the_gateway_database(tiny_run, tmp_path):
+    from cloud_gateway.store import TelemetryStore
+    from edgecore import wire
+
+    ss = _samples(RunDir(tiny_run), 23)
+    srv = _serve_pages(ss, "tok")
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        got = load_samples(url, token="tok", page_size=10)
+        assert [s.id for s in got] == [s.id for s in ss]
+        with pytest.raises(RefreshError, match="HTTP 401.*token"):
+            load_samples(url, token="wrong")
+    finally:
+        srv.shutdown()
+    store = TelemetryStore(tmp_path / "gw.sqlite")
+    store.add_samples([{"device_id": s.device, "bundle": "v1", "received": s.received, "input": wire.encode_tensor(s.input),
+                        "teacher_probs": wire.encode_tensor(s.teacher_probs), "teacher_label": s.teacher_label,
+                        "uncertainty": s.uncertainty, "confidence": s.confidence, "drift": True, "flagged": False,
+                        "human_label": s.human_label} for s in ss])
+    db = load_samples(str(tmp_path / "gw.sqlite"), device="edge-3")
+    assert len(db) == 23 and db[0].human_label == ss[0].human_label and db[0].bundle == "v1"
+    with pytest.raises(RefreshError, match="no gateway database"):
+        load_samples(str(tmp_path / "missing.sqlite"))
+    with pytest.raises(RefreshError, match="cannot reach gateway"):
+        load_samples("http://127.0.0.1:9/")
+
+
+def test_refresh_learns_the_shifted_inputs_keeps_the_original_and_records_provenance(tiny_run, tmp_path):
+    parent = _parent(tiny_run, tmp_path)
+    run = RunDir(parent)
+    ss = _samples(run, 300)
+    srv = _serve_pages(ss, "tok")
+    try:
+        rep = refresh(parent=parent, out=tmp_path / "new", source=f"http://127.0.0.1:{srv.server_address[1]}",
+                      token="tok", targets=["onnx-fp32"], show=False)
+    finally:
+        srv.shutdown()
+    orig, held = rep["gates"]
+    assert rep["passed"] and orig["ok"] and held["ok"], rep["gates"]
+    assert held["after"] > held["before"] + 0.2  # the refreshed student reads rotated digits; the parent cannot
+    new = RunDir(tmp_path / "new")
+    saved = json.loads((tmp_path / "new" / "reports" / "refresh.json").read_text())
+    assert saved["parent"] == str(parent.resolve()) and saved["samples"]["sha256"] == new.data_record()["refresh"]["sha256"]
+    assert sorted(saved["samples"]["ids_train"] + saved["samples"]["ids_holdout"]) == [s.id for s in ss]
+    sp = new.splits()  # the refreshed run's splits include the collected samples; test is the original one
+    base = run.splits()
+    assert len(sp.train[1]) > len(base.train[1]) and len(sp.val[1]) == len(base.val[1]) + len(saved["samples"]["ids_holdout"])
+    np.testing.assert_array_equal(sp.test[1], base.test[1])
+    assert (tmp_path / "new" / "bundles" / "onnx-fp32" / "manifest.json").is_file()
+    assert not (parent / "refresh").exists()  # the parent run is never touched
+
+
+def test_a_failed_gate_keeps_the_report_and_writes_no_bundles(tiny_run, tmp_path):
+    parent = _parent(tiny_run, tmp_path, max_regression_pt=0.0, epochs=1, lr=0.05)
+    ss = _samples(RunDir(parent), 60, human=False)
+    for s in ss:  # the person labelled everything "0": learning it must cost accuracy on the original split
+        object.__setattr__(s, "human_label", 0)
+    from cloud_gateway.store import TelemetryStore
+    from edgecore import wire
+
+    store = TelemetryStore(tmp_path / "gw.sqlite")
+    store.add_samples([{"device_id": s.device, "received": s.received, "input": wire.encode_tensor(s.input),
+                        "teacher_probs": wire.encode_tensor(s.teacher_probs), "teacher_label": s.teacher_label,
+                        "uncertainty": s.uncertainty, "flagged": False, "human_label": 0} for s in ss])
+    r = subprocess.run([sys.executable, "-m", "toolchain.cli", "refresh", "--from", str(tmp_path / "gw.sqlite"),
+                        "--run", str(parent), "--out", str(tmp_path / "new"), "--targets", "onnx-fp32"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "refresh gates failed" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "new" / "reports" / "refresh.json").is_file()
+    assert not (tmp_path / "new" / "bundles").exists()

@@ -1,0 +1,363 @@
+"""``toolchain refresh``: the closed loop's training step.
+
+The gateway collects what the fleet was unsure of, answered by the teacher
+(docs/gateway.md, "Collected samples"). ``refresh`` pulls those samples (over
+HTTP from the gateway, or straight from its database), builds a refresh set
+(label = a person's label if given, else the teacher's; de-duplicated by
+content; a seeded held-out part kept out of training; classes oversampled to
+equal counts), writes a NEW run that is the parent run plus that set
+(``data.json`` → ``refresh``: its splits are the source's plus the collected
+train part, val plus the held-out part, test unchanged), and there:
+
+1. re-distills the parent's current student from the teacher, continuing from
+   its weights (not from scratch), on the original training data plus the
+   refresh set (early stopping on the original validation split only);
+2. re-runs the quantizing pass (QAT) and the export;
+3. builds a bundle for each target the parent run had built (the production
+   targets), whose calibration, routing threshold and drift reference are
+   refitted on splits that now include the shifted inputs;
+4. checks the gates: at most ``refresh.max_regression_pt`` lost on the
+   original test split, and better than the parent's bundle, per target, on the
+   held-out collected samples. A failed gate keeps the report and removes the
+   new bundles (``--force`` keeps them).
+
+Provenance (``reports/refresh.json``): parent run, the sample ids used, their
+count and sha256, every gate with its numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecore.errors import DataError, EdgeError
+from edgecore.fsutil import atomic_write_bytes
+from edgecore.samples import Sample, SampleError, SamplePage
+
+TOKEN_ENV = "EDGE_GATEWAY_TOKEN"
+REFRESH_FILE = "refresh/refresh_set.npz"
+_SKIP = ("bundles", "checkpoints", "latency", "refresh", "reports")
+
+
+class RefreshError(EdgeError):
+    """A refresh that cannot run, or whose gates failed (the report says which)."""
+
+
+# --- pulling samples -------------------------------------------------------------------------
+def load_samples(source: str, *, token: str | None = None, device: str | None = None,
+                 page_size: int = 500) -> list[Sample]:
+    """Every collected sample at ``source`` (gateway URL, database URL or SQLite path), oldest first."""
+    if source.startswith(("http://", "https://")):
+        return _from_gateway(source, token=token, device=device, page_size=page_size)
+    return _from_database(source, device=device)
+
+
+def _from_gateway(url: str, *, token: str | None, device: str | None, page_size: int) -> list[Sample]:
+    out: list[Sample] = []
+    after: int | None = 0
+    while after is not None:
+        q = {"after": after, "limit": page_size, **({"device": device} if device else {})}
+        req = urllib.request.Request(f"{url.rstrip('/')}/api/samples?{urllib.parse.urlencode(q)}",
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 - the operator's gateway URL
+                page = SamplePage.from_json(json.loads(r.read()))
+        except urllib.error.HTTPError as e:
+            hint = f" (give the gateway's token: --token or ${TOKEN_ENV})" if e.code in (401, 403) else ""
+            raise RefreshError(f"gateway {url} refused the samples request: HTTP {e.code}{hint}") from e
+        except (urllib.error.URLError, OSError) as e:
+            raise RefreshError(f"cannot reach gateway {url}: {getattr(e, 'reason', e)}") from e
+        except (ValueError, SampleError) as e:
+            raise RefreshError(f"gateway {url} answered something that is not a samples page: {e}") from e
+        out += page.samples
+        after = page.next_after
+    return out
+
+
+def _from_database(spec: str, *, device: str | None) -> list[Sample]:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    url = spec if "://" in spec else f"sqlite:///{Path(spec).resolve()}"
+    if url.startswith(("postgresql://", "postgres://")):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith("sqlite") and not Path(url.split("sqlite:///", 1)[-1]).is_file():
+        raise RefreshError(f"no gateway database at {spec}")
+    try:
+        engine = create_engine(url)
+        with engine.connect() as c:
+            q = "SELECT * FROM samples" + (" WHERE device_id = :d" if device else "") + " ORDER BY id"
+            rows = [dict(r) for r in c.execute(text(q), {"d": device} if device else {}).mappings()]
+    except (SQLAlchemyError, ImportError) as e:
+        raise RefreshError(f"cannot read collected samples from {spec}: {str(e).splitlines()[0]}") from e
+    try:
+        return [Sample.from_row(r) for r in rows]
+    except SampleError as e:
+        raise RefreshError(f"{spec}: {e}") from e
+
+
+# --- the refresh set -------------------------------------------------------------------------
+@dataclass
+class RefreshSet:
+    x_train: np.ndarray  # raw (un-normalised), like every split of a run
+    y_train: np.ndarray
+    x_val: np.ndarray  # the held-out collected samples
+    y_val: np.ndarray
+    p_train: np.ndarray  # soft targets of the train part: a person's label one-hot, else the teacher's probabilities
+    ids_train: list[int]
+    ids_holdout: list[int]
+    duplicates: int
+    human_labels: int
+    sha256: str
+
+
+def _raw(x: np.ndarray, spec: Any) -> np.ndarray:
+    """Undo ``InputSpec.preprocess`` (samples hold what the device's model took)."""
+    x = np.asarray(x, np.float32)
+    if spec.mean:
+        b = (1, len(spec.mean)) + (1,) * (x.ndim - 2)
+        x = x * np.asarray(spec.std, np.float32).reshape(b) + np.asarray(spec.mean, np.float32).reshape(b)
+    return (x / np.float32(spec.scale)).astype(np.float32)
+
+
+def build_refresh_set(samples: list[Sample], spec: Any, num_classes: int, *, holdout: float, seed: int,
+                      balance: bool, min_samples: int) -> RefreshSet:
+    shape = tuple(spec.sample_shape)
+    keep: dict[str, Sample] = {}
+    for s in samples:
+        x = s.input[0] if s.input.ndim == len(shape) + 1 and s.input.shape[0] == 1 else s.input
+        if tuple(x.shape) != shape:
+            raise RefreshError(f"sample {s.id} from {s.device}: input shape {list(s.input.shape)} does not match the "
+                               f"run's {list(shape)} (samples of another model?)")
+        if not 0 <= s.label < num_classes:
+            raise RefreshError(f"sample {s.id}: label {s.label} outside the run's {num_classes} classes")
+        key = hashlib.sha256(np.ascontiguousarray(x, np.float32).tobytes()).hexdigest()
+        if key not in keep or (s.human_label is not None and keep[key].human_label is None):
+            keep[key] = dataclasses.replace(s, input=np.asarray(x, np.float32))
+    uniq = sorted(keep.values(), key=lambda s: s.id)
+    if len(uniq) < min_samples:
+        raise RefreshError(f"{len(uniq)} distinct collected samples (of {len(samples)}); refresh.min_samples is "
+                           f"{min_samples}: collect longer (cloud-gateway serve --collect ...)")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(uniq))
+    n_hold = max(1, int(round(holdout * len(uniq))))
+    hold, train = [uniq[i] for i in order[:n_hold]], [uniq[i] for i in order[n_hold:]]
+    idx = np.arange(len(train))
+    y_tr = np.array([s.label for s in train], np.int64)
+    if balance and len(train):
+        counts = np.bincount(y_tr, minlength=num_classes)
+        target = counts[counts > 0].max()
+        extra = [rng.choice(np.flatnonzero(y_tr == c), target - n) for c, n in enumerate(counts) if 0 < n < target]
+        idx = np.concatenate([idx, *extra]) if extra else idx
+    x_tr = _raw(np.stack([train[i].input for i in idx]), spec) if len(idx) else np.zeros((0, *shape), np.float32)
+    p_tr = np.stack([_target(train[i], num_classes) for i in idx]) if len(idx) else np.zeros((0, num_classes), np.float32)
+    parts = {"x_train": x_tr, "y_train": y_tr[idx] if len(idx) else np.zeros(0, np.int64),
+             "x_val": _raw(np.stack([s.input for s in hold]), spec), "y_val": np.array([s.label for s in hold], np.int64)}
+    from toolchain.data import refresh_digest
+
+    return RefreshSet(**parts, p_train=p_tr, ids_train=[s.id for s in train], ids_holdout=[s.id for s in hold],
+                      duplicates=len(samples) - len(uniq), human_labels=sum(s.human_label is not None for s in uniq),
+                      sha256=refresh_digest(parts))
+
+
+def _target(s: Sample, num_classes: int) -> np.ndarray:
+    if s.human_label is not None or s.teacher_probs.shape != (num_classes,):
+        return np.eye(num_classes, dtype=np.float32)[s.label]
+    p = np.clip(s.teacher_probs.astype(np.float32), 0, None)
+    return p / max(float(p.sum()), 1e-12)
+
+
+# --- the new run ---------------------------------------------------------------------------------
+def _new_run(parent: Path, out: Path, rs: RefreshSet, source: str) -> None:
+    import io
+
+    from toolchain.rundir import RunDir
+
+    if out.exists() and any(out.iterdir()):
+        raise RefreshError(f"{out} exists and is not empty: give a new --out for the refreshed run")
+    shutil.copytree(parent, out, ignore=lambda d, names: [n for n in names if Path(d) == parent and n in _SKIP],
+                    dirs_exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, x_train=rs.x_train, y_train=rs.y_train, x_val=rs.x_val, y_val=rs.y_val)
+    atomic_write_bytes(out / REFRESH_FILE, buf.getvalue())
+    run = RunDir(out)
+    rec = run.data_record()
+    rec["refresh"] = {"file": REFRESH_FILE, "sha256": rs.sha256, "parent": str(parent.resolve()), "source": source,
+                      "train": int(len(rs.y_train)), "val": int(len(rs.y_val)),
+                      "original_val": int(rec.get("splits", {}).get("val", 0))}
+    run.write_data_record(rec)
+
+
+def _production_targets(parent: Path, targets: list[str] | None) -> list[tuple[str, str]]:
+    names = list(targets or [])
+    if not names and (parent / "bundles").is_dir():
+        names = sorted(p.name for p in (parent / "bundles").iterdir() if p.is_dir() and (p / "manifest.json").is_file())
+    out = []
+    for n in names or ["onnx-int8"]:
+        t, _, p = n.rpartition("-")
+        if not t:
+            raise RefreshError(f"target {n!r}: expected TARGET-PRECISION such as onnx-int8")
+        out.append((t, p))
+    return out
+
+
+def _accuracy_of_bundle(bundle: Path, x_raw: np.ndarray, y: np.ndarray) -> float:
+    from edgecore.bundle import open_bundle
+    from targets import load_runner
+
+    b = open_bundle(bundle)  # our own build's hashes are checked; whose signature it carries does not matter here
+    runner = load_runner(b)
+    x = b.input_spec.preprocess(x_raw)
+    pred = np.concatenate([np.asarray(runner.run(x[i:i + 1])).argmax(1) for i in range(len(x))])
+    return float((pred == y).mean())
+
+
+def _train(cfg: Any, out: Path, rs: RefreshSet) -> tuple[Any, Any, dict[str, Any]]:
+    """Continue the parent's student on original + collected data, then the run's quantizing pass.
+
+    Targets: on the original training data the teacher's probabilities (distillation) and the labels; on the
+    collected samples the teacher's probabilities *as the gateway recorded them* (or a person's label, one-hot,
+    which overrides the teacher) and their labels. Loss: ``alpha`` soft cross-entropy + ``1 - alpha`` hard.
+    """
+    import time as _time
+
+    import torch
+    import torch.nn.functional as F
+
+    from toolchain import compress as C
+    from toolchain import engine
+    from toolchain.passes import get_pass
+    from toolchain.passes.base import stage_row, state_size
+    from toolchain.rundir import RunDir
+
+    run = RunDir(out)
+    ctx = C.make_context(cfg, run)
+    n_val = int(run.data_record()["refresh"]["original_val"]) or len(ctx.val[1])
+    ctx.val = (ctx.val[0][:n_val], ctx.val[1][:n_val])  # early stopping never sees the held-out samples
+    n_orig = len(ctx.train[1]) - len(rs.y_train)
+    with torch.no_grad():
+        t_probs = torch.softmax(engine.predict(ctx.teacher, ctx.train[0][:n_orig]).float(), 1)
+    soft = torch.cat([t_probs, torch.from_numpy(rs.p_train)])
+    targets = torch.cat([soft, ctx.train[1][:, None].float()], 1)
+    alpha = cfg.distill.alpha
+
+    def loss_fn(model: Any, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        logits = model(xb)
+        soft_ce = -(yb[:, :-1] * F.log_softmax(logits, 1)).sum(1).mean()
+        return alpha * soft_ce + (1 - alpha) * F.cross_entropy(logits, yb[:, -1].long())
+
+    student = run.load_student().train()
+    r, t0 = cfg.refresh, _time.perf_counter()
+    engine.fit(student, loss_fn=loss_fn, train=(ctx.train[0], targets), val=ctx.val,
+               opts=ctx.fit_options(epochs=r.epochs, lr=r.lr, desc="refresh", seed_offset=500, warmup_epochs=0,
+                                    patience=r.epochs))
+    student = student.cpu().eval()
+    row = stage_row("refreshed (distilled, continued)", student, ctx, size=state_size(student),
+                    seconds=_time.perf_counter() - t0)
+    quant = [get_pass(n)(cfg) for n in cfg.compress.passes if get_pass(n).quantizes]
+    res = C.run_passes(quant, student, ctx, label="refreshed: ")
+    report = {"stages": [row, *res.rows], "student_accuracy": row["test_accuracy"],
+              "qat_accuracy": res.rows[-1]["test_accuracy"] if res.quantizer else None}
+    C._write_outputs(run, res, ctx, report)
+    return res, ctx, report
+
+
+def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | None = None, device: str | None = None,
+            targets: list[str] | None = None, signing_key: Any = None, force: bool = False,
+            show: bool = True) -> dict[str, Any]:
+    """Run the refresh (module docstring); returns the report (also RUN/reports/refresh.json)."""
+    from toolchain import engine, pipeline
+    from toolchain.bundle import build_bundle
+    from toolchain.rundir import RunDir
+
+    t0 = time.perf_counter()
+    parent, out = Path(parent), Path(out)
+    prun = RunDir(parent)
+    cfg = prun.config()
+    engine.set_seed(cfg.run.seed)
+    samples = load_samples(source, token=token, device=device)
+    spec, labels = prun.input_spec, prun.labels
+    rs = build_refresh_set(samples, spec, len(labels), holdout=cfg.refresh.holdout_fraction, seed=cfg.run.seed,
+                           balance=cfg.refresh.balance, min_samples=cfg.refresh.min_samples)
+    _new_run(parent, out, rs, source)
+    res, ctx, trained = _train(cfg, out, rs)
+    pipeline.export(cfg, out, show=False)
+    before = _parent_accuracy(prun, ctx.test)
+    new_acc = trained["qat_accuracy"] if trained["qat_accuracy"] is not None else trained["student_accuracy"]
+    gates: list[dict[str, Any]] = [{
+        "gate": "original test split", "before": before, "after": new_acc,
+        "lost_pt": round((before - new_acc) * 100, 2), "max_pt": cfg.refresh.max_regression_pt,
+        "ok": (before - new_acc) * 100 <= cfg.refresh.max_regression_pt + 1e-9,
+    }]
+    built: dict[str, Any] = {}
+    for target, precision in _production_targets(parent, targets):
+        name = f"{target}-{precision}"
+        dest = out / "bundles" / name
+        build_bundle(run_dir=out, target=target, precision=precision, out=dest, cfg=cfg.build, signing_key=signing_key)
+        old = parent / "bundles" / name
+        after = _accuracy_of_bundle(dest, rs.x_val, rs.y_val)
+        if (old / "manifest.json").is_file():
+            before_b, versus = _accuracy_of_bundle(old, rs.x_val, rs.y_val), f"parent bundle {name}"
+        else:  # the parent never built this target: its shipped PyTorch model stands in
+            before_b, versus = _parent_accuracy(prun, (spec.preprocess(rs.x_val), rs.y_val)), "parent model (PyTorch)"
+        gates.append({"gate": f"held-out collected samples, {name}", "versus": versus, "before": before_b,
+                      "after": after, "ok": after > before_b})
+        built[name] = str(dest)
+    ok = all(g["ok"] for g in gates)
+    report = {
+        "command": "refresh", "run_dir": str(out), "parent": str(parent.resolve()), "source": source,
+        "device": device, "samples": {"pulled": len(samples), "duplicates": rs.duplicates,
+                                      "human_labels": rs.human_labels, "train": len(rs.ids_train),
+                                      "train_after_balance": int(len(rs.y_train)), "holdout": len(rs.ids_holdout),
+                                      "ids_train": rs.ids_train, "ids_holdout": rs.ids_holdout, "sha256": rs.sha256},
+        "stages": trained["stages"], "gates": gates, "passed": ok, "forced": force and not ok,
+        "bundles": built if ok or force else {}, "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if not ok and not force:
+        shutil.rmtree(out / "bundles", ignore_errors=True)
+    RunDir(out).write_report("refresh", report)
+    if show:
+        print_refresh(report)
+    if not ok and not force:
+        failed = "; ".join(f"{g['gate']}: {g['before']} -> {g['after']}" for g in gates if not g["ok"])
+        raise RefreshError(f"refresh gates failed ({failed}); no bundles written (report: "
+                           f"{out / 'reports' / 'refresh.json'}; --force keeps them)")
+    return report
+
+
+def _parent_accuracy(prun: Any, data: tuple[Any, Any]) -> float:
+    """The parent's shipped model (QAT program, else fp32 student) on ``(x normalised, y)``."""
+    import torch
+
+    from toolchain import engine
+    from toolchain.rundir import RunDir
+
+    x, y = (torch.as_tensor(np.asarray(a)) if isinstance(a, np.ndarray) else a for a in data)
+    model = prun.load_student_qat() if (prun.path / RunDir.STUDENT_QAT).is_file() else prun.load_student()
+    return float(engine.accuracy(model, x, y))
+
+
+def print_refresh(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = report["samples"]
+    t = Table(title=f"refresh gates ({s['train']} collected samples trained on, {s['holdout']} held out, "
+                    f"{s['human_labels']} labelled by a person, {s['duplicates']} duplicates dropped)")
+    for col in ("gate", "before", "after", "ok"):
+        t.add_column(col, justify="left" if col == "gate" else "right")
+    pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
+    for g in report["gates"]:
+        t.add_row(g["gate"], pct(g["before"]), pct(g["after"]), "[green]pass[/]" if g["ok"] else "[red]FAIL[/]")
+    Console(stderr=True).print(t)
