@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 
 from edgecore import wire
 from edgecore.bundle import TrustPolicy, sha256_file
-from edgecore.errors import BundleTrustError
+from edgecore.errors import BundleTrustError, GatewayError
 
 from .metrics import Metrics
 from .store import TelemetryStore
@@ -112,6 +112,7 @@ def create_app(
     trust: TrustPolicy = TrustPolicy(),
     collect: Any = None,
     num_classes: int | None = None,
+    rollouts: Any = None,
 ) -> Flask:
     app = Flask("cloud_gateway")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BUNDLE_BYTES
@@ -131,6 +132,7 @@ def create_app(
     _register_devices(app, store=store, publish=publish, prefix=prefix, require_token=require_token)
     _register_bundles(app, bundles_dir=bundles_dir, trust=trust, require_token=require_token)
     _register_samples(app, store=store, require_token=require_token, collect=collect, num_classes=num_classes)
+    _register_rollouts(app, store=store, rollouts=rollouts, require_token=require_token)
     _register_dashboard(app)
     return app
 
@@ -268,6 +270,53 @@ def _register_samples(app: Flask, *, store: TelemetryStore, require_token: Calla
         if not store.label_sample(sample_id, label):
             _fail(404, f"no sample {sample_id}")
         return jsonify({"id": sample_id, "human_label": label})
+
+
+def _register_rollouts(app: Flask, *, store: TelemetryStore, rollouts: Any,
+                       require_token: Callable[[], None]) -> None:
+    """Staged rollouts (cloud_gateway/rollout.py): start, list, one with its timeline and device versions, abort."""
+
+    @app.post("/api/rollouts")
+    def start_rollout() -> Any:
+        require_token()
+        if rollouts is None:
+            _fail(503, "this gateway runs no rollouts")
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("bundle"), str):
+            _fail(400, "body: {bundle, canary (ids or 'N%'), watch_s, promote_if}")
+        watch = body.get("watch_s", 60)
+        canary = body.get("canary")
+        if isinstance(watch, bool) or not isinstance(watch, (int, float)) or not isinstance(canary, (str, list)):
+            _fail(400, "watch_s must be a number and canary device ids or a percentage")
+        try:
+            rid = rollouts.start(bundle=body["bundle"], canary=canary, watch_s=float(watch),
+                                 promote_if=str(body.get("promote_if") or "rollbacks == 0"))
+        except GatewayError as e:
+            _fail(400, str(e))
+        return jsonify({"id": rid, "url": f"/api/rollouts/{rid}"}), 201
+
+    @app.get("/api/rollouts")
+    def list_rollouts() -> Any:
+        return jsonify(store.rollouts())
+
+    @app.get("/api/rollouts/<int:rollout_id>")
+    def one_rollout(rollout_id: int) -> Any:
+        r = store.rollout(rollout_id)
+        if r is None:
+            _fail(404, f"no rollout {rollout_id}")
+        versions = {d["device_id"]: (d.get("status") or {}).get("bundle_sha256") for d in store.devices()}
+        return jsonify({**r, "device_versions": versions})
+
+    @app.post("/api/rollouts/<int:rollout_id>/abort")
+    def abort_rollout(rollout_id: int) -> Any:
+        require_token()
+        if rollouts is None:
+            _fail(503, "this gateway runs no rollouts")
+        try:
+            rollouts.abort(rollout_id)
+        except GatewayError as e:
+            _fail(409, str(e))
+        return jsonify({"id": rollout_id, "aborting": True})
 
 
 def _store_upload(bundles_dir: Path, trust: TrustPolicy, name: str) -> Any:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -103,6 +104,79 @@ def _print_rows(rows: list[dict[str, object]], cols: tuple[str, ...]) -> None:
     Console().print(t)
 
 
+def _http(method: str, url: str, *, token: str | None, body: dict[str, object] | None = None) -> object:
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method, headers=headers),
+                                    timeout=30) as r:  # noqa: S310 - the operator's gateway
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read()).get("error")
+        except ValueError:
+            msg = e.reason
+        raise GatewayError(f"gateway answered {e.code}: {msg}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise GatewayError(f"cannot reach the gateway at {url}: {getattr(e, 'reason', e)}") from e
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    """``cloud-gateway rollout start|status|list|abort``: through the running gateway's HTTP API (it drives them)."""
+    import time
+
+    base, token = args.gateway.rstrip("/"), args.token or os.environ.get("GATEWAY_TOKEN")
+    if args.action == "start":
+        if not args.bundle:
+            raise GatewayError("rollout start needs BUNDLE (a name in the gateway's store, or a .tar.gz to upload)")
+        name = args.bundle
+        path = Path(args.bundle)
+        if path.is_file():  # upload it first: the gateway verifies it (signed by a trusted key) before storing
+            import urllib.request
+
+            name = path.name.removesuffix(".tar.gz")
+            req = urllib.request.Request(f"{base}/api/bundles/{name}", data=path.read_bytes(), method="PUT",
+                                         headers={"Authorization": f"Bearer {token}"} if token else {})
+            try:
+                urllib.request.urlopen(req, timeout=60).read()  # noqa: S310
+            except Exception as e:  # urllib's errors: one line
+                raise GatewayError(f"uploading {path} to {base} failed: {e}") from e
+        out = _http("POST", f"{base}/api/rollouts", token=token, body={
+            "bundle": name, "canary": args.canary, "watch_s": args.watch, "promote_if": args.promote_if})
+        rid = out["id"]  # type: ignore[index]
+        print(f"rollout {rid} started: {name} to canaries {args.canary}, watching {args.watch:g} s")
+        if args.wait:
+            while True:
+                r = _http("GET", f"{base}/api/rollouts/{rid}", token=token)
+                if r["state"] not in ("updating", "watching", "promoting", "rolling_back"):  # type: ignore[index]
+                    break
+                time.sleep(1)
+            out = r
+    elif args.action == "abort":
+        out = _http("POST", f"{base}/api/rollouts/{args.id}/abort", token=token)
+    elif args.action == "status" and args.id is not None:
+        out = _http("GET", f"{base}/api/rollouts/{args.id}", token=token)
+    else:
+        out = _http("GET", f"{base}/api/rollouts", token=token)
+    _print_rollout(out)
+    if args.json:
+        emit_json(out)
+    return 0
+
+
+def _print_rollout(out: object) -> None:
+    rows = out if isinstance(out, list) else [out]
+    for r in rows:
+        if not isinstance(r, dict) or "state" not in r:
+            continue
+        print(f"rollout {r['id']}: {r['bundle']} -> {r['state']}")
+        for s in r.get("steps", []):
+            print(f"  {time.strftime('%H:%M:%S', time.localtime(s['time']))}  {s['step']}")
+
+
 def cmd_credentials(args: argparse.Namespace) -> int:
     from .credentials import make_fleet, write_fleet_files
 
@@ -166,6 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--limit", type=int, default=50)
     add_json_flag(sm)
     sm.set_defaults(func=cmd_samples)
+    ro = sub.add_parser("rollout", help="staged rollout through the running gateway: start, status, list, abort")
+    add_common(ro)
+    ro.add_argument("action", choices=("start", "status", "list", "abort"))
+    ro.add_argument("bundle", nargs="?", help="start: a bundle name in the gateway's store, or a .tar.gz to upload")
+    ro.add_argument("--id", type=int, help="status/abort: the rollout id")
+    ro.add_argument("--gateway", default="http://127.0.0.1:8080", help="the gateway's HTTP API")
+    ro.add_argument("--token", help="the gateway's token (or $GATEWAY_TOKEN)")
+    ro.add_argument("--canary", default="10%", help="device ids (a,b) or a share of the fleet (10%%)")
+    ro.add_argument("--watch", type=float, default=60.0, help="seconds of canary telemetry to judge")
+    ro.add_argument("--promote-if", default="rollbacks == 0 and offload_rate <= baseline * 1.25",
+                    help="condition over offload_rate, fallback_rate, rollbacks, errors, drift, p99_ms, inputs "
+                    "(numbers or 'baseline [* + -] N'), joined by and/or")
+    ro.add_argument("--wait", action="store_true", help="start: wait until it is done or rolled back")
+    add_json_flag(ro)
+    ro.set_defaults(func=cmd_rollout)
     c = sub.add_parser("fleet-credentials", help="write mosquitto password + ACL files for a fleet")
     add_common(c)
     c.add_argument("devices", nargs="*", help="device ids")

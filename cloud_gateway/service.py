@@ -21,6 +21,7 @@ from edgecore.bundle import TrustPolicy
 from .api import MAX_BUNDLE_BYTES, create_app
 from .metrics import Metrics
 from .model import Teacher, load_teacher
+from .rollout import RolloutManager
 from .samples import CollectionPolicy, SampleCollector
 from .store import TelemetryStore
 from .worker import GatewayWorker, WorkerConfig
@@ -42,6 +43,7 @@ class GatewayConfig:
     metrics: Metrics = field(default_factory=Metrics)
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures an uploaded bundle needs
     collect: CollectionPolicy = field(default_factory=CollectionPolicy)  # sample collection (off by default)
+    rollout_update_timeout_s: float = 60.0  # how long a rollout waits for devices to apply an update
 
 
 class HttpServer:
@@ -88,6 +90,7 @@ class Gateway:
                                     metrics=self.metrics, collector=self.collector)
         self._server: HttpServer | None = None
         self._started = False
+        self.rollouts: RolloutManager | None = None
 
     @property
     def http_url(self) -> str:
@@ -101,16 +104,23 @@ class Gateway:
         self._started = True
         self.worker.start()
         if self.config.http_port is not None:
+            self.rollouts = RolloutManager(
+                store=self.store, bundles_dir=Path(self.config.bundles_dir).resolve(),
+                publish=lambda t, p: self.worker.client.publish(t, p, qos=1), base_url=lambda: self.http_url,
+                prefix=self.config.worker.prefix, update_timeout_s=self.config.rollout_update_timeout_s)
             app = create_app(
                 store=self.store, metrics=self.metrics, bundles_dir=self.config.bundles_dir,
                 token=self.config.token, prefix=self.config.worker.prefix, trust=self.config.trust,
                 publish=lambda t, p: self.worker.client.publish(t, p, qos=1), collect=self.config.collect,
-                num_classes=len(self.teacher.labels),
+                num_classes=len(self.teacher.labels), rollouts=self.rollouts,
                 health=self._health,
             )
             self._server = HttpServer(app, self.config.http_host, self.config.http_port)
             self._server.start()
             log.info("gateway HTTP API on %s", self.http_url)
+            resumed = self.rollouts.resume()  # a restart picks up every unfinished rollout where it was
+            if resumed:
+                log.warning("resumed rollouts %s after a restart", resumed)
         return self
 
     def _health(self) -> dict[str, object]:
@@ -119,6 +129,8 @@ class Gateway:
                 "replica": self.config.worker.replica_id, "teacher": self.teacher.version}
 
     def stop(self) -> None:
+        if self.rollouts is not None:
+            self.rollouts.stop()
         if self._server is not None:
             self._server.stop()
             self._server = None

@@ -84,7 +84,23 @@ samples = Table(
     Index("ix_samples_queue", "human_label", "uncertainty"),
 )
 
+rollouts = Table(
+    "rollouts", meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("bundle", String(128), nullable=False), Column("state", String(32), nullable=False),
+    Column("created", Float, nullable=False), Column("updated", Float, nullable=False),
+    Column("plan", JSON, nullable=False), Column("baseline", JSON), Column("result", JSON),
+)
+rollout_steps = Table(
+    "rollout_steps", meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("rollout_id", Integer, nullable=False), Column("time", Float, nullable=False),
+    Column("step", String(64), nullable=False), Column("detail", JSON),
+    Index("ix_rollout_steps_rollout_id", "rollout_id", "id"),
+)
+
 BASELINE = "0001"  # the schema `create_all` made before migrations
+ACTIVE_ROLLOUT_STATES = ("updating", "watching", "promoting", "rolling_back")
 _MIGRATION_LOCK = 0x6564_6765  # pg_advisory_xact_lock key: "edge"
 
 
@@ -219,6 +235,46 @@ class TelemetryStore:
                              .group_by(samples.c.device_id).order_by(samples.c.device_id)).all()
         return [{"device": d, "samples": int(n), "labelled": int(lab), "oldest": lo, "newest": hi}
                 for d, n, lab, lo, hi in rows]
+
+    # --- rollouts (cloud_gateway/rollout.py drives them; every step is recorded here) ---------------
+    def create_rollout(self, bundle: str, plan: dict[str, Any], baseline: dict[str, Any] | None) -> int:
+        now = time.time()
+        with self.engine.begin() as c:
+            rid = c.execute(insert(rollouts).values(bundle=bundle, state="updating", created=now, updated=now,
+                                                    plan=plan, baseline=baseline)).inserted_primary_key[0]
+        return int(rid)
+
+    def set_rollout(self, rollout_id: int, **values: Any) -> None:
+        with self.engine.begin() as c:
+            c.execute(update(rollouts).where(rollouts.c.id == rollout_id).values(updated=time.time(), **values))
+
+    def add_rollout_step(self, rollout_id: int, step: str, detail: dict[str, Any] | None = None) -> None:
+        with self.engine.begin() as c:
+            c.execute(insert(rollout_steps).values(rollout_id=rollout_id, time=time.time(), step=step, detail=detail))
+
+    def rollouts(self, *, active: bool = False) -> list[dict[str, Any]]:
+        q = select(rollouts).order_by(rollouts.c.id)
+        if active:
+            q = q.where(rollouts.c.state.in_(ACTIVE_ROLLOUT_STATES))
+        with self.engine.connect() as c:
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def rollout(self, rollout_id: int) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            r = c.execute(select(rollouts).where(rollouts.c.id == rollout_id)).mappings().first()
+            if r is None:
+                return None
+            steps = c.execute(select(rollout_steps).where(rollout_steps.c.rollout_id == rollout_id)
+                              .order_by(rollout_steps.c.id)).mappings().all()
+        return {**dict(r), "steps": [{k: v for k, v in dict(s).items() if k != "rollout_id"} for s in steps]}
+
+    def windows_since(self, device_id: str, since: float) -> list[dict[str, Any]]:
+        """The device's telemetry windows that ended at or after ``since`` (agent clock)."""
+        with self.engine.connect() as c:
+            rows = c.execute(select(telemetry.c.payload).where(telemetry.c.device_id == device_id,
+                                                               telemetry.c.t_end >= since)
+                             .order_by(telemetry.c.id)).all()
+        return [r[0] if isinstance(r[0], dict) else json.loads(r[0]) for r in rows]
 
     def arrival_order(self, device_id: str) -> list[int]:
         """Sequence numbers in the order they were stored (tests check order and uniqueness)."""

@@ -104,9 +104,12 @@ def main() -> None:
     ap.add_argument("--sources", nargs="+", default=["digits", "mnist1d"])
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    done = a.out / "results.json"
+    rows = json.loads(done.read_text())["rows"] if done.exists() else []  # a rerun continues where it stopped
     for source in a.sources:
         for seed in a.seeds:
+            if any(r["source"] == source and r["seed"] == seed for r in rows):
+                continue
             rows.append(one(source, seed, a.out))
             print(json.dumps(rows[-1]), flush=True)
             (a.out / "results.json").write_text(json.dumps({"rows": rows, "summary": summarise(rows)}, indent=1))

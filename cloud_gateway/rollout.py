@@ -1,0 +1,370 @@
+"""Staged rollout: canaries first, watched against their own baseline, then the fleet, or back automatically.
+
+A rollout (``POST /api/rollouts``, ``cloud-gateway rollout start``) names a
+bundle already in the gateway's store (uploaded, so signed by a trusted key and
+verified), the canary devices (ids, or a percentage of the known fleet), a
+watch window and a ``--promote-if`` condition. The gateway drives it:
+
+``updating``   send ``update_bundle`` to the canaries; wait until each one's
+               retained status reports the new manifest (a canary whose own
+               smoke test refuses it never does: that is a failure);
+``watching``   wait ``watch_s`` seconds, then aggregate the canaries' telemetry
+               windows from that time on and evaluate the condition against the
+               baseline (the same metrics over the windows before the rollout);
+``promoting``  send the update to every other known device; ``done``;
+``rolling_back`` send the canaries back to the bundle each ran before;
+               ``rolled_back``.
+
+Every transition is a row in ``rollout_steps`` and the state is in
+``rollouts``: a gateway that is killed resumes each unfinished rollout from its
+recorded state when it starts again (re-sending what devices have not applied,
+judging a watch window from the stored telemetry), so no device is left on an
+unrecorded version. Conditions are parsed here (never ``eval``-ed):
+``offload_rate <= baseline * 1.1 and rollbacks == 0 and p99_ms <= baseline * 1.5``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import tarfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from edgecore import wire
+from edgecore.errors import GatewayError
+
+from .store import ACTIVE_ROLLOUT_STATES, TelemetryStore
+
+log = logging.getLogger(__name__)
+
+METRICS = ("offload_rate", "fallback_rate", "rollbacks", "errors", "drift", "p99_ms", "inputs")
+_TOKEN = re.compile(r"\s*(?:(?P<num>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)|(?P<op><=|>=|==|!=|<|>|\*|\+|-)|(?P<word>[A-Za-z_]+))")
+
+
+# --- the condition language ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Cmp:
+    metric: str
+    op: str
+    base: bool  # the right side refers to the metric's baseline
+    arith: tuple[tuple[str, float], ...]  # "*", "+", "-" with a number, applied to the baseline left to right
+    number: float
+
+    def evaluate(self, m: dict[str, float], b: dict[str, float] | None) -> tuple[bool, str]:
+        left = m.get(self.metric, math.nan)
+        if self.base:
+            if b is None or b.get(self.metric) is None:
+                return False, f"{self.metric}: no baseline"
+            right = float(b[self.metric])
+            for op, num in self.arith:
+                right = {"*": right * num, "+": right + num, "-": right - num}[op]
+        else:
+            right = self.number
+        ok = {"<=": left <= right, ">=": left >= right, "<": left < right, ">": left > right,
+              "==": left == right, "!=": left != right}[self.op]
+        return ok, f"{self.metric} {left:.4g} {self.op} {right:.4g}: {'ok' if ok else 'FAILED'}"
+
+
+@dataclass(frozen=True)
+class Condition:
+    text: str
+    any_of: tuple[tuple[_Cmp, ...], ...]  # OR of ANDs
+
+    def evaluate(self, metrics: dict[str, float], baseline: dict[str, float] | None) -> tuple[bool, list[str]]:
+        notes: list[str] = []
+        result = False
+        for conj in self.any_of:
+            outs = [c.evaluate(metrics, baseline) for c in conj]
+            notes += [n for _, n in outs]
+            result = result or all(ok for ok, _ in outs)
+        return result, notes
+
+    @property
+    def needs_baseline(self) -> bool:
+        return any(c.base for conj in self.any_of for c in conj)
+
+
+def parse_condition(text: str) -> Condition:
+    """``METRIC OP (NUMBER | baseline [* + -] NUMBER)`` joined by ``and`` / ``or``; a clear error otherwise."""
+    toks: list[tuple[str, str, int]] = []
+    pos = 0
+    while pos < len(text.rstrip()):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise GatewayError(f"--promote-if: cannot read {text[pos:pos + 12].strip()!r} at position {pos}")
+        kind = m.lastgroup or ""
+        toks.append((kind, m.group(kind), m.start(kind)))
+        pos = m.end()
+    conjs: list[tuple[_Cmp, ...]] = []
+    cur: list[_Cmp] = []
+    i = 0
+
+    def need(kind: str, what: str) -> tuple[str, str, int]:
+        nonlocal i
+        if i >= len(toks) or toks[i][0] != kind:
+            where = f"at position {toks[i][2]} ({toks[i][1]!r})" if i < len(toks) else "at the end"
+            raise GatewayError(f"--promote-if: expected {what} {where} in {text!r}")
+        i += 1
+        return toks[i - 1]
+
+    while True:
+        metric = need("word", f"a metric ({', '.join(METRICS)})")[1]
+        if metric not in METRICS:
+            raise GatewayError(f"--promote-if: unknown metric {metric!r} (known: {', '.join(METRICS)})")
+        op = need("op", "a comparison (<= >= < > == !=)")[1]
+        if op in "*+-":
+            raise GatewayError(f"--promote-if: expected a comparison after {metric!r}, got {op!r}")
+        if i < len(toks) and toks[i][0] == "word" and toks[i][1] == "baseline":
+            i += 1
+            arith: list[tuple[str, float]] = []
+            while i < len(toks) and toks[i][0] == "op" and toks[i][1] in "*+-":
+                i += 1
+                arith.append((toks[i - 1][1], float(need("num", "a number")[1])))
+            cur.append(_Cmp(metric, op, True, tuple(arith), 0.0))
+        else:
+            cur.append(_Cmp(metric, op, False, (), float(need("num", "a number or 'baseline'")[1])))
+        if i >= len(toks):
+            break
+        joiner = need("word", "'and' or 'or'")[1]
+        if joiner == "or":
+            conjs.append(tuple(cur))
+            cur = []
+        elif joiner != "and":
+            raise GatewayError(f"--promote-if: expected 'and' or 'or', got {joiner!r}")
+    conjs.append(tuple(cur))
+    return Condition(text, tuple(conjs))
+
+
+def aggregate(windows: list[dict[str, Any]]) -> dict[str, float] | None:
+    """The rollout metrics over telemetry windows (None: no inputs in them)."""
+    counts: dict[str, float] = {}
+    p99 = 0.0
+    drift = 0.0
+    for w in windows:
+        for k, v in (w.get("counts") or {}).items():
+            if isinstance(v, (int, float)):
+                counts[k] = counts.get(k, 0.0) + v
+        edge = ((w.get("latency") or {}).get("edge") or {})
+        if isinstance(edge.get("p99"), (int, float)):
+            p99 = max(p99, float(edge["p99"]) * 1000.0)
+        drift = max(drift, 1.0 if (w.get("drift") or {}).get("flag") else 0.0)
+    n = counts.get("inputs", 0.0)
+    if n <= 0:
+        return None
+    return {"inputs": n, "offload_rate": (counts.get("cloud", 0) + counts.get("fallback", 0)) / n,
+            "fallback_rate": counts.get("fallback", 0) / n, "rollbacks": counts.get("rollbacks", 0),
+            "errors": counts.get("fallback_error", 0), "drift": drift, "p99_ms": p99}
+
+
+# --- the manager ----------------------------------------------------------------------------------
+def manifest_sha256_of(tarball: Path) -> str:
+    """The manifest sha256 a device reports in its status, read from a stored bundle tarball."""
+    import hashlib
+
+    with tarfile.open(tarball, "r:gz") as tf:
+        for m in tf:
+            parts = m.name.lstrip("./").split("/")
+            if parts[-1] == "manifest.json" and len(parts) <= 2 and m.isfile():  # at the root or in one folder
+                f = tf.extractfile(m)
+                if f is not None:
+                    return hashlib.sha256(f.read()).hexdigest()
+    raise GatewayError(f"{tarball.name}: no manifest.json in the bundle")
+
+
+class RolloutManager:
+    """Drives rollouts from the store's records; one thread per active rollout; resumable."""
+
+    def __init__(self, *, store: TelemetryStore, bundles_dir: Path, publish: Callable[[str, bytes], Any],
+                 base_url: Callable[[], str], prefix: str = "fleet", update_timeout_s: float = 60.0,
+                 poll_s: float = 0.2) -> None:
+        self.store, self.bundles_dir, self.publish, self.base_url = store, Path(bundles_dir), publish, base_url
+        self.prefix, self.update_timeout_s, self.poll_s = prefix, update_timeout_s, poll_s
+        self._stop = threading.Event()
+        self._threads: dict[int, threading.Thread] = {}
+        self._abort: set[int] = set()
+
+    # --- starting ----------------------------------------------------------------------------------
+    def start(self, *, bundle: str, canary: list[str] | str, watch_s: float, promote_if: str) -> int:
+        cond = parse_condition(promote_if)
+        if watch_s <= 0:
+            raise GatewayError("the watch window must be > 0 seconds")
+        if self.store.rollouts(active=True):
+            raise GatewayError("a rollout is already in progress (one at a time: abort it or wait)")
+        tar = self.bundles_dir / f"{bundle}.tar.gz"
+        if not tar.is_file():
+            raise GatewayError(f"no bundle {bundle!r} in the gateway's store: upload it first (PUT /api/bundles/{bundle})")
+        new_sha = manifest_sha256_of(tar)
+        fleet = {d["device_id"]: d for d in self.store.devices() if isinstance(d.get("status"), dict)}
+        canaries = self._canaries(canary, sorted(fleet))
+        index = self._index()
+        previous: dict[str, Any] = {}
+        for d in canaries:
+            sha = fleet[d]["status"].get("bundle_sha256")
+            if sha not in index:
+                raise GatewayError(f"canary {d} runs a bundle ({str(sha)[:12]}) that is not in the gateway's store: "
+                                   "upload it first, so that a rollback is possible")
+            previous[d] = {"manifest_sha256": sha, "bundle": index[sha]}
+        baseline = aggregate([w for d in canaries for w in self.store.history(d, limit=50)])
+        if baseline is None and cond.needs_baseline:
+            raise GatewayError(f"--promote-if compares with the baseline, but the canaries {canaries} sent no "
+                               "telemetry yet")
+        plan = {"canaries": canaries, "rest": [d for d in sorted(fleet) if d not in canaries],
+                "previous": previous, "manifest_sha256": new_sha, "watch_s": watch_s, "promote_if": promote_if}
+        rid = self.store.create_rollout(bundle, plan, baseline)
+        self.store.add_rollout_step(rid, "started", {"canaries": canaries, "baseline": baseline, "bundle": bundle})
+        self._spawn(rid)
+        return rid
+
+    @staticmethod
+    def _canaries(spec: list[str] | str, known: list[str]) -> list[str]:
+        if isinstance(spec, str) and spec.strip().endswith("%"):
+            try:
+                pct = float(spec.strip()[:-1])
+            except ValueError as e:
+                raise GatewayError(f"--canary {spec!r}: expected device ids or a percentage like 10%") from e
+            if not 0 < pct < 100 or not known:
+                raise GatewayError(f"--canary {spec}: needs 0 < percent < 100 and a known fleet ({len(known)} devices)")
+            return known[:max(1, math.floor(len(known) * pct / 100))]
+        ids = [d.strip() for d in (spec.split(",") if isinstance(spec, str) else spec) if d.strip()]
+        unknown = [d for d in ids if d not in known]
+        if not ids or unknown:
+            raise GatewayError(f"--canary: unknown device(s) {unknown or ids} (known: {', '.join(known) or 'none'})")
+        return ids
+
+    def _index(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for p in sorted(self.bundles_dir.glob("*.tar.gz")):
+            try:
+                out.setdefault(manifest_sha256_of(p), p.name.removesuffix(".tar.gz"))
+            except (GatewayError, OSError, tarfile.TarError):
+                continue
+        return out
+
+    # --- running -----------------------------------------------------------------------------------
+    def resume(self) -> list[int]:
+        """Pick up every unfinished rollout (after a restart); returns their ids."""
+        ids = [int(r["id"]) for r in self.store.rollouts(active=True)]
+        for rid in ids:
+            self.store.add_rollout_step(rid, "resumed", {"state": self.store.rollout(rid)["state"]})  # type: ignore[index]
+            self._spawn(rid)
+        return ids
+
+    def abort(self, rollout_id: int) -> None:
+        r = self.store.rollout(rollout_id)
+        if r is None or r["state"] not in ACTIVE_ROLLOUT_STATES:
+            raise GatewayError(f"rollout {rollout_id} is not in progress")
+        self._abort.add(rollout_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads.values():
+            t.join(5)
+
+    def _spawn(self, rid: int) -> None:
+        t = threading.Thread(target=self._drive, args=(rid,), name=f"rollout-{rid}", daemon=True)
+        self._threads[rid] = t
+        t.start()
+
+    def _drive(self, rid: int) -> None:
+        try:
+            while not self._stop.is_set():
+                r = self.store.rollout(rid)
+                if r is None or r["state"] not in ACTIVE_ROLLOUT_STATES:
+                    return
+                getattr(self, f"_{r['state']}")(rid, r)
+        except Exception as e:  # a bug or the database away: recorded, the rollout resumes on the next start
+            log.exception("rollout %d stopped", rid)
+            try:
+                self.store.add_rollout_step(rid, "interrupted", {"error": f"{type(e).__name__}: {e}"})
+            except Exception:  # noqa: BLE001 - the database is what failed
+                pass
+
+    def _send(self, devices: list[str], bundle: str) -> None:
+        url = f"{self.base_url().rstrip('/')}/api/bundles/{bundle}"
+        from edgecore.bundle import sha256_file
+
+        sha = sha256_file(self.bundles_dir / f"{bundle}.tar.gz")
+        for d in devices:
+            self.publish(wire.Topics.of(self.prefix, d, wire.Topics.CMD),
+                         wire.dumps({"cmd": "update_bundle", "url": url, "sha256": sha}))
+
+    def _running(self, devices: list[str], sha: str) -> list[str]:
+        out = []
+        for d in devices:
+            row = self.store.device(d)
+            st = (row or {}).get("status") or {}
+            if isinstance(st, dict) and st.get("bundle_sha256") == sha:
+                out.append(d)
+        return out
+
+    def _wait_applied(self, rid: int, devices: list[str], sha: str, bundle: str) -> list[str]:
+        """Send ``bundle`` to those of ``devices`` not on it; wait; returns the ones still not on it."""
+        todo = [d for d in devices if d not in self._running(devices, sha)]
+        if todo:
+            self._send(todo, bundle)
+        end = time.monotonic() + self.update_timeout_s
+        while time.monotonic() < end and not self._stop.is_set():
+            missing = [d for d in devices if d not in self._running(devices, sha)]
+            if not missing or rid in self._abort:
+                return missing
+            time.sleep(self.poll_s)
+        return [d for d in devices if d not in self._running(devices, sha)]
+
+    def _updating(self, rid: int, r: dict[str, Any]) -> None:
+        plan = r["plan"]
+        missing = self._wait_applied(rid, plan["canaries"], plan["manifest_sha256"], r["bundle"])
+        if self._stop.is_set():
+            return
+        if rid in self._abort:
+            return self._to(rid, "rolling_back", "aborted", {})
+        if missing:
+            errors = {d: ((self.store.device(d) or {}).get("status") or {}).get("last_cmd") for d in missing}
+            return self._to(rid, "rolling_back", "canary update failed", {"not_updated": missing, "last_cmd": errors})
+        self.store.set_rollout(rid, result={"watch_from": time.time()})
+        self._to(rid, "watching", "canaries updated", {"canaries": plan["canaries"]})
+
+    def _watching(self, rid: int, r: dict[str, Any]) -> None:
+        plan = r["plan"]
+        since = float((r.get("result") or {}).get("watch_from") or time.time())
+        while time.time() < since + plan["watch_s"] and not self._stop.is_set():
+            if rid in self._abort:
+                return self._to(rid, "rolling_back", "aborted", {})
+            time.sleep(self.poll_s)
+        if self._stop.is_set():
+            return
+        off = [d for d in plan["canaries"] if d not in self._running(plan["canaries"], plan["manifest_sha256"])]
+        metrics = aggregate([w for d in plan["canaries"] for w in self.store.windows_since(d, since)])
+        if off:
+            return self._to(rid, "rolling_back", "a canary left the new bundle (its own rollback)", {"devices": off})
+        if metrics is None:
+            return self._to(rid, "rolling_back", "no telemetry from the canaries in the watch window: cannot judge", {})
+        ok, notes = parse_condition(plan["promote_if"]).evaluate(metrics, r.get("baseline"))
+        detail = {"metrics": metrics, "baseline": r.get("baseline"), "checks": notes}
+        self._to(rid, "promoting" if ok else "rolling_back", "condition met" if ok else "condition failed", detail)
+
+    def _promoting(self, rid: int, r: dict[str, Any]) -> None:
+        plan = r["plan"]
+        missing = self._wait_applied(rid, plan["rest"], plan["manifest_sha256"], r["bundle"]) if plan["rest"] else []
+        if self._stop.is_set():
+            return
+        self._to(rid, "done", "promoted to the fleet", {"updated": [d for d in plan["rest"] if d not in missing],
+                                                         "not_updated": missing})
+
+    def _rolling_back(self, rid: int, r: dict[str, Any]) -> None:
+        plan = r["plan"]
+        left: list[str] = []
+        for d, prev in plan["previous"].items():
+            left += self._wait_applied(rid, [d], prev["manifest_sha256"], prev["bundle"])
+            if self._stop.is_set():
+                return
+        self._to(rid, "rolled_back", "canaries back on their previous bundles", {"not_restored": left})
+
+    def _to(self, rid: int, state: str, step: str, detail: dict[str, Any]) -> None:
+        self.store.add_rollout_step(rid, step, detail)
+        self.store.set_rollout(rid, state=state)
+        log.info("rollout %d: %s -> %s", rid, step, state)

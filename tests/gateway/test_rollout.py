@@ -1,0 +1,195 @@
+"""Staged rollouts through a real Mosquitto, a real gateway and real agents: promote, roll back, survive a kill."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_gateway.rollout import aggregate, parse_condition
+from edgecore.bundle import sha256_file
+from edgecore.errors import GatewayError
+from tests.agent.tiny import items, make_agent, release_pub_path, retag_bundle, start_gateway, wait_for
+
+pytestmark = pytest.mark.broker
+TOKEN = "test-token"
+
+
+def _call(method: str, url: str, body: bytes | dict | None = None):
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"{method} {url}: {e.code} {e.read()[:500]!r}") from e
+
+
+def _zero_model(student_onnx: Path) -> bytes:
+    """A model with the student's input and output shapes whose logits are all zero: confidence 0.1 everywhere."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(student_onnx))
+    inp = m.graph.input[0]
+    out_name = m.graph.output[0].name
+    w = numpy_helper.from_array(np.zeros((64, 10), np.float32), "w")
+    g = helper.make_graph([helper.make_node("Flatten", [inp.name], ["f"], axis=1),
+                           helper.make_node("MatMul", ["f", "w"], [out_name])], "zero", [inp],
+                          [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["N", 10])], [w])
+    return helper.make_model(g, opset_imports=m.opset_import, ir_version=m.ir_version).SerializeToString()
+
+
+class Fleet:
+    """Agents fed continuously (telemetry every 0.2 s) until stopped."""
+
+    def __init__(self, broker, run, tmp, gateway_url: str, ids=("dev-a", "dev-b", "dev-c")):
+        self.agents = {d: make_agent(broker, run.bundle_dir, d, tmp, update_bases=(f"{gateway_url}/api/bundles",),
+                                     deadline_s=1.0).start() for d in ids}
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._feed, args=(a, run), daemon=True) for a in self.agents.values()]
+        for t in self.threads:
+            t.start()
+
+    def _feed(self, agent, run):
+        def source():
+            i = 0
+            while not self.stop.is_set():
+                yield from items(run.x_test[i % 300:i % 300 + 10], run.y_test[i % 300:i % 300 + 10])
+                i += 10
+                time.sleep(0.02)
+        for _ in agent.run(source()):
+            pass
+
+    def close(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+        for a in self.agents.values():
+            a.stop()
+
+    def shas(self):
+        return {d: a.bundle.manifest_sha256 for d, a in self.agents.items()}
+
+
+def _upload(url: str, name: str, tar: Path) -> None:
+    _call("PUT", f"{url}/api/bundles/{name}", tar.read_bytes())
+
+
+def _wait_state(url: str, rid: int, states: set[str], timeout: float = 60):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        r = _call("GET", f"{url}/api/rollouts/{rid}")
+        if r["state"] in states:
+            return r
+        time.sleep(0.2)
+    raise AssertionError(f"rollout {rid} never reached {states}: {r['state']} {[s['step'] for s in r['steps']]}")
+
+
+def test_conditions_parse_evaluate_and_refuse_bad_text():
+    c = parse_condition("offload_rate <= baseline * 1.5 and rollbacks == 0 or drift < 1")
+    ok, notes = c.evaluate({"offload_rate": 0.3, "rollbacks": 0, "drift": 1}, {"offload_rate": 0.1})
+    assert not ok and any("FAILED" in n for n in notes)
+    assert c.evaluate({"offload_rate": 0.1, "rollbacks": 0, "drift": 1}, {"offload_rate": 0.1})[0]
+    for bad, msg in (("offload <= 1", "unknown metric 'offload'"), ("rollbacks ==", "expected a number"),
+                     ("rollbacks == 0 xor drift < 1", "expected 'and' or 'or'"), ("__import__('os')", "cannot read")):
+        with pytest.raises(GatewayError, match=msg):
+            parse_condition(bad)
+    m = aggregate([{"counts": {"inputs": 10, "cloud": 2, "fallback": 1, "rollbacks": 0},
+                    "latency": {"edge": {"p99": 0.002}}, "drift": {"flag": True}}])
+    assert m == {"inputs": 10, "offload_rate": 0.3, "fallback_rate": 0.1, "rollbacks": 0, "errors": 0, "drift": 1.0,
+                 "p99_ms": 2.0}
+
+
+def test_a_good_canary_is_promoted_and_a_bad_one_rolled_back(mosquitto, tiny_cascade, tmp_path):
+    run = tiny_cascade
+    gw = start_gateway(mosquitto, run, tmp_path / "gw")
+    gw.rollouts.update_timeout_s = 15
+    url = gw.http_url
+    fleet = Fleet(mosquitto, run, tmp_path, url)
+    try:
+        _upload(url, "v1", run.tarball)
+        _upload(url, "v2", retag_bundle(run.bundle_dir, tmp_path / "v2", version="v2"))
+        _upload(url, "bad", retag_bundle(run.bundle_dir, tmp_path / "bad", version="bad",
+                                         model_bytes=_zero_model(run.bundle_dir / "model.onnx")))
+        v1 = fleet.shas()["dev-a"]
+        wait_for(lambda: all(gw.store.history(d, limit=1) for d in fleet.agents), 10, "baseline telemetry")
+        time.sleep(1.0)
+        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "v2", "canary": ["dev-a"], "watch_s": 1.5,
+                                                    "promote_if": "rollbacks == 0 and offload_rate <= baseline + 0.3"})["id"]
+        r = _wait_state(url, rid, {"done", "rolled_back"})
+        assert r["state"] == "done", r["steps"]
+        assert [s["step"] for s in r["steps"]] == ["started", "canaries updated", "condition met", "promoted to the fleet"]
+        v2 = r["plan"]["manifest_sha256"]
+        wait_for(lambda: set(fleet.shas().values()) == {v2}, 10, "every device on v2")
+        assert set(r["device_versions"].values()) == {v2}
+
+        # a bundle that answers nothing confidently: every input goes to the cloud, the canary is rolled back
+        time.sleep(1.0)
+        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "bad", "canary": "34%", "watch_s": 1.5,
+                                                    "promote_if": "offload_rate <= baseline * 1.5 + 0.05"})["id"]
+        r = _wait_state(url, rid, {"done", "rolled_back"})
+        assert r["state"] == "rolled_back", r["steps"]
+        failed = next(s for s in r["steps"] if s["step"] == "condition failed")
+        assert failed["detail"]["metrics"]["offload_rate"] > 0.9
+        wait_for(lambda: set(fleet.shas().values()) == {v2}, 10, "nobody left on the bad bundle")
+        assert v1 != v2
+    finally:
+        fleet.close()
+        gw.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(mosquitto, run, tmp: Path, port: int) -> subprocess.Popen:
+    user, pw = mosquitto.gateway_credentials
+    p = subprocess.Popen([sys.executable, "-m", "cloud_gateway.cli", "serve", "--broker", mosquitto.url, "--username",
+                          user, "--password", pw, "--teacher", str(run.teacher_onnx), "--db", str(tmp / "gw.sqlite"),
+                          "--bundles-dir", str(tmp / "bundles"), "--http-port", str(port), "--token", TOKEN,
+                          "--trust-key", str(release_pub_path()), "--threads", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert "serving" in (p.stdout.readline() if p.stdout else "")
+    return p
+
+
+def test_a_gateway_killed_mid_rollout_resumes_it_on_restart(mosquitto, tiny_cascade, tmp_path):
+    run = tiny_cascade
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(mosquitto, run, tmp_path, port)
+    fleet = Fleet(mosquitto, run, tmp_path, url, ids=("dev-a", "dev-b"))
+    try:
+        _upload(url, "v1", run.tarball)
+        _upload(url, "v2", retag_bundle(run.bundle_dir, tmp_path / "v2", version="v2"))
+        wait_for(lambda: len(_call("GET", f"{url}/api/devices")) == 2, 10, "devices known")
+        time.sleep(1.0)
+        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "v2", "canary": ["dev-a"], "watch_s": 4,
+                                                    "promote_if": "rollbacks == 0"})["id"]
+        _wait_state(url, rid, {"watching"}, timeout=30)
+        proc.kill()  # SIGKILL in the middle of the watch window
+        proc.wait(10)
+        proc = _serve(mosquitto, run, tmp_path, port)
+        r = _wait_state(url, rid, {"done", "rolled_back"}, timeout=60)
+        steps = [s["step"] for s in r["steps"]]
+        assert r["state"] == "done" and "resumed" in steps, steps
+        v2 = r["plan"]["manifest_sha256"]
+        wait_for(lambda: set(fleet.shas().values()) == {v2}, 15, "both devices on v2")
+        assert set(r["device_versions"].values()) == {v2}  # every device's version is the recorded one
+    finally:
+        fleet.close()
+        proc.kill()
+        proc.wait(10)
