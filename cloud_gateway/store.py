@@ -27,6 +27,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Float,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -94,7 +95,8 @@ rollouts = Table(
 rollout_steps = Table(
     "rollout_steps", meta,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("rollout_id", Integer, nullable=False), Column("time", Float, nullable=False),
+    Column("rollout_id", Integer, ForeignKey("rollouts.id", ondelete="CASCADE"), nullable=False),
+    Column("time", Float, nullable=False),
     Column("step", String(64), nullable=False), Column("detail", JSON),
     Index("ix_rollout_steps_rollout_id", "rollout_id", "id"),
 )
