@@ -161,19 +161,37 @@ def aggregate(windows: list[dict[str, Any]]) -> dict[str, float] | None:
             "errors": counts.get("fallback_error", 0), "drift": drift, "p99_ms": p99}
 
 
-# --- the manager ----------------------------------------------------------------------------------
-def manifest_sha256_of(tarball: Path) -> str:
-    """The manifest sha256 a device reports in its status, read from a stored bundle tarball."""
-    import hashlib
+def _busy(windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The windows that saw inputs (an idle device's empty windows say nothing about its bundle)."""
+    return [w for w in windows if ((w.get("counts") or {}).get("inputs") or 0) > 0]
 
+
+# --- the manager ----------------------------------------------------------------------------------
+def _manifest_bytes(tarball: Path) -> bytes:
     with tarfile.open(tarball, "r:gz") as tf:
         for m in tf:
             parts = m.name.lstrip("./").split("/")
             if parts[-1] == "manifest.json" and len(parts) <= 2 and m.isfile():  # at the root or in one folder
                 f = tf.extractfile(m)
                 if f is not None:
-                    return hashlib.sha256(f.read()).hexdigest()
+                    return f.read()
     raise GatewayError(f"{tarball.name}: no manifest.json in the bundle")
+
+
+def manifest_sha256_of(tarball: Path) -> str:
+    """The manifest sha256 a device reports in its status, read from a stored bundle tarball."""
+    import hashlib
+
+    return hashlib.sha256(_manifest_bytes(tarball)).hexdigest()
+
+
+def target_of(tarball: Path) -> str | None:
+    import json
+
+    try:
+        return str(json.loads(_manifest_bytes(tarball)).get("target"))
+    except ValueError:
+        return None
 
 
 class RolloutManager:
@@ -198,8 +216,10 @@ class RolloutManager:
         tar = self.bundles_dir / f"{bundle}.tar.gz"
         if not tar.is_file():
             raise GatewayError(f"no bundle {bundle!r} in the gateway's store: upload it first (PUT /api/bundles/{bundle})")
-        new_sha = manifest_sha256_of(tar)
-        fleet = {d["device_id"]: d for d in self.store.devices() if isinstance(d.get("status"), dict)}
+        new_sha, target = manifest_sha256_of(tar), target_of(tar)
+        # the fleet for this bundle: known devices running the same target (a TFLite bundle never goes to an ORT one)
+        fleet = {d["device_id"]: d for d in self.store.devices()
+                 if isinstance(d.get("status"), dict) and d["status"].get("target") in (target, None)}
         canaries = self._canaries(canary, sorted(fleet))
         index = self._index()
         previous: dict[str, Any] = {}
@@ -209,7 +229,7 @@ class RolloutManager:
                 raise GatewayError(f"canary {d} runs a bundle ({str(sha)[:12]}) that is not in the gateway's store: "
                                    "upload it first, so that a rollback is possible")
             previous[d] = {"manifest_sha256": sha, "bundle": index[sha]}
-        baseline = aggregate([w for d in canaries for w in self.store.history(d, limit=50)])
+        baseline = aggregate([w for d in canaries for w in _busy(self.store.history(d, limit=1000))[-20:]])
         if baseline is None and cond.needs_baseline:
             raise GatewayError(f"--promote-if compares with the baseline, but the canaries {canaries} sent no "
                                "telemetry yet")

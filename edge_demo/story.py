@@ -54,6 +54,7 @@ class DemoOptions:
     serve_s: float = 0.0  # keep broker, gateway and dashboard up this long after the run
     targets: tuple[str, ...] = ()  # build only these targets (default: every target)
     latency_budget_ms: float | None = None  # compress to a measured onnx-fp32 latency instead of a MACs ratio
+    loop: bool = True  # close the loop on the drifted device: collect, refresh, canary rollout (edge_demo/loop.py)
 
 
 def drifted(x: np.ndarray, *, seed: int = 0) -> np.ndarray:
@@ -104,6 +105,11 @@ def _pipeline(opts: DemoOptions, run_dir: Path, step: _Steps) -> dict[str, Any]:
 
     cfg_path = opts.config or (Path("toolchain.toml") if Path("toolchain.toml").exists() else None)
     cfg = load_config(cfg_path)
+    if cfg.train.rotate_deg == 0 and cfg.train.noise_std == 0:
+        import dataclasses
+
+        # the cloud model is trained on broader data than the device sees: turned and noisy digits too
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rotate_deg=90.0, noise_std=0.4))
     if opts.latency_budget_ms is not None:
         import dataclasses
 
@@ -181,16 +187,19 @@ def _fleet_plan(built: dict[str, dict], step: _Steps) -> list[tuple[str, str, bo
 
 def _gateway(opts: DemoOptions, run_dir: Path, fleet_dir: Path, broker: Any, creds: Any, token: str,
              public_key: Path) -> Any:
+    from cloud_gateway.samples import CollectionPolicy
     from cloud_gateway.service import Gateway, GatewayConfig
     from cloud_gateway.worker import WorkerConfig
     from edgecore.bundle import TrustPolicy
 
+    drifting = ",".join(d for d, _, drift in FLEET if drift)
     return Gateway(GatewayConfig(
         worker=WorkerConfig(broker_url=broker.url, username=creds.gateway[0], password=creds.gateway[1],
                             mqtt_version=broker.mqtt_version),
         teacher=run_dir / "teacher.onnx", db=str(fleet_dir / "gateway.sqlite"),
         bundles_dir=fleet_dir / "gateway-bundles", http_port=0, token=token,
         trust=TrustPolicy.from_paths([public_key]),
+        collect=CollectionPolicy.parse(drifting if opts.loop else None), rollout_update_timeout_s=15.0,
     ))
 
 
@@ -263,6 +272,7 @@ def _device_row(device_id: str, bundle_name: str, drift: bool, agent: Any, answe
 
 def _run_fleet(
     opts: DemoOptions, run_dir: Path, bundles_dir: Path, built: dict[str, dict], step: _Steps, public_key: Path,
+    signing_key: Any = None,
 ) -> dict[str, Any]:
     from cloud_gateway.broker import start_local_broker
     from cloud_gateway.credentials import make_fleet, write_fleet_files
@@ -292,6 +302,18 @@ def _run_fleet(
         time.sleep(opts.window_s)  # let the last telemetry reach the store
         results = {"devices": devices, "broker": type(broker).__name__, "dashboard": f"{gateway.http_url}/",
                    "gateway_view": _get_json(f"{gateway.http_url}/api/devices")}
+        drifted_dev = next(((d, b) for d, b, drift in plan if drift), None)
+        if opts.loop and drifted_dev is not None:
+            from edge_demo.loop import LoopContext, close_the_loop
+
+            step("close the loop: collect the drifted device's hard inputs, refresh, canary rollout")
+            before = next(r for r in devices if r["device"] == drifted_dev[0])
+            results["refresh"] = close_the_loop(LoopContext(
+                gateway=gateway, broker=broker, creds=creds, token=token, public_key=public_key,
+                signing_key=signing_key, run_dir=run_dir, bundles_dir=bundles_dir, out=opts.out,
+                device=drifted_dev[0], bundle_name=drifted_dev[1], window_s=opts.window_s, rate_hz=opts.rate_hz,
+            ), before={k: before[k] for k in ("accuracy", "offload_rate", "drift_flag", "bundle")},
+                progress=lambda m: step.console.print(m, highlight=False))
         if opts.serve_s > 0:
             step.console.print(f"[bold]serving the dashboard at {gateway.http_url}/ for {opts.serve_s:.0f} s (Ctrl-C stops)")
             try:
@@ -378,6 +400,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {d['device']} | {d['bundle']} | {d['stream']} | {d['inputs']} | {pct(d['accuracy'])} | "
                      f"{pct(d['offload_rate'])} | {d['fallbacks']} | {d['p50_ms']:.2f} | {d['p99_ms']:.2f} | "
                      f"{'**DRIFT**' if d['drift_flag'] else 'ok'} |")
+    lines += loop_markdown(summary.get("refresh"))
     lines += ["", "## Artifacts", "", "| bundle | size KiB | accuracy | agreement | verify | p50 ms |", "|---|---:|---:|---:|---|---:|"]
     for name, r in summary["bundles"].items():
         m = r["metrics"]
@@ -393,6 +416,28 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines += ["", "## Failed builds", ""] + [f"- {f['bundle']}: {f['error']}" for f in summary["failed_builds"]]
     lines += ["", "Bench report: bench/report.md (latency.png, pareto.png). Routing curve: routing_curve.png.", ""]
     return "\n".join(lines)
+
+
+def loop_markdown(r: dict[str, Any] | None) -> list[str]:
+    """The closed loop's before/after for the drifted device (Markdown lines; empty when it did not run)."""
+    if not r:
+        return []
+    pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    lines = ["", "## Closed loop (drifted device)", ""]
+    if "refresh_error" in r:
+        return lines + [f"refresh refused: {r['refresh_error']}"]
+    b, a = r["before"], r.get("after") or {}
+    lines += [f"Collected {sum(d['samples'] for d in r['collected'])} offloaded inputs with the teacher's answers "
+              f"(teacher on the drifted stream: {pct(r['teacher_accuracy_drifted'])}); refreshed run "
+              f"{r['refresh_run']} (original test split: {pct(r['test_accuracy_original'])}).", "",
+              "| | accuracy | offload | drift |", "|---|---:|---:|---|",
+              f"| before | {pct(b['accuracy'])} | {pct(b['offload_rate'])} | {'DRIFT' if b['drift_flag'] else 'ok'} |",
+              f"| after | {pct(a.get('accuracy'))} | {pct(a.get('offload_rate'))} | "
+              f"{'DRIFT' if a.get('drift_flag') else 'ok'} |", "",
+              f"Canary rollout: **{r['rollout']['state']}** ({' -> '.join(r['rollout']['steps'])}).",
+              f"Broken bundle rollout: **{r['bad_rollout']['state']}** ({' -> '.join(r['bad_rollout']['steps'])}); "
+              f"devices left on it: {r['bad_rollout']['devices_on_it'] or 'none'}."]
+    return lines
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -411,6 +456,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
             "[red bold]DRIFT[/]" if d["drift_flag"] else "[green]ok[/]",
         )
     console.print(t)
+    for line in loop_markdown(summary.get("refresh")):
+        console.print(line.replace("**", ""), highlight=False)
     lat = _latency_by_bundle(summary.get("bench", {}))
     a = Table(title="artifacts (accuracy on the test split; latency: single-stream p50 on this machine)")
     for col in ("bundle", "size", "accuracy", "agreement", "verify", "p50 ms"):
@@ -443,14 +490,14 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     opts.out = Path(opts.out)
     opts.out.mkdir(parents=True, exist_ok=True)
     run_dir, bundles_dir = opts.out / "run", opts.out / "bundles"
-    step = _Steps(5)
+    step = _Steps(6 if opts.loop else 5)
     pipe = _pipeline(opts, run_dir, step)
     signing_key, public_key = _signing_key(opts.out)
     built, skipped, failed = _build_all(run_dir, bundles_dir, opts.targets, step, signing_key)
     curve = next((bundles_dir / n / "routing_curve.png" for n in built if (bundles_dir / n / "routing_curve.png").exists()), None)
     if curve is not None:
         shutil.copyfile(curve, opts.out / "routing_curve.png")
-    fleet = _run_fleet(opts, run_dir, bundles_dir, built, step, public_key)
+    fleet = _run_fleet(opts, run_dir, bundles_dir, built, step, public_key, signing_key)
     bench = _bench(opts, run_dir, bundles_dir, built, step)
     step("summary")
     summary = {
@@ -463,6 +510,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         "fleet": fleet,
         "bench": bench,
     }
+    if "refresh" in fleet:
+        summary["refresh"] = fleet.pop("refresh")
     atomic_write_json(opts.out / "summary.json", summary)
     atomic_write_text(opts.out / "summary.md", summary_markdown(summary))
     _print_summary(summary)

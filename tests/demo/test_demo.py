@@ -65,6 +65,16 @@ def test_demo_on_a_finished_run(tiny_run: Path, tmp_path: Path) -> None:
         "edge-1": "onnx-int8", "edge-2": "openvino-int8", "edge-3": "onnx-int8"}  # no tflite: edge-3 falls back
     bench = {r["artifact"] for r in summary["bench"]["rows"]}
     assert any("pytorch" in a for a in bench) and len(bench) == 6  # PyTorch baseline + 5 bundles
+    # the closed loop ran on the drifted device: collected, refreshed, rolled out; the broken bundle rolled back
+    loop = json.loads((out / "summary.json").read_text())["refresh"]
+    assert loop["collected"][0]["device"] == "edge-3" and loop["collected"][0]["samples"] > 20
+    assert {"accuracy", "offload_rate", "drift_flag"} <= set(loop["before"]) <= set(loop["after"]) | {"bundle"}
+    assert loop["after"]["inputs"] == len(RunDir(out / "run").splits().test[1])
+    assert 0 <= loop["test_accuracy_original"] <= 1 and (out / "run-refresh" / "reports" / "refresh.json").is_file()
+    assert loop["rollout"]["state"] in ("done", "rolled_back") and loop["rollout"]["steps"][0] == "started"
+    assert loop["bad_rollout"]["state"] == "rolled_back" and loop["bad_rollout"]["devices_on_it"] == []
+    assert "canary update failed" in loop["bad_rollout"]["steps"]
+    assert "## Closed loop (drifted device)" in (out / "summary.md").read_text()
 
 
 def test_demo_rejects_an_unknown_target_before_any_work(tmp_path: Path) -> None:
