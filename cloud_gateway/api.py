@@ -113,6 +113,7 @@ def create_app(
     collect: Any = None,
     num_classes: int | None = None,
     rollouts: Any = None,
+    policy: Any = None,
 ) -> Flask:
     app = Flask("cloud_gateway")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BUNDLE_BYTES
@@ -133,6 +134,7 @@ def create_app(
     _register_bundles(app, bundles_dir=bundles_dir, trust=trust, require_token=require_token)
     _register_samples(app, store=store, require_token=require_token, collect=collect, num_classes=num_classes)
     _register_rollouts(app, store=store, rollouts=rollouts, require_token=require_token)
+    _register_policy(app, store=store, policy=policy, require_token=require_token)
     _register_dashboard(app)
     return app
 
@@ -317,6 +319,36 @@ def _register_rollouts(app: Flask, *, store: TelemetryStore, rollouts: Any,
         except GatewayError as e:
             _fail(409, str(e))
         return jsonify({"id": rollout_id, "aborting": True})
+
+
+def _register_policy(app: Flask, *, store: TelemetryStore, policy: Any, require_token: Callable[[], None]) -> None:
+    """The refresh policy (cloud_gateway/policy.py) and the proposals it fired."""
+    from .policy import check_policy
+
+    @app.get("/api/policy")
+    def get_policy() -> Any:
+        return jsonify({"policy": store.policy(), "proposals": store.proposals()})
+
+    @app.put("/api/policy")
+    def put_policy() -> Any:
+        require_token()
+        try:
+            doc = check_policy(request.get_json(silent=True))
+        except GatewayError as e:
+            _fail(400, str(e))
+        store.set_policy(doc)
+        return jsonify({"policy": doc})
+
+    @app.post("/api/policy/proposals/<int:pid>/approve")
+    def approve(pid: int) -> Any:
+        require_token()
+        if policy is None:
+            _fail(503, "this gateway runs no policy")
+        try:
+            policy.approve(pid)
+        except GatewayError as e:
+            _fail(409, str(e))
+        return jsonify({"id": pid, "state": "approved"})
 
 
 def _store_upload(bundles_dir: Path, trust: TrustPolicy, name: str) -> Any:

@@ -167,6 +167,31 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy(args: argparse.Namespace) -> int:
+    """``cloud-gateway policy show|set FILE|approve --id N``: through the running gateway's HTTP API."""
+    base, token = args.gateway.rstrip("/"), args.token or os.environ.get("GATEWAY_TOKEN")
+    if args.action == "set":
+        if not args.file:
+            raise GatewayError("policy set needs FILE (a JSON policy; docs/gateway.md, 'Refresh policy')")
+        try:
+            doc = json.loads(Path(args.file).read_text())
+        except (OSError, ValueError) as e:
+            raise GatewayError(f"{args.file}: not a readable JSON policy ({e})") from e
+        out = _http("PUT", f"{base}/api/policy", token=token, body=doc)
+    elif args.action == "approve":
+        if args.id is None:
+            raise GatewayError("policy approve needs --id (see `policy show`)")
+        out = _http("POST", f"{base}/api/policy/proposals/{args.id}/approve", token=token)
+    else:
+        out = _http("GET", f"{base}/api/policy", token=token)
+        for p in out.get("proposals", []):  # type: ignore[union-attr]
+            why = "; ".join(f["why"] for f in p["reason"]["fired"])
+            print(f"proposal {p['id']} [{p['state']}]: {why}")
+    if args.json:
+        emit_json(out)
+    return 0
+
+
 def _print_rollout(out: object) -> None:
     rows = out if isinstance(out, list) else [out]
     for r in rows:
@@ -255,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--wait", action="store_true", help="start: wait until it is done or rolled back")
     add_json_flag(ro)
     ro.set_defaults(func=cmd_rollout)
+    po = sub.add_parser("policy", help="the refresh policy of the running gateway: show, set FILE, approve --id N")
+    add_common(po)
+    po.add_argument("action", choices=("show", "set", "approve"))
+    po.add_argument("file", nargs="?", help="set: a JSON policy document")
+    po.add_argument("--id", type=int, help="approve: the proposal id")
+    po.add_argument("--gateway", default="http://127.0.0.1:8080")
+    po.add_argument("--token", help="the gateway's token (or $GATEWAY_TOKEN)")
+    add_json_flag(po)
+    po.set_defaults(func=cmd_policy)
     c = sub.add_parser("fleet-credentials", help="write mosquitto password + ACL files for a fleet")
     add_common(c)
     c.add_argument("devices", nargs="*", help="device ids")

@@ -21,6 +21,7 @@ from edgecore.bundle import TrustPolicy
 from .api import MAX_BUNDLE_BYTES, create_app
 from .metrics import Metrics
 from .model import Teacher, load_teacher
+from .policy import PolicyEngine
 from .rollout import RolloutManager
 from .samples import CollectionPolicy, SampleCollector
 from .store import TelemetryStore
@@ -44,6 +45,7 @@ class GatewayConfig:
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures an uploaded bundle needs
     collect: CollectionPolicy = field(default_factory=CollectionPolicy)  # sample collection (off by default)
     rollout_update_timeout_s: float = 60.0  # how long a rollout waits for devices to apply an update
+    policy_interval_s: float = 30.0  # how often the refresh policy is evaluated (cloud_gateway/policy.py)
 
 
 class HttpServer:
@@ -91,6 +93,7 @@ class Gateway:
         self._server: HttpServer | None = None
         self._started = False
         self.rollouts: RolloutManager | None = None
+        self.policy: PolicyEngine | None = None
 
     @property
     def http_url(self) -> str:
@@ -108,16 +111,20 @@ class Gateway:
                 store=self.store, bundles_dir=Path(self.config.bundles_dir).resolve(),
                 publish=lambda t, p: self.worker.client.publish(t, p, qos=1), base_url=lambda: self.http_url,
                 prefix=self.config.worker.prefix, update_timeout_s=self.config.rollout_update_timeout_s)
+            self.policy = PolicyEngine(store=self.store, gateway_url=lambda: self.http_url,
+                                       start_rollout=self.rollouts.start, upload=self._store_bundle,
+                                       interval_s=self.config.policy_interval_s)
             app = create_app(
                 store=self.store, metrics=self.metrics, bundles_dir=self.config.bundles_dir,
                 token=self.config.token, prefix=self.config.worker.prefix, trust=self.config.trust,
                 publish=lambda t, p: self.worker.client.publish(t, p, qos=1), collect=self.config.collect,
-                num_classes=len(self.teacher.labels), rollouts=self.rollouts,
+                num_classes=len(self.teacher.labels), rollouts=self.rollouts, policy=self.policy,
                 health=self._health,
             )
             self._server = HttpServer(app, self.config.http_host, self.config.http_port)
             self._server.start()
             log.info("gateway HTTP API on %s", self.http_url)
+            self.policy.start()
             resumed = self.rollouts.resume()  # a restart picks up every unfinished rollout where it was
             if resumed:
                 log.warning("resumed rollouts %s after a restart", resumed)
@@ -128,7 +135,20 @@ class Gateway:
         return {"ok": req and ingest, "mqtt_connected": req, "ingest_connected": ingest,
                 "replica": self.config.worker.replica_id, "teacher": self.teacher.version}
 
+    def _store_bundle(self, name: str, tar: Path) -> None:
+        """Verify (signed by a trusted key) and store a bundle as the upload endpoint does."""
+        import shutil
+        import tempfile
+
+        bundles = Path(self.config.bundles_dir).resolve()
+        with tempfile.TemporaryDirectory(dir=bundles) as tmp:
+            self.config.trust.open(tar, extract_to=Path(tmp) / "x")
+            shutil.copyfile(tar, Path(tmp) / "b.tar.gz")
+            (Path(tmp) / "b.tar.gz").replace(bundles / f"{name}.tar.gz")
+
     def stop(self) -> None:
+        if self.policy is not None:
+            self.policy.stop()
         if self.rollouts is not None:
             self.rollouts.stop()
         if self._server is not None:

@@ -148,7 +148,7 @@ def test_store_upgrades_in_place_to_the_samples_revision(tmp_path):
         command.downgrade(_alembic_config(conn), "0003")
     assert current_revision(store.engine) == "0003"
     store2 = TelemetryStore(tmp_path / "old.sqlite")
-    assert current_revision(store2.engine) == "0005" and store2.sample_rows() == []
+    assert current_revision(store2.engine) == "0006" and store2.sample_rows() == []
 
 
 def test_samples_on_postgresql(postgres_url):
@@ -156,7 +156,7 @@ def test_samples_on_postgresql(postgres_url):
     from cloud_gateway.samples import SampleCollector
 
     store = TelemetryStore(postgres_url)
-    assert current_revision(store.engine) == "0005"
+    assert current_revision(store.engine) == "0006"
     col = SampleCollector(store, CollectionPolicy.parse("all", max_per_device=3), Metrics()).start()
     try:
         for i in range(5):

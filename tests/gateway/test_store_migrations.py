@@ -43,7 +43,7 @@ def test_an_existing_store_is_upgraded_in_place(store_url):
     engine = create_engine(db_url(store_url))
     assert current_revision(engine) is None and _indexes(engine) == {"ix_telemetry_device_id"}
     st = TelemetryStore(store_url)
-    assert current_revision(st.engine) == head_revision() == "0005"
+    assert current_revision(st.engine) == head_revision() == "0006"
     assert _indexes(st.engine) == {"ix_telemetry_device_id_id"}
     # the data survived (boot '' for the old rows), and the dedupe key is now (device, boot, seq)
     assert st.arrival_order("old") == [4, 5] and st.history("old")[0]["kept"] is True

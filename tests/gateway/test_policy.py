@@ -1,0 +1,86 @@
+"""The refresh policy: triggers on stored telemetry, proposals with reasons, approval runs the refresh command."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from cloud_gateway.policy import PolicyEngine, check_policy, triggers
+from cloud_gateway.store import TelemetryStore
+from edgecore.errors import GatewayError
+from tests.agent.tiny import retag_bundle, start_gateway, wait_for
+
+
+def _window(seq: int, *, drift: bool, offload: float, inputs: int = 50, t_end: float | None = None) -> dict:
+    return {"seq": seq, "boot": "b", "t_end": t_end if t_end is not None else time.time(),
+            "counts": {"inputs": inputs, "cloud": int(offload * inputs), "fallback": 0},
+            "offload_rate": offload, "fallback_rate": 0.0, "drift": {"flag": drift}}
+
+
+def test_check_policy_fills_defaults_and_names_bad_fields():
+    p = check_policy({"drift_windows": 3})
+    assert p["action"] == "propose" and p["rollout"]["canary"] == "{device}"
+    for bad, msg in (({"action": "deploy"}, "policy.action"), ({"drift_windows": -1}, "policy.drift_windows"),
+                     ({"action": "run"}, "needs policy.refresh_command"), ({"colour": 1}, "unknown field"),
+                     ({"rollout": {"promote_if": "offload <= 1"}}, "unknown metric"),
+                     ({"refresh_command": "toolchain refresh"}, "list of strings")):
+        with pytest.raises(GatewayError, match=msg):
+            check_policy(bad)
+
+
+def test_triggers_fire_on_drift_streaks_and_sustained_offload_only(tmp_path):
+    store = TelemetryStore(tmp_path / "s.sqlite")
+    now = time.time()
+    for i in range(6):
+        store.add_telemetry("dev-a", _window(i, drift=i >= 2, offload=0.5, t_end=now - 60 + i))
+        store.add_telemetry("dev-b", _window(i, drift=i % 2 == 0, offload=0.05, t_end=now - 60 + i))
+    store.add_telemetry("dev-a", _window(6, drift=False, offload=0.0, inputs=0, t_end=now))  # idle: ignored
+    p = check_policy({"drift_windows": 4, "offload_rate": 0.3, "offload_minutes": 5, "offload_devices": 1})
+    fired = {f["trigger"]: f for f in triggers(store, p, now)}
+    assert fired["drift"]["devices"] == ["dev-a"] and "last 4 windows" in fired["drift"]["why"]
+    assert fired["offload"]["devices"] == ["dev-a"] and fired["offload"]["offload_rates"] == {"dev-a": 0.5}
+    assert triggers(store, check_policy({"drift_windows": 5, "offload_devices": 2, "offload_rate": 0.3}), now) == []
+
+
+@pytest.mark.broker
+def test_a_proposal_is_recorded_then_approved_runs_the_refresh_command_and_a_rollout(mosquitto, tiny_cascade, tmp_path):
+    run = tiny_cascade
+    with start_gateway(mosquitto, run, tmp_path / "gw") as gw:
+        url = gw.http_url
+        # the refresh command: a stand-in for `toolchain refresh --json` that prints a report naming a signed bundle
+        new = retag_bundle(run.bundle_dir, tmp_path / "refreshed", version="refreshed")
+        script = tmp_path / "refresh.py"
+        script.write_text("import json, sys\nprint('working')\n"
+                          f"print(json.dumps({{'bundles': {{'onnx-int8': {str(tmp_path / 'refreshed')!r}}}, "
+                          "'device': sys.argv[1]}))\n")
+        policy = {"drift_windows": 3, "refresh_command": [sys.executable, str(script), "{device}"],
+                  "rollout": {"canary": "{device}", "watch_s": 1, "promote_if": "rollbacks == 0"}}
+        req = urllib.request.Request(f"{url}/api/policy", data=json.dumps(policy).encode(), method="PUT",
+                                     headers={"Authorization": "Bearer test-token", "Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=10).read()
+        for i in range(3):
+            gw.store.add_telemetry("dev-z", _window(i, drift=True, offload=0.4))
+        pid = gw.policy.evaluate()
+        assert pid is not None and gw.policy.evaluate() is None  # the cooldown: one proposal, not one per round
+        prop = gw.store.proposals()[0]
+        assert prop["state"] == "proposed" and prop["reason"]["device"] == "dev-z"  # propose only: nothing ran
+        assert not list((tmp_path / "gw" / "bundles").glob("policy-*"))
+        out = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"{url}/api/policy/proposals/{pid}/approve", method="POST",
+            headers={"Authorization": "Bearer test-token"}), timeout=10).read())
+        assert out["state"] == "approved"
+        wait_for(lambda: gw.store.proposals()[0]["state"] not in ("approved", "refreshing"), 30, "the approved run")
+        res = gw.store.proposals()[0]
+        # the command ran and its bundle was verified and stored; dev-z is no real device, so the rollout is refused
+        assert (tmp_path / "gw" / "bundles" / f"policy-{pid}-onnx-int8.tar.gz").is_file()
+        assert res["state"] == "failed" and "unknown device" in res["result"]["error"], res
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(f"{url}/api/policy/proposals/{pid}/approve", method="POST",
+                                                          headers={"Authorization": "Bearer test-token"}), timeout=10)
+        assert e.value.code == 409
+        assert new.is_file()
