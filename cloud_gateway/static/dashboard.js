@@ -118,5 +118,94 @@ async function refresh() {
   }
 }
 
+function renderRollout(r) {
+  const box = el("div", {class: "rollout", "data-id": String(r.id)});
+  const head = el("div");
+  head.appendChild(el("strong", {}, `rollout ${r.id}: ${r.bundle}`));
+  head.appendChild(el("span", {class: "state " + r.state}, r.state));
+  head.appendChild(el("span", {}, `  canaries ${(r.plan.canaries || []).join(", ")} · watch ${r.plan.watch_s} s · ` +
+                                   `promote if ${r.plan.promote_if}`));
+  box.appendChild(head);
+  const ol = el("ol");
+  for (const s of r.steps || []) {
+    ol.appendChild(el("li", {}, `${new Date(1000 * s.time).toLocaleTimeString()} ${s.step}`));
+  }
+  box.appendChild(ol);
+  return box;
+}
+
+async function refreshRollouts() {
+  const list = await (await fetch("/api/rollouts")).json();
+  const recent = list.slice(-5).reverse();
+  const full = await Promise.all(recent.map(r => fetch(`/api/rollouts/${r.id}`).then(x => x.json())));
+  const root = document.getElementById("rollouts");
+  if (full.length) root.replaceChildren(...full.map(renderRollout));
+}
+
+// A wire-format tensor (docs/wire.md): "ET", version, dtype code, ndim, 3 pad bytes, ndim uint32 dims, data.
+function decodeTensor(b64) {
+  const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+  const view = new DataView(bytes.buffer);
+  const ndim = bytes[4];
+  const dims = [];
+  for (let i = 0; i < ndim; i++) dims.push(view.getUint32(8 + 4 * i, true));
+  const off = 8 + 4 * ndim;
+  const n = dims.reduce((a, b) => a * b, 1);
+  const data = bytes[3] === 1 ? new Float32Array(bytes.buffer.slice(off, off + 4 * n)) : null;
+  return {dims, data};
+}
+
+function drawInput(t) {
+  const c = el("canvas");
+  const d = t.dims.slice(-2);
+  if (!t.data || d.length < 2) return c;
+  const [h, w] = d;
+  c.width = w; c.height = h;
+  const ctx = c.getContext("2d");
+  const img = ctx.createImageData(w, h);
+  const plane = t.data.slice(0, h * w);
+  const lo = Math.min(...plane), hi = Math.max(...plane), span = (hi - lo) || 1;
+  plane.forEach((v, i) => { const g = 255 - Math.round(255 * (v - lo) / span);
+    img.data.set([g, g, g, 255], 4 * i); });
+  ctx.putImageData(img, 0, 0);
+  return c;
+}
+
+function authHeaders() {
+  const token = document.getElementById("token").value.trim();
+  return token ? {"Authorization": "Bearer " + token} : {};
+}
+
+async function label(sample, k, card) {
+  const r = await fetch(`/api/samples/${sample.id}/label`, {method: "POST",
+    headers: {...authHeaders(), "Content-Type": "application/json"}, body: JSON.stringify({label: k})});
+  if (r.ok) { card.classList.add("labelled"); card.querySelector(".who").textContent = `labelled ${k} (yours)`; }
+}
+
+async function loadQueue() {
+  const root = document.getElementById("queue");
+  const r = await fetch("/api/labels/queue?limit=40", {headers: authHeaders()});
+  if (!r.ok) { root.textContent = `the gateway refused: ${(await r.json()).error}`; return; }
+  const page = await r.json();
+  if (!page.samples.length) { root.textContent = "nothing waiting for a label"; return; }
+  root.replaceChildren(...page.samples.map(s => {
+    const card = el("div", {class: "sample", "data-id": String(s.id)});
+    card.appendChild(drawInput(decodeTensor(s.input)));
+    const top = Math.max(...s.teacher_probs);
+    card.appendChild(el("div", {class: "who"}, `${s.device} · teacher says ${s.teacher_label} (${fmt(100 * top, 0)}%)`));
+    const buttons = el("div");
+    s.teacher_probs.forEach((_, k) => {
+      const b = el("button", {type: "button", "data-label": String(k)}, String(k));
+      b.addEventListener("click", () => label(s, k, card));
+      buttons.appendChild(b);
+    });
+    card.appendChild(buttons);
+    return card;
+  }));
+}
+
+document.getElementById("load-queue").addEventListener("click", loadQueue);
 refresh();
+refreshRollouts().catch(() => {});
 setInterval(refresh, 3000);
+setInterval(() => refreshRollouts().catch(() => {}), 3000);

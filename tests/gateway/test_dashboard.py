@@ -74,3 +74,52 @@ def test_dashboard_shows_devices_charts_and_flags_drift(mosquitto, tiny_cascade,
                 assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
             finally:
                 browser.close()
+
+
+def test_dashboard_labelling_queue_and_rollout_timeline(mosquitto, tiny_cascade, tmp_path):
+    exe = _chromium()
+    import numpy as np
+    from playwright.sync_api import sync_playwright
+
+    from cloud_gateway.metrics import Metrics
+    from cloud_gateway.samples import CollectionPolicy, SampleCollector
+
+    run = tiny_cascade
+    with start_gateway(mosquitto, run, tmp_path) as gw:
+        col = SampleCollector(gw.store, CollectionPolicy.parse("all"), Metrics()).start()
+        x = run.spec.preprocess(run.x_test[:3])
+        for i, probs in enumerate(([0.5, 0.5] + [0.0] * 8, [0.4, 0.3, 0.3] + [0.0] * 7, [0.95] + [0.05 / 9] * 9)):
+            col.offer("dev-a", x[i], probs, confidence=0.3, flagged=True)
+        col.flush()
+        col.stop()
+        rid = gw.store.create_rollout("v2", {"canaries": ["dev-a"], "rest": [], "watch_s": 5,
+                                             "promote_if": "rollbacks == 0", "previous": {}, "manifest_sha256": "x"}, None)
+        gw.store.add_rollout_step(rid, "started", {})
+        gw.store.add_rollout_step(rid, "canaries updated", {})
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("console", lambda m: errors.append(m.text)
+                        if m.type == "error" or "Content Security Policy" in m.text else None)
+                page.goto(gw.http_url + "/")
+                page.wait_for_selector(f".rollout[data-id='{rid}']", timeout=15000)
+                steps = page.locator(f".rollout[data-id='{rid}'] li").all_inner_texts()
+                assert [s.endswith(w) for s, w in zip(steps, ("started", "canaries updated"))] == [True, True]
+                page.fill("#token", "test-token")
+                page.click("#load-queue")
+                page.wait_for_selector("#queue .sample", timeout=10000)
+                cards = page.locator("#queue .sample")
+                assert cards.count() == 2  # the confident one is not queued
+                assert cards.first.locator("canvas").count() == 1 and "teacher says" in cards.first.inner_text()
+                first = int(cards.first.get_attribute("data-id") or 0)
+                cards.first.locator("button[data-label='7']").click()
+                page.wait_for_selector(f".sample.labelled[data-id='{first}']", timeout=5000)
+                assert errors == []
+            finally:
+                browser.close()
+        row = next(r for r in gw.store.sample_rows(limit=10) if r["id"] == first)
+        assert row["human_label"] == 7
+        assert np.isfinite(row["uncertainty"])
