@@ -311,14 +311,19 @@ def _register_rollouts(app: Flask, *, store: TelemetryStore, rollouts: Any,
 
     @app.post("/api/rollouts/<int:rollout_id>/abort")
     def abort_rollout(rollout_id: int) -> Any:
-        require_token()
-        if rollouts is None:
-            _fail(503, "this gateway runs no rollouts")
-        try:
-            rollouts.abort(rollout_id)
-        except GatewayError as e:
-            _fail(409, str(e))
+        _act(require_token, rollouts, "rollouts", lambda: rollouts.abort(rollout_id))
         return jsonify({"id": rollout_id, "aborting": True})
+
+
+def _act(require_token: Callable[[], None], service: Any, what: str, action: Callable[[], Any]) -> None:
+    """A write action on a gateway service: token, the service present (503), its refusal a 409."""
+    require_token()
+    if service is None:
+        _fail(503, f"this gateway runs no {what}")
+    try:
+        action()
+    except GatewayError as e:
+        _fail(409, str(e))
 
 
 def _register_policy(app: Flask, *, store: TelemetryStore, policy: Any, require_token: Callable[[], None]) -> None:
@@ -341,13 +346,7 @@ def _register_policy(app: Flask, *, store: TelemetryStore, policy: Any, require_
 
     @app.post("/api/policy/proposals/<int:pid>/approve")
     def approve(pid: int) -> Any:
-        require_token()
-        if policy is None:
-            _fail(503, "this gateway runs no policy")
-        try:
-            policy.approve(pid)
-        except GatewayError as e:
-            _fail(409, str(e))
+        _act(require_token, policy, "policy", lambda: policy.approve(pid))
         return jsonify({"id": pid, "state": "approved"})
 
 

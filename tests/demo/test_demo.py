@@ -110,3 +110,13 @@ def test_make_demo_command_end_to_end(tmp_path: Path) -> None:
     for name in ("onnx-int8", "openvino-int8", "tflite-int8"):
         m = summary["bundles"][name]["metrics"]
         assert m["accuracy"] >= m["reference_accuracy"] - 0.01
+    # the closed loop at full size (issue 13's acceptance): refresh and evaluation inputs are disjoint
+    # (collected from drifted training images, evaluated on the drifted test split)
+    loop = summary["refresh"]
+    before, after = loop["before"], loop["after"]
+    assert after["accuracy"] >= before["accuracy"] + 0.20, loop
+    assert after["accuracy"] >= loop["teacher_accuracy_drifted"] - 0.05, loop
+    assert after["offload_rate"] < before["offload_rate"], loop
+    original = next(g for g in loop["gates"] if g["gate"] == "original test split")
+    assert original["lost_pt"] <= 0.5 and loop["rollout"]["state"] == "done", loop
+    assert loop["bad_rollout"]["state"] == "rolled_back" and loop["bad_rollout"]["devices_on_it"] == []

@@ -23,6 +23,17 @@ def _chromium() -> str:
     return exe
 
 
+def _page(browser, base: str):  # type: ignore[no-untyped-def]
+    """A page that records script errors, CSP violations (logged, not thrown) and requests leaving the gateway."""
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text)
+            if m.type == "error" or "Content Security Policy" in m.text else None)
+    page.on("request", lambda r: errors.append(f"external request {r.url}") if not r.url.startswith(base) else None)
+    return page, errors
+
+
 def test_dashboard_shows_devices_charts_and_flags_drift(mosquitto, tiny_cascade, tmp_path):
     exe = _chromium()
     from playwright.sync_api import sync_playwright
@@ -44,13 +55,7 @@ def test_dashboard_shows_devices_charts_and_flags_drift(mosquitto, tiny_cascade,
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
             try:
-                page = browser.new_page()
-                errors: list[str] = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.on("console", lambda m: errors.append(m.text)  # a CSP violation is logged, not thrown
-                        if m.type == "error" or "Content Security Policy" in m.text else None)
-                page.on("request", lambda r: errors.append(f"external request {r.url}")
-                        if not r.url.startswith(gw.http_url) else None)
+                page, errors = _page(browser, gw.http_url)
                 page.goto(gw.http_url + "/")
                 page.wait_for_selector("body[data-loaded='1']", timeout=15000)
                 assert page.locator("#devices .device").count() == 2
@@ -99,11 +104,7 @@ def test_dashboard_labelling_queue_and_rollout_timeline(mosquitto, tiny_cascade,
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
             try:
-                page = browser.new_page()
-                errors: list[str] = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.on("console", lambda m: errors.append(m.text)
-                        if m.type == "error" or "Content Security Policy" in m.text else None)
+                page, errors = _page(browser, gw.http_url)
                 page.goto(gw.http_url + "/")
                 page.wait_for_selector(f".rollout[data-id='{rid}']", timeout=15000)
                 steps = page.locator(f".rollout[data-id='{rid}'] li").all_inner_texts()
