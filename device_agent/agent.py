@@ -88,6 +88,9 @@ class AgentConfig:
     drift: DriftConfig = field(default_factory=DriftConfig)
     mqtt_version: str = "5"  # "3.1.1" for brokers without MQTT 5: request metadata then travels in an envelope
     flag_when_drifted: bool = True  # while drift is flagged, ask the gateway to collect offloaded inputs
+    # While drift is flagged the model's confidence is no longer calibrated (it can be confidently wrong on the
+    # shifted inputs): this share of the inputs it is sure of goes to the cloud too (and is flagged for collection).
+    drift_offload: float = 0.25
     update_bases: tuple[str, ...] = ()  # update_bundle URLs must be under one of these (none: refused)
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures this device accepts
 
@@ -103,6 +106,8 @@ class Agent:
         opened = config.trust.check(bundle) if isinstance(bundle, Bundle) else config.trust.open(bundle)
         first = load_model(opened, threads=config.threads)
         self.model = LocalModel(first, on_rollback=self._rolled_back)
+        if not 0.0 <= config.drift_offload <= 1.0:
+            raise AgentError(f"drift_offload must be within 0..1, got {config.drift_offload}")
         self._threshold = self._initial_threshold(first, config.threshold)
         self.cloud = CloudClient(self.topics, deadline_s=config.deadline_s)
         self.commands = CommandRegistry(commands)
@@ -211,14 +216,24 @@ class Agent:
         inf = self.model.infer(raw)
         self.telemetry.observe(seconds=inf.seconds, confidence=inf.confidence, raw=raw)
         preds = inf.logits.argmax(axis=1)
+        drifting = bool((self.telemetry.last_drift or {}).get("flag"))
         offload = np.flatnonzero(inf.confidence < self._threshold)
-        flag = self.config.flag_when_drifted and bool((self.telemetry.last_drift or {}).get("flag"))
+        if drifting and self.config.drift_offload > 0:
+            sure = np.flatnonzero(inf.confidence >= self._threshold)
+            # every k-th sure input (deterministic, spread over the stream, not a burst)
+            pick = [i for i in sure if self._drift_tick()]
+            offload = np.union1d(offload, np.asarray(pick, dtype=offload.dtype))
+        flag = self.config.flag_when_drifted and drifting
         cloud = self.cloud.collect({int(i): self.cloud.ask(inf.x[i], confidence=float(inf.confidence[i]), flag=flag)
                                     for i in offload}) if len(offload) else {}
         answers = [self._answer(it, int(preds[i]), float(inf.confidence[i]), inf, cloud.get(i))
                    for i, it in enumerate(items)]
         self.telemetry.count(answer_counts((a.route.value, a.reason) for a in answers))
         return answers
+
+    def _drift_tick(self) -> bool:
+        self._drift_seen = getattr(self, "_drift_seen", 0) + 1
+        return self._drift_seen % max(1, round(1.0 / self.config.drift_offload)) == 0
 
     def _answer(self, it: Item, pred: int, conf: float, inf: Inference, cloud: CloudResult | None) -> Answer:
         route, reason, lat = Route.EDGE, None, inf.seconds

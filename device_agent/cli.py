@@ -66,6 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         deadline_s=args.deadline, telemetry_window_s=args.window, threshold=args.threshold,
         state_dir=args.state_dir, outbox_max_rows=args.outbox_max, drop_policy=DropPolicy(args.drop_policy),
         batch_size=args.batch_size, threads=args.threads, drift=DriftConfig(window=args.drift_window),
+        drift_offload=args.drift_offload,
         mqtt_version=args.mqtt_version, update_bases=tuple(args.update_base or ()), trust=trust,
     )
     agent = Agent(bundle, cfg)
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--drop-policy", choices=["drop-oldest", "drop-newest"], default="drop-oldest")
     r.add_argument("--batch-size", type=int, default=1)
     r.add_argument("--drift-window", type=int, default=500)
+    r.add_argument("--drift-offload", type=float, default=0.25,
+                   help="while drift is flagged, this share of the confident inputs goes to the cloud too (0: off)")
     r.add_argument("--threads", type=int, help="runtime threads (default: 1 for models up to 1 MiB, else the "
                    "runtime's own; 0: the runtime's own)")
     r.add_argument("--update-base", action="append", metavar="URL",

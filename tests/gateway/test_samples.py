@@ -171,3 +171,19 @@ def test_samples_on_postgresql(postgres_url):
     assert store.sample_stats() == [{"device": "pg-dev", "samples": 3, "labelled": 1,
                                      "oldest": rows[0]["received"], "newest": rows[-1]["received"]}]
     assert store.delete_samples("pg-dev") == 3
+
+
+def test_a_drifted_device_also_sends_a_share_of_its_confident_inputs_and_they_are_collected(
+        mosquitto, tiny_cascade, tmp_path):
+    from device_agent.agent import Route
+
+    run = tiny_cascade
+    with start_gateway(mosquitto, run, tmp_path, http=False, collect=CollectionPolicy.parse("dev-a", rate=0.0)) as gw:
+        with make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path, threshold=0.0, deadline_s=3.0) as agent:
+            calm = list(agent.run(items(run.x_test[:8], run.y_test[:8])))
+            agent.telemetry.last_drift = {"flag": True}  # the drift tests fired
+            drifting = list(agent.run(items(run.x_test[:8], run.y_test[:8])))
+        assert all(a.route is Route.EDGE for a in calm)  # threshold 0: sure of everything
+        assert sum(a.route is Route.CLOUD for a in drifting) == 2  # drift_offload 0.25: every 4th sure input
+        wait_for(lambda: len(gw.store.sample_rows(limit=100)) == 2, 10, "2 collected")
+        assert all(r["flagged"] for r in gw.store.sample_rows(limit=100))
