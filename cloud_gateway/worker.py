@@ -78,6 +78,7 @@ class GatewayWorker:
         self.store = store
         self.metrics = metrics
         self._q: queue.Queue[_Request] = queue.Queue(maxsize=10000)
+        self._model_lock = threading.Lock()  # one model call at a time: inline (network thread) or batched
         self._stop = threading.Event()
         self.connected = threading.Event()
         self._unsubscribed = threading.Event()
@@ -212,8 +213,17 @@ class GatewayWorker:
             return
         conf, flagged = _user_properties(props)
         want = self.collector is not None and self.collector.wants(device_id, flagged)
+        req = _Request(device_id, x, resp, corr, time.perf_counter(), conf, want, flagged)
+        # Nothing queued and the model free: answer here, on the network thread. A hand-off to the batcher
+        # thread and back costs more than the teacher itself at low load; under load requests queue and batch.
+        if self._q.empty() and self._model_lock.acquire(blocking=False):
+            try:
+                self._serve([req])
+            finally:
+                self._model_lock.release()
+            return
         try:
-            self._q.put_nowait(_Request(device_id, x, resp, corr, time.perf_counter(), conf, want, flagged))
+            self._q.put_nowait(req)
         except queue.Full:
             self.metrics.inc("gateway_overload_total", "Requests refused because the queue was full")
             self._reply(resp, corr, {"ok": False, "error": "gateway overloaded"})
@@ -315,7 +325,8 @@ class GatewayWorker:
             if len(batch) > 1:  # under load: wait up to batch_ms for more to fill the batch
                 self._fill(batch, time.perf_counter() + self.config.batch_ms / 1000.0)
             try:
-                self._serve(batch)
+                with self._model_lock:
+                    self._serve(batch)
             finally:
                 for _ in batch:
                     self._q.task_done()
