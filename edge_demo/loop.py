@@ -126,7 +126,11 @@ def close_the_loop(ctx: LoopContext, *, before: dict[str, Any], progress: Any = 
     try:
         progress(f"{ctx.device} streams more drifted inputs; the gateway collects its offloads")
         x_field, y_field = splits.train
-        _stream(agent, drifted(x_field, seed=2), y_field, 0)
+        # the operator asks the drifted device to send everything while it drifts (collection mode), then resets it
+        usual, agent.config.drift_offload = agent.config.drift_offload, 1.0
+        # paced: the drift flag is set when a telemetry window closes, so the stream must span several windows
+        _stream(agent, drifted(x_field, seed=2), y_field, max(ctx.rate_hz, len(x_field) / (20 * ctx.window_s)))
+        agent.config.drift_offload = usual
         ctx.gateway.collector.flush()
         collected = _call(ctx, "GET", f"/api/samples/stats")["devices"]
         progress(f"collected: {collected}; refreshing the student from the gateway's samples")
@@ -147,7 +151,9 @@ def close_the_loop(ctx: LoopContext, *, before: dict[str, Any], progress: Any = 
         progress("canary rollout of the refreshed bundle to the drifted device")
         rid = _call(ctx, "POST", "/api/rollouts", {
             "bundle": f"{ctx.bundle_name}-refresh", "canary": [ctx.device], "watch_s": max(2.0, 2.5 * ctx.window_s),
-            "promote_if": "rollbacks == 0 and offload_rate <= baseline"})["id"]
+            # against the device's own offload before the loop (its last windows were collection mode, sending
+            # everything, so the rollout's baseline would say nothing); a quarter of slack for a short window
+            "promote_if": f"rollbacks == 0 and drift == 0 and offload_rate <= {1.25 * before['offload_rate']:.4f}"})["id"]
         _wait(ctx, rid, {"watching", "done", "rolled_back"})
         x_test, y_test = splits.test
         after = _stream(agent, drifted(x_test), y_test, ctx.rate_hz)

@@ -111,8 +111,9 @@ def _routing(tmp: Path, ref: Reference, cfg: BuildConfig, val_logits: np.ndarray
     cloud_ok = (ref.teacher_val.argmax(1) == ref.y_val) if ref.teacher_val is not None else np.ones_like(edge_ok)
     choice = choose_threshold(conf, edge_ok, cloud_ok, offload_budget=cfg.offload_budget)
     curve_json, curve_png = write_curve(tmp, conf, edge_ok, cloud_ok, choice=choice, title=title)
+    rows = ref.drift_rows or slice(None)  # a refresh for one device: what that device now sees
     atomic_write_json(tmp / DRIFT_REFERENCE, drift_reference(
-        raw=ref.raw_val, conf=conf, measure=cfg.confidence.value, temperature=fit.temperature))
+        raw=ref.raw_val[rows], conf=conf[rows], measure=cfg.confidence.value, temperature=fit.temperature))
     return Routing(
         measure=cfg.confidence.value, temperature=fit.temperature, threshold=choice.threshold,
         offload_budget=cfg.offload_budget,

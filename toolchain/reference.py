@@ -34,6 +34,9 @@ class Reference:
     macs: int | None
     params: int | None
     lineage: dict[str, Any]
+    # rows of the val split the drift reference is built from: all (None), or, for a refresh aimed at one
+    # device, the collected held-out rows at its end (the distribution that device now sees)
+    drift_rows: slice | None = None
 
 
 _REFERENCES: dict[tuple[str, float, float], Reference] = {}
@@ -47,6 +50,11 @@ def _torch_logits(model: Any, x: np.ndarray, batch_size: int = 512) -> np.ndarra
         for i in range(0, len(x), batch_size):
             out.append(model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size]))).float().numpy())
     return np.concatenate(out)
+
+
+def _drift_rows(record: dict[str, Any]) -> slice | None:
+    r = record.get("refresh") or {}
+    return slice(-int(r["val"]), None) if r.get("drift_from") == "collected" and int(r.get("val", 0)) > 0 else None
 
 
 def reference_for(run_dir: Path) -> Reference:
@@ -79,6 +87,7 @@ def reference_for(run_dir: Path) -> Reference:
         raw_val=splits.val[0], x_val=x_val, y_val=splits.val[1], x_test=x_test, y_test=splits.test[1],
         student_val=_torch_logits(student, x_val), student_test=_torch_logits(student, x_test),
         teacher_val=teacher_val, macs=macs, params=params, lineage=lineage,
+        drift_rows=_drift_rows(run.data_record()),
     )
     _REFERENCES.clear()
     _REFERENCES[key] = ref

@@ -15,7 +15,8 @@ train part, val plus the held-out part, test unchanged), and there:
 2. re-runs the quantizing pass (QAT) and the export;
 3. builds a bundle for each target the parent run had built (the production
    targets), whose calibration, routing threshold and drift reference are
-   refitted on splits that now include the shifted inputs;
+   refitted on splits that now include the shifted inputs (the drift reference: with ``--device``, the
+   collected held-out inputs, what that device now sees; without, the mixture);
 4. checks the gates: at most ``refresh.max_regression_pt`` lost on the
    original test split, and better than the parent's bundle, per target, on the
    held-out collected samples. A failed gate keeps the report and removes the
@@ -179,7 +180,7 @@ def _target(s: Sample, num_classes: int) -> np.ndarray:
 
 
 # --- the new run ---------------------------------------------------------------------------------
-def _new_run(parent: Path, out: Path, rs: RefreshSet, source: str) -> None:
+def _new_run(parent: Path, out: Path, rs: RefreshSet, source: str, device: str | None = None) -> None:
     import io
 
     from toolchain.rundir import RunDir
@@ -195,7 +196,10 @@ def _new_run(parent: Path, out: Path, rs: RefreshSet, source: str) -> None:
     rec = run.data_record()
     rec["refresh"] = {"file": REFRESH_FILE, "sha256": rs.sha256, "parent": str(parent.resolve()), "source": source,
                       "train": int(len(rs.y_train)), "val": int(len(rs.y_val)),
-                      "original_val": int(rec.get("splits", {}).get("val", 0))}
+                      "original_val": int(rec.get("splits", {}).get("val", 0)),
+                      # a refresh for one device: its drift reference is what that device now sees (the collected
+                      # held-out inputs); for the whole fleet, the mixture (validation split plus them)
+                      "drift_from": "collected" if device else "mixture"}
     run.write_data_record(rec)
 
 
@@ -290,7 +294,7 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
     spec, labels = prun.input_spec, prun.labels
     rs = build_refresh_set(samples, spec, len(labels), holdout=cfg.refresh.holdout_fraction, seed=cfg.run.seed,
                            balance=cfg.refresh.balance, min_samples=cfg.refresh.min_samples)
-    _new_run(parent, out, rs, source)
+    _new_run(parent, out, rs, source, device)
     res, ctx, trained = _train(cfg, out, rs)
     pipeline.export(cfg, out, show=False)
     before = _parent_accuracy(prun, ctx.test)
