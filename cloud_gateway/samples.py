@@ -139,6 +139,7 @@ class SampleCollector:
         while not self._stop.is_set() or not self._q.empty():
             rows = self._drain()
             if rows:
+                self._fill_bundles(rows)
                 try:
                     self.store.add_samples(rows)
                     self.metrics.inc("gateway_samples_stored_total", "Collected samples stored", float(len(rows)))
@@ -148,6 +149,16 @@ class SampleCollector:
             if rows or time.monotonic() - last_trim > self.trim_every_s:
                 self.trim()
                 last_trim = time.monotonic()
+
+    def _fill_bundles(self, rows: list[dict[str, Any]]) -> None:
+        """A device's status and its first request travel on different connections: a row that beat the status
+        gets the bundle from the store (written after the reply, so off the request path)."""
+        for row in rows:
+            if not row["bundle"]:
+                st = (self.store.device(row["device_id"]) or {}).get("status") or {}
+                if isinstance(st, dict):
+                    self.note_status(row["device_id"], st)
+                row["bundle"] = self.device_state.get(row["device_id"], {}).get("bundle", "")
 
     def _drain(self) -> list[dict[str, Any]]:
         try:
