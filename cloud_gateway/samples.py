@@ -119,11 +119,11 @@ class SampleCollector:
             self.device_state.setdefault(device_id, {})["drift"] = bool(drift["flag"])
 
     def offer(self, device_id: str, x: np.ndarray, probs: list[float], *, confidence: float | None,
-              flagged: bool) -> None:
+              flagged: bool, bundle: str = "") -> None:
         """Queue one collected request (called after the reply went out); dropped and counted when full."""
         p = np.asarray(probs, dtype=np.float32)
         state = self.device_state.get(device_id, {})
-        row = {"device_id": device_id, "bundle": state.get("bundle", ""), "received": time.time(),
+        row = {"device_id": device_id, "bundle": bundle or state.get("bundle", ""), "received": time.time(),
                "input": wire.encode_tensor(x), "teacher_probs": wire.encode_tensor(p),
                "teacher_label": int(p.argmax()), "uncertainty": float(1.0 - p.max()), "confidence": confidence,
                "drift": state.get("drift"), "flagged": bool(flagged)}

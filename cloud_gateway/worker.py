@@ -63,6 +63,7 @@ class _Request:
     confidence: float | None = None  # the device model's (MQTT 5 user property ``conf``)
     collect: bool = False  # the collector wants this one (decided on arrival)
     flagged: bool = False  # the device asked for it to be collected (user property ``collect``)
+    bundle: str = ""  # the bundle version the device answered with (user property ``bundle``)
 
 
 class InvalidRequest(Exception):
@@ -211,9 +212,9 @@ class GatewayWorker:
             if resp == expected:  # never reply on another device's topic
                 self._reply(resp, corr, {"ok": False, "error": str(e)})
             return
-        conf, flagged = _user_properties(props)
+        conf, flagged, bundle = _user_properties(props)
         want = self.collector is not None and self.collector.wants(device_id, flagged)
-        req = _Request(device_id, x, resp, corr, time.perf_counter(), conf, want, flagged)
+        req = _Request(device_id, x, resp, corr, time.perf_counter(), conf, want, flagged, bundle)
         # Nothing queued and the model free: answer here, on the network thread. A hand-off to the batcher
         # thread and back costs more than the teacher itself at low load; under load requests queue and batch.
         if self._q.empty() and self._model_lock.acquire(blocking=False):
@@ -358,16 +359,16 @@ class GatewayWorker:
             self._reply(r.response_topic, r.correlation, answer)
             if r.collect and answer["ok"] and self.collector is not None:
                 self.collector.offer(r.device_id, r.x[0], answer["probabilities"], confidence=r.confidence,
-                                     flagged=r.flagged)
+                                     flagged=r.flagged, bundle=r.bundle)
             self.metrics.observe("gateway_request_seconds", "Time from request arrival to reply",
                                  time.perf_counter() - r.received, device=r.device_id)
         self.served += len(batch)
         self.metrics.inc("gateway_replies_total", "Predictions sent", float(len(batch)), replica=self.config.replica_id)
 
 
-def _user_properties(props: Any) -> tuple[float | None, bool]:
-    """(confidence, flagged) from a request's MQTT 5 user properties; anything unreadable is ignored."""
-    conf, flagged = None, False
+def _user_properties(props: Any) -> tuple[float | None, bool, str]:
+    """(confidence, flagged, bundle) from a request's MQTT 5 user properties; anything unreadable is ignored."""
+    conf, flagged, bundle = None, False, ""
     for item in getattr(props, "UserProperty", None) or ():
         try:
             key, value = item
@@ -376,6 +377,8 @@ def _user_properties(props: Any) -> tuple[float | None, bool]:
                 conf = v if 0.0 <= v <= 1.0 else None
             elif key == "collect":
                 flagged = value == "1"
+            elif key == "bundle" and isinstance(value, str):
+                bundle = value[:128]
         except (TypeError, ValueError):
             continue
-    return conf, flagged
+    return conf, flagged, bundle

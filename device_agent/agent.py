@@ -224,7 +224,9 @@ class Agent:
             pick = [i for i in sure if self._drift_tick()]
             offload = np.union1d(offload, np.asarray(pick, dtype=offload.dtype))
         flag = self.config.flag_when_drifted and drifting
-        cloud = self.cloud.collect({int(i): self.cloud.ask(inf.x[i], confidence=float(inf.confidence[i]), flag=flag)
+        version = inf.model.bundle.version or inf.model.bundle.manifest_sha256
+        cloud = self.cloud.collect({int(i): self.cloud.ask(inf.x[i], confidence=float(inf.confidence[i]), flag=flag,
+                                                           bundle=version)
                                     for i in offload}) if len(offload) else {}
         answers = [self._answer(it, int(preds[i]), float(inf.confidence[i]), inf, cloud.get(i))
                    for i, it in enumerate(items)]

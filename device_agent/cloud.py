@@ -66,7 +66,8 @@ class CloudClient:
     def pending(self) -> int:
         return len(self._pending)
 
-    def ask(self, x: np.ndarray, *, confidence: float | None = None, flag: bool = False) -> Ticket | None:
+    def ask(self, x: np.ndarray, *, confidence: float | None = None, flag: bool = False,
+            bundle: str | None = None) -> Ticket | None:
         """Publish one preprocessed sample; None when there is no connected link or the publish failed.
 
         MQTT 5 requests also carry the device model's ``confidence`` and, with ``flag``, ask the gateway to
@@ -84,7 +85,7 @@ class CloudClient:
         info = link.publish(
             self.topics.req, payload, qos=1, response_topic=self.topics.resp,
             correlation=corr, expiry_s=max(1, int(np.ceil(self.deadline_s))),
-            user=_request_properties(confidence, flag),
+            user=_request_properties(confidence, flag, bundle),
         )
         if info.rc != 0:
             self._pending.pop(corr, None)
@@ -127,8 +128,10 @@ class CloudClient:
         pend.event.set()
 
 
-def _request_properties(confidence: float | None, flag: bool) -> list[tuple[str, str]] | None:
+def _request_properties(confidence: float | None, flag: bool, bundle: str | None) -> list[tuple[str, str]] | None:
     props = [] if confidence is None else [("conf", f"{confidence:.6g}")]
+    if bundle:
+        props.append(("bundle", bundle[:128]))
     if flag:
         props.append(("collect", "1"))
     return props or None
