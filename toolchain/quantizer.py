@@ -25,15 +25,23 @@ from typing import Any
 __all__ = ["make_quantizer", "ort_qdq_quantizer"]
 
 
-def make_quantizer(bits: int) -> Any:
-    """The QAT quantizer with ``bits``-bit weights (7: ±63 for CPUs without VNNI)."""
+def make_quantizer(bits: int, *, is_qat: bool = True) -> Any:
+    """torchao's x86 config (QAT or PTQ) with symmetric per-channel weights of ``bits`` bits, Q/DQ placed by
+    `ort_qdq_quantizer`.
+
+    Weights are restricted-range symmetric: ±127 for 8 bits (the int8 weight spec of TFLite, TensorRT and
+    OpenVINO's symmetric FakeQuantize; torchao's default -128..127 puts a -128 no symmetric kernel expects),
+    ±63 for 7 bits (CPUs without VNNI, whose u8*s8 multiply-add saturates with full 8-bit weights).
+    """
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         get_default_x86_inductor_quantization_config,
     )
 
-    qcfg = get_default_x86_inductor_quantization_config(is_qat=True)
-    if bits == 7:
-        qcfg = dataclasses.replace(qcfg, weight=dataclasses.replace(qcfg.weight, quant_min=-63, quant_max=63))
+    if bits not in (7, 8):
+        raise ValueError(f"QDQ weight bits must be 7 or 8, got {bits}")
+    qcfg = get_default_x86_inductor_quantization_config(is_qat=is_qat)
+    q = (1 << (bits - 1)) - 1
+    qcfg = dataclasses.replace(qcfg, weight=dataclasses.replace(qcfg.weight, quant_min=-q, quant_max=q))
     return ort_qdq_quantizer(qcfg)
 
 

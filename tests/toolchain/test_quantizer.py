@@ -47,7 +47,7 @@ def test_qat_graph_runs_every_conv_add_gemm_quantized_in_ort(tmp_path: Path, bit
     assert scheme["activation_dtype"] == "uint8" and scheme["per_channel_weights"]
     w = [onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
          if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1]
-    assert max(int(np.abs(a.astype(np.int32)).max()) for a in w) <= (63 if bits == 7 else 128)
+    assert max(int(np.abs(a.astype(np.int32)).max()) for a in w) <= (63 if bits == 7 else 127)  # restricted range: no -128
     # the ORT graph computes what the converted PyTorch program does (8-bit weights saturate
     # ORT's u8*s8 kernels on CPUs without VNNI: the reason 7 bits is the default there)
     if bits == 8 and not cpu_has_vnni():

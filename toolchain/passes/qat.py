@@ -17,7 +17,6 @@ student_qat.pt; ``export`` turns it into QDQ ONNX.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
 import math
 import zipfile
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from edgecore.errors import CompressionError
 from toolchain.config import QatConfig, QdqWeightBits
 from toolchain.passes.base import Pass, PassContext, PassOutput
+from toolchain.quantizer import make_quantizer
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -54,21 +54,6 @@ def resolve_weight_bits(setting: QdqWeightBits, *, cpuinfo: str | None = None) -
     if setting is QdqWeightBits.EIGHT:
         return 8
     return 8 if cpu_has_vnni(cpuinfo) else 7
-
-
-def make_quantizer(bits: int, *, is_qat: bool = True) -> Any:
-    """torchao's x86 config (QAT or PTQ), weights narrowed to ±63 for 7 bits, with Q/DQ placed where CPU
-    runtimes fuse them (`toolchain.quantizer`: every conv/linear/add quantized, uint8 activations)."""
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        get_default_x86_inductor_quantization_config,
-    )
-
-    from toolchain.quantizer import ort_qdq_quantizer
-
-    qcfg = get_default_x86_inductor_quantization_config(is_qat=is_qat)
-    if bits == 7:
-        qcfg = dataclasses.replace(qcfg, weight=dataclasses.replace(qcfg.weight, quant_min=-63, quant_max=63))
-    return ort_qdq_quantizer(qcfg)
 
 
 def batch_dim() -> Any:
