@@ -43,6 +43,7 @@ from .updates import fetch_bundle, prune_bundles
 __all__ = ["Agent", "AgentConfig", "Answer", "Route", "load_model", "summarize"]
 
 log = logging.getLogger(__name__)
+_ONE_EDGE = {"inputs": 1, "edge": 1}
 
 
 class Route(str, enum.Enum):
@@ -215,8 +216,18 @@ class Agent:
             np.float32, copy=False)
         inf = self.model.infer(raw)
         self.telemetry.observe(seconds=inf.seconds, confidence=inf.confidence, raw=raw)
+        drift = self.telemetry.last_drift
+        drifting = drift is not None and bool(drift.get("flag"))
+        if len(items) == 1 and not drifting:  # a device's usual case: one input, plain Python from here
+            conf = float(inf.confidence[0])
+            if conf >= self._threshold:
+                pred = int(inf.logits[0].argmax())
+                labels = inf.model.bundle.labels
+                it = items[0]
+                self.telemetry.count(_ONE_EDGE)
+                return [Answer(it.id, pred, labels[pred] if 0 <= pred < len(labels) else str(pred), Route.EDGE,
+                               conf, inf.seconds, None, it.label)]
         preds = inf.logits.argmax(axis=1)
-        drifting = bool((self.telemetry.last_drift or {}).get("flag"))
         offload = np.flatnonzero(inf.confidence < self._threshold)
         if drifting and self.config.drift_offload > 0:
             sure = np.flatnonzero(inf.confidence >= self._threshold)

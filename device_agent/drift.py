@@ -75,15 +75,18 @@ class DriftConfig:
 class DriftMonitor:
     """Keeps the last ``window`` confidences and input statistics; scores them on demand.
 
-    Why a ring of one numpy array: ``observe`` runs once per input, and three
-    deque extends of ``tolist()`` results plus numpy's ``mean``/``std``
-    machinery cost more than a tiny model's inference. The statistics come
-    from one sum and one sum of squares per sample (float64), the ring takes
-    them with one slice assignment; PSI and KS do not depend on order, so
-    ``scores`` reads the ring as it lies.
+    Why a ring of one numpy array, filled in blocks: ``observe`` runs once per
+    input, and per-input numpy reductions (a float64 copy, a sum, a dot
+    product) cost about as much as a tiny model's inference. Single inputs are
+    copied into a pending block (one slice assignment; at most
+    ``PENDING_BYTES`` of raw data) and their mean and std computed for the
+    whole block at once (float64 sums), when it is full or when scores are
+    read. PSI and KS do not depend on order, so ``scores`` reads the ring as it lies.
     """
 
     STATS = ("confidence", "mean", "std")
+    PENDING_BYTES = 1 << 18  # raw inputs held before their statistics are computed (float32)
+    PENDING_MAX = 64
 
     def __init__(self, reference: dict[str, Any] | None, config: DriftConfig = DriftConfig()) -> None:
         self.config = config
@@ -91,26 +94,42 @@ class DriftMonitor:
         self._ring = np.zeros((len(self.STATS), max(1, config.window)), dtype=np.float64)
         self._next = 0  # write position
         self._n = 0  # filled slots
+        self._pend: np.ndarray | None = None  # (k, features) raw inputs not yet in the ring
+        self._pend_conf = np.zeros(self.PENDING_MAX, dtype=np.float64)
+        self._k = 0
 
     def observe(self, *, confidence: np.ndarray, raw: np.ndarray) -> None:
-        conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
-        k = len(conf)
-        if k == 1:  # the usual case on a device: three scalars into the ring, no temporaries
-            v = np.asarray(raw, dtype=np.float64).reshape(-1)
-            d = len(v)
-            m = float(v.sum()) / d
-            var = float(v @ v) / d - m * m
-            j = self._next
-            self._ring[0, j], self._ring[1, j], self._ring[2, j] = conf[0], m, math.sqrt(var) if var > 0 else 0.0
-            self._next = (j + 1) % self._ring.shape[1]
-            self._n = min(self._ring.shape[1], self._n + 1)
+        if len(confidence) == 1:  # the usual case on a device: one copy into the pending block
+            flat = raw.reshape(-1)
+            pend = self._pend
+            if pend is None or pend.shape[1] != flat.shape[0]:
+                self._flush()
+                rows = max(1, min(self.PENDING_MAX, self.PENDING_BYTES // max(1, 4 * flat.shape[0])))
+                pend = self._pend = np.empty((rows, flat.shape[0]), dtype=np.float32)
+            k = self._k
+            pend[k] = flat
+            self._pend_conf[k] = confidence[0]
+            self._k = k + 1
+            if k + 1 == len(pend):
+                self._flush()
             return
-        flat = np.asarray(raw).reshape(k, -1)
+        self._flush()
+        conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+        self._put(np.stack((conf, *self._mean_std(np.asarray(raw).reshape(len(conf), -1)))))
+
+    @staticmethod
+    def _mean_std(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         d = flat.shape[1]
         mean = flat.sum(axis=1, dtype=np.float64) / d
         sq = np.einsum("ij,ij->i", flat, flat, dtype=np.float64) / d
-        std = np.sqrt(np.maximum(sq - mean * mean, 0.0))
-        self._put(np.stack((conf, mean, std)))
+        return mean, np.sqrt(np.maximum(sq - mean * mean, 0.0))
+
+    def _flush(self) -> None:
+        """The pending block's statistics into the ring."""
+        k = self._k
+        if k and self._pend is not None:
+            self._k = 0
+            self._put(np.stack((self._pend_conf[:k], *self._mean_std(self._pend[:k]))))
 
     def _put(self, cols: np.ndarray) -> None:
         w = self._ring.shape[1]
@@ -131,6 +150,7 @@ class DriftMonitor:
 
     def live(self, name: str) -> np.ndarray:
         """The retained values of one statistic (order not kept)."""
+        self._flush()
         return self._ring[self.STATS.index(name), : self._n].copy()
 
     def _ref(self, name: str) -> dict[str, Any] | None:
@@ -142,6 +162,7 @@ class DriftMonitor:
 
     def scores(self) -> dict[str, Any] | None:
         """``{stat: {psi, ks_d, ks_p}, flag, n}`` or None without a reference or enough data."""
+        self._flush()
         n = self._n
         if not self.reference or n < self.config.min_samples:
             return None
@@ -163,4 +184,4 @@ class DriftMonitor:
     def reset(self, reference: dict[str, Any] | None) -> None:
         """A new bundle brings a new reference; old samples no longer compare."""
         self.reference = reference
-        self._next = self._n = 0
+        self._next = self._n = self._k = 0

@@ -41,14 +41,29 @@ class InputSpec:
     std: tuple[float, ...] = ()
 
     def preprocess(self, raw: np.ndarray) -> np.ndarray:
-        """Raw samples (batch first) -> the normalised float tensor the model takes."""
-        x = np.asarray(raw, dtype=np.float32) * np.float32(self.scale)
-        if self.mean:
-            bshape = (1, len(self.mean)) + (1,) * (x.ndim - 2)
-            x = (x - np.asarray(self.mean, np.float32).reshape(bshape)) / np.asarray(
-                self.std, np.float32
-            ).reshape(bshape)
-        return x.astype(self.dtype, copy=False)
+        """Raw samples (batch first) -> the normalised float tensor the model takes.
+
+        Runs once per input on a device: the constants are made once per spec (`_constants`) and the
+        arithmetic, ``(raw * scale - mean) / std`` in float32, runs in place on one new array.
+        """
+        scale, mean, std = self._constants(np.ndim(raw))
+        x = np.multiply(raw, scale, dtype=np.float32)
+        if mean is not None:
+            x -= mean
+            x /= std
+        return x if self.dtype == "float32" else x.astype(self.dtype, copy=False)
+
+    def _constants(self, ndim: int) -> tuple[np.float32, np.ndarray | None, np.ndarray | None]:
+        cache = self.__dict__.get("_const")
+        if cache is None or cache[0] != ndim:
+            mean = std = None
+            if self.mean:
+                bshape = (1, len(self.mean)) + (1,) * (ndim - 2)
+                mean = np.asarray(self.mean, np.float32).reshape(bshape)
+                std = np.asarray(self.std, np.float32).reshape(bshape)
+            cache = (ndim, np.float32(self.scale), mean, std)
+            object.__setattr__(self, "_const", cache)  # a cache on a frozen value: not part of its identity
+        return cache[1], cache[2], cache[3]
 
     def to_dict(self) -> dict[str, Any]:
         return {
