@@ -109,7 +109,10 @@ def _pipeline(opts: DemoOptions, run_dir: Path, step: _Steps) -> dict[str, Any]:
         import dataclasses
 
         # the cloud model is trained on broader data than the device sees: turned and noisy digits too
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rotate_deg=90.0, noise_std=0.4))
+        # (three quarters of each batch broadened: at half, the teacher reached 67.5% on the drifted stream, at
+        # three quarters 87.2%, clean test 99.2% -> 98.6%; docs/acceptance/issue13.md)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rotate_deg=90.0, noise_std=0.4,
+                                                                 broad_fraction=0.75))
     if opts.latency_budget_ms is not None:
         import dataclasses
 
