@@ -180,7 +180,7 @@ class Agent:
         self.model.swap(new)
         if new.threshold is not None:
             self._threshold = new.threshold
-        self.telemetry.drift.reset(new.drift_reference)
+        self.telemetry.reset_drift(new.drift_reference)
         log.info("now running bundle %s (%s)", bundle.root, bundle.manifest_sha256[:12])
         self._publish_status()
 
@@ -203,7 +203,7 @@ class Agent:
 
     def _rolled_back(self, now: LoadedModel, err: Exception) -> None:
         self.telemetry.count({"rollbacks": 1})
-        self.telemetry.drift.reset(now.drift_reference)
+        self.telemetry.reset_drift(now.drift_reference)
         self.last_cmd = {"cmd": "update_bundle", "ok": False, "error": f"rolled back after live failure: {err}"}
         self._publish_status()
 

@@ -123,6 +123,16 @@ class TelemetryRecorder:
         self.edge_latency.observe(seconds)
         self.drift.observe(confidence=confidence, raw=raw)
 
+    def reset_drift(self, reference: dict[str, Any] | None) -> None:
+        """A new model brings its own reference: the old inputs and the last verdict (flag) no longer apply.
+
+        Without clearing the verdict, a device would keep acting as drifted (sending a share of its confident
+        inputs to the cloud) for up to a window after switching to a bundle made for the inputs it now sees.
+        """
+        with self._lock:
+            self.drift.reset(reference)
+            self.last_drift = None
+
     def observe_cloud(self, rtt_s: float) -> None:
         self.cloud_latency.observe(rtt_s)
 

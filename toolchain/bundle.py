@@ -39,6 +39,7 @@ from toolchain.reference import Reference, reference_for
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MIN_THRESHOLD_ROWS = 30  # a device refresh's own held-out inputs place the routing threshold from this many
 
 __all__ = ["build_bundle", "build_each", "default_out", "tarball_path", "write_tarball", "reference_for"]
 
@@ -109,18 +110,23 @@ def _routing(tmp: Path, ref: Reference, cfg: BuildConfig, val_logits: np.ndarray
     conf = confidence(val_logits, measure=cfg.confidence.value, temperature=fit.temperature)
     edge_ok = val_logits.argmax(1) == ref.y_val
     cloud_ok = (ref.teacher_val.argmax(1) == ref.y_val) if ref.teacher_val is not None else np.ones_like(edge_ok)
-    choice = choose_threshold(conf, edge_ok, cloud_ok, offload_budget=cfg.offload_budget)
-    curve_json, curve_png = write_curve(tmp, conf, edge_ok, cloud_ok, choice=choice, title=title)
-    rows = ref.drift_rows or slice(None)  # a refresh for one device: what that device now sees
+    # A refresh for one device: the threshold spends the offload budget on what that device now sees (its
+    # collected held-out inputs), as the drift reference describes it; the temperature is fitted on all of val.
+    seen = ref.drift_rows or slice(None)
+    own = ref.drift_rows is not None and len(ref.y_val[seen]) >= MIN_THRESHOLD_ROWS  # else too few: all of val
+    rows = seen if own else slice(None)
+    choice = choose_threshold(conf[rows], edge_ok[rows], cloud_ok[rows], offload_budget=cfg.offload_budget)
+    curve_json, curve_png = write_curve(tmp, conf[rows], edge_ok[rows], cloud_ok[rows], choice=choice, title=title)
     atomic_write_json(tmp / DRIFT_REFERENCE, drift_reference(
-        raw=ref.raw_val[rows], conf=conf[rows], measure=cfg.confidence.value, temperature=fit.temperature))
+        raw=ref.raw_val[seen], conf=conf[seen], measure=cfg.confidence.value, temperature=fit.temperature))
     return Routing(
         measure=cfg.confidence.value, temperature=fit.temperature, threshold=choice.threshold,
         offload_budget=cfg.offload_budget,
         info={"expected_accuracy": choice.expected_accuracy, "expected_offload": choice.expected_offload,
               "edge_accuracy": choice.edge_accuracy, "cloud_accuracy": choice.cloud_accuracy,
               "curve_file": curve_json, "curve_plot": curve_png, "ece_before": fit.ece_before,
-              "ece_after": fit.ece_after, "fitted_on": f"validation split, {conf_source}",
+              "ece_after": fit.ece_after, "fitted_on": f"validation split, {conf_source}" + (
+                  ", threshold on the device's collected held-out inputs" if own else ""),
               "rule": choice.rule, "rule_reason": choice.reason or None,
               "temperature_fitted": fit.fitted, "temperature_bounds": list(fit.bounds)},
     )

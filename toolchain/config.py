@@ -196,8 +196,8 @@ class BuildConfig:
 class RefreshConfig:
     """``toolchain refresh``: re-distill the current student on its data plus the gateway's collected samples."""
 
-    epochs: int = 8  # distillation epochs, continuing from the current student
-    lr: float = 1e-3
+    epochs: int = 15  # distillation epochs, continuing from the current student
+    lr: float = 5e-4  # half the distillation's: a fine-tune that keeps what the student knew
     holdout_fraction: float = 0.25  # of the collected samples, kept out of training for the gates
     max_regression_pt: float = 0.5  # at most this much lost on the original test split
     min_samples: int = 20  # fewer collected samples than this: nothing to learn from, refused

@@ -259,3 +259,19 @@ def test_live_failure_after_a_swap_rolls_back(tiny_cascade, tmp_path):
     assert len(ans) == 20 and summarize(ans)["accuracy"] > 0.8  # answered by the previous bundle
     assert agent.bundle.version == "1" and agent.counts["rollbacks"] == 1
     assert agent.last_cmd and not agent.last_cmd["ok"] and "rolled back" in agent.last_cmd["error"]
+
+
+def test_a_new_bundle_clears_the_drift_verdict_of_the_old_one(tiny_cascade, tmp_path):
+    """After a switch the device stops acting as drifted (no drift_offload share) until its new reference says so."""
+    from tests.agent.tiny import retag_bundle
+
+    run = tiny_cascade
+    retag_bundle(run.bundle_dir, tmp_path / "v2", version="2")
+    agent = Agent(run.bundle_dir, AgentConfig(device_id="x", trust=release_trust(), threads=1, threshold=0.0,
+                                              drift_offload=1.0))
+    agent.telemetry.last_drift = {"flag": True, "n": 500}  # the old bundle's last window said: drifting
+    flagged = summarize(list(agent.run(items(run.x_test[:20]))))
+    assert flagged["fallback"] == 20  # while drifted, even confident inputs go to the cloud (none here: fallback)
+    agent.swap_bundle(open_bundle(tmp_path / "v2"))
+    assert agent.last_drift is None
+    assert summarize(list(agent.run(items(run.x_test[:20]))))["edge"] == 20

@@ -113,6 +113,7 @@ def test_make_demo_command_end_to_end(tmp_path: Path) -> None:
     # the closed loop at full size (issue 13's acceptance): refresh and evaluation inputs are disjoint
     # (collected from drifted training images, evaluated on the drifted test split)
     loop = summary["refresh"]
+    assert "refresh_error" not in loop, loop.get("refresh_error")
     assert loop["bad_rollout"]["state"] == "rolled_back" and loop["bad_rollout"]["devices_on_it"] == []
     before, after = loop["before"], loop["after"]
     original = next(g for g in loop["gates"] if g["gate"] == "original test split")
@@ -122,7 +123,7 @@ def test_make_demo_command_end_to_end(tmp_path: Path) -> None:
         "offload lower": after["offload_rate"] < before["offload_rate"],
         "original split within 0.5 pt": original["lost_pt"] <= 0.5,
         "canary promoted": loop["rollout"]["state"] == "done",
+        "drift cleared": before["drift_flag"] and not after["drift_flag"],
     }
-    if not all(goals.values()):  # reported with the numbers, not hidden: see issue 13's note
-        pytest.xfail(f"closed-loop acceptance not met yet: {goals}; before {before}, after {after}, "
-                     f"teacher {loop['teacher_accuracy_drifted']:.3f}")
+    assert all(goals.values()), (f"closed-loop acceptance: {goals}; before {before}, after {after}, "
+                                 f"teacher {loop['teacher_accuracy_drifted']:.3f}")

@@ -161,3 +161,30 @@ def test_a_failed_gate_keeps_the_report_and_writes_no_bundles(tiny_run, tmp_path
     assert r.returncode == 2 and "refresh gates failed" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert (tmp_path / "new" / "reports" / "refresh.json").is_file()
     assert not (tmp_path / "new" / "bundles").exists()
+
+
+def test_a_device_refresh_spends_the_offload_budget_on_what_that_device_sees(tiny_run, tmp_path):
+    """Refreshing for one device: routing threshold and drift reference come from its collected held-out inputs."""
+    from edgecore.bundle import TrustPolicy
+    from edgecore.confidence import confidence
+    from targets import load_runner
+
+    parent = _parent(tiny_run, tmp_path)
+    ss = _samples(RunDir(parent), 300)
+    srv = _serve_pages(ss, "tok")
+    try:
+        rep = refresh(parent=parent, out=tmp_path / "new", source=f"http://127.0.0.1:{srv.server_address[1]}",
+                      token="tok", device="edge-3", targets=["onnx-fp32"], show=False)
+    finally:
+        srv.shutdown()
+    assert rep["passed"], rep["gates"]
+    b = TrustPolicy(allow_unsigned=True).open(tmp_path / "new" / "bundles" / "onnx-fp32")
+    r = b.manifest.to_dict()["routing"]
+    assert "collected held-out" in r["fitted_on"]
+    held = len(rep["samples"]["ids_holdout"])
+    x_val, _ = RunDir(tmp_path / "new").splits().val
+    logits = load_runner(b).run(b.input_spec.preprocess(x_val[-held:]))
+    conf = confidence(logits, measure=r["measure"], temperature=r["temperature"])
+    # the budget is spent on the device's own inputs (the rule may offload less when more buys nothing)
+    assert float((conf < r["threshold"]).mean()) <= r["offload_budget"] + 1.0 / held
+    assert b.drift_reference()["n"] == held
