@@ -97,6 +97,7 @@ def broken_copy(bundle: Path, dest: Path, signing_key: Any) -> Path:
     """A bundle whose model file is garbage but whose manifest lists it correctly, signed: only a smoke test can tell."""
     from edgecore.bundle import open_bundle, write_bundle, write_tarball
 
+    shutil.rmtree(dest, ignore_errors=True)  # a rerun (--reuse) makes it again
     shutil.copytree(bundle, dest)
     m = open_bundle(dest).manifest
     main = dest / m.artifact.main
@@ -132,16 +133,18 @@ def close_the_loop(ctx: LoopContext, *, before: dict[str, Any], progress: Any = 
         _stream(agent, drifted(x_field, seed=2), y_field, max(ctx.rate_hz, len(x_field) / (20 * ctx.window_s)))
         agent.config.drift_offload = usual
         ctx.gateway.collector.flush()
-        collected = _call(ctx, "GET", f"/api/samples/stats")["devices"]
+        collected = _call(ctx, "GET", "/api/samples/stats")["devices"]
         progress(f"collected: {collected}; refreshing the student from the gateway's samples")
         out: dict[str, Any] = {"before": before, "collected": collected,
                                "teacher_accuracy_drifted": teacher_accuracy_drifted(ctx.run_dir)}
+        shutil.rmtree(ctx.out / "run-refresh", ignore_errors=True)  # the demo's own output: a rerun (--reuse) redoes it
         try:
             rep = refresh(parent=ctx.run_dir, out=ctx.out / "run-refresh", source=ctx.gateway.http_url,
                           token=ctx.token, device=ctx.device, targets=[ctx.bundle_name],
                           signing_key=ctx.signing_key, show=False)
-        except RefreshError as e:
+        except RefreshError as e:  # the gates refused the new student: nothing to roll out, the rollback still shown
             out["refresh_error"] = str(e)
+            out["bad_rollout"] = _broken_rollout(ctx, progress)
             return out
         new_acc = next(s for s in reversed(rep["stages"]))["test_accuracy"]
         out.update(gates=rep["gates"], test_accuracy_original=new_acc, refresh_run=rep["run_dir"],
@@ -160,18 +163,22 @@ def close_the_loop(ctx: LoopContext, *, before: dict[str, Any], progress: Any = 
         r = _wait(ctx, rid, {"done", "rolled_back"})
         out["rollout"] = {"id": rid, "state": r["state"], "steps": [s["step"] for s in r["steps"]]}
         out["after"] = _row(after, agent)
-        progress("a deliberately broken bundle: the canary must refuse it and the rollout roll back")
-        _upload(ctx, "broken", broken_copy(ctx.bundles_dir / ctx.bundle_name, ctx.out / "broken-bundle",
-                                           ctx.signing_key))
-        rid = _call(ctx, "POST", "/api/rollouts", {"bundle": "broken", "canary": [ctx.device], "watch_s": 2.0,
-                                                   "promote_if": "rollbacks == 0"})["id"]
-        bad = _wait(ctx, rid, {"done", "rolled_back"})
-        versions = _call(ctx, "GET", f"/api/rollouts/{rid}")["device_versions"]
-        out["bad_rollout"] = {"id": rid, "state": bad["state"], "steps": [s["step"] for s in bad["steps"]],
-                              "devices_on_it": [d for d, v in versions.items() if v == bad["plan"]["manifest_sha256"]]}
+        out["bad_rollout"] = _broken_rollout(ctx, progress)
         return out
     finally:
         agent.stop()
+
+
+def _broken_rollout(ctx: LoopContext, progress: Any) -> dict[str, Any]:
+    """A deliberately broken bundle to the canary: the rollout must roll back, leaving no device on it."""
+    progress("a deliberately broken bundle: the canary must refuse it and the rollout roll back")
+    _upload(ctx, "broken", broken_copy(ctx.bundles_dir / ctx.bundle_name, ctx.out / "broken-bundle", ctx.signing_key))
+    rid = _call(ctx, "POST", "/api/rollouts", {"bundle": "broken", "canary": [ctx.device], "watch_s": 2.0,
+                                               "promote_if": "rollbacks == 0"})["id"]
+    bad = _wait(ctx, rid, {"done", "rolled_back"})
+    versions = _call(ctx, "GET", f"/api/rollouts/{rid}")["device_versions"]
+    return {"id": rid, "state": bad["state"], "steps": [s["step"] for s in bad["steps"]],
+            "devices_on_it": [d for d, v in versions.items() if v == bad["plan"]["manifest_sha256"]]}
 
 
 def teacher_accuracy_drifted(run_dir: Path) -> float:

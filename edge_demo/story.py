@@ -427,8 +427,11 @@ def loop_markdown(r: dict[str, Any] | None) -> list[str]:
         return []
     pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
     lines = ["", "## Closed loop (drifted device)", ""]
+    bad = r.get("bad_rollout")
+    bad_line = ([f"Broken bundle rollout: **{bad['state']}** ({' -> '.join(bad['steps'])}); "
+                 f"devices left on it: {bad['devices_on_it'] or 'none'}."] if bad else [])
     if "refresh_error" in r:
-        return lines + [f"refresh refused: {r['refresh_error']}"]
+        return lines + [f"refresh refused: {r['refresh_error']}", ""] + bad_line
     b, a = r["before"], r.get("after") or {}
     lines += [f"Collected {sum(d['samples'] for d in r['collected'])} offloaded inputs with the teacher's answers "
               f"(teacher on the drifted stream: {pct(r['teacher_accuracy_drifted'])}); refreshed run "
@@ -437,9 +440,7 @@ def loop_markdown(r: dict[str, Any] | None) -> list[str]:
               f"| before | {pct(b['accuracy'])} | {pct(b['offload_rate'])} | {'DRIFT' if b['drift_flag'] else 'ok'} |",
               f"| after | {pct(a.get('accuracy'))} | {pct(a.get('offload_rate'))} | "
               f"{'DRIFT' if a.get('drift_flag') else 'ok'} |", "",
-              f"Canary rollout: **{r['rollout']['state']}** ({' -> '.join(r['rollout']['steps'])}).",
-              f"Broken bundle rollout: **{r['bad_rollout']['state']}** ({' -> '.join(r['bad_rollout']['steps'])}); "
-              f"devices left on it: {r['bad_rollout']['devices_on_it'] or 'none'}."]
+              f"Canary rollout: **{r['rollout']['state']}** ({' -> '.join(r['rollout']['steps'])}).", *bad_line]
     return lines
 
 
