@@ -221,12 +221,8 @@ class Agent:
         if len(items) == 1 and not drifting:  # a device's usual case: one input, plain Python from here
             conf = float(inf.confidence[0])
             if conf >= self._threshold:
-                pred = int(inf.logits[0].argmax())
-                labels = inf.model.bundle.labels
-                it = items[0]
                 self.telemetry.count(_ONE_EDGE)
-                return [Answer(it.id, pred, labels[pred] if 0 <= pred < len(labels) else str(pred), Route.EDGE,
-                               conf, inf.seconds, None, it.label)]
+                return [self._answer(items[0], int(inf.logits[0].argmax()), conf, inf, None)]
         preds = inf.logits.argmax(axis=1)
         offload = np.flatnonzero(inf.confidence < self._threshold)
         if drifting and self.config.drift_offload > 0:
