@@ -6,6 +6,7 @@ also needs the values in-process for its tests and the dashboard.
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from typing import Iterable
@@ -24,6 +25,11 @@ def _fmt_labels(labels: Labels, extra: Iterable[tuple[str, str]] = ()) -> str:
     return "{" + ",".join(f'{k}="{v}"' for (k, _), v in zip(items, esc)) + "}"
 
 
+def _key(labels: dict[str, str]) -> Labels:
+    """The series key: labels sorted by name (one label, the common case, needs no sort)."""
+    return tuple(labels.items()) if len(labels) < 2 else tuple(sorted(labels.items()))
+
+
 class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -32,11 +38,12 @@ class Metrics:
         self._hists: dict[str, tuple[tuple[float, ...], dict[Labels, list[float]]]] = {}
 
     def _declare(self, name: str, kind: str, help_: str) -> None:
-        self._help.setdefault(name, (kind, help_))
+        if name not in self._help:
+            self._help[name] = (kind, help_)
 
     def inc(self, name: str, help_: str, value: float = 1.0, **labels: str) -> None:
         self._declare(name, "counter", help_)
-        key = tuple(sorted(labels.items()))
+        key = _key(labels)
         with self._lock:
             d = self._values.setdefault(name, {})
             d[key] = d.get(key, 0.0) + value
@@ -44,27 +51,27 @@ class Metrics:
     def set(self, name: str, help_: str, value: float, **labels: str) -> None:
         self._declare(name, "gauge", help_)
         with self._lock:
-            self._values.setdefault(name, {})[tuple(sorted(labels.items()))] = float(value)
+            self._values.setdefault(name, {})[_key(labels)] = float(value)
 
     def observe(self, name: str, help_: str, value: float, buckets: tuple[float, ...] = LATENCY_BUCKETS,
                 **labels: str) -> None:
         self._declare(name, "histogram", help_)
-        key = tuple(sorted(labels.items()))
+        key = _key(labels)
         with self._lock:
             b, series = self._hists.setdefault(name, (buckets, {}))
             s = series.setdefault(key, [0.0] * (len(b) + 2))  # per-bucket counts, +Inf, sum
-            i = next((j for j, ub in enumerate(b) if value <= ub), len(b))
+            i = bisect.bisect_left(b, value)  # the first bucket whose upper bound is >= value
             s[i] += 1
             s[-1] += value
 
     def value(self, name: str, **labels: str) -> float:
         with self._lock:
-            return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+            return self._values.get(name, {}).get(_key(labels), 0.0)
 
     def hist_count(self, name: str, **labels: str) -> int:
         with self._lock:
             b, series = self._hists.get(name, ((), {}))
-            s = series.get(tuple(sorted(labels.items())))
+            s = series.get(_key(labels))
             return int(sum(s[:-1])) if s else 0
 
     def render(self) -> str:

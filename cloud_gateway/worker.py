@@ -1,9 +1,12 @@
 """MQTT workers: shared-subscription requests, micro-batching, replies, telemetry ingest.
 
 Several replicas subscribe to ``$share/gateways/<prefix>/+/infer/req`` and the
-broker splits requests between them. Each replica takes what is queued (up
-to ``batch_size``); only under load (more than one queued) does it wait up to
-``batch_ms`` for more. It runs the teacher once on the stacked batch and replies on each request's response topic with its
+broker splits requests between them. A request that finds nothing queued, nothing
+more waiting on the socket and the model free is answered on the network thread
+(a hand-off costs more than a small teacher). Otherwise it is queued: the batcher
+takes what is queued (up to ``batch_size``) and waits up to ``batch_ms`` for more
+only while more requests are still arriving on the socket. It runs the teacher
+once on the stacked batch and replies on each request's response topic with its
 correlation data. A bad request is answered with an error reply where
 possible, counted, logged, and the worker goes on.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import select
 import threading
 import time
 from dataclasses import dataclass
@@ -178,7 +182,7 @@ class GatewayWorker:
         parts = msg.topic.split("/")
         try:
             if len(parts) == 4 and parts[2:] == ["infer", "req"]:
-                self._on_request(parts[1], msg)
+                self._on_request(parts[1], msg, client)
             elif len(parts) == 3 and parts[2] == "telemetry":
                 self._on_telemetry(parts[1], msg.payload)
             elif len(parts) == 3 and parts[2] == "status":
@@ -187,7 +191,7 @@ class GatewayWorker:
             log.exception("failed handling %s", msg.topic)
             self.metrics.inc("gateway_internal_errors_total", "Unexpected errors while handling a message")
 
-    def _on_request(self, device_id: str, msg: mqtt.MQTTMessage) -> None:
+    def _on_request(self, device_id: str, msg: mqtt.MQTTMessage, client: Any = None) -> None:
         props = getattr(msg, "properties", None)
         resp = getattr(props, "ResponseTopic", None) if props else None
         corr = getattr(props, "CorrelationData", None) if props else None
@@ -215,9 +219,10 @@ class GatewayWorker:
         conf, flagged, bundle = _user_properties(props)
         want = self.collector is not None and self.collector.wants(device_id, flagged)
         req = _Request(device_id, x, resp, corr, time.perf_counter(), conf, want, flagged, bundle)
-        # Nothing queued and the model free: answer here, on the network thread. A hand-off to the batcher
-        # thread and back costs more than the teacher itself at low load; under load requests queue and batch.
-        if self._q.empty() and self._model_lock.acquire(blocking=False):
+        # Nothing queued, nothing more waiting on the socket and the model free: answer here, on the network
+        # thread. A hand-off to the batcher thread and back costs more than the teacher itself at low load.
+        # Under load (more requests already arrived, or a batch running) requests queue and batch.
+        if self._q.empty() and not _more_waiting(client) and self._model_lock.acquire(blocking=False):
             try:
                 self._serve([req])
             finally:
@@ -238,7 +243,7 @@ class GatewayWorker:
             x = x[None]
         if x.shape != (1, *shape):
             raise InvalidRequest(f"shape {list(x.shape)} (expected [1, {', '.join(map(str, shape))}])")
-        if not np.all(np.isfinite(x)):
+        if not np.isfinite(x).all():
             raise InvalidRequest("non-finite values")
         return x
 
@@ -282,19 +287,22 @@ class GatewayWorker:
                                  device=device_id)
 
     def _answer(self, logits: np.ndarray, batch_size: int) -> dict[str, Any]:
-        """The reply for one row of teacher output: a prediction, or an error when it is not finite."""
-        with np.errstate(all="ignore"):
-            z = logits.astype(np.float64) - logits.max()
-            p = np.exp(z) / np.exp(z).sum()
-        if not (np.all(np.isfinite(logits)) and np.all(np.isfinite(p))):
+        """The reply for one row of teacher output: a prediction, or an error when it is not finite.
+
+        Finite logits give finite probabilities (every exp(z - max) is in [0, 1] and one is 1), so the
+        logits are the only thing checked; the softmax stays in float32 (the probabilities are sent to 6 digits).
+        """
+        if not np.isfinite(logits).all():
             self.metrics.inc("gateway_nonfinite_outputs_total", "Requests whose teacher output was not finite")
             return {"ok": False, "error": "the teacher's output for this input is not finite "
                                           "(input out of the model's range?)"}
-        pred = int(p.argmax())
+        e = np.exp(logits - logits.max())
+        p = (e / e.sum()).tolist()
+        pred = int(logits.argmax())
         return {
             "ok": True, "prediction": pred,
             "label": self.teacher.labels[pred] if pred < len(self.teacher.labels) else str(pred),
-            "probabilities": [round(float(v), 6) for v in p], "model_version": self.teacher.version,
+            "probabilities": [round(v, 6) for v in p], "model_version": self.teacher.version,
             "batch_size": batch_size,
         }
 
@@ -333,20 +341,27 @@ class GatewayWorker:
                     self._q.task_done()
 
     def _fill(self, batch: list[_Request], until: float) -> None:
+        """Add to the batch what the network thread is still reading: wait (up to ``until``) only while more
+        requests are on the request socket; an idle socket means the batch is all there is."""
         while len(batch) < self.config.batch_size:
+            try:
+                batch.append(self._q.get_nowait())
+                continue
+            except queue.Empty:
+                pass
             left = until - time.perf_counter()
-            if left <= 0:
+            if left <= 0 or not _more_waiting(self.client):
                 return
             try:
-                batch.append(self._q.get(timeout=left))
+                batch.append(self._q.get(timeout=min(left, 0.0005)))
             except queue.Empty:
-                return
+                continue
 
     def _serve(self, batch: list[_Request]) -> None:
         self.metrics.observe("gateway_batch_size", "Requests per model call", len(batch), buckets=BATCH_BUCKETS)
         t0 = time.perf_counter()
         try:
-            logits = self.teacher.run(np.concatenate([r.x for r in batch]))
+            logits = self.teacher.run(batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch]))
         except Exception as e:
             log.exception("teacher failed on a batch of %d", len(batch))
             self.metrics.inc("gateway_model_errors_total", "Batches the teacher failed on")
@@ -364,6 +379,24 @@ class GatewayWorker:
                                  time.perf_counter() - r.received, device=r.device_id)
         self.served += len(batch)
         self.metrics.inc("gateway_replies_total", "Predictions sent", float(len(batch)), replica=self.config.replica_id)
+
+
+def _more_waiting(client: Any) -> bool:
+    """Whether more bytes (the next request, most likely) already wait on the client's socket.
+
+    paho reads one packet at a time, so what has arrived and is not yet handled is in the kernel's socket
+    buffer (or, with TLS, in the SSL object's). A PUBACK for one of our replies also counts: then the request
+    takes the batcher's path, which costs a hand-off, never an answer.
+    """
+    sock = client.socket() if client is not None else None
+    if sock is None:
+        return False
+    try:
+        if getattr(sock, "pending", None) is not None and sock.pending() > 0:
+            return True
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):  # closed under us: the inline path is as good as any
+        return False
 
 
 def _user_properties(props: Any) -> tuple[float | None, bool, str]:
