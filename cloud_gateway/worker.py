@@ -1,12 +1,14 @@
 """MQTT workers: shared-subscription requests, micro-batching, replies, telemetry ingest.
 
 Several replicas subscribe to ``$share/gateways/<prefix>/+/infer/req`` and the
-broker splits requests between them. A request that finds nothing queued, nothing
-more waiting on the socket and the model free is answered on the network thread
-(a hand-off costs more than a small teacher). Otherwise it is queued: the batcher
-takes what is queued (up to ``batch_size``) and waits up to ``batch_ms`` for more
-only while more requests are still arriving on the socket. It runs the teacher
-once on the stacked batch and replies on each request's response topic with its
+broker splits requests between them. The network thread batches by itself: a
+request followed on the socket by another PUBLISH (more requests, already
+arrived) is held; the first one with nothing behind it releases what is held
+as one batch (at most ``batch_size``), run right there when the model is free,
+because a hand-off to another thread costs more than a small teacher. While a
+batch runs, requests queue for the batcher thread, which takes what is queued
+and waits up to ``batch_ms`` for more only while more keeps arriving. One
+model call per batch; each request is answered on its response topic with its
 correlation data. A bad request is answered with an error reply where
 possible, counted, logged, and the worker goes on.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import select
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -84,6 +87,7 @@ class GatewayWorker:
         self.metrics = metrics
         self._q: queue.Queue[_Request] = queue.Queue(maxsize=10000)
         self._model_lock = threading.Lock()  # one model call at a time: inline (network thread) or batched
+        self._pending: list[_Request] = []  # requests the network thread holds for its next batch (its own)
         self._stop = threading.Event()
         self.connected = threading.Event()
         self._unsubscribed = threading.Event()
@@ -101,6 +105,8 @@ class GatewayWorker:
         # replica is away is queued by the broker (agents' outboxes count a window sent at its PUBACK).
         self.client = self._client(f"gateway-{config.replica_id}", self.connected, [(self.sub_req, 1)])
         self.client.on_unsubscribe = lambda *a: self._unsubscribed.set()
+        # requests held for a batch when the connection goes: serve them now (on the network thread, their owner)
+        self.client.on_disconnect = lambda *a: (self.connected.clear(), self._pending and self._flush())
         self.ingest_connected = threading.Event()
         self.ingest = self._client(f"gateway-{config.replica_id}-ingest", self.ingest_connected,
                                    [(self.sub_tel, 1), (self.sub_status, 1)])
@@ -182,7 +188,11 @@ class GatewayWorker:
         parts = msg.topic.split("/")
         try:
             if len(parts) == 4 and parts[2:] == ["infer", "req"]:
-                self._on_request(parts[1], msg, client)
+                try:
+                    self._on_request(parts[1], msg)
+                finally:  # whatever became of this one, never strand the ones held before it
+                    if self._pending and (len(self._pending) >= self.config.batch_size or not _next_is_publish(client)):
+                        self._flush()
             elif len(parts) == 3 and parts[2] == "telemetry":
                 self._on_telemetry(parts[1], msg.payload)
             elif len(parts) == 3 and parts[2] == "status":
@@ -191,7 +201,7 @@ class GatewayWorker:
             log.exception("failed handling %s", msg.topic)
             self.metrics.inc("gateway_internal_errors_total", "Unexpected errors while handling a message")
 
-    def _on_request(self, device_id: str, msg: mqtt.MQTTMessage, client: Any = None) -> None:
+    def _on_request(self, device_id: str, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
         resp = getattr(props, "ResponseTopic", None) if props else None
         corr = getattr(props, "CorrelationData", None) if props else None
@@ -219,20 +229,25 @@ class GatewayWorker:
         conf, flagged, bundle = _user_properties(props)
         want = self.collector is not None and self.collector.wants(device_id, flagged)
         req = _Request(device_id, x, resp, corr, time.perf_counter(), conf, want, flagged, bundle)
-        # Nothing queued, nothing more waiting on the socket and the model free: answer here, on the network
-        # thread. A hand-off to the batcher thread and back costs more than the teacher itself at low load.
-        # Under load (more requests already arrived, or a batch running) requests queue and batch.
-        if self._q.empty() and not _more_waiting(client) and self._model_lock.acquire(blocking=False):
+        self._pending.append(req)  # _on_message serves it now, or with the requests right behind it
+
+    def _flush(self) -> None:
+        """Serve what the network thread holds: here, as one batch, when nothing is queued and the model is free
+        (a hand-off to the batcher thread and back costs more than a small teacher); else queue it for the
+        batcher (a batch is running)."""
+        batch, self._pending = self._pending, []
+        if self._q.empty() and self._model_lock.acquire(blocking=False):
             try:
-                self._serve([req])
+                self._serve(batch)
             finally:
                 self._model_lock.release()
             return
-        try:
-            self._q.put_nowait(req)
-        except queue.Full:
-            self.metrics.inc("gateway_overload_total", "Requests refused because the queue was full")
-            self._reply(resp, corr, {"ok": False, "error": "gateway overloaded"})
+        for req in batch:
+            try:
+                self._q.put_nowait(req)
+            except queue.Full:
+                self.metrics.inc("gateway_overload_total", "Requests refused because the queue was full")
+                self._reply(req.response_topic, req.correlation, {"ok": False, "error": "gateway overloaded"})
 
     def _validate(self, payload: bytes) -> np.ndarray:
         x = wire.decode_tensor(payload, max_bytes=self.config.max_payload_bytes)
@@ -379,6 +394,23 @@ class GatewayWorker:
                                  time.perf_counter() - r.received, device=r.device_id)
         self.served += len(batch)
         self.metrics.inc("gateway_replies_total", "Predictions sent", float(len(batch)), replica=self.config.replica_id)
+
+
+def _next_is_publish(client: Any) -> bool:
+    """Whether the next MQTT packet waiting on the client's socket is a PUBLISH (another request).
+
+    paho reads exactly one packet at a time, so the kernel's buffer starts at the next packet; its first
+    byte's high nibble is the packet type (3: PUBLISH). Peeked, not read. On a TLS or websocket transport the
+    plaintext cannot be peeked: False (each request is then served as it comes, or queued under load).
+    """
+    sock = client.socket() if client is not None else None
+    if type(sock) is not socket.socket:
+        return False
+    try:
+        b = sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0))
+    except OSError:  # nothing waiting (EAGAIN), or closed under us
+        return False
+    return len(b) == 1 and b[0] >> 4 == 3
 
 
 def _more_waiting(client: Any) -> bool:

@@ -145,8 +145,11 @@ def decode_request(payload: bytes) -> tuple[bytes | None, str | None, bytes]:
     return corr, rt, payload[off:]
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps with options builds one per call
+
+
 def dumps(msg: dict[str, Any]) -> bytes:
-    return json.dumps({"schema": MESSAGE_SCHEMA, **msg}, separators=(",", ":")).encode()
+    return _ENCODER.encode({"schema": MESSAGE_SCHEMA, **msg}).encode()
 
 
 def loads(payload: bytes) -> dict[str, Any]:
