@@ -159,11 +159,21 @@ def measure(url: str, devices: dict[str, str], *, payload: bytes, clients: int, 
 
 # --- local broker, gateway and floor responder ------------------------------------------------------
 def _spawn(args: list[str], ready: str) -> subprocess.Popen[str]:
-    p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    """Start ``python ARGS`` and wait for its ``ready`` line; on failure say what its stderr said."""
+    import tempfile
+
+    err = tempfile.TemporaryFile(mode="w+")  # not a pipe: nobody reads it while the process runs
+    p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=err, text=True)
     line = p.stdout.readline() if p.stdout else ""
     if ready not in line:
         p.kill()
-        raise BenchError(f"{args[1]} did not start: {line.strip() or 'no output'}")
+        p.wait(10)
+        err.seek(0)
+        tail = [x for x in err.read().splitlines() if x.strip()][-5:]
+        err.close()
+        raise BenchError(f"{args[1]} did not start: {line.strip() or 'no output'}"
+                         + ("; its stderr ended with:\n  " + "\n  ".join(tail) if tail else ""))
+    p._bench_stderr = err  # type: ignore[attr-defined]  # closed by _stop
     return p
 
 
@@ -173,6 +183,9 @@ def _stop(p: subprocess.Popen[str]) -> None:
         p.wait(10)
     except subprocess.TimeoutExpired:
         p.kill()
+    err = getattr(p, "_bench_stderr", None)
+    if err is not None:
+        err.close()
 
 
 def _serve_gateway(url: str, user: str, pw: str, teacher: Path, tmp: Path, replicas: int = 1) -> Iterator[None]:
