@@ -240,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mqtt-version", choices=["5", "3.1.1"], default="5",
                    help="3.1.1 for brokers without MQTT 5 (then no shared subscription: run one replica)")
     s.add_argument("--replica-id", default="gw-0")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--batch-ms", type=float, default=5.0)
+    s.add_argument("--batch-size", type=int, default=32,
+                   help="most requests per model call (a burst already on the socket is served as one batch)")
+    s.add_argument("--batch-ms", type=float, default=5.0,
+                   help="while a batch runs, the batcher waits up to this for more, only while more keeps arriving")
     s.add_argument("--max-payload", type=int, default=1 << 20, help="bytes")
     s.add_argument("--db", default="gateway.sqlite", help="SQLite path or database URL (postgresql://user:pw@host/db); upgraded in place on open")
     s.add_argument("--bundles-dir", type=Path, default=Path("gateway-bundles"))
