@@ -424,3 +424,31 @@ def test_upload_requires_a_trusted_signature(mosquitto, tiny_cascade, tmp_path):
             assert code == 400 and why in json.loads(body)["error"], body
         listed = json.loads(_http("GET", f"{gw.http_url}/api/bundles")[1])
         assert [b["name"] for b in listed] == ["good"]
+
+
+def test_a_burst_of_requests_is_answered_in_batches_and_none_is_stranded(mosquitto, tiny_cascade, tmp_path):
+    """Requests that arrive together are served in few model calls (held on the network thread while more wait
+    on the socket); every one of them is answered, including the last of the burst."""
+    run = tiny_cascade
+    with start_gateway(mosquitto, run, tmp_path, http=False) as gw:
+        replies: dict[bytes, dict] = {}
+        c = _client(mosquitto, mosquitto.credentials("dev-b"), "dev-b-burst")
+        c.on_message = lambda cl, u, m: replies.__setitem__(
+            bytes.fromhex(wire.loads(m.payload)["correlation"]), wire.loads(m.payload))
+        c.subscribe("fleet/dev-b/infer/resp", qos=1)
+        time.sleep(0.3)
+        x = run.spec.preprocess(run.x_test[:60])
+        want = np.asarray(gw.teacher.run(x)).argmax(1)
+        for rnd in range(3):  # bursts of 20, a pause between them
+            for i in range(rnd * 20, rnd * 20 + 20):
+                c.publish("fleet/dev-b/infer/req", wire.encode_tensor(x[i : i + 1]), qos=1,
+                          properties=_req_props("fleet/dev-b/infer/resp", b"%03d" % i))
+            _wait(lambda n=rnd * 20 + 20: len(replies) >= n, 10, f"burst {rnd}")
+        c.disconnect()
+        c.loop_stop()
+        assert sorted(replies) == [b"%03d" % i for i in range(60)]
+        assert all(r["ok"] for r in replies.values())
+        assert [replies[b"%03d" % i]["prediction"] for i in range(60)] == want.tolist()  # batching keeps the order
+        assert max(r["batch_size"] for r in replies.values()) > 1  # some arrived together and were batched
+        calls = gw.worker.metrics.hist_count("gateway_batch_size")
+        assert calls < 60 and gw.worker.served == 60
