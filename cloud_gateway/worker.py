@@ -417,8 +417,8 @@ def _more_waiting(client: Any) -> bool:
     """Whether more bytes (the next request, most likely) already wait on the client's socket.
 
     paho reads one packet at a time, so what has arrived and is not yet handled is in the kernel's socket
-    buffer (or, with TLS, in the SSL object's). A PUBACK for one of our replies also counts: then the request
-    takes the batcher's path, which costs a hand-off, never an answer.
+    buffer (or, with TLS, in the SSL object's). The batcher asks while it fills a batch. A PUBACK for one of
+    our replies also counts: the batcher then waits a little longer (never past ``batch_ms``), nothing more.
     """
     sock = client.socket() if client is not None else None
     if sock is None:
