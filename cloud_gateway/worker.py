@@ -105,8 +105,7 @@ class GatewayWorker:
         # replica is away is queued by the broker (agents' outboxes count a window sent at its PUBACK).
         self.client = self._client(f"gateway-{config.replica_id}", self.connected, [(self.sub_req, 1)])
         self.client.on_unsubscribe = lambda *a: self._unsubscribed.set()
-        # requests held for a batch when the connection goes: serve them now (on the network thread, their owner)
-        self.client.on_disconnect = lambda *a: (self.connected.clear(), self._pending and self._flush())
+        self.client.on_disconnect = self._on_request_disconnect
         self.ingest_connected = threading.Event()
         self.ingest = self._client(f"gateway-{config.replica_id}-ingest", self.ingest_connected,
                                    [(self.sub_tel, 1), (self.sub_status, 1)])
@@ -230,6 +229,13 @@ class GatewayWorker:
         want = self.collector is not None and self.collector.wants(device_id, flagged)
         req = _Request(device_id, x, resp, corr, time.perf_counter(), conf, want, flagged, bundle)
         self._pending.append(req)  # _on_message serves it now, or with the requests right behind it
+
+    def _on_request_disconnect(self, *_: Any) -> None:
+        """The request connection went: requests held for a batch are served now (on the network thread,
+        their owner), not stranded until a reconnect that may never bring the requests behind them."""
+        self.connected.clear()
+        if self._pending:
+            self._flush()
 
     def _flush(self) -> None:
         """Serve what the network thread holds: here, as one batch, when nothing is queued and the model is free

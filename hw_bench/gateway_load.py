@@ -173,7 +173,7 @@ def _spawn(args: list[str], ready: str) -> subprocess.Popen[str]:
         err.close()
         raise BenchError(f"{args[1]} did not start: {line.strip() or 'no output'}"
                          + ("; its stderr ended with:\n  " + "\n  ".join(tail) if tail else ""))
-    p._bench_stderr = err  # type: ignore[attr-defined]  # closed by _stop
+    err.close()  # started: the child keeps writing to its own descriptor of the (unlinked) file
     return p
 
 
@@ -183,9 +183,6 @@ def _stop(p: subprocess.Popen[str]) -> None:
         p.wait(10)
     except subprocess.TimeoutExpired:
         p.kill()
-    err = getattr(p, "_bench_stderr", None)
-    if err is not None:
-        err.close()
 
 
 def _serve_gateway(url: str, user: str, pw: str, teacher: Path, tmp: Path, replicas: int = 1) -> Iterator[None]:

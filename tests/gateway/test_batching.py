@@ -4,6 +4,7 @@ batcher while a batch runs."""
 
 from __future__ import annotations
 
+import queue
 import socket
 import time
 
@@ -150,9 +151,7 @@ def test_while_a_batch_runs_requests_queue_for_the_batcher(worker, pair):
 
 def test_overload_is_answered_not_dropped(pair):
     w, sent, calls = _worker()
-    import queue as _queue
-
-    w._q = _queue.Queue(maxsize=2)
+    w._q = queue.Queue(maxsize=2)
     a, _ = pair
     with w._model_lock:
         for i in range(3):

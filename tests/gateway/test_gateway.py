@@ -43,6 +43,17 @@ def _client(broker, creds, client_id):
     return c
 
 
+def _reply_client(broker, device: str, client_id: str):
+    """A raw MQTT client of ``device`` subscribed to its reply topic; replies land in the dict, by correlation."""
+    replies: dict[bytes, dict] = {}
+    c = _client(broker, broker.credentials(device), client_id)
+    c.on_message = lambda cl, u, m: replies.__setitem__(
+        bytes.fromhex(wire.loads(m.payload)["correlation"]), wire.loads(m.payload))
+    c.subscribe(f"fleet/{device}/infer/resp", qos=1)
+    time.sleep(0.3)
+    return c, replies
+
+
 def _req_props(resp: str | None, corr: bytes):
     p = Properties(PacketTypes.PUBLISH)
     if resp:
@@ -67,12 +78,7 @@ def test_two_replicas_share_the_requests(mosquitto, tiny_cascade, tmp_path):
 def test_malformed_requests_get_error_replies_and_the_gateway_keeps_serving(mosquitto, tiny_cascade, tmp_path):
     run = tiny_cascade
     with start_gateway(mosquitto, run, tmp_path, http=False) as gw:
-        replies: dict[bytes, dict] = {}
-        c = _client(mosquitto, mosquitto.credentials("dev-b"), "dev-b-raw")
-        c.on_message = lambda cl, u, m: replies.__setitem__(
-            bytes.fromhex(wire.loads(m.payload)["correlation"]), wire.loads(m.payload))
-        c.subscribe("fleet/dev-b/infer/resp", qos=1)
-        time.sleep(0.3)
+        c, replies = _reply_client(mosquitto, "dev-b", "dev-b-raw")
         resp = "fleet/dev-b/infer/resp"
         good = wire.encode_tensor(run.spec.preprocess(run.x_test[:1]))
         bad = {
@@ -431,12 +437,7 @@ def test_a_burst_of_requests_is_answered_in_batches_and_none_is_stranded(mosquit
     on the socket); every one of them is answered, including the last of the burst."""
     run = tiny_cascade
     with start_gateway(mosquitto, run, tmp_path, http=False) as gw:
-        replies: dict[bytes, dict] = {}
-        c = _client(mosquitto, mosquitto.credentials("dev-b"), "dev-b-burst")
-        c.on_message = lambda cl, u, m: replies.__setitem__(
-            bytes.fromhex(wire.loads(m.payload)["correlation"]), wire.loads(m.payload))
-        c.subscribe("fleet/dev-b/infer/resp", qos=1)
-        time.sleep(0.3)
+        c, replies = _reply_client(mosquitto, "dev-b", "dev-b-burst")
         x = run.spec.preprocess(run.x_test[:60])
         want = np.asarray(gw.teacher.run(x)).argmax(1)
         for rnd in range(3):  # bursts of 20, a pause between them
