@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
@@ -52,8 +52,7 @@ class Route(str, enum.Enum):
     FALLBACK = "fallback"
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):  # immutable like a frozen dataclass, made in a fifth of the time (one per input)
     id: str
     prediction: int
     label: str
@@ -212,17 +211,29 @@ class Agent:
         """Answer a batch: local model first, uncertain ones to the cloud within the deadline."""
         if not items:
             return []
-        raw = (np.asarray(items[0].raw)[None] if len(items) == 1 else np.stack([it.raw for it in items])).astype(
-            np.float32, copy=False)
+        if len(items) == 1:  # a device's usual case: one input, plain Python floats from the model on
+            it = items[0]
+            raw = np.asarray(it.raw)[None].astype(np.float32, copy=False)
+            m, x, logits, conf, dt = self.model.infer_one(raw)
+            tel = self.telemetry
+            tel.observe_one(dt, conf, raw)
+            drift = tel.last_drift
+            if conf >= self._threshold and (drift is None or not drift.get("flag")):
+                tel.count_one_edge()
+                pred = int(logits[0].argmax())
+                labels = m.labels
+                return [Answer(it.id, pred, labels[pred] if 0 <= pred < len(labels) else str(pred), Route.EDGE,
+                               conf, dt, None, it.label)]
+            return self._route(items, Inference(m, x, logits, np.array([conf]), dt))
+        raw = np.stack([it.raw for it in items]).astype(np.float32, copy=False)
         inf = self.model.infer(raw)
         self.telemetry.observe(seconds=inf.seconds, confidence=inf.confidence, raw=raw)
+        return self._route(items, inf)
+
+    def _route(self, items: list[Item], inf: Inference) -> list[Answer]:
+        """Route a scored batch: the uncertain inputs (and, while drifting, a share of the sure ones) to the cloud."""
         drift = self.telemetry.last_drift
         drifting = drift is not None and bool(drift.get("flag"))
-        if len(items) == 1 and not drifting:  # a device's usual case: one input, plain Python from here
-            conf = float(inf.confidence[0])
-            if conf >= self._threshold:
-                self.telemetry.count(_ONE_EDGE)
-                return [self._answer(items[0], int(inf.logits[0].argmax()), conf, inf, None)]
         preds = inf.logits.argmax(axis=1)
         offload = np.flatnonzero(inf.confidence < self._threshold)
         if drifting and self.config.drift_offload > 0:
@@ -252,7 +263,7 @@ class Agent:
             rtt = cloud.rtt_s or 0.0
             self.telemetry.observe_cloud(rtt)
             route, pred, lat = Route.CLOUD, cloud.prediction, inf.seconds + rtt
-        labels = inf.model.bundle.labels
+        labels = inf.model.labels
         label = labels[pred] if 0 <= pred < len(labels) else str(pred)
         return Answer(it.id, pred, label, route, conf, lat, reason, it.label)
 

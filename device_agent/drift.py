@@ -99,23 +99,27 @@ class DriftMonitor:
         self._k = 0
 
     def observe(self, *, confidence: np.ndarray, raw: np.ndarray) -> None:
-        if len(confidence) == 1:  # the usual case on a device: one copy into the pending block
-            flat = raw.reshape(-1)
-            pend = self._pend
-            if pend is None or pend.shape[1] != flat.shape[0]:
-                self._flush()
-                rows = max(1, min(self.PENDING_MAX, self.PENDING_BYTES // max(1, 4 * flat.shape[0])))
-                pend = self._pend = np.empty((rows, flat.shape[0]), dtype=np.float32)
-            k = self._k
-            pend[k] = flat
-            self._pend_conf[k] = confidence[0]
-            self._k = k + 1
-            if k + 1 == len(pend):
-                self._flush()
+        if len(confidence) == 1:
+            self.observe_one(float(confidence[0]), raw)
             return
         self._flush()
         conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
         self._put(np.stack((conf, *self._mean_std(np.asarray(raw).reshape(len(conf), -1)))))
+
+    def observe_one(self, confidence: float, raw: np.ndarray) -> None:
+        """One input (``raw`` holds one sample): the usual case on a device, one copy into the pending block."""
+        flat = raw.reshape(-1)
+        pend = self._pend
+        if pend is None or pend.shape[1] != flat.shape[0]:
+            self._flush()
+            rows = max(1, min(self.PENDING_MAX, self.PENDING_BYTES // max(1, 4 * flat.shape[0])))
+            pend = self._pend = np.empty((rows, flat.shape[0]), dtype=np.float32)
+        k = self._k
+        pend[k] = flat
+        self._pend_conf[k] = confidence
+        self._k = k + 1
+        if k + 1 == len(pend):
+            self._flush()
 
     @staticmethod
     def _mean_std(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,12 +14,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from edgecore.bundle import Bundle
-from edgecore.confidence import confidence
+from edgecore.confidence import confidence, confidence_one
 from edgecore.errors import AgentError, BundleTrustError, EdgeError
 from targets import load_runner
 
@@ -38,10 +38,10 @@ class LoadedModel:
     temperature: float
     threshold: float | None  # the bundle's own routing threshold
     drift_reference: dict[str, Any] | None
+    labels: tuple[str, ...] = ()  # the bundle's labels, read once (not a list copy per answer)
 
 
-@dataclass(frozen=True)
-class Inference:
+class Inference(NamedTuple):  # a tuple, not a frozen dataclass: made once per input, a fraction of the cost
     model: LoadedModel  # the model that answered (the previous one after a rollback)
     x: np.ndarray  # its preprocessed input
     logits: np.ndarray
@@ -88,7 +88,7 @@ def load_model(bundle: Bundle, *, threads: int | None = None) -> LoadedModel:
     smoke_test(bundle, runner)
     measure, temperature, threshold = _routing(bundle)
     # read now, not after the switch: an unreadable reference is a `BundleTrustError` here
-    return LoadedModel(bundle, runner, measure, temperature, threshold, bundle.drift_reference())
+    return LoadedModel(bundle, runner, measure, temperature, threshold, bundle.drift_reference(), tuple(bundle.labels))
 
 
 class LocalModel:
@@ -127,8 +127,11 @@ class LocalModel:
             self._on_rollback(self._current, err)
         return self._current
 
-    def infer(self, raw: np.ndarray) -> Inference:
-        """Preprocess, run and score a batch of raw samples; rolls back on a live failure."""
+    def _run(self, raw: np.ndarray) -> tuple[LoadedModel, np.ndarray, np.ndarray, float]:
+        """Preprocess and run a batch of raw samples: (model that answered, input, logits, seconds).
+
+        Rolls back to the previous model when the serving one fails live.
+        """
         m = self._current
         t0 = time.perf_counter()  # on-device latency counts preprocessing too
         try:
@@ -141,6 +144,18 @@ class LocalModel:
             t0 = time.perf_counter()
             x = m.bundle.input_spec.preprocess(raw)  # the previous bundle may normalise differently
             logits = np.asarray(m.runner.run(x))
-        dt = time.perf_counter() - t0
+        return m, x, logits, time.perf_counter() - t0
+
+    def infer(self, raw: np.ndarray) -> Inference:
+        """Preprocess, run and score a batch of raw samples; rolls back on a live failure."""
+        m, x, logits, dt = self._run(raw)
         conf = confidence(logits, measure=m.measure, temperature=m.temperature)
         return Inference(m, x, logits, np.asarray(conf, dtype=np.float64), dt)
+
+    def infer_one(self, raw: np.ndarray) -> tuple[LoadedModel, np.ndarray, np.ndarray, float, float]:
+        """`infer` for a batch of one, the device's usual case: (model, input, logits, confidence, seconds).
+
+        The confidence is a plain float (no one-element array made and read back).
+        """
+        m, x, logits, dt = self._run(raw)
+        return m, x, logits, confidence_one(logits, measure=m.measure, temperature=m.temperature), dt

@@ -31,6 +31,7 @@ COUNT_KEYS: tuple[str, ...] = (
 _MAGIC = 0x45_57_49_4E_30_31  # "EWIN01": layout version of the window file
 _HDR = 4  # magic, seq, t_start (microseconds), reserved
 _SLOT = {k: _HDR + i for i, k in enumerate(COUNT_KEYS)}
+_SLOT_INPUTS, _SLOT_EDGE = _SLOT["inputs"], _SLOT["edge"]
 
 
 class WindowCounters:
@@ -74,6 +75,12 @@ class WindowCounters:
         a = self._a
         for k, v in counts.items():
             a[_SLOT[k]] += v
+
+    def add_one_edge(self) -> None:
+        """``add({"inputs": 1, "edge": 1})`` without the dict: the per-input case."""
+        a = self._a
+        a[_SLOT_INPUTS] += 1
+        a[_SLOT_EDGE] += 1
 
     def counts(self) -> dict[str, int]:
         return {k: int(v) for k, v in zip(COUNT_KEYS, self._a[_HDR:])}
@@ -123,6 +130,11 @@ class TelemetryRecorder:
         self.edge_latency.observe(seconds)
         self.drift.observe(confidence=confidence, raw=raw)
 
+    def observe_one(self, seconds: float, confidence: float, raw: np.ndarray) -> None:
+        """One input through the local model (``raw`` holds one sample)."""
+        self.edge_latency.observe(seconds)
+        self.drift.observe_one(confidence, raw)
+
     def reset_drift(self, reference: dict[str, Any] | None) -> None:
         """A new model brings its own reference: the old inputs and the last verdict (flag) no longer apply.
 
@@ -141,6 +153,14 @@ class TelemetryRecorder:
             for k, v in counts.items():
                 self.totals[k] += v
             self.window.add(counts)
+
+    def count_one_edge(self) -> None:
+        """``count({"inputs": 1, "edge": 1})``: one input answered at the edge, the per-input case."""
+        with self._lock:
+            t = self.totals
+            t["inputs"] += 1
+            t["edge"] += 1
+            self.window.add_one_edge()
 
     def close_window(self, *, t_end: float, emit: Callable[[dict[str, Any]], int]) -> dict[str, Any]:
         """Close the open window into a message body and hand it to ``emit`` before starting the next.

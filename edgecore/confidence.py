@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-__all__ = ["Measure", "softmax", "confidence"]
+__all__ = ["Measure", "softmax", "confidence", "confidence_one"]
 
 
 class Measure(str, enum.Enum):
@@ -63,3 +63,11 @@ def confidence(logits: np.ndarray, *, measure: Measure | str = Measure.MAX_PROB,
     c = p.shape[1]
     ent = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)
     return 1.0 - ent / np.log(c) if c > 1 else np.ones(len(p))
+
+
+def confidence_one(logits: np.ndarray, *, measure: Measure | str = Measure.MAX_PROB, temperature: float = 1.0) -> float:
+    """`confidence` of a batch of one (logits of shape (1, C)) as a float: a device's one input."""
+    plain = measure == "max_prob" and temperature > 0 and logits.ndim == 2
+    if plain and logits.shape[0] == 1 and logits.shape[1] <= 64:
+        return _max_prob_row(logits[0].tolist(), float(temperature))
+    return float(confidence(logits, measure=measure, temperature=temperature)[0])

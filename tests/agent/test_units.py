@@ -13,8 +13,10 @@ from device_agent.drift import DriftConfig, DriftMonitor, ks_2samp, psi
 from device_agent.histogram import LatencyHistogram
 from device_agent.outbox import DropPolicy, Outbox
 from device_agent.sources import folder_source, iterator_source, npz_source
+from device_agent.telemetry import TelemetryRecorder, WindowCounters
 from edgecore import wire
 from edgecore.bundle import TrustPolicy, open_bundle
+from edgecore.confidence import confidence, confidence_one
 from edgecore.errors import AgentError, BundleTrustError
 from tests.agent.tiny import items, release_trust
 
@@ -153,6 +155,31 @@ def test_drift_monitor_flags_shifted_inputs(tiny_cascade):
     mon.observe(confidence=c, raw=dim)
     sc = mon.scores()
     assert sc["flag"] is True and sc["mean"]["psi"] > 0.25
+
+
+@pytest.mark.parametrize("measure", ["max_prob", "margin", "entropy"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 3.0])
+def test_one_input_confidence_is_the_batch_confidence(measure, temperature):
+    """The agent's one-input path scores exactly as the batch path (and the build) does, as a float."""
+    rng = np.random.default_rng(5)
+    for logits in [rng.normal(0, 4, size=(1, 10)).astype(np.float32), np.array([[50.0, -50.0, 0.0]], np.float32),
+                   rng.normal(size=(1, 100)).astype(np.float32)]:  # more classes than the list fast path takes
+        one = confidence_one(logits, measure=measure, temperature=temperature)
+        assert isinstance(one, float)
+        assert one == pytest.approx(float(confidence(logits, measure=measure, temperature=temperature)[0]), rel=1e-12)
+
+
+def test_one_edge_count_is_the_general_count(tmp_path):
+    a = TelemetryRecorder(None, window=WindowCounters(tmp_path / "a.win"))
+    b = TelemetryRecorder(None, window=WindowCounters(tmp_path / "b.win"))
+    for _ in range(3):
+        a.count_one_edge()
+        b.count({"inputs": 1, "edge": 1})
+    a.count({"fallback": 1, "inputs": 1})
+    b.count({"fallback": 1, "inputs": 1})
+    assert a.totals == b.totals and a.window.counts() == b.window.counts()
+    assert a.window.counts()["inputs"] == 4 and a.window.counts()["edge"] == 3
+    assert WindowCounters(tmp_path / "a.win").counts() == a.window.counts()  # in the mapped file, not only memory
 
 
 def test_outbox_order_bound_and_drop_counting(tmp_path):
