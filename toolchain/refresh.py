@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import time
 import urllib.error
@@ -303,6 +304,8 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
         "gate": "original test split", "before": before, "after": new_acc,
         "lost_pt": round((before - new_acc) * 100, 2), "max_pt": cfg.refresh.max_regression_pt,
         "ok": (before - new_acc) * 100 <= cfg.refresh.max_regression_pt + 1e-9,
+        # how sure the loss is, from the same inputs scored by both models (the rule above is the point estimate)
+        "paired": paired_difference(_shipped_correct(prun, ctx.test), _shipped_correct(RunDir(out), ctx.test)),
     }]
     built: dict[str, Any] = {}
     for target, precision in _production_targets(parent, targets):
@@ -340,16 +343,51 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
     return report
 
 
-def _parent_accuracy(prun: Any, data: tuple[Any, Any]) -> float:
-    """The parent's shipped model (QAT program, else fp32 student) on ``(x normalised, y)``."""
+def _correct(model: Any, data: tuple[Any, Any]) -> np.ndarray:
+    """Per input of ``(x normalised, y)``: did ``model`` get it right (bool array)."""
     import torch
 
     from toolchain import engine
-    from toolchain.rundir import RunDir
 
     x, y = (torch.as_tensor(np.asarray(a)) if isinstance(a, np.ndarray) else a for a in data)
-    model = prun.load_student_qat() if (prun.path / RunDir.STUDENT_QAT).is_file() else prun.load_student()
-    return float(engine.accuracy(model, x, y))
+    return (engine.predict(model, x).argmax(1) == y).numpy()
+
+
+def _shipped_correct(run: Any, data: tuple[Any, Any]) -> np.ndarray:
+    """`_correct` for a run's shipped model (QAT program, else fp32 student)."""
+    from toolchain.rundir import RunDir
+
+    model = run.load_student_qat() if (run.path / RunDir.STUDENT_QAT).is_file() else run.load_student()
+    return _correct(model, data)
+
+
+def _parent_accuracy(prun: Any, data: tuple[Any, Any]) -> float:
+    """The parent's shipped model (QAT program, else fp32 student) on ``(x normalised, y)``."""
+    return float(_shipped_correct(prun, data).mean())
+
+
+def paired_difference(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
+    """How much accuracy two models differ by on the same inputs, and how sure that is.
+
+    ``before``/``after``: per input, right or wrong. Only the inputs where they disagree carry information:
+    ``lost`` (right before, wrong after) and ``gained``. Reports the points lost with a 95% interval (Wald, on
+    the paired difference) and McNemar's exact two-sided p-value (a binomial test of lost vs gained).
+    """
+    b = np.asarray(before, bool)
+    a = np.asarray(after, bool)
+    if b.shape != a.shape or b.ndim != 1 or not len(b):
+        raise ValueError(f"paired results must be two equal, non-empty 1-D arrays, got {b.shape} and {a.shape}")
+    n, lost, gained = len(b), int((b & ~a).sum()), int((~b & a).sum())
+    d = (lost - gained) / n
+    se = math.sqrt(max(lost + gained - (lost - gained) ** 2 / n, 0.0)) / n
+    k, m = min(lost, gained), lost + gained
+    if m > 2000:  # the normal approximation, with continuity correction: exact sums of big binomials are slow
+        p = min(1.0, math.erfc((abs(lost - gained) - 1) / math.sqrt(m) / math.sqrt(2)))
+    else:
+        p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
+    return {"inputs": n, "lost": lost, "gained": gained, "lost_pt": round(100 * d, 2),
+            "lost_pt_ci95": [round(100 * (d - 1.96 * se), 2), round(100 * (d + 1.96 * se), 2)],
+            "mcnemar_p": round(p, 4)}
 
 
 def print_refresh(report: dict[str, Any]) -> None:
@@ -364,4 +402,12 @@ def print_refresh(report: dict[str, Any]) -> None:
     pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
     for g in report["gates"]:
         t.add_row(g["gate"], pct(g["before"]), pct(g["after"]), "[green]pass[/]" if g["ok"] else "[red]FAIL[/]")
-    Console(stderr=True).print(t)
+    con = Console(stderr=True)
+    con.print(t)
+    for g in report["gates"]:
+        pr = g.get("paired")
+        if pr:
+            lo, hi = pr["lost_pt_ci95"]
+            con.print(f"{g['gate']}: {pr['lost_pt']:+.2f} pt lost (95% interval {lo:+.2f} to {hi:+.2f}): "
+                      f"{pr['lost']} of {pr['inputs']} inputs lost, {pr['gained']} gained, "
+                      f"McNemar p = {pr['mcnemar_p']:.3g}", highlight=False)

@@ -16,7 +16,7 @@ import pytest
 from edgecore.samples import Sample, SamplePage
 from tests.fixtures.pipeline import tiny_config
 from toolchain.config import to_toml
-from toolchain.refresh import RefreshError, build_refresh_set, load_samples, refresh
+from toolchain.refresh import RefreshError, build_refresh_set, load_samples, paired_difference, refresh
 from toolchain.rundir import RunDir
 
 
@@ -130,6 +130,9 @@ def test_refresh_learns_the_shifted_inputs_keeps_the_original_and_records_proven
         srv.shutdown()
     orig, held = rep["gates"]
     assert rep["passed"] and orig["ok"] and held["ok"], rep["gates"]
+    pr = orig["paired"]  # the same two models, input by input: the same points lost as the accuracies say
+    assert pr["inputs"] == len(run.splits().test[1]) and pr["lost_pt"] == pytest.approx(orig["lost_pt"], abs=0.01)
+    assert pr["lost_pt_ci95"][0] <= pr["lost_pt"] <= pr["lost_pt_ci95"][1]
     assert held["after"] > held["before"] + 0.2  # the refreshed student reads rotated digits; the parent cannot
     new = RunDir(tmp_path / "new")
     saved = json.loads((tmp_path / "new" / "reports" / "refresh.json").read_text())
@@ -159,6 +162,7 @@ def test_a_failed_gate_keeps_the_report_and_writes_no_bundles(tiny_run, tmp_path
                         "--run", str(parent), "--out", str(tmp_path / "new"), "--targets", "onnx-fp32"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "refresh gates failed" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "pt lost (95% interval" in r.stderr and "McNemar p" in r.stderr  # how sure the loss is, for the operator
     assert (tmp_path / "new" / "reports" / "refresh.json").is_file()
     assert not (tmp_path / "new" / "bundles").exists()
 
@@ -188,3 +192,30 @@ def test_a_device_refresh_spends_the_offload_budget_on_what_that_device_sees(tin
     # the budget is spent on the device's own inputs (the rule may offload less when more buys nothing)
     assert float((conf < r["threshold"]).mean()) <= r["offload_budget"] + 1.0 / held
     assert b.drift_reference()["n"] == held
+
+
+def test_paired_difference_counts_the_disagreements_and_says_how_sure():
+    from scipy.stats import binomtest
+
+    before = np.array([True] * 350 + [False] * 10)
+    after = before.copy()
+    after[:7] = False  # 7 lost
+    after[350:352] = True  # 2 gained
+    pr = paired_difference(before, after)
+    assert (pr["inputs"], pr["lost"], pr["gained"]) == (360, 7, 2)
+    assert pr["lost_pt"] == pytest.approx(100 * 5 / 360, abs=0.01)
+    lo, hi = pr["lost_pt_ci95"]
+    assert lo < pr["lost_pt"] < hi and hi - lo > 1.0  # 5 net inputs of 360 cannot be resolved to 0.5 pt
+    assert pr["mcnemar_p"] == pytest.approx(binomtest(2, 9, 0.5).pvalue, abs=1e-4)
+    same = paired_difference(before, before)
+    assert (same["lost"], same["gained"], same["lost_pt"], same["lost_pt_ci95"], same["mcnemar_p"]) == (0, 0, 0.0, [0.0, 0.0], 1.0)
+    many = paired_difference(np.ones(10000, bool), np.arange(10000) % 20 != 0)  # 5% lost, none gained: sure
+    assert many["lost_pt"] == 5.0 and many["mcnemar_p"] < 1e-9 and many["lost_pt_ci95"][0] > 4.0
+    big_b, big_a = np.ones(30000, bool), np.arange(30000) % 10 != 0  # 3000 lost ...
+    big_a[np.arange(30000) % 10 == 1] = True
+    big_b[np.arange(30000) % 10 == 1] = False  # ... and 3000 gained: the approximation's branch, no difference
+    assert paired_difference(big_b, big_a)["mcnemar_p"] == pytest.approx(binomtest(3000, 6000, 0.5).pvalue, abs=1e-3)
+    big_a[:600:10] = True  # 60 fewer lost: 2940 vs 3000
+    assert paired_difference(big_b, big_a)["mcnemar_p"] == pytest.approx(binomtest(2940, 5940, 0.5).pvalue, abs=1e-3)
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_difference(before, after[:-1])
