@@ -337,7 +337,8 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
     if show:
         print_refresh(report)
     if not ok and not force:
-        failed = "; ".join(f"{g['gate']}: {g['before']} -> {g['after']}" for g in gates if not g["ok"])
+        failed = "; ".join(f"{g['gate']}: {g['before']:.4f} -> {g['after']:.4f}{_paired_words(g.get('paired'))}"
+                           for g in gates if not g["ok"])
         raise RefreshError(f"refresh gates failed ({failed}); no bundles written (report: "
                            f"{out / 'reports' / 'refresh.json'}; --force keeps them)")
     return report
@@ -364,6 +365,14 @@ def _shipped_correct(run: Any, data: tuple[Any, Any]) -> np.ndarray:
 def _parent_accuracy(prun: Any, data: tuple[Any, Any]) -> float:
     """The parent's shipped model (QAT program, else fp32 student) on ``(x normalised, y)``."""
     return float(_shipped_correct(prun, data).mean())
+
+
+def _paired_words(pr: dict[str, Any] | None) -> str:
+    if not pr:
+        return ""
+    lo, hi = pr["lost_pt_ci95"]
+    return (f" ({pr['lost_pt']:.2f} pt lost, 95% interval {lo:+.2f} to {hi:+.2f}: {pr['lost']} of {pr['inputs']} "
+            f"inputs lost, {pr['gained']} gained)")
 
 
 def paired_difference(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
