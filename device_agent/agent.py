@@ -43,7 +43,6 @@ from .updates import fetch_bundle, prune_bundles
 __all__ = ["Agent", "AgentConfig", "Answer", "Route", "load_model", "summarize"]
 
 log = logging.getLogger(__name__)
-_ONE_EDGE = {"inputs": 1, "edge": 1}
 
 
 class Route(str, enum.Enum):

@@ -38,7 +38,7 @@ class LoadedModel:
     temperature: float
     threshold: float | None  # the bundle's own routing threshold
     drift_reference: dict[str, Any] | None
-    labels: tuple[str, ...] = ()  # the bundle's labels, read once (not a list copy per answer)
+    labels: tuple[str, ...]  # the bundle's labels, read once (not a list copy per answer)
 
 
 class Inference(NamedTuple):  # a tuple, not a frozen dataclass: made once per input, a fraction of the cost
