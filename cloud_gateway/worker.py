@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -103,15 +103,18 @@ class GatewayWorker:
         # replica leaves the shared group at once instead of collecting requests it never answers
         # (docs/gateway.md, "Replicas"). Ingest: a persistent session, so telemetry published while every
         # replica is away is queued by the broker (agents' outboxes count a window sent at its PUBACK).
-        self.client = self._client(f"gateway-{config.replica_id}", self.connected, [(self.sub_req, 1)])
+        self.client = self._client(f"gateway-{config.replica_id}", self.connected, [(self.sub_req, 1)],
+                                   on_disconnect_hook=self._serve_held)
         self.client.on_unsubscribe = lambda *a: self._unsubscribed.set()
-        self.client.on_disconnect = self._on_request_disconnect
         self.ingest_connected = threading.Event()
         self.ingest = self._client(f"gateway-{config.replica_id}-ingest", self.ingest_connected,
                                    [(self.sub_tel, 1), (self.sub_status, 1)])
         self._batcher = threading.Thread(target=self._batch_loop, name="gateway-batcher", daemon=True)
 
-    def _client(self, client_id: str, connected: threading.Event, subs: list[tuple[str, int]]) -> mqtt.Client:
+    def _client(self, client_id: str, connected: threading.Event, subs: list[tuple[str, int]],
+                on_disconnect_hook: Callable[[], None] | None = None) -> mqtt.Client:
+        """A paho client that subscribes ``subs`` on every connect; ``on_disconnect_hook`` runs after ``connected``
+        clears."""
         c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
                         protocol=mqtt_protocol(self.config.mqtt_version),
                         clean_session=None if self.v5 else (subs[0][0] == self.sub_req))
@@ -129,8 +132,13 @@ class GatewayWorker:
             connected.set()
             log.info("gateway %s connected", client_id)
 
+        def on_disconnect(*_: Any) -> None:
+            connected.clear()
+            if on_disconnect_hook is not None:
+                on_disconnect_hook()
+
         c.on_connect = on_connect
-        c.on_disconnect = lambda *a: connected.clear()
+        c.on_disconnect = on_disconnect
         c.on_message = self._on_message
         return c
 
@@ -230,10 +238,9 @@ class GatewayWorker:
         req = _Request(device_id, x, resp, corr, time.perf_counter(), conf, want, flagged, bundle)
         self._pending.append(req)  # _on_message serves it now, or with the requests right behind it
 
-    def _on_request_disconnect(self, *_: Any) -> None:
+    def _serve_held(self) -> None:
         """The request connection went: requests held for a batch are served now (on the network thread,
         their owner), not stranded until a reconnect that may never bring the requests behind them."""
-        self.connected.clear()
         if self._pending:
             self._flush()
 
@@ -433,7 +440,7 @@ def _more_waiting(client: Any) -> bool:
         if getattr(sock, "pending", None) is not None and sock.pending() > 0:
             return True
         return bool(select.select([sock], [], [], 0)[0])
-    except (OSError, ValueError):  # closed under us: the inline path is as good as any
+    except (OSError, ValueError):  # closed under us: nothing more will arrive on it
         return False
 
 
