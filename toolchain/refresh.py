@@ -298,14 +298,15 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
     _new_run(parent, out, rs, source, device)
     res, ctx, trained = _train(cfg, out, rs)
     pipeline.export(cfg, out, show=False)
-    before = _parent_accuracy(prun, ctx.test)
+    parent_correct = _shipped_correct(prun, ctx.test)  # once: the accuracy and the paired comparison both read it
+    before = float(parent_correct.mean())
     new_acc = trained["qat_accuracy"] if trained["qat_accuracy"] is not None else trained["student_accuracy"]
     gates: list[dict[str, Any]] = [{
         "gate": "original test split", "before": before, "after": new_acc,
         "lost_pt": round((before - new_acc) * 100, 2), "max_pt": cfg.refresh.max_regression_pt,
         "ok": (before - new_acc) * 100 <= cfg.refresh.max_regression_pt + 1e-9,
         # how sure the loss is, from the same inputs scored by both models (the rule above is the point estimate)
-        "paired": paired_difference(_shipped_correct(prun, ctx.test), _shipped_correct(RunDir(out), ctx.test)),
+        "paired": paired_difference(parent_correct, _shipped_correct(RunDir(out), ctx.test)),
     }]
     built: dict[str, Any] = {}
     for target, precision in _production_targets(parent, targets):
@@ -317,7 +318,8 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
         if (old / "manifest.json").is_file():
             before_b, versus = _accuracy_of_bundle(old, rs.x_val, rs.y_val), f"parent bundle {name}"
         else:  # the parent never built this target: its shipped PyTorch model stands in
-            before_b, versus = _parent_accuracy(prun, (spec.preprocess(rs.x_val), rs.y_val)), "parent model (PyTorch)"
+            before_b = float(_shipped_correct(prun, (spec.preprocess(rs.x_val), rs.y_val)).mean())
+            versus = "parent model (PyTorch)"
         gates.append({"gate": f"held-out collected samples, {name}", "versus": versus, "before": before_b,
                       "after": after, "ok": after > before_b})
         built[name] = str(dest)
@@ -344,27 +346,16 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
     return report
 
 
-def _correct(model: Any, data: tuple[Any, Any]) -> np.ndarray:
-    """Per input of ``(x normalised, y)``: did ``model`` get it right (bool array)."""
+def _shipped_correct(run: Any, data: tuple[Any, Any]) -> np.ndarray:
+    """Per input of ``(x normalised, y)``: did the run's shipped model (QAT program, else fp32 student) get it right."""
     import torch
 
     from toolchain import engine
-
-    x, y = (torch.as_tensor(np.asarray(a)) if isinstance(a, np.ndarray) else a for a in data)
-    return (engine.predict(model, x).argmax(1) == y).numpy()
-
-
-def _shipped_correct(run: Any, data: tuple[Any, Any]) -> np.ndarray:
-    """`_correct` for a run's shipped model (QAT program, else fp32 student)."""
     from toolchain.rundir import RunDir
 
     model = run.load_student_qat() if (run.path / RunDir.STUDENT_QAT).is_file() else run.load_student()
-    return _correct(model, data)
-
-
-def _parent_accuracy(prun: Any, data: tuple[Any, Any]) -> float:
-    """The parent's shipped model (QAT program, else fp32 student) on ``(x normalised, y)``."""
-    return float(_shipped_correct(prun, data).mean())
+    x, y = (torch.as_tensor(np.asarray(a)) if isinstance(a, np.ndarray) else a for a in data)
+    return (engine.predict(model, x).argmax(1) == y).numpy()
 
 
 def _paired_words(pr: dict[str, Any] | None) -> str:
