@@ -42,13 +42,18 @@ def _max_prob_row(row: list[float], temperature: float) -> float:
     return 1.0 / math.fsum([exp((v - top) * inv) for v in row])
 
 
+def _one_short_row(logits: object) -> bool:
+    """Logits of one input with few classes (an array of shape (1, C ≤ 64)): plain floats beat numpy there."""
+    return isinstance(logits, np.ndarray) and logits.ndim == 2 and logits.shape[0] == 1 and logits.shape[1] <= 64
+
+
 def confidence(logits: np.ndarray, *, measure: Measure | str = Measure.MAX_PROB, temperature: float = 1.0) -> np.ndarray:
     """Per-sample confidence in [0, 1] of ``logits`` (N, C); higher = more confident."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     m = Measure.MAX_PROB if measure == "max_prob" else Measure(measure)  # (a str enum: no lookup in the usual case)
     if m is Measure.MAX_PROB:  # the top probability is 1 / sum(exp(z - max z)): no full softmax per input
-        if isinstance(logits, np.ndarray) and logits.ndim == 2 and logits.shape[0] == 1 and logits.shape[1] <= 64:
+        if _one_short_row(logits):
             return np.array([_max_prob_row(logits[0].tolist(), float(temperature))])  # a device's one input
         z = np.atleast_2d(np.asarray(logits, dtype=np.float64))
         if temperature != 1.0:
@@ -67,7 +72,6 @@ def confidence(logits: np.ndarray, *, measure: Measure | str = Measure.MAX_PROB,
 
 def confidence_one(logits: np.ndarray, *, measure: Measure | str = Measure.MAX_PROB, temperature: float = 1.0) -> float:
     """`confidence` of a batch of one (logits of shape (1, C)) as a float: a device's one input."""
-    plain = measure == "max_prob" and temperature > 0 and logits.ndim == 2
-    if plain and logits.shape[0] == 1 and logits.shape[1] <= 64:
+    if measure == "max_prob" and temperature > 0 and _one_short_row(logits):
         return _max_prob_row(logits[0].tolist(), float(temperature))
     return float(confidence(logits, measure=measure, temperature=temperature)[0])
