@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import ExitStack
@@ -160,8 +161,6 @@ def measure(url: str, devices: dict[str, str], *, payload: bytes, clients: int, 
 # --- local broker, gateway and floor responder ------------------------------------------------------
 def _spawn(args: list[str], ready: str) -> subprocess.Popen[str]:
     """Start ``python ARGS`` and wait for its ``ready`` line; on failure say what its stderr said."""
-    import tempfile
-
     err = tempfile.TemporaryFile(mode="w+")  # not a pipe: nobody reads it while the process runs
     p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=err, text=True)
     line = p.stdout.readline() if p.stdout else ""
