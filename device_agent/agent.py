@@ -220,9 +220,7 @@ class Agent:
             if conf >= self._threshold and (drift is None or not drift.get("flag")):
                 tel.count_one_edge()
                 pred = int(logits[0].argmax())
-                labels = m.labels
-                return [Answer(it.id, pred, labels[pred] if 0 <= pred < len(labels) else str(pred), Route.EDGE,
-                               conf, dt, None, it.label)]
+                return [Answer(it.id, pred, m.label(pred), Route.EDGE, conf, dt, None, it.label)]
             return self._route(items, Inference(m, x, logits, np.array([conf]), dt))
         raw = np.stack([it.raw for it in items]).astype(np.float32, copy=False)
         inf = self.model.infer(raw)
@@ -262,9 +260,7 @@ class Agent:
             rtt = cloud.rtt_s or 0.0
             self.telemetry.observe_cloud(rtt)
             route, pred, lat = Route.CLOUD, cloud.prediction, inf.seconds + rtt
-        labels = inf.model.labels
-        label = labels[pred] if 0 <= pred < len(labels) else str(pred)
-        return Answer(it.id, pred, label, route, conf, lat, reason, it.label)
+        return Answer(it.id, pred, inf.model.label(pred), route, conf, lat, reason, it.label)
 
     def run(self, source: Iterable[Item], *, on_answer: Callable[[Answer], None] | None = None) -> Iterator[Answer]:
         """Answer every item of ``source`` (in batches of ``batch_size``)."""

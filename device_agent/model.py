@@ -40,6 +40,11 @@ class LoadedModel:
     drift_reference: dict[str, Any] | None
     labels: tuple[str, ...]  # the bundle's labels, read once (not a list copy per answer)
 
+    def label(self, pred: int) -> str:
+        """The label of class ``pred`` (its number when the bundle names fewer classes)."""
+        labels = self.labels
+        return labels[pred] if 0 <= pred < len(labels) else str(pred)
+
 
 class Inference(NamedTuple):  # a tuple, not a frozen dataclass: made once per input, a fraction of the cost
     model: LoadedModel  # the model that answered (the previous one after a rollback)
