@@ -161,6 +161,15 @@ def aggregate(windows: list[dict[str, Any]]) -> dict[str, float] | None:
             "errors": counts.get("fallback_error", 0), "drift": drift, "p99_ms": p99}
 
 
+def watch_metrics(windows: list[dict[str, Any]], since: float) -> dict[str, float] | None:
+    """`aggregate` over the windows that started at or after ``since`` (the canaries confirmed on the new bundle).
+
+    A window open when a canary switched holds inputs the old bundle answered, and a drift verdict made on the
+    few inputs since the switch: it says nothing about the new bundle, so it does not count.
+    """
+    return aggregate([w for w in windows if float(w.get("t_start") or 0.0) >= since])
+
+
 def _busy(windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The windows that saw inputs (an idle device's empty windows say nothing about its bundle)."""
     return [w for w in windows if ((w.get("counts") or {}).get("inputs") or 0) > 0]
@@ -358,7 +367,7 @@ class RolloutManager:
         if self._stop.is_set():
             return
         off = [d for d in plan["canaries"] if d not in self._running(plan["canaries"], plan["manifest_sha256"])]
-        metrics = aggregate([w for d in plan["canaries"] for w in self.store.windows_since(d, since)])
+        metrics = watch_metrics([w for d in plan["canaries"] for w in self.store.windows_since(d, since)], since)
         if off:
             return self._to(rid, "rolling_back", "a canary left the new bundle (its own rollback)", {"devices": off})
         if metrics is None:

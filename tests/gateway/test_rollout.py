@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud_gateway.rollout import aggregate, parse_condition
+from cloud_gateway.rollout import aggregate, parse_condition, watch_metrics
 from edgecore.bundle import sha256_file
 from edgecore.errors import GatewayError
 from tests.agent.tiny import items, make_agent, release_pub_path, retag_bundle, start_gateway, wait_for
@@ -109,6 +109,20 @@ def test_conditions_parse_evaluate_and_refuse_bad_text():
                     "latency": {"edge": {"p99": 0.002}}, "drift": {"flag": True}}])
     assert m == {"inputs": 10, "offload_rate": 0.3, "fallback_rate": 0.1, "rollbacks": 0, "errors": 0, "drift": 1.0,
                  "p99_ms": 2.0}
+
+
+def test_the_watch_counts_only_windows_that_started_on_the_new_bundle():
+    def window(t0, t1, inputs, cloud, flag):
+        return {"t_start": t0, "t_end": t1, "counts": {"inputs": inputs, "edge": inputs - cloud, "cloud": cloud},
+                "drift": {"n": inputs, "flag": flag}, "latency": {"edge": {"p99": 0.0002}}}
+
+    since = 100.0  # the canaries confirmed on the new bundle
+    straddling = window(99.4, 100.4, 66, 60, True)  # mostly the old bundle's inputs and a verdict on a few new ones
+    after = [window(100.4, 101.4, 120, 12, False), window(101.4, 102.4, 121, 10, False)]
+    m = watch_metrics([straddling, *after], since)
+    assert m["inputs"] == 241 and m["drift"] == 0.0 and m["offload_rate"] == pytest.approx(22 / 241)
+    assert aggregate([straddling, *after])["drift"] == 1.0  # what the watch read before
+    assert watch_metrics([straddling], since) is None  # nothing whole yet: the watch cannot judge
 
 
 def test_a_good_canary_is_promoted_and_a_bad_one_rolled_back(mosquitto, tiny_cascade, tmp_path):
