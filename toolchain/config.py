@@ -44,6 +44,24 @@ class Control(str, enum.Enum):
     NONE = "none"
 
 
+class Balance(str, enum.Enum):
+    """How ``toolchain refresh`` evens out the collected samples' classes.
+
+    ``weight``: per-class loss weights, each present class the same total, the collected part keeping its size
+    (its share of training is what was collected). ``oversample``: rare classes drawn again up to the largest
+    class's count (the collected part grows). ``none``: as collected. Booleans (configs before ``weight``
+    existed) read as ``true`` = ``oversample``, ``false`` = ``none``.
+    """
+
+    WEIGHT = "weight"
+    OVERSAMPLE = "oversample"
+    NONE = "none"
+
+    @classmethod
+    def from_bool(cls, value: bool) -> "Balance":
+        return cls.OVERSAMPLE if value else cls.NONE
+
+
 class Confidence(str, enum.Enum):
     MAX_PROB = "max_prob"
     MARGIN = "margin"
@@ -201,7 +219,7 @@ class RefreshConfig:
     holdout_fraction: float = 0.25  # of the collected samples, kept out of training for the gates
     max_regression_pt: float = 0.5  # at most this much lost on the original test split
     min_samples: int = 20  # fewer collected samples than this: nothing to learn from, refused
-    balance: bool = True  # oversample the collected classes to equal counts
+    balance: Balance = Balance.WEIGHT  # "weight" | "oversample" | "none": evening out the collected classes
 
 
 @dataclass(frozen=True)
@@ -259,6 +277,8 @@ def _coerce(value: Any, tp: Any, where: str, origin: str) -> Any:
             return Path(value)
         raise bad("a path string")
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, bool) and hasattr(tp, "from_bool"):  # an older config's boolean for this key
+            return tp.from_bool(value)
         choices = [m.value for m in tp]
         key = str(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
         if key in choices:
@@ -488,8 +508,8 @@ def config_from_args(args: Any) -> Config:
 
 
 __all__ = [
-    "BuildConfig", "CompressConfig", "Config", "Confidence", "Control", "DataConfig", "DistillConfig", "ExportConfig",
-    "ModelConfig", "PruneConfig", "RefreshConfig", "PruneTarget", "PtqConfig", "QatConfig", "QdqWeightBits", "RunConfig",
-    "StudentConfig", "TrainConfig",
+    "Balance", "BuildConfig", "CompressConfig", "Config", "Confidence", "Control", "DataConfig", "DistillConfig",
+    "ExportConfig", "ModelConfig", "PruneConfig", "RefreshConfig", "PruneTarget", "PtqConfig", "QatConfig",
+    "QdqWeightBits", "RunConfig", "StudentConfig", "TrainConfig",
     "add_config_args", "config_from_args", "from_dict", "load_config", "parse_overrides", "to_dict", "to_toml",
 ]

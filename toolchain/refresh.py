@@ -4,8 +4,8 @@ The gateway collects what the fleet was unsure of, answered by the teacher
 (docs/gateway.md, "Collected samples"). ``refresh`` pulls those samples (over
 HTTP from the gateway, or straight from its database), builds a refresh set
 (label = a person's label if given, else the teacher's; de-duplicated by
-content; a seeded held-out part kept out of training; classes oversampled to
-equal counts), writes a NEW run that is the parent run plus that set
+content; a seeded held-out part kept out of training; classes evened out,
+``refresh.balance``: by loss weights by default), writes a NEW run that is the parent run plus that set
 (``data.json`` → ``refresh``: its splits are the source's plus the collected
 train part, val plus the held-out part, test unchanged), and there:
 
@@ -117,6 +117,7 @@ class RefreshSet:
     x_val: np.ndarray  # the held-out collected samples
     y_val: np.ndarray
     p_train: np.ndarray  # soft targets of the train part: a person's label one-hot, else the teacher's probabilities
+    w_train: np.ndarray  # loss weight per train sample (balance "weight": each class the same total, mean 1; else 1)
     ids_train: list[int]
     ids_holdout: list[int]
     duplicates: int
@@ -134,7 +135,11 @@ def _raw(x: np.ndarray, spec: Any) -> np.ndarray:
 
 
 def build_refresh_set(samples: list[Sample], spec: Any, num_classes: int, *, holdout: float, seed: int,
-                      balance: bool, min_samples: int) -> RefreshSet:
+                      balance: Any, min_samples: int) -> RefreshSet:
+    """``balance``: a `toolchain.config.Balance` (or its value; a boolean reads as an older config's)."""
+    from toolchain.config import Balance
+
+    mode = Balance.from_bool(balance) if isinstance(balance, bool) else Balance(balance)
     shape = tuple(spec.sample_shape)
     keep: dict[str, Sample] = {}
     for s in samples:
@@ -157,20 +162,27 @@ def build_refresh_set(samples: list[Sample], spec: Any, num_classes: int, *, hol
     hold, train = [uniq[i] for i in order[:n_hold]], [uniq[i] for i in order[n_hold:]]
     idx = np.arange(len(train))
     y_tr = np.array([s.label for s in train], np.int64)
-    if balance and len(train):
-        counts = np.bincount(y_tr, minlength=num_classes)
+    w_tr = np.ones(len(train), np.float32)
+    counts = np.bincount(y_tr, minlength=num_classes)
+    if mode is Balance.OVERSAMPLE and len(train):
         target = counts[counts > 0].max()
         extra = [rng.choice(np.flatnonzero(y_tr == c), target - n) for c, n in enumerate(counts) if 0 < n < target]
         idx = np.concatenate([idx, *extra]) if extra else idx
+        w_tr = np.ones(len(idx), np.float32)
+    elif mode is Balance.WEIGHT and len(train):
+        # every present class weighs the same in total and the weights average 1: the classes are even, and the
+        # collected part's share of the training loss stays what was collected (oversampling grew it, and the
+        # student forgot more of its original inputs: docs/acceptance/issue13.md)
+        w_tr = (len(train) / (np.count_nonzero(counts) * counts[y_tr])).astype(np.float32)
     x_tr = _raw(np.stack([train[i].input for i in idx]), spec) if len(idx) else np.zeros((0, *shape), np.float32)
     p_tr = np.stack([_target(train[i], num_classes) for i in idx]) if len(idx) else np.zeros((0, num_classes), np.float32)
     parts = {"x_train": x_tr, "y_train": y_tr[idx] if len(idx) else np.zeros(0, np.int64),
              "x_val": _raw(np.stack([s.input for s in hold]), spec), "y_val": np.array([s.label for s in hold], np.int64)}
     from toolchain.data import refresh_digest
 
-    return RefreshSet(**parts, p_train=p_tr, ids_train=[s.id for s in train], ids_holdout=[s.id for s in hold],
-                      duplicates=len(samples) - len(uniq), human_labels=sum(s.human_label is not None for s in uniq),
-                      sha256=refresh_digest(parts))
+    return RefreshSet(**parts, p_train=p_tr, w_train=w_tr, ids_train=[s.id for s in train],
+                      ids_holdout=[s.id for s in hold], duplicates=len(samples) - len(uniq),
+                      human_labels=sum(s.human_label is not None for s in uniq), sha256=refresh_digest(parts))
 
 
 def _target(s: Sample, num_classes: int) -> np.ndarray:
@@ -233,7 +245,9 @@ def _train(cfg: Any, out: Path, rs: RefreshSet) -> tuple[Any, Any, dict[str, Any
 
     Targets: on the original training data the teacher's probabilities (distillation) and the labels; on the
     collected samples the teacher's probabilities *as the gateway recorded them* (or a person's label, one-hot,
-    which overrides the teacher) and their labels. Loss: ``alpha`` soft cross-entropy + ``1 - alpha`` hard.
+    which overrides the teacher) and their labels. Loss: ``alpha`` soft cross-entropy + ``1 - alpha`` hard, per
+    sample, averaged with the refresh set's weights (original inputs weigh 1). The quantizing pass after it trains
+    unweighted.
     """
     import time as _time
 
@@ -254,13 +268,16 @@ def _train(cfg: Any, out: Path, rs: RefreshSet) -> tuple[Any, Any, dict[str, Any
     with torch.no_grad():
         t_probs = torch.softmax(engine.predict(ctx.teacher, ctx.train[0][:n_orig]).float(), 1)
     soft = torch.cat([t_probs, torch.from_numpy(rs.p_train)])
-    targets = torch.cat([soft, ctx.train[1][:, None].float()], 1)
+    weight = torch.cat([torch.ones(n_orig), torch.from_numpy(rs.w_train)])
+    targets = torch.cat([soft, ctx.train[1][:, None].float(), weight[:, None]], 1)  # [probs..., label, weight]
     alpha = cfg.distill.alpha
 
     def loss_fn(model: Any, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         logits = model(xb)
-        soft_ce = -(yb[:, :-1] * F.log_softmax(logits, 1)).sum(1).mean()
-        return alpha * soft_ce + (1 - alpha) * F.cross_entropy(logits, yb[:, -1].long())
+        w = yb[:, -1]
+        soft_ce = -(yb[:, :-2] * F.log_softmax(logits, 1)).sum(1)
+        hard = F.cross_entropy(logits, yb[:, -2].long(), reduction="none")
+        return ((alpha * soft_ce + (1 - alpha) * hard) * w).sum() / w.sum()
 
     student = run.load_student().train()
     r, t0 = cfg.refresh, _time.perf_counter()
@@ -328,7 +345,8 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
         "command": "refresh", "run_dir": str(out), "parent": str(parent.resolve()), "source": source,
         "device": device, "samples": {"pulled": len(samples), "duplicates": rs.duplicates,
                                       "human_labels": rs.human_labels, "train": len(rs.ids_train),
-                                      "train_after_balance": int(len(rs.y_train)), "holdout": len(rs.ids_holdout),
+                                      "train_after_balance": int(len(rs.y_train)), "balance": cfg.refresh.balance.value,
+                                      "holdout": len(rs.ids_holdout),
                                       "ids_train": rs.ids_train, "ids_holdout": rs.ids_holdout, "sha256": rs.sha256},
         "stages": trained["stages"], "gates": gates, "passed": ok, "forced": force and not ok,
         "bundles": built if ok or force else {}, "seconds": round(time.perf_counter() - t0, 1),

@@ -59,6 +59,18 @@ def test_wrong_type(tmp_path):
         load_config(write(tmp_path, '[prune]\ntarget = "flops"\n'))
 
 
+def test_refresh_balance_takes_a_mode_and_reads_an_older_boolean(tmp_path):
+    from toolchain.config import Balance
+
+    assert load_config(None).refresh.balance is Balance.WEIGHT
+    assert load_config(write(tmp_path, '[refresh]\nbalance = "none"\n')).refresh.balance is Balance.NONE
+    # runs written before the modes stored a boolean: true meant oversampling
+    assert load_config(write(tmp_path, "[refresh]\nbalance = true\n")).refresh.balance is Balance.OVERSAMPLE
+    assert load_config(write(tmp_path, "[refresh]\nbalance = false\n")).refresh.balance is Balance.NONE
+    with pytest.raises(ConfigError, match=r"refresh\.balance: expected one of \['weight', 'oversample', 'none'\]"):
+        load_config(write(tmp_path, '[refresh]\nbalance = "sometimes"\n'))
+
+
 def test_missing_path(tmp_path):
     p = write(tmp_path, f'[data]\nsource = "imagefolder:{tmp_path}/nope"\n')
     with pytest.raises(ConfigError, match=r"data\.source: image folder .*nope.* does not exist"):

@@ -65,6 +65,33 @@ def test_refresh_set_dedupes_holds_out_balances_and_refuses_foreign_shapes(tiny_
         build_refresh_set(ss[:5], run.input_spec, 10, holdout=0.25, seed=0, balance=True, min_samples=10)
 
 
+def test_refresh_set_evens_out_classes_by_weight_by_default_or_by_oversampling(tiny_run):
+    run = RunDir(tiny_run)
+    ss = _samples(run, 160)
+    skewed = [s for i, s in enumerate(ss) if s.label == 1 or i % 4 == 0]  # every "1", a quarter of the rest
+    kw = dict(holdout=0.25, seed=0, min_samples=10)
+    rs = build_refresh_set(skewed, run.input_spec, 10, balance="weight", **kw)
+    assert len(rs.y_train) == len(rs.ids_train) == len(rs.w_train)  # nothing drawn twice: the part keeps its size
+    totals = np.bincount(rs.y_train, weights=rs.w_train, minlength=10)
+    present = np.bincount(rs.y_train, minlength=10) > 0
+    np.testing.assert_allclose(totals[present], totals[present].mean(), rtol=1e-5)  # every class weighs the same
+    assert rs.w_train.mean() == pytest.approx(1.0)
+    ones = rs.y_train == 1
+    assert ones.mean() > 0.2 and rs.w_train[ones].max() < rs.w_train[~ones].min()  # the common class weighs less
+    over = build_refresh_set(skewed, run.input_spec, 10, balance="oversample", **kw)
+    counts = np.bincount(over.y_train, minlength=10)
+    assert counts[counts > 0].min() == counts.max() > np.bincount(rs.y_train).max() - 1
+    assert len(over.y_train) > len(over.ids_train) and (over.w_train == 1).all()
+    assert over.ids_train == rs.ids_train and over.ids_holdout == rs.ids_holdout  # the same split either way
+    legacy = build_refresh_set(skewed, run.input_spec, 10, balance=True, **kw)  # an older run's config
+    np.testing.assert_array_equal(legacy.y_train, over.y_train)
+    for none in ("none", False):
+        plain = build_refresh_set(skewed, run.input_spec, 10, balance=none, **kw)
+        assert len(plain.y_train) == len(plain.ids_train) and (plain.w_train == 1).all()
+    with pytest.raises(ValueError):
+        build_refresh_set(skewed, run.input_spec, 10, balance="sometimes", **kw)
+
+
 def _serve_pages(samples: list[Sample], token: str):
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
