@@ -70,6 +70,12 @@ class DriftConfig:
     min_samples: int = 50  # below this no score is reported (too noisy)
     psi_threshold: float = 0.25
     ks_alpha: float = 0.01
+    # KS flags only a shift that is also material: D (the largest gap between the two CDFs) at least this. On a
+    # full window KS resolves gaps too small to matter: a refreshed demo bundle whose drift reference (held-out
+    # collected inputs) was a little more confident than the new inputs (D 0.11-0.15, p down to 0.004) had its
+    # canary rolled back as drifting. A real shift moves D far past it (the demo's quarter turn: confidence D
+    # 0.83, std 0.39), and on a full window PSI still flags a material shift of any one statistic.
+    ks_min_d: float = 0.2
     # PSI counts towards the flag only from this many inputs per reference bin (200 for 10 bins). On fewer it is
     # biased up (one empty bin alone scores ~0.7): windows of 50 inputs drawn from the reference itself were
     # flagged 146 times in 200 (three statistics). Below it the KS test decides alone; its p-value holds at any size.
@@ -171,10 +177,11 @@ class DriftMonitor:
     def scores(self) -> dict[str, Any] | None:
         """``{stat: {psi, ks_d, ks_p}, flag, n}`` or None without a reference or enough data.
 
-        ``flag``: some statistic's KS p-value is below ``ks_alpha``, or, once the window holds at least
-        ``psi_min_per_bin`` inputs per reference bin, its PSI is above ``psi_threshold`` (PSI is reported either
-        way; no key says which applied: the gateway's telemetry check takes only statistics besides ``flag`` and
-        ``n``, so a new key would get every window refused by a gateway not yet upgraded).
+        ``flag``: some statistic's KS p-value is below ``ks_alpha`` with D at least ``ks_min_d``, or, once the
+        window holds at least ``psi_min_per_bin`` inputs per reference bin, its PSI is above ``psi_threshold``
+        (PSI is reported either way; no key says which applied: the gateway's telemetry check takes only
+        statistics besides ``flag`` and ``n``, so a new key would get every window refused by a gateway not yet
+        upgraded).
         """
         self._flush()
         n = self._n
@@ -192,7 +199,8 @@ class DriftMonitor:
             d, p = ks_2samp(live, np.asarray(ref.get("sample") or [], dtype=np.float64))
             out[name] = {"psi": round(s_psi, 6), "ks_d": round(d, 6), "ks_p": p}
             use_psi = n >= self.config.psi_min_per_bin * len(counts)
-            flag = flag or (use_psi and s_psi > self.config.psi_threshold) or p < self.config.ks_alpha
+            ks_flag = p < self.config.ks_alpha and d >= self.config.ks_min_d
+            flag = flag or (use_psi and s_psi > self.config.psi_threshold) or ks_flag
         out["flag"] = flag
         return out
 

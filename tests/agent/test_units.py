@@ -162,6 +162,28 @@ def test_a_small_window_from_the_reference_distribution_raises_no_false_alarm():
         assert n < 500 or sc["mean"]["psi"] > cfg.psi_threshold
 
 
+def test_a_significant_but_immaterial_shift_is_not_drift():
+    """A full window tells apart distributions that differ by too little to matter (a quarter of the inputs a
+    little less sure than the reference): KS alone flagged it. Flagging needs KS D >= ks_min_d, or PSI over
+    ``psi_threshold`` on a full window."""
+    rng = np.random.default_rng(0)
+    ref = _drift_reference(rng)
+    cfg = DriftConfig(window=500)
+
+    def window(conf):
+        mon = DriftMonitor(ref, cfg)
+        mon._put(np.stack([conf, rng.normal(5.0, 1.0, 500), rng.gamma(4.0, 1.5, 500)]))
+        return mon.scores()
+
+    slight = window(np.concatenate([rng.beta(8, 1, 375), rng.beta(2.5, 1, 125)]))
+    c = slight["confidence"]
+    assert c["ks_p"] < cfg.ks_alpha / 10  # the difference is there, beyond doubt ...
+    assert c["ks_d"] < cfg.ks_min_d and c["psi"] < cfg.psi_threshold  # ... and small
+    assert slight["flag"] is False
+    unsure = window(rng.beta(2.5, 1, 500))  # a model that has lost its footing
+    assert unsure["flag"] is True and unsure["confidence"]["ks_d"] >= cfg.ks_min_d
+
+
 def test_drift_monitor_flags_shifted_inputs(tiny_cascade):
     run = tiny_cascade
     ref = open_bundle(run.bundle_dir).drift_reference()
