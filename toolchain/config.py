@@ -47,9 +47,9 @@ class Control(str, enum.Enum):
 class Balance(str, enum.Enum):
     """How ``toolchain refresh`` evens out the collected samples' classes.
 
+    ``oversample``: rare classes drawn again up to the largest class's count (the collected part grows).
     ``weight``: per-class loss weights, each present class the same total, the collected part keeping its size
-    (its share of training is what was collected). ``oversample``: rare classes drawn again up to the largest
-    class's count (the collected part grows). ``none``: as collected. Booleans (configs before ``weight``
+    (its share of training is what was collected). ``none``: as collected. Booleans (configs before ``weight``
     existed) read as ``true`` = ``oversample``, ``false`` = ``none``.
     """
 
@@ -219,7 +219,7 @@ class RefreshConfig:
     holdout_fraction: float = 0.25  # of the collected samples, kept out of training for the gates
     max_regression_pt: float = 0.5  # at most this much lost on the original test split
     min_samples: int = 20  # fewer collected samples than this: nothing to learn from, refused
-    balance: Balance = Balance.WEIGHT  # "weight" | "oversample" | "none": evening out the collected classes
+    balance: Balance = Balance.OVERSAMPLE  # "oversample" | "weight" | "none": evening out the collected classes
 
 
 @dataclass(frozen=True)

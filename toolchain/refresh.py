@@ -5,9 +5,10 @@ The gateway collects what the fleet was unsure of, answered by the teacher
 HTTP from the gateway, or straight from its database), builds a refresh set
 (label = a person's label if given, else the teacher's; de-duplicated by
 content; a seeded held-out part kept out of training; classes evened out,
-``refresh.balance``: by loss weights by default), writes a NEW run that is the parent run plus that set
-(``data.json`` → ``refresh``: its splits are the source's plus the collected
-train part, val plus the held-out part, test unchanged), and there:
+``refresh.balance``: oversampled by default, or by loss weights), writes a
+NEW run that is the parent run plus that set (``data.json`` → ``refresh``: its
+splits are the source's plus the collected train part, val plus the held-out
+part, test unchanged), and there:
 
 1. re-distills the parent's current student from the teacher, continuing from
    its weights (not from scratch), on the original training data plus the
@@ -171,8 +172,7 @@ def build_refresh_set(samples: list[Sample], spec: Any, num_classes: int, *, hol
         w_tr = np.ones(len(idx), np.float32)
     elif mode is Balance.WEIGHT and len(train):
         # every present class weighs the same in total and the weights average 1: the classes are even, and the
-        # collected part's share of the training loss stays what was collected (oversampling grew it, and the
-        # student forgot more of its original inputs: docs/acceptance/issue13.md)
+        # collected part's share of the training loss stays what was collected (oversampling grows it)
         w_tr = (len(train) / (np.count_nonzero(counts) * counts[y_tr])).astype(np.float32)
     x_tr = _raw(np.stack([train[i].input for i in idx]), spec) if len(idx) else np.zeros((0, *shape), np.float32)
     p_tr = np.stack([_target(train[i], num_classes) for i in idx]) if len(idx) else np.zeros((0, num_classes), np.float32)
@@ -329,7 +329,12 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
     for target, precision in _production_targets(parent, targets):
         name = f"{target}-{precision}"
         dest = out / "bundles" / name
-        build_bundle(run_dir=out, target=target, precision=precision, out=dest, cfg=cfg.build, signing_key=signing_key)
+        try:
+            build_bundle(run_dir=out, target=target, precision=precision, out=dest, cfg=cfg.build,
+                         signing_key=signing_key)
+        except EdgeError as e:  # e.g. the new int8 artifact fails its accuracy gate: this refresh cannot ship there
+            gates.append({"gate": f"build {name}", "ok": False, "error": f"{type(e).__name__}: {e}"})
+            continue
         old = parent / "bundles" / name
         after = _accuracy_of_bundle(dest, rs.x_val, rs.y_val)
         if (old / "manifest.json").is_file():
@@ -345,7 +350,8 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
         "command": "refresh", "run_dir": str(out), "parent": str(parent.resolve()), "source": source,
         "device": device, "samples": {"pulled": len(samples), "duplicates": rs.duplicates,
                                       "human_labels": rs.human_labels, "train": len(rs.ids_train),
-                                      "train_after_balance": int(len(rs.y_train)), "balance": cfg.refresh.balance.value,
+                                      "train_after_balance": int(len(rs.y_train)),
+                                      "balance": str(getattr(cfg.refresh.balance, "value", cfg.refresh.balance)),
                                       "holdout": len(rs.ids_holdout),
                                       "ids_train": rs.ids_train, "ids_holdout": rs.ids_holdout, "sha256": rs.sha256},
         "stages": trained["stages"], "gates": gates, "passed": ok, "forced": force and not ok,
@@ -357,7 +363,8 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
     if show:
         print_refresh(report)
     if not ok and not force:
-        failed = "; ".join(f"{g['gate']}: {g['before']:.4f} -> {g['after']:.4f}{_paired_words(g.get('paired'))}"
+        failed = "; ".join(f"{g['gate']}: {g['error']}" if "error" in g else
+                           f"{g['gate']}: {g['before']:.4f} -> {g['after']:.4f}{_paired_words(g.get('paired'))}"
                            for g in gates if not g["ok"])
         raise RefreshError(f"refresh gates failed ({failed}); no bundles written (report: "
                            f"{out / 'reports' / 'refresh.json'}; --force keeps them)")
@@ -419,10 +426,12 @@ def print_refresh(report: dict[str, Any]) -> None:
         t.add_column(col, justify="left" if col == "gate" else "right")
     pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
     for g in report["gates"]:
-        t.add_row(g["gate"], pct(g["before"]), pct(g["after"]), "[green]pass[/]" if g["ok"] else "[red]FAIL[/]")
+        t.add_row(g["gate"], pct(g.get("before")), pct(g.get("after")), "[green]pass[/]" if g["ok"] else "[red]FAIL[/]")
     con = Console(stderr=True)
     con.print(t)
     for g in report["gates"]:
+        if "error" in g:
+            con.print(f"{g['gate']}: {g['error']}", highlight=False)
         pr = g.get("paired")
         if pr:
             lo, hi = pr["lost_pt_ci95"]

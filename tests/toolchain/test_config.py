@@ -62,7 +62,8 @@ def test_wrong_type(tmp_path):
 def test_refresh_balance_takes_a_mode_and_reads_an_older_boolean(tmp_path):
     from toolchain.config import Balance
 
-    assert load_config(None).refresh.balance is Balance.WEIGHT
+    assert load_config(None).refresh.balance is Balance.OVERSAMPLE
+    assert load_config(write(tmp_path, '[refresh]\nbalance = "weight"\n')).refresh.balance is Balance.WEIGHT
     assert load_config(write(tmp_path, '[refresh]\nbalance = "none"\n')).refresh.balance is Balance.NONE
     # runs written before the modes stored a boolean: true meant oversampling
     assert load_config(write(tmp_path, "[refresh]\nbalance = true\n")).refresh.balance is Balance.OVERSAMPLE

@@ -65,7 +65,7 @@ def test_refresh_set_dedupes_holds_out_balances_and_refuses_foreign_shapes(tiny_
         build_refresh_set(ss[:5], run.input_spec, 10, holdout=0.25, seed=0, balance=True, min_samples=10)
 
 
-def test_refresh_set_evens_out_classes_by_weight_by_default_or_by_oversampling(tiny_run):
+def test_refresh_set_evens_out_classes_by_oversampling_or_by_weight(tiny_run):
     run = RunDir(tiny_run)
     ss = _samples(run, 160)
     skewed = [s for i, s in enumerate(ss) if s.label == 1 or i % 4 == 0]  # every "1", a quarter of the rest
@@ -193,6 +193,36 @@ def test_a_failed_gate_keeps_the_report_and_writes_no_bundles(tiny_run, tmp_path
     assert "inputs lost" in r.stderr.split("refresh gates failed")[1]  # and in the error the demo's summary carries
     assert (tmp_path / "new" / "reports" / "refresh.json").is_file()
     assert not (tmp_path / "new" / "bundles").exists()
+
+
+def test_a_build_that_fails_its_gate_refuses_the_refresh_with_the_reason(tiny_run, tmp_path, monkeypatch):
+    """The refreshed int8 artifact may fail its own accuracy gate: the refresh is refused (a failed gate, the
+    build's reason in the error and the report), not crashed, and the other targets' bundles are not kept."""
+    import toolchain.bundle as tb
+    from edgecore.errors import AccuracyGateError
+
+    parent = _parent(tiny_run, tmp_path, epochs=1)
+    ss = _samples(RunDir(parent), 60)
+    real = tb.build_bundle
+
+    def build(**kw):
+        if kw["precision"] == "int8":
+            raise AccuracyGateError("onnx int8 build failed verification: accuracy 80.00% is 2.00 pt below the "
+                                    "PyTorch reference 82.00% (budget 1.00 pt, over by 1.00 pt)")
+        return real(**kw)
+
+    monkeypatch.setattr(tb, "build_bundle", build)
+    srv = _serve_pages(ss, "tok")
+    try:
+        with pytest.raises(RefreshError, match=r"build onnx-int8: AccuracyGateError: onnx int8 build failed"):
+            refresh(parent=parent, out=tmp_path / "new", source=f"http://127.0.0.1:{srv.server_address[1]}",
+                    token="tok", targets=["onnx-fp32", "onnx-int8"], show=True)
+    finally:
+        srv.shutdown()
+    saved = json.loads((tmp_path / "new" / "reports" / "refresh.json").read_text())
+    gate = next(g for g in saved["gates"] if g["gate"] == "build onnx-int8")
+    assert gate["ok"] is False and "2.00 pt below" in gate["error"] and not saved["passed"]
+    assert not (tmp_path / "new" / "bundles").exists()  # onnx-fp32 built fine, but a refused refresh ships nothing
 
 
 def test_a_device_refresh_spends_the_offload_budget_on_what_that_device_sees(tiny_run, tmp_path):
