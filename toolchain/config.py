@@ -53,8 +53,8 @@ class Balance(str, enum.Enum):
     existed) read as ``true`` = ``oversample``, ``false`` = ``none``.
     """
 
-    WEIGHT = "weight"
     OVERSAMPLE = "oversample"
+    WEIGHT = "weight"
     NONE = "none"
 
     @classmethod

@@ -137,10 +137,10 @@ def _raw(x: np.ndarray, spec: Any) -> np.ndarray:
 
 def build_refresh_set(samples: list[Sample], spec: Any, num_classes: int, *, holdout: float, seed: int,
                       balance: Any, min_samples: int) -> RefreshSet:
-    """``balance``: a `toolchain.config.Balance` (or its value; a boolean reads as an older config's)."""
+    """``balance``: a `toolchain.config.Balance` or its value (an older config's boolean is mapped when it loads)."""
     from toolchain.config import Balance
 
-    mode = Balance.from_bool(balance) if isinstance(balance, bool) else Balance(balance)
+    mode = Balance(balance)
     shape = tuple(spec.sample_shape)
     keep: dict[str, Sample] = {}
     for s in samples:
@@ -351,7 +351,7 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
         "device": device, "samples": {"pulled": len(samples), "duplicates": rs.duplicates,
                                       "human_labels": rs.human_labels, "train": len(rs.ids_train),
                                       "train_after_balance": int(len(rs.y_train)),
-                                      "balance": str(getattr(cfg.refresh.balance, "value", cfg.refresh.balance)),
+                                      "balance": cfg.refresh.balance.value,
                                       "holdout": len(rs.ids_holdout),
                                       "ids_train": rs.ids_train, "ids_holdout": rs.ids_holdout, "sha256": rs.sha256},
         "stages": trained["stages"], "gates": gates, "passed": ok, "forced": force and not ok,
@@ -388,7 +388,7 @@ def _paired_words(pr: dict[str, Any] | None) -> str:
         return ""
     lo, hi = pr["lost_pt_ci95"]
     return (f" ({pr['lost_pt']:.2f} pt lost, 95% interval {lo:+.2f} to {hi:+.2f}: {pr['lost']} of {pr['inputs']} "
-            f"inputs lost, {pr['gained']} gained)")
+            f"inputs lost, {pr['gained']} gained, McNemar p = {pr['mcnemar_p']:.3g})")
 
 
 def paired_difference(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
@@ -432,9 +432,5 @@ def print_refresh(report: dict[str, Any]) -> None:
     for g in report["gates"]:
         if "error" in g:
             con.print(f"{g['gate']}: {g['error']}", highlight=False)
-        pr = g.get("paired")
-        if pr:
-            lo, hi = pr["lost_pt_ci95"]
-            con.print(f"{g['gate']}: {pr['lost_pt']:+.2f} pt lost (95% interval {lo:+.2f} to {hi:+.2f}): "
-                      f"{pr['lost']} of {pr['inputs']} inputs lost, {pr['gained']} gained, "
-                      f"McNemar p = {pr['mcnemar_p']:.3g}", highlight=False)
+        if g.get("paired"):
+            con.print(f"{g['gate']}:{_paired_words(g['paired'])}", highlight=False)

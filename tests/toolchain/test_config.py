@@ -68,7 +68,7 @@ def test_refresh_balance_takes_a_mode_and_reads_an_older_boolean(tmp_path):
     # runs written before the modes stored a boolean: true meant oversampling
     assert load_config(write(tmp_path, "[refresh]\nbalance = true\n")).refresh.balance is Balance.OVERSAMPLE
     assert load_config(write(tmp_path, "[refresh]\nbalance = false\n")).refresh.balance is Balance.NONE
-    with pytest.raises(ConfigError, match=r"refresh\.balance: expected one of \['weight', 'oversample', 'none'\]"):
+    with pytest.raises(ConfigError, match=r"refresh\.balance: expected one of \['oversample', 'weight', 'none'\]"):
         load_config(write(tmp_path, '[refresh]\nbalance = "sometimes"\n'))
 
 
