@@ -220,6 +220,7 @@ class RefreshConfig:
     max_regression_pt: float = 0.5  # at most this much lost on the original test split
     min_samples: int = 20  # fewer collected samples than this: nothing to learn from, refused
     balance: Balance = Balance.OVERSAMPLE  # "oversample" | "weight" | "none": evening out the collected classes
+    candidates: int = 3  # continuations trained with different seeds, then averaged (a uniform model soup)
 
 
 @dataclass(frozen=True)
@@ -362,6 +363,7 @@ def _validate_section(obj: Any, section: str, origin: str) -> None:
         need(0.0 < obj.holdout_fraction < 1.0, "holdout_fraction", "must be in (0, 1)")
         need(obj.max_regression_pt >= 0, "max_regression_pt", "must be >= 0")
         need(obj.min_samples >= 2, "min_samples", "must be >= 2")
+        need(1 <= obj.candidates <= 16, "candidates", "must be 1..16")
     elif isinstance(obj, DistillConfig):
         need(obj.temperature > 0, "temperature", "must be > 0")
         need(0.0 <= obj.alpha <= 1.0, "alpha", "must be in [0, 1]")

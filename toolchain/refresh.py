@@ -13,6 +13,9 @@ part, test unchanged), and there:
 1. re-distills the parent's current student from the teacher, continuing from
    its weights (not from scratch), on the original training data plus the
    refresh set (early stopping on the original validation split only);
+   ``refresh.candidates`` such continuations, one seed each, are averaged into
+   one model (a uniform model soup, BatchNorm re-estimated): fewer answers on
+   the original data flip at random, which is what the regression gate counts;
 2. re-runs the quantizing pass (QAT) and the export;
 3. builds a bundle for each target the parent run had built (the production
    targets), whose calibration, routing threshold and drift reference are
@@ -44,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecore.errors import DataError, EdgeError
+from edgecore.errors import EdgeError
 from edgecore.fsutil import atomic_write_bytes
 from edgecore.samples import Sample, SampleError, SamplePage
 
@@ -229,7 +232,8 @@ def _production_targets(parent: Path, targets: list[str] | None) -> list[tuple[s
     return out
 
 
-def _accuracy_of_bundle(bundle: Path, x_raw: np.ndarray, y: np.ndarray) -> float:
+def bundle_accuracy(bundle: Path, x_raw: np.ndarray, y: np.ndarray) -> float:
+    """A built bundle's accuracy on raw inputs: its model alone (own preprocessing, one input at a time, no routing)."""
     from edgecore.bundle import open_bundle
     from targets import load_runner
 
@@ -279,20 +283,57 @@ def _train(cfg: Any, out: Path, rs: RefreshSet) -> tuple[Any, Any, dict[str, Any
         hard = F.cross_entropy(logits, yb[:, -2].long(), reduction="none")
         return ((alpha * soft_ce + (1 - alpha) * hard) * w).sum() / w.sum()
 
-    student = run.load_student().train()
     r, t0 = cfg.refresh, _time.perf_counter()
-    engine.fit(student, loss_fn=loss_fn, train=(ctx.train[0], targets), val=ctx.val,
-               opts=ctx.fit_options(epochs=r.epochs, lr=r.lr, desc="refresh", seed_offset=500, warmup_epochs=0,
-                                    patience=r.epochs))
-    student = student.cpu().eval()
-    row = stage_row("refreshed (distilled, continued)", student, ctx, size=state_size(student),
-                    seconds=_time.perf_counter() - t0)
+    states, cand_acc = [], []
+    for k in range(r.candidates):
+        student = run.load_student().train()
+        engine.fit(student, loss_fn=loss_fn, train=(ctx.train[0], targets), val=ctx.val,
+                   opts=ctx.fit_options(epochs=r.epochs, lr=r.lr, desc=f"refresh {k + 1}/{r.candidates}",
+                                        seed_offset=500 + k, warmup_epochs=0, patience=r.epochs))
+        student = student.cpu().eval()
+        states.append({n: v.detach().clone() for n, v in student.state_dict().items()})
+        cand_acc.append(engine.accuracy(student, *ctx.test))
+    if len(states) > 1:
+        soup(student, states, ctx.train[0])
+    name = "refreshed (distilled, continued)" + (f"; {len(states)} averaged" if len(states) > 1 else "")
+    row = stage_row(name, student, ctx, size=state_size(student), seconds=_time.perf_counter() - t0)
     quant = [get_pass(n)(cfg) for n in cfg.compress.passes if get_pass(n).quantizes]
     res = C.run_passes(quant, student, ctx, label="refreshed: ")
     report = {"stages": [row, *res.rows], "student_accuracy": row["test_accuracy"],
-              "qat_accuracy": res.rows[-1]["test_accuracy"] if res.quantizer else None}
+              "qat_accuracy": res.rows[-1]["test_accuracy"] if res.quantizer else None,
+              "candidates_test_accuracy": cand_acc}
     C._write_outputs(run, res, ctx, report)
     return res, ctx, report
+
+
+def soup(model: Any, states: list[dict[str, Any]], x: Any, *, batch_size: int = 256) -> None:
+    """Load into ``model`` the average of ``states`` (a uniform model soup), then re-estimate BatchNorm on ``x``.
+
+    The states are continuations of one model (same start, different seeds), so their average stays in the same
+    basin and is at least as good as a typical one (Wortsman et al., 2022, "Model soups"); what differs between
+    seeds (the answers that flip at random) is averaged away. Integer buffers (BatchNorm's step count) come from
+    the first state. Averaged weights no longer match the averaged BatchNorm statistics, so those are measured
+    again: reset, then one pass over ``x`` with a cumulative average, no gradients.
+    """
+    import torch
+
+    model.load_state_dict({n: (sum(s[n] for s in states) / len(states)) if v.is_floating_point() else v
+                           for n, v in states[0].items()})
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative: every batch counts the same
+        model.eval()
+        for m in bns:
+            m.train()  # only BatchNorm: dropout and the like stay off while measuring
+        with torch.no_grad():
+            for xb in torch.tensor_split(x, max(1, math.ceil(len(x) / batch_size))):  # equal sizes: the
+                model(xb)  # cumulative average weighs batches, not inputs, so no short last batch
+        for m, mo in zip(bns, momenta, strict=True):
+            m.momentum = mo
+    model.eval()
 
 
 def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | None = None, device: str | None = None,
@@ -336,9 +377,9 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
             gates.append({"gate": f"build {name}", "ok": False, "error": f"{type(e).__name__}: {e}"})
             continue
         old = parent / "bundles" / name
-        after = _accuracy_of_bundle(dest, rs.x_val, rs.y_val)
+        after = bundle_accuracy(dest, rs.x_val, rs.y_val)
         if (old / "manifest.json").is_file():
-            before_b, versus = _accuracy_of_bundle(old, rs.x_val, rs.y_val), f"parent bundle {name}"
+            before_b, versus = bundle_accuracy(old, rs.x_val, rs.y_val), f"parent bundle {name}"
         else:  # the parent never built this target: its shipped PyTorch model stands in
             before_b = float(_shipped_correct(prun, (spec.preprocess(rs.x_val), rs.y_val)).mean())
             versus = "parent model (PyTorch)"
@@ -354,7 +395,8 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
                                       "balance": cfg.refresh.balance.value,
                                       "holdout": len(rs.ids_holdout),
                                       "ids_train": rs.ids_train, "ids_holdout": rs.ids_holdout, "sha256": rs.sha256},
-        "stages": trained["stages"], "gates": gates, "passed": ok, "forced": force and not ok,
+        "stages": trained["stages"], "candidates_test_accuracy": trained["candidates_test_accuracy"],
+        "gates": gates, "passed": ok, "forced": force and not ok,
         "bundles": built if ok or force else {}, "seconds": round(time.perf_counter() - t0, 1),
     }
     if not ok and not force:

@@ -70,6 +70,9 @@ def test_refresh_balance_takes_a_mode_and_reads_an_older_boolean(tmp_path):
     assert load_config(write(tmp_path, "[refresh]\nbalance = false\n")).refresh.balance is Balance.NONE
     with pytest.raises(ConfigError, match=r"refresh\.balance: expected one of \['oversample', 'weight', 'none'\]"):
         load_config(write(tmp_path, '[refresh]\nbalance = "sometimes"\n'))
+    assert load_config(None).refresh.candidates == 3
+    with pytest.raises(ConfigError, match=r"refresh\.candidates: must be 1\.\.16"):
+        load_config(write(tmp_path, "[refresh]\ncandidates = 0\n"))
 
 
 def test_missing_path(tmp_path):

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from edgecore.samples import Sample, SamplePage
 from tests.fixtures.pipeline import tiny_config
 from toolchain.config import to_toml
-from toolchain.refresh import RefreshError, build_refresh_set, load_samples, paired_difference, refresh
+from toolchain.refresh import RefreshError, build_refresh_set, load_samples, paired_difference, refresh, soup
 from toolchain.rundir import RunDir
 
 
@@ -158,10 +157,12 @@ def test_refresh_learns_the_shifted_inputs_keeps_the_original_and_records_proven
     assert pr["inputs"] == len(run.splits().test[1]) and pr["lost_pt"] == pytest.approx(orig["lost_pt"], abs=0.01)
     assert pr["lost_pt_ci95"][0] <= pr["lost_pt"] <= pr["lost_pt_ci95"][1]
     assert held["after"] > held["before"] + 0.2  # the refreshed student reads rotated digits; the parent cannot
+    assert rep["stages"][0]["stage"].endswith("3 averaged")  # refresh.candidates (default 3): one model soup
     new = RunDir(tmp_path / "new")
     saved = json.loads((tmp_path / "new" / "reports" / "refresh.json").read_text())
     assert saved["parent"] == str(parent.resolve()) and saved["samples"]["sha256"] == new.data_record()["refresh"]["sha256"]
     assert sorted(saved["samples"]["ids_train"] + saved["samples"]["ids_holdout"]) == [s.id for s in ss]
+    assert len(saved["candidates_test_accuracy"]) == 3 and all(0 < a <= 1 for a in saved["candidates_test_accuracy"])
     sp = new.splits()  # the refreshed run's splits include the collected samples; test is the original one
     base = run.splits()
     assert len(sp.train[1]) > len(base.train[1]) and len(sp.val[1]) == len(base.val[1]) + len(saved["samples"]["ids_holdout"])
@@ -276,3 +277,32 @@ def test_paired_difference_counts_the_disagreements_and_says_how_sure():
     assert paired_difference(big_b, big_a)["mcnemar_p"] == pytest.approx(binomtest(2940, 5940, 0.5).pvalue, abs=1e-3)
     with pytest.raises(ValueError, match="equal, non-empty"):
         paired_difference(before, after[:-1])
+
+
+def test_soup_averages_the_weights_and_measures_batchnorm_again():
+    import torch
+    from torch import nn
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=0.3), nn.ReLU(),
+                             nn.Dropout(0.5), nn.Flatten(), nn.LazyLinear(3))
+
+    x = torch.randn(70, 1, 5, 5) * 3 + 1  # not the batch statistics BatchNorm starts from
+    states = []
+    for seed in (0, 1, 2):
+        m = net(seed)
+        m(x[:2])  # materialise the lazy layer
+        states.append({k: v.clone() for k, v in m.state_dict().items()})
+    model = net(9)
+    model(x[:2])
+    soup(model, states, x, batch_size=32)  # three batches, the last one short
+    for k in ("0.weight", "0.bias", "5.weight"):
+        torch.testing.assert_close(model.state_dict()[k], sum(s[k] for s in states) / 3)
+    bn = model[1]
+    with torch.no_grad():
+        h = model[0](x)
+    # the statistics of the averaged conv's outputs over all of x (batches of 24/23/23: each input ~once)
+    torch.testing.assert_close(bn.running_mean, h.mean((0, 2, 3)), rtol=0, atol=2e-3)
+    torch.testing.assert_close(bn.running_var, h.var((0, 2, 3)), rtol=0.05, atol=0)
+    assert bn.momentum == 0.3 and not model.training and not bn.training  # put back as it was, ready to export
