@@ -118,10 +118,15 @@ def _row(answers: list[Any], agent: Any) -> dict[str, Any]:
 def close_the_loop(ctx: LoopContext, *, before: dict[str, Any], progress: Any = print) -> dict[str, Any]:
     from edge_demo.story import drifted
     from edgecore.bundle import tarball_path
-    from toolchain.refresh import RefreshError, refresh
+    from toolchain.refresh import RefreshError, bundle_accuracy, refresh
     from toolchain.rundir import RunDir
 
     splits = RunDir(ctx.run_dir).splits()
+    x_test, y_test = splits.test
+    x_shifted = drifted(x_test)  # the stream the device is scored on, before and after
+    # the device's model alone (no cloud): when the student is unsure of most drifted inputs, the cascade's accuracy
+    # before the loop is already mostly the teacher's, and what the refresh changes shows here and in the offload rate
+    before = {**before, "student_accuracy": bundle_accuracy(ctx.bundles_dir / ctx.bundle_name, x_shifted, y_test)}
     _upload(ctx, f"{ctx.bundle_name}-v1", tarball_path(ctx.bundles_dir / ctx.bundle_name))  # rollback needs it
     agent = _agent(ctx)
     try:
@@ -158,11 +163,12 @@ def close_the_loop(ctx: LoopContext, *, before: dict[str, Any], progress: Any = 
             # everything, so the rollout's baseline would say nothing); a quarter of slack for a short window
             "promote_if": f"rollbacks == 0 and drift == 0 and offload_rate <= {1.25 * before['offload_rate']:.4f}"})["id"]
         _wait(ctx, rid, {"watching", "done", "rolled_back"})
-        x_test, y_test = splits.test
-        after = _stream(agent, drifted(x_test), y_test, ctx.rate_hz)
+        after = _stream(agent, x_shifted, y_test, ctx.rate_hz)
         r = _wait(ctx, rid, {"done", "rolled_back"})
         out["rollout"] = {"id": rid, "state": r["state"], "steps": [s["step"] for s in r["steps"]]}
-        out["after"] = _row(after, agent)
+        # the bundle the device runs now: the refreshed one if the canary was promoted, else the old one again
+        alone = bundle_accuracy(agent.bundle.root, x_shifted, y_test)
+        out["after"] = {**_row(after, agent), "student_accuracy": alone}
         out["bad_rollout"] = _broken_rollout(ctx, progress)
         return out
     finally:

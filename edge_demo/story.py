@@ -436,9 +436,10 @@ def loop_markdown(r: dict[str, Any] | None) -> list[str]:
     lines += [f"Collected {sum(d['samples'] for d in r['collected'])} offloaded inputs with the teacher's answers "
               f"(teacher on the drifted stream: {pct(r['teacher_accuracy_drifted'])}); refreshed run "
               f"{r['refresh_run']} (original test split: {pct(r['test_accuracy_original'])}).", "",
-              "| | accuracy | offload | drift |", "|---|---:|---:|---|",
-              f"| before | {pct(b['accuracy'])} | {pct(b['offload_rate'])} | {'DRIFT' if b['drift_flag'] else 'ok'} |",
-              f"| after | {pct(a.get('accuracy'))} | {pct(a.get('offload_rate'))} | "
+              "| | accuracy | device model alone | offload | drift |", "|---|---:|---:|---:|---|",
+              f"| before | {pct(b['accuracy'])} | {pct(b.get('student_accuracy'))} | {pct(b['offload_rate'])} | "
+              f"{'DRIFT' if b['drift_flag'] else 'ok'} |",
+              f"| after | {pct(a.get('accuracy'))} | {pct(a.get('student_accuracy'))} | {pct(a.get('offload_rate'))} | "
               f"{'DRIFT' if a.get('drift_flag') else 'ok'} |", "",
               f"Canary rollout: **{r['rollout']['state']}** ({' -> '.join(r['rollout']['steps'])}).", *bad_line]
     return lines
