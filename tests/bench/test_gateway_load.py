@@ -28,6 +28,7 @@ def test_hw_bench_gateway_measures_gateway_and_floor(tiny_cascade, tmp_path):
         assert [lv["load"] for lv in out[name]["levels"]] == [0.5, 0.8, 1.0]
         for lv in out[name]["levels"]:
             assert lv["answered"] > 0 and lv["errors"] == 0 and lv["p50_ms"] <= lv["p95_ms"] <= lv["p99_ms"]
+            assert 0 <= lv["lost"] <= lv["sent"] and lv["sent"] >= lv["answered"]  # counted sends (2 rounds)
         assert len(out[name]["rounds"]) == 2 and out[name]["max_offloads_per_s"] == pytest.approx(
             sorted(out[name]["rounds"])[0] / 2 + sorted(out[name]["rounds"])[1] / 2, abs=0.1)  # median of 2
     assert out["rounds"] == 2 and out["replicas"] == 2 and len(out["gateway_vs_floor_rounds"]) == 2
