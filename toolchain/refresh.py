@@ -313,7 +313,10 @@ def soup(model: Any, states: list[dict[str, Any]], x: Any, *, batch_size: int = 
     basin and is at least as good as a typical one (Wortsman et al., 2022, "Model soups"); what differs between
     seeds (the answers that flip at random) is averaged away. Integer buffers (BatchNorm's step count) come from
     the first state. Averaged weights no longer match the averaged BatchNorm statistics, so those are measured
-    again: reset, then one pass over ``x`` with a cumulative average, no gradients.
+    again: reset, then one pass over ``x`` with a cumulative average, no gradients. Not
+    ``torch.optim.swa_utils.update_bn``: it puts the whole model in train mode, so in the MLP family (Linear,
+    BatchNorm, ReLU, Dropout, repeated) each later BatchNorm would measure dropout-scaled inputs it never sees at
+    inference; and it keeps autograd on.
     """
     import torch
 
