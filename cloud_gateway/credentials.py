@@ -77,6 +77,15 @@ class FleetCredentials:
         }
 
 
+def new_secret() -> str:
+    """A random password (18 bytes, URL-safe) that never starts with ``-``: one that did would read as an option
+    on a command line (``--password -x...``: "expected one argument"), one time in 64."""
+    while True:
+        s = secrets.token_urlsafe(18)
+        if not s.startswith("-"):
+            return s
+
+
 def make_fleet(
     *, device_ids: list[str], gateway_user: str = "gateway", admin_user: str = "admin"
 ) -> FleetCredentials:
@@ -89,9 +98,9 @@ def make_fleet(
     if len(set(ids)) != len(ids):
         raise GatewayError("duplicate device ids")
     return FleetCredentials(
-        devices={d: secrets.token_urlsafe(18) for d in ids},
-        gateway=(gateway_user, secrets.token_urlsafe(18)),
-        admin=(admin_user, secrets.token_urlsafe(18)),
+        devices={d: new_secret() for d in ids},
+        gateway=(gateway_user, new_secret()),
+        admin=(admin_user, new_secret()),
     )
 
 

@@ -195,7 +195,7 @@ def _serve_gateway(url: str, user: str, pw: str, teacher: Path, tmp: Path, repli
     try:
         for i in range(replicas):
             procs.append(_spawn(["-m", "cloud_gateway.cli", "serve", "--broker", url, "--username", user,
-                                 "--password", pw, "--teacher", str(teacher), "--db", str(tmp / f"gw-{i}.sqlite"),
+                                 f"--password={pw}", "--teacher", str(teacher), "--db", str(tmp / f"gw-{i}.sqlite"),
                                  "--http-port", "-1", "--replica-id", f"bench-gw-{i}"], "serving"))
         yield
     finally:

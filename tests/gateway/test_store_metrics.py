@@ -78,3 +78,6 @@ def test_password_hash_is_mosquitto_pbkdf2_sha512():
         make_fleet(device_ids=["gateway"])
     with pytest.raises(GatewayError, match="duplicate"):
         make_fleet(device_ids=["a", "a"])
+    # one random password in 64 started with "-", which a command line reads as an option
+    creds = make_fleet(device_ids=[f"d{i}" for i in range(1000)])
+    assert not any(pw.startswith("-") for pw in [*creds.devices.values(), creds.gateway[1], creds.admin[1]])
