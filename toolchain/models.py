@@ -151,6 +151,57 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class DomainGate(nn.Module):
+    """Which model should answer an input: a small MLP on a pooled copy of it, one logit (high: the original data).
+
+    Images are average-pooled to about 8x8 per channel (fixed kernels, so every exporter takes it), signals to
+    about 64 steps; flat inputs are used as they are. ``toolchain refresh`` trains it to tell the run's original
+    training inputs from the collected ones.
+    """
+
+    def __init__(self, sample_shape: tuple[int, ...], *, hidden: int = 32) -> None:
+        super().__init__()
+        shape = tuple(int(d) for d in sample_shape)
+        if len(shape) == 3:
+            c, h, w = shape
+            k = (max(1, h // 8), max(1, w // 8))
+            self.pool: nn.Module = nn.AvgPool2d(k, stride=k)
+            features = c * (h // k[0]) * (w // k[1])
+        elif len(shape) == 2:
+            c, n = shape
+            k1 = max(1, n // 64)
+            self.pool = nn.AvgPool1d(k1, stride=k1)
+            features = c * (n // k1)
+        else:
+            self.pool = nn.Identity()
+            features = math.prod(shape)
+        self.fc1 = nn.Linear(features, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.flatten(self.pool(x), 1))))
+
+
+class GatedExperts(nn.Module):
+    """The production student kept for inputs like its training data, an expert for the shifted ones.
+
+    ``logits = g * base(x) + (1 - g) * expert(x)`` with ``g = sigmoid(gate(x))``: one graph, so it quantizes and
+    exports like any student. Made by ``toolchain refresh`` (``refresh.strategy = "expert"``): a refresh that
+    overwrote the student would forget part of what it knew (docs/acceptance/issue13.md).
+    """
+
+    #: parameter prefixes training passes leave alone (the quantizing pass): the kept student stays as it was
+    frozen_in_training = ("base.",)
+
+    def __init__(self, base: nn.Module, expert: nn.Module, gate: nn.Module) -> None:
+        super().__init__()
+        self.base, self.expert, self.gate = base, expert, gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate(x))
+        return g * self.base(x) + (1 - g) * self.expert(x)
+
+
 def _image_dims(input_shape: tuple[int, ...], family: str) -> tuple[int, int]:
     if len(input_shape) != 3:
         raise ModelError(

@@ -41,3 +41,35 @@ def test_model_errors():
         build_model(ModelConfig(family="python:tests.toolchain.user_factories:not_a_model"), input_shape=(12,), num_classes=3)
     with pytest.raises(ModelError, match="unknown model family 'vgg'"):
         build_model(ModelConfig(family="vgg"), input_shape=(1, 8, 8), num_classes=3)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 224, 224), (1, 28, 28), (3, 5, 7), (1, 1, 40), (2, 100), (40,)])
+def test_domain_gate_takes_any_sample_shape_and_exports_to_onnx(shape, tmp_path):
+    """Fixed pooling kernels (no adaptive pooling whose exporters refuse sizes that do not divide)."""
+    from toolchain.models import DomainGate
+
+    gate = DomainGate(shape).eval()
+    x = torch.randn(4, *shape)
+    assert gate(x).shape == (4, 1)
+    torch.onnx.export(gate, (x[:1],), str(tmp_path / "gate.onnx"), dynamo=False)
+    assert count_params(gate) < 20_000
+
+
+def test_gated_experts_answers_with_the_model_its_gate_picks():
+    from toolchain.models import GatedExperts
+
+    base = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    expert = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+
+    class Sign(torch.nn.Module):  # first feature positive: the base's input; a steep logit, so g is 0 or 1
+        def forward(self, x):
+            return 100.0 * x.flatten(1)[:, :1]
+
+    m = GatedExperts(base, expert, Sign()).eval()
+    x = torch.randn(64, 1, 2, 2)
+    with torch.no_grad():
+        y, yb, ye = m(x), base(x), expert(x)
+    pos = x.flatten(1)[:, 0] > 0.1
+    neg = x.flatten(1)[:, 0] < -0.1
+    torch.testing.assert_close(y[pos], yb[pos], atol=1e-4, rtol=0)
+    torch.testing.assert_close(y[neg], ye[neg], atol=1e-4, rtol=0)
