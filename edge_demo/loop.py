@@ -7,7 +7,8 @@ After the fleet has run (the drifted device shows DRIFT and offloads a lot):
    gateway, told to collect from it, stores its offloaded inputs with the
    teacher's answers (docs/gateway.md, "Collected samples");
 2. ``toolchain refresh`` pulls them over the gateway's API, re-distills the
-   student into a new run and builds the device's bundle, gated;
+   student into an expert beside the unchanged student (a gate picks per
+   input), writes a new run and builds the device's bundle, gated;
 3. a staged rollout sends it to the drifted device as the canary, watches its
    telemetry (it streams the drifted *test* split again: the "after" numbers)
    and promotes it;

@@ -62,6 +62,19 @@ class Balance(str, enum.Enum):
         return cls.OVERSAMPLE if value else cls.NONE
 
 
+class RefreshStrategy(str, enum.Enum):
+    """What ``toolchain refresh`` ships.
+
+    ``expert``: the production student unchanged, plus an expert (the student continued on original + collected
+    data) and a small gate trained to tell the original inputs from the collected ones; one graph answers with
+    ``g * student + (1 - g) * expert``. What the student knew is kept; the model grows by one student and the gate.
+    ``continue``: the continued student replaces it (same size; it forgets some of its original inputs).
+    """
+
+    EXPERT = "expert"
+    CONTINUE = "continue"
+
+
 class Confidence(str, enum.Enum):
     MAX_PROB = "max_prob"
     MARGIN = "margin"
@@ -221,6 +234,7 @@ class RefreshConfig:
     min_samples: int = 20  # fewer collected samples than this: nothing to learn from, refused
     balance: Balance = Balance.OVERSAMPLE  # "oversample" | "weight" | "none": evening out the collected classes
     candidates: int = 3  # continuations trained with different seeds, then averaged (a uniform model soup)
+    strategy: RefreshStrategy = RefreshStrategy.EXPERT  # "expert": keep the student, add a gated expert | "continue"
 
 
 @dataclass(frozen=True)
@@ -511,7 +525,8 @@ def config_from_args(args: Any) -> Config:
 
 __all__ = [
     "Balance", "BuildConfig", "CompressConfig", "Config", "Confidence", "Control", "DataConfig", "DistillConfig",
-    "ExportConfig", "ModelConfig", "PruneConfig", "RefreshConfig", "PruneTarget", "PtqConfig", "QatConfig",
+    "ExportConfig", "ModelConfig", "PruneConfig", "RefreshConfig", "RefreshStrategy", "PruneTarget", "PtqConfig",
+    "QatConfig",
     "QdqWeightBits", "RunConfig", "StudentConfig", "TrainConfig",
     "add_config_args", "config_from_args", "from_dict", "load_config", "parse_overrides", "to_dict", "to_toml",
 ]

@@ -16,7 +16,14 @@ part, test unchanged), and there:
    ``refresh.candidates`` such continuations, one seed each, are averaged into
    one model (a uniform model soup, BatchNorm re-estimated): fewer answers on
    the original data flip at random, which is what the regression gate counts;
-2. re-runs the quantizing pass (QAT) and the export;
+   with ``refresh.strategy = "expert"`` (default) that model becomes an expert
+   beside the unchanged student, and a small gate trained to tell the original
+   training inputs from the collected ones picks per input
+   (`toolchain.models.GatedExperts`): the student's answers on inputs like its
+   training data stay its own;
+2. re-runs the quantizing pass (QAT) and the export (with the expert strategy:
+   on the expert alone, composed with the kept student's quantized program as
+   it shipped, so that its answers do not move);
 3. builds a bundle for each target the parent run had built (the production
    targets), whose calibration, routing threshold and drift reference are
    refitted on splits that now include the shifted inputs (the drift reference: with ``--device``, the
@@ -53,6 +60,7 @@ from edgecore.samples import Sample, SampleError, SamplePage
 
 TOKEN_ENV = "EDGE_GATEWAY_TOKEN"
 REFRESH_FILE = "refresh/refresh_set.npz"
+KEPT_PROGRAM = "student_qat_kept.pt"  # a gated run: the kept student's quantized program, for the next refresh
 _SKIP = ("bundles", "checkpoints", "latency", "refresh", "reports")
 
 
@@ -252,6 +260,11 @@ def _train(cfg: Any, out: Path, rs: RefreshSet) -> tuple[Any, Any, dict[str, Any
     which overrides the teacher) and their labels. Loss: ``alpha`` soft cross-entropy + ``1 - alpha`` hard, per
     sample, averaged with the refresh set's weights (original inputs weigh 1). The quantizing pass after it trains
     unweighted.
+
+    ``refresh.strategy = "expert"`` (default): the continued student becomes an expert beside the unchanged student,
+    and a gate trained on original vs. collected inputs picks between them (`toolchain.models.GatedExperts`). A
+    parent that is already gated keeps its student, continues its expert and gets a new gate: the model does not
+    grow from one refresh to the next.
     """
     import time as _time
 
@@ -260,6 +273,8 @@ def _train(cfg: Any, out: Path, rs: RefreshSet) -> tuple[Any, Any, dict[str, Any
 
     from toolchain import compress as C
     from toolchain import engine
+    from toolchain.config import RefreshStrategy
+    from toolchain.models import GatedExperts, count_macs, count_params
     from toolchain.passes import get_pass
     from toolchain.passes.base import stage_row, state_size
     from toolchain.rundir import RunDir
@@ -284,9 +299,15 @@ def _train(cfg: Any, out: Path, rs: RefreshSet) -> tuple[Any, Any, dict[str, Any
         return ((alpha * soft_ce + (1 - alpha) * hard) * w).sum() / w.sum()
 
     r, t0 = cfg.refresh, _time.perf_counter()
+    gated = r.strategy is RefreshStrategy.EXPERT
+
+    def start() -> Any:  # what a continuation starts from: the student, or a gated parent's expert
+        m = run.load_student()
+        return m.expert if gated and isinstance(m, GatedExperts) else m
+
     states, cand_acc = [], []
     for k in range(r.candidates):
-        student = run.load_student().train()
+        student = start().train()
         engine.fit(student, loss_fn=loss_fn, train=(ctx.train[0], targets), val=ctx.val,
                    opts=ctx.fit_options(epochs=r.epochs, lr=r.lr, desc=f"refresh {k + 1}/{r.candidates}",
                                         seed_offset=500 + k, warmup_epochs=0, patience=r.epochs))
@@ -296,14 +317,121 @@ def _train(cfg: Any, out: Path, rs: RefreshSet) -> tuple[Any, Any, dict[str, Any
     if len(states) > 1:
         soup(student, states, ctx.train[0])
     name = "refreshed (distilled, continued)" + (f"; {len(states)} averaged" if len(states) > 1 else "")
+    gate_report: dict[str, Any] | None = None
+    kept_program: bytes | None = None
+    if gated:
+        expert_acc = engine.accuracy(student, *ctx.test)
+        gate = train_gate(ctx.train[0], n_orig, seed=cfg.run.seed)
+        x_hold = engine.normalise(rs.x_val, ctx.input_spec) if len(rs.y_val) else ctx.val[0][:0]
+        gate_report = {"expert_test_accuracy": expert_acc, **gate_routing(gate, ctx.val[0], x_hold),
+                       "params": count_params(gate)}
+        kept = run.load_student().eval()
+        kept_program = _kept_program(run, kept)  # read before this run's outputs replace the parent's
+        before = {"params": count_params(kept), "macs": count_macs(kept, ctx.input_shape)}
+        student = GatedExperts(kept.base if isinstance(kept, GatedExperts) else kept, student, gate).eval()
+        # the price: one more student (and the gate) run per input
+        gate_report["growth"] = {"params_before": before["params"], "params_after": count_params(student),
+                                 "macs_before": before["macs"], "macs_after": count_macs(student, ctx.input_shape)}
+        name = f"student kept + expert ({name}) + gate"
     row = stage_row(name, student, ctx, size=state_size(student), seconds=_time.perf_counter() - t0)
     quant = [get_pass(n)(cfg) for n in cfg.compress.passes if get_pass(n).quantizes]
-    res = C.run_passes(quant, student, ctx, label="refreshed: ")
+    if quant and kept_program is not None:
+        res = _quantize_gated(quant, student, kept_program, ctx)
+    else:
+        res = C.run_passes(quant, student, ctx, label="refreshed: ")
     report = {"stages": [row, *res.rows], "student_accuracy": row["test_accuracy"],
               "qat_accuracy": res.rows[-1]["test_accuracy"] if res.quantizer else None,
-              "candidates_test_accuracy": cand_acc}
+              "candidates_test_accuracy": cand_acc, "strategy": r.strategy.value, "gate": gate_report}
     C._write_outputs(run, res, ctx, report)
+    kept_path = run.path / KEPT_PROGRAM
+    if kept_program is not None and res.program is not None:
+        atomic_write_bytes(kept_path, kept_program)  # what the next refresh keeps
+    else:
+        kept_path.unlink(missing_ok=True)
     return res, ctx, report
+
+
+def _kept_program(run: Any, kept: Any) -> bytes | None:
+    """The quantized program of the student a gated refresh keeps: the parent's own (a gated parent: its kept one)."""
+    from toolchain.models import GatedExperts
+    from toolchain.rundir import RunDir
+
+    p = run.path / (KEPT_PROGRAM if isinstance(kept, GatedExperts) else RunDir.STUDENT_QAT)
+    return p.read_bytes() if p.is_file() else None
+
+
+def _quantize_gated(quant: list[Any], model: Any, kept_program: bytes, ctx: Any) -> Any:
+    """The quantizing passes on the expert alone, then one program: the kept student's quantized program as it
+    shipped (its answers unchanged, bit for bit), the quantized expert, and the gate in float."""
+    import io
+
+    import torch
+    import torchao.quantization.pt2e as pt2e
+
+    from toolchain import compress as C
+    from toolchain import engine
+    from toolchain.models import GatedExperts, count_params
+    from toolchain.passes.qat import serialize_program
+
+    res = C.run_passes(quant, model.expert, ctx, label="refreshed expert: ")
+    if res.quantized is None:  # nothing quantized after all: the composite as it is
+        return C.run_passes(quant, model, ctx, label="refreshed: ")
+    try:
+        kept = torch.export.load(io.BytesIO(kept_program)).module()
+    except Exception as e:  # torch raises many kinds for a corrupt archive
+        raise RefreshError(f"the kept student's quantized program does not load: {type(e).__name__}: {e}") from e
+    pt2e.allow_exported_model_train_eval(kept)
+    composite = GatedExperts(kept, res.quantized, model.gate)
+    program = serialize_program(composite, ctx.input_shape)
+    last = res.rows[-1]
+    res.rows = [{**last, "stage": f"refreshed: {res.quantizer} (kept student's program + expert + gate)",
+                 "params": count_params(model), "size_bytes": len(program),
+                 "test_accuracy": engine.accuracy(composite, *ctx.test)}]
+    res.student, res.quantized, res.program = model, composite, program
+    return res
+
+
+def train_gate(x: Any, n_orig: int, *, seed: int, epochs: int = 40, lr: float = 3e-3, batch_size: int = 128) -> Any:
+    """A `toolchain.models.DomainGate` trained to answer high for ``x[:n_orig]`` (the original training inputs) and
+    low for the rest (the collected ones), each side weighing half whatever its size; eval mode."""
+    import torch
+    import torch.nn.functional as F
+
+    from toolchain.models import DomainGate
+
+    n = len(x)
+    if not 0 < n_orig < n:
+        raise RefreshError(f"a gate needs original and collected inputs (got {n_orig} of {n} original)")
+    gen = torch.Generator().manual_seed(int(seed) + 700)
+    torch.manual_seed(int(seed) + 700)
+    gate = DomainGate(tuple(x.shape[1:]))
+    dom = torch.cat([torch.ones(n_orig), torch.zeros(n - n_orig)])
+    w = torch.where(dom > 0, 0.5 / n_orig, 0.5 / (n - n_orig)) * n
+    opt = torch.optim.Adam(gate.parameters(), lr=lr, weight_decay=1e-4)
+    gate.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            b = perm[i : i + batch_size]
+            loss = (F.binary_cross_entropy_with_logits(gate(x[b]).squeeze(1), dom[b], reduction="none") * w[b]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return gate.eval()
+
+
+def gate_routing(gate: Any, x_original: Any, x_collected: Any) -> dict[str, float | None]:
+    """Shares the gate sends the right way: original inputs to the student (g > 0.5), collected ones to the expert."""
+    import torch
+
+    with torch.no_grad():
+        def share(x: Any, to_student: bool) -> float | None:
+            if len(x) == 0:
+                return None
+            g = torch.sigmoid(gate(x)).squeeze(1)
+            return float(((g > 0.5) if to_student else (g <= 0.5)).float().mean())
+
+        return {"original_val_to_student": share(x_original, True), "held_out_to_expert": share(x_collected, False)}
 
 
 def soup(model: Any, states: list[dict[str, Any]], x: Any, *, batch_size: int = 256) -> None:
@@ -399,6 +527,7 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
                                       "holdout": len(rs.ids_holdout),
                                       "ids_train": rs.ids_train, "ids_holdout": rs.ids_holdout, "sha256": rs.sha256},
         "stages": trained["stages"], "candidates_test_accuracy": trained["candidates_test_accuracy"],
+        "strategy": trained["strategy"], "gate": trained["gate"],
         "gates": gates, "passed": ok, "forced": force and not ok,
         "bundles": built if ok or force else {}, "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -479,3 +608,15 @@ def print_refresh(report: dict[str, Any]) -> None:
             con.print(f"{g['gate']}: {g['error']}", highlight=False)
         if g.get("paired"):
             con.print(f"{g['gate']}:{_paired_words(g['paired'])}", highlight=False)
+    gate = report.get("gate")
+    if gate:
+        share = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+        con.print(f"strategy expert: the student is kept; the gate ({gate['params']} parameters) sends "
+                  f"{share(gate['original_val_to_student'])} of the original validation inputs to it and "
+                  f"{share(gate['held_out_to_expert'])} of the held-out collected ones to the expert "
+                  f"(expert alone: {gate['expert_test_accuracy']:.2%} on the original test split)", highlight=False)
+        grow = gate.get("growth")
+        if grow:
+            con.print(f"parameters {grow['params_before']:,} → {grow['params_after']:,}, MACs per input "
+                      f"{grow['macs_before']:,} → {grow['macs_after']:,} "
+                      f"(strategy \"continue\" keeps the size and forgets more)", highlight=False)

@@ -73,6 +73,13 @@ def test_refresh_balance_takes_a_mode_and_reads_an_older_boolean(tmp_path):
     assert load_config(None).refresh.candidates == 3
     with pytest.raises(ConfigError, match=r"refresh\.candidates: must be 1\.\.16"):
         load_config(write(tmp_path, "[refresh]\ncandidates = 0\n"))
+    from toolchain.config import RefreshStrategy
+
+    assert load_config(None).refresh.strategy is RefreshStrategy.EXPERT
+    cont = load_config(write(tmp_path, '[refresh]\nstrategy = "continue"\n'))
+    assert cont.refresh.strategy is RefreshStrategy.CONTINUE
+    with pytest.raises(ConfigError, match=r"refresh\.strategy: expected one of \['expert', 'continue'\]"):
+        load_config(write(tmp_path, '[refresh]\nstrategy = "replace"\n'))
 
 
 def test_missing_path(tmp_path):

@@ -157,7 +157,27 @@ def test_refresh_learns_the_shifted_inputs_keeps_the_original_and_records_proven
     assert pr["inputs"] == len(run.splits().test[1]) and pr["lost_pt"] == pytest.approx(orig["lost_pt"], abs=0.01)
     assert pr["lost_pt_ci95"][0] <= pr["lost_pt"] <= pr["lost_pt_ci95"][1]
     assert held["after"] > held["before"] + 0.2  # the refreshed student reads rotated digits; the parent cannot
-    assert rep["stages"][0]["stage"].endswith("3 averaged")  # refresh.candidates (default 3): one model soup
+    assert "3 averaged" in rep["stages"][0]["stage"]  # refresh.candidates (default 3): one model soup
+    # refresh.strategy "expert" (default): the student kept, the soup as an expert beside it, a gate between them
+    assert rep["strategy"] == "expert" and "student kept + expert" in rep["stages"][0]["stage"]
+    gate = rep["gate"]
+    assert gate["original_val_to_student"] > 0.9 and gate["held_out_to_expert"] > 0.9, gate
+    assert gate["growth"]["params_after"] > 2 * gate["growth"]["params_before"]  # the price, reported
+    # the kept student's quantized program ships as it was: where the gate picks it, the new program answers as the
+    # parent's did (the expert alone was quantized; nothing retrained or re-observed the student)
+    import torch
+
+    from toolchain import engine
+
+    new_run = RunDir(tmp_path / "new")
+    x = engine.normalise(run.splits().test[0], run.input_spec)
+    with torch.no_grad():
+        g = torch.sigmoid(new_run.load_student().gate(x)).squeeze(1)
+        old_q, new_q = run.load_student_qat()(x), new_run.load_student_qat()(x)
+    sure = g > 0.999
+    assert sure.float().mean() > 0.8, g
+    torch.testing.assert_close(new_q[sure], old_q[sure], atol=0.02 * float(old_q.abs().max()), rtol=0)
+    assert (tmp_path / "new" / "student_qat_kept.pt").read_bytes() == (parent / "student_qat.pt").read_bytes()
     new = RunDir(tmp_path / "new")
     saved = json.loads((tmp_path / "new" / "reports" / "refresh.json").read_text())
     assert saved["parent"] == str(parent.resolve()) and saved["samples"]["sha256"] == new.data_record()["refresh"]["sha256"]
@@ -171,8 +191,42 @@ def test_refresh_learns_the_shifted_inputs_keeps_the_original_and_records_proven
     assert not (parent / "refresh").exists()  # the parent run is never touched
 
 
+def test_a_refresh_of_a_refreshed_run_keeps_its_student_and_does_not_grow(tiny_run, tmp_path):
+    """The loop runs again: the gated parent's student stays as it was, its expert continues, the gate is new."""
+    import torch
+
+    from toolchain.models import GatedExperts
+
+    parent = _parent(tiny_run, tmp_path, candidates=1)
+    run = RunDir(parent)
+    ss = _samples(run, 120)
+    db = tmp_path / "gw.sqlite"
+    from cloud_gateway.store import TelemetryStore
+    from edgecore import wire
+
+    TelemetryStore(db).add_samples([
+        {"device_id": s.device, "received": s.received, "input": wire.encode_tensor(s.input),
+         "teacher_probs": wire.encode_tensor(s.teacher_probs), "teacher_label": s.teacher_label,
+         "uncertainty": s.uncertainty, "flagged": False, "human_label": s.human_label} for s in ss])
+    first = refresh(parent=parent, out=tmp_path / "r1", source=str(db), targets=["onnx-fp32"], show=False)
+    second = refresh(parent=tmp_path / "r1", out=tmp_path / "r2", source=str(db), targets=["onnx-fp32"], show=False)
+    assert first["passed"] and second["passed"], (first["gates"], second["gates"])
+    student, m1, m2 = run.load_student(), RunDir(tmp_path / "r1").load_student(), RunDir(tmp_path / "r2").load_student()
+    assert isinstance(m1, GatedExperts) and isinstance(m2, GatedExperts)
+    assert not isinstance(m2.base, GatedExperts)  # not nested: the same size after every refresh
+    assert sum(p.numel() for p in m2.parameters()) == sum(p.numel() for p in m1.parameters())
+    for name, v in student.state_dict().items():  # the production student, unchanged through both refreshes
+        torch.testing.assert_close(m2.base.state_dict()[name], v, rtol=0, atol=0)
+    assert (tmp_path / "r2" / "bundles" / "onnx-fp32" / "manifest.json").is_file()
+    # the kept program passes down unchanged, so the next refresh keeps the same student in int8 too
+    kept = (tmp_path / "r2" / "student_qat_kept.pt").read_bytes()
+    assert kept == (tmp_path / "r1" / "student_qat_kept.pt").read_bytes() == (parent / "student_qat.pt").read_bytes()
+
+
 def test_a_failed_gate_keeps_the_report_and_writes_no_bundles(tiny_run, tmp_path):
-    parent = _parent(tiny_run, tmp_path, max_regression_pt=0.0, epochs=1, lr=0.05)
+    # "continue": the refreshed student replaces the old one, so learning wrong labels costs original accuracy
+    # (with the default "expert" strategy the gate keeps the original inputs on the unchanged student)
+    parent = _parent(tiny_run, tmp_path, max_regression_pt=0.0, epochs=1, lr=0.05, strategy="continue")
     ss = _samples(RunDir(parent), 60, human=False)
     for s in ss:  # the person labelled everything "0": learning it must cost accuracy on the original split
         object.__setattr__(s, "human_label", 0)

@@ -14,7 +14,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "refresh", help="re-distill the student on the gateway's collected samples into a new run, gated",
         description="Pull the samples the gateway collected (GATEWAY_URL over HTTP, or its database URL / SQLite "
-        "file), re-distill the run's student on its data plus them, re-run QAT, export and the production builds "
+        "file), re-distill the run's student on its data plus them (by default as an expert beside the unchanged "
+        "student, with a gate that picks per input: refresh.strategy), re-run QAT, export and the production builds "
         "into a NEW run, and check the gates (original test split, held-out collected samples).",
     )
     p.add_argument("--from", dest="source", required=True, metavar="GATEWAY_URL|DB_URL",
