@@ -190,9 +190,6 @@ class GatedExperts(nn.Module):
     overwrote the student would forget part of what it knew (docs/acceptance/issue13.md).
     """
 
-    #: parameter prefixes training passes leave alone (the quantizing pass): the kept student stays as it was
-    frozen_in_training = ("base.",)
-
     def __init__(self, base: nn.Module, expert: nn.Module, gate: nn.Module) -> None:
         super().__init__()
         self.base, self.expert, self.gate = base, expert, gate

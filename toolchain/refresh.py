@@ -39,6 +39,7 @@ count and sha256, every gate with its numbers.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -300,14 +301,16 @@ def _train(cfg: Any, out: Path, rs: RefreshSet) -> tuple[Any, Any, dict[str, Any
 
     r, t0 = cfg.refresh, _time.perf_counter()
     gated = r.strategy is RefreshStrategy.EXPERT
-
-    def start() -> Any:  # what a continuation starts from: the student, or a gated parent's expert
-        m = run.load_student()
-        return m.expert if gated and isinstance(m, GatedExperts) else m
-
+    quant = [get_pass(n)(cfg) for n in cfg.compress.passes if get_pass(n).quantizes]
+    kept = run.load_student().eval()  # the parent's student: kept as is (expert), and where continuations start
+    kept_program: bytes | None = None
+    if gated and quant:  # before any training: without it, the kept student's int8 answers could not stay its own
+        kept_program = _kept_program(run, kept)
+    # what a continuation starts from: the student, or a gated parent's expert
+    start = kept.expert if gated and isinstance(kept, GatedExperts) else kept
     states, cand_acc = [], []
     for k in range(r.candidates):
-        student = start().train()
+        student = copy.deepcopy(start).train()
         engine.fit(student, loss_fn=loss_fn, train=(ctx.train[0], targets), val=ctx.val,
                    opts=ctx.fit_options(epochs=r.epochs, lr=r.lr, desc=f"refresh {k + 1}/{r.candidates}",
                                         seed_offset=500 + k, warmup_epochs=0, patience=r.epochs))
@@ -318,15 +321,12 @@ def _train(cfg: Any, out: Path, rs: RefreshSet) -> tuple[Any, Any, dict[str, Any
         soup(student, states, ctx.train[0])
     name = "refreshed (distilled, continued)" + (f"; {len(states)} averaged" if len(states) > 1 else "")
     gate_report: dict[str, Any] | None = None
-    kept_program: bytes | None = None
     if gated:
         expert_acc = engine.accuracy(student, *ctx.test)
         gate = train_gate(ctx.train[0], n_orig, seed=cfg.run.seed)
         x_hold = engine.normalise(rs.x_val, ctx.input_spec) if len(rs.y_val) else ctx.val[0][:0]
         gate_report = {"expert_test_accuracy": expert_acc, **gate_routing(gate, ctx.val[0], x_hold),
                        "params": count_params(gate)}
-        kept = run.load_student().eval()
-        kept_program = _kept_program(run, kept)  # read before this run's outputs replace the parent's
         before = {"params": count_params(kept), "macs": count_macs(kept, ctx.input_shape)}
         student = GatedExperts(kept.base if isinstance(kept, GatedExperts) else kept, student, gate).eval()
         # the price: one more student (and the gate) run per input
@@ -334,8 +334,7 @@ def _train(cfg: Any, out: Path, rs: RefreshSet) -> tuple[Any, Any, dict[str, Any
                                  "macs_before": before["macs"], "macs_after": count_macs(student, ctx.input_shape)}
         name = f"student kept + expert ({name}) + gate"
     row = stage_row(name, student, ctx, size=state_size(student), seconds=_time.perf_counter() - t0)
-    quant = [get_pass(n)(cfg) for n in cfg.compress.passes if get_pass(n).quantizes]
-    if quant and kept_program is not None:
+    if kept_program is not None:
         res = _quantize_gated(quant, student, kept_program, ctx)
     else:
         res = C.run_passes(quant, student, ctx, label="refreshed: ")
@@ -344,49 +343,44 @@ def _train(cfg: Any, out: Path, rs: RefreshSet) -> tuple[Any, Any, dict[str, Any
               "candidates_test_accuracy": cand_acc, "strategy": r.strategy.value, "gate": gate_report}
     C._write_outputs(run, res, ctx, report)
     kept_path = run.path / KEPT_PROGRAM
-    if kept_program is not None and res.program is not None:
+    if kept_program is not None:
         atomic_write_bytes(kept_path, kept_program)  # what the next refresh keeps
     else:
         kept_path.unlink(missing_ok=True)
     return res, ctx, report
 
 
-def _kept_program(run: Any, kept: Any) -> bytes | None:
-    """The quantized program of the student a gated refresh keeps: the parent's own (a gated parent: its kept one)."""
+def _kept_program(run: Any, kept: Any) -> bytes:
+    """The quantized program of the student a gated refresh keeps: the parent's own (a gated parent: its kept one).
+
+    Read before this run's outputs replace the parent's files."""
     from toolchain.models import GatedExperts
     from toolchain.rundir import RunDir
 
     p = run.path / (KEPT_PROGRAM if isinstance(kept, GatedExperts) else RunDir.STUDENT_QAT)
-    return p.read_bytes() if p.is_file() else None
+    if not p.is_file():
+        raise RefreshError(f"the parent run has no quantized program ({p.name}) for the student that refresh.strategy "
+                           f"'expert' keeps: run `toolchain compress` on it, or set refresh.strategy = 'continue'")
+    return p.read_bytes()
 
 
 def _quantize_gated(quant: list[Any], model: Any, kept_program: bytes, ctx: Any) -> Any:
     """The quantizing passes on the expert alone, then one program: the kept student's quantized program as it
     shipped (its answers unchanged, bit for bit), the quantized expert, and the gate in float."""
-    import io
-
-    import torch
-    import torchao.quantization.pt2e as pt2e
-
     from toolchain import compress as C
     from toolchain import engine
-    from toolchain.models import GatedExperts, count_params
+    from toolchain.models import GatedExperts
+    from toolchain.passes.base import stage_row
     from toolchain.passes.qat import serialize_program
+    from toolchain.rundir import load_program
 
     res = C.run_passes(quant, model.expert, ctx, label="refreshed expert: ")
-    if res.quantized is None:  # nothing quantized after all: the composite as it is
-        return C.run_passes(quant, model, ctx, label="refreshed: ")
-    try:
-        kept = torch.export.load(io.BytesIO(kept_program)).module()
-    except Exception as e:  # torch raises many kinds for a corrupt archive
-        raise RefreshError(f"the kept student's quantized program does not load: {type(e).__name__}: {e}") from e
-    pt2e.allow_exported_model_train_eval(kept)
-    composite = GatedExperts(kept, res.quantized, model.gate)
+    composite = GatedExperts(load_program(kept_program, origin="the kept student's program"), res.quantized,
+                             model.gate)
     program = serialize_program(composite, ctx.input_shape)
-    last = res.rows[-1]
-    res.rows = [{**last, "stage": f"refreshed: {res.quantizer} (kept student's program + expert + gate)",
-                 "params": count_params(model), "size_bytes": len(program),
-                 "test_accuracy": engine.accuracy(composite, *ctx.test)}]
+    res.rows = [stage_row(f"refreshed: {res.quantizer} (kept student's program + expert + gate)", model, ctx,
+                          size=len(program), seconds=res.rows[-1]["seconds"],
+                          accuracy=engine.accuracy(composite, *ctx.test), quantized=True)]
     res.student, res.quantized, res.program = model, composite, program
     return res
 
@@ -424,14 +418,15 @@ def gate_routing(gate: Any, x_original: Any, x_collected: Any) -> dict[str, floa
     """Shares the gate sends the right way: original inputs to the student (g > 0.5), collected ones to the expert."""
     import torch
 
-    with torch.no_grad():
-        def share(x: Any, to_student: bool) -> float | None:
-            if len(x) == 0:
-                return None
-            g = torch.sigmoid(gate(x)).squeeze(1)
-            return float(((g > 0.5) if to_student else (g <= 0.5)).float().mean())
+    def share_to_student(x: Any) -> float | None:
+        if len(x) == 0:
+            return None
+        with torch.no_grad():
+            return float((torch.sigmoid(gate(x)) > 0.5).float().mean())
 
-        return {"original_val_to_student": share(x_original, True), "held_out_to_expert": share(x_collected, False)}
+    to_expert = share_to_student(x_collected)
+    return {"original_val_to_student": share_to_student(x_original),
+            "held_out_to_expert": None if to_expert is None else 1.0 - to_expert}
 
 
 def soup(model: Any, states: list[dict[str, Any]], x: Any, *, batch_size: int = 256) -> None:

@@ -156,18 +156,8 @@ class RunDir:
 
     def load_student_qat(self) -> "torch.nn.Module":
         """The converted QAT student (a torch.export program's module, QDQ ops inside)."""
-        import torch
-        import torchao.quantization.pt2e  # noqa: F401  registers the quantized_decomposed ops
-
         p = self.require(self.STUDENT_QAT, hint="run `toolchain compress` first")
-        try:
-            ep = torch.export.load(io.BytesIO(p.read_bytes()))
-        except Exception as e:  # torch raises many kinds for a corrupt archive
-            raise ModelError(f"{p}: not a loadable QAT program: {e}") from e
-        module = ep.module()
-        # exported modules refuse .eval(); this makes .train()/.eval() safe to call
-        torchao.quantization.pt2e.allow_exported_model_train_eval(module)
-        return module
+        return load_program(p.read_bytes(), origin=str(p))
 
     def model_source(self) -> "ModelSource":
         from targets.base import ModelSource
@@ -198,6 +188,22 @@ class RunDir:
             return sha256_file(p) if p.is_file() else None
 
         return {"teacher_sha256": h(self.TEACHER), "student_sha256": h(self.STUDENT), "config_sha256": h(self.CONFIG)}
+
+
+def load_program(data: bytes, *, origin: str) -> "torch.nn.Module":
+    """A quantized program (`toolchain.passes.qat.serialize_program`'s bytes) as a module; ``origin`` names it in
+    errors."""
+    import torch
+    import torchao.quantization.pt2e  # noqa: F401  registers the quantized_decomposed ops
+
+    try:
+        ep = torch.export.load(io.BytesIO(data))
+    except Exception as e:  # torch raises many kinds for a corrupt archive
+        raise ModelError(f"{origin}: not a loadable QAT program: {e}") from e
+    module = ep.module()
+    # exported modules refuse .eval(); this makes .train()/.eval() safe to call
+    torchao.quantization.pt2e.allow_exported_model_train_eval(module)
+    return module
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> int:

@@ -127,35 +127,3 @@ def test_scratch_control_is_reported_and_says_plainly_when_compression_bought_no
 
     assert type(fresh) is type(student) and not torch.equal(fresh.fc.weight, student.fc.weight)
     assert fresh.fc.weight.shape == student.fc.weight.shape
-
-
-def test_qat_leaves_the_parts_a_model_marks_frozen_untrained(tiny_run, monkeypatch):
-    """A refresh's `GatedExperts` keeps its student: QAT trains the expert and the gate, never ``base.*``."""
-    import copy
-    import dataclasses
-
-    from toolchain import compress as C
-    from toolchain import engine
-    from toolchain.models import DomainGate, GatedExperts
-    from toolchain.passes.qat import quantization_aware_training
-
-    run = RunDir(tiny_run)
-    cfg = run.config()
-    ctx = C.make_context(cfg, run)
-    student = run.load_student()
-    model = GatedExperts(student, copy.deepcopy(student), DomainGate(ctx.input_shape)).eval()
-    seen: dict[str, bool] = {}
-    real_fit = engine.fit
-
-    def spy(m, **kw):
-        seen.update({n: p.requires_grad for n, p in m.named_parameters()})
-        return real_fit(m, **kw)
-
-    monkeypatch.setattr(engine, "fit", spy)
-    quantization_aware_training(model, ctx=ctx, config=dataclasses.replace(cfg.qat, epochs=1, max_steps=2), bits=8)
-    base = {n: g for n, g in seen.items() if n.startswith("base.")}
-    rest = {n: g for n, g in seen.items() if not n.startswith("base.")}
-    assert base and not any(base.values()), base
-    weights = {n: g for n, g in rest.items() if n.endswith(".weight")}
-    # (a conv without a bias gets one from folding BatchNorm, which torch marks as not trainable)
-    assert weights and all(weights.values()), rest

@@ -223,6 +223,31 @@ def test_a_refresh_of_a_refreshed_run_keeps_its_student_and_does_not_grow(tiny_r
     assert kept == (tmp_path / "r1" / "student_qat_kept.pt").read_bytes() == (parent / "student_qat.pt").read_bytes()
 
 
+def test_the_expert_strategy_refuses_a_parent_without_a_quantized_program_before_training(tiny_run, tmp_path,
+                                                                                       monkeypatch):
+    """Keeping the student means keeping its int8 program too: without one, say so at once (no QAT of the whole
+    gated model, which would move the kept student's answers)."""
+    from cloud_gateway.store import TelemetryStore
+    from edgecore import wire
+    from toolchain import engine
+
+    parent = _parent(tiny_run, tmp_path)
+    (parent / "student_qat.pt").unlink()
+    ss = _samples(RunDir(parent), 40)
+    TelemetryStore(tmp_path / "gw.sqlite").add_samples([
+        {"device_id": s.device, "received": s.received, "input": wire.encode_tensor(s.input),
+         "teacher_probs": wire.encode_tensor(s.teacher_probs), "teacher_label": s.teacher_label,
+         "uncertainty": s.uncertainty, "flagged": False, "human_label": s.human_label} for s in ss])
+
+    def no_training(*a, **kw):
+        raise AssertionError("the refresh trained before refusing")
+
+    monkeypatch.setattr(engine, "fit", no_training)
+    with pytest.raises(RefreshError, match=r"no quantized program \(student_qat\.pt\).*strategy = 'continue'"):
+        refresh(parent=parent, out=tmp_path / "new", source=str(tmp_path / "gw.sqlite"), targets=["onnx-fp32"],
+                show=False)
+
+
 def test_a_failed_gate_keeps_the_report_and_writes_no_bundles(tiny_run, tmp_path):
     # "continue": the refreshed student replaces the old one, so learning wrong labels costs original accuracy
     # (with the default "expert" strategy the gate keeps the original inputs on the unchanged student)

@@ -181,13 +181,6 @@ def quantization_aware_training(student: "nn.Module", *, ctx: PassContext, confi
     except Exception as e:  # prepare failures come in many types
         raise CompressionError(f"QAT: cannot prepare the student for quantization: {e}") from e
     pt2e.allow_exported_model_train_eval(prepared)
-    # parts the model asks to keep (a refresh's kept student, `toolchain.models.GatedExperts`): their weights do not
-    # train here, so their quantized answers move only by the ranges observed, not by another round of training
-    frozen = tuple(getattr(student, "frozen_in_training", ()))
-    if frozen:
-        for name, p in prepared.named_parameters():
-            if name.startswith(frozen):
-                p.requires_grad_(False)
     epochs, steps = qat_epochs(config, len(ctx.train[0]), ctx.cfg.data.batch_size)
     freeze_at = max(1, min(config.freeze_observer_epoch, epochs - 1))
 
