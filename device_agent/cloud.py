@@ -63,6 +63,12 @@ class CloudClient:
             link.subscribe(self.topics.resp, self.on_response)
 
     @property
+    def connected(self) -> bool:
+        """A link is attached and connected (else every `ask` falls back with reason ``broker``)."""
+        link = self.link
+        return link is not None and link.connected.is_set()
+
+    @property
     def pending(self) -> int:
         return len(self._pending)
 

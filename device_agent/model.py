@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from edgecore.bundle import Bundle
-from edgecore.confidence import confidence, confidence_one
+from edgecore.confidence import confidence, confidence_one, row_scorer
 from edgecore.errors import AgentError, BundleTrustError, EdgeError
 from targets import load_runner
 
@@ -39,6 +40,14 @@ class LoadedModel:
     threshold: float | None  # the bundle's own routing threshold
     drift_reference: dict[str, Any] | None
     labels: tuple[str, ...]  # the bundle's labels, read once (not a list copy per answer)
+    # one raw sample -> (top class, confidence): the runner's one-input path and the routing measure, made (and
+    # checked against the batch path) from the fields above, also by ``dataclasses.replace`` (`answer_path`)
+    answer: Callable[[np.ndarray], tuple[int, float]] = field(init=False, repr=False, compare=False)
+    sample_shape: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "answer", answer_path(self.bundle, self.runner, self.measure, self.temperature))
+        object.__setattr__(self, "sample_shape", self.bundle.input_spec.sample_shape)
 
     def label(self, pred: int) -> str:
         """The label of class ``pred`` (its number when the bundle names fewer classes)."""
@@ -49,9 +58,9 @@ class LoadedModel:
 class Inference(NamedTuple):  # a tuple, not a frozen dataclass: made once per input, a fraction of the cost
     model: LoadedModel  # the model that answered (the previous one after a rollback)
     x: np.ndarray  # its preprocessed input
-    logits: np.ndarray
+    preds: np.ndarray  # the top class of each input
     confidence: np.ndarray
-    seconds: float  # preprocessing + runtime
+    seconds: float  # preprocessing + runtime (+ scoring, for one input)
 
 
 def _routing(bundle: Bundle) -> tuple[str, float, float | None]:
@@ -96,6 +105,62 @@ def load_model(bundle: Bundle, *, threads: int | None = None) -> LoadedModel:
     return LoadedModel(bundle, runner, measure, temperature, threshold, bundle.drift_reference(), tuple(bundle.labels))
 
 
+def _check_inputs(spec: Any) -> np.ndarray:
+    """Two raw samples whose preprocessed values are all 0 and a ramp over [-2, 2] (the spec's inverse)."""
+    a, b = spec.affine()
+    target = np.stack([np.zeros(spec.sample_shape), np.linspace(-2.0, 2.0, int(np.prod(spec.sample_shape)))
+                       .reshape(spec.sample_shape)])
+    return ((target - (0.0 if b is None else b[0])) / a[0]).astype(np.float32)
+
+
+def answer_path(bundle: Bundle, runner: Any, measure: str,
+                temperature: float) -> Callable[[np.ndarray], tuple[int, float]]:
+    """``answer(raw) -> (top class, confidence)`` for one raw sample: the runner's `one_input` path and a scorer.
+
+    Checked at load against the batch path (preprocess, ``runner.run``, `confidence`) on two inputs: a runner's
+    folded path that disagrees (beyond rounding: 0.02 in confidence) is not used, with a warning, and the
+    generic path (`targets.base.one_input` without the runner's own) serves instead.
+    """
+    from targets.base import OneInput
+    from targets.base import one_input as generic_one_input
+
+    spec = bundle.input_spec
+
+    def compose(path: OneInput) -> Callable[[np.ndarray], tuple[int, float]]:
+        run, score = path.run, row_scorer(measure, temperature, path.quant)
+        return lambda raw: score(run(raw))
+
+    def agrees(answer: Callable[[np.ndarray], tuple[int, float]]) -> str | None:
+        raws = _check_inputs(spec)
+        # one at a time: a batch would resize a runner that batches by resizing, after its one-input path was made
+        ref_logits = np.concatenate([np.asarray(runner.run(spec.preprocess(raw[None]))) for raw in raws])
+        ref_conf = confidence(ref_logits, measure=measure, temperature=temperature)
+        for i, raw in enumerate(raws):
+            pred, conf = answer(raw)
+            row, top = ref_logits[i], int(ref_logits[i].argmax())
+            near_tie = row[top] - row[pred] <= 0.01 * (float(row.max() - row.min()) or 1.0)
+            if abs(conf - float(ref_conf[i])) > 0.02 or not near_tie:
+                return f"input {i}: class {pred} at {conf:.4f}, the batch path {top} at {float(ref_conf[i]):.4f}"
+        return None
+
+    try:
+        own = compose(generic_one_input(runner, spec))
+        why = agrees(own)
+    except Exception as e:  # a path that cannot run here: the batch path (which fails live, and rolls back)
+        why = f"{type(e).__name__}: {e}"
+    if why is None:
+        return own
+    log.warning("bundle %s: the runtime's one-input path disagrees with its batch path (%s); using the batch path",
+                bundle.root, why)
+    run = runner.run
+
+    def batch_path(raw: np.ndarray) -> tuple[int, float]:
+        logits = np.asarray(run(spec.preprocess(raw[None])))
+        return int(logits[0].argmax()), confidence_one(logits, measure=measure, temperature=temperature)
+
+    return batch_path
+
+
 class LocalModel:
     """The serving model and the previous one; ``infer`` rolls back when the serving one fails live."""
 
@@ -132,12 +197,40 @@ class LocalModel:
             self._on_rollback(self._current, err)
         return self._current
 
+    def answer_one(self, raw: np.ndarray) -> tuple[LoadedModel, int, float, float]:
+        """One raw sample of the model's sample shape: (model that answered, top class, confidence, seconds).
+
+        The device's usual call: the runner's one-input path (preprocessing folded in) and the scorer, timed
+        together. A sample of another shape is an `AgentError` before anything runs (it would broadcast).
+        Rolls back to the previous model when the serving one fails live.
+        """
+        m = self._current
+        if raw.shape != m.sample_shape:
+            raise AgentError(f"input of shape {list(raw.shape)}; the bundle takes samples of shape "
+                             f"{list(m.sample_shape)}")
+        t0 = perf_counter()
+        try:
+            pred, conf = m.answer(raw)
+        except Exception as e:
+            if isinstance(e, EdgeError) and self._previous is None:
+                raise
+            m = self.rollback(e)
+            if raw.shape != m.sample_shape:
+                raise AgentError(f"input of shape {list(raw.shape)}; the bundle rolled back to takes samples of "
+                                 f"shape {list(m.sample_shape)}") from e
+            t0 = perf_counter()
+            pred, conf = m.answer(raw)
+        return m, pred, conf, perf_counter() - t0
+
     def _run(self, raw: np.ndarray) -> tuple[LoadedModel, np.ndarray, np.ndarray, float]:
         """Preprocess and run a batch of raw samples: (model that answered, input, logits, seconds).
 
         Rolls back to the previous model when the serving one fails live.
         """
         m = self._current
+        if raw.shape[1:] != m.sample_shape:
+            raise AgentError(f"inputs of shape {list(raw.shape[1:])}; the bundle takes samples of shape "
+                             f"{list(m.sample_shape)}")
         t0 = time.perf_counter()  # on-device latency counts preprocessing too
         try:
             x = m.bundle.input_spec.preprocess(raw)
@@ -155,12 +248,4 @@ class LocalModel:
         """Preprocess, run and score a batch of raw samples; rolls back on a live failure."""
         m, x, logits, dt = self._run(raw)
         conf = confidence(logits, measure=m.measure, temperature=m.temperature)
-        return Inference(m, x, logits, np.asarray(conf, dtype=np.float64), dt)
-
-    def infer_one(self, raw: np.ndarray) -> tuple[LoadedModel, np.ndarray, np.ndarray, float, float]:
-        """`infer` for a batch of one, the device's usual case: (model, input, logits, confidence, seconds).
-
-        The confidence is a plain float (no one-element array made and read back).
-        """
-        m, x, logits, dt = self._run(raw)
-        return m, x, logits, confidence_one(logits, measure=m.measure, temperature=m.temperature), dt
+        return Inference(m, x, logits.argmax(axis=1), np.asarray(conf, dtype=np.float64), dt)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import enum
 import math
+from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["Measure", "softmax", "confidence", "confidence_one"]
+__all__ = ["Measure", "softmax", "confidence", "confidence_one", "row_scorer"]
 
 
 class Measure(str, enum.Enum):
@@ -75,3 +76,48 @@ def confidence_one(logits: np.ndarray, *, measure: Measure | str = Measure.MAX_P
     if measure == "max_prob" and temperature > 0 and _one_short_row(logits):
         return _max_prob_row(logits[0].tolist(), float(temperature))
     return float(confidence(logits, measure=measure, temperature=temperature)[0])
+
+
+def row_scorer(measure: Measure | str = Measure.MAX_PROB, temperature: float = 1.0,
+               quant: tuple[float, int, int] | None = None) -> Callable[[Sequence[float]], tuple[int, float]]:
+    """``score(row) -> (top class, confidence)`` for one input's output row given as a Python list.
+
+    ``quant = (scale, qmin, qmax)``: the row holds the output's integers ``q`` and the logits are
+    ``(q - zero) * scale``; ``max_prob`` then needs no dequantizing, since
+    ``1 / sum(exp((l_i - l_top) / T)) == 1 / sum(E[q_top - q_i])`` with ``E[d] = exp(-d * scale / T)``, a table
+    of ``qmax - qmin + 1`` floats made here. The top class is the first largest value, as ``argmax``.
+    Other measures go through `confidence` (dequantized first), so every path agrees with the build's.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    m = Measure.MAX_PROB if measure == "max_prob" else Measure(measure)
+    t = float(temperature)
+    exp = math.exp
+    if m is Measure.MAX_PROB and quant is not None:
+        step = float(quant[0]) / t
+        table = [exp(-d * step) for d in range(int(quant[2]) - int(quant[1]) + 1)]
+
+        def score_q(row: Sequence[float]) -> tuple[int, float]:
+            top = max(row)
+            return row.index(top), 1.0 / sum([table[top - v] for v in row])  # type: ignore[index, attr-defined]
+
+        return score_q
+    if m is Measure.MAX_PROB:
+        inv = 1.0 / t
+
+        def score(row: Sequence[float]) -> tuple[int, float]:
+            top = max(row)
+            if inv == 1.0:
+                return row.index(top), 1.0 / sum([exp(v - top) for v in row])  # type: ignore[attr-defined]
+            return row.index(top), 1.0 / sum([exp((v - top) * inv) for v in row])  # type: ignore[attr-defined]
+
+        return score
+    scale = None if quant is None else float(quant[0])
+
+    def score_any(row: Sequence[float]) -> tuple[int, float]:
+        z = np.asarray(row, dtype=np.float64)[None]
+        if scale is not None:  # the zero point cancels in every measure of a softmax: only the scale matters
+            z = z * scale
+        return int(z[0].argmax()), float(confidence(z, measure=m, temperature=t)[0])
+
+    return score_any

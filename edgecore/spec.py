@@ -43,29 +43,35 @@ class InputSpec:
     def preprocess(self, raw: np.ndarray) -> np.ndarray:
         """Raw samples (batch first) -> the normalised float tensor the model takes.
 
-        Runs once per input on a device: the constants are made once per spec (`_constants`) and the
-        arithmetic, ``(raw * scale - mean) / std`` in float32, runs in place on one new array.
+        Runs once per input on a device: ``(raw * scale - mean) / std`` as one multiply and one add in float32
+        (`affine`, made once per spec), the same two operations a runner folds into its own input conversion.
         """
-        scale, mean, std = self._constants(np.ndim(raw))
-        x = np.multiply(raw, scale, dtype=np.float32)
-        if mean is not None:
-            x -= mean
-            x /= std
+        a, b = self.affine(np.ndim(raw) - 1)
+        x = np.multiply(raw, a, dtype=np.float32)
+        if b is not None:
+            x += b
         return x if self.dtype == "float32" else x.astype(self.dtype, copy=False)
 
-    def _constants(self, ndim: int) -> tuple[np.float32, np.ndarray | None, np.ndarray | None]:
-        cache = self.__dict__.get("_const")
-        if cache is None or cache[0] != ndim:
-            mean = std = None
-            if len(self.mean) == 1:  # one channel: float32 scalars, the same arithmetic without broadcasting (~1 µs)
-                mean, std = np.float32(self.mean[0]), np.float32(self.std[0])
-            elif self.mean:
-                bshape = (1, len(self.mean)) + (1,) * (ndim - 2)
-                mean = np.asarray(self.mean, np.float32).reshape(bshape)
-                std = np.asarray(self.std, np.float32).reshape(bshape)
-            cache = (ndim, np.float32(self.scale), mean, std)
-            object.__setattr__(self, "_const", cache)  # a cache on a frozen value: not part of its identity
-        return cache[1], cache[2], cache[3]
+    def affine(self, sample_ndim: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(a, b)`` with ``(raw * scale - mean) / std == raw * a + b``, shaped to broadcast against a batch.
+
+        Both are float32 arrays of ``1 + sample_ndim`` dimensions (default: this spec's), so a single sample
+        without its batch dimension comes out with one: ``a`` is ``scale / std`` and ``b`` is ``-mean / std``
+        per channel (axis 1), or scalars in arrays when there is one channel; ``b`` is None without a mean.
+        """
+        ndim = len(self.sample_shape) if sample_ndim is None else int(sample_ndim)
+        cache = self.__dict__.get("_affine")
+        if cache is not None and cache[0] == ndim:
+            return cache[1], cache[2]
+        if not self.mean:
+            a, b = np.full((1,) * (ndim + 1), self.scale, np.float32), None
+        else:
+            mean, std = np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64)
+            bshape = (1,) * (ndim + 1) if len(mean) == 1 else (1, len(mean)) + (1,) * (ndim - 1)
+            a = (self.scale / std).astype(np.float32).reshape(bshape)
+            b = (-mean / std).astype(np.float32).reshape(bshape)
+        object.__setattr__(self, "_affine", (ndim, a, b))  # a cache on a frozen value: not part of its identity
+        return a, b
 
     def to_dict(self) -> dict[str, Any]:
         return {

