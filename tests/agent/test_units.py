@@ -16,7 +16,7 @@ from device_agent.sources import folder_source, iterator_source, npz_source
 from device_agent.telemetry import TelemetryRecorder, WindowCounters
 from edgecore import wire
 from edgecore.bundle import TrustPolicy, open_bundle
-from edgecore.confidence import confidence, confidence_one
+from edgecore.confidence import confidence, confidence_one, row_scorer
 from edgecore.errors import AgentError, BundleTrustError
 from tests.agent.tiny import items, release_trust
 
@@ -353,3 +353,128 @@ def test_a_new_bundle_clears_the_drift_verdict_of_the_old_one(tiny_cascade, tmp_
     agent.swap_bundle(open_bundle(tmp_path / "v2"))
     assert agent.last_drift is None
     assert summarize(list(agent.run(items(run.x_test[:20]))))["edge"] == 20
+
+
+# --- the one-input path: scorer, deferred histogram and drift, recorder ----------------------------
+
+@pytest.mark.parametrize("measure", ["max_prob", "margin", "entropy"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 3.0])
+def test_row_scorer_is_the_batch_confidence(measure, temperature):
+    """(top class, confidence) of one output row, float or int8 (read without dequantizing), as the batch path."""
+    rng = np.random.default_rng(8)
+    for logits in [rng.normal(0, 4, size=(1, 10)), np.array([[50.0, -50.0, 0.0]]), np.array([[2.0, 7.0, 7.0, 1.0]])]:
+        pred, conf = row_scorer(measure, temperature)(logits[0].tolist())
+        assert pred == int(logits[0].argmax())  # the first of equal tops, as argmax
+        assert conf == pytest.approx(float(confidence(logits, measure=measure, temperature=temperature)[0]), rel=1e-9)
+    for scale, zero in [(0.1, -5), (0.013, 20), (0.5, 0)]:
+        for q in [rng.integers(-128, 128, size=10), np.array([-128, 127, 127, 0]), np.array([5, 5, 5])]:
+            logits = ((q - zero) * scale)[None]
+            pred, conf = row_scorer(measure, temperature, (scale, -128, 127))(q.tolist())
+            assert pred == int(logits[0].argmax())
+            want = float(confidence(logits, measure=measure, temperature=temperature)[0])
+            assert conf == pytest.approx(want, rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError, match="temperature"):
+        row_scorer(measure, 0.0)
+
+
+def test_latency_histogram_observe_many_is_observe_one_by_one():
+    rng = np.random.default_rng(4)
+    edges = 10.0 ** (-6 + np.arange(9) / 48)  # on bucket bounds
+    data = np.concatenate([rng.lognormal(np.log(2e-5), 0.7, 3000), [1e-7, 1e-6, 99.0, 500.0], edges])
+    one, many = LatencyHistogram(), LatencyHistogram()
+    for v in data:
+        one.observe(float(v))
+    many.observe_many(data[:1000].tolist())
+    many.observe_many(data[1000:])
+    many.observe_many([])
+    assert many.counts == one.counts and many.summary() == pytest.approx(one.summary())
+
+
+def _same_scores(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys() and got["n"] == want["n"] and got["flag"] == want["flag"]
+    for name in DriftMonitor.STATS:
+        assert got[name] == pytest.approx(want[name], rel=1e-9, abs=1e-12)
+
+
+def test_drift_monitor_observe_bytes_is_observe():
+    """Inputs handed over as float32 bytes score as the same inputs observed as arrays, in any mix of sizes."""
+    rng = np.random.default_rng(12)
+    ref = _drift_reference(rng)
+    cfg = DriftConfig(window=300, min_samples=30)
+    raw = rng.uniform(0, 16, size=(400, 1, 8, 8)).astype(np.float32)
+    conf = rng.beta(6, 1, size=400)
+    a, b = DriftMonitor(ref, cfg), DriftMonitor(ref, cfg)
+    a.observe(confidence=conf, raw=raw)
+    b.observe_bytes(tuple(conf[:250]), tuple(r.tobytes() for r in raw[:250]))
+    b.observe_bytes(list(conf[250:]), [r.tobytes() for r in raw[250:]])
+    for name in DriftMonitor.STATS:
+        assert sorted(b.live(name)) == pytest.approx(sorted(a.live(name)), rel=1e-9)
+    _same_scores(b.scores(), a.scores())
+    small = rng.uniform(0, 1, size=(5, 4)).astype(np.float32)  # another size in the middle of a block
+    c = DriftMonitor(ref, cfg)
+    c.observe_bytes([0.9, 0.8, 0.7, 0.6], [raw[0].tobytes(), small[0].tobytes(), small[1].tobytes(), raw[1].tobytes()])
+    means = [raw[0].mean(), small[0].mean(), small[1].mean(), raw[1].mean()]
+    assert sorted(c.live("mean")) == pytest.approx(sorted(means), rel=1e-6)
+
+
+def test_record_edge_counts_at_once_and_folds_what_it_holds_when_read(tmp_path):
+    """`record_edge`: counters in the mapped window at once; durations and drift data pending until read."""
+    rng = np.random.default_rng(13)
+    ref = _drift_reference(rng)
+    cfg = DriftConfig(window=500, min_samples=30)
+    rec = TelemetryRecorder(ref, cfg, WindowCounters(tmp_path / "w.win"))
+    raw = rng.uniform(0, 16, size=(600, 1, 8, 8)).astype(np.float32)
+    conf, secs = rng.beta(6, 1, size=600), rng.lognormal(np.log(2e-5), 0.5, size=600)
+    for i in range(600):
+        rec.record_edge(float(secs[i]), float(conf[i]), raw[i] if i % 3 else raw[i].astype(np.float64))
+        if i == 100:  # nothing folded yet (fewer than PENDING_MAX): the mapped file already has the counts
+            assert WindowCounters(tmp_path / "w.win").counts()["inputs"] == 101
+    assert WindowCounters(tmp_path / "w.win").counts()["edge"] == 600 and rec.totals["edge"] == 600
+    assert rec.edge_latency.count == 600  # reading folds what is pending
+    want = DriftMonitor(ref, cfg)
+    want.observe(confidence=conf, raw=raw)
+    _same_scores(rec.drift.scores(), want.scores())
+    rec.record_edge(1e-5, 0.9, raw[0])
+    msg = rec.close_window(t_end=1.0, emit=lambda m: 1)
+    assert msg["counts"]["edge"] == 601 and msg["latency"]["edge"]["count"] == 601
+    for i in range(10):
+        rec.record_edge(2e-5, 0.9, raw[i])
+    rec.reset_drift(ref)  # a new model: the pending durations still count, their drift data no longer applies
+    assert rec.edge_latency.count == 10 and len(rec.drift.live("mean")) == 0
+
+
+def test_uncertain_single_inputs_fall_back_counted_and_drift_offloads_every_kth(tiny_cascade):
+    run = tiny_cascade
+    agent = Agent(run.bundle_dir, AgentConfig(device_id="x", trust=release_trust(), threads=1, threshold=1.01))
+    ans = list(agent.run(items(run.x_test[:12], run.y_test[:12])))
+    assert [a.route for a in ans] == [Route.FALLBACK] * 12 and all(a.reason == "broker" for a in ans)
+    assert agent.counts["fallback"] == agent.counts["fallback_broker"] == agent.counts["inputs"] == 12
+    agent.set_threshold(0.0)
+    agent.telemetry.last_drift = {"flag": True}
+    ans = list(agent.run(items(run.x_test[:12])))  # drift_offload 0.25: every 4th sure input goes to the cloud
+    assert [a.route for a in ans] == ([Route.EDGE] * 3 + [Route.FALLBACK]) * 3
+    assert agent.counts["edge"] == 9 and agent.counts["inputs"] == 24
+    assert agent.telemetry.edge_latency.count == 24
+
+
+def test_a_runtime_path_that_disagrees_with_its_batch_path_is_not_used(tiny_cascade, caplog):
+    import dataclasses
+
+    from device_agent.model import load_model
+    from targets import OneInput
+
+    run = tiny_cascade
+    good = load_model(open_bundle(run.bundle_dir), threads=1)
+
+    class Liar:  # its batch path is the real one; its one-input path answers class 9 whatever comes
+        def __init__(self, real):
+            self.run = real.run
+
+        def one_input(self, spec):
+            return OneInput(lambda raw: [0.0] * 9 + [50.0])
+
+    with caplog.at_level("WARNING"):
+        m = dataclasses.replace(good, runner=Liar(good.runner))
+    assert "disagrees with its batch path" in caplog.text
+    for i in range(10):
+        assert m.answer(run.x_test[i]) == pytest.approx(good.answer(run.x_test[i]))

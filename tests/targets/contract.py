@@ -92,6 +92,42 @@ class TargetContract:
         one = np.asarray(runner.run(tiny_source.x_test[:1]))  # batch size may change between calls
         np.testing.assert_allclose(one, logits[:1], rtol=1e-4, atol=1e-4)
 
+    @pytest.mark.parametrize("precision", [p.value for p in Precision])
+    def test_one_input_answers_as_the_batch_path(self, precision: str, target: Target, tiny_source: Any,
+                                                 built: dict[str, Any],
+                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+        """The device's one-raw-input path (preprocessing folded in) gives the batch path's class and confidence."""
+        from edgecore.confidence import confidence, row_scorer
+        from targets import one_input
+
+        p = Precision(precision)
+        if p not in target.precisions:
+            pytest.skip(f"{target.name} has no {precision}")
+        out, art = self._build(target, p, tiny_source, built, tmp_path_factory)
+        ok, why = target.available()
+        if not ok:
+            pytest.skip(f"{target.name} artifacts cannot run here: {why}")
+        spec = tiny_source.source.input_spec
+        info = ArtifactInfo(main=art.main, runtime=art.runtime, details=art.details)
+        runner = target.load(out, info, spec, threads=1)
+        a, b = spec.affine()
+        raw = ((tiny_source.x_test[:40] - b) / a).astype(np.float32)  # the raw inputs the test split came from
+        ref = np.asarray(runner.run(spec.preprocess(raw)))
+        ref_conf = confidence(ref, temperature=0.8)
+        path = one_input(runner, spec)
+        score = row_scorer("max_prob", 0.8, path.quant)
+        got = [score(path.run(r)) for r in raw]
+        tol = 0.02 if p is Precision.INT8 else 1e-4  # int8: the folded quantization may round an input value apart
+        assert np.mean([g[0] == int(c) for g, c in zip(got, ref.argmax(1))]) >= 0.95
+        assert np.abs(np.array([g[1] for g in got]) - ref_conf).max() <= tol
+        runner.run(spec.preprocess(raw[:5]))  # a batch in between (a runner may resize for it)
+        again = [score(path.run(r)) for r in raw[:10]]
+        assert [g[0] for g in again] == [g[0] for g in got[:10]]
+        assert [g[1] for g in again] == pytest.approx([g[1] for g in got[:10]], abs=1e-6)
+        as64 = [score(path.run(r.astype(np.float64))) for r in raw[:10]]  # another dtype: the same answers
+        assert [g[0] for g in as64] == [g[0] for g in got[:10]]
+        assert np.abs(np.array([g[1] for g in as64]) - [g[1] for g in got[:10]]).max() <= tol
+
     def test_runner_is_torch_free(self, target: Target, tiny_source: Any, built: dict[str, Any],
                                   tmp_path_factory: pytest.TempPathFactory) -> None:
         """The device side loads and runs the artifact without importing torch or tensorflow."""
