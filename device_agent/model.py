@@ -117,12 +117,12 @@ def answer_path(bundle: Bundle, runner: Any, measure: str,
                 temperature: float) -> Callable[[np.ndarray], tuple[int, float]]:
     """``answer(raw) -> (top class, confidence)`` for one raw sample: the runner's `one_input` path and a scorer.
 
-    Checked at load against the batch path (preprocess, ``runner.run``, `confidence`) on two inputs: a runner's
-    folded path that disagrees (beyond rounding: 0.02 in confidence) is not used, with a warning, and the
-    generic path (`targets.base.one_input` without the runner's own) serves instead.
+    Checked at load against the batch path (preprocess, ``runner.run``, `confidence`) on two inputs: a path
+    that disagrees (by more than 0.02 in confidence, or with another class that is not a near tie) or fails is
+    not used, with a warning; the batch path serves instead (and a runner that fails there fails live, and
+    rolls back).
     """
-    from targets.base import OneInput
-    from targets.base import one_input as generic_one_input
+    from targets.base import OneInput, one_input
 
     spec = bundle.input_spec
 
@@ -144,9 +144,9 @@ def answer_path(bundle: Bundle, runner: Any, measure: str,
         return None
 
     try:
-        own = compose(generic_one_input(runner, spec))
+        own = compose(one_input(runner, spec))
         why = agrees(own)
-    except Exception as e:  # a path that cannot run here: the batch path (which fails live, and rolls back)
+    except Exception as e:  # a path that cannot run here
         why = f"{type(e).__name__}: {e}"
     if why is None:
         return own

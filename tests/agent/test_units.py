@@ -478,3 +478,24 @@ def test_a_runtime_path_that_disagrees_with_its_batch_path_is_not_used(tiny_casc
     assert "disagrees with its batch path" in caplog.text
     for i in range(10):
         assert m.answer(run.x_test[i]) == pytest.approx(good.answer(run.x_test[i]))
+
+
+def test_bad_single_inputs_are_refused_without_a_rollback(tiny_cascade, tmp_path):
+    """Garbage or a wrong shape is the input's fault: a clear `AgentError`, and the serving bundle stays."""
+    from device_agent.sources import Item
+    from tests.agent.tiny import retag_bundle
+
+    run = tiny_cascade
+    retag_bundle(run.bundle_dir, tmp_path / "v2", version="2")
+    agent = Agent(run.bundle_dir, AgentConfig(device_id="x", trust=release_trust(), threads=1, threshold=0.0))
+    agent.swap_bundle(open_bundle(tmp_path / "v2"))  # a previous bundle to roll back to, were it a live failure
+    for raw, match in [(np.full((1, 8, 8), "x"), "not a numeric sample"), (["a", "b"], "not a numeric sample"),
+                       (np.zeros((8, 8), np.float32), r"shape \[8, 8\]"), (np.zeros(1), r"shape \[1\]")]:
+        with pytest.raises(AgentError, match=match):
+            agent.process([Item("bad", raw)])
+    with pytest.raises(AgentError, match="not numeric samples"):
+        agent.process([Item("a", run.x_test[0]), Item("b", np.full((1, 8, 8), "x"))])
+    assert agent.bundle.version == "2" and agent.counts["rollbacks"] == 0 and agent.counts["inputs"] == 0
+    as_u8 = agent.process([Item("u8", np.round(run.x_test[3]).astype(np.uint8))])[0]  # other dtypes: converted
+    as_f64 = agent.process([Item("f64", np.round(run.x_test[3]).astype(np.float64))])[0]
+    assert as_u8.prediction == as_f64.prediction and as_u8.confidence == pytest.approx(as_f64.confidence)
