@@ -178,6 +178,7 @@ class TelemetryRecorder:
             self._drift.observe_bytes(conf, data)
 
     def _add(self, seconds: float, confidence: float, raw: np.ndarray) -> None:
+        """One input's duration, confidence and raw bytes into the pending list (under the lock)."""
         data = raw.tobytes() if raw.dtype is _F32 else np.asarray(raw, dtype=np.float32).tobytes()
         pending = self._pending
         pending.append((seconds, confidence, data))
@@ -204,13 +205,8 @@ class TelemetryRecorder:
         """`observe_one` and ``count({"inputs": 1, "edge": 1})`` under one lock: an input answered at the edge."""
         lock = self._lock
         lock.acquire()  # not ``with``: ~70 ns less per input here (measured), and the try/finally is free
-        try:  # `_add`, inlined (once per input)
-            data = raw.tobytes() if raw.dtype is _F32 else np.asarray(raw, dtype=np.float32).tobytes()
-            pending = self._pending
-            pending.append((seconds, confidence, data))
-            if len(pending) >= self._pending_rows:
-                self._fold()
-                self._pending_rows = max(1, min(self.PENDING_MAX, self.PENDING_BYTES // max(1, len(data))))
+        try:
+            self._add(seconds, confidence, raw)
             t = self.totals
             t["inputs"] += 1
             t["edge"] += 1
