@@ -29,7 +29,7 @@ from edgecore import wire
 from edgecore.bundle import Bundle, TrustPolicy
 from edgecore.errors import AgentError
 
-from .cloud import BROKER_DOWN, CloudClient, CloudResult
+from .cloud import BROKER_DOWN, CloudClient, CloudResult, Ticket
 from .commands import CommandFn, CommandRegistry
 from .drift import DriftConfig
 from .forwarder import OutboxForwarder
@@ -185,9 +185,7 @@ class Agent:
     def swap_bundle(self, bundle: Bundle) -> None:
         """Load, smoke-test and read everything first; then switch (which cannot fail halfway)."""
         new = load_model(bundle, threads=self.config.threads)
-        self.model.check_compatible(new)
-        # from here on nothing can fail: reference swaps and a buffer reset
-        self.model.swap(new)
+        self.model.swap(new)  # checks the input shape first; after it nothing can fail: references and a reset
         if new.threshold is not None:
             self._threshold = new.threshold
         self.telemetry.reset_drift(new.drift_reference)
@@ -246,19 +244,11 @@ class Agent:
     def _route(self, items: list[Item], inf: Inference) -> list[Answer]:
         """Route a scored batch: the uncertain inputs (and, while drifting, a share of the sure ones) to the cloud."""
         drifting = self.telemetry.drifting
-        preds = inf.preds
-        offload = np.flatnonzero(inf.confidence < self._threshold)
-        if drifting and self.config.drift_offload > 0:
-            sure = np.flatnonzero(inf.confidence >= self._threshold)
-            # every k-th sure input (deterministic, spread over the stream, not a burst)
-            pick = [i for i in sure if self._drift_tick()]
-            offload = np.union1d(offload, np.asarray(pick, dtype=offload.dtype))
-        flag = self.config.flag_when_drifted and drifting
-        version = inf.model.bundle.version or inf.model.bundle.manifest_sha256
-        cloud = self.cloud.collect({int(i): self.cloud.ask(inf.x[i], confidence=float(inf.confidence[i]), flag=flag,
-                                                           bundle=version)
-                                    for i in offload}) if len(offload) else {}
-        answers = [self._answer(it, int(preds[i]), float(inf.confidence[i]), inf.model, inf.seconds, cloud.get(i))
+        conf = inf.confidence.tolist()
+        offload = [i for i, c in enumerate(conf) if self._wants_cloud(c, drifting)]
+        cloud = self.cloud.collect({i: self._ask(inf.x[i], conf[i], inf.model, drifting)
+                                    for i in offload}) if offload else {}
+        answers = [self._answer(it, int(inf.preds[i]), conf[i], inf.model, inf.seconds, cloud.get(i))
                    for i, it in enumerate(items)]
         self.telemetry.count(answer_counts((a.route.value, a.reason) for a in answers))
         return answers
@@ -268,19 +258,26 @@ class Agent:
         tel = self.telemetry
         tel.observe_one(dt, conf, raw)
         drifting = tel.drifting
-        if conf >= self._threshold and not (drifting and self.config.drift_offload > 0 and self._drift_tick()):
+        if not self._wants_cloud(conf, drifting):
             tel.count_one_edge()
             return Answer(it.id, pred, m.labels[pred], Route.EDGE, conf, dt, None, it.label)
-        if self.cloud.connected:
-            x = m.bundle.input_spec.preprocess(raw[None])[0]  # what the cloud is sent
-            ticket = self.cloud.ask(x, confidence=conf, flag=self.config.flag_when_drifted and drifting,
-                                    bundle=m.bundle.version or m.bundle.manifest_sha256)
+        if self.cloud.connected:  # what the cloud is sent: the preprocessed input
+            ticket = self._ask(m.bundle.input_spec.preprocess(raw[None])[0], conf, m, drifting)
             result = self.cloud.collect({0: ticket})[0]
         else:  # no link: nothing to send, nothing to wait for
             result = BROKER_DOWN
         answer = self._answer(it, pred, conf, m, dt, result)
         tel.count(answer_counts([(answer.route.value, answer.reason)]))
         return answer
+
+    def _wants_cloud(self, conf: float, drifting: bool) -> bool:
+        """Uncertain, or, while drifting, every k-th sure input (deterministic, spread over the stream)."""
+        return conf < self._threshold or (drifting and self.config.drift_offload > 0 and self._drift_tick())
+
+    def _ask(self, x: np.ndarray, conf: float, model: LoadedModel, drifting: bool) -> Ticket | None:
+        """Send one preprocessed sample to the gateway (flagged for collection while drifting): its ticket."""
+        return self.cloud.ask(x, confidence=conf, flag=self.config.flag_when_drifted and drifting,
+                              bundle=model.bundle.version or model.bundle.manifest_sha256)
 
     def _drift_tick(self) -> bool:
         self._drift_seen = getattr(self, "_drift_seen", 0) + 1

@@ -80,7 +80,7 @@ class CloudClient:
         collect this input (user properties ``conf`` and ``collect``; docs/wire.md). 3.1.1 requests carry neither.
         """
         link = self.link
-        if link is None or not link.connected.is_set():
+        if not self.connected:
             return None
         corr = uuid.uuid4().bytes
         pend = _Pending()

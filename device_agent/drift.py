@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, Sequence
 
 import numpy as np
 
 PSI_EPS = 1e-4
-_F32 = np.dtype(np.float32)
 
 
 def psi(reference_counts: np.ndarray, edges: np.ndarray, live: np.ndarray) -> float:
@@ -86,18 +86,15 @@ class DriftConfig:
 class DriftMonitor:
     """Keeps the last ``window`` confidences and input statistics; scores them on demand.
 
-    Why a ring of one numpy array, filled in blocks: ``observe`` runs once per
-    input, and per-input numpy reductions (a float64 copy, a sum, a dot
-    product) cost about as much as a tiny model's inference. Single inputs are
-    kept as bytes in a pending list (one ``tobytes``; at most ``PENDING_BYTES``
-    of raw data) and their mean and std computed for the
-    whole block at once (float64 sums), when it is full or when scores are
-    read. PSI and KS do not depend on order, so ``scores`` reads the ring as it lies.
+    Why a ring of one numpy array, filled in blocks: per-input numpy reductions
+    (a float64 copy, a sum, a dot product) cost about as much as a tiny model's
+    inference. The agent's `device_agent.telemetry.TelemetryRecorder` keeps single
+    inputs as bytes and hands them over a block at a time (`observe_bytes`), whose
+    mean and std are computed at once (float64 sums). PSI and KS do not depend on
+    order, so ``scores`` reads the ring as it lies.
     """
 
     STATS = ("confidence", "mean", "std")
-    PENDING_BYTES = 1 << 18  # raw inputs held before their statistics are computed (float32)
-    PENDING_MAX = 64
 
     def __init__(self, reference: dict[str, Any] | None, config: DriftConfig = DriftConfig()) -> None:
         self.config = config
@@ -105,57 +102,26 @@ class DriftMonitor:
         self._ring = np.zeros((len(self.STATS), max(1, config.window)), dtype=np.float64)
         self._next = 0  # write position
         self._n = 0  # filled slots
-        self._pend: list[bytes] = []  # raw inputs (float32 bytes) not yet in the ring
-        self._pend_conf: list[float] = []  # their confidences
-        self._nbytes, self._rows = -1, 1  # bytes of one pending input, inputs per block
 
     def observe(self, *, confidence: np.ndarray, raw: np.ndarray) -> None:
-        if len(confidence) == 1:
-            self.observe_one(float(confidence[0]), np.asarray(raw)[0])
-            return
-        self._flush()
+        """A batch: its confidences and raw samples (batch first)."""
         conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
         self._put(np.stack((conf, *self._mean_std(np.asarray(raw).reshape(len(conf), -1)))))
-
-    def observe_one(self, confidence: float, raw: np.ndarray) -> None:
-        """One input (``raw`` holds one sample): the usual case on a device, its bytes kept until the block is full.
-
-        ``raw.tobytes()`` is the copy (the caller may reuse its buffer) at a sixth of the cost of writing into a
-        numpy block; the block's statistics are computed when it is full or when scores are read.
-        """
-        if raw.dtype is not _F32:
-            raw = np.asarray(raw, dtype=np.float32)
-        data = raw.tobytes()
-        if len(data) != self._nbytes:
-            self._flush()
-            self._nbytes = len(data)
-            self._rows = max(1, min(self.PENDING_MAX, self.PENDING_BYTES // max(1, len(data))))
-        pend = self._pend
-        pend.append(data)
-        self._pend_conf.append(confidence)
-        if len(pend) >= self._rows:
-            self._flush()
 
     def observe_bytes(self, confidence: Sequence[float], data: Sequence[bytes]) -> None:
         """Inputs given as their float32 bytes (each one sample) with their confidences: one vectorised pass.
 
-        What `device_agent.telemetry.TelemetryRecorder` hands over, a block at a time. Samples of different
-        sizes (a caller feeding several shapes) are scored in order, one run of equal sizes at a time.
+        Samples of different sizes (a caller feeding several shapes) are scored one run of equal sizes at a time.
         """
-        self._flush()
-        if len(set(map(len, data))) == 1:  # the usual case: one shape
-            flat = np.frombuffer(b"".join(data), dtype=np.float32).reshape(len(data), -1)
-            self._put(np.stack((np.asarray(confidence, dtype=np.float64), *self._mean_std(flat))))
+        if not data:
             return
-        i, n = 0, len(data)
-        while i < n:
-            size = len(data[i])
-            j = i + 1
-            while j < n and len(data[j]) == size:
-                j += 1
-            flat = np.frombuffer(b"".join(data[i:j]), dtype=np.float32).reshape(j - i, -1)
-            self._put(np.stack((np.asarray(confidence[i:j], dtype=np.float64), *self._mean_std(flat))))
-            i = j
+        if len(set(map(len, data))) > 1:
+            for _, run in groupby(zip(confidence, data), key=lambda cd: len(cd[1])):
+                conf, chunk = zip(*run)
+                self.observe_bytes(conf, chunk)
+            return
+        flat = np.frombuffer(b"".join(data), dtype=np.float32).reshape(len(data), -1)
+        self._put(np.stack((np.asarray(confidence, dtype=np.float64), *self._mean_std(flat))))
 
     @staticmethod
     def _mean_std(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,15 +129,6 @@ class DriftMonitor:
         mean = flat.sum(axis=1, dtype=np.float64) / d
         sq = np.einsum("ij,ij->i", flat, flat, dtype=np.float64) / d
         return mean, np.sqrt(np.maximum(sq - mean * mean, 0.0))
-
-    def _flush(self) -> None:
-        """The pending block's statistics into the ring."""
-        k = len(self._pend)
-        if k:
-            conf, data = self._pend_conf, self._pend
-            self._pend_conf, self._pend = [], []
-            flat = np.frombuffer(b"".join(data), dtype=np.float32).reshape(k, -1)
-            self._put(np.stack((np.asarray(conf, dtype=np.float64), *self._mean_std(flat))))
 
     def _put(self, cols: np.ndarray) -> None:
         w = self._ring.shape[1]
@@ -192,7 +149,6 @@ class DriftMonitor:
 
     def live(self, name: str) -> np.ndarray:
         """The retained values of one statistic (order not kept)."""
-        self._flush()
         return self._ring[self.STATS.index(name), : self._n].copy()
 
     def _ref(self, name: str) -> dict[str, Any] | None:
@@ -211,7 +167,6 @@ class DriftMonitor:
         statistics besides ``flag`` and ``n``, so a new key would get every window refused by a gateway not yet
         upgraded).
         """
-        self._flush()
         n = self._n
         if not self.reference or n < self.config.min_samples:
             return None
@@ -236,4 +191,3 @@ class DriftMonitor:
         """A new bundle brings a new reference; old samples no longer compare."""
         self.reference = reference
         self._next = self._n = 0
-        self._pend_conf, self._pend = [], []

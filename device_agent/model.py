@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any, Callable, NamedTuple
@@ -20,7 +19,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from edgecore.bundle import Bundle
-from edgecore.confidence import confidence, confidence_one, row_scorer
+from edgecore.confidence import confidence, row_scorer
 from edgecore.errors import AgentError, BundleTrustError, EdgeError
 from targets import load_runner
 
@@ -152,13 +151,16 @@ def answer_path(bundle: Bundle, runner: Any, measure: str,
         return own
     log.warning("bundle %s: the runtime's one-input path disagrees with its batch path (%s); using the batch path",
                 bundle.root, why)
-    run = runner.run
+    return compose(one_input(runner, spec, own=False))
 
-    def batch_path(raw: np.ndarray) -> tuple[int, float]:
-        logits = np.asarray(run(spec.preprocess(raw[None])))
-        return int(logits[0].argmax()), confidence_one(logits, measure=measure, temperature=temperature)
 
-    return batch_path
+def _answer(m: LoadedModel, raw: np.ndarray) -> tuple[int, float]:
+    return m.answer(raw)
+
+
+def _preprocess_run(m: LoadedModel, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = m.bundle.input_spec.preprocess(raw)
+    return x, np.asarray(m.runner.run(x))
 
 
 class LocalModel:
@@ -179,11 +181,13 @@ class LocalModel:
         return self._previous
 
     def check_compatible(self, new: LoadedModel) -> None:
-        if new.bundle.input_spec.sample_shape != self._current.bundle.input_spec.sample_shape:
+        if new.sample_shape != self._current.sample_shape:
             raise AgentError("the new bundle takes a different input shape than this device's source")
 
     def swap(self, new: LoadedModel) -> None:
-        """Serve ``new``, keep the old one for rollback. Only exchanges references: cannot fail halfway."""
+        """Serve ``new``, keep the old one for rollback. Checks first, then only exchanges references: cannot
+        fail halfway. The two take one input shape, so a rollback never meets a sample of the wrong shape."""
+        self.check_compatible(new)
         with self._lock:
             self._previous, self._current = self._current, new
 
@@ -197,52 +201,43 @@ class LocalModel:
             self._on_rollback(self._current, err)
         return self._current
 
+    def _serve(self, call: Callable[[LoadedModel, np.ndarray], Any], raw: np.ndarray) -> tuple[LoadedModel, Any, float]:
+        """``call(model, raw)`` on the serving model, timed: (model that answered, its result, seconds).
+
+        Rolls back to the previous model when the serving one fails live, and asks that one.
+        """
+        m = self._current
+        t0 = perf_counter()  # on-device latency counts preprocessing too
+        try:
+            out = call(m, raw)
+        except Exception as e:
+            if isinstance(e, EdgeError) and self._previous is None:
+                raise
+            m = self.rollback(e)
+            t0 = perf_counter()
+            out = call(m, raw)
+        return m, out, perf_counter() - t0
+
     def answer_one(self, raw: np.ndarray) -> tuple[LoadedModel, int, float, float]:
         """One raw sample of the model's sample shape: (model that answered, top class, confidence, seconds).
 
         The device's usual call: the runner's one-input path (preprocessing folded in) and the scorer, timed
-        together. A sample of another shape is an `AgentError` before anything runs (it would broadcast).
-        Rolls back to the previous model when the serving one fails live.
+        together. A sample of another shape is an `AgentError` before anything runs (it would broadcast; the
+        previous model takes the same shape, `swap` makes sure). Rolls back on a live failure.
         """
-        m = self._current
-        if raw.shape != m.sample_shape:
+        if raw.shape != self._current.sample_shape:
             raise AgentError(f"input of shape {list(raw.shape)}; the bundle takes samples of shape "
-                             f"{list(m.sample_shape)}")
-        t0 = perf_counter()
-        try:
-            pred, conf = m.answer(raw)
-        except Exception as e:
-            if isinstance(e, EdgeError) and self._previous is None:
-                raise
-            m = self.rollback(e)
-            if raw.shape != m.sample_shape:
-                raise AgentError(f"input of shape {list(raw.shape)}; the bundle rolled back to takes samples of "
-                                 f"shape {list(m.sample_shape)}") from e
-            t0 = perf_counter()
-            pred, conf = m.answer(raw)
-        return m, pred, conf, perf_counter() - t0
+                             f"{list(self._current.sample_shape)}")
+        m, (pred, conf), dt = self._serve(_answer, raw)
+        return m, pred, conf, dt
 
     def _run(self, raw: np.ndarray) -> tuple[LoadedModel, np.ndarray, np.ndarray, float]:
-        """Preprocess and run a batch of raw samples: (model that answered, input, logits, seconds).
-
-        Rolls back to the previous model when the serving one fails live.
-        """
-        m = self._current
-        if raw.shape[1:] != m.sample_shape:
+        """Preprocess and run a batch of raw samples: (model that answered, input, logits, seconds)."""
+        if raw.shape[1:] != self._current.sample_shape:
             raise AgentError(f"inputs of shape {list(raw.shape[1:])}; the bundle takes samples of shape "
-                             f"{list(m.sample_shape)}")
-        t0 = time.perf_counter()  # on-device latency counts preprocessing too
-        try:
-            x = m.bundle.input_spec.preprocess(raw)
-            logits = np.asarray(m.runner.run(x))
-        except Exception as e:
-            if isinstance(e, EdgeError) and self._previous is None:
-                raise
-            m = self.rollback(e)
-            t0 = time.perf_counter()
-            x = m.bundle.input_spec.preprocess(raw)  # the previous bundle may normalise differently
-            logits = np.asarray(m.runner.run(x))
-        return m, x, logits, time.perf_counter() - t0
+                             f"{list(self._current.sample_shape)}")
+        m, (x, logits), dt = self._serve(_preprocess_run, raw)
+        return m, x, logits, dt
 
     def infer(self, raw: np.ndarray) -> Inference:
         """Preprocess, run and score a batch of raw samples; rolls back on a live failure."""

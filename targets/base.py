@@ -81,26 +81,18 @@ class OneInput(NamedTuple):
     quant: tuple[float, int, int] | None = None
 
 
-def one_input(runner: Runner, spec: InputSpec) -> OneInput:
-    """The runner's own `OneInput` path when it has one, else ``runner.run`` on ``spec``'s preprocessing.
+def one_input(runner: Runner, spec: InputSpec, *, own: bool = True) -> OneInput:
+    """The runner's own `OneInput` path when it has one (and ``own``), else ``runner.run`` on `InputSpec.preprocess`.
 
     Why: on a device the per-input numpy calls around a tiny model cost a third of the model; a runner that
     quantizes its input can fold ``raw * a + b`` into that quantization, one that takes floats saves the copies.
     """
-    make = getattr(runner, "one_input", None)
+    make = getattr(runner, "one_input", None) if own else None
     got = make(spec) if make is not None else None
     if got is not None:
         return got
-    a, b = spec.affine()
-    run, dtype = runner.run, np.dtype(spec.dtype)
-
-    def generic(raw: np.ndarray) -> list:
-        x = np.multiply(raw, a, dtype=np.float32)
-        if b is not None:
-            x += b
-        return run(x if dtype == np.float32 else x.astype(dtype))[0].tolist()
-
-    return OneInput(generic)
+    run, preprocess = runner.run, spec.preprocess
+    return OneInput(lambda raw: run(preprocess(raw[None]))[0].tolist())
 
 
 @dataclass(frozen=True)
