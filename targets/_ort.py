@@ -5,7 +5,9 @@ Device side: imports onnxruntime only, inside the functions.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -43,14 +45,27 @@ class OrtRunner:
         self._outputs = [self.output_name]
 
     def one_input(self, spec: InputSpec) -> OneInput | None:
-        """One raw sample: the spec's multiply-add into a new float32 array, the session's binding, a list."""
+        """One raw sample: the spec's multiply-add into the input buffer bound to the session, a list.
+
+        The input and output live in buffers bound once (`IOBinding`): no arrays are made per input, and the
+        session skips its per-call name lookups and output allocation (~4 µs per call on the digits student).
+        One caller at a time uses the buffers; a second thread meanwhile takes the allocating path.
+        """
         if spec.dtype != "float32" or self.session.get_inputs()[0].type != "tensor(float)":
             return None
         a, b = spec.affine()
-        run, outputs, name = self._run, self._outputs, self.input_name
-        multiply, f32, batch = np.multiply, np.float32, (1, *spec.sample_shape)
+        batch = (1, *spec.sample_shape)
         if a.size == 1:  # one channel: numpy scalars, whose arithmetic skips broadcasting (40% less per call)
             a, b = a.reshape(()), (None if b is None else b.reshape(()))
+        plain = self._one_plain(a, b, batch)
+        try:
+            return OneInput(self._one_bound(a, b, batch, plain))
+        except Exception:  # (a release whose binding internals differ: the public API's path)
+            return OneInput(plain)
+
+    def _one_plain(self, a: np.ndarray, b: np.ndarray | None, batch: tuple[int, ...]) -> Callable[[np.ndarray], list]:
+        """The allocating one-input path: a new float32 input, the session's own output."""
+        run, outputs, name, multiply, f32 = self._run, self._outputs, self.input_name, np.multiply, np.float32
 
         def scaled(raw: np.ndarray) -> list:
             x = multiply(raw, a, dtype=f32)
@@ -63,7 +78,46 @@ class OrtRunner:
             x.shape = batch
             return run(outputs, {name: x}, None)[0].tolist()[0]
 
-        return OneInput(scaled if b is None else normalised)
+        return scaled if b is None else normalised
+
+    def _one_bound(self, a: np.ndarray, b: np.ndarray | None, batch: tuple[int, ...],
+                   plain: Callable[[np.ndarray], list]) -> Callable[[np.ndarray], list]:
+        """The one-input path on buffers bound to the session; ``plain`` serves a caller that finds them busy."""
+        import onnxruntime as ort
+
+        x = np.zeros(batch, dtype=np.float32)
+        y = np.array(self._run(self._outputs, {self.input_name: x}, None)[0])  # the output's shape and dtype
+        io = self.session.io_binding()
+        io.bind_cpu_input(self.input_name, x)  # the session reads x's own memory
+        io.bind_ortvalue_output(self.output_name, ort.OrtValue.ortvalue_from_numpy(y))  # and writes into y's
+        run, binding = self.session._sess.run_with_iobinding, io._iobinding
+        lock = threading.Lock()
+        acquire, release, multiply, add = lock.acquire, lock.release, np.multiply, np.add
+
+        def scaled(raw: np.ndarray, _io: object = io) -> list:  # (_io: keeps the binding and its buffers alive)
+            if not acquire(False):
+                return plain(raw)
+            try:
+                multiply(raw, a, out=x)  # (the sample broadcasts to the batch of one)
+                run(binding, None)
+                return y.tolist()[0]
+            finally:
+                release()
+
+        def normalised(raw: np.ndarray, _io: object = io) -> list:
+            if not acquire(False):
+                return plain(raw)
+            try:
+                multiply(raw, a, out=x)  # (the sample broadcasts to the batch of one)
+                add(x, b, out=x)
+                run(binding, None)
+                return y.tolist()[0]
+            finally:
+                release()
+
+        bound = scaled if b is None else normalised
+        bound.lock = lock  # type: ignore[attr-defined]  # (held while the buffers are in use; tests hold it)
+        return bound
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=np.float32)

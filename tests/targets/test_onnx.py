@@ -87,3 +87,51 @@ def test_int8_activations_rewritten_to_uint8_exactly(tiny_source: Any, tmp_path)
     assert art.details["ort_graph"]["float_compute"] == {}
     x = tiny_source.x_test[:64]
     np.testing.assert_array_equal(_ort_logits(s8, x, optimize=False), _ort_logits(out / art.main, x, optimize=False))
+
+
+def test_one_input_path_on_bound_buffers_matches_the_batch_path_and_yields_to_a_second_caller(
+        tiny_source: Any, tmp_path) -> None:
+    """The one-input path reuses buffers bound to the session: each input still gets its own answer (no stale
+    output), the rows it returns are not views of those buffers, and a caller that finds the buffers in use
+    (another thread inside) is served by the allocating path, with the same answer."""
+    from edgecore.manifest import ArtifactInfo
+    from targets import one_input
+
+    spec = tiny_source.source.input_spec
+    target = get_target("onnx")
+    for precision in (Precision.FP32, Precision.INT8):
+        out = tmp_path / precision.value
+        out.mkdir()
+        art = target.build(tiny_source.source, precision, tiny_source.rep, out)
+        runner = target.load(out, ArtifactInfo(main=art.main, runtime=art.runtime, details=art.details), spec,
+                             threads=1)
+        raw = tiny_source.x_test[:30] * spec.std[0] + spec.mean[0]  # back to raw values
+        ref = np.concatenate([runner.run(spec.preprocess(r[None])) for r in raw])
+        path = one_input(runner, spec).run
+        assert hasattr(path, "lock"), "the onnx runner's own one-input path (bound buffers) is not in use"
+        rows = [path(r) for r in raw]
+        np.testing.assert_allclose(np.array(rows), ref, rtol=1e-5, atol=1e-5)
+        assert rows[0] != rows[1]  # distinct inputs, distinct rows: the first list was not overwritten
+        with path.lock:  # a second caller meanwhile: the allocating path, the same answers
+            np.testing.assert_allclose(np.array([path(r) for r in raw]), ref, rtol=1e-5, atol=1e-5)
+        assert not _threads_disagree(path, raw, ref)
+
+
+def _threads_disagree(path: Any, raw: np.ndarray, ref: np.ndarray, n_threads: int = 3) -> list[str]:
+    """Three threads call ``path`` at once, 20 times over their share of ``raw``: the inputs answered wrong."""
+    import threading
+
+    errors: list[str] = []
+
+    def worker(k: int) -> None:
+        for _ in range(20):
+            for i in range(k, len(raw), n_threads):
+                if not np.allclose(path(raw[i]), ref[i], rtol=1e-5, atol=1e-5):
+                    errors.append(f"thread {k} input {i}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
