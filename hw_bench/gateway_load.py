@@ -148,7 +148,9 @@ def _open_loop(clients: list[_Client], rate: float, seconds: float) -> dict[str,
 
 
 def measure(url: str, devices: dict[str, str], *, payload: bytes, clients: int, inflight: int, seconds: float,
-            prefix: str = "fleet") -> dict[str, Any]:
+            prefix: str = "fleet", rates: tuple[float, ...] = ()) -> dict[str, Any]:
+    """The closed-loop maximum, then open-loop levels at `LEVELS` of it and at the fixed ``rates`` (requests/s
+    in total, the same for every responder: latency at equal offered load)."""
     ids = list(devices)[:clients]
     if len(ids) < clients:
         raise BenchError(f"{clients} clients need {clients} device credentials, the file has {len(devices)}")
@@ -157,6 +159,7 @@ def measure(url: str, devices: dict[str, str], *, payload: bytes, clients: int, 
         _closed_loop(cs, inflight, min(1.0, seconds / 2))  # warm-up
         max_rate = _closed_loop(cs, inflight, seconds)
         levels = [{"load": lv, **_open_loop(cs, max_rate * lv, seconds)} for lv in LEVELS]
+        levels += [{"load": None, **_open_loop(cs, float(r), seconds)} for r in rates]
     finally:
         for c in cs:
             c.close()
@@ -244,8 +247,12 @@ def _goal(out: dict[str, Any]) -> dict[str, Any]:
 def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, teacher: Path | None,
                       clients: int = 4, inflight: int = 4, seconds: float = 5.0, floor: bool = False,
                       gateway_user: tuple[str, str] | None = None, workdir: Path, rounds: int = 1,
-                      replicas: int = 1) -> dict[str, Any]:
-    """Measure the gateway (and with ``floor`` the minimal responder) on one broker, in interleaved rounds."""
+                      replicas: int = 1, rates: tuple[float, ...] = ()) -> dict[str, Any]:
+    """Measure the gateway (and with ``floor`` the minimal responder) on one broker, in interleaved rounds.
+
+    ``rates``: fixed offered loads (requests/s) measured for each responder besides the fractions of its own
+    maximum; with ``floor``, ``at_equal_load`` sets their p50s side by side.
+    """
     from .envinfo import cpu_record
 
     if floor and teacher is None:
@@ -268,7 +275,8 @@ def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, tea
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:  # order rotated each round
                 per[name].append(_measure_one(name, broker, devices, payload, teacher, gateway_user, workdir,
-                                              clients=clients, inflight=inflight, seconds=seconds, replicas=replicas))
+                                              clients=clients, inflight=inflight, seconds=seconds, replicas=replicas,
+                                              rates=rates))
         for name in names:
             out[name] = _median_run(per[name])
         if floor:
@@ -276,6 +284,11 @@ def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, tea
                       for g, f in zip(per["gateway"], per["floor"])]
             out["gateway_vs_floor"] = round(float(np.median(ratios)), 3)
             out["gateway_vs_floor_rounds"] = [round(x, 3) for x in ratios]
+            fixed = [(g, f) for g, f in zip(out["gateway"]["levels"], out["floor"]["levels"], strict=True)
+                     if g["load"] is None]
+            if fixed:
+                out["at_equal_load"] = [{"rate": g["rate"], "gateway_p50_ms": g["p50_ms"], "floor_p50_ms": f["p50_ms"],
+                                         "gateway_p99_ms": g["p99_ms"], "floor_p99_ms": f["p99_ms"]} for g, f in fixed]
         out["goal"] = _goal(out)
         out["load_average_after"] = os.getloadavg()
     return out
@@ -283,14 +296,15 @@ def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, tea
 
 def _measure_one(name: str, broker: str, devices: dict[str, str], payload: bytes, teacher: Path | None,
                  gateway_user: tuple[str, str] | None, workdir: Path, *, clients: int, inflight: int,
-                 seconds: float, replicas: int) -> dict[str, Any]:
+                 seconds: float, replicas: int, rates: tuple[float, ...] = ()) -> dict[str, Any]:
     from contextlib import contextmanager
 
     serve = _serve_gateway if name == "gateway" else _serve_floor
     ctx = contextmanager(serve)(broker, *gateway_user, teacher, workdir, replicas) \
         if teacher is not None and gateway_user is not None else ExitStack()
     with ctx:
-        return measure(broker, devices, payload=payload, clients=clients, inflight=inflight, seconds=seconds)
+        return measure(broker, devices, payload=payload, clients=clients, inflight=inflight, seconds=seconds,
+                       rates=rates)
 
 
 def _teacher_shape(teacher: Path) -> tuple[int, ...]:
@@ -414,8 +428,24 @@ def register(sub: Any) -> None:
                    help="interleaved rounds (gateway and floor alternate, order rotated); medians reported")
     p.add_argument("--replicas", type=int, default=1,
                    help="gateway processes sharing the requests (started here with --teacher; default 1)")
+    p.add_argument("--rates", type=_rates, default=(), metavar="R[,R...]",
+                   help="also measure at these offered loads (requests/s in total), the same for every responder: "
+                        "round trips at equal load (e.g. 300,600)")
     add_json_flag(p)
     p.set_defaults(func=cmd_gateway)
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    """``--rates 300,600``: positive requests/s."""
+    try:
+        rates = tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        rates = ()
+    if not rates or not all(0 < r < float("inf") for r in rates):
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{text!r}: give offered loads in requests/s, e.g. 300,600")
+    return rates
 
 
 def cmd_gateway(args: Any) -> int:
@@ -443,7 +473,8 @@ def cmd_gateway(args: Any) -> int:
     with tempfile.TemporaryDirectory(prefix="hw-bench-gateway-") as tmp:
         out = run_gateway_bench(broker=url, devices=devices, teacher=args.teacher, clients=args.clients,
                                 inflight=args.inflight, seconds=args.seconds, floor=args.floor,
-                                gateway_user=gw, workdir=Path(tmp), rounds=args.rounds, replicas=args.replicas)
+                                gateway_user=gw, workdir=Path(tmp), rounds=args.rounds, replicas=args.replicas,
+                                rates=args.rates)
     _print(out)
     if args.json:
         emit_json(out)
@@ -462,11 +493,15 @@ def _print(out: dict[str, Any]) -> None:
     for name in ("gateway", "floor"):
         if name in out:
             for lv in out[name]["levels"]:
-                t.add_row(name, str(out[name]["max_offloads_per_s"]), f"{lv['load']:.0%}", str(lv["rate"]),
+                load = "fixed" if lv["load"] is None else f"{lv['load']:.0%}"
+                t.add_row(name, str(out[name]["max_offloads_per_s"]), load, str(lv["rate"]),
                           str(lv["p50_ms"]), str(lv["p95_ms"]), str(lv["p99_ms"]), str(lv["lost"]), str(lv["errors"]))
     Console(width=140).print(t)
     if "gateway_vs_floor" in out:
         print(f"gateway / floor (max offloads/s): {out['gateway_vs_floor']} (per round: {out['gateway_vs_floor_rounds']})")
+    for e in out.get("at_equal_load", []):
+        print(f"at {e['rate']}/s offered: p50 gateway {e['gateway_p50_ms']} ms, floor {e['floor_p50_ms']} ms; "
+              f"p99 gateway {e['gateway_p99_ms']} ms, floor {e['floor_p99_ms']} ms")
     g = out["goal"]
     print(f"goal {'MET' if g['met'] else 'NOT MET'}: gateway p50 at half load {g['gateway_p50_at_half_load_ms']} ms "
           f"(<= {g['p50_at_half_load_max_ms']})"
