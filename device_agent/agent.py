@@ -391,14 +391,22 @@ class Agent:
             self.handle_command(cmd)
 
     def handle_command(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        """Run one command through its registered handler; the outcome goes into the retained status."""
+        """Run one command through its registered handler; the outcome goes into the retained status.
+
+        A command's ``id`` (a string or an integer) comes back in the outcome: the status is also published
+        while a command runs (an update publishes the new bundle first), still carrying the previous command's
+        outcome, so an operator matches its own command's outcome by ``id``, not by the command's name.
+        """
         name = cmd.get("cmd")
+        ident = cmd.get("id")
+        echo = {"id": ident} if isinstance(ident, (str, int)) and not isinstance(ident, bool) \
+            and len(str(ident)) <= 128 else {}
         try:
             self.commands.get(name)(self, cmd)
-            outcome: dict[str, Any] = {"cmd": name, "ok": True}
+            outcome: dict[str, Any] = {"cmd": name, **echo, "ok": True}
         except Exception as e:  # the command thread must survive any command
             log.error("command %s failed: %s", name, e)
-            outcome = {"cmd": name, "ok": False, "error": str(e)}
+            outcome = {"cmd": name, **echo, "ok": False, "error": str(e)}
         self.last_cmd = outcome
         self._publish_status()
         return outcome

@@ -315,6 +315,13 @@ def test_edge_only_agent_answers_everything_and_commands(tiny_cascade):
     out = agent.handle_command({"schema": 1, "cmd": "set_threshold", "threshold": "nan"})
     assert not out["ok"] and agent.threshold == 0.0
     assert not agent.handle_command({"schema": 1, "cmd": "reboot"})["ok"]
+    # an id comes back in the outcome (and so in the status' last_cmd), on success and on failure
+    assert agent.handle_command({"cmd": "set_threshold", "threshold": 0.5, "id": "op-7"}) == \
+        {"cmd": "set_threshold", "id": "op-7", "ok": True}
+    out = agent.handle_command({"cmd": "set_threshold", "threshold": "nan", "id": 8})
+    assert out["id"] == 8 and not out["ok"] and agent.last_cmd == out and agent.status()["last_cmd"]["id"] == 8
+    for odd in ({"a": 1}, ["x"], True, "x" * 129, None):  # not an id: not echoed
+        assert "id" not in agent.handle_command({"cmd": "set_threshold", "threshold": 0.5, "id": odd})
 
 
 def test_live_failure_after_a_swap_rolls_back(tiny_cascade, tmp_path):

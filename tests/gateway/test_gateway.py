@@ -237,13 +237,24 @@ def test_api_bundle_update_rollback_and_bench_over_mqtt(mosquitto, tiny_cascade,
             old = agent.bundle.manifest_sha256
             list(agent.run(items(run.x_test[:40], run.y_test[:40])))
 
+            sent = iter(range(1, 1000))
+
             def cmd(body):
+                # matched by id: an update publishes the new bundle's status before its own outcome, and that
+                # status still carries the previous command's (another update_bundle: the name alone races)
+                body = {**body, "id": f"t-{next(sent)}"}
                 n = len(watch.messages)
                 code, _ = _http("POST", f"{url}/api/devices/dev-a/cmd", json.dumps(body).encode(), token="test-token")
                 assert code == 200
-                _wait(lambda: any(json.loads(p).get("last_cmd") and json.loads(p)["last_cmd"]["cmd"] == body["cmd"]
-                                  for t, p in watch.messages[n:] if t.endswith("status")), 20, body["cmd"])
-                return [json.loads(p) for t, p in watch.messages[n:] if t.endswith("status")][-1]
+
+                def outcome():
+                    return [st for t, p in watch.messages[n:] if t.endswith("status")
+                            for st in [json.loads(p)] if (st.get("last_cmd") or {}).get("id") == body["id"]]
+
+                _wait(lambda: bool(outcome()), 20, body["cmd"])
+                (st,) = outcome()[:1]
+                assert st["last_cmd"]["cmd"] == body["cmd"]
+                return st
 
             st = cmd({"cmd": "update_bundle", "url": info["url"], "sha256": "0" * 64})
             assert not st["last_cmd"]["ok"] and "expected" in st["last_cmd"]["error"]
