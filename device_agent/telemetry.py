@@ -138,7 +138,7 @@ class TelemetryRecorder:
         self.cloud_latency = LatencyHistogram()
         self._drift = DriftMonitor(drift_reference, drift)
         self._pending: list[tuple[float, float, bytes]] = []  # (seconds, confidence, raw float32 bytes)
-        self._pending_rows = self.PENDING_MAX
+        self._pending_rows = self.PENDING_MAX  # the block's size, set by `_add` when a block starts
         self.drifting = False  # the last verdict's flag, kept beside it: read once per input
         self._last_drift: dict[str, Any] | None = None
         self._lock = threading.Lock()
@@ -180,10 +180,11 @@ class TelemetryRecorder:
         """One input's duration, confidence and raw bytes into the pending list (under the lock)."""
         data = raw.tobytes() if raw.dtype is _F32 else np.asarray(raw, dtype=np.float32).tobytes()
         pending = self._pending
+        if not pending:  # a new block, sized by its first input (within both bounds from the first input on)
+            self._pending_rows = max(1, min(self.PENDING_MAX, self.PENDING_BYTES // max(1, len(data))))
         pending.append((seconds, confidence, data))
         if len(pending) >= self._pending_rows:
             self._fold()
-            self._pending_rows = max(1, min(self.PENDING_MAX, self.PENDING_BYTES // max(1, len(data))))
 
     def observe(self, *, seconds: float, confidence: np.ndarray, raw: np.ndarray) -> None:
         """One batch through the local model (its counts come with its answers, `count`)."""

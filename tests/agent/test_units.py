@@ -450,6 +450,22 @@ def test_record_edge_counts_at_once_and_folds_what_it_holds_when_read(tmp_path):
     assert rec.edge_latency.count == 10 and len(rec.drift.live("mean")) == 0
 
 
+def test_pending_inputs_stay_within_the_byte_budget_from_the_first_input():
+    """Large inputs (224x224 RGB floats, 602 KB) are folded within ``PENDING_BYTES`` from the first block on: the
+    block was first sized by ``PENDING_MAX`` alone (1,024 such inputs, 600 MB, held before the first fold)."""
+    rec = TelemetryRecorder(None)
+    big = np.zeros((3, 224, 224), dtype=np.float32)
+    for i in range(5):
+        rec.record_edge(1e-3, 0.9, big + i)
+        held = sum(len(p[2]) for p in rec._pending)
+        assert held <= max(rec.PENDING_BYTES, big.nbytes), f"{held} bytes held after {i + 1} inputs"
+    assert rec.edge_latency.count == 5 and len(rec.drift.live("mean")) == 5
+    small = np.zeros((1, 8, 8), dtype=np.float32)  # a new bundle's smaller samples: the next block is sized anew
+    for _ in range(10):
+        rec.record_edge(1e-5, 0.9, small)
+    assert len(rec._pending) == 10 and rec.edge_latency.count == 15
+
+
 def test_uncertain_single_inputs_fall_back_counted_and_drift_offloads_every_kth(tiny_cascade):
     run = tiny_cascade
     agent = Agent(run.bundle_dir, AgentConfig(device_id="x", trust=release_trust(), threads=1, threshold=1.01))
