@@ -399,8 +399,7 @@ class Agent:
         """
         name = cmd.get("cmd")
         ident = cmd.get("id")
-        echo = {"id": ident} if isinstance(ident, (str, int)) and not isinstance(ident, bool) \
-            and len(str(ident)) <= 128 else {}
+        echo = {"id": ident} if type(ident) in (str, int) and len(str(ident)) <= 128 else {}  # (not a bool)
         try:
             self.commands.get(name)(self, cmd)
             outcome: dict[str, Any] = {"cmd": name, **echo, "ok": True}

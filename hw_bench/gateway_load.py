@@ -13,6 +13,7 @@ reported. Point it at your own broker and gateway (``--broker``,
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -442,8 +443,6 @@ def _rates(text: str) -> tuple[float, ...]:
     except ValueError:
         rates = ()
     if not rates or not all(0 < r < float("inf") for r in rates):
-        import argparse
-
         raise argparse.ArgumentTypeError(f"{text!r}: give offered loads in requests/s, e.g. 300,600")
     return rates
 

@@ -64,21 +64,18 @@ class OrtRunner:
             return OneInput(plain)
 
     def _one_plain(self, a: np.ndarray, b: np.ndarray | None, batch: tuple[int, ...]) -> Callable[[np.ndarray], list]:
-        """The allocating one-input path: a new float32 input, the session's own output."""
+        """The allocating one-input path: a new float32 input, the session's own output (the bound path's
+        fallback, for a second caller or a release without the binding internals)."""
         run, outputs, name, multiply, f32 = self._run, self._outputs, self.input_name, np.multiply, np.float32
 
-        def scaled(raw: np.ndarray) -> list:
+        def plain(raw: np.ndarray) -> list:
             x = multiply(raw, a, dtype=f32)
+            if b is not None:
+                x += b
             x.shape = batch  # (a new array: no copy)
             return run(outputs, {name: x}, None)[0].tolist()[0]
 
-        def normalised(raw: np.ndarray) -> list:
-            x = multiply(raw, a, dtype=f32)
-            x += b
-            x.shape = batch
-            return run(outputs, {name: x}, None)[0].tolist()[0]
-
-        return scaled if b is None else normalised
+        return plain
 
     def _one_bound(self, a: np.ndarray, b: np.ndarray | None, batch: tuple[int, ...],
                    plain: Callable[[np.ndarray], list]) -> Callable[[np.ndarray], list]:

@@ -239,7 +239,7 @@ class TfliteTarget(Target):
         import torch
         from litert_torch.quantize import pt2e_quantizer
         from litert_torch.quantize.quant_config import QuantConfig
-        from torchao.quantization.pt2e import move_exported_model_to_eval, quantize_pt2e
+        from torchao.quantization.pt2e import quantize_pt2e
 
         from targets.calibration_data import torch_batches
 
@@ -254,9 +254,8 @@ class TfliteTarget(Target):
             for batch in torch_batches(calibration, batch_size=1):
                 prepared(batch)
         converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
-        # exported from an eval-mode model, but an exported module's ``training`` flag stays True (its eval() is
-        # refused), and litert-torch warns on every build that the model "is converted in training mode"
-        move_exported_model_to_eval(converted)  # (dropout and batch norm as in eval: idempotent)
+        # traced from the eval-mode model, but an exported module's ``training`` flag stays True (its eval() is
+        # refused), and litert-torch warned on every build that the model "is converted in training mode"
         for m in converted.modules():
             m.training = False
         return litert_torch.convert(converted, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer))
