@@ -6,6 +6,9 @@ optimizer leaves convolutions and adds in fp32 between Q/DQ pairs and int8
 runs slower than fp32. `activations_to_uint8` rewrites every activation
 Q/DQ pair from int8 to uint8 with the zero point moved by +128: q_u8 = q_s8 +
 128 for every value, so the graph computes exactly the same numbers.
+`pad_conv_input_channels` pads the input channels of convolutions whose
+channel count keeps them off ORT's fast x86 int8 kernel (an RGB stem: 3
+channels) with zero channels, also exact.
 `ort_fusion` runs ORT's optimizer (``SessionOptions.optimized_model_filepath``)
 and counts what is left in float.
 """
@@ -17,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["activations_to_uint8", "qdq_scheme", "ort_fusion", "FLOAT_COMPUTE_OPS"]
+__all__ = ["activations_to_uint8", "pad_conv_input_channels", "qdq_scheme", "ort_fusion", "FLOAT_COMPUTE_OPS"]
 
 #: ops that, left in ORT's optimized graph, are compute running in float
 FLOAT_COMPUTE_OPS = ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "Add", "ConvTranspose")
@@ -69,6 +72,85 @@ def activations_to_uint8(model: Any) -> int:
     for init in [i for i in g.initializer if i.name in made and i.name not in used]:
         g.initializer.remove(init)
     return count
+
+
+#: ORT's x86 symmetric int8 convolution (MLAS ``ConvSym``, AVX2/AVX-VNNI/AVX-512): it takes a convolution whose
+#: input channels are a multiple of 4 and whose output channels are a multiple of 4, at least 16; others run
+#: im2col + a generic int8 GEMM, which on a 3-channel 224x224 stem is ~2x slower. (On ARM64 ORT takes that
+#: kernel only from 64 input channels: a padded stem there runs the generic path with a third more stem MACs.)
+SYM_CONV_CHANNEL_MULTIPLE = 4
+SYM_CONV_MIN_OUTPUT_CHANNELS = 16
+
+
+def _attr(node: Any, name: str, default: int) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
+
+
+def pad_conv_input_channels(model: Any, multiple: int = SYM_CONV_CHANNEL_MULTIPLE) -> list[dict[str, Any]]:
+    """Give QDQ convolutions that ORT runs off its fast int8 kernel only for their input channel count zero
+    input channels up to ``multiple`` (in place); returns what was padded: ``{"conv", "channels": [old, new]}``.
+
+    A convolution qualifies when it is not grouped, reads ``DQ(Q(t))``, and its weight is a 4-D int8 initializer
+    behind a DequantizeLinear with zero points 0 (per-tensor or per output channel) whose output channels already
+    suit the kernel. The quantized tensor is padded (``Pad`` with the zero point, uint8 or int8: a quarter of the
+    bytes of padding the float) into a DequantizeLinear of its own, so other readers of ``t`` are unchanged, and
+    the weight gets zero channels: every output is the same number.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 11:  # Pad's pads and value as inputs
+        return []
+    inits = _inits(model)
+    producer = {o: n for n in g.node for o in n.output}
+    uses: dict[str, int] = collections.Counter(i for n in g.node for i in n.input)
+    padded: dict[tuple[str, int], str] = {}  # (Q output, new channel count) -> padded DQ output
+    done: list[dict[str, Any]] = []
+    for conv in [n for n in g.node if n.op_type == "Conv"]:
+        if _attr(conv, "group", 1) != 1 or len(conv.input) < 2:
+            continue
+        dq, wdq = producer.get(conv.input[0]), producer.get(conv.input[1])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or len(q.input) < 3 or q.input[2] not in inits:
+            continue
+        if wdq is None or wdq.op_type != "DequantizeLinear" or wdq.input[0] not in inits or uses[wdq.input[0]] != 1:
+            continue
+        w = numpy_helper.to_array(inits[wdq.input[0]])
+        zp = numpy_helper.to_array(inits[wdq.input[2]]) if len(wdq.input) > 2 and wdq.input[2] else np.zeros(1)
+        scale = numpy_helper.to_array(inits[wdq.input[1]]) if wdq.input[1] in inits else None
+        if w.dtype != np.int8 or w.ndim != 4 or np.any(zp != 0) or scale is None:
+            continue
+        if scale.size > 1 and _attr(wdq, "axis", 1) != 0:
+            continue
+        cout, cin = w.shape[:2]
+        if cin % multiple == 0 or cout % multiple or cout < SYM_CONV_MIN_OUTPUT_CHANNELS:
+            continue
+        new = cin + (-cin) % multiple
+        key = (q.output[0], new)
+        if key not in padded:
+            base = f"{q.output[0]}_chpad{new}"
+            g.initializer.append(  # NCHW: begins of the 4 axes, then ends; zero channels after the last
+                numpy_helper.from_array(np.array([0, 0, 0, 0, 0, new - cin, 0, 0], np.int64), f"{base}_pads"))
+            pad = helper.make_node("Pad", [q.output[0], f"{base}_pads", q.input[2]], [f"{base}_q"],
+                                   name=f"{base}_pad", mode="constant")
+            dq2 = helper.make_node("DequantizeLinear", [f"{base}_q", *dq.input[1:]], [f"{base}_dq"],
+                                   name=f"{base}_dq")
+            at = list(g.node).index(dq)
+            g.node.insert(at, dq2)
+            g.node.insert(at, pad)
+            padded[key] = dq2.output[0]
+        w_init = inits[wdq.input[0]]
+        w_init.CopyFrom(numpy_helper.from_array(
+            np.concatenate([w, np.zeros((cout, new - cin, *w.shape[2:]), np.int8)], axis=1), w_init.name))
+        conv.input[0] = padded[key]
+        done.append({"conv": conv.name or conv.output[0], "channels": [int(cin), int(new)]})
+    if done:  # a DQ no longer read by anything goes
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        for n in [n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]:
+            g.node.remove(n)
+    return done
 
 
 def qdq_scheme(model: Any) -> dict[str, Any]:

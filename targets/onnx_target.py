@@ -111,6 +111,19 @@ def _to_uint8_activations(path: Path) -> int:
     return changed
 
 
+def _pad_input_channels(path: Path) -> list[dict[str, Any]]:
+    """Zero input channels for convolutions that ORT's fast x86 int8 kernel skips for their channel count (exact)."""
+    import onnx
+
+    from ._qdq import pad_conv_input_channels
+
+    model = onnx.load(str(path))
+    padded = pad_conv_input_channels(model)
+    if padded:
+        onnx.save(model, str(path))
+    return padded
+
+
 def _int8_details(path: Path) -> dict[str, Any]:
     """The scheme of the QDQ graph at ``path`` and what ORT's optimizer leaves of it."""
     import onnx
@@ -170,6 +183,8 @@ class OnnxTarget(Target):
             finally:
                 clean.unlink(missing_ok=True)
             details.update(method="ort-static-ptq-qdq", weight_bits=7, per_channel=True, calibration="minmax")
+        if precision is Precision.INT8:
+            details["channel_pad"] = _pad_input_channels(dst)
         _check_onnx(dst)
         if precision is Precision.INT8:
             details.update(_int8_details(dst))

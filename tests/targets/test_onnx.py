@@ -135,3 +135,74 @@ def _threads_disagree(path: Any, raw: np.ndarray, ref: np.ndarray, n_threads: in
     for t in threads:
         t.join()
     return errors
+
+
+def _qdq_stem_graph(cin: int, couts: tuple[int, ...]) -> onnx.ModelProto:
+    """float input -> Q(uint8) -> DQ -> a Conv per ``couts`` (int8 per-channel weights, zero points 0), each
+    -> Q -> DQ -> a global pool; the input's DQ is also read by a pool of its own (a reader that is not a Conv)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
+             numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "ys"),
+             numpy_helper.from_array(np.array(3, np.uint8), "yz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("GlobalAveragePool", ["xd"], ["xpool"])]
+    outputs = [helper.make_tensor_value_info("xpool", TensorProto.FLOAT, [None, cin, 1, 1])]
+    for i, cout in enumerate(couts):
+        w = rng.integers(-127, 128, size=(cout, cin, 3, 3)).astype(np.int8)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array(rng.uniform(0.001, 0.01, cout).astype(np.float32), f"ws{i}"),
+                  numpy_helper.from_array(np.zeros(cout, np.int8), f"wz{i}")]
+        nodes += [helper.make_node("DequantizeLinear", [f"w{i}", f"ws{i}", f"wz{i}"], [f"wd{i}"], axis=0),
+                  helper.make_node("Conv", ["xd", f"wd{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  helper.make_node("QuantizeLinear", [f"c{i}", "ys", "yz"], [f"cq{i}"]),
+                  helper.make_node("DequantizeLinear", [f"cq{i}", "ys", "yz"], [f"cd{i}"]),
+                  helper.make_node("GlobalAveragePool", [f"cd{i}"], [f"y{i}"])]
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [None, cout, 1, 1]))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, cin, 12, 12])
+    graph = helper.make_graph(nodes, "stem", [x], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_stem_input_channels_padded_for_the_fast_int8_kernel_with_the_same_outputs(tmp_path) -> None:
+    """An RGB stem (3 channels) reading a quantized input gets a zero 4th channel (ORT's x86 symmetric int8 conv
+    needs input channels in 4s); a conv whose output channels keep it off that kernel anyway (9) and the input's
+    other reader are left alone, and every output is the same number, with ORT's optimizations on and off."""
+    from targets._qdq import ort_fusion, pad_conv_input_channels
+
+    model = _qdq_stem_graph(3, (16, 9))
+    before = tmp_path / "before.onnx"
+    onnx.save(model, before)
+    assert pad_conv_input_channels(model) == [{"conv": "conv0", "channels": [3, 4]}]
+    onnx.checker.check_model(model)
+    after = tmp_path / "after.onnx"
+    onnx.save(model, after)
+    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    assert weights["w0"] == (16, 4, 3, 3) and weights["w1"] == (9, 3, 3, 3)
+    pads = [n for n in model.graph.node if n.op_type == "Pad"]
+    assert len(pads) == 1 and pads[0].input[0] == "xq"  # the quantized (uint8) tensor is padded, not the float
+    graph = ort_fusion(after)  # the padded input still feeds a fused int8 convolution
+    assert graph["float_compute"] == {} and graph["quantized_ops"]["QLinearConv"] == 2, graph
+    x = np.random.default_rng(1).uniform(-2.5, 2.5, size=(2, 3, 12, 12)).astype(np.float32)
+    for optimize in (False, True):
+        for a, b in zip(_ort_logits_all(before, x, optimize), _ort_logits_all(after, x, optimize), strict=True):
+            np.testing.assert_array_equal(a, b)
+    # nothing left to pad: a second pass changes nothing, nor does a graph whose channels already suit the kernel
+    assert pad_conv_input_channels(model) == []
+    assert pad_conv_input_channels(_qdq_stem_graph(4, (16,))) == []
+
+
+def _ort_logits_all(path, x: np.ndarray, optimize: bool) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})
