@@ -8,7 +8,10 @@ Q/DQ pair from int8 to uint8 with the zero point moved by +128: q_u8 = q_s8 +
 128 for every value, so the graph computes exactly the same numbers.
 `pad_conv_input_channels` pads the input channels of convolutions whose
 channel count keeps them off ORT's fast x86 int8 kernel (an RGB stem: 3
-channels) with zero channels, also exact.
+channels) with zero channels, also exact. `quantize_global_pool` turns the
+exporters' spatial ReduceMean between a DequantizeLinear and a QuantizeLinear
+into a GlobalAveragePool that ORT runs quantized (and in NHWC) instead of a
+transpose + dequantize + float mean + quantize.
 `ort_fusion` runs ORT's optimizer (``SessionOptions.optimized_model_filepath``)
 and counts what is left in float.
 """
@@ -20,7 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["activations_to_uint8", "pad_conv_input_channels", "qdq_scheme", "ort_fusion", "FLOAT_COMPUTE_OPS"]
+__all__ = ["activations_to_uint8", "pad_conv_input_channels", "quantize_global_pool", "qdq_scheme", "ort_fusion",
+           "FLOAT_COMPUTE_OPS"]
 
 #: ops that, left in ORT's optimized graph, are compute running in float
 FLOAT_COMPUTE_OPS = ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "Add", "ConvTranspose")
@@ -151,6 +155,72 @@ def pad_conv_input_channels(model: Any, multiple: int = SYM_CONV_CHANNEL_MULTIPL
         for n in [n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]:
             g.node.remove(n)
     return done
+
+
+_SHAPE_OPS = ("Reshape", "Flatten", "Squeeze")
+
+
+def quantize_global_pool(model: Any) -> int:
+    """Rewrite ``DQ -> ReduceMean(every spatial axis, keepdims) -> [Reshape|Flatten|Squeeze] -> Q`` to a
+    GlobalAveragePool quantized with that Q's scale and zero point (in place); returns how many.
+
+    torch exports ``AdaptiveAvgPool2d(1)`` / ``mean((2, 3))`` as a ReduceMean, which ORT leaves in float: a
+    transpose out of NHWC, a dequantize, the mean, a quantize. GlobalAveragePool between a DQ and a Q is fused
+    into ``QLinearGlobalAveragePool`` (NHWC). With a shape op between the mean and the Q, a Q/DQ pair with the
+    same parameters goes before the shape op: a reshape does not change values, so the numbers are the same.
+    """
+    from onnx import helper, numpy_helper, shape_inference
+
+    g = model.graph
+    inits = _inits(model)
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[Any]] = collections.defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            consumers[i].append(n)
+    graph_outputs = {o.name for o in g.output}
+    try:
+        inferred = shape_inference.infer_shapes(model).graph
+    except Exception:  # shapes are only needed to know the rank; without them nothing is rewritten
+        return 0
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.value_info, *inferred.input]
+            if v.type.tensor_type.HasField("shape")}
+    count = 0
+    for rm in [n for n in g.node if n.op_type == "ReduceMean"]:
+        r = rank.get(rm.input[0], 0)
+        dq = producer.get(rm.input[0])
+        if r < 3 or dq is None or dq.op_type != "DequantizeLinear" or _attr(rm, "keepdims", 1) != 1:
+            continue
+        if len(rm.input) > 1 and rm.input[1]:
+            if rm.input[1] not in inits:
+                continue
+            axes = numpy_helper.to_array(inits[rm.input[1]]).tolist()
+        else:
+            axes = next((list(a.ints) for a in rm.attribute if a.name == "axes"), [])
+        if sorted(a % r for a in axes) != list(range(2, r)) or rm.output[0] in graph_outputs:
+            continue
+        nxt = consumers[rm.output[0]]
+        if len(nxt) != 1:
+            continue
+        shape_op = nxt[0] if nxt[0].op_type in _SHAPE_OPS and nxt[0].output[0] not in graph_outputs else None
+        qs = consumers[shape_op.output[0]] if shape_op is not None else nxt
+        if not qs or any(q.op_type != "QuantizeLinear" or list(q.input[1:]) != list(qs[0].input[1:]) for q in qs):
+            continue
+        pool = helper.make_node("GlobalAveragePool", [rm.input[0]], [rm.output[0]], name=rm.name or rm.output[0])
+        at = list(g.node).index(rm)
+        g.node.remove(rm)
+        g.node.insert(at, pool)
+        if shape_op is not None:
+            qparams = list(qs[0].input[1:])
+            q = helper.make_node("QuantizeLinear", [pool.output[0], *qparams], [f"{pool.output[0]}_q"],
+                                 name=f"{pool.name}_q")
+            dq2 = helper.make_node("DequantizeLinear", [q.output[0], *qparams], [f"{pool.output[0]}_dq"],
+                                   name=f"{pool.name}_dq")
+            shape_op.input[0] = dq2.output[0]
+            g.node.insert(at + 1, dq2)
+            g.node.insert(at + 1, q)
+        count += 1
+    return count
 
 
 def qdq_scheme(model: Any) -> dict[str, Any]:

@@ -111,17 +111,18 @@ def _to_uint8_activations(path: Path) -> int:
     return changed
 
 
-def _pad_input_channels(path: Path) -> list[dict[str, Any]]:
-    """Zero input channels for convolutions that ORT's fast x86 int8 kernel skips for their channel count (exact)."""
+def _ort_int8_rewrites(path: Path) -> dict[str, Any]:
+    """Graph rewrites for ORT's int8 kernels, each exact: zero input channels for convolutions that its fast x86
+    kernel skips for their channel count; the global average pool quantized instead of left in float."""
     import onnx
 
-    from ._qdq import pad_conv_input_channels
+    from ._qdq import pad_conv_input_channels, quantize_global_pool
 
     model = onnx.load(str(path))
-    padded = pad_conv_input_channels(model)
-    if padded:
+    done = {"channel_pad": pad_conv_input_channels(model), "quantized_pools": quantize_global_pool(model)}
+    if any(done.values()):
         onnx.save(model, str(path))
-    return padded
+    return done
 
 
 def _int8_details(path: Path) -> dict[str, Any]:
@@ -184,7 +185,7 @@ class OnnxTarget(Target):
                 clean.unlink(missing_ok=True)
             details.update(method="ort-static-ptq-qdq", weight_bits=7, per_channel=True, calibration="minmax")
         if precision is Precision.INT8:
-            details["channel_pad"] = _pad_input_channels(dst)
+            details.update(_ort_int8_rewrites(dst))
         _check_onnx(dst)
         if precision is Precision.INT8:
             details.update(_int8_details(dst))

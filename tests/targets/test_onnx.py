@@ -62,6 +62,9 @@ def test_int8_ptq_runs_every_conv_gemm_add_quantized_with_uint8_activations(tiny
     assert graph == art.details["ort_graph"]
     assert graph["float_compute"] == {}, f"compute left in float between Q/DQ: {graph}"
     assert graph["quantized_ops"]["QLinearConv"] == 2 and graph["quantized_ops"]["QGemm"] == 1
+    # the global pool runs quantized too: only the input's Q and the logits' DQ are left
+    assert graph["quantized_ops"]["QLinearGlobalAveragePool"] == 1
+    assert graph["qdq_nodes"] == 2, graph
     # accuracy inside the build gate (1 point by default) on the held-out split
     acc = float((_ort_logits(tmp_path / art.main, tiny_source.x_test).argmax(1) == tiny_source.y_test).mean())
     ref = float((tiny_source.ref_logits.argmax(1) == tiny_source.y_test).mean())
@@ -206,3 +209,64 @@ def _ort_logits_all(path, x: np.ndarray, optimize: bool) -> list[np.ndarray]:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return sess.run(None, {"x": x})
+
+
+def _with_reduce_mean(src, dst) -> None:
+    """The tiny fp32 graph with its GlobalAveragePool written as torch.export writes a global pool: a ReduceMean
+    over the last two axes, keepdims."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    pool = next(n for n in model.graph.node if n.op_type == "GlobalAveragePool")
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, -2], np.int64), "pool_axes"))
+    at = list(model.graph.node).index(pool)
+    model.graph.node.remove(pool)
+    model.graph.node.insert(at, helper.make_node("ReduceMean", [pool.input[0], "pool_axes"], list(pool.output),
+                                                 keepdims=1))
+    if model.opset_import[0].version < 18:  # axes as an input
+        model.opset_import[0].version = 18
+    onnx.save(model, str(dst))
+
+
+def test_global_pool_quantized_with_the_same_outputs(tiny_source: Any, tmp_path) -> None:
+    """A ReduceMean over H and W (then a Flatten, then a Q), as torch.export writes a global pool, becomes a
+    GlobalAveragePool that ORT fuses into QLinearGlobalAveragePool; the logits are the same numbers, in the
+    built artifact too. A mean over one spatial axis is left alone."""
+    import dataclasses
+
+    from onnx import numpy_helper
+
+    from targets._qdq import ort_fusion, quantize_global_pool
+    from targets.onnx_target import static_quantize_onnx
+
+    fp32 = tmp_path / "fp32_mean.onnx"
+    _with_reduce_mean(tiny_source.source.onnx_fp32, fp32)
+    before = tmp_path / "before.onnx"
+    static_quantize_onnx(fp32, before, tiny_source.rep)
+    assert "QLinearGlobalAveragePool" not in ort_fusion(before)["quantized_ops"]
+    model = onnx.load(str(before))
+    assert [n.op_type for n in model.graph.node].count("ReduceMean") == 1
+    assert quantize_global_pool(model) == 1
+    onnx.checker.check_model(model)
+    after = tmp_path / "after.onnx"
+    onnx.save(model, after)
+    assert "ReduceMean" not in {n.op_type for n in model.graph.node}
+    graph = ort_fusion(after)
+    assert graph["quantized_ops"]["QLinearGlobalAveragePool"] == 1 and graph["qdq_nodes"] == 2, graph
+    assert graph["float_compute"] == {}
+    x = tiny_source.x_test
+    for optimize in (False, True):
+        a, b = _ort_logits(before, x, optimize=optimize), _ort_logits(after, x, optimize=optimize)
+        np.testing.assert_array_equal(a, b)
+    # the onnx target's int8 build does it
+    out = tmp_path / "built"
+    out.mkdir()
+    art = get_target("onnx").build(dataclasses.replace(tiny_source.source, onnx_fp32=fp32), Precision.INT8,
+                                   tiny_source.rep, out)
+    assert art.details["quantized_pools"] == 1
+    assert art.details["ort_graph"]["quantized_ops"]["QLinearGlobalAveragePool"] == 1
+    one_axis = onnx.load(str(before))
+    rm = next(n for n in one_axis.graph.node if n.op_type == "ReduceMean")
+    axes = next(i for i in one_axis.graph.initializer if i.name == rm.input[1])
+    axes.CopyFrom(numpy_helper.from_array(np.array([-1], np.int64), axes.name))
+    assert quantize_global_pool(one_axis) == 0
