@@ -119,7 +119,8 @@ def pad_conv_input_channels(model: Any, multiple: int = SYM_CONV_CHANNEL_MULTIPL
         q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
         if q is None or q.op_type != "QuantizeLinear" or len(q.input) < 3 or q.input[2] not in inits:
             continue
-        if wdq is None or wdq.op_type != "DequantizeLinear" or wdq.input[0] not in inits or uses[wdq.input[0]] != 1:
+        if (wdq is None or wdq.op_type != "DequantizeLinear" or wdq.input[0] not in inits
+                or uses[wdq.input[0]] != 1 or uses[wdq.output[0]] != 1):  # the weight is this conv's alone
             continue
         w = numpy_helper.to_array(inits[wdq.input[0]])
         zp = numpy_helper.to_array(inits[wdq.input[2]]) if len(wdq.input) > 2 and wdq.input[2] else np.zeros(1)
