@@ -155,6 +155,7 @@ class PruneConfig:
     finetune_epochs: int = 2  # per step
     importance: str = "l2"  # "l1" | "l2" (magnitude of the channel group)
     max_channel_ratio: float = 0.95  # never remove more than this fraction of one layer's channels
+    round_to: int = 1  # keep each pruned layer's channel count a multiple of this (torch-pruning's round_to)
     lr: float = 2e-3
     # target = "latency": NetAdapt-style search, each candidate built for latency_target and timed
     latency_budget_ms: float = 0.0  # the percentile below must be within this (required for "latency")
@@ -358,6 +359,7 @@ def _validate_section(obj: Any, section: str, origin: str) -> None:
         need(obj.steps >= 1, "steps", "must be >= 1")
         need(obj.importance in ("l1", "l2"), "importance", "must be 'l1' or 'l2'")
         need(0.0 < obj.max_channel_ratio < 1.0, "max_channel_ratio", "must be in (0, 1)")
+        need(1 <= obj.round_to <= 256, "round_to", "must be an integer in [1, 256]")
         if obj.target is PruneTarget.LATENCY:
             need(obj.latency_budget_ms > 0, "latency_budget_ms", "must be > 0 when prune.target = 'latency'")
             if obj.latency_device != "local":

@@ -40,6 +40,35 @@ def test_pruning_ratio_search_and_unreachable_target(tiny_run):
     assert count_params(teacher) > 0
 
 
+def test_pruning_rounds_channel_counts(tiny_run):
+    """prune.round_to: every pruned layer keeps a multiple of N channels (the logits layer is never pruned), and
+    the ratio search still reaches its goal with the rounding."""
+    import copy
+
+    import torch
+
+    from toolchain.models import count_macs
+    from toolchain.passes.prune import make_pruner
+
+    teacher = RunDir(tiny_run).load_teacher()
+    base = count_macs(teacher, (1, 8, 8))
+    for round_to in (1, 4):  # the tiny teacher has 8/16/32 channels
+        ratio, size = find_pruning_ratio(teacher, input_shape=(1, 8, 8), num_classes=10, target=PruneTarget.MACS,
+                                         goal=3.0, importance="l2", max_ratio=0.9, round_to=round_to)
+        assert size <= base / 3.0
+        model = copy.deepcopy(teacher)
+        make_pruner(model, input_shape=(1, 8, 8), ratio=ratio, steps=2, num_classes=10, importance="l2",
+                    max_ratio=0.9, round_to=round_to).step()
+        channels = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        before = [m.out_channels for m in teacher.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert channels != before  # pruned
+        if round_to == 4:
+            assert all(c % 4 == 0 for c in channels), channels
+        else:
+            unrounded = channels
+    assert any(c % 4 for c in unrounded), f"unrounded, the tiny teacher prunes to multiples of 4 anyway: {unrounded}"
+
+
 def test_compress_report_and_student(tiny_run):
     rep = json.loads((tiny_run / "reports/compress.json").read_text())
     stages = [s["stage"] for s in rep["stages"]]

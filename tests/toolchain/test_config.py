@@ -57,6 +57,9 @@ def test_wrong_type(tmp_path):
         load_config(write(tmp_path, "[train]\naugment = 1\n"))
     with pytest.raises(ConfigError, match=r"prune\.target: expected one of \['macs', 'params', 'latency'\]"):
         load_config(write(tmp_path, '[prune]\ntarget = "flops"\n'))
+    with pytest.raises(ConfigError, match=r"prune\.round_to: must be an integer in \[1, 256\], got 0"):
+        load_config(write(tmp_path, "[prune]\nround_to = 0\n"))
+    assert load_config(write(tmp_path, "[prune]\nround_to = 8\n")).prune.round_to == 8
 
 
 def test_refresh_balance_takes_a_mode_and_reads_an_older_boolean(tmp_path):

@@ -76,7 +76,8 @@ def search(student: "nn.Module", p: PruneConfig, ctx: "PassContext") -> tuple["n
     model = copy.deepcopy(student)
     total_steps = max(1, round(p.max_channel_ratio / p.latency_step))
     pruner = make_pruner(model, input_shape=ctx.input_shape, ratio=p.max_channel_ratio, steps=total_steps,
-                         num_classes=ctx.num_classes, importance=p.importance, max_ratio=p.max_channel_ratio)
+                         num_classes=ctx.num_classes, importance=p.importance, max_ratio=p.max_channel_ratio,
+                         round_to=p.round_to)
     candidates: list[dict[str, Any]] = []
     models: dict[int, "nn.Module"] = {}
     within_since: int | None = None

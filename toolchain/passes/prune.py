@@ -36,7 +36,7 @@ def measure(model: "nn.Module", input_shape: tuple[int, ...], target: PruneTarge
 
 
 def make_pruner(model: "nn.Module", *, input_shape: tuple[int, ...], ratio: float, steps: int, num_classes: int,
-                importance: str, max_ratio: float) -> Any:
+                importance: str, max_ratio: float, round_to: int = 1) -> Any:
     import torch
     import torch_pruning as tp
 
@@ -50,11 +50,12 @@ def make_pruner(model: "nn.Module", *, input_shape: tuple[int, ...], ratio: floa
         iterative_steps=steps,
         ignored_layers=_output_layers(model, num_classes),
         global_pruning=False,
+        round_to=round_to if round_to > 1 else None,
     )
 
 
 def find_pruning_ratio(model: "nn.Module", *, input_shape: tuple[int, ...], num_classes: int, target: PruneTarget,
-                       goal: float, importance: str, max_ratio: float) -> tuple[float, int]:
+                       goal: float, importance: str, max_ratio: float, round_to: int = 1) -> tuple[float, int]:
     """Smallest uniform channel ratio whose pruned copy is ``goal`` times smaller.
 
     Returns (ratio, measured size). Raises CompressionError when even
@@ -66,7 +67,7 @@ def find_pruning_ratio(model: "nn.Module", *, input_shape: tuple[int, ...], num_
     def pruned_size(r: float) -> int:
         m = copy.deepcopy(model).eval()
         make_pruner(m, input_shape=input_shape, ratio=r, steps=1, num_classes=num_classes,
-                    importance=importance, max_ratio=max_ratio).step()
+                    importance=importance, max_ratio=max_ratio, round_to=round_to).step()
         return measure(m, input_shape, target)
 
     # Channel rounding makes size non-monotone near max_ratio on tiny layers (a
@@ -109,7 +110,7 @@ class PrunePass(Pass):
         if goal > 1.0 + 1e-9:
             ratio, _ = find_pruning_ratio(
                 student, input_shape=ctx.input_shape, num_classes=ctx.num_classes, target=p.target, goal=goal,
-                importance=p.importance, max_ratio=p.max_channel_ratio,
+                importance=p.importance, max_ratio=p.max_channel_ratio, round_to=p.round_to,
             )
             self._prune_and_finetune(model, ratio, ctx)
         model = model.cpu().eval()
@@ -122,7 +123,7 @@ class PrunePass(Pass):
             "target": p.target.value, "ratio_goal": p.ratio, "channel_ratio": round(ratio, 4),
             "macs_reduction": ctx.teacher_macs / max(count_macs(model, ctx.input_shape), 1),
             "params_reduction": ctx.teacher_params / max(count_params(model), 1), "steps": p.steps,
-            "pruned": ratio > 0,
+            "pruned": ratio > 0, "round_to": p.round_to,
         })
 
     def _latency(self, student: "nn.Module", p: PruneConfig, ctx: PassContext) -> PassOutput:
@@ -144,7 +145,8 @@ class PrunePass(Pass):
         p = self.config
         model.train()
         pruner = make_pruner(model, input_shape=ctx.input_shape, ratio=ratio, steps=p.steps,
-                             num_classes=ctx.num_classes, importance=p.importance, max_ratio=p.max_channel_ratio)
+                             num_classes=ctx.num_classes, importance=p.importance, max_ratio=p.max_channel_ratio,
+                             round_to=p.round_to)
         for step in range(p.steps):
             model.eval()
             pruner.step()
