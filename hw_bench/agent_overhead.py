@@ -27,7 +27,7 @@ import numpy as np
 from edgecore.errors import BenchError
 
 from .data import TestData, from_run_dir, load_npz
-from .envinfo import environment
+from .envinfo import StealMeter, environment, steal_note
 
 GOAL_OVERHEAD = 1.15  # through-agent p50 / bare p50
 GOAL_TAIL = 3.0  # p99 / p50 of the through-agent path
@@ -98,10 +98,12 @@ def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, thr
         for fn in paths.values():
             _timed(lambda i, fn=fn: fn(i % n), warmup)
         load_start = _load_avg()
+        steal = StealMeter()
         samples: dict[str, list[np.ndarray]] = {k: [] for k in paths}
         for r in range(rounds):
             for name in (("bare", "agent") if r % 2 == 0 else ("agent", "bare")):
                 samples[name].append(_timed(paths[name], n))
+        steal_pct = steal.share()
         correct = sum(a.prediction == it.label for it in items for a in agent.process([it]))
     both = {name: np.concatenate(v, axis=1) for name, v in samples.items()}
     result = {name: {**_stats(v[0]), "cpu": _stats(v[1])} for name, v in both.items()}
@@ -116,7 +118,7 @@ def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, thr
         "agent_accuracy": correct / n,
         "goal": {"agent_overhead_max": GOAL_OVERHEAD, "p99_over_p50_max": GOAL_TAIL,
                  "met": overhead <= GOAL_OVERHEAD and result["agent"]["p99_over_p50"] <= GOAL_TAIL},
-        "load_avg": {"start": load_start, "end": _load_avg()},
+        "load_avg": {"start": load_start, "end": _load_avg()}, "steal_pct": steal_pct,
         "env": environment(threads=threads),
     }
 
@@ -140,8 +142,12 @@ def print_table(rec: dict[str, Any]) -> None:
               f"+{rec['agent_minus_bare_p50_us']:.1f} µs per input; goal {'met' if g['met'] else 'NOT met'}")
     cpu = rec["env"]["cpu"]
     threads = str(rec["runtime_threads"] or "the runtime's own") + (" (device default)" if rec["threads"] is None else "")
-    con.print(f"load average {rec['load_avg']['start']} → {rec['load_avg']['end']}; {cpu['model']} "
+    steal = rec.get("steal_pct")
+    con.print(f"load average {rec['load_avg']['start']} → {rec['load_avg']['end']}"
+              + ("" if steal is None else f", steal {steal:.1f}%") + f"; {cpu['model']} "
               f"({cpu['usable_cores']} usable cores); runtime threads {threads}", highlight=False)
+    if steal_note(steal):
+        con.print("warning: " + steal_note(steal), highlight=False)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

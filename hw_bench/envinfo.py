@@ -2,6 +2,9 @@
 
 CPU model, core counts and the instruction-set flags that decide int8 speed
 (AVX2, AVX-512, VNNI, AMX), threads, Python, host and date. Torch-free.
+`StealMeter` measures the share of CPU time a hypervisor took from this
+machine while a benchmark ran (Linux "steal"): on a shared VM that number,
+not the load average, says whether the timings can be trusted.
 """
 
 from __future__ import annotations
@@ -81,6 +84,50 @@ def cpu_record() -> dict[str, Any]:
         "usable_cores": usable,
         "isa": {f: (f in flags) for f in ISA_FLAGS},
     }
+
+
+#: above this share of stolen CPU time a run's timings get a warning note
+STEAL_WARN_PCT = 5.0
+
+
+def _cpu_ticks(path: str = "/proc/stat") -> list[int] | None:
+    """The aggregate ``cpu`` line of /proc/stat (user nice system idle iowait irq softirq steal ...), or None."""
+    try:
+        with open(path) as f:
+            first = f.readline().split()
+    except OSError:
+        return None
+    if len(first) < 9 or first[0] != "cpu":
+        return None
+    try:
+        return [int(v) for v in first[1:9]]
+    except ValueError:
+        return None
+
+
+class StealMeter:
+    """The share (%) of this machine's CPU time that the hypervisor ran something else ("steal") between the
+    meter's creation and `share()`. None where the kernel does not count it (not Linux) or no time passed."""
+
+    def __init__(self, path: str = "/proc/stat") -> None:
+        self._path = path
+        self._start = _cpu_ticks(path)
+
+    def share(self) -> float | None:
+        end = _cpu_ticks(self._path)
+        if self._start is None or end is None:
+            return None
+        delta = [b - a for a, b in zip(self._start, end, strict=True)]
+        total = sum(delta)
+        return round(100.0 * delta[7] / total, 1) if total > 0 else None
+
+
+def steal_note(pct: float | None) -> str | None:
+    """A warning when the hypervisor took enough CPU time for the timings to be unreliable, else None."""
+    if pct is None or pct < STEAL_WARN_PCT:
+        return None
+    return (f"the hypervisor took {pct:.0f}% of this machine's CPU time while it measured (steal): threads waited "
+            f"on descheduled cores, so times and ratios are unreliable; rerun when the host is quieter")
 
 
 def environment(*, threads: int | None = None) -> dict[str, Any]:

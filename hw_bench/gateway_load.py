@@ -254,7 +254,7 @@ def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, tea
     ``rates``: fixed offered loads (requests/s) measured for each responder besides the fractions of its own
     maximum; with ``floor``, ``at_equal_load`` sets their p50s side by side.
     """
-    from .envinfo import cpu_record
+    from .envinfo import StealMeter, cpu_record
 
     if floor and teacher is None:
         raise BenchError("--floor needs --teacher (the responder runs the same model)")
@@ -269,6 +269,7 @@ def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, tea
             raise BenchError("starting a gateway on your broker needs its credentials in --credentials")
         shape = _teacher_shape(teacher) if teacher else (1, 1, 8, 8)
         payload = wire.encode_tensor(np.random.default_rng(0).random(shape, dtype=np.float32))
+        steal = StealMeter()
         out: dict[str, Any] = {"cpu": cpu_record(), "load_average_before": os.getloadavg(), "clients": clients,
                                "inflight": inflight, "seconds": seconds, "rounds": rounds, "replicas": replicas}
         names = ["gateway"] + (["floor"] if floor else [])
@@ -292,6 +293,7 @@ def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, tea
                                          "gateway_p99_ms": g["p99_ms"], "floor_p99_ms": f["p99_ms"]} for g, f in fixed]
         out["goal"] = _goal(out)
         out["load_average_after"] = os.getloadavg()
+        out["steal_pct"] = steal.share()
     return out
 
 
@@ -505,3 +507,7 @@ def _print(out: dict[str, Any]) -> None:
     print(f"goal {'MET' if g['met'] else 'NOT MET'}: gateway p50 at half load {g['gateway_p50_at_half_load_ms']} ms "
           f"(<= {g['p50_at_half_load_max_ms']})"
           + (f", gateway/floor {g['gateway_vs_floor']} (>= {g['gateway_vs_floor_min']})" if "gateway_vs_floor" in g else ""))
+    from .envinfo import steal_note
+
+    if steal_note(out.get("steal_pct")):
+        print("warning: " + steal_note(out.get("steal_pct")))

@@ -15,7 +15,7 @@ from targets.base import InputSpec
 
 from .bench import Contender, bundle_contender, measure, open_bundles, split_runnable
 from .data import TestData, from_run_dir, load_npz
-from .envinfo import environment, int8_hint
+from .envinfo import StealMeter, environment, int8_hint, steal_note
 from .loadgen import Scenario, Settings
 from .results import new_run
 
@@ -56,8 +56,10 @@ def run_local(
         specs.append(str(rd))
     if specs:
         contenders = _baseline_contenders(specs, {c.model: c.input_spec for c in contenders}, threads) + contenders
+    steal = StealMeter()
     rows = measure(contenders, settings=settings, repetitions=repetitions, data=tests, do_accuracy=accuracy,
                    progress=progress)
+    steal_pct = steal.share()
     checks: list[dict[str, Any]] = []
     notes: list[str] = []
     if vendor_check:
@@ -67,8 +69,10 @@ def run_local(
             threads=threads, seconds=vendor_seconds, rounds=vendor_rounds, progress=progress,
         )
     notes.append(harness_overhead_note())
-    env = environment(threads=threads)
+    env = {**environment(threads=threads), "steal_pct": steal_pct}
     notes.append("int8 on this CPU: " + int8_hint(env["cpu"]))
+    if steal_note(steal_pct):
+        notes.append(steal_note(steal_pct))
     return new_run(env=env, rows=rows, cross_checks=checks, notes=notes, not_run=not_run)
 
 

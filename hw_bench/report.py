@@ -114,14 +114,15 @@ def _envs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _env_section(envs: list[dict[str, Any]]) -> list[str]:
     if not envs:
         return []
-    L = ["## Environment", "", "| host | CPU | cores (logical/usable) | ISA | threads | load avg 1/5/15 min | python | date |",
-         "|---|---|---|---|---|---|---|---|"]
+    L = ["## Environment", "",
+         "| host | CPU | cores (logical/usable) | ISA | threads | load avg 1/5/15 min | steal % | python | date |",
+         "|---|---|---|---|---|---|---|---|---|"]
     for e in envs:
         cpu = e.get("cpu", {})
         isa = ", ".join(k for k, v in (cpu.get("isa") or {}).items() if v) or "–"
         L.append(f"| {e.get('hostname')} | {cpu.get('model')} | {cpu.get('logical_cores')}/{cpu.get('usable_cores')} "
                  f"| {isa} | {e.get('threads') or 'default'} | {' / '.join(map(str, e.get('load_avg') or [])) or '–'} "
-                 f"| {e.get('python')} | {e.get('date')} |")
+                 f"| {'–' if e.get('steal_pct') is None else e['steal_pct']} | {e.get('python')} | {e.get('date')} |")
     return L + [""]
 
 

@@ -31,6 +31,7 @@ def test_agent_bench_reports_both_paths_and_the_ratio(tiny_bundle: Path, tiny_da
     assert rec["agent_overhead_cpu"] == pytest.approx(rec["agent"]["cpu"]["p50_us"] / rec["bare"]["cpu"]["p50_us"])
     assert rec["goal"]["met"] == (rec["agent_overhead"] <= 1.15 and rec["agent"]["p99_over_p50"] <= 3.0)
     assert len(rec["load_avg"]["start"]) == 3 and rec["env"]["cpu"]["logical_cores"] >= 1
+    assert "steal_pct" in rec
     assert rec["runtime_threads"] == 1  # a tiny model: one runtime thread by default on the device
     assert 0.0 <= rec["agent_accuracy"] <= 1.0
 

@@ -23,6 +23,7 @@ def test_hw_bench_gateway_measures_gateway_and_floor(tiny_cascade, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert "gateway / floor" in r.stdout and out["cpu"]["logical_cores"] >= 1 and len(out["load_average_before"]) == 3
+    assert "steal_pct" in out
     for name in ("gateway", "floor"):
         assert out[name]["max_offloads_per_s"] > 0
         assert [lv["load"] for lv in out[name]["levels"]] == [0.5, 0.8, 1.0, None]  # None: the fixed --rates

@@ -60,6 +60,7 @@ def test_local_run_with_pytorch_baseline_accuracy_and_report(tiny_bundle: Path, 
     assert wide["speedup_vs_pytorch"] is None
     assert ort_row["queries"] >= 20 and ort_row["duration_s"] >= 0.2
     assert run["env"]["threads"] == 1 and run["env"]["cpu"]["model"]
+    assert "steal_pct" in run["env"]  # what the hypervisor took while it measured (None off Linux)
     assert any("trtexec" in n for n in run["notes"])
 
     path = write_run(tmp_path / "r.json", run)
@@ -67,7 +68,7 @@ def test_local_run_with_pytorch_baseline_accuracy_and_report(tiny_bundle: Path, 
     assert len(read_run(path)["results"]) == 6
     out = report([path], tmp_path / "rep")
     md = out["markdown"].read_text()
-    assert "tiny onnx/fp32" in md and "speed-up vs PyTorch" in md and "0.7500" in md
+    assert "tiny onnx/fp32" in md and "speed-up vs PyTorch" in md and "0.7500" in md and "steal %" in md
     for png in ("latency_png", "pareto_png"):
         assert out[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
