@@ -60,18 +60,23 @@ def _load_avg() -> list[float] | None:
 
 
 def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, threads: int | None = None,
-                warmup: int = 50, limit: int | None = None, trust: Any = None) -> dict[str, Any]:
+                warmup: int = 50, limit: int | None = None, trust: Any = None,
+                threshold: float | None = None) -> dict[str, Any]:
     """Interleaved rounds of bare runtime vs. the agent's per-input path over ``data``; the result record.
 
     ``trust``: the `edgecore.bundle.TrustPolicy` the agent applies (default: the agent's own default).
+    ``threshold``: the agent's routing threshold (default: the bundle's). Inputs below it take the uncertain
+    path, which without a broker answers locally as a fallback; the record's ``uncertain_share`` says how many.
     """
-    from device_agent.agent import Agent, AgentConfig
+    from device_agent.agent import Agent, AgentConfig, Route
     from device_agent.model import device_threads
     from device_agent.sources import Item
     from targets import load_runner
 
     if rounds < 1:
         raise BenchError(f"--rounds must be at least 1, got {rounds}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise BenchError(f"--threshold is a confidence in [0, 1], got {threshold}")
     from edgecore.bundle import TrustPolicy
 
     trust = trust if trust is not None else TrustPolicy()
@@ -88,7 +93,8 @@ def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, thr
     runner = load_runner(bundle, threads=runtime_threads)
     with tempfile.TemporaryDirectory(prefix="hw-bench-agent-") as state:
         # a bundle without a routing threshold (hand-made ones) answers everything at the edge
-        threshold = None if bundle.routing is not None and bundle.routing.threshold is not None else 0.0
+        if threshold is None:
+            threshold = None if bundle.routing is not None and bundle.routing.threshold is not None else 0.0
         agent = Agent(bundle, AgentConfig(device_id="hw-bench", threads=threads, threshold=threshold,
                                           state_dir=Path(state), trust=trust))
         paths: dict[str, Callable[[int], Any]] = {
@@ -104,7 +110,9 @@ def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, thr
             for name in (("bare", "agent") if r % 2 == 0 else ("agent", "bare")):
                 samples[name].append(_timed(paths[name], n))
         steal_pct = steal.share()
-        correct = sum(a.prediction == it.label for it in items for a in agent.process([it]))
+        answers = [(it, a) for it in items for a in agent.process([it])]
+        correct = sum(a.prediction == it.label for it, a in answers)
+        uncertain = sum(a.route is not Route.EDGE for _, a in answers)
     both = {name: np.concatenate(v, axis=1) for name, v in samples.items()}
     result = {name: {**_stats(v[0]), "cpu": _stats(v[1])} for name, v in both.items()}
     overhead = result["agent"]["p50_us"] / result["bare"]["p50_us"]
@@ -115,7 +123,7 @@ def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, thr
         "runtime_threads": runtime_threads, "threshold": agent.threshold,
         "bare": result["bare"], "agent": result["agent"],
         "agent_overhead": overhead, "agent_overhead_cpu": overhead_cpu, "agent_minus_bare_p50_us": result["agent"]["p50_us"] - result["bare"]["p50_us"],
-        "agent_accuracy": correct / n,
+        "agent_accuracy": correct / n, "uncertain_share": uncertain / n,
         "goal": {"agent_overhead_max": GOAL_OVERHEAD, "p99_over_p50_max": GOAL_TAIL,
                  "met": overhead <= GOAL_OVERHEAD and result["agent"]["p99_over_p50"] <= GOAL_TAIL},
         "load_avg": {"start": load_start, "end": _load_avg()}, "steal_pct": steal_pct,
@@ -140,6 +148,8 @@ def print_table(rec: dict[str, Any]) -> None:
     con.print(f"agent_overhead {rec['agent_overhead']:.3f} (goal ≤ {g['agent_overhead_max']}), "
               f"on CPU time {rec['agent_overhead_cpu']:.3f}, "
               f"+{rec['agent_minus_bare_p50_us']:.1f} µs per input; goal {'met' if g['met'] else 'NOT met'}")
+    con.print(f"routing threshold {rec['threshold']:.3f}: {rec['uncertain_share']:.1%} of the inputs took the "
+              f"uncertain path (a local fallback here: no broker)", highlight=False)
     cpu = rec["env"]["cpu"]
     threads = str(rec["runtime_threads"] or "the runtime's own") + (" (device default)" if rec["threads"] is None else "")
     steal = rec.get("steal_pct")
@@ -157,7 +167,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         raise BenchError("hw-bench agent needs inputs: --run RUN_DIR (its test split) or --data NPZ")
     data = from_run_dir(args.run) if args.run else load_npz(args.data)
     rec = bench_agent(args.bundle, data, rounds=args.rounds, threads=args.threads, warmup=args.warmup,
-                      limit=args.limit, trust=trust_from_args(args))
+                      limit=args.limit, trust=trust_from_args(args), threshold=args.threshold)
     print_table(rec)
     if args.json:
         emit_json(rec)
@@ -177,6 +187,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--warmup", type=int, default=50, help="untimed inputs per path first (default 50)")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: the agent's device default; 0: the runtime's own)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N inputs")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="the agent's routing threshold (default: the bundle's); inputs below it take the "
+                        "uncertain path, a local fallback here (no broker)")
     add_trust_args(p, who="the agent")
     add_json_flag(p)
     p.set_defaults(func=cmd_agent)

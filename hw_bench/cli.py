@@ -34,7 +34,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _add_scenario(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", choices=[s.value for s in Scenario], default=Scenario.SINGLE_STREAM.value)
-    p.add_argument("--duration", type=float, default=2.0, help="minimum timed seconds per artifact (default 2)")
+    p.add_argument("--duration", type=float, default=2.0,
+                   help="minimum timed seconds per artifact, in all: split over --repetitions (default 2)")
     p.add_argument("--min-queries", type=int, default=100, help="minimum timed queries (default 100)")
     p.add_argument("--warmup", type=int, default=10, help="untimed warm-up queries (default 10)")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's own)")

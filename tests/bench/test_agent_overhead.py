@@ -46,6 +46,27 @@ def test_agent_bench_threads_zero_is_the_runtime_default(tiny_bundle: Path, tiny
     assert rec["threads"] == 0 and rec["runtime_threads"] is None
 
 
+def test_agent_bench_threshold_sends_inputs_down_the_uncertain_path(tiny_bundle: Path, tiny_data: TestData,
+                                                                    tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """--threshold overrides the bundle's: 1.0 sends every input down the uncertain path (a local fallback
+    without a broker, still answered), 0.0 none; the record says which share took it."""
+    npz = tmp_path / "data.npz"
+    save_npz(npz, tiny_data)
+    shares = {}
+    for t in ("1.0", "0.0"):
+        assert main(["agent", str(tiny_bundle), "--data", str(npz), "--rounds", "1", "--warmup", "2",
+                     "--threshold", t, "--json", "--allow-unsigned"]) == 0
+        out = capsys.readouterr().out
+        rec = json.loads(out.strip().splitlines()[-1])
+        assert rec["threshold"] == float(t) and "of the inputs took the uncertain path" in out
+        assert 0.0 <= rec["agent_accuracy"] <= 1.0 and rec["agent"]["count"] == len(tiny_data)
+        shares[t] = rec["uncertain_share"]
+    assert shares["0.0"] == 0.0 and shares["1.0"] > 0.9  # (a softmax can round to exactly 1.0 in float32)
+    assert main(["agent", str(tiny_bundle), "--data", str(npz), "--threshold", "1.5", "--allow-unsigned"]) == 2
+    assert "--threshold is a confidence in [0, 1], got 1.5" in capsys.readouterr().err
+
+
 def test_agent_bench_refuses_missing_or_mismatched_inputs(tiny_bundle: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["agent", str(tiny_bundle)]) == 2
