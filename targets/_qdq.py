@@ -35,6 +35,15 @@ def _inits(model: Any) -> dict[str, Any]:
     return {i.name: i for i in model.graph.initializer}
 
 
+def _readers(graph: Any) -> dict[str, list[Any]]:
+    """Tensor name -> the nodes that read it (once per input slot)."""
+    readers: dict[str, list[Any]] = collections.defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            readers[i].append(n)
+    return readers
+
+
 def activations_to_uint8(model: Any) -> int:
     """Rewrite int8 activation Q/DQ pairs of ``model`` (onnx.ModelProto) to uint8 in place; returns how many nodes.
 
@@ -47,10 +56,7 @@ def activations_to_uint8(model: Any) -> int:
 
     g = model.graph
     inits = _inits(model)
-    consumers: dict[str, list[Any]] = collections.defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            consumers[i].append(n)
+    consumers = _readers(g)
     qs = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits and len(n.input) > 2
           and n.input[2] in inits and inits[n.input[2]].data_type == TensorProto.INT8]
     if any(c.op_type != "DequantizeLinear" for q in qs for c in consumers[q.output[0]]):
@@ -109,7 +115,7 @@ def pad_conv_input_channels(model: Any, multiple: int = SYM_CONV_CHANNEL_MULTIPL
         return []
     inits = _inits(model)
     producer = {o: n for n in g.node for o in n.output}
-    uses: dict[str, int] = collections.Counter(i for n in g.node for i in n.input)
+    readers = _readers(g)
     padded: dict[tuple[str, int], str] = {}  # (Q output, new channel count) -> padded DQ output
     done: list[dict[str, Any]] = []
     for conv in [n for n in g.node if n.op_type == "Conv"]:
@@ -120,7 +126,7 @@ def pad_conv_input_channels(model: Any, multiple: int = SYM_CONV_CHANNEL_MULTIPL
         if q is None or q.op_type != "QuantizeLinear" or len(q.input) < 3 or q.input[2] not in inits:
             continue
         if (wdq is None or wdq.op_type != "DequantizeLinear" or wdq.input[0] not in inits
-                or uses[wdq.input[0]] != 1 or uses[wdq.output[0]] != 1):  # the weight is this conv's alone
+                or len(readers[wdq.input[0]]) != 1 or len(readers[wdq.output[0]]) != 1):  # this conv's alone
             continue
         w = numpy_helper.to_array(inits[wdq.input[0]])
         zp = numpy_helper.to_array(inits[wdq.input[2]]) if len(wdq.input) > 2 and wdq.input[2] else np.zeros(1)
@@ -175,10 +181,7 @@ def quantize_global_pool(model: Any) -> int:
     g = model.graph
     inits = _inits(model)
     producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[Any]] = collections.defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            consumers[i].append(n)
+    consumers = _readers(g)
     graph_outputs = {o.name for o in g.output}
     try:
         inferred = shape_inference.infer_shapes(model).graph

@@ -98,44 +98,34 @@ def static_quantize_onnx(
         pre.unlink(missing_ok=True)
 
 
-def _to_uint8_activations(path: Path) -> int:
-    """Rewrite the int8 activation Q/DQ pairs of the graph at ``path`` to uint8 (exact); returns the nodes changed."""
+def _int8_rewrites(path: Path, *, to_uint8: bool) -> dict[str, Any]:
+    """The int8 graph at ``path`` rewritten for ORT's kernels, each rewrite exact, loaded and saved once; returns
+    what each did and the scheme of the result.
+
+    ``to_uint8``: int8 activation Q/DQ pairs become uint8 (a QAT source; PTQ writes uint8 itself). Then zero input
+    channels for convolutions that ORT's fast x86 kernel skips for their channel count, and the global average
+    pool quantized instead of left in float.
+    """
     import onnx
 
-    from ._qdq import activations_to_uint8
+    from ._qdq import activations_to_uint8, pad_conv_input_channels, qdq_scheme, quantize_global_pool
 
     model = onnx.load(str(path))
-    changed = activations_to_uint8(model)
-    if changed:
-        onnx.save(model, str(path))
-    return changed
-
-
-def _ort_int8_rewrites(path: Path) -> dict[str, Any]:
-    """Graph rewrites for ORT's int8 kernels, each exact: zero input channels for convolutions that its fast x86
-    kernel skips for their channel count; the global average pool quantized instead of left in float."""
-    import onnx
-
-    from ._qdq import pad_conv_input_channels, quantize_global_pool
-
-    model = onnx.load(str(path))
-    done = {"channel_pad": pad_conv_input_channels(model), "quantized_pools": quantize_global_pool(model)}
+    done: dict[str, Any] = {"uint8_rewrite_nodes": activations_to_uint8(model)} if to_uint8 else {}
+    done.update(channel_pad=pad_conv_input_channels(model), quantized_pools=quantize_global_pool(model))
     if any(done.values()):
         onnx.save(model, str(path))
-    return done
+    return {**done, "scheme": qdq_scheme(model)}
 
 
-def _int8_details(path: Path) -> dict[str, Any]:
-    """The scheme of the QDQ graph at ``path`` and what ORT's optimizer leaves of it."""
-    import onnx
-
-    from ._qdq import ort_fusion, qdq_scheme
+def _ort_graph(path: Path) -> dict[str, Any]:
+    """What ORT's optimizer leaves of the int8 graph at ``path``."""
+    from ._qdq import ort_fusion
 
     try:
-        graph = ort_fusion(path)
+        return ort_fusion(path)
     except Exception as e:  # an ORT session failure is the build's problem, named with its cause
         raise BuildError(f"{path}: ONNX Runtime cannot load the int8 graph ({e})") from e
-    return {"scheme": qdq_scheme(onnx.load(str(path))), "ort_graph": graph}
 
 
 class OnnxTarget(Target):
@@ -173,7 +163,6 @@ class OnnxTarget(Target):
         elif source.onnx_qdq is not None and Path(source.onnx_qdq).is_file():
             details["cleanup"] = clean_onnx(Path(source.onnx_qdq), dst)
             details.update(method="qat-qdq", weight_bits=source.qdq_weight_bits)
-            details["uint8_rewrite_nodes"] = _to_uint8_activations(dst)
         else:
             if calibration is None:
                 raise BuildError("onnx int8 without a QAT QDQ graph needs a calibration set")
@@ -185,10 +174,10 @@ class OnnxTarget(Target):
                 clean.unlink(missing_ok=True)
             details.update(method="ort-static-ptq-qdq", weight_bits=7, per_channel=True, calibration="minmax")
         if precision is Precision.INT8:
-            details.update(_ort_int8_rewrites(dst))
+            details.update(_int8_rewrites(dst, to_uint8=details["method"] == "qat-qdq"))
         _check_onnx(dst)
         if precision is Precision.INT8:
-            details.update(_int8_details(dst))
+            details["ort_graph"] = _ort_graph(dst)
         return Artifact(target=self.name, precision=precision, files=[MODEL_FILE], runtime=self.runtime, details=details)
 
     def load(self, bundle_dir: Path, artifact: ArtifactInfo, input_spec: InputSpec, *,
