@@ -91,28 +91,18 @@ class OrtRunner:
         lock = threading.Lock()
         acquire, release, multiply, add = lock.acquire, lock.release, np.multiply, np.add
 
-        def scaled(raw: np.ndarray, _io: object = io) -> list:  # (_io: keeps the binding and its buffers alive)
+        def bound(raw: np.ndarray, _io: object = io) -> list:  # (_io: keeps the binding and its buffers alive)
             if not acquire(False):
                 return plain(raw)
             try:
                 multiply(raw, a, out=x)  # (the sample broadcasts to the batch of one)
+                if b is not None:
+                    add(x, b, out=x)
                 run(binding, None)
                 return y.tolist()[0]
             finally:
                 release()
 
-        def normalised(raw: np.ndarray, _io: object = io) -> list:
-            if not acquire(False):
-                return plain(raw)
-            try:
-                multiply(raw, a, out=x)  # (the sample broadcasts to the batch of one)
-                add(x, b, out=x)
-                run(binding, None)
-                return y.tolist()[0]
-            finally:
-                release()
-
-        bound = scaled if b is None else normalised
         bound.lock = lock  # type: ignore[attr-defined]  # (held while the buffers are in use; tests hold it)
         return bound
 
