@@ -93,8 +93,8 @@ def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, thr
     runner = load_runner(bundle, threads=runtime_threads)
     with tempfile.TemporaryDirectory(prefix="hw-bench-agent-") as state:
         # a bundle without a routing threshold (hand-made ones) answers everything at the edge
-        if threshold is None:
-            threshold = None if bundle.routing is not None and bundle.routing.threshold is not None else 0.0
+        if threshold is None and (bundle.routing is None or bundle.routing.threshold is None):
+            threshold = 0.0
         agent = Agent(bundle, AgentConfig(device_id="hw-bench", threads=threads, threshold=threshold,
                                           state_dir=Path(state), trust=trust))
         paths: dict[str, Callable[[int], Any]] = {
@@ -156,8 +156,9 @@ def print_table(rec: dict[str, Any]) -> None:
     con.print(f"load average {rec['load_avg']['start']} → {rec['load_avg']['end']}"
               + ("" if steal is None else f", steal {steal:.1f}%") + f"; {cpu['model']} "
               f"({cpu['usable_cores']} usable cores); runtime threads {threads}", highlight=False)
-    if steal_note(steal):
-        con.print("warning: " + steal_note(steal), highlight=False)
+    note = steal_note(steal)
+    if note:
+        con.print("warning: " + note, highlight=False)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

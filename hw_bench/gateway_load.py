@@ -29,6 +29,8 @@ import numpy as np
 from edgecore import wire
 from edgecore.errors import BenchError
 
+from .envinfo import StealMeter, cpu_record, steal_note
+
 LEVELS = (0.5, 0.8, 1.0)
 
 
@@ -254,8 +256,6 @@ def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, tea
     ``rates``: fixed offered loads (requests/s) measured for each responder besides the fractions of its own
     maximum; with ``floor``, ``at_equal_load`` sets their p50s side by side.
     """
-    from .envinfo import StealMeter, cpu_record
-
     if floor and teacher is None:
         raise BenchError("--floor needs --teacher (the responder runs the same model)")
     if broker is None and teacher is None:
@@ -507,7 +507,6 @@ def _print(out: dict[str, Any]) -> None:
     print(f"goal {'MET' if g['met'] else 'NOT MET'}: gateway p50 at half load {g['gateway_p50_at_half_load_ms']} ms "
           f"(<= {g['p50_at_half_load_max_ms']})"
           + (f", gateway/floor {g['gateway_vs_floor']} (>= {g['gateway_vs_floor_min']})" if "gateway_vs_floor" in g else ""))
-    from .envinfo import steal_note
-
-    if steal_note(out.get("steal_pct")):
-        print("warning: " + steal_note(out.get("steal_pct")))
+    note = steal_note(out.get("steal_pct"))
+    if note:
+        print("warning: " + note)

@@ -71,8 +71,9 @@ def run_local(
     notes.append(harness_overhead_note())
     env = {**environment(threads=threads), "steal_pct": steal_pct}
     notes.append("int8 on this CPU: " + int8_hint(env["cpu"]))
-    if steal_note(steal_pct):
-        notes.append(steal_note(steal_pct))
+    note = steal_note(steal_pct)
+    if note:
+        notes.append(note)
     return new_run(env=env, rows=rows, cross_checks=checks, notes=notes, not_run=not_run)
 
 
