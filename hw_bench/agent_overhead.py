@@ -16,7 +16,6 @@ Torch-free, device side: only the data loader of ``--run`` imports the toolchain
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 from edgecore.errors import BenchError
 
 from .data import TestData, from_run_dir, load_npz
-from .envinfo import StealMeter, environment, steal_note
+from .envinfo import StealMeter, environment, load_average, steal_note
 
 GOAL_OVERHEAD = 1.15  # through-agent p50 / bare p50
 GOAL_TAIL = 3.0  # p99 / p50 of the through-agent path
@@ -50,13 +49,6 @@ def _timed(fn: Callable[[int], Any], n: int) -> np.ndarray:
         c1, t1 = cpu(), wall()
         out[0, i], out[1, i] = t1 - t0, c1 - c0
     return out
-
-
-def _load_avg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, threads: int | None = None,
@@ -103,7 +95,7 @@ def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, thr
         }
         for fn in paths.values():
             _timed(lambda i, fn=fn: fn(i % n), warmup)
-        load_start = _load_avg()
+        load_start = load_average()
         steal = StealMeter()
         samples: dict[str, list[np.ndarray]] = {k: [] for k in paths}
         for r in range(rounds):
@@ -126,7 +118,7 @@ def bench_agent(bundle_path: str | Path, data: TestData, *, rounds: int = 5, thr
         "agent_accuracy": correct / n, "uncertain_share": uncertain / n,
         "goal": {"agent_overhead_max": GOAL_OVERHEAD, "p99_over_p50_max": GOAL_TAIL,
                  "met": overhead <= GOAL_OVERHEAD and result["agent"]["p99_over_p50"] <= GOAL_TAIL},
-        "load_avg": {"start": load_start, "end": _load_avg()}, "steal_pct": steal_pct,
+        "load_avg": {"start": load_start, "end": load_average()}, "steal_pct": steal_pct,
         "env": environment(threads=threads),
     }
 

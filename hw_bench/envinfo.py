@@ -130,17 +130,21 @@ def steal_note(pct: float | None) -> str | None:
             f"on descheduled cores, so times and ratios are unreliable; rerun when the host is quieter")
 
 
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (2 decimals), or None where the platform has none (Windows)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def environment(*, threads: int | None = None) -> dict[str, Any]:
     """The record written once per run file (per device for fleet runs).
 
     The load average says how shared the machine was while it measured.
     """
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        load = None
     return {
-        "load_avg": load,
+        "load_avg": load_average(),
         "cpu": cpu_record(),
         "threads": threads,
         "python": platform.python_version(),

@@ -29,7 +29,7 @@ import numpy as np
 from edgecore import wire
 from edgecore.errors import BenchError
 
-from .envinfo import StealMeter, cpu_record, steal_note
+from .envinfo import StealMeter, cpu_record, load_average, steal_note
 
 LEVELS = (0.5, 0.8, 1.0)
 
@@ -270,7 +270,7 @@ def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, tea
         shape = _teacher_shape(teacher) if teacher else (1, 1, 8, 8)
         payload = wire.encode_tensor(np.random.default_rng(0).random(shape, dtype=np.float32))
         steal = StealMeter()
-        out: dict[str, Any] = {"cpu": cpu_record(), "load_average_before": os.getloadavg(), "clients": clients,
+        out: dict[str, Any] = {"cpu": cpu_record(), "load_average_before": load_average(), "clients": clients,
                                "inflight": inflight, "seconds": seconds, "rounds": rounds, "replicas": replicas}
         names = ["gateway"] + (["floor"] if floor else [])
         per: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
@@ -292,7 +292,7 @@ def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, tea
                 out["at_equal_load"] = [{"rate": g["rate"], "gateway_p50_ms": g["p50_ms"], "floor_p50_ms": f["p50_ms"],
                                          "gateway_p99_ms": g["p99_ms"], "floor_p99_ms": f["p99_ms"]} for g, f in fixed]
         out["goal"] = _goal(out)
-        out["load_average_after"] = os.getloadavg()
+        out["load_average_after"] = load_average()
         out["steal_pct"] = steal.share()
     return out
 
@@ -486,10 +486,11 @@ def _print(out: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    load = out["load_average_before"]
     t = Table(title=f"gateway load ({out['clients']} clients x {out['inflight']} in flight, {out['rounds']} "
-                    f"interleaved rounds, medians; {out['replicas']} gateway process(es); "
-                    f"load avg {out['load_average_before'][0]:.2f})")
-    for col in ("responder", "max/s", "load", "rate/s", "p50 ms", "p95 ms", "p99 ms", "lost", "errors"):
+                    f"interleaved rounds: medians, lost and errors summed; {out['replicas']} gateway process(es)"
+                    + (f"; load avg {load[0]:.2f})" if load else ")"))
+    for col in ("responder", "max/s", "load", "rate/s", "p50 ms", "p95 ms", "p99 ms", "lost (sum)", "errors (sum)"):
         t.add_column(col)
     for name in ("gateway", "floor"):
         if name in out:

@@ -1,4 +1,5 @@
-"""envinfo: the steal meter (how much CPU time a hypervisor took while a benchmark ran) and its warning."""
+"""envinfo: the steal meter (how much CPU time a hypervisor took while a benchmark ran) and its warning; the load
+average every record carries."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hw_bench.envinfo import STEAL_WARN_PCT, StealMeter, steal_note
+from hw_bench import envinfo
+from hw_bench.envinfo import STEAL_WARN_PCT, StealMeter, load_average, steal_note
 
 
 def _stat(path: Path, user: int, idle: int, steal: int) -> None:
@@ -45,3 +47,15 @@ def test_this_machine_has_a_steal_counter() -> None:
         pass
     share = meter.share()
     assert share is not None and 0.0 <= share <= 100.0
+
+
+def test_load_average_is_three_rounded_numbers_or_none_where_the_platform_has_none(monkeypatch) -> None:
+    monkeypatch.setattr(envinfo.os, "getloadavg", lambda: (0.123, 1.0, 2.5551))
+    assert load_average() == [0.12, 1.0, 2.56]
+    assert envinfo.environment()["load_avg"] == [0.12, 1.0, 2.56]
+
+    def absent() -> tuple[float, float, float]:
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(envinfo.os, "getloadavg", absent)
+    assert load_average() is None and envinfo.environment()["load_avg"] is None
