@@ -103,16 +103,23 @@ def _int8_rewrites(path: Path, *, to_uint8: bool) -> dict[str, Any]:
     what each did and the scheme of the result.
 
     ``to_uint8``: int8 activation Q/DQ pairs become uint8 (a QAT source; PTQ writes uint8 itself). Then zero input
-    channels for convolutions that ORT's fast x86 kernel skips for their channel count, and the global average
-    pool quantized instead of left in float.
+    channels for convolutions that ORT's fast x86 kernel skips for their channel count, the global average
+    pool quantized instead of left in float, and windowed average pools run as depthwise convolutions.
     """
     import onnx
 
-    from ._qdq import activations_to_uint8, pad_conv_input_channels, qdq_scheme, quantize_global_pool
+    from ._qdq import (
+        activations_to_uint8,
+        average_pool_as_depthwise_conv,
+        pad_conv_input_channels,
+        qdq_scheme,
+        quantize_global_pool,
+    )
 
     model = onnx.load(str(path))
     done: dict[str, Any] = {"uint8_rewrite_nodes": activations_to_uint8(model)} if to_uint8 else {}
-    done.update(channel_pad=pad_conv_input_channels(model), quantized_pools=quantize_global_pool(model))
+    done.update(channel_pad=pad_conv_input_channels(model), quantized_pools=quantize_global_pool(model),
+                pools_as_conv=average_pool_as_depthwise_conv(model))
     if any(done.values()):
         onnx.save(model, str(path))
     return {**done, "scheme": qdq_scheme(model)}

@@ -4,6 +4,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import pytest
 
 from targets import Precision, get_target
 from tests.targets.contract import TargetContract
@@ -270,3 +271,112 @@ def test_global_pool_quantized_with_the_same_outputs(tiny_source: Any, tmp_path)
     axes = next(i for i in one_axis.graph.initializer if i.name == rm.input[1])
     axes.CopyFrom(numpy_helper.from_array(np.array([-1], np.int64), axes.name))
     assert quantize_global_pool(one_axis) == 0
+
+
+def _qdq_pool_graph(channels: int, size: int, *, quantized_output: bool = True, **pool: Any) -> onnx.ModelProto:
+    """float input -> Q(uint8) -> DQ -> AveragePool(**pool) -> Q -> DQ (or the pool's float output itself)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(0.037, np.float32), "xs"),
+             numpy_helper.from_array(np.array(7, np.uint8), "xz"),
+             numpy_helper.from_array(np.array(0.021, np.float32), "ys"),
+             numpy_helper.from_array(np.array(3, np.uint8), "yz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("AveragePool", ["xd"], ["p" if quantized_output else "y"], name="pool", **pool)]
+    if quantized_output:
+        nodes += [helper.make_node("QuantizeLinear", ["p", "ys", "yz"], ["pq"]),
+                  helper.make_node("DequantizeLinear", ["pq", "ys", "yz"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, channels, size, size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, channels, None, None])
+    model = helper.make_model(helper.make_graph(nodes, "pool", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("channels,size,pool,rewritten", [
+    (16, 8, {"kernel_shape": [2, 2], "strides": [2, 2]}, True),
+    (24, 9, {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1}, True),
+    (16, 8, {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "count_include_pad": 1}, True),
+    (16, 8, {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}, True),  # no partial window
+    (16, 8, {"kernel_shape": [2, 3], "strides": [1, 2]}, True),
+    # border windows divide by fewer than k² values: not a convolution
+    (16, 8, {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 0}, False),
+    (16, 8, {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}, False),  # a partial last window
+    (16, 8, {"kernel_shape": [3, 3], "auto_pad": "SAME_UPPER"}, False),
+    (4, 8, {"kernel_shape": [2, 2], "strides": [2, 2]}, False),  # too few channels to gain
+])
+def test_average_pool_runs_as_a_depthwise_int8_convolution_within_one_step(
+        channels: int, size: int, pool: dict[str, Any], rewritten: bool, tmp_path) -> None:
+    """A quantized AveragePool becomes a depthwise Conv (weights 1/k²) that ORT fuses into QLinearConv instead of
+    its slow QLinearAveragePool; the outputs are the same mean rounded, so they agree to within one quantization
+    step, and rarely differ at all. Pools a convolution cannot express, or too narrow to gain, are left alone."""
+    from targets._qdq import average_pool_as_depthwise_conv, ort_fusion
+
+    model = _qdq_pool_graph(channels, size, **pool)
+    before = tmp_path / "before.onnx"
+    onnx.save(model, before)
+    assert average_pool_as_depthwise_conv(model) == int(rewritten)
+    if not rewritten:
+        assert "QLinearAveragePool" in ort_fusion(before)["quantized_ops"]
+        return
+    onnx.checker.check_model(model)
+    after = tmp_path / "after.onnx"
+    onnx.save(model, after)
+    assert "AveragePool" not in {n.op_type for n in model.graph.node}
+    graph = ort_fusion(after)
+    assert graph["quantized_ops"] == {"QLinearConv": 1} and graph["float_compute"] == {}, graph
+    x = np.random.default_rng(2).uniform(-4, 4, size=(3, channels, size, size)).astype(np.float32)
+    for optimize in (False, True):
+        a, b = _ort_logits_all(before, x, optimize)[0], _ort_logits_all(after, x, optimize)[0]
+        assert a.shape == b.shape
+        steps = np.abs(a - b) / 0.021
+        assert steps.max() <= 1.0 + 1e-4 and (steps > 0.5).mean() < 0.02, (steps.max(), (steps > 0.5).mean())
+    assert average_pool_as_depthwise_conv(model) == 0  # nothing left
+
+
+def test_average_pool_read_in_float_is_left_alone() -> None:
+    from targets._qdq import average_pool_as_depthwise_conv
+
+    assert average_pool_as_depthwise_conv(_qdq_pool_graph(16, 8, quantized_output=False, kernel_shape=[2, 2])) == 0
+
+
+def _with_average_pool(src, dst) -> None:
+    """The tiny fp32 graph with a 2x2 average pool (stride 2) after its first ReLU (16 channels, 8x8 -> 4x4)."""
+    from onnx import helper
+
+    model = onnx.load(str(src))
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    for n in model.graph.node:
+        n.input[:] = ["relu_pooled" if i == relu.output[0] else i for i in n.input]
+    at = list(model.graph.node).index(relu) + 1
+    model.graph.node.insert(at, helper.make_node("AveragePool", [relu.output[0]], ["relu_pooled"], name="avgpool",
+                                                 kernel_shape=[2, 2], strides=[2, 2]))
+    onnx.save(model, str(dst))
+
+
+def test_int8_build_runs_average_pools_as_convolutions(tiny_source: Any, tmp_path) -> None:
+    """The onnx target's int8 build rewrites the pool (the details say so, ORT's graph has no QLinearAveragePool)
+    and answers as the same graph quantized without the rewrite does."""
+    import dataclasses
+
+    from targets._qdq import ort_fusion
+    from targets.onnx_target import static_quantize_onnx
+
+    fp32 = tmp_path / "fp32_pool.onnx"
+    _with_average_pool(tiny_source.source.onnx_fp32, fp32)
+    plain = tmp_path / "plain.onnx"
+    static_quantize_onnx(fp32, plain, tiny_source.rep)
+    assert "QLinearAveragePool" in ort_fusion(plain)["quantized_ops"]
+    out = tmp_path / "built"
+    out.mkdir()
+    art = get_target("onnx").build(dataclasses.replace(tiny_source.source, onnx_fp32=fp32), Precision.INT8,
+                                   tiny_source.rep, out)
+    assert art.details["pools_as_conv"] == 1
+    assert "QLinearAveragePool" not in art.details["ort_graph"]["quantized_ops"]
+    assert art.details["ort_graph"]["float_compute"] == {}
+    x = tiny_source.x_test
+    a, b = _ort_logits(plain, x), _ort_logits(out / art.main, x)
+    assert np.mean(a.argmax(1) == b.argmax(1)) >= 0.99
+    np.testing.assert_allclose(a, b, atol=0.1 * float(np.abs(a).max()))
