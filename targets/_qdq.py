@@ -172,13 +172,15 @@ _SHAPE_OPS = ("Reshape", "Flatten", "Squeeze")
 
 
 def quantize_global_pool(model: Any) -> int:
-    """Rewrite ``DQ -> ReduceMean(every spatial axis, keepdims) -> [Reshape|Flatten|Squeeze] -> Q`` to a
+    """Rewrite ``DQ -> ReduceMean(every spatial axis) -> [Reshape|Flatten|Squeeze] -> Q`` to a
     GlobalAveragePool quantized with that Q's scale and zero point (in place); returns how many.
 
-    torch exports ``AdaptiveAvgPool2d(1)`` / ``mean((2, 3))`` as a ReduceMean, which ORT leaves in float: a
-    transpose out of NHWC, a dequantize, the mean, a quantize. GlobalAveragePool between a DQ and a Q is fused
-    into ``QLinearGlobalAveragePool`` (NHWC). With a shape op between the mean and the Q, a Q/DQ pair with the
-    same parameters goes before the shape op: a reshape does not change values, so the numbers are the same.
+    torch exports ``AdaptiveAvgPool2d(1)`` / ``mean((2, 3), keepdim=True)`` as a ReduceMean, which ORT leaves in
+    float: a transpose out of NHWC, a dequantize, the mean, a quantize. GlobalAveragePool between a DQ and a Q is
+    fused into ``QLinearGlobalAveragePool`` (NHWC). With a shape op between the mean and the Q, a Q/DQ pair with
+    the same parameters goes before the shape op: a reshape does not change values, so the numbers are the same.
+    A mean without keepdims (``x.mean((2, 3))``, as torchvision's ShuffleNet and MNASNet end) becomes the pool,
+    that Q/DQ pair and a Flatten to (N, C), unless a Flatten or Reshape after it already makes (N, C).
     """
     from onnx import helper, numpy_helper, shape_inference
 
@@ -197,7 +199,8 @@ def quantize_global_pool(model: Any) -> int:
     for rm in [n for n in g.node if n.op_type == "ReduceMean"]:
         r = rank.get(rm.input[0], 0)
         dq = producer.get(rm.input[0])
-        if r < 3 or dq is None or dq.op_type != "DequantizeLinear" or _attr(rm, "keepdims", 1) != 1:
+        keepdims = _attr(rm, "keepdims", 1)
+        if r < 3 or dq is None or dq.op_type != "DequantizeLinear":
             continue
         if len(rm.input) > 1 and rm.input[1]:
             if rm.input[1] not in inits:
@@ -214,19 +217,27 @@ def quantize_global_pool(model: Any) -> int:
         qs = consumers[shape_op.output[0]] if shape_op is not None else nxt
         if not qs or any(q.op_type != "QuantizeLinear" or list(q.input[1:]) != list(qs[0].input[1:]) for q in qs):
             continue
-        pool = helper.make_node("GlobalAveragePool", [rm.input[0]], [rm.output[0]], name=rm.name or rm.output[0])
+        # a Flatten(axis=1) or Reshape after the mean gives the same from (N, C, 1, 1) as from (N, C): it can take
+        # the pool's output as it is; any other reader of a mean without keepdims gets the (N, C) it had
+        flat = not keepdims and not (shape_op is not None and (
+            shape_op.op_type == "Reshape" or (shape_op.op_type == "Flatten" and _attr(shape_op, "axis", 1) == 1)))
+        out = f"{rm.output[0]}_pooled" if flat else rm.output[0]
+        pool = helper.make_node("GlobalAveragePool", [rm.input[0]], [out], name=rm.name or rm.output[0])
         at = list(g.node).index(rm)
         g.node.remove(rm)
         g.node.insert(at, pool)
-        if shape_op is not None:
+        if shape_op is not None or flat:
             qparams = list(qs[0].input[1:])
-            q = helper.make_node("QuantizeLinear", [pool.output[0], *qparams], [f"{pool.output[0]}_q"],
-                                 name=f"{pool.name}_q")
-            dq2 = helper.make_node("DequantizeLinear", [q.output[0], *qparams], [f"{pool.output[0]}_dq"],
-                                   name=f"{pool.name}_dq")
-            shape_op.input[0] = dq2.output[0]
-            g.node.insert(at + 1, dq2)
-            g.node.insert(at + 1, q)
+            q = helper.make_node("QuantizeLinear", [out, *qparams], [f"{out}_q"], name=f"{pool.name}_q")
+            dq2 = helper.make_node("DequantizeLinear", [q.output[0], *qparams], [f"{out}_dq"], name=f"{pool.name}_dq")
+            added = [q, dq2]
+            if not flat:
+                shape_op.input[0] = dq2.output[0]
+            else:  # (N, C, 1, 1) -> (N, C), what the mean wrote; its readers are unchanged
+                added.append(helper.make_node("Flatten", [dq2.output[0]], [rm.output[0]], name=f"{pool.name}_flat",
+                                              axis=1))
+            for i, n in enumerate(added):
+                g.node.insert(at + 1 + i, n)
         count += 1
     return count
 

@@ -212,9 +212,10 @@ def _ort_logits_all(path, x: np.ndarray, optimize: bool) -> list[np.ndarray]:
     return sess.run(None, {"x": x})
 
 
-def _with_reduce_mean(src, dst) -> None:
+def _with_reduce_mean(src, dst, keepdims: int = 1, flatten: bool = True) -> None:
     """The tiny fp32 graph with its GlobalAveragePool written as torch.export writes a global pool: a ReduceMean
-    over the last two axes, keepdims."""
+    over the last two axes, keepdims (``AdaptiveAvgPool2d(1)``) or not (``x.mean((2, 3))``; the Flatten after it
+    then keeps (N, C) as it is, and without ``flatten`` the Gemm reads the mean)."""
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(src))
@@ -223,16 +224,23 @@ def _with_reduce_mean(src, dst) -> None:
     at = list(model.graph.node).index(pool)
     model.graph.node.remove(pool)
     model.graph.node.insert(at, helper.make_node("ReduceMean", [pool.input[0], "pool_axes"], list(pool.output),
-                                                 keepdims=1))
+                                                 keepdims=keepdims))
+    if not flatten:
+        flat = next(n for n in model.graph.node if n.op_type == "Flatten")
+        model.graph.node.remove(flat)
+        for n in model.graph.node:
+            n.input[:] = [flat.input[0] if i == flat.output[0] else i for i in n.input]
     if model.opset_import[0].version < 18:  # axes as an input
         model.opset_import[0].version = 18
     onnx.save(model, str(dst))
 
 
-def test_global_pool_quantized_with_the_same_outputs(tiny_source: Any, tmp_path) -> None:
+@pytest.mark.parametrize("keepdims,flatten", [(1, True), (0, True), (0, False)])
+def test_global_pool_quantized_with_the_same_outputs(tiny_source: Any, tmp_path, keepdims: int, flatten: bool) -> None:
     """A ReduceMean over H and W (then a Flatten, then a Q), as torch.export writes a global pool, becomes a
-    GlobalAveragePool that ORT fuses into QLinearGlobalAveragePool; the logits are the same numbers, in the
-    built artifact too. A mean over one spatial axis is left alone."""
+    GlobalAveragePool that ORT fuses into QLinearGlobalAveragePool, with or without keepdims, with or without a
+    Flatten after it; the logits are the same numbers, in the built artifact too. A mean over one spatial axis
+    is left alone."""
     import dataclasses
 
     from onnx import numpy_helper
@@ -241,7 +249,7 @@ def test_global_pool_quantized_with_the_same_outputs(tiny_source: Any, tmp_path)
     from targets.onnx_target import static_quantize_onnx
 
     fp32 = tmp_path / "fp32_mean.onnx"
-    _with_reduce_mean(tiny_source.source.onnx_fp32, fp32)
+    _with_reduce_mean(tiny_source.source.onnx_fp32, fp32, keepdims, flatten)
     before = tmp_path / "before.onnx"
     static_quantize_onnx(fp32, before, tiny_source.rep)
     assert "QLinearGlobalAveragePool" not in ort_fusion(before)["quantized_ops"]
