@@ -104,13 +104,15 @@ def _int8_rewrites(path: Path, *, to_uint8: bool) -> dict[str, Any]:
 
     ``to_uint8``: int8 activation Q/DQ pairs become uint8 (a QAT source; PTQ writes uint8 itself). Then zero input
     channels for convolutions that ORT's fast x86 kernel skips for their channel count, the global average
-    pool quantized instead of left in float, and windowed average pools run as depthwise convolutions.
+    pool quantized instead of left in float, windowed average pools run as depthwise convolutions, and
+    HardSigmoids (hardswish) as quantized adds.
     """
     import onnx
 
     from ._qdq import (
         activations_to_uint8,
         average_pool_as_depthwise_conv,
+        hard_sigmoid_as_add,
         pad_conv_input_channels,
         qdq_scheme,
         quantize_global_pool,
@@ -119,7 +121,7 @@ def _int8_rewrites(path: Path, *, to_uint8: bool) -> dict[str, Any]:
     model = onnx.load(str(path))
     done: dict[str, Any] = {"uint8_rewrite_nodes": activations_to_uint8(model)} if to_uint8 else {}
     done.update(channel_pad=pad_conv_input_channels(model), quantized_pools=quantize_global_pool(model),
-                pools_as_conv=average_pool_as_depthwise_conv(model))
+                pools_as_conv=average_pool_as_depthwise_conv(model), hard_sigmoids_as_add=hard_sigmoid_as_add(model))
     if any(done.values()):
         onnx.save(model, str(path))
     return {**done, "scheme": qdq_scheme(model)}

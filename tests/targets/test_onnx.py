@@ -388,3 +388,111 @@ def test_int8_build_runs_average_pools_as_convolutions(tiny_source: Any, tmp_pat
     a, b = _ort_logits(plain, x), _ort_logits(out / art.main, x)
     assert np.mean(a.argmax(1) == b.argmax(1)) >= 0.99
     np.testing.assert_allclose(a, b, atol=0.1 * float(np.abs(a).max()))
+
+
+def _qdq_hard_sigmoid_graph(x_scale: float, x_zero: int, out_scale: float, out_zero: int,
+                            alpha: float = 1 / 6, beta: float = 0.5) -> onnx.ModelProto:
+    """uint8 input -> DQ -> HardSigmoid -> Q(out_scale, out_zero) -> DQ, as a quantized hardswish gate is."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(x_scale, np.float32), "xs"),
+             numpy_helper.from_array(np.array(x_zero, np.uint8), "xz"),
+             numpy_helper.from_array(np.array(out_scale, np.float32), "ys"),
+             numpy_helper.from_array(np.array(out_zero, np.uint8), "yz")]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "xs", "xz"], ["xd"]),
+             helper.make_node("HardSigmoid", ["xd"], ["h"], name="hsig", alpha=alpha, beta=beta),
+             helper.make_node("QuantizeLinear", ["h", "ys", "yz"], ["hq"]),
+             helper.make_node("DequantizeLinear", ["hq", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(nodes, "hsig", [helper.make_tensor_value_info("x", TensorProto.UINT8, [None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("x_scale,x_zero,out_scale,alpha,beta", [
+    (0.05, 128, 1 / 255, 1 / 6, 0.5),   # nn.Hardswish's gate: inputs -6.4..6.35, the whole [0, 1] out
+    (0.013, 40, 1 / 255, 1 / 6, 0.5),   # inputs -0.52..2.8: the gate never reaches 1
+    (0.03, 200, 0.8 / 255, 1 / 6, 0.5),  # calibrated below 1: the Q saturates first
+    (0.05, 100, 1 / 255, 0.2, 0.5),     # ONNX's default HardSigmoid
+    (0.05, 100, 1 / 255, 0.25, -0.25),  # a negative offset
+])
+def test_hard_sigmoid_runs_as_a_quantized_add_within_one_step(
+        x_scale: float, x_zero: int, out_scale: float, alpha: float, beta: float, tmp_path) -> None:
+    """Every one of the 256 input levels gives the HardSigmoid's quantized output, or, where the exact value lies
+    on a rounding boundary (x.5 steps: round numbers make ties), the other of its two roundings; ORT fuses the
+    Add: no float HardSigmoid is left."""
+    from targets._qdq import hard_sigmoid_as_add, ort_fusion
+
+    model = _qdq_hard_sigmoid_graph(x_scale, x_zero, out_scale, 0, alpha, beta)
+    before = tmp_path / "before.onnx"
+    onnx.save(model, before)
+    assert hard_sigmoid_as_add(model) == 1
+    onnx.checker.check_model(model)
+    after = tmp_path / "after.onnx"
+    onnx.save(model, after)
+    assert "HardSigmoid" not in {n.op_type for n in model.graph.node}
+    graph = ort_fusion(after)
+    assert graph["quantized_ops"] == {"QLinearAdd": 1}, graph
+    levels = np.arange(256, dtype=np.uint8)
+    exact = np.clip(alpha * (levels.astype(np.float64) - x_zero) * x_scale + beta, 0, 1) / out_scale
+    near_tie = np.abs(exact - np.floor(exact) - 0.5) < 1e-4
+    for optimize in (False, True):
+        a, b = _ort_logits_all(before, levels, optimize)[0], _ort_logits_all(after, levels, optimize)[0]
+        steps = np.abs(a - b) / out_scale
+        assert steps.max() <= 1.0 + 1e-4, steps.max()
+        assert np.all(near_tie[steps > 0.5]), levels[(steps > 0.5) & ~near_tie]
+    assert hard_sigmoid_as_add(model) == 0  # nothing left
+
+
+@pytest.mark.parametrize("out_scale,out_zero", [(1.2 / 255, 0), (1 / 255, 3)])
+def test_hard_sigmoid_whose_output_range_passes_its_clip_is_left_alone(out_scale: float, out_zero: int) -> None:
+    """Above 1 (or below 0) the HardSigmoid's own clip, not the Q's saturation, would bound the values."""
+    from targets._qdq import hard_sigmoid_as_add
+
+    assert hard_sigmoid_as_add(_qdq_hard_sigmoid_graph(0.05, 128, out_scale, out_zero)) == 0
+
+
+def _with_hardswish(src, dst) -> None:
+    """The tiny fp32 graph with a hardswish (as torch.export writes nn.Hardswish: x * HardSigmoid(x)) in place of
+    its first ReLU."""
+    from onnx import helper
+
+    model = onnx.load(str(src))
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    at = list(model.graph.node).index(relu)
+    model.graph.node.remove(relu)
+    model.graph.node.insert(at, helper.make_node("Mul", [relu.input[0], "hs_gate"], list(relu.output), name="hs_mul"))
+    model.graph.node.insert(at, helper.make_node("HardSigmoid", [relu.input[0]], ["hs_gate"], name="hs_gate",
+                                                 alpha=1 / 6, beta=0.5))
+    onnx.save(model, str(dst))
+
+
+def test_int8_build_runs_hardswish_quantized(tiny_source: Any, tmp_path) -> None:
+    """The onnx target's int8 build rewrites the gate (the details say so; ORT's graph has neither a float
+    HardSigmoid nor a Q/DQ pair around one) and answers as the graph quantized without the rewrite does."""
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from targets.onnx_target import static_quantize_onnx
+
+    fp32 = tmp_path / "fp32_hswish.onnx"
+    _with_hardswish(tiny_source.source.onnx_fp32, fp32)
+    plain = tmp_path / "plain.onnx"
+    static_quantize_onnx(fp32, plain, tiny_source.rep)
+    out = tmp_path / "built"
+    out.mkdir()
+    art = get_target("onnx").build(dataclasses.replace(tiny_source.source, onnx_fp32=fp32), Precision.INT8,
+                                   tiny_source.rep, out)
+    assert art.details["hard_sigmoids_as_add"] == 1
+    assert art.details["ort_graph"]["qdq_nodes"] == 2 and art.details["ort_graph"]["float_compute"] == {}
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out / art.main), so, providers=["CPUExecutionProvider"])
+    assert "HardSigmoid" not in {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
+    x = tiny_source.x_test
+    a, b = _ort_logits(plain, x), _ort_logits(out / art.main, x)
+    assert np.mean(a.argmax(1) == b.argmax(1)) >= 0.99
+    np.testing.assert_allclose(a, b, atol=0.05 * float(np.abs(a).max()))
