@@ -50,6 +50,14 @@ def _readers(graph: Any) -> dict[str, list[Any]]:
     return readers
 
 
+def _replace_node(graph: Any, old: Any, *new: Any) -> None:
+    """``new`` nodes, in order, where ``old`` was (the graph stays topologically sorted)."""
+    at = list(graph.node).index(old)
+    graph.node.remove(old)
+    for i, n in enumerate(new):
+        graph.node.insert(at + i, n)
+
+
 def activations_to_uint8(model: Any) -> int:
     """Rewrite int8 activation Q/DQ pairs of ``model`` (onnx.ModelProto) to uint8 in place; returns how many nodes.
 
@@ -225,9 +233,7 @@ def quantize_global_pool(model: Any) -> int:
             shape_op.op_type == "Reshape" or (shape_op.op_type == "Flatten" and _attr(shape_op, "axis", 1) == 1)))
         out = f"{rm.output[0]}_pooled" if flat else rm.output[0]
         pool = helper.make_node("GlobalAveragePool", [rm.input[0]], [out], name=rm.name or rm.output[0])
-        at = list(g.node).index(rm)
-        g.node.remove(rm)
-        g.node.insert(at, pool)
+        added: list[Any] = []
         if shape_op is not None or flat:
             qparams = list(qs[0].input[1:])
             q = helper.make_node("QuantizeLinear", [out, *qparams], [f"{out}_q"], name=f"{pool.name}_q")
@@ -238,8 +244,7 @@ def quantize_global_pool(model: Any) -> int:
             else:  # (N, C, 1, 1) -> (N, C), what the mean wrote; its readers are unchanged
                 added.append(helper.make_node("Flatten", [dq2.output[0]], [rm.output[0]], name=f"{pool.name}_flat",
                                               axis=1))
-            for i, n in enumerate(added):
-                g.node.insert(at + 1 + i, n)
+        _replace_node(g, rm, pool, *added)
         count += 1
     return count
 
@@ -318,10 +323,7 @@ def average_pool_as_depthwise_conv(model: Any) -> int:
                                [f"{base}_wdq"], name=f"{base}_wdq")
         conv = helper.make_node("Conv", [pool.input[0], wdq.output[0]], list(pool.output), name=base,
                                 group=channels, kernel_shape=kernel, strides=strides, pads=pads)
-        at = list(g.node).index(pool)
-        g.node.remove(pool)
-        g.node.insert(at, conv)
-        g.node.insert(at, wdq)
+        _replace_node(g, pool, wdq, conv)
         count += 1
     return count
 
@@ -377,10 +379,7 @@ def hard_sigmoid_as_add(model: Any) -> int:
                                name=f"{base}_offset_dq")
         add = helper.make_node("Add", [hs.input[0], cdq.output[0]], list(hs.output), name=f"{base}_as_add")
         q.input[1] = f"{base}_shifted_scale"
-        at = list(g.node).index(hs)
-        g.node.remove(hs)
-        g.node.insert(at, add)
-        g.node.insert(at, cdq)
+        _replace_node(g, hs, cdq, add)
         count += 1
     return count
 

@@ -141,16 +141,24 @@ def _threads_disagree(path: Any, raw: np.ndarray, ref: np.ndarray, n_threads: in
     return errors
 
 
+def _act_qparams(x: tuple[float, int], y: tuple[float, int]) -> list[onnx.TensorProto]:
+    """uint8 scale and zero point initializers ``xs``/``xz`` (the input's) and ``ys``/``yz`` (the output's)."""
+    from onnx import numpy_helper
+
+    out = []
+    for (scale, zero), prefix in ((x, "x"), (y, "y")):
+        out += [numpy_helper.from_array(np.array(scale, np.float32), f"{prefix}s"),
+                numpy_helper.from_array(np.array(zero, np.uint8), f"{prefix}z")]
+    return out
+
+
 def _qdq_stem_graph(cin: int, couts: tuple[int, ...]) -> onnx.ModelProto:
     """float input -> Q(uint8) -> DQ -> a Conv per ``couts`` (int8 per-channel weights, zero points 0), each
     -> Q -> DQ -> a global pool; the input's DQ is also read by a pool of its own (a reader that is not a Conv)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
-             numpy_helper.from_array(np.array(128, np.uint8), "xz"),
-             numpy_helper.from_array(np.array(0.05, np.float32), "ys"),
-             numpy_helper.from_array(np.array(3, np.uint8), "yz")]
+    inits = _act_qparams((0.02, 128), (0.05, 3))
     nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
              helper.make_node("GlobalAveragePool", ["xd"], ["xpool"])]
@@ -212,6 +220,21 @@ def _ort_logits_all(path, x: np.ndarray, optimize: bool) -> list[np.ndarray]:
     return sess.run(None, {"x": x})
 
 
+def _rewrite_saved(model: onnx.ModelProto, rewrite: Any, tmp_path, *, gone: str) -> tuple[Any, Any, dict[str, Any]]:
+    """``model`` saved as it is, rewritten once (one rewrite expected), checked and saved again: both paths and
+    ORT's fused graph of the rewritten one (in which no ``gone`` op is left)."""
+    from targets._qdq import ort_fusion
+
+    tmp_path.mkdir(exist_ok=True)
+    before, after = tmp_path / "before.onnx", tmp_path / "after.onnx"
+    onnx.save(model, before)
+    assert rewrite(model) == 1
+    onnx.checker.check_model(model)
+    onnx.save(model, after)
+    assert gone not in {n.op_type for n in model.graph.node}
+    return before, after, ort_fusion(after)
+
+
 def _with_reduce_mean(src, dst, keepdims: int = 1, flatten: bool = True) -> None:
     """The tiny fp32 graph with its GlobalAveragePool written as torch.export writes a global pool: a ReduceMean
     over the last two axes, keepdims (``AdaptiveAvgPool2d(1)``) or not (``x.mean((2, 3))``; the Flatten after it
@@ -255,12 +278,7 @@ def test_global_pool_quantized_with_the_same_outputs(tiny_source: Any, tmp_path,
     assert "QLinearGlobalAveragePool" not in ort_fusion(before)["quantized_ops"]
     model = onnx.load(str(before))
     assert [n.op_type for n in model.graph.node].count("ReduceMean") == 1
-    assert quantize_global_pool(model) == 1
-    onnx.checker.check_model(model)
-    after = tmp_path / "after.onnx"
-    onnx.save(model, after)
-    assert "ReduceMean" not in {n.op_type for n in model.graph.node}
-    graph = ort_fusion(after)
+    _, after, graph = _rewrite_saved(model, quantize_global_pool, tmp_path / "rewrite", gone="ReduceMean")
     assert graph["quantized_ops"]["QLinearGlobalAveragePool"] == 1 and graph["qdq_nodes"] == 2, graph
     assert graph["float_compute"] == {}
     x = tiny_source.x_test
@@ -283,12 +301,9 @@ def test_global_pool_quantized_with_the_same_outputs(tiny_source: Any, tmp_path,
 
 def _qdq_pool_graph(channels: int, size: int, *, quantized_output: bool = True, **pool: Any) -> onnx.ModelProto:
     """float input -> Q(uint8) -> DQ -> AveragePool(**pool) -> Q -> DQ (or the pool's float output itself)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
-    inits = [numpy_helper.from_array(np.array(0.037, np.float32), "xs"),
-             numpy_helper.from_array(np.array(7, np.uint8), "xz"),
-             numpy_helper.from_array(np.array(0.021, np.float32), "ys"),
-             numpy_helper.from_array(np.array(3, np.uint8), "yz")]
+    inits = _act_qparams((0.037, 7), (0.021, 3))
     nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
              helper.make_node("AveragePool", ["xd"], ["p" if quantized_output else "y"], name="pool", **pool)]
@@ -323,17 +338,13 @@ def test_average_pool_runs_as_a_depthwise_int8_convolution_within_one_step(
     from targets._qdq import average_pool_as_depthwise_conv, ort_fusion
 
     model = _qdq_pool_graph(channels, size, **pool)
-    before = tmp_path / "before.onnx"
-    onnx.save(model, before)
-    assert average_pool_as_depthwise_conv(model) == int(rewritten)
     if not rewritten:
-        assert "QLinearAveragePool" in ort_fusion(before)["quantized_ops"]
+        plain = tmp_path / "plain.onnx"
+        onnx.save(model, plain)
+        assert average_pool_as_depthwise_conv(model) == 0
+        assert "QLinearAveragePool" in ort_fusion(plain)["quantized_ops"]
         return
-    onnx.checker.check_model(model)
-    after = tmp_path / "after.onnx"
-    onnx.save(model, after)
-    assert "AveragePool" not in {n.op_type for n in model.graph.node}
-    graph = ort_fusion(after)
+    before, after, graph = _rewrite_saved(model, average_pool_as_depthwise_conv, tmp_path, gone="AveragePool")
     assert graph["quantized_ops"] == {"QLinearConv": 1} and graph["float_compute"] == {}, graph
     x = np.random.default_rng(2).uniform(-4, 4, size=(3, channels, size, size)).astype(np.float32)
     for optimize in (False, True):
@@ -393,12 +404,9 @@ def test_int8_build_runs_average_pools_as_convolutions(tiny_source: Any, tmp_pat
 def _qdq_hard_sigmoid_graph(x_scale: float, x_zero: int, out_scale: float, out_zero: int,
                             alpha: float = 1 / 6, beta: float = 0.5) -> onnx.ModelProto:
     """uint8 input -> DQ -> HardSigmoid -> Q(out_scale, out_zero) -> DQ, as a quantized hardswish gate is."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
-    inits = [numpy_helper.from_array(np.array(x_scale, np.float32), "xs"),
-             numpy_helper.from_array(np.array(x_zero, np.uint8), "xz"),
-             numpy_helper.from_array(np.array(out_scale, np.float32), "ys"),
-             numpy_helper.from_array(np.array(out_zero, np.uint8), "yz")]
+    inits = _act_qparams((x_scale, x_zero), (out_scale, out_zero))
     nodes = [helper.make_node("DequantizeLinear", ["x", "xs", "xz"], ["xd"]),
              helper.make_node("HardSigmoid", ["xd"], ["h"], name="hsig", alpha=alpha, beta=beta),
              helper.make_node("QuantizeLinear", ["h", "ys", "yz"], ["hq"]),
@@ -422,17 +430,10 @@ def test_hard_sigmoid_runs_as_a_quantized_add_within_one_step(
     """Every one of the 256 input levels gives the HardSigmoid's quantized output, or, where the exact value lies
     on a rounding boundary (x.5 steps: round numbers make ties), the other of its two roundings; ORT fuses the
     Add: no float HardSigmoid is left."""
-    from targets._qdq import hard_sigmoid_as_add, ort_fusion
+    from targets._qdq import hard_sigmoid_as_add
 
     model = _qdq_hard_sigmoid_graph(x_scale, x_zero, out_scale, 0, alpha, beta)
-    before = tmp_path / "before.onnx"
-    onnx.save(model, before)
-    assert hard_sigmoid_as_add(model) == 1
-    onnx.checker.check_model(model)
-    after = tmp_path / "after.onnx"
-    onnx.save(model, after)
-    assert "HardSigmoid" not in {n.op_type for n in model.graph.node}
-    graph = ort_fusion(after)
+    before, after, graph = _rewrite_saved(model, hard_sigmoid_as_add, tmp_path, gone="HardSigmoid")
     assert graph["quantized_ops"] == {"QLinearAdd": 1}, graph
     levels = np.arange(256, dtype=np.uint8)
     exact = np.clip(alpha * (levels.astype(np.float64) - x_zero) * x_scale + beta, 0, 1) / out_scale
