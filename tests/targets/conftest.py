@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -38,7 +39,8 @@ def _tiny_cnn():
     )
 
 
-def make_tiny_source(root: Path) -> TinySource:
+def make_tiny_source(root: Path, model_fn: Callable[[], Any] | None = None) -> TinySource:
+    """Train ``model_fn()`` (default: the tiny CNN) on digits for a few epochs, export it and quantize it."""
     import torch
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -51,7 +53,7 @@ def make_tiny_source(root: Path) -> TinySource:
     mean, std = float(xtr.mean()), float(xtr.std())
     spec = InputSpec(name="input", shape=(None, 1, 8, 8), layout="NCHW", scale=1.0, mean=(mean,), std=(std,))
     xtr_n, xte_n = spec.preprocess(xtr), spec.preprocess(xte)
-    model = _tiny_cnn()
+    model = (model_fn or _tiny_cnn)()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     tx, ty = torch.from_numpy(xtr_n), torch.from_numpy(ytr)
     for _ in range(6):
