@@ -438,6 +438,10 @@ class Agent:
             end = time.monotonic() + flush_timeout
             while len(self.outbox) and time.monotonic() < end:  # also rides out a reconnect
                 time.sleep(0.02)
+            left = len(self.outbox)
+            if left:  # nothing is lost: they stay on disk and go first at the next start
+                log.warning("stopping with %d message(s) the broker has not confirmed within %.0f s; they stay in "
+                            "the outbox (%s) and are sent at the next start", left, flush_timeout, self.outbox.path)
         self._stop.set()
         self._cmd_q.put(None)
         for t in self._threads:

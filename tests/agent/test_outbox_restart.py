@@ -43,7 +43,13 @@ def test_broker_restart_delivers_every_window_once_in_order(mosquitto, tiny_casc
     try:
         _wait(lambda: len(gw.store.arrival_order("dev-a")) >= n, 15, "all windows stored")
     except AssertionError:
-        raise AssertionError(f"produced {n}, stored {gw.store.arrival_order('dev-a')}; log {mosquitto.log_path.read_text()[-3000:]}")
+        import json
+        import sqlite3
+
+        with sqlite3.connect(agent.outbox.path) as db:  # what the agent kept for its next start, if anything
+            left = [json.loads(p).get("seq") for (p,) in db.execute("SELECT payload FROM outbox ORDER BY id")]
+        raise AssertionError(f"produced {n}, stored {gw.store.arrival_order('dev-a')}, still in the agent's outbox "
+                             f"{left}; log {mosquitto.log_path.read_text()[-3000:]}") from None
     gw.stop()
     order = gw.store.arrival_order("dev-a")
     assert order == list(range(n)), f"{n} produced, stored {order}"
@@ -54,3 +60,35 @@ def test_broker_restart_delivers_every_window_once_in_order(mosquitto, tiny_casc
         assert {"p50", "p95", "p99", "count"} <= set(w["latency"]["edge"]) and "cloud_rtt" in w["latency"]
         assert {"inputs", "edge", "cloud", "fallback"} <= set(w["counts"])
         assert w["bundle_sha256"] == agent.bundle.manifest_sha256 and "drift" in w and "offload_rate" in w
+
+
+def test_stop_with_the_broker_gone_keeps_the_last_window_and_says_so(mosquitto, tiny_cascade, tmp_path, caplog):
+    """Stopping while the broker is down cannot deliver the last window: it stays in the outbox on disk (a warning
+    says how many and where), and the next start sends it."""
+    import logging
+
+    from device_agent.outbox import Outbox
+
+    run = tiny_cascade
+    gw = start_gateway(mosquitto, run, tmp_path, http=False)
+    agent = make_agent(mosquitto, run.bundle_dir, "dev-b", tmp_path, telemetry_window_s=60).start()
+    try:
+        list(agent.run(items(run.x_test[:5])))
+        mosquitto.stop()
+    finally:
+        with caplog.at_level(logging.WARNING, logger="device_agent.agent"):
+            agent.stop(flush_timeout=0.3)
+    assert "not confirmed" in caplog.text and "next start" in caplog.text, caplog.text
+    box = Outbox(agent.outbox.path)
+    try:
+        assert len(box) >= 1  # the last window (and the status messages before it, if any)
+    finally:
+        box.close()
+    mosquitto.start()
+    again = make_agent(mosquitto, run.bundle_dir, "dev-b", tmp_path, telemetry_window_s=60).start()
+    try:
+        _wait(lambda: len(gw.store.arrival_order("dev-b")) >= 1, 20, "the kept window delivered")
+    finally:
+        again.stop()
+        gw.stop()
+    assert gw.store.arrival_order("dev-b")[0] == 0
