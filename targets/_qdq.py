@@ -32,8 +32,10 @@ from typing import Any
 __all__ = ["activations_to_uint8", "pad_conv_input_channels", "quantize_global_pool",
            "average_pool_as_depthwise_conv", "hard_sigmoid_as_add", "qdq_scheme", "ort_fusion", "FLOAT_COMPUTE_OPS"]
 
-#: ops that, left in ORT's optimized graph, are compute running in float
-FLOAT_COMPUTE_OPS = ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "Add", "ConvTranspose")
+#: ops that, left in ORT's optimized graph, are compute running in float (between a dequantize and a quantize,
+#: where the rewrites below did not apply)
+FLOAT_COMPUTE_OPS = ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "Add", "ConvTranspose", "AveragePool",
+                     "GlobalAveragePool", "ReduceMean", "HardSigmoid")
 _QOPS = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -48,6 +50,23 @@ def _readers(graph: Any) -> dict[str, list[Any]]:
         for i in n.input:
             readers[i].append(n)
     return readers
+
+
+def _producers(graph: Any) -> dict[str, Any]:
+    """Tensor name -> the node that writes it."""
+    return {o: n for n in graph.node for o in n.output}
+
+
+def _shapes(model: Any) -> dict[str, list[int | None]] | None:
+    """Tensor name -> its inferred dims (None where unknown), or None where ONNX's shape inference fails."""
+    from onnx import shape_inference
+
+    try:
+        inferred = shape_inference.infer_shapes(model).graph
+    except Exception:
+        return None
+    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in [*inferred.value_info, *inferred.input] if v.type.tensor_type.HasField("shape")}
 
 
 def _replace_node(graph: Any, old: Any, *new: Any) -> None:
@@ -106,8 +125,12 @@ SYM_CONV_CHANNEL_MULTIPLE = 4
 SYM_CONV_MIN_OUTPUT_CHANNELS = 16
 
 
-def _attr(node: Any, name: str, default: int) -> int:
-    return next((int(a.i) for a in node.attribute if a.name == name), default)
+def _attr(node: Any, name: str, default: Any) -> Any:
+    """The value of attribute ``name`` (int, float, string or list, as ONNX stores it), else ``default``."""
+    from onnx import helper
+
+    value = next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def pad_conv_input_channels(model: Any, multiple: int = SYM_CONV_CHANNEL_MULTIPLE) -> list[dict[str, Any]]:
@@ -128,7 +151,7 @@ def pad_conv_input_channels(model: Any, multiple: int = SYM_CONV_CHANNEL_MULTIPL
     if opset < 11:  # Pad's pads and value as inputs
         return []
     inits = _inits(model)
-    producer = {o: n for n in g.node for o in n.output}
+    producer = _producers(g)
     readers = _readers(g)
     padded: dict[tuple[str, int], str] = {}  # (Q output, new channel count) -> padded DQ output
     done: list[dict[str, Any]] = []
@@ -192,22 +215,20 @@ def quantize_global_pool(model: Any) -> int:
     A mean without keepdims (``x.mean((2, 3))``, as torchvision's ShuffleNet and MNASNet end) becomes the pool,
     that Q/DQ pair and a Flatten to (N, C), unless a Flatten or Reshape after it already makes (N, C).
     """
-    from onnx import helper, numpy_helper, shape_inference
+    from onnx import helper, numpy_helper
 
     g = model.graph
     inits = _inits(model)
-    producer = {o: n for n in g.node for o in n.output}
+    producer = _producers(g)
     consumers = _readers(g)
     graph_outputs = {o.name for o in g.output}
-    try:
-        inferred = shape_inference.infer_shapes(model).graph
-    except Exception:  # shapes are only needed to know the rank; without them nothing is rewritten
+    means = [n for n in g.node if n.op_type == "ReduceMean"]
+    shapes = _shapes(model) if means else None
+    if shapes is None:  # shapes are only needed to know the rank; without them nothing is rewritten
         return 0
-    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.value_info, *inferred.input]
-            if v.type.tensor_type.HasField("shape")}
     count = 0
-    for rm in [n for n in g.node if n.op_type == "ReduceMean"]:
-        r = rank.get(rm.input[0], 0)
+    for rm in means:
+        r = len(shapes.get(rm.input[0], []))
         dq = producer.get(rm.input[0])
         keepdims = _attr(rm, "keepdims", 1)
         if r < 3 or dq is None or dq.op_type != "DequantizeLinear":
@@ -249,14 +270,6 @@ def quantize_global_pool(model: Any) -> int:
     return count
 
 
-def _ints(node: Any, name: str) -> list[int] | None:
-    return next((list(a.ints) for a in node.attribute if a.name == name), None)
-
-
-def _strs(node: Any, name: str, default: str) -> str:
-    return next((a.s.decode() for a in node.attribute if a.name == name), default)
-
-
 #: below this many channels QLinearAveragePool is as fast as the depthwise kernel (2x2 on 64x64: 3 channels 102
 #: µs against 141, 4: 131 against 142, 5: 158 against 136, 8: 244 against 122, with the Q/DQ at the edges)
 POOL_AS_CONV_MIN_CHANNELS = 8
@@ -274,22 +287,17 @@ def average_pool_as_depthwise_conv(model: Any) -> int:
     at least `POOL_AS_CONV_MIN_CHANNELS` channels.
     """
     import numpy as np
-    from onnx import helper, numpy_helper, shape_inference
+    from onnx import helper, numpy_helper
 
     g = model.graph
     inits = _inits(model)
-    producer = {o: n for n in g.node for o in n.output}
+    producer = _producers(g)
     consumers = _readers(g)
     graph_outputs = {o.name for o in g.output}
     pools = [n for n in g.node if n.op_type == "AveragePool"]
-    if not pools:
+    shapes = _shapes(model) if pools else None
+    if shapes is None:  # the channel count comes from the shapes; without them nothing is rewritten
         return 0
-    try:
-        inferred = shape_inference.infer_shapes(model).graph
-    except Exception:  # the channel count comes from the shapes; without them nothing is rewritten
-        return 0
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in [*inferred.value_info, *inferred.input] if v.type.tensor_type.HasField("shape")}
     count = 0
     for pool in pools:
         dq = producer.get(pool.input[0])
@@ -300,12 +308,12 @@ def average_pool_as_depthwise_conv(model: Any) -> int:
         readers = consumers[pool.output[0]]
         if not readers or pool.output[0] in graph_outputs or any(r.op_type != "QuantizeLinear" for r in readers):
             continue
-        kernel = _ints(pool, "kernel_shape") or []
-        strides = _ints(pool, "strides") or [1] * len(kernel)
-        pads = _ints(pool, "pads") or [0] * 2 * len(kernel)
-        if len(kernel) != 2 or any(d != 1 for d in (_ints(pool, "dilations") or [1, 1])):
+        kernel = list(_attr(pool, "kernel_shape", []))
+        strides = list(_attr(pool, "strides", None) or [1] * len(kernel))
+        pads = list(_attr(pool, "pads", None) or [0] * 2 * len(kernel))
+        if len(kernel) != 2 or any(d != 1 for d in _attr(pool, "dilations", [1, 1])):
             continue
-        if _strs(pool, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or (any(pads) and not _attr(
+        if _attr(pool, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or (any(pads) and not _attr(
                 pool, "count_include_pad", 0)):
             continue
         if _attr(pool, "ceil_mode", 0):  # the same windows as floor mode only where none is partial
@@ -328,10 +336,6 @@ def average_pool_as_depthwise_conv(model: Any) -> int:
     return count
 
 
-def _float_attr(node: Any, name: str, default: float) -> float:
-    return next((float(a.f) for a in node.attribute if a.name == name), default)
-
-
 def hard_sigmoid_as_add(model: Any) -> int:
     """Rewrite ``DQ -> HardSigmoid(alpha, beta) -> Q(s, 0)`` as ``DQ -> Add(beta / alpha) -> Q(s / alpha, 0)``
     (in place); returns how many.
@@ -350,7 +354,7 @@ def hard_sigmoid_as_add(model: Any) -> int:
 
     g = model.graph
     inits = _inits(model)
-    producer = {o: n for n in g.node for o in n.output}
+    producer = _producers(g)
     readers = _readers(g)
     graph_outputs = {o.name for o in g.output}
     count = 0
@@ -362,7 +366,7 @@ def hard_sigmoid_as_add(model: Any) -> int:
         if hs.output[0] in graph_outputs or len(q.input) < 3 or q.input[1] not in inits or q.input[2] not in inits:
             continue
         scale, zero = numpy_helper.to_array(inits[q.input[1]]), numpy_helper.to_array(inits[q.input[2]])
-        alpha, beta = _float_attr(hs, "alpha", 0.2), _float_attr(hs, "beta", 0.5)
+        alpha, beta = float(_attr(hs, "alpha", 0.2)), float(_attr(hs, "beta", 0.5))
         if (scale.size != 1 or zero.size != 1 or inits[q.input[2]].data_type != TensorProto.UINT8 or int(zero) != 0
                 or not 0 < 255 * float(scale) <= 1 + 1e-6 or alpha <= 0):
             continue

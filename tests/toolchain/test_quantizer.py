@@ -15,7 +15,7 @@ def test_qat_graph_runs_every_conv_add_gemm_quantized_in_ort(tmp_path: Path, bit
     import torchao.quantization.pt2e as pt2e
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
-    from targets._qdq import ort_fusion, qdq_scheme
+    from targets._qdq import ort_fusion, qdq_scheme, quantize_global_pool
     from toolchain.compress import _batch_dim, cpu_has_vnni, make_quantizer
     from toolchain.config import ModelConfig
     from toolchain.export import export_onnx, ort_logits
@@ -38,7 +38,12 @@ def test_qat_graph_runs_every_conv_add_gemm_quantized_in_ort(tmp_path: Path, bit
 
     src_ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     graph_report = ort_fusion(path)
-    assert graph_report["float_compute"] == {}, graph_report
+    # the exporter writes the global pool as a float ReduceMean; the onnx target's build quantizes it
+    assert graph_report["float_compute"] == {"ReduceMean": 1}, graph_report
+    pooled = onnx.load(str(path))
+    assert quantize_global_pool(pooled) == 1
+    onnx.save(pooled, tmp_path / "qat_pooled.onnx")
+    assert ort_fusion(tmp_path / "qat_pooled.onnx")["float_compute"] == {}
     q = graph_report["quantized_ops"]
     assert q.get("QLinearConv") == src_ops.count("Conv")
     assert q.get("QLinearAdd") == src_ops.count("Add") > 0
