@@ -57,6 +57,12 @@ def _producers(graph: Any) -> dict[str, Any]:
     return {o: n for n in graph.node for o in n.output}
 
 
+def _index(model: Any) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, list[Any]], set[str]]:
+    """What a rewrite looks things up in: the graph, its initializers, producers, readers, output names."""
+    g = model.graph
+    return g, _inits(model), _producers(g), _readers(g), {o.name for o in g.output}
+
+
 def _shapes(model: Any) -> dict[str, list[int | None]] | None:
     """Tensor name -> its inferred dims (None where unknown), or None where ONNX's shape inference fails."""
     from onnx import shape_inference
@@ -217,11 +223,7 @@ def quantize_global_pool(model: Any) -> int:
     """
     from onnx import helper, numpy_helper
 
-    g = model.graph
-    inits = _inits(model)
-    producer = _producers(g)
-    consumers = _readers(g)
-    graph_outputs = {o.name for o in g.output}
+    g, inits, producer, consumers, graph_outputs = _index(model)
     means = [n for n in g.node if n.op_type == "ReduceMean"]
     shapes = _shapes(model) if means else None
     if shapes is None:  # shapes are only needed to know the rank; without them nothing is rewritten
@@ -289,11 +291,7 @@ def average_pool_as_depthwise_conv(model: Any) -> int:
     import numpy as np
     from onnx import helper, numpy_helper
 
-    g = model.graph
-    inits = _inits(model)
-    producer = _producers(g)
-    consumers = _readers(g)
-    graph_outputs = {o.name for o in g.output}
+    g, inits, producer, consumers, graph_outputs = _index(model)
     pools = [n for n in g.node if n.op_type == "AveragePool"]
     shapes = _shapes(model) if pools else None
     if shapes is None:  # the channel count comes from the shapes; without them nothing is rewritten
@@ -352,11 +350,7 @@ def hard_sigmoid_as_add(model: Any) -> int:
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    g = model.graph
-    inits = _inits(model)
-    producer = _producers(g)
-    readers = _readers(g)
-    graph_outputs = {o.name for o in g.output}
+    g, inits, producer, readers, graph_outputs = _index(model)
     count = 0
     for hs in [n for n in g.node if n.op_type == "HardSigmoid"]:
         dq, qs = producer.get(hs.input[0]), readers[hs.output[0]]
