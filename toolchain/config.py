@@ -2,7 +2,11 @@
 
 Why strict: a typo in a config key silently falling back to a default costs a
 training run. Every section is a frozen dataclass; an unknown key, a wrong type
-or a missing path is one `ConfigError` naming the field and the file.
+or a missing path is one `ConfigError` naming the field and the file. Types are
+checked here, from the annotations; each section checks its own ranges in its
+``validate`` (`toolchain.section`). The compression passes' sections
+(``[prune]``, ``[distill]``, ``[qat]``, ``[ptq]``) live beside their passes in
+`toolchain.passes`; this module gathers them into `Config`.
 
 Torch-free (the CLI parses configs before importing torch).
 """
@@ -19,23 +23,11 @@ from typing import Any, ClassVar, Mapping
 import tomllib
 
 from edgecore.errors import ConfigError
+from toolchain.passes.distill import DistillConfig
+from toolchain.passes.prune import PruneConfig
+from toolchain.passes.ptq import PtqConfig
+from toolchain.passes.qat import QatConfig
 from toolchain.section import Check, Section
-
-
-class PruneTarget(str, enum.Enum):
-    """What the pruning ratio is measured on."""
-
-    MACS = "macs"
-    PARAMS = "params"
-    LATENCY = "latency"  # measured on the target runtime (prune.latency_*)
-
-
-class QdqWeightBits(str, enum.Enum):
-    """Weight range of the QDQ graph: ``auto`` = 8 bits with VNNI, else 7 bits (±63)."""
-
-    AUTO = "auto"
-    SEVEN = "7"
-    EIGHT = "8"
 
 
 class Control(str, enum.Enum):
@@ -191,98 +183,6 @@ class StudentConfig(ModelConfig):
     compare: bool = True  # another family: also compress the pruned teacher and report it beside
 
     FAMILIES: ClassVar[tuple[str, ...]] = ("teacher",) + ModelConfig.FAMILIES
-
-
-@dataclass(frozen=True)
-class PruneConfig(Section):
-    target: PruneTarget = PruneTarget.MACS
-    ratio: float = 10.0  # reach at least this many times fewer MACs (or params) than the teacher
-    steps: int = 4  # iterative steps, each followed by fine-tuning
-    finetune_epochs: int = 2  # per step
-    importance: str = "l2"  # "l1" | "l2" (magnitude of the channel group)
-    max_channel_ratio: float = 0.95  # never remove more than this fraction of one layer's channels
-    round_to: int = 1  # keep each pruned layer's channel count a multiple of this (torch-pruning's round_to)
-    lr: float = 2e-3
-    # target = "latency": NetAdapt-style search, each candidate built for latency_target and timed
-    latency_budget_ms: float = 0.0  # the percentile below must be within this (required for "latency")
-    latency_target: str = "onnx-fp32"  # TARGET-PRECISION the candidates are built for and timed on
-    latency_device: str = "local"  # where they are timed ("local": this machine)
-    latency_percentile: float = 50.0
-    latency_threads: int = 2
-    latency_step: float = 0.1  # share of each layer's channels removed per search step
-    latency_max_candidates: int = 10  # search steps at most
-    latency_extra_steps: int = 1  # steps past the first candidate within budget (a smaller one may be more accurate)
-    latency_margin: float = 0.1  # a candidate must measure within budget * (1 - margin): headroom for the noise
-    #                              between the search's measurement and the deployed artifact's
-    # latency_device = a fleet device id: candidates go to it as signed bundles, timed by its agent's bench command
-    latency_broker: str = ""  # mqtt(s)://host:port of the fleet
-    latency_credentials: str = ""  # JSON {username, password} (or the fleet credentials.json: its operator entry)
-    latency_gateway: str = ""  # upload candidates here (token in $EDGE_GATEWAY_TOKEN); else latency_share_dir
-    latency_share_dir: str = ""  # without a gateway: a folder the device reads too (a shared mount)
-    latency_sign_key: str = ""  # Ed25519 private key signing the candidate bundles (devices refuse unsigned ones)
-    latency_deadline_s: float = 120.0  # per candidate, for the device's answer
-
-    def validate(self, check: Check) -> None:
-        check.need(self.ratio >= 1.0, "ratio", "must be >= 1")
-        check.need(self.steps >= 1, "steps", "must be >= 1")
-        check.need(self.importance in ("l1", "l2"), "importance", "must be 'l1' or 'l2'")
-        check.need(0.0 < self.max_channel_ratio < 1.0, "max_channel_ratio", "must be in (0, 1)")
-        check.need(1 <= self.round_to <= 256, "round_to", "must be an integer in [1, 256]")
-        if self.target is PruneTarget.LATENCY:
-            check.need(self.latency_budget_ms > 0, "latency_budget_ms", "must be > 0 when prune.target = 'latency'")
-            if self.latency_device != "local":
-                check.need(bool(self.latency_broker), "latency_broker",
-                           f"is required to measure on fleet device {self.latency_device!r} "
-                           "(or use latency_device = 'local')")
-                check.need(bool(self.latency_gateway or self.latency_share_dir), "latency_gateway",
-                           "or latency_share_dir is required: how the fleet device gets each candidate bundle")
-        check.need(0.0 < self.latency_percentile <= 100.0, "latency_percentile", "must be in (0, 100]")
-        check.need(self.latency_threads >= 1, "latency_threads", "must be >= 1")
-        check.need(0.0 < self.latency_step < 1.0, "latency_step", "must be in (0, 1)")
-        check.need(self.latency_max_candidates >= 1, "latency_max_candidates", "must be >= 1")
-        check.need(self.latency_extra_steps >= 0, "latency_extra_steps", "must be >= 0")
-        check.need(0.0 <= self.latency_margin < 1.0, "latency_margin", "must be in [0, 1)")
-
-
-@dataclass(frozen=True)
-class DistillConfig(Section):
-    epochs: int = 20
-    temperature: float = 4.0
-    alpha: float = 0.7  # weight of the soft (teacher) loss; 1 - alpha goes to the hard labels
-    lr: float = 3e-3
-    patience: int = 8
-
-    def validate(self, check: Check) -> None:
-        check.need(self.temperature > 0, "temperature", "must be > 0")
-        check.need(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
-        check.need(self.epochs >= 0, "epochs", "must be >= 0")
-
-
-@dataclass(frozen=True)
-class QatConfig(Section):
-    epochs: int = 3
-    lr: float = 2e-4
-    weight_bits: QdqWeightBits = QdqWeightBits.AUTO
-    freeze_observer_epoch: int = 2  # after this many QAT epochs the quantization ranges are frozen
-    max_steps: int = 600  # cap on optimizer steps (epochs shrink on large data); 0 = no cap
-    fold_batchnorm: bool = True  # fold BatchNorm into the conv/linear before it (much faster prepare/convert)
-
-    def validate(self, check: Check) -> None:
-        check.need(self.epochs >= 1, "epochs", "must be >= 1")
-        check.need(self.max_steps >= 0, "max_steps", "must be >= 0 (0: no cap)")
-        check.need(self.freeze_observer_epoch >= 1, "freeze_observer_epoch", "must be >= 1")
-
-
-@dataclass(frozen=True)
-class PtqConfig(Section):
-    """Post-training quantization (torchao pt2e): calibrate observers, no training."""
-
-    calibration_samples: int = 512  # training samples the activation ranges are observed on
-    weight_bits: QdqWeightBits = QdqWeightBits.AUTO
-    fold_batchnorm: bool = True
-
-    def validate(self, check: Check) -> None:
-        check.need(self.calibration_samples >= 1, "calibration_samples", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -524,9 +424,7 @@ def config_from_args(args: Any) -> Config:
 
 
 __all__ = [
-    "Balance", "BuildConfig", "CompressConfig", "Config", "Confidence", "Control", "DataConfig", "DistillConfig",
-    "ExportConfig", "ModelConfig", "PruneConfig", "RefreshConfig", "RefreshStrategy", "PruneTarget", "PtqConfig",
-    "QatConfig",
-    "QdqWeightBits", "RunConfig", "StudentConfig", "TrainConfig",
+    "Balance", "BuildConfig", "CompressConfig", "Config", "Confidence", "Control", "DataConfig", "ExportConfig",
+    "ModelConfig", "RefreshConfig", "RefreshStrategy", "RunConfig", "StudentConfig", "TrainConfig",
     "add_config_args", "config_from_args", "from_dict", "load_config", "parse_overrides", "to_dict", "to_toml",
 ]

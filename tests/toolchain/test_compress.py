@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from edgecore.errors import CompressionError
-from toolchain.passes.prune import find_pruning_ratio
-from toolchain.passes.qat import cpu_has_vnni, resolve_weight_bits
-from toolchain.config import PruneTarget, QdqWeightBits
+from toolchain.passes.prune import PruneTarget, find_pruning_ratio
+from toolchain.passes.qat import QdqWeightBits, cpu_has_vnni, resolve_weight_bits
 from toolchain.rundir import RunDir
 
 NO_VNNI = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n"

@@ -8,14 +8,9 @@ import pytest
 
 from edgecore.errors import ConfigError
 from toolchain.cli import main
-from toolchain.config import (
-    Config,
-    PruneTarget,
-    QdqWeightBits,
-    from_dict,
-    load_config,
-    to_toml,
-)
+from toolchain.config import Config, from_dict, load_config, to_toml
+from toolchain.passes.prune import PruneTarget
+from toolchain.passes.qat import QdqWeightBits
 
 REPO = Path(__file__).resolve().parents[2]
 

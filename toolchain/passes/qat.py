@@ -17,20 +17,45 @@ student_qat.pt; ``export`` turns it into QDQ ONNX.
 from __future__ import annotations
 
 import copy
+import enum
 import io
 import math
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgecore.errors import CompressionError
-from toolchain.config import QatConfig, QdqWeightBits
 from toolchain.passes.base import Pass, PassContext, PassOutput
 from toolchain.quantizer import make_quantizer
+from toolchain.section import Check, Section
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
+
+
+class QdqWeightBits(str, enum.Enum):
+    """Weight range of the QDQ graph: ``auto`` = 8 bits with VNNI, else 7 bits (±63)."""
+
+    AUTO = "auto"
+    SEVEN = "7"
+    EIGHT = "8"
+
+
+@dataclass(frozen=True)
+class QatConfig(Section):
+    epochs: int = 3
+    lr: float = 2e-4
+    weight_bits: QdqWeightBits = QdqWeightBits.AUTO
+    freeze_observer_epoch: int = 2  # after this many QAT epochs the quantization ranges are frozen
+    max_steps: int = 600  # cap on optimizer steps (epochs shrink on large data); 0 = no cap
+    fold_batchnorm: bool = True  # fold BatchNorm into the conv/linear before it (much faster prepare/convert)
+
+    def validate(self, check: Check) -> None:
+        check.need(self.epochs >= 1, "epochs", "must be >= 1")
+        check.need(self.max_steps >= 0, "max_steps", "must be >= 0 (0: no cap)")
+        check.need(self.freeze_observer_epoch >= 1, "freeze_observer_epoch", "must be >= 1")
 
 
 def cpu_has_vnni(cpuinfo: str | None = None) -> bool:
