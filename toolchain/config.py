@@ -26,8 +26,8 @@ from edgecore.errors import ConfigError
 from toolchain.passes.distill import DistillConfig
 from toolchain.passes.prune import PruneConfig
 from toolchain.passes.ptq import PtqConfig
-from toolchain.passes.qat import QatConfig
-from toolchain.section import Check, Section
+from toolchain.passes.qat import MAX_BATCH, QatConfig
+from toolchain.section import MAX_EPOCHS, Check, Section
 
 
 class Control(str, enum.Enum):
@@ -96,7 +96,7 @@ class DataConfig(Section):
         check.need(0.0 < self.test_fraction < 0.5, "test_fraction", "must be in (0, 0.5)")
         check.need(self.image_size >= 4, "image_size", "must be >= 4")
         check.need(self.channels in (1, 3), "channels", "must be 1 or 3")
-        check.need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check.count("batch_size", low=1, high=MAX_BATCH)
         if self.source.startswith("imagefolder:"):
             path = Path(self.source.split(":", 1)[1])
             if not path.is_dir():
@@ -151,7 +151,8 @@ class TrainConfig(Section):
     progress: bool = True
 
     def validate(self, check: Check) -> None:
-        check.need(self.epochs >= 1, "epochs", "must be >= 1")
+        check.count("epochs", low=1, high=MAX_EPOCHS)
+        check.count("warmup_epochs", low=0, high=MAX_EPOCHS)
         check.need(0.0 <= self.rotate_deg <= 180.0, "rotate_deg", "must be in [0, 180]")
         check.need(self.noise_std >= 0.0, "noise_std", "must be >= 0")
         check.need(0.0 <= self.broad_fraction <= 1.0, "broad_fraction", "must be in [0, 1]")
@@ -193,6 +194,17 @@ class ExportConfig(Section):
     teacher: bool = True
 
 
+#: An artifact may lose more than 0 and at most this many points of test accuracy: 100 would pass every artifact.
+MAX_ACCURACY_BUDGET_PT = 10.0
+ACCURACY_BUDGET_RANGE = (f"must be in (0, {MAX_ACCURACY_BUDGET_PT:g}]: the points of test accuracy an artifact "
+                         "may lose against the PyTorch student")
+
+
+def accuracy_budget_ok(points: float) -> bool:
+    """The one bound on an accuracy budget (``build.accuracy_budget_pt``, ``toolchain verify --budget``)."""
+    return 0.0 < points <= MAX_ACCURACY_BUDGET_PT
+
+
 @dataclass(frozen=True)
 class BuildConfig(Section):
     """Owned by the targets part (``toolchain build``)."""
@@ -204,6 +216,7 @@ class BuildConfig(Section):
     verify: bool = True
 
     def validate(self, check: Check) -> None:
+        check.need(accuracy_budget_ok(self.accuracy_budget_pt), "accuracy_budget_pt", ACCURACY_BUDGET_RANGE)
         check.need(0.0 <= self.offload_budget <= 1.0, "offload_budget", "must be in [0, 1]")
         check.need(self.calibration_samples >= 1, "calibration_samples", "must be >= 1")
 
@@ -222,7 +235,7 @@ class RefreshConfig(Section):
     strategy: RefreshStrategy = RefreshStrategy.EXPERT  # "expert": keep the student, add a gated expert | "continue"
 
     def validate(self, check: Check) -> None:
-        check.need(self.epochs >= 1, "epochs", "must be >= 1")
+        check.count("epochs", low=1, high=MAX_EPOCHS)
         check.need(self.lr > 0, "lr", "must be > 0")
         check.need(0.0 < self.holdout_fraction < 1.0, "holdout_fraction", "must be in (0, 1)")
         check.need(self.max_regression_pt >= 0, "max_regression_pt", "must be >= 0")

@@ -16,6 +16,13 @@ from typing import Any
 
 from edgecore.errors import ConfigError
 
+#: Epochs one setting may ask for. More is a typo (``1e23``), not a plan: at a second an epoch, 10,000 epochs
+#: already run for three hours.
+MAX_EPOCHS = 10_000
+#: Steps of an iterative search (pruning steps, latency candidates): each one fine-tunes, and may build and
+#: time an artifact.
+MAX_STEPS = 1_000
+
 
 @dataclass(frozen=True)
 class Check:
@@ -33,6 +40,13 @@ class Check:
         if not cond:
             raise self.error(key, f"{what}, got {getattr(self.obj, key)!r}")
 
+    def count(self, key: str, *, low: int, high: int, what: str = "") -> None:
+        """An integer count (epochs, steps) in ``[low, high]``: ``must be >= LOW`` (or ``what``) below,
+        ``must be at most HIGH`` above."""
+        value = getattr(self.obj, key)
+        self.need(value >= low, key, what or f"must be >= {low}")
+        self.need(value <= high, key, f"must be at most {high:,}")
+
 
 class Section:
     """Base of the config sections; a section with range checks overrides `validate`."""
@@ -41,4 +55,4 @@ class Section:
         """Raise (through ``check``) when a value is out of range; types are already checked."""
 
 
-__all__ = ["Check", "Section"]
+__all__ = ["Check", "MAX_EPOCHS", "MAX_STEPS", "Section"]

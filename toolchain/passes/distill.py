@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from toolchain.passes.base import Pass, PassContext, PassOutput
-from toolchain.section import Check, Section
+from toolchain.section import MAX_EPOCHS, Check, Section
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -24,7 +24,7 @@ class DistillConfig(Section):
     def validate(self, check: Check) -> None:
         check.need(self.temperature > 0, "temperature", "must be > 0")
         check.need(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
-        check.need(self.epochs >= 0, "epochs", "must be >= 0")
+        check.count("epochs", low=0, high=MAX_EPOCHS)
 
 
 class DistillPass(Pass):

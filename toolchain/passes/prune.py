@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgecore.errors import CompressionError
 from toolchain.passes.base import Pass, PassContext, PassOutput
-from toolchain.section import Check, Section
+from toolchain.section import MAX_EPOCHS, MAX_STEPS, Check, Section
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -61,7 +61,8 @@ class PruneConfig(Section):
 
     def validate(self, check: Check) -> None:
         check.need(self.ratio >= 1.0, "ratio", "must be >= 1")
-        check.need(self.steps >= 1, "steps", "must be >= 1")
+        check.count("steps", low=1, high=MAX_STEPS)
+        check.count("finetune_epochs", low=0, high=MAX_EPOCHS)
         check.need(self.importance in ("l1", "l2"), "importance", "must be 'l1' or 'l2'")
         check.need(0.0 < self.max_channel_ratio < 1.0, "max_channel_ratio", "must be in (0, 1)")
         check.need(1 <= self.round_to <= 256, "round_to", "must be an integer in [1, 256]")
@@ -76,8 +77,8 @@ class PruneConfig(Section):
         check.need(0.0 < self.latency_percentile <= 100.0, "latency_percentile", "must be in (0, 100]")
         check.need(self.latency_threads >= 1, "latency_threads", "must be >= 1")
         check.need(0.0 < self.latency_step < 1.0, "latency_step", "must be in (0, 1)")
-        check.need(self.latency_max_candidates >= 1, "latency_max_candidates", "must be >= 1")
-        check.need(self.latency_extra_steps >= 0, "latency_extra_steps", "must be >= 0")
+        check.count("latency_max_candidates", low=1, high=MAX_STEPS)
+        check.count("latency_extra_steps", low=0, high=MAX_STEPS)
         check.need(0.0 <= self.latency_margin < 1.0, "latency_margin", "must be in [0, 1)")
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from edgecore.errors import CompressionError
 from toolchain.passes.base import Pass, PassContext, PassOutput
 from toolchain.quantizer import make_quantizer
-from toolchain.section import Check, Section
+from toolchain.section import MAX_EPOCHS, Check, Section
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -53,9 +53,9 @@ class QatConfig(Section):
     fold_batchnorm: bool = True  # fold BatchNorm into the conv/linear before it (much faster prepare/convert)
 
     def validate(self, check: Check) -> None:
-        check.need(self.epochs >= 1, "epochs", "must be >= 1")
+        check.count("epochs", low=1, high=MAX_EPOCHS)
         check.need(self.max_steps >= 0, "max_steps", "must be >= 0 (0: no cap)")
-        check.need(self.freeze_observer_epoch >= 1, "freeze_observer_epoch", "must be >= 1")
+        check.count("freeze_observer_epoch", low=1, high=MAX_EPOCHS)
 
 
 def cpu_has_vnni(cpuinfo: str | None = None) -> bool:
@@ -81,10 +81,14 @@ def resolve_weight_bits(setting: QdqWeightBits, *, cpuinfo: str | None = None) -
     return 8 if cpu_has_vnni(cpuinfo) else 7
 
 
+#: Largest batch the quantizing passes' exported graphs take (and so the largest ``data.batch_size``).
+MAX_BATCH = 1 << 16
+
+
 def batch_dim() -> Any:
     import torch
 
-    return torch.export.Dim("batch", min=1, max=1 << 16)
+    return torch.export.Dim("batch", min=1, max=MAX_BATCH)
 
 
 _batch_dim = batch_dim  # the name tests and older callers use
