@@ -91,9 +91,6 @@ def batch_dim() -> Any:
     return torch.export.Dim("batch", min=1, max=MAX_BATCH)
 
 
-_batch_dim = batch_dim  # the name tests and older callers use
-
-
 def fold_batchnorm(model: "nn.Module") -> tuple[int, int]:
     """Fold each BatchNorm that directly follows a conv/linear in a Sequential; returns (folded, left)."""
     from torch import nn
