@@ -101,7 +101,8 @@ def build_for_targets(
     import torch
 
     from edgecore.fsutil import atomic_dir
-    from targets import Precision, get_target, target_names
+    from edgecore.spec import Precision
+    from targets import get_target, target_names
     from toolchain.bundle import build_each
     from toolchain.models import count_params
 
@@ -144,7 +145,8 @@ def build_bench_models(
 
     from edgecore.representative import RepresentativeSet
     from edgecore.representative import content_digest as _digest
-    from targets.base import InputSpec, ModelSource
+    from edgecore.spec import InputSpec
+    from targets.base import ModelSource
     from toolchain.config import ModelConfig
     from toolchain.export import export_onnx
     from toolchain.models import build_model

@@ -32,7 +32,8 @@ from edgecore.bundle import (
 from edgecore.errors import EdgeError, TargetUnavailableError
 from edgecore.fsutil import atomic_dir, atomic_write_json
 from edgecore.manifest import ArtifactInfo, Manifest, ModelInfo, OutputSpec, Routing
-from targets import ModelSource, Precision, Target, get_target, parse_precision
+from edgecore.spec import Precision
+from targets import ModelSource, Target, get_target, parse_precision
 from toolchain import __version__
 from toolchain.config import BuildConfig
 from toolchain.reference import Reference, reference_for

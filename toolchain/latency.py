@@ -115,7 +115,8 @@ class LatencyMeter:
         import copy
 
         from edgecore.manifest import ArtifactInfo
-        from targets import Precision, get_target
+        from edgecore.spec import Precision
+        from targets import get_target
         from targets.base import ModelSource
         from toolchain.export import export_onnx
 

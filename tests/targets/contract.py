@@ -17,7 +17,8 @@ import pytest
 
 from edgecore.errors import UnknownTargetError
 from edgecore.manifest import ArtifactInfo
-from targets import Precision, Target, get_target, parse_precision, target_names
+from edgecore.spec import Precision
+from targets import Target, get_target, parse_precision, target_names
 
 ROOT = Path(__file__).resolve().parents[2]
 

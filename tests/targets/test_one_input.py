@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from edgecore.confidence import confidence, row_scorer
-from targets import Precision, get_target, one_input
-from targets.base import InputSpec, ModelSource
+from edgecore.spec import InputSpec, Precision
+from targets import get_target, one_input
+from targets.base import ModelSource
 
 RGB = InputSpec("input", (None, 3, 12, 12), layout="NCHW", scale=1 / 255, mean=(0.485, 0.456, 0.406),
                 std=(0.229, 0.224, 0.225))

@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from targets import Precision, get_target
+from edgecore.spec import Precision
+from targets import get_target
 from tests.targets.contract import TargetContract
 
 
