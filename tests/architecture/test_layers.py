@@ -107,3 +107,27 @@ def test_the_spec_types_are_imported_from_their_one_home(tmp_path):
     (tmp_path / "m.py").write_text("from targets.base import InputSpec\nfrom edgecore.spec import Precision\n")
     assert [b.split(" ", 1)[1] for b in imported_elsewhere(tmp_path / "m.py", tmp_path)] == [
         "InputSpec from targets.base"]
+
+
+# constructors with one caller in production code: {name: the files allowed to call it}
+ONE_CALLER: dict[str, set[str]] = {
+    "Manifest": {"edgecore/manifest.py", "toolchain/bundle.py"},  # the reader; the one assembler (manifest_for)
+    "ArtifactInfo": {"edgecore/manifest.py", "targets/base.py"},  # the reader; Artifact.info
+}
+
+
+def constructed_elsewhere(path: Path, rel: str) -> list[str]:
+    """``"file:line Name(...)"`` for each call of a ONE_CALLER name outside the files allowed to make it."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [f"{rel}:{node.lineno} {node.func.id}(...)" for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ONE_CALLER
+            and rel not in ONE_CALLER[node.func.id]]
+
+
+def test_one_place_assembles_a_manifest_and_one_describes_an_artifact(tmp_path):
+    bad = [b for pkg in ALLOWED for f in sorted((ROOT / pkg).rglob("*.py"))
+           for b in constructed_elsewhere(f, f.relative_to(ROOT).as_posix())]
+    assert not bad, "use toolchain.bundle.manifest_for / Artifact.info:\n" + "\n".join(bad)
+    (tmp_path / "m.py").write_text("m = Manifest(model=None)\ni = ArtifactInfo(main='x', runtime='y')\n")
+    assert constructed_elsewhere(tmp_path / "m.py", "hw_bench/models.py") == [
+        "hw_bench/models.py:1 Manifest(...)", "hw_bench/models.py:2 ArtifactInfo(...)"]

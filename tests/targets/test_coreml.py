@@ -41,7 +41,7 @@ def test_not_available_off_macos() -> None:
 
 # ---------------------------------------------------------------------- proxy (Core ML predicts on macOS only)
 def _info(art: Any) -> ArtifactInfo:
-    return ArtifactInfo(main=art.main, runtime=art.runtime, details=art.details)
+    return art.info()
 
 
 @pytest.mark.parametrize("mode,dtype,granularity", [("linear_symmetric", "int8", "per_channel"),

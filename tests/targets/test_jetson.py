@@ -77,7 +77,7 @@ def test_check_rejects_what_tensorrt_would(tiny_source: Any, tmp_path: Path) -> 
 
 
 def _info(art: Any) -> ArtifactInfo:
-    return ArtifactInfo(main=art.main, runtime=art.runtime, details=art.details)
+    return art.info()
 
 
 def _recipe(d: Path) -> dict[str, Any]:
