@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from edgecore.errors import AgentError
-from targets.base import InputSpec
+from edgecore.spec import InputSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".pgm"}
 

@@ -116,7 +116,7 @@ def _pipeline(opts: DemoOptions, run_dir: Path, step: _Steps) -> dict[str, Any]:
     if opts.latency_budget_ms is not None:
         import dataclasses
 
-        from toolchain.config import PruneTarget
+        from toolchain.passes.prune import PruneTarget
 
         cfg = dataclasses.replace(cfg, prune=dataclasses.replace(
             cfg.prune, target=PruneTarget.LATENCY, latency_budget_ms=opts.latency_budget_ms))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecore.errors import BenchError
-from targets.base import InputSpec
+from edgecore.spec import InputSpec
 
 from .bench import Contender
 

@@ -20,8 +20,8 @@ import numpy as np
 
 from edgecore.bundle import Bundle
 from edgecore.errors import BenchError
+from edgecore.spec import InputSpec
 from targets import load_runner
-from targets.base import InputSpec
 
 from .data import TestData
 from .loadgen import RunFn, Scenario, ScenarioResult, Settings, offline, single_stream

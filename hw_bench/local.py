@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from edgecore.bundle import Bundle
 from edgecore.errors import BenchError
-from targets.base import InputSpec
+from edgecore.spec import InputSpec
 
 from .bench import Contender, bundle_contender, measure, open_bundles, split_runnable
 from .data import TestData, from_run_dir, load_npz

@@ -15,7 +15,6 @@ Layout: ``OUT/<model>/model.pt`` (the PyTorch baseline: ``hw-bench run
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -62,20 +61,13 @@ def recalibrate_batchnorm(model: Any, *, shape: tuple[int, ...], batches: int = 
 
 def _write_bundle(bundle_dir: Path, *, artifact: Any, source: Any, calibration: Any, metrics: dict[str, Any],
                   signing_key: Any = None) -> None:
-    """Manifest + hashes for a built artifact (the bundle contract, edgecore/bundle.py)."""
+    """Manifest + hashes for a built artifact: the toolchain's one manifest assembler, the one bundle writer."""
     from edgecore.bundle import write_bundle
-    from edgecore.manifest import ArtifactInfo, Manifest, ModelInfo, OutputSpec
-    from targets import get_target
-    from toolchain import __version__
+    from toolchain.bundle import manifest_for
 
-    write_bundle(bundle_dir, Manifest(
-        model=ModelInfo(name=source.name, version="bench"), target=artifact.target, precision=artifact.precision,
-        input=source.input_spec, output=OutputSpec(name="logits", labels=tuple(source.labels)),
-        artifact=ArtifactInfo(main=artifact.main, runtime=artifact.runtime,
-                              runtime_version=get_target(artifact.target).runtime_version(), details=artifact.details),
-        toolchain_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        metrics=metrics, calibration=calibration.provenance() if calibration is not None else None,
-    ), signing_key=signing_key)
+    write_bundle(bundle_dir, manifest_for(artifact, name=source.name, version="bench", input_spec=source.input_spec,
+                                          labels=source.labels, metrics=metrics, calibration=calibration),
+                 signing_key=signing_key)
 
 
 def _agreement(bundle_dir: Path, ref_logits: np.ndarray, x: np.ndarray) -> dict[str, Any]:
@@ -101,7 +93,8 @@ def build_for_targets(
     import torch
 
     from edgecore.fsutil import atomic_dir
-    from targets import Precision, get_target, target_names
+    from edgecore.spec import Precision
+    from targets import get_target, target_names
     from toolchain.bundle import build_each
     from toolchain.models import count_params
 
@@ -144,7 +137,8 @@ def build_bench_models(
 
     from edgecore.representative import RepresentativeSet
     from edgecore.representative import content_digest as _digest
-    from targets.base import InputSpec, ModelSource
+    from edgecore.spec import InputSpec
+    from targets.base import ModelSource
     from toolchain.config import ModelConfig
     from toolchain.export import export_onnx
     from toolchain.models import build_model

@@ -14,17 +14,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgecore.errors import TargetUnavailableError, UnknownTargetError
+from edgecore.spec import Precision
 
-from .base import Artifact, InputSpec, ModelSource, OneInput, Precision, Runner, Target, one_input
+from .base import Artifact, ModelSource, OneInput, Runner, Target, one_input
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgecore.bundle import Bundle
 
 __all__ = [
     "Artifact",
-    "InputSpec",
     "ModelSource",
-    "Precision",
     "Runner",
     "OneInput",
     "one_input",

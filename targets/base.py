@@ -58,6 +58,12 @@ class Artifact:
     def main(self) -> str:
         return self.files[0]
 
+    def info(self, runtime_version: str | None = None) -> ArtifactInfo:
+        """What the manifest (and ``Target.load``) says of this artifact; ``runtime_version`` is the target's
+        ``runtime_version()`` where the artifact was built."""
+        return ArtifactInfo(main=self.main, runtime=self.runtime, runtime_version=runtime_version,
+                            details=self.details)
+
 
 class Runner(Protocol):
     """A loaded artifact: one call, normalised float batch in, logits out.

@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .base import Precision, Proxy, Runner
+from edgecore.spec import Precision
+
+from .base import Proxy, Runner
 
 MIN_WEIGHT_ELEMENTS = 10  # coremltools keeps smaller consts inline and never compresses them
 

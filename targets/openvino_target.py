@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgecore.errors import BuildError
+from edgecore.spec import InputSpec, Precision
 
 from .base import (
     Artifact,
     ArtifactInfo,
-    InputSpec,
     ModelSource,
-    Precision,
     Runner,
     Target,
 )

@@ -22,15 +22,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgecore.errors import BuildError
+from edgecore.spec import InputSpec, Precision
 
 from .base import (
     TORCH_HINT,
     Artifact,
     ArtifactInfo,
-    InputSpec,
     ModelSource,
     OneInput,
-    Precision,
     Runner,
     Target,
     first_missing,

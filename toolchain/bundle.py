@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
@@ -32,16 +32,20 @@ from edgecore.bundle import (
 from edgecore.errors import EdgeError, TargetUnavailableError
 from edgecore.fsutil import atomic_dir, atomic_write_json
 from edgecore.manifest import ArtifactInfo, Manifest, ModelInfo, OutputSpec, Routing
-from targets import ModelSource, Precision, Target, get_target, parse_precision
+from edgecore.spec import InputSpec, Precision
+from targets import Artifact, ModelSource, Target, get_target, parse_precision
 from toolchain import __version__
 from toolchain.config import BuildConfig
 from toolchain.reference import Reference, reference_for
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgecore.representative import RepresentativeSet
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MIN_THRESHOLD_ROWS = 30  # a device refresh's own held-out inputs place the routing threshold from this many
 
-__all__ = ["build_bundle", "build_each", "default_out", "tarball_path", "write_tarball", "reference_for"]
+__all__ = ["build_bundle", "build_each", "default_out", "manifest_for", "tarball_path", "write_tarball", "reference_for"]
 
 
 def build_each(
@@ -132,6 +136,24 @@ def _routing(tmp: Path, ref: Reference, cfg: BuildConfig, val_logits: np.ndarray
     )
 
 
+def manifest_for(
+    artifact: Artifact, *, name: str, version: str, input_spec: InputSpec, labels: Sequence[str],
+    metrics: dict[str, Any], calibration: RepresentativeSet | None = None, routing: Routing | None = None,
+    drift_reference: str | None = None, lineage: dict[str, Any] | None = None, verify: dict[str, Any] | None = None,
+) -> Manifest:
+    """The one place a built artifact becomes a manifest: `build_bundle` and ``hw-bench models`` write theirs
+    through it (with `edgecore.bundle.write_bundle`, which adds the files' hashes and the signature)."""
+    return Manifest(
+        model=ModelInfo(name=name, version=version), target=artifact.target, precision=artifact.precision,
+        input=input_spec, output=OutputSpec(name="logits", labels=tuple(labels)),
+        artifact=artifact.info(get_target(artifact.target).runtime_version()), toolchain_version=__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), routing=routing,
+        drift_reference=drift_reference, metrics=metrics,
+        calibration=calibration.provenance() if calibration is not None else None, lineage=lineage or {},
+        verify=verify or {},
+    )
+
+
 def build_bundle(
     *, run_dir: Path | str, target: str, precision: str, out: Path | str | None = None,
     cfg: BuildConfig = BuildConfig(), model_version: str | None = None, signing_key: Any = None,
@@ -164,23 +186,18 @@ def build_bundle(
             log.info("building %s %s from %s", t.name, p.value, run.path)
             artifact = t.build(source, p, rep, tmp)
             build_s = time.perf_counter() - t0
-            art = ArtifactInfo(main=artifact.main, runtime=artifact.runtime, runtime_version=t.runtime_version(),
-                               details=artifact.details)
+            art = artifact.info(t.runtime_version())
             size = sum(e.size for e in file_entries(tmp, artifact.files).values())
             ver = _verify(t, p, tmp, art, ref, cfg, source)
             ver.metrics.update(size_bytes=int(size), macs=ref.macs, params=ref.params,
                              accuracy_budget_pt=cfg.accuracy_budget_pt, build_seconds=round(build_s, 3))
             routing = _routing(tmp, ref, cfg, ver.val_logits, ver.conf_source,
                                title=f"{source.name} {t.name} {p.value}: accuracy vs offload")
-            manifest = write_bundle(tmp, Manifest(
-                model=ModelInfo(name=source.name,
-                                version=model_version or (ref.lineage.get("student_sha256") or "dev")[:12]),
-                target=t.name, precision=p, input=ref.input_spec,
-                output=OutputSpec(name="logits", labels=tuple(ref.labels)), artifact=art,
-                toolchain_version=__version__,
-                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                routing=routing, drift_reference=DRIFT_REFERENCE, metrics=ver.metrics,
-                calibration=rep.provenance() if rep is not None else None, lineage=ref.lineage, verify=ver.verify,
+            manifest = write_bundle(tmp, manifest_for(
+                artifact, name=source.name,
+                version=model_version or (ref.lineage.get("student_sha256") or "dev")[:12],
+                input_spec=ref.input_spec, labels=ref.labels, metrics=ver.metrics, calibration=rep, routing=routing,
+                drift_reference=DRIFT_REFERENCE, lineage=ref.lineage, verify=ver.verify,
             ), signing_key=signing_key)
     except BaseException:
         _remove_stale(out)

@@ -23,15 +23,6 @@ from typing import TYPE_CHECKING, Any
 from toolchain.config import Config
 from toolchain.passes import get_pass
 from toolchain.passes.base import Pass, PassContext, stage_row, state_size
-
-# the quantization helpers' old home: re-exported so existing imports keep working
-from toolchain.passes.prune import find_pruning_ratio  # noqa: F401
-from toolchain.passes.qat import (  # noqa: F401
-    _batch_dim,
-    cpu_has_vnni,
-    make_quantizer,
-    resolve_weight_bits,
-)
 from toolchain.rundir import RunDir, save_checkpoint
 
 if TYPE_CHECKING:  # pragma: no cover

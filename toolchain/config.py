@@ -2,7 +2,11 @@
 
 Why strict: a typo in a config key silently falling back to a default costs a
 training run. Every section is a frozen dataclass; an unknown key, a wrong type
-or a missing path is one `ConfigError` naming the field and the file.
+or a missing path is one `ConfigError` naming the field and the file. Types are
+checked here, from the annotations; each section checks its own ranges in its
+``validate`` (`toolchain.section`). The compression passes' sections
+(``[prune]``, ``[distill]``, ``[qat]``, ``[ptq]``) live beside their passes in
+`toolchain.passes`; this module gathers them into `Config`.
 
 Torch-free (the CLI parses configs before importing torch).
 """
@@ -14,27 +18,16 @@ import enum
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import tomllib
 
 from edgecore.errors import ConfigError
-
-
-class PruneTarget(str, enum.Enum):
-    """What the pruning ratio is measured on."""
-
-    MACS = "macs"
-    PARAMS = "params"
-    LATENCY = "latency"  # measured on the target runtime (prune.latency_*)
-
-
-class QdqWeightBits(str, enum.Enum):
-    """Weight range of the QDQ graph: ``auto`` = 8 bits with VNNI, else 7 bits (±63)."""
-
-    AUTO = "auto"
-    SEVEN = "7"
-    EIGHT = "8"
+from toolchain.passes.distill import DistillConfig
+from toolchain.passes.prune import PruneConfig
+from toolchain.passes.ptq import PtqConfig
+from toolchain.passes.qat import MAX_BATCH, QatConfig
+from toolchain.section import MAX_EPOCHS, Check, Section
 
 
 class Control(str, enum.Enum):
@@ -82,14 +75,14 @@ class Confidence(str, enum.Enum):
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Section):
     dir: Path = Path("runs/digits")  # run directory (relative paths: to the current directory)
     name: str = "digits-student"  # model name written into bundles
     seed: int = 0
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     # "digits" | "imagefolder:PATH" | "python:module:function"
     source: str = "digits"
     val_fraction: float = 0.15
@@ -98,9 +91,23 @@ class DataConfig:
     channels: int = 3  # imagefolder only: 1 (grayscale) or 3 (RGB)
     batch_size: int = 64
 
+    def validate(self, check: Check) -> None:
+        check.need(0.0 < self.val_fraction < 0.5, "val_fraction", "must be in (0, 0.5)")
+        check.need(0.0 < self.test_fraction < 0.5, "test_fraction", "must be in (0, 0.5)")
+        check.need(self.image_size >= 4, "image_size", "must be >= 4")
+        check.need(self.channels in (1, 3), "channels", "must be 1 or 3")
+        check.count("batch_size", low=1, high=MAX_BATCH)
+        if self.source.startswith("imagefolder:"):
+            path = Path(self.source.split(":", 1)[1])
+            if not path.is_dir():
+                raise check.error("source", f"image folder {str(path)!r} does not exist")
+        elif self.source not in ("digits", "mnist1d") and not self.source.startswith("python:"):
+            raise check.error("source", "expected 'digits', 'mnist1d', 'imagefolder:PATH' or "
+                              f"'python:module:function', got {self.source!r}")
+
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     # "resnet" | "mobilenet" | "mlp" | "python:module:function"
     family: str = "resnet"
     width: int = 32  # resnet: channels of the first stage; mobilenet: base channels before width_mult
@@ -110,9 +117,23 @@ class ModelConfig:
     hidden: tuple[int, ...] = (128, 64)  # mlp hidden layer sizes
     dropout: float = 0.1
 
+    #: families this section may name besides ``python:module:function``
+    FAMILIES: ClassVar[tuple[str, ...]] = ("resnet", "mobilenet", "mlp")
+
+    def validate(self, check: Check) -> None:
+        """[teacher] and [student]: a known family and sane shapes."""
+        if self.family not in self.FAMILIES and not self.family.startswith("python:"):
+            raise check.error("family", f"unknown model family {self.family!r} "
+                              f"(known: {', '.join(self.FAMILIES)}, or python:module:function)")
+        check.need(self.width >= 1, "width", "must be >= 1")
+        check.need(self.depth >= 1, "depth", "must be >= 1")
+        check.need(self.width_mult > 0, "width_mult", "must be > 0")
+        check.need(self.depth_mult > 0, "depth_mult", "must be > 0")
+        check.need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     epochs: int = 30
     lr: float = 3e-3
     weight_decay: float = 5e-4
@@ -129,13 +150,29 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
 
+    def validate(self, check: Check) -> None:
+        check.count("epochs", low=1, high=MAX_EPOCHS)
+        check.count("warmup_epochs", low=0, high=MAX_EPOCHS)
+        check.need(0.0 <= self.rotate_deg <= 180.0, "rotate_deg", "must be in [0, 180]")
+        check.need(self.noise_std >= 0.0, "noise_std", "must be >= 0")
+        check.need(0.0 <= self.broad_fraction <= 1.0, "broad_fraction", "must be in [0, 1]")
+        check.need(self.lr > 0, "lr", "must be > 0")
+        check.need(self.patience >= 1, "patience", "must be >= 1")
+
 
 @dataclass(frozen=True)
-class CompressConfig:
+class CompressConfig(Section):
     """The compression pipeline: which passes run, in order (see `toolchain.passes`)."""
 
     passes: tuple[str, ...] = ("prune", "distill", "qat")
     control: Control = Control.SCRATCH  # "scratch": also train the student's architecture from scratch, compare
+
+    def validate(self, check: Check) -> None:
+        from toolchain.passes import pass_list_problem
+
+        problem = pass_list_problem(self.passes)
+        if problem:
+            raise check.error("passes", f"{problem}, got {list(self.passes)!r}")
 
 
 @dataclass(frozen=True)
@@ -146,75 +183,30 @@ class StudentConfig(ModelConfig):
     family: str = "teacher"
     compare: bool = True  # another family: also compress the pruned teacher and report it beside
 
-
-@dataclass(frozen=True)
-class PruneConfig:
-    target: PruneTarget = PruneTarget.MACS
-    ratio: float = 10.0  # reach at least this many times fewer MACs (or params) than the teacher
-    steps: int = 4  # iterative steps, each followed by fine-tuning
-    finetune_epochs: int = 2  # per step
-    importance: str = "l2"  # "l1" | "l2" (magnitude of the channel group)
-    max_channel_ratio: float = 0.95  # never remove more than this fraction of one layer's channels
-    round_to: int = 1  # keep each pruned layer's channel count a multiple of this (torch-pruning's round_to)
-    lr: float = 2e-3
-    # target = "latency": NetAdapt-style search, each candidate built for latency_target and timed
-    latency_budget_ms: float = 0.0  # the percentile below must be within this (required for "latency")
-    latency_target: str = "onnx-fp32"  # TARGET-PRECISION the candidates are built for and timed on
-    latency_device: str = "local"  # where they are timed ("local": this machine)
-    latency_percentile: float = 50.0
-    latency_threads: int = 2
-    latency_step: float = 0.1  # share of each layer's channels removed per search step
-    latency_max_candidates: int = 10  # search steps at most
-    latency_extra_steps: int = 1  # steps past the first candidate within budget (a smaller one may be more accurate)
-    latency_margin: float = 0.1  # a candidate must measure within budget * (1 - margin): headroom for the noise
-    #                              between the search's measurement and the deployed artifact's
-    # latency_device = a fleet device id: candidates go to it as signed bundles, timed by its agent's bench command
-    latency_broker: str = ""  # mqtt(s)://host:port of the fleet
-    latency_credentials: str = ""  # JSON {username, password} (or the fleet credentials.json: its operator entry)
-    latency_gateway: str = ""  # upload candidates here (token in $EDGE_GATEWAY_TOKEN); else latency_share_dir
-    latency_share_dir: str = ""  # without a gateway: a folder the device reads too (a shared mount)
-    latency_sign_key: str = ""  # Ed25519 private key signing the candidate bundles (devices refuse unsigned ones)
-    latency_deadline_s: float = 120.0  # per candidate, for the device's answer
+    FAMILIES: ClassVar[tuple[str, ...]] = ("teacher",) + ModelConfig.FAMILIES
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    epochs: int = 20
-    temperature: float = 4.0
-    alpha: float = 0.7  # weight of the soft (teacher) loss; 1 - alpha goes to the hard labels
-    lr: float = 3e-3
-    patience: int = 8
-
-
-@dataclass(frozen=True)
-class QatConfig:
-    epochs: int = 3
-    lr: float = 2e-4
-    weight_bits: QdqWeightBits = QdqWeightBits.AUTO
-    freeze_observer_epoch: int = 2  # after this many QAT epochs the quantization ranges are frozen
-    max_steps: int = 600  # cap on optimizer steps (epochs shrink on large data); 0 = no cap
-    fold_batchnorm: bool = True  # fold BatchNorm into the conv/linear before it (much faster prepare/convert)
-
-
-@dataclass(frozen=True)
-class PtqConfig:
-    """Post-training quantization (torchao pt2e): calibrate observers, no training."""
-
-    calibration_samples: int = 512  # training samples the activation ranges are observed on
-    weight_bits: QdqWeightBits = QdqWeightBits.AUTO
-    fold_batchnorm: bool = True
-
-
-@dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(Section):
     opset: int = 18
     atol: float = 1e-3  # fp32 ONNX vs PyTorch: max abs logit difference allowed
     min_agreement: float = 0.98  # QDQ ONNX vs the PyTorch QAT model: top-1 agreement required
     teacher: bool = True
 
 
+#: An artifact may lose more than 0 and at most this many points of test accuracy: 100 would pass every artifact.
+MAX_ACCURACY_BUDGET_PT = 10.0
+ACCURACY_BUDGET_RANGE = (f"must be in (0, {MAX_ACCURACY_BUDGET_PT:g}]: the points of test accuracy an artifact "
+                         "may lose against the PyTorch student")
+
+
+def accuracy_budget_ok(points: float) -> bool:
+    """The one bound on an accuracy budget (``build.accuracy_budget_pt``, ``toolchain verify --budget``)."""
+    return 0.0 < points <= MAX_ACCURACY_BUDGET_PT
+
+
 @dataclass(frozen=True)
-class BuildConfig:
+class BuildConfig(Section):
     """Owned by the targets part (``toolchain build``)."""
 
     accuracy_budget_pt: float = 1.0
@@ -223,9 +215,14 @@ class BuildConfig:
     confidence: Confidence = Confidence.MAX_PROB
     verify: bool = True
 
+    def validate(self, check: Check) -> None:
+        check.need(accuracy_budget_ok(self.accuracy_budget_pt), "accuracy_budget_pt", ACCURACY_BUDGET_RANGE)
+        check.need(0.0 <= self.offload_budget <= 1.0, "offload_budget", "must be in [0, 1]")
+        check.need(self.calibration_samples >= 1, "calibration_samples", "must be >= 1")
+
 
 @dataclass(frozen=True)
-class RefreshConfig:
+class RefreshConfig(Section):
     """``toolchain refresh``: re-distill the current student on its data plus the gateway's collected samples."""
 
     epochs: int = 15  # distillation epochs, continuing from the current student
@@ -236,6 +233,14 @@ class RefreshConfig:
     balance: Balance = Balance.OVERSAMPLE  # "oversample" | "weight" | "none": evening out the collected classes
     candidates: int = 3  # continuations trained with different seeds, then averaged (a uniform model soup)
     strategy: RefreshStrategy = RefreshStrategy.EXPERT  # "expert": keep the student, add a gated expert | "continue"
+
+    def validate(self, check: Check) -> None:
+        check.count("epochs", low=1, high=MAX_EPOCHS)
+        check.need(self.lr > 0, "lr", "must be > 0")
+        check.need(0.0 < self.holdout_fraction < 1.0, "holdout_fraction", "must be in (0, 1)")
+        check.need(self.max_regression_pt >= 0, "max_regression_pt", "must be >= 0")
+        check.need(self.min_samples >= 2, "min_samples", "must be >= 2")
+        check.need(1 <= self.candidates <= 16, "candidates", "must be 1..16")
 
 
 @dataclass(frozen=True)
@@ -320,102 +325,8 @@ def _build_section(cls: type, raw: Mapping[str, Any], section: str, origin: str,
             )
     values = {k: _coerce(v, hints[k], f"{section}.{k}", origin) for k, v in raw.items()}
     obj = dataclasses.replace(base, **values)
-    _validate_section(obj, section, origin)
+    obj.validate(Check(obj, section, origin))
     return obj
-
-
-def _validate_section(obj: Any, section: str, origin: str) -> None:
-    """Range checks that types cannot express."""
-    def need(cond: bool, key: str, what: str) -> None:
-        if not cond:
-            raise ConfigError(f"{origin}: {section}.{key}: {what}, got {getattr(obj, key)!r}")
-
-    if isinstance(obj, DataConfig):
-        need(0.0 < obj.val_fraction < 0.5, "val_fraction", "must be in (0, 0.5)")
-        need(0.0 < obj.test_fraction < 0.5, "test_fraction", "must be in (0, 0.5)")
-        need(obj.image_size >= 4, "image_size", "must be >= 4")
-        need(obj.channels in (1, 3), "channels", "must be 1 or 3")
-        need(obj.batch_size >= 1, "batch_size", "must be >= 1")
-        if obj.source.startswith("imagefolder:"):
-            path = Path(obj.source.split(":", 1)[1])
-            if not path.is_dir():
-                raise ConfigError(f"{origin}: data.source: image folder {str(path)!r} does not exist")
-        elif obj.source not in ("digits", "mnist1d") and not obj.source.startswith("python:"):
-            raise ConfigError(
-                f"{origin}: data.source: expected 'digits', 'mnist1d', 'imagefolder:PATH' or "
-                f"'python:module:function', got {obj.source!r}"
-            )
-    elif isinstance(obj, ModelConfig):
-        _validate_model(obj, section, origin, need)
-    elif isinstance(obj, TrainConfig):
-        need(obj.epochs >= 1, "epochs", "must be >= 1")
-        need(0.0 <= obj.rotate_deg <= 180.0, "rotate_deg", "must be in [0, 180]")
-        need(obj.noise_std >= 0.0, "noise_std", "must be >= 0")
-        need(0.0 <= obj.broad_fraction <= 1.0, "broad_fraction", "must be in [0, 1]")
-        need(obj.lr > 0, "lr", "must be > 0")
-        need(obj.patience >= 1, "patience", "must be >= 1")
-    elif isinstance(obj, PruneConfig):
-        need(obj.ratio >= 1.0, "ratio", "must be >= 1")
-        need(obj.steps >= 1, "steps", "must be >= 1")
-        need(obj.importance in ("l1", "l2"), "importance", "must be 'l1' or 'l2'")
-        need(0.0 < obj.max_channel_ratio < 1.0, "max_channel_ratio", "must be in (0, 1)")
-        need(1 <= obj.round_to <= 256, "round_to", "must be an integer in [1, 256]")
-        if obj.target is PruneTarget.LATENCY:
-            need(obj.latency_budget_ms > 0, "latency_budget_ms", "must be > 0 when prune.target = 'latency'")
-            if obj.latency_device != "local":
-                need(bool(obj.latency_broker), "latency_broker",
-                     f"is required to measure on fleet device {obj.latency_device!r} (or use latency_device = 'local')")
-                need(bool(obj.latency_gateway or obj.latency_share_dir), "latency_gateway",
-                     "or latency_share_dir is required: how the fleet device gets each candidate bundle")
-        need(0.0 < obj.latency_percentile <= 100.0, "latency_percentile", "must be in (0, 100]")
-        need(obj.latency_threads >= 1, "latency_threads", "must be >= 1")
-        need(0.0 < obj.latency_step < 1.0, "latency_step", "must be in (0, 1)")
-        need(obj.latency_max_candidates >= 1, "latency_max_candidates", "must be >= 1")
-        need(obj.latency_extra_steps >= 0, "latency_extra_steps", "must be >= 0")
-        need(0.0 <= obj.latency_margin < 1.0, "latency_margin", "must be in [0, 1)")
-    elif isinstance(obj, RefreshConfig):
-        need(obj.epochs >= 1, "epochs", "must be >= 1")
-        need(obj.lr > 0, "lr", "must be > 0")
-        need(0.0 < obj.holdout_fraction < 1.0, "holdout_fraction", "must be in (0, 1)")
-        need(obj.max_regression_pt >= 0, "max_regression_pt", "must be >= 0")
-        need(obj.min_samples >= 2, "min_samples", "must be >= 2")
-        need(1 <= obj.candidates <= 16, "candidates", "must be 1..16")
-    elif isinstance(obj, DistillConfig):
-        need(obj.temperature > 0, "temperature", "must be > 0")
-        need(0.0 <= obj.alpha <= 1.0, "alpha", "must be in [0, 1]")
-        need(obj.epochs >= 0, "epochs", "must be >= 0")
-    elif isinstance(obj, QatConfig):
-        need(obj.epochs >= 1, "epochs", "must be >= 1")
-        need(obj.max_steps >= 0, "max_steps", "must be >= 0 (0: no cap)")
-        need(obj.freeze_observer_epoch >= 1, "freeze_observer_epoch", "must be >= 1")
-    elif isinstance(obj, PtqConfig):
-        need(obj.calibration_samples >= 1, "calibration_samples", "must be >= 1")
-    elif isinstance(obj, CompressConfig):
-        from toolchain.passes import pass_list_problem
-
-        problem = pass_list_problem(obj.passes)
-        if problem:
-            raise ConfigError(f"{origin}: {section}.passes: {problem}, got {list(obj.passes)!r}")
-    elif isinstance(obj, BuildConfig):
-        need(0.0 <= obj.offload_budget <= 1.0, "offload_budget", "must be in [0, 1]")
-        need(obj.calibration_samples >= 1, "calibration_samples", "must be >= 1")
-
-
-
-def _validate_model(obj: "ModelConfig", section: str, origin: str, need: Any) -> None:
-    """[teacher] and [student]: a known family (a student may also be "teacher") and sane shapes."""
-    families = ("teacher",) if isinstance(obj, StudentConfig) else ()
-    families += ("resnet", "mobilenet", "mlp")
-    if obj.family not in families and not obj.family.startswith("python:"):
-        raise ConfigError(
-            f"{origin}: {section}.family: unknown model family {obj.family!r} "
-            f"(known: {', '.join(families)}, or python:module:function)"
-        )
-    need(obj.width >= 1, "width", "must be >= 1")
-    need(obj.depth >= 1, "depth", "must be >= 1")
-    need(obj.width_mult > 0, "width_mult", "must be > 0")
-    need(obj.depth_mult > 0, "depth_mult", "must be > 0")
-    need(0.0 <= obj.dropout < 1.0, "dropout", "must be in [0, 1)")
 
 
 def from_dict(raw: Mapping[str, Any], *, origin: str = "<dict>", base: Config | None = None) -> Config:
@@ -526,9 +437,7 @@ def config_from_args(args: Any) -> Config:
 
 
 __all__ = [
-    "Balance", "BuildConfig", "CompressConfig", "Config", "Confidence", "Control", "DataConfig", "DistillConfig",
-    "ExportConfig", "ModelConfig", "PruneConfig", "RefreshConfig", "RefreshStrategy", "PruneTarget", "PtqConfig",
-    "QatConfig",
-    "QdqWeightBits", "RunConfig", "StudentConfig", "TrainConfig",
+    "Balance", "BuildConfig", "CompressConfig", "Config", "Confidence", "Control", "DataConfig", "ExportConfig",
+    "ModelConfig", "RefreshConfig", "RefreshStrategy", "RunConfig", "StudentConfig", "TrainConfig",
     "add_config_args", "config_from_args", "from_dict", "load_config", "parse_overrides", "to_dict", "to_toml",
 ]

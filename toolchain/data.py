@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from edgecore.errors import ConfigError, DataError
-from targets.base import InputSpec
+from edgecore.spec import InputSpec
 from toolchain.config import Config, DataConfig
 
 _IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}

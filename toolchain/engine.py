@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from targets.base import InputSpec
+from edgecore.spec import InputSpec
 
 log = logging.getLogger(__name__)
 

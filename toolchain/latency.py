@@ -114,8 +114,8 @@ class LatencyMeter:
     def _build(self, model: "nn.Module", tmp: Path, name: str) -> tuple[Path, Any, str, tuple[Any, Any]]:
         import copy
 
-        from edgecore.manifest import ArtifactInfo
-        from targets import Precision, get_target
+        from edgecore.spec import Precision
+        from targets import get_target
         from targets.base import ModelSource
         from toolchain.export import export_onnx
 
@@ -132,8 +132,7 @@ class LatencyMeter:
         except Exception as e:  # a converter failure names the candidate, not a traceback
             raise CompressionError(f"latency search: building {name} for {self.target}-{self.precision} failed: "
                                    f"{type(e).__name__}: {e}") from e
-        info = ArtifactInfo(main=artifact.main, runtime=artifact.runtime, runtime_version=t.runtime_version(),
-                            details=artifact.details)
+        info = artifact.info(t.runtime_version())
         return out, info, _files_sha256(out, artifact.files), (artifact, source)
 
     def _time(self, art_dir: Path, info: Any) -> np.ndarray:

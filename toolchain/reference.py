@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from targets.base import InputSpec
+from edgecore.spec import InputSpec
 
 log = logging.getLogger(__name__)
 

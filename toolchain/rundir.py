@@ -24,7 +24,8 @@ from edgecore.fsutil import atomic_write_bytes, atomic_write_json
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from targets.base import InputSpec, ModelSource
+    from edgecore.spec import InputSpec
+    from targets.base import ModelSource
     from toolchain.data import Splits
 
 CHECKPOINT_FORMAT = 1
@@ -115,7 +116,7 @@ class RunDir:
 
     @property
     def input_spec(self) -> "InputSpec":
-        from targets.base import InputSpec
+        from edgecore.spec import InputSpec
 
         return InputSpec.from_dict(self.data_record()["input_spec"])
 

@@ -26,7 +26,8 @@ import numpy as np
 
 from edgecore.errors import AccuracyGateError, BuildError
 from edgecore.manifest import ArtifactInfo
-from targets.base import InputSpec, ModelSource, Precision, Runner, Target
+from edgecore.spec import InputSpec, Precision
+from targets.base import ModelSource, Runner, Target
 
 MIN_FP32_AGREEMENT = 0.995
 MAX_LISTED_MISMATCHES = 20

@@ -15,7 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..base import Precision, Proxy
+from edgecore.spec import Precision
+
+from ..base import Proxy
 
 FP16_SUFFIX = "__fp16"
 

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecore.errors import BuildError
-
-from ..base import InputSpec, Precision
+from edgecore.spec import InputSpec, Precision
 
 RECIPE_SCHEMA = 1
 WORKSPACE_MIB = 256

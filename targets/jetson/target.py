@@ -7,13 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 from edgecore.errors import BuildError, TargetUnavailableError
 from edgecore.fsutil import atomic_write_json
+from edgecore.spec import InputSpec, Precision
 
 from ..base import (
     Artifact,
     ArtifactInfo,
-    InputSpec,
     ModelSource,
-    Precision,
     Proxy,
     Runner,
     Target,

@@ -26,7 +26,7 @@ from edgecore.bundle import (
     file_entries,
     sha256_file,
 )
-from targets.base import InputSpec
+from edgecore.spec import InputSpec
 
 
 @dataclass

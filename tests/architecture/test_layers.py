@@ -81,3 +81,53 @@ def test_the_foundation_imports_nothing_heavy():
 if __name__ == "__main__":  # the before/after table in the redesign note
     for (a, b), where in sorted(edges().items()):
         print(f"{a:>14} -> {b:<14} {len(where):3d}")
+
+
+# names with one home in the foundation, imported from there only (not through a package that imports them)
+ONE_HOME: dict[str, str] = {"InputSpec": "edgecore.spec", "Precision": "edgecore.spec"}
+
+
+def imported_elsewhere(path: Path, root: Path = ROOT) -> list[str]:
+    """``"file:line name from module"`` for each ONE_HOME name ``path`` imports from another module."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            bad += [f"{path.relative_to(root)}:{node.lineno} {a.name} from {module}" for a in node.names
+                    if a.name in ONE_HOME and module != ONE_HOME[a.name]]
+    return bad
+
+
+def test_the_spec_types_are_imported_from_their_one_home(tmp_path):
+    files = [f for pkg in [*ALLOWED, "tests"] for f in sorted((ROOT / pkg).rglob("*.py"))]
+    bad = [b for f in files for b in imported_elsewhere(f)]
+    assert not bad, "import these from edgecore.spec:\n" + "\n".join(bad)
+    # the check sees a re-export when there is one
+    (tmp_path / "m.py").write_text("from targets.base import InputSpec\nfrom edgecore.spec import Precision\n")
+    assert [b.split(" ", 1)[1] for b in imported_elsewhere(tmp_path / "m.py", tmp_path)] == [
+        "InputSpec from targets.base"]
+
+
+# constructors with one caller in production code: {name: the files allowed to call it}
+ONE_CALLER: dict[str, set[str]] = {
+    "Manifest": {"edgecore/manifest.py", "toolchain/bundle.py"},  # the reader; the one assembler (manifest_for)
+    "ArtifactInfo": {"edgecore/manifest.py", "targets/base.py"},  # the reader; Artifact.info
+}
+
+
+def constructed_elsewhere(path: Path, rel: str) -> list[str]:
+    """``"file:line Name(...)"`` for each call of a ONE_CALLER name outside the files allowed to make it."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [f"{rel}:{node.lineno} {node.func.id}(...)" for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ONE_CALLER
+            and rel not in ONE_CALLER[node.func.id]]
+
+
+def test_one_place_assembles_a_manifest_and_one_describes_an_artifact(tmp_path):
+    bad = [b for pkg in ALLOWED for f in sorted((ROOT / pkg).rglob("*.py"))
+           for b in constructed_elsewhere(f, f.relative_to(ROOT).as_posix())]
+    assert not bad, "use toolchain.bundle.manifest_for / Artifact.info:\n" + "\n".join(bad)
+    (tmp_path / "m.py").write_text("m = Manifest(model=None)\ni = ArtifactInfo(main='x', runtime='y')\n")
+    assert constructed_elsewhere(tmp_path / "m.py", "hw_bench/models.py") == [
+        "hw_bench/models.py:1 Manifest(...)", "hw_bench/models.py:2 ArtifactInfo(...)"]

@@ -7,6 +7,7 @@ import pytest
 
 from edgecore.bundle import open_bundle
 from edgecore.errors import BenchError
+from edgecore.spec import InputSpec, Precision
 from hw_bench.vendor import (
     benchmark_app_command,
     find_tool,
@@ -14,7 +15,7 @@ from hw_bench.vendor import (
     trtexec_status,
 )
 from targets import load_runner
-from targets.base import InputSpec, ModelSource, Precision
+from targets.base import ModelSource
 
 from .tinybundle import tiny_onnx
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgecore.bundle import SCHEMA_VERSION, file_entries
-from targets.base import InputSpec
+from edgecore.spec import InputSpec
 
 
 def tiny_onnx(path: Path, *, in_shape: tuple[int, ...] = (1, 8, 8), classes: int = 10, seed: int = 0, hidden: int = 32) -> np.ndarray:

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from calibration.representative import RepresentativeSet, build_representative_set
-from targets.base import InputSpec, ModelSource
+from edgecore.spec import InputSpec
+from targets.base import ModelSource
 
 
 @dataclass

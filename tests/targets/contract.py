@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from edgecore.errors import UnknownTargetError
-from edgecore.manifest import ArtifactInfo
-from targets import Precision, Target, get_target, parse_precision, target_names
+from edgecore.spec import Precision
+from targets import Target, get_target, parse_precision, target_names
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,7 +82,7 @@ class TargetContract:
         ok, why = target.available()
         if not ok:
             pytest.skip(f"{target.name} artifacts cannot run here: {why}")
-        info = ArtifactInfo(main=art.main, runtime=art.runtime, details=art.details)
+        info = art.info()
         runner = target.load(out, info, tiny_source.source.input_spec, threads=1)
         logits = np.asarray(runner.run(tiny_source.x_test))
         assert logits.shape == tiny_source.ref_logits.shape
@@ -108,7 +108,7 @@ class TargetContract:
         if not ok:
             pytest.skip(f"{target.name} artifacts cannot run here: {why}")
         spec = tiny_source.source.input_spec
-        info = ArtifactInfo(main=art.main, runtime=art.runtime, details=art.details)
+        info = art.info()
         runner = target.load(out, info, spec, threads=1)
         a, b = spec.affine()
         raw = ((tiny_source.x_test[:40] - b) / a).astype(np.float32)  # the raw inputs the test split came from

@@ -10,7 +10,8 @@ import pytest
 
 from edgecore.errors import AccuracyGateError, BuildError
 from edgecore.manifest import ArtifactInfo
-from targets import Precision, get_target
+from edgecore.spec import Precision
+from targets import get_target
 from targets.coreml_proxy import WeightCompression, coreml_proxy, quantize_like_coremltools
 from targets.coreml_target import check_structure
 from toolchain.verify import compare
@@ -40,7 +41,7 @@ def test_not_available_off_macos() -> None:
 
 # ---------------------------------------------------------------------- proxy (Core ML predicts on macOS only)
 def _info(art: Any) -> ArtifactInfo:
-    return ArtifactInfo(main=art.main, runtime=art.runtime, details=art.details)
+    return art.info()
 
 
 @pytest.mark.parametrize("mode,dtype,granularity", [("linear_symmetric", "int8", "per_channel"),

@@ -14,7 +14,8 @@ import pytest
 
 from edgecore.errors import AccuracyGateError, BuildError
 from edgecore.manifest import ArtifactInfo
-from targets import Precision, get_target
+from edgecore.spec import Precision
+from targets import get_target
 from targets.jetson.engine import EngineCache, build_engine, engine_key
 from targets.jetson.proxy import round_through_fp16
 from targets.jetson.recipe import check_onnx_for_tensorrt, make_recipe, trtexec_command
@@ -76,7 +77,7 @@ def test_check_rejects_what_tensorrt_would(tiny_source: Any, tmp_path: Path) -> 
 
 
 def _info(art: Any) -> ArtifactInfo:
-    return ArtifactInfo(main=art.main, runtime=art.runtime, details=art.details)
+    return art.info()
 
 
 def _recipe(d: Path) -> dict[str, Any]:
@@ -217,7 +218,7 @@ def test_engine_cache_is_keyed_by_gpu_and_tensorrt(tmp_path: Path, jetson_builds
 
 
 def test_recipe_shapes_follow_the_input_spec() -> None:
-    from targets.base import InputSpec
+    from edgecore.spec import InputSpec
 
     spec = InputSpec(name="features", shape=(None, 30), layout="NF")
     r = make_recipe(onnx_file="model.onnx", precision=Precision.FP32, spec=spec, max_batch=4)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from edgecore.confidence import confidence, row_scorer
-from targets import Precision, get_target, one_input
-from targets.base import InputSpec, ModelSource
+from edgecore.spec import InputSpec, Precision
+from targets import get_target, one_input
+from targets.base import ModelSource
 
 RGB = InputSpec("input", (None, 3, 12, 12), layout="NCHW", scale=1 / 255, mean=(0.485, 0.456, 0.406),
                 std=(0.229, 0.224, 0.225))
@@ -61,10 +62,8 @@ def test_one_input_per_channel_constants(spec: InputSpec, target_name: str, prec
                                        path=tmp_path / "calibration.npz")
     (tmp_path / "out").mkdir()
     art = target.build(src, p, rep, tmp_path / "out")
-    from edgecore.manifest import ArtifactInfo
 
-    runner = target.load(tmp_path / "out", ArtifactInfo(main=art.main, runtime=art.runtime, details=art.details),
-                         spec, threads=1)
+    runner = target.load(tmp_path / "out", art.info(), spec, threads=1)
     ref = np.concatenate([np.asarray(runner.run(spec.preprocess(r[None]))) for r in raw[:40]])
     path = one_input(runner, spec)
     score = row_scorer("max_prob", 1.0, path.quant)

@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from targets import Precision, get_target
+from edgecore.spec import Precision
+from targets import get_target
 from tests.targets.contract import TargetContract
 
 
@@ -98,7 +99,6 @@ def test_one_input_path_on_bound_buffers_matches_the_batch_path_and_yields_to_a_
     """The one-input path reuses buffers bound to the session: each input still gets its own answer (no stale
     output), the rows it returns are not views of those buffers, and a caller that finds the buffers in use
     (another thread inside) is served by the allocating path, with the same answer."""
-    from edgecore.manifest import ArtifactInfo
     from targets import one_input
 
     spec = tiny_source.source.input_spec
@@ -107,8 +107,7 @@ def test_one_input_path_on_bound_buffers_matches_the_batch_path_and_yields_to_a_
         out = tmp_path / precision.value
         out.mkdir()
         art = target.build(tiny_source.source, precision, tiny_source.rep, out)
-        runner = target.load(out, ArtifactInfo(main=art.main, runtime=art.runtime, details=art.details), spec,
-                             threads=1)
+        runner = target.load(out, art.info(), spec, threads=1)
         raw = tiny_source.x_test[:30] * spec.std[0] + spec.mean[0]  # back to raw values
         ref = np.concatenate([runner.run(spec.preprocess(r[None])) for r in raw])
         path = one_input(runner, spec).run

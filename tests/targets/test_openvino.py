@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from targets import Precision, get_target
+from edgecore.spec import Precision
+from targets import get_target
 from tests.targets.contract import TargetContract
 
 
@@ -35,7 +36,8 @@ def test_int8_ptq_uses_nncf_and_int8_weights(tiny_source: Any, tmp_path) -> None
 def test_int8_records_its_size_against_fp32_and_warns_when_not_smaller(tiny_source, tmp_path, caplog) -> None:
     import logging
 
-    from targets import Precision, get_target
+    from edgecore.spec import Precision
+    from targets import get_target
 
     with caplog.at_level(logging.WARNING, logger="targets.openvino_target"):
         art = get_target("openvino").build(tiny_source.qdq_source, Precision.INT8, tiny_source.rep, tmp_path)

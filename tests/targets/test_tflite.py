@@ -14,7 +14,7 @@ class TestTfliteContract(TargetContract):
     def test_int8_is_full_integer(self, target, tiny_source: Any, built, tmp_path_factory) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
-        from targets import Precision
+        from edgecore.spec import Precision
 
         out, art = self._build(target, Precision.INT8, tiny_source, built, tmp_path_factory)
         it = Interpreter(model_path=str(out / art.main))
@@ -29,7 +29,8 @@ def test_int8_build_is_converted_in_eval_mode_without_the_training_mode_warning(
     """The student is exported in eval mode; litert-torch must not be told otherwise (it warned on every build)."""
     import logging
 
-    from targets import Precision, get_target
+    from edgecore.spec import Precision
+    from targets import get_target
 
     target = get_target("tflite")
     for ok, why in (target.build_available(), target.available()):

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from edgecore.errors import CompressionError
-from toolchain.passes.prune import find_pruning_ratio
-from toolchain.passes.qat import cpu_has_vnni, resolve_weight_bits
-from toolchain.config import PruneTarget, QdqWeightBits
+from toolchain.passes.prune import PruneTarget, find_pruning_ratio
+from toolchain.passes.qat import QdqWeightBits, cpu_has_vnni, resolve_weight_bits
 from toolchain.rundir import RunDir
 
 NO_VNNI = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
@@ -90,12 +89,12 @@ def test_seven_bit_quantizer_keeps_weights_within_63(tmp_path):
     import torchao.quantization.pt2e as pt2e
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
-    from toolchain.passes.qat import batch_dim as _batch_dim, make_quantizer
     from toolchain.export import _qdq_stats, export_onnx
+    from toolchain.passes.qat import batch_dim, make_quantizer
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))
     x = torch.randn(8, 1, 8, 8)
-    g = torch.export.export(model, (x,), dynamic_shapes=({0: _batch_dim()},)).module()
+    g = torch.export.export(model, (x,), dynamic_shapes=({0: batch_dim()},)).module()
     p = prepare_qat_pt2e(g, make_quantizer(7))
     p(x)
     pt2e.move_exported_model_to_eval(p)

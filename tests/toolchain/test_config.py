@@ -8,14 +8,9 @@ import pytest
 
 from edgecore.errors import ConfigError
 from toolchain.cli import main
-from toolchain.config import (
-    Config,
-    PruneTarget,
-    QdqWeightBits,
-    from_dict,
-    load_config,
-    to_toml,
-)
+from toolchain.config import Config, from_dict, load_config, to_toml
+from toolchain.passes.prune import PruneTarget
+from toolchain.passes.qat import QdqWeightBits
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -146,3 +141,49 @@ def test_compress_passes_and_student_family_are_checked(tmp_path):
         load_config(write(tmp_path, '[teacher]\nfamily = "teacher"\n'))
     with pytest.raises(ConfigError, match=r"qat\.max_steps: must be >= 0"):
         load_config(write(tmp_path, "[qat]\nmax_steps = -1\n"))
+
+
+def test_accuracy_budget_is_bounded(tmp_path):
+    """An artifact may lose (0, 10] points: 100 would pass every artifact, 0 or less none."""
+    assert load_config(write(tmp_path, "[build]\naccuracy_budget_pt = 10\n")).build.accuracy_budget_pt == 10.0
+    assert load_config(write(tmp_path, "[build]\naccuracy_budget_pt = 0.25\n")).build.accuracy_budget_pt == 0.25
+    for bad in ("100", "10.5", "0", "-1"):
+        with pytest.raises(ConfigError, match=rf"t\.toml: build\.accuracy_budget_pt: must be in \(0, 10\].*, got "):
+            load_config(write(tmp_path, f"[build]\naccuracy_budget_pt = {bad}\n"))
+    with pytest.raises(ConfigError, match=r"--set: build\.accuracy_budget_pt: must be in \(0, 10\]"):
+        load_config(None, overrides=["build.accuracy_budget_pt=100"])
+
+
+@pytest.mark.parametrize("budget", ["100", "0", "-1", "lots"])
+def test_verify_budget_flag_has_the_same_bound(tmp_path, capsys, budget):
+    with pytest.raises(SystemExit) as e:
+        main(["verify", str(tmp_path), "--budget", budget])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--budget" in err
+    assert ("must be in (0, 10]" if budget != "lots" else "expected a number of points") in err
+
+
+def _value(cfg, key):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+@pytest.mark.parametrize("key, high", [
+    ("train.epochs", 10_000), ("train.warmup_epochs", 10_000), ("distill.epochs", 10_000), ("qat.epochs", 10_000),
+    ("qat.freeze_observer_epoch", 10_000), ("refresh.epochs", 10_000), ("prune.finetune_epochs", 10_000),
+    ("prune.steps", 1_000), ("prune.latency_max_candidates", 1_000), ("prune.latency_extra_steps", 1_000),
+    ("data.batch_size", 65_536),
+])
+def test_epochs_and_other_counts_are_bounded(key, high):
+    """``train.epochs = 10^23`` is a typo, not a plan: refused before any training starts, naming the key."""
+    assert _value(load_config(None, overrides=[f"{key}={high}"]), key) == high
+    for bad in (high + 1, 10**23):
+        with pytest.raises(ConfigError, match=rf"--set: {key}: must be at most {high:,}, got {bad}"):
+            load_config(None, overrides=[f"{key}={bad}"])
+
+
+def test_counts_keep_their_lower_bounds():
+    for key, low in (("train.epochs", 1), ("distill.epochs", 0), ("prune.finetune_epochs", 0),
+                     ("train.warmup_epochs", 0), ("data.batch_size", 1)):
+        with pytest.raises(ConfigError, match=rf"--set: {key}: must be >= {low}, got {low - 1}"):
+            load_config(None, overrides=[f"{key}={low - 1}"])

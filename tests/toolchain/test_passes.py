@@ -26,6 +26,38 @@ def test_registry_imports_each_pass_on_demand_and_names_the_known_ones():
         get_pass("sparsify")
 
 
+def test_each_pass_owns_its_config_section_and_says_once_that_it_quantizes(monkeypatch):
+    import typing
+
+    from toolchain.config import Config
+    from toolchain.passes import pass_list_problem
+
+    hints = typing.get_type_hints(Config)
+    for name in PASS_MODULES:
+        cls = get_pass(name)
+        section = hints[cls.section]
+        # the section's dataclass (and its validate) lives in the pass's module, not in toolchain.config
+        assert section.__module__ == cls.__module__, (name, section.__module__)
+        assert "validate" in vars(section), name
+    assert pass_list_problem(["distill", "qat"]) is None
+    # the pass-list check reads Pass.quantizes: a pass that says it quantizes must come last
+    monkeypatch.setattr(get_pass("distill"), "quantizes", True)
+    assert pass_list_problem(["distill", "prune"]) == (
+        "'distill' must be the last pass (nothing can train or prune a quantized program)")
+    assert pass_list_problem(["distill", "qat"]) == "at most one quantizing pass (distill or qat or ptq)"
+
+
+def test_reading_a_config_imports_no_torch():
+    """The config gathers the passes' sections from their modules: those modules import torch lazily."""
+    import subprocess
+    import sys
+
+    code = ("import sys, toolchain.config as c; c.load_config(None, overrides=['compress.passes=[\"prune\", \"ptq\"]']); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchao', 'torch_pruning')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def _copy_run(tiny_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run, run_dir)

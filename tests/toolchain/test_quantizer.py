@@ -16,7 +16,7 @@ def test_qat_graph_runs_every_conv_add_gemm_quantized_in_ort(tmp_path: Path, bit
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
     from targets._qdq import ort_fusion, qdq_scheme, quantize_global_pool
-    from toolchain.compress import _batch_dim, cpu_has_vnni, make_quantizer
+    from toolchain.passes.qat import batch_dim, cpu_has_vnni, make_quantizer
     from toolchain.config import ModelConfig
     from toolchain.export import export_onnx, ort_logits
     from toolchain.models import build_model
@@ -26,7 +26,7 @@ def test_qat_graph_runs_every_conv_add_gemm_quantized_in_ort(tmp_path: Path, bit
     model = build_model(ModelConfig(family="resnet", width=8, depth=1, dropout=0.0), input_shape=(1, 8, 8),
                         num_classes=10).train()
     x = torch.randn(64, 1, 8, 8)
-    graph = torch.export.export(model, (x[:8],), dynamic_shapes=({0: _batch_dim()},)).module()
+    graph = torch.export.export(model, (x[:8],), dynamic_shapes=({0: batch_dim()},)).module()
     prepared = prepare_qat_pt2e(graph, make_quantizer(bits))
     with torch.no_grad():
         for i in range(0, 64, 16):

@@ -32,7 +32,8 @@ def register(subparsers: Any) -> None:
 
 def plan(target: str, precision: str) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
     """(builds to do, targets skipped with why) for ``--target/--precision``."""
-    from targets import Precision, get_target, parse_precision, target_names
+    from edgecore.spec import Precision
+    from targets import get_target, parse_precision, target_names
 
     names = target_names() if target == "all" else [target]
     todo: list[tuple[str, str]] = []

@@ -15,10 +15,22 @@ def register(subparsers: Any) -> None:
                               "compare with the PyTorch student (accuracy gate, agreement, max logit diff).")
     p.add_argument("bundle", type=Path, help="bundle directory or .tar.gz")
     p.add_argument("--run", type=Path, default=None, help="run directory (default: the one in the manifest's lineage)")
-    p.add_argument("--budget", type=float, default=None, help="accuracy budget in points (default: the build's)")
+    p.add_argument("--budget", type=_budget, default=None, help="accuracy budget in points (default: the build's)")
     add_json_flag(p)
     add_common(p)
     p.set_defaults(func=run)
+
+
+def _budget(text: str) -> float:
+    from toolchain.config import ACCURACY_BUDGET_RANGE, accuracy_budget_ok
+
+    try:
+        points = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number of points, got {text!r}") from e
+    if not accuracy_budget_ok(points):
+        raise argparse.ArgumentTypeError(f"{ACCURACY_BUDGET_RANGE}, got {text}")
+    return points
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,12 +2,15 @@
 
 Modelled on Microsoft Olive's passes (``olive/passes/olive_pass.py``): every pass
 subclasses `toolchain.passes.base.Pass`, which registers it by name in
-``__init_subclass__``; it reads its own typed config section (``[prune]``,
-``[distill]``, ``[qat]``, ``[ptq]``) and implements one ``_run_for_config``.
-`PASS_MODULES` maps names to modules so that a pass (and its heavy imports) is
-imported only when a config uses it, and so that configs can be checked
-without importing torch. The pipeline itself is `toolchain.compress.compress`,
-driven by ``compress.passes`` (default ``["prune", "distill", "qat"]``).
+``__init_subclass__``; it owns its typed config section (``[prune]``,
+``[distill]``, ``[qat]``, ``[ptq]``: a dataclass with its ``validate`` in the
+pass's module, which `toolchain.config` gathers), says whether it quantizes
+(``Pass.quantizes``) and implements one ``_run_for_config``.
+`PASS_MODULES` maps names to modules, so that a pass is found by name. Pass
+modules import torch and their libraries (torch-pruning, torchao) inside the
+functions that use them: configs are read and checked without importing torch.
+The pipeline itself is `toolchain.compress.compress`, driven by
+``compress.passes`` (default ``["prune", "distill", "qat"]``).
 
 This module is torch-free.
 """
@@ -29,8 +32,6 @@ PASS_MODULES: dict[str, str] = {
     "qat": "toolchain.passes.qat",
     "ptq": "toolchain.passes.ptq",
 }
-# passes whose result is a quantized program: at most one, and last
-QUANTIZING = frozenset({"qat", "ptq"})
 
 
 def pass_list_problem(names: tuple[str, ...] | list[str]) -> str | None:
@@ -41,9 +42,11 @@ def pass_list_problem(names: tuple[str, ...] | list[str]) -> str | None:
     dupes = sorted({n for n in names if list(names).count(n) > 1})
     if dupes:
         return f"pass {dupes[0]!r} listed twice"
-    quant = [i for i, n in enumerate(names) if n in QUANTIZING]
+    # a quantized program cannot be trained or pruned: at most one quantizing pass, and last
+    quant = [i for i, n in enumerate(names) if get_pass(n).quantizes]
     if len(quant) > 1:
-        return "at most one quantizing pass (qat or ptq)"
+        quantizing = [n for n in PASS_MODULES if get_pass(n).quantizes]
+        return f"at most one quantizing pass ({' or '.join(quantizing)})"
     if quant and quant[0] != len(names) - 1:
         return f"{names[quant[0]]!r} must be the last pass (nothing can train or prune a quantized program)"
     return None
@@ -60,4 +63,4 @@ def get_pass(name: str) -> "type[Pass]":
     return Pass.registry[name]
 
 
-__all__ = ["PASS_MODULES", "QUANTIZING", "get_pass", "pass_list_problem"]
+__all__ = ["PASS_MODULES", "get_pass", "pass_list_problem"]

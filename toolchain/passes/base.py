@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from toolchain.config import Config
-
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
+    from toolchain.config import Config
     from toolchain.engine import FitOptions
 
 

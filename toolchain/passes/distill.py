@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from toolchain.config import DistillConfig
 from toolchain.passes.base import Pass, PassContext, PassOutput
+from toolchain.section import MAX_EPOCHS, Check, Section
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
+
+
+@dataclass(frozen=True)
+class DistillConfig(Section):
+    epochs: int = 20
+    temperature: float = 4.0
+    alpha: float = 0.7  # weight of the soft (teacher) loss; 1 - alpha goes to the hard labels
+    lr: float = 3e-3
+    patience: int = 8
+
+    def validate(self, check: Check) -> None:
+        check.need(self.temperature > 0, "temperature", "must be > 0")
+        check.need(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
+        check.count("epochs", low=0, high=MAX_EPOCHS)
 
 
 class DistillPass(Pass):

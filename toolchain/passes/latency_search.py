@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from edgecore.errors import CompressionError
 from edgecore.fsutil import atomic_write_json
-from toolchain.config import PruneConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
     from toolchain.latency import LatencyMeter
     from toolchain.passes.base import PassContext
+    from toolchain.passes.prune import PruneConfig
 
 
 def make_meter(p: PruneConfig, ctx: "PassContext") -> "LatencyMeter":

@@ -10,14 +10,76 @@ family) is left as it is. Unreachable targets are a `CompressionError`.
 from __future__ import annotations
 
 import copy
+import enum
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgecore.errors import CompressionError
-from toolchain.config import PruneConfig, PruneTarget
 from toolchain.passes.base import Pass, PassContext, PassOutput
+from toolchain.section import MAX_EPOCHS, MAX_STEPS, Check, Section
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
+
+
+class PruneTarget(str, enum.Enum):
+    """What the pruning ratio is measured on."""
+
+    MACS = "macs"
+    PARAMS = "params"
+    LATENCY = "latency"  # measured on the target runtime (prune.latency_*)
+
+
+@dataclass(frozen=True)
+class PruneConfig(Section):
+    target: PruneTarget = PruneTarget.MACS
+    ratio: float = 10.0  # reach at least this many times fewer MACs (or params) than the teacher
+    steps: int = 4  # iterative steps, each followed by fine-tuning
+    finetune_epochs: int = 2  # per step
+    importance: str = "l2"  # "l1" | "l2" (magnitude of the channel group)
+    max_channel_ratio: float = 0.95  # never remove more than this fraction of one layer's channels
+    round_to: int = 1  # keep each pruned layer's channel count a multiple of this (torch-pruning's round_to)
+    lr: float = 2e-3
+    # target = "latency": NetAdapt-style search, each candidate built for latency_target and timed
+    latency_budget_ms: float = 0.0  # the percentile below must be within this (required for "latency")
+    latency_target: str = "onnx-fp32"  # TARGET-PRECISION the candidates are built for and timed on
+    latency_device: str = "local"  # where they are timed ("local": this machine)
+    latency_percentile: float = 50.0
+    latency_threads: int = 2
+    latency_step: float = 0.1  # share of each layer's channels removed per search step
+    latency_max_candidates: int = 10  # search steps at most
+    latency_extra_steps: int = 1  # steps past the first candidate within budget (a smaller one may be more accurate)
+    latency_margin: float = 0.1  # a candidate must measure within budget * (1 - margin): headroom for the noise
+    #                              between the search's measurement and the deployed artifact's
+    # latency_device = a fleet device id: candidates go to it as signed bundles, timed by its agent's bench command
+    latency_broker: str = ""  # mqtt(s)://host:port of the fleet
+    latency_credentials: str = ""  # JSON {username, password} (or the fleet credentials.json: its operator entry)
+    latency_gateway: str = ""  # upload candidates here (token in $EDGE_GATEWAY_TOKEN); else latency_share_dir
+    latency_share_dir: str = ""  # without a gateway: a folder the device reads too (a shared mount)
+    latency_sign_key: str = ""  # Ed25519 private key signing the candidate bundles (devices refuse unsigned ones)
+    latency_deadline_s: float = 120.0  # per candidate, for the device's answer
+
+    def validate(self, check: Check) -> None:
+        check.need(self.ratio >= 1.0, "ratio", "must be >= 1")
+        check.count("steps", low=1, high=MAX_STEPS)
+        check.count("finetune_epochs", low=0, high=MAX_EPOCHS)
+        check.need(self.importance in ("l1", "l2"), "importance", "must be 'l1' or 'l2'")
+        check.need(0.0 < self.max_channel_ratio < 1.0, "max_channel_ratio", "must be in (0, 1)")
+        check.need(1 <= self.round_to <= 256, "round_to", "must be an integer in [1, 256]")
+        if self.target is PruneTarget.LATENCY:
+            check.need(self.latency_budget_ms > 0, "latency_budget_ms", "must be > 0 when prune.target = 'latency'")
+            if self.latency_device != "local":
+                check.need(bool(self.latency_broker), "latency_broker",
+                           f"is required to measure on fleet device {self.latency_device!r} "
+                           "(or use latency_device = 'local')")
+                check.need(bool(self.latency_gateway or self.latency_share_dir), "latency_gateway",
+                           "or latency_share_dir is required: how the fleet device gets each candidate bundle")
+        check.need(0.0 < self.latency_percentile <= 100.0, "latency_percentile", "must be in (0, 100]")
+        check.need(self.latency_threads >= 1, "latency_threads", "must be >= 1")
+        check.need(0.0 < self.latency_step < 1.0, "latency_step", "must be in (0, 1)")
+        check.count("latency_max_candidates", low=1, high=MAX_STEPS)
+        check.count("latency_extra_steps", low=0, high=MAX_STEPS)
+        check.need(0.0 <= self.latency_margin < 1.0, "latency_margin", "must be in [0, 1)")
 
 
 def _output_layers(model: "nn.Module", num_classes: int) -> list["nn.Module"]:

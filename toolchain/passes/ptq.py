@@ -9,21 +9,35 @@ Seconds instead of epochs; usually a little less accurate than QAT.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from edgecore.errors import CompressionError
-from toolchain.config import PtqConfig
 from toolchain.passes.base import Pass, PassContext, PassOutput
 from toolchain.passes.qat import (
+    QdqWeightBits,
     cpu_has_vnni,
     export_for_quantization,
     make_quantizer,
     resolve_weight_bits,
     serialize_program,
 )
+from toolchain.section import Check, Section
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
+
+
+@dataclass(frozen=True)
+class PtqConfig(Section):
+    """Post-training quantization (torchao pt2e): calibrate observers, no training."""
+
+    calibration_samples: int = 512  # training samples the activation ranges are observed on
+    weight_bits: QdqWeightBits = QdqWeightBits.AUTO
+    fold_batchnorm: bool = True
+
+    def validate(self, check: Check) -> None:
+        check.need(self.calibration_samples >= 1, "calibration_samples", "must be >= 1")
 
 
 class PtqPass(Pass):

@@ -17,20 +17,45 @@ student_qat.pt; ``export`` turns it into QDQ ONNX.
 from __future__ import annotations
 
 import copy
+import enum
 import io
 import math
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgecore.errors import CompressionError
-from toolchain.config import QatConfig, QdqWeightBits
 from toolchain.passes.base import Pass, PassContext, PassOutput
 from toolchain.quantizer import make_quantizer
+from toolchain.section import MAX_EPOCHS, Check, Section
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
+
+
+class QdqWeightBits(str, enum.Enum):
+    """Weight range of the QDQ graph: ``auto`` = 8 bits with VNNI, else 7 bits (±63)."""
+
+    AUTO = "auto"
+    SEVEN = "7"
+    EIGHT = "8"
+
+
+@dataclass(frozen=True)
+class QatConfig(Section):
+    epochs: int = 3
+    lr: float = 2e-4
+    weight_bits: QdqWeightBits = QdqWeightBits.AUTO
+    freeze_observer_epoch: int = 2  # after this many QAT epochs the quantization ranges are frozen
+    max_steps: int = 600  # cap on optimizer steps (epochs shrink on large data); 0 = no cap
+    fold_batchnorm: bool = True  # fold BatchNorm into the conv/linear before it (much faster prepare/convert)
+
+    def validate(self, check: Check) -> None:
+        check.count("epochs", low=1, high=MAX_EPOCHS)
+        check.need(self.max_steps >= 0, "max_steps", "must be >= 0 (0: no cap)")
+        check.count("freeze_observer_epoch", low=1, high=MAX_EPOCHS)
 
 
 def cpu_has_vnni(cpuinfo: str | None = None) -> bool:
@@ -56,13 +81,14 @@ def resolve_weight_bits(setting: QdqWeightBits, *, cpuinfo: str | None = None) -
     return 8 if cpu_has_vnni(cpuinfo) else 7
 
 
+#: Largest batch the quantizing passes' exported graphs take (and so the largest ``data.batch_size``).
+MAX_BATCH = 1 << 16
+
+
 def batch_dim() -> Any:
     import torch
 
-    return torch.export.Dim("batch", min=1, max=1 << 16)
-
-
-_batch_dim = batch_dim  # the name tests and older callers use
+    return torch.export.Dim("batch", min=1, max=MAX_BATCH)
 
 
 def fold_batchnorm(model: "nn.Module") -> tuple[int, int]:
