@@ -8,6 +8,7 @@ no torch; a ``.pt`` teacher is loaded through the run directory's API
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,6 +16,8 @@ from typing import Callable
 import numpy as np
 
 from edgecore.errors import GatewayError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,20 +27,33 @@ class Teacher:
     sample_shape: tuple[int, ...]
     labels: list[str]
     _run: Callable[[np.ndarray], np.ndarray]
+    labels_source: str = "given"  # where the labels came from; numbered ones say why (the gateway's health shows it)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self._run(batch), dtype=np.float32)
 
 
-def _labels_from_run(run_dir: Path | None, n: int) -> list[str]:
-    if run_dir is not None and (run_dir / "data.json").exists():
-        try:
-            labels = json.loads((run_dir / "data.json").read_text()).get("labels")
-            if labels and len(labels) == n:
-                return [str(x) for x in labels]
-        except (OSError, json.JSONDecodeError):
-            pass
-    return [str(i) for i in range(n)]
+def _labels_from_run(run_dir: Path | None, n: int) -> tuple[list[str], str]:
+    """The class labels from ``run_dir/data.json`` and where they came from; numbered 0..n-1 when there is none.
+
+    A ``data.json`` that is there but unreadable, or names another number of classes, is not silently replaced:
+    the numbered labels come with a warning (logged once, here) and a source that says why.
+    """
+    numbered = [str(i) for i in range(n)]
+    path = None if run_dir is None else run_dir / "data.json"
+    if path is None or not path.exists():
+        return numbered, f"numbered 0..{n - 1} (no data.json beside the teacher)"
+    try:
+        labels = json.loads(path.read_text()).get("labels")
+    except (OSError, ValueError, AttributeError) as e:
+        why = f"{path} is unreadable ({type(e).__name__}: {e})"
+    else:
+        if labels and len(labels) == n:
+            return [str(x) for x in labels], str(path)
+        why = (f"{path} names {len(labels)} labels for a teacher with {n} outputs" if labels
+               else f"{path} has no labels")
+    log.warning("teacher labels: %s; answering with class numbers 0..%d", why, n - 1)
+    return numbered, f"numbered 0..{n - 1}: {why}"
 
 
 def load_onnx_teacher(path: Path, *, threads: int | None = None, labels: list[str] | None = None) -> Teacher:
@@ -63,12 +79,14 @@ def load_onnx_teacher(path: Path, *, threads: int | None = None, labels: list[st
     n_out = out.shape[-1] if isinstance(out.shape[-1], int) else None
     probe = sess.run([out.name], {inp.name: np.zeros((1, *shape), np.float32)})[0]
     n = int(n_out or probe.shape[-1])
+    found, source = (labels, "given") if labels else _labels_from_run(path.parent, n)
     return Teacher(
         name=path.stem,
         version=sha256_file(path)[:12],
         sample_shape=shape,
-        labels=labels or _labels_from_run(path.parent, n),
+        labels=found,
         _run=lambda x: sess.run([out.name], {inp.name: x})[0],
+        labels_source=source,
     )
 
 
@@ -91,7 +109,7 @@ def load_torch_teacher(run_dir: Path, *, threads: int | None = None) -> Teacher:
 
     labels = [str(v) for v in data.get("labels", [])]
     version = (run.lineage().get("teacher_sha256") or "unknown")[:12]
-    return Teacher("teacher", version, shape, labels, _run)
+    return Teacher("teacher", version, shape, labels, _run, labels_source=str(run_dir / "data.json"))
 
 
 def load_teacher(path: str | Path, *, threads: int | None = None, prefer: str = "onnx") -> Teacher:

@@ -133,7 +133,8 @@ class Gateway:
     def _health(self) -> dict[str, object]:
         req, ingest = self.worker.connected.is_set(), self.worker.ingest_connected.is_set()
         return {"ok": req and ingest, "mqtt_connected": req, "ingest_connected": ingest,
-                "replica": self.config.worker.replica_id, "teacher": self.teacher.version}
+                "replica": self.config.worker.replica_id, "teacher": self.teacher.version,
+                "teacher_labels": self.teacher.labels_source}
 
     def _store_bundle(self, name: str, tar: Path) -> None:
         """Verify (signed by a trusted key) and store a bundle as the upload endpoint does."""

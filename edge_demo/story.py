@@ -376,8 +376,10 @@ def not_run_reasons(summary: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, r in summary["bundles"].items():
         v = r.get("verify", {})
-        if v.get("status") in ("skipped", "proxy"):
-            proxy = f" (accuracy from a PROXY: {v['runtime']})" if v.get("status") == "proxy" else ""
+        if v.get("status") in ("skipped", "proxy", "unverified"):
+            proxy = {"proxy": f" (accuracy from a PROXY: {v.get('runtime')})",
+                     "unverified": f" (accuracy UNVERIFIED, a stand-in for the artifact: {v.get('runtime')})"}.get(
+                         str(v.get("status")), "")
             out.setdefault(name.split("-")[0], str(v.get("reason", "")) + proxy)
     return out
 

@@ -5,6 +5,7 @@ Device side: imports onnxruntime only, inside the functions.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Callable
@@ -14,6 +15,8 @@ import numpy as np
 from edgecore.spec import InputSpec
 
 from .base import OneInput
+
+log = logging.getLogger(__name__)
 
 
 class OrtRunner:
@@ -43,13 +46,17 @@ class OrtRunner:
         binding = getattr(self.session, "_sess", None)
         self._run = binding.run if binding is not None else self.session.run
         self._outputs = [self.output_name]
+        # what this runner does differently from its fast path, and why ({"one_input": "..."}); logged once each
+        self.fallbacks: dict[str, str] = {}
 
     def one_input(self, spec: InputSpec) -> OneInput | None:
         """One raw sample: the spec's multiply-add into the input buffer bound to the session, a list.
 
         The input and output live in buffers bound once (`IOBinding`): no arrays are made per input, and the
         session skips its per-call name lookups and output allocation (~4 µs per call on the digits student).
-        One caller at a time uses the buffers; a second thread meanwhile takes the allocating path.
+        One caller at a time uses the buffers; a second thread meanwhile takes the allocating path. Where the
+        buffers cannot be bound (a release whose binding internals differ, an output numpy cannot hand to ORT),
+        the allocating path serves, logged once and recorded in ``fallbacks["one_input"]``.
         """
         if spec.dtype != "float32" or self.session.get_inputs()[0].type != "tensor(float)":
             return None
@@ -60,7 +67,12 @@ class OrtRunner:
         plain = self._one_plain(a, b, batch)
         try:
             return OneInput(self._one_bound(a, b, batch, plain))
-        except Exception:  # (a release whose binding internals differ: the public API's path)
+        except Exception as e:  # (a release whose binding internals differ: the public API's path)
+            why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            if "one_input" not in self.fallbacks:
+                log.warning("onnxruntime: the one-input path cannot bind its buffers (%s); it allocates per call "
+                            "instead (slower, same answers)", why)
+            self.fallbacks["one_input"] = f"allocating path, buffers not bound: {why}"
             return OneInput(plain)
 
     def _one_plain(self, a: np.ndarray, b: np.ndarray | None, batch: tuple[int, ...]) -> Callable[[np.ndarray], list]:

@@ -109,15 +109,22 @@ class Proxy:
     compression) up to the hardware boundary; ``runtime`` names what runs it
     (e.g. "onnxruntime 1.20 CPUExecutionProvider"); ``evaluates`` says what is
     modelled and ``not_modelled`` what only the real runtime can tell.
+    ``unverified`` says why, when the proxy cannot look inside the artifact
+    (it evaluates a reproduction instead); verify then records status
+    ``unverified``, never ``proxy``.
     """
 
     runner: Runner
     runtime: str
     evaluates: str
     not_modelled: str
+    unverified: str = ""
 
     def describe(self) -> dict[str, str]:
-        return {"runtime": self.runtime, "evaluates": self.evaluates, "not_modelled": self.not_modelled}
+        d = {"runtime": self.runtime, "evaluates": self.evaluates, "not_modelled": self.not_modelled}
+        if self.unverified:
+            d["unverified"] = self.unverified
+        return d
 
 
 TORCH_HINT = "pip install 'edge-toolchain[toolchain]'"

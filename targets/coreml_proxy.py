@@ -1,12 +1,22 @@
-"""The coreml proxy: the PyTorch student with the artifact's compression reproduced, where Core ML is absent.
+"""The coreml proxy: the built package's own ML program, run where Core ML is absent.
 
-Core ML predicts only on macOS. Elsewhere the build reproduces, on the
-PyTorch student, what coremltools did to the weights and evaluates that:
+Core ML predicts only on macOS. Elsewhere the build reads the package back
+with coremltools' MIL loader and executes its program op by op in PyTorch
+(`targets.coreml_mil`): the graph coremltools produced (BatchNorm folded into
+a convolution or kept beside a Linear, as it chose), every weight as stored
+(int8 ones dequantized by their ``constexpr_affine_dequantize`` ops), in the
+program's compute dtype (fp16 programs in float16). A package whose weights
+differ answers differently and fails the accuracy gate.
 
+A program with an op the interpreter does not know cannot be looked into:
+the proxy then falls back to the PyTorch student with the artifact's weight
+treatment reproduced (`compress_like_coreml`) and says ``unverified``
+(`Proxy.unverified`), never ``proxy``.
+
+The reproduction (for that fallback) mirrors what coremltools does:
 - the converter folds BatchNorm into the preceding convolution
   (``torch.fx.experimental.optimization.fuse`` does the same fold);
-- an fp16 ML program stores its weights and computes in float16
-  (the proxy runs the folded model in float16);
+- an fp16 ML program stores its weights and computes in float16;
 - ``linear_quantize_weights`` (int8) quantizes every weight tensor of rank
   >= 2 with at least 10 and more than ``weight_threshold`` elements, scales
   per output channel (conv and linear: axis 0; transposed conv: axis 1),
@@ -122,60 +132,6 @@ def compress_like_coreml(model: Any, precision: Precision, compression: WeightCo
     return m, {"batchnorm_folded": folded, "dtype": str(dtype).removeprefix("torch."), "quantized_weights": quantized}
 
 
-def artifact_weights(package: Path) -> list[np.ndarray]:
-    """The dequantized weights an ML program stores compressed (``constexpr_*`` ops), in program order.
-
-    Reads the package with coremltools' MIL loader, which works off macOS.
-    """
-    import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load as load_mil
-
-    m = ct.models.MLModel(str(package), skip_model_load=True)
-    spec = m.get_spec()
-    prog = load_mil(spec, spec.specificationVersion, m.weights_dir)
-    out = []
-    for f in prog.functions.values():
-        for op in f.operations:
-            if op.op_type == "constexpr_affine_dequantize":
-                q, zp, scale = (op.inputs[k].val for k in ("quantized_data", "zero_point", "scale"))
-                axis = int(op.inputs["axis"].val)
-                shape = [1] * q.ndim
-                shape[axis] = -1
-                w = (q.astype(np.float32) - np.reshape(zp, shape).astype(np.float32)) * np.reshape(scale, shape)
-                out.append(w.astype(scale.dtype))
-    return out
-
-
-def match_artifact_weights(model: Any, package: Path) -> dict[str, Any]:
-    """Check that every compressed weight of the artifact is a weight of the proxy model, value for value.
-
-    Weights pair up by shape and value (program order and module order may
-    differ); raises `BuildError` naming the tensors that have no equal.
-    """
-    from edgecore.errors import BuildError
-
-    mine = [p.detach().float().numpy() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() >= 2]
-    theirs = artifact_weights(package)
-    unmatched, worst = [], 0.0
-    pool = list(range(len(mine)))
-    for k, w in enumerate(theirs):
-        diffs = [(float(np.abs(mine[i] - w).max()), i) for i in pool if mine[i].shape == w.shape]
-        if not diffs:
-            unmatched.append(f"#{k} {tuple(w.shape)}: no proxy weight of that shape")
-            continue
-        d, i = min(diffs)
-        tol = float(np.abs(w).max()) * 2.0**-10  # one fp16 ulp of the tensor's largest value
-        if d > tol:
-            unmatched.append(f"#{k} {tuple(w.shape)}: differs by {d:.3g} (> {tol:.3g})")
-            continue
-        worst = max(worst, d)
-        pool.remove(i)
-    if unmatched or len(theirs) != len(mine):
-        raise BuildError(f"{package}: the coreml proxy does not reproduce the artifact's weights ({len(theirs)} compressed "
-                         f"in the artifact, {len(mine)} in the proxy): " + "; ".join(unmatched[:10]))
-    return {"weights_matched": len(theirs), "max_abs_diff": worst}
-
-
 class TorchProxyRunner:
     def __init__(self, model: Any, dtype: Any) -> None:
         self.model, self.dtype = model, dtype
@@ -188,22 +144,41 @@ class TorchProxyRunner:
             return self.model(x).float().numpy()
 
 
-def coreml_proxy(model: Any, precision: Precision, compression: WeightCompression, *, package: Path | None = None) -> Proxy:
-    """The proxy of an artifact; for int8 with ``package`` given, its weights are checked against the artifact's."""
+def coreml_proxy(package: Path, precision: Precision, *, student: Any = None,
+                compression: WeightCompression | None = None) -> Proxy:
+    """The proxy of the package at ``package``: its own MIL program run op by op (`coreml_mil`).
+
+    A program the interpreter cannot run falls back to ``student`` with the artifact's weight treatment
+    reproduced (`compress_like_coreml`), marked unverified: that proxy never reads the package. Without a
+    student either, raises `BuildError`.
+    """
+    from edgecore.errors import BuildError
+
+    from .coreml_mil import MilProgramRunner, UnsupportedProgram
+
+    try:
+        runner = MilProgramRunner(package)
+        runner.run(np.zeros((2, *runner.sample_shape), dtype=np.float32))  # every op's options, once
+    except UnsupportedProgram as e:
+        why = f"the package's program cannot be run here ({e})"
+    else:
+        import coremltools as ct
+
+        dtypes = "/".join(runner.compute_dtypes)
+        stored = len(runner.weights())
+        quantized = sum(op.op_type == "constexpr_affine_dequantize" for op in runner.function.operations)
+        return Proxy(runner=runner, runtime=f"coremltools {ct.__version__} MIL program on PyTorch CPU {dtypes}",
+                     evaluates=(f"the package's own ML program ({len(runner.ops)} ops, {stored} stored weight tensors"
+                                + (f", {quantized} of them int8 dequantized as stored" if quantized else "")
+                                + f"), executed op by op in {dtypes}"),
+                     not_modelled="Core ML's own op fusions and the CPU/GPU/Neural Engine kernels")
+    if student is None:
+        raise BuildError(f"{package}: {why}, and no PyTorch student was given to stand in for it")
     import torch
 
-    m, done = compress_like_coreml(model, precision, compression)
-    c = compression
-    match = ""
-    if precision is Precision.INT8 and package is not None:
-        got = match_artifact_weights(m, package)
-        match = f"; all {got['weights_matched']} equal to the artifact's stored weights"
-    evaluates = {
-        Precision.FP32: "the PyTorch student, BatchNorm folded, fp32 (an fp32 ML program)",
-        Precision.FP16: "the PyTorch student, BatchNorm folded, fp16 weights and compute (an fp16 ML program)",
-        Precision.INT8: f"the PyTorch student, BatchNorm folded, fp16 compute, {done['quantized_weights']} weight tensors "
-                        f"quantized as coremltools does ({c.mode}, {c.dtype}, {c.granularity}){match}",
-    }[precision]
-    runner: Runner = TorchProxyRunner(m, getattr(torch, done["dtype"]))
-    return Proxy(runner=runner, runtime=f"pytorch {torch.__version__.split('+')[0]} CPU {done['dtype']}",
-                 evaluates=evaluates, not_modelled="Core ML's own op fusions and the Neural Engine/GPU kernels")
+    m, done = compress_like_coreml(student, precision, compression or WeightCompression())
+    runner_t: Runner = TorchProxyRunner(m, getattr(torch, done["dtype"]))
+    return Proxy(runner=runner_t, runtime=f"pytorch {torch.__version__.split('+')[0]} CPU {done['dtype']}",
+                 evaluates=f"the PyTorch student with the build's weight treatment reproduced ({done}), not the package",
+                 not_modelled="the package itself: its graph and stored weights are not read",
+                 unverified=why)

@@ -8,8 +8,7 @@ needs the Core ML framework, i.e. macOS: elsewhere `available()` says so and
 the build is checked structurally instead (`check_structure`): ML-program
 type, the input name/shape range, the logits output, and for int8 that the
 weights really are stored quantized; and its accuracy is measured on a proxy
-that reproduces the artifact's weight treatment on the PyTorch student
-(`targets.coreml_proxy`).
+that executes the package's own ML program in PyTorch (`targets.coreml_proxy`).
 """
 
 from __future__ import annotations
@@ -189,10 +188,9 @@ class CoreMLTarget(Target):
         )
 
     def proxy(self, bundle_dir: Path, artifact: ArtifactInfo, precision: Precision, source: ModelSource | None) -> Proxy:
-        """The student with the artifact's weight compression reproduced (`coreml_proxy`), in PyTorch."""
+        """The package's own ML program run op by op (`coreml_proxy`); unverified when it cannot be run here."""
         from .coreml_proxy import coreml_proxy
 
-        if source is None or source.torch_model is None:
-            raise BuildError("the coreml proxy reproduces the artifact on the PyTorch student, but none was given")
-        return coreml_proxy(source.torch_model(), precision, WeightCompression.from_dict(artifact.details.get("compression")),
-                            package=Path(bundle_dir) / artifact.main)
+        student = source.torch_model() if source is not None and source.torch_model is not None else None
+        return coreml_proxy(Path(bundle_dir) / artifact.main, precision, student=student,
+                            compression=WeightCompression.from_dict(artifact.details.get("compression")))

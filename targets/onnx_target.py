@@ -19,6 +19,7 @@ symmetric int8 recipe.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgecore.representative import RepresentativeSet
 
 MODEL_FILE = "model.onnx"
+log = logging.getLogger(__name__)
 
 
 def _check_onnx(path: Path) -> None:
@@ -46,17 +48,20 @@ def _check_onnx(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except Exception as e:  # onnx raises several checker error types
-        raise BuildError(f"{path}: invalid ONNX model ({e})") from e
+        raise BuildError(f"{path}: invalid ONNX model ({' '.join(str(e).split())})") from e
 
 
 def static_quantize_onnx(
     src: Path, dst: Path, calibration: "RepresentativeSet", *, input_name: str = "input", reduce_range: bool = True,
     op_types: list[str] | None = None, symmetric_activations: bool = False,
-) -> None:
+) -> dict[str, Any]:
     """Post-training static QDQ quantization of ``src`` into ``dst`` with the representative set.
 
     Activations are uint8 affine (what ORT's CPU kernels fuse) unless ``symmetric_activations``
-    (int8, zero point 0: TensorRT's explicit quantization).
+    (int8, zero point 0: TensorRT's explicit quantization). ORT's ``quant_pre_process`` (ONNX shape
+    inference, basic graph optimisations) runs first; where it fails (its opset upgrade has no adapter for
+    an opset-9 ``Upsample``, for one) the graph is quantized as it is, with a warning, and the returned
+    details (for the artifact's) say so: ``{"pre_process": "failed: ..."}``, else ``{"pre_process": "applied"}``.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -71,10 +76,15 @@ def static_quantize_onnx(
 
     real_input = onnx.load(str(src), load_external_data=False).graph.input[0].name or input_name
     pre = dst.with_name(dst.stem + ".pre.onnx")
+    details: dict[str, Any] = {"pre_process": "applied"}
     try:
         try:
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        except Exception:  # pre-processing is an optimisation; quantize the raw graph if it fails
+        except Exception as e:  # pre-processing is an optimisation: quantize the graph as it is, and say so
+            why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            details["pre_process"] = f"failed: {why}"
+            log.warning("%s: onnxruntime's quant_pre_process failed (%s); quantizing the graph without it "
+                        "(no shape inference or graph optimisation before quantization)", src.name, why)
             shutil.copyfile(src, pre)
         quantize_static(
             str(pre),
@@ -95,6 +105,7 @@ def static_quantize_onnx(
         raise BuildError(f"ONNX Runtime static quantization of {src} failed: {e}") from e
     finally:
         pre.unlink(missing_ok=True)
+    return details
 
 
 def _int8_rewrites(path: Path, *, to_uint8: bool) -> dict[str, Any]:
@@ -177,13 +188,19 @@ class OnnxTarget(Target):
             clean = dst.with_name("fp32.clean.onnx")
             try:
                 details["cleanup"] = clean_onnx(Path(source.onnx_fp32), clean)
-                static_quantize_onnx(clean, dst, calibration, input_name=source.input_spec.name)
+                details.update(static_quantize_onnx(clean, dst, calibration, input_name=source.input_spec.name))
             finally:
                 clean.unlink(missing_ok=True)
             details.update(method="ort-static-ptq-qdq", weight_bits=7, per_channel=True, calibration="minmax")
         if precision is Precision.INT8:
             details.update(_int8_rewrites(dst, to_uint8=details["method"] == "qat-qdq"))
-        _check_onnx(dst)
+        try:
+            _check_onnx(dst)
+        except BuildError as e:
+            failed = str(details.get("pre_process", ""))
+            if failed.startswith("failed"):
+                raise BuildError(f"{e} (quant_pre_process had {failed}; the graph was quantized without it)") from e
+            raise
         if precision is Precision.INT8:
             details["ort_graph"] = _ort_graph(dst)
         return Artifact(target=self.name, precision=precision, files=[MODEL_FILE], runtime=self.runtime, details=details)

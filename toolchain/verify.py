@@ -9,10 +9,11 @@ top-1 agreement with PyTorch (at least 99.5%).
 `evaluate` is the one place a build or a re-verify runs an artifact. Where the
 target's runtime is here it runs the artifact for real (``status`` "passed").
 Where it is not, a target may offer a *proxy* (`Target.proxy`: Jetson's QDQ
-graph on ONNX Runtime CPU, Core ML's compression reproduced in PyTorch): the
-same gate applies to it and ``status`` says "proxy", with the runtime used and
-what it does not model; nothing reads "passed" that did not run on the
-target's runtime. With the runtime here, the proxy figure is kept beside the
+graph on ONNX Runtime CPU, the Core ML package's ML program executed in
+PyTorch): the same gate applies to it and ``status`` says "proxy", with the
+runtime used and what it does not model; a proxy that cannot look inside the
+artifact (`Proxy.unverified`) says "unverified" instead. Nothing reads
+"passed" that did not run on the target's runtime. With the runtime here, the proxy figure is kept beside the
 real one (``verify.proxy``).
 """
 
@@ -127,7 +128,9 @@ def _proxy_block(target: Target, bundle_dir: Path, artifact: ArtifactInfo, sourc
         return None
     res = compare(run_batched(proxy.runner, x), ref_logits, y, precision=precision, budget_pt=budget_pt, labels=labels)
     block = {k: v for k, v in res.to_dict().items() if k != "passed"}  # "passed" is for the target's runtime only
-    block.update(status="proxy" if res.passed else "failed", proxy_for=target.runtime, within_budget=res.passed,
+    # a proxy that cannot look inside the artifact never says "proxy": it evaluated a reproduction
+    status = "unverified" if proxy.unverified else "proxy"
+    block.update(status=status if res.passed else "failed", proxy_for=target.runtime, within_budget=res.passed,
                  **proxy.describe())
     return block, res, proxy.runner
 
@@ -177,8 +180,8 @@ def shown_accuracy(metrics: dict[str, Any]) -> tuple[float | None, float | None,
 def verify_label(verify: dict[str, Any]) -> str:
     """The verify status in a table cell: "passed" only when the target's runtime ran it."""
     status = str(verify.get("status", "-"))
-    if status == "proxy":
-        return f"PROXY ({' '.join(str(verify.get('runtime', '')).split()[:2])})"
+    if status in ("proxy", "unverified"):
+        return f"{status.upper()} ({' '.join(str(verify.get('runtime', '')).split()[:2])})"
     if status == "passed" and verify.get("proxy"):
         return "passed (+proxy)"
     return status

@@ -94,8 +94,9 @@ class JetsonTarget(Target):
                     details["cleanup"] = clean_onnx(Path(source.onnx_fp32), clean)
                     # TensorRT takes symmetric int8 with full 8-bit weights (no VNNI limit on GPUs)
                     # Q/DQ only around the compute layers, the placement TensorRT recommends
-                    static_quantize_onnx(clean, dst, calibration, input_name=source.input_spec.name, reduce_range=False,
-                                         op_types=["Conv", "Gemm", "MatMul", "ConvTranspose"], symmetric_activations=True)
+                    details.update(static_quantize_onnx(
+                        clean, dst, calibration, input_name=source.input_spec.name, reduce_range=False,
+                        op_types=["Conv", "Gemm", "MatMul", "ConvTranspose"], symmetric_activations=True))
                 finally:
                     clean.unlink(missing_ok=True)
                 details.update(method="ort-static-ptq-qdq (symmetric)", weight_bits=8)

@@ -97,7 +97,8 @@ def test_verify_runs_the_proxy_where_runtime_is_missing(bundle_factory, tiny_run
     assert cli(["verify", str(bundle_factory("coreml", "fp16")), "--run", str(tiny_run), "--json"]) == 0
     rep = _last_json(capsys)
     assert rep["status"] == "proxy" and "macOS" in rep["reason"] and "passed" not in rep
-    assert rep["proxy_for"] == "coremltools" and rep["runtime"].startswith("pytorch") and rep["n"] > 100
+    assert rep["proxy_for"] == "coremltools" and rep["runtime"].startswith("coremltools") and rep["n"] > 100
+    assert "the package's own ML program" in rep["evaluates"]
     assert cli(["verify", str(bundle_factory("coreml", "fp16")), "--run", str(tiny_run)]) == 0
     out = capsys.readouterr().out
     assert "PROXY" in out and "passed" not in out

@@ -27,3 +27,45 @@ def test_onnx_and_torch_teachers_agree(tiny_run):
         load_teacher(tiny_run / "reports")
     with pytest.raises(GatewayError, match="choose onnx or torch"):
         load_teacher(tiny_run, prefer="tf")
+
+
+def _tiny_onnx(path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.eye(3, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("data,why", [("{not json", "unreadable"), ('{"labels": ["a", "b"]}', "names 2 labels"),
+                                      ('{"labels": ["cat", "dog", "owl"]}', None)])
+def test_labels_from_an_unusable_data_json_are_numbered_logged_once_and_in_the_health(tmp_path, caplog, data, why):
+    """A data.json that is there but unreadable (or for another number of classes) is not replaced silently by
+    0..n-1: one warning, and the teacher's ``labels_source`` (shown by the gateway's health) says why."""
+    import logging
+
+    from cloud_gateway.service import Gateway, GatewayConfig
+    from cloud_gateway.worker import WorkerConfig
+
+    _tiny_onnx(tmp_path / "teacher.onnx")
+    (tmp_path / "data.json").write_text(data)
+    with caplog.at_level(logging.WARNING, logger="cloud_gateway.model"):
+        teacher = load_teacher(tmp_path / "teacher.onnx")
+    warned = [r.getMessage() for r in caplog.records if "teacher labels" in r.getMessage()]
+    gw = Gateway(GatewayConfig(worker=WorkerConfig(broker_url="mqtt://127.0.0.1:1"), teacher=tmp_path / "teacher.onnx",
+                               db=str(tmp_path / "g.sqlite"), http_port=None), teacher=teacher)
+    try:
+        health = gw._health()
+    finally:
+        gw.stop()
+    if why is None:
+        assert teacher.labels == ["cat", "dog", "owl"] and not warned
+        assert health["teacher_labels"] == str(tmp_path / "data.json")
+    else:
+        assert teacher.labels == ["0", "1", "2"] and len(warned) == 1 and why in warned[0], warned
+        assert health["teacher_labels"].startswith("numbered 0..2") and why in health["teacher_labels"]

@@ -12,7 +12,7 @@ from edgecore.errors import AccuracyGateError, BuildError
 from edgecore.manifest import ArtifactInfo
 from edgecore.spec import Precision
 from targets import get_target
-from targets.coreml_proxy import WeightCompression, coreml_proxy, quantize_like_coremltools
+from targets.coreml_proxy import WeightCompression, quantize_like_coremltools
 from targets.coreml_target import check_structure
 from toolchain.verify import compare
 from tests.targets.contract import TargetContract
@@ -63,6 +63,23 @@ def test_quantizer_is_coremltools_own(mode: str, dtype: str, granularity: str) -
         np.testing.assert_array_equal(quantize_like_coremltools(w, c, channel_axis=0), theirs.astype(np.float16))
 
 
+def _gate(art: Any, d: Path, src: Any, ts: Any, ref: np.ndarray | None = None) -> dict[str, Any]:
+    """The build's own verify step (`toolchain.verify.evaluate`) on the package in ``d``; returns its verify block."""
+    from toolchain.verify import evaluate
+
+    return evaluate(get_target("coreml"), d, _info(art), src.input_spec, x_test=ts.x_test, y_test=ts.y_test,
+                    ref_test=ts.ref_logits if ref is None else ref, precision=art.precision, budget_pt=1.0,
+                    labels=src.labels, source=src).verify
+
+
+def _corrupt(package: Path, old: np.ndarray, new: np.ndarray) -> None:
+    """Overwrite the stored bytes of one weight tensor of the package (found by its bytes, exactly once)."""
+    blob = package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    data = blob.read_bytes()
+    assert data.count(old.tobytes()) == 1, "the tensor's bytes are not unique in weight.bin"
+    blob.write_bytes(data.replace(old.tobytes(), new.astype(old.dtype).tobytes()))
+
+
 class TestCoreMLProxy:
     @pytest.fixture(scope="class")
     def builds(self, tiny_source: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -71,26 +88,74 @@ class TestCoreMLProxy:
         if not ok:
             pytest.skip(why)
         out = {}
-        for p in (Precision.FP16, Precision.INT8):
+        for p in (Precision.FP32, Precision.FP16, Precision.INT8):
             d = tmp_path_factory.mktemp(f"coreml-proxy-{p.value}")
             out[p.value] = (d, t.build(tiny_source.source, p, None, d))
         return out
 
-    def test_proxy_has_the_artifacts_weights_and_passes(self, builds: dict[str, Any], tiny_source: Any) -> None:
-        d, art = builds["int8"]
-        assert art.details["compression"] == WeightCompression().to_dict()
+    @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+    def test_proxy_runs_the_package_and_passes(self, precision: str, builds: dict[str, Any], tiny_source: Any) -> None:
+        d, art = builds[precision]
         proxy = get_target("coreml").proxy(d, _info(art), art.precision, tiny_source.source)
-        assert f"all {art.details['structure']['quantized_weights']} equal to the artifact's stored weights" in proxy.evaluates
-        assert proxy.runtime.startswith("pytorch") and "float16" in proxy.runtime
-        res = compare(proxy.runner.run(tiny_source.x_test), tiny_source.ref_logits, tiny_source.y_test,
-                      precision=Precision.INT8, budget_pt=1.0)
-        assert res.passed and res.agreement >= 0.95, res.problems
+        assert not proxy.unverified and "the package's own ML program" in proxy.evaluates
+        assert proxy.runtime.endswith("CPU fp32" if precision == "fp32" else "CPU fp16"), proxy.runtime
+        if precision == "int8":
+            assert f"{art.details['structure']['quantized_weights']} of them int8" in proxy.evaluates
+        logits = proxy.runner.run(tiny_source.x_test)
+        diff = float(np.abs(logits - tiny_source.ref_logits).max())
+        assert diff < {"fp32": 1e-4, "fp16": 0.05, "int8": 0.5}[precision], diff  # the student's own program
+        v = _gate(art, d, tiny_source.source, tiny_source)
+        assert v["status"] == "proxy" and v["agreement"] >= 0.95, v
 
-    def test_proxy_refuses_weights_it_does_not_reproduce(self, builds: dict[str, Any], tiny_source: Any) -> None:
-        d, art = builds["int8"]
-        other = WeightCompression(granularity="per_tensor")  # not what the artifact was built with
-        with pytest.raises(BuildError, match="does not reproduce the artifact's weights"):
-            coreml_proxy(tiny_source.model, Precision.INT8, other, package=d / art.main)
+    @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+    def test_a_corrupt_bias_in_the_package_fails_the_gate(self, precision: str, builds: dict[str, Any],
+                                                          tiny_source: Any, tmp_path: Path) -> None:
+        """One stored weight of the package changed (the classifier's bias of class 3): every answer becomes
+        class 3. A proxy that evaluates the student instead of the package passes it."""
+        import shutil
+
+        from targets.coreml_mil import MilProgramRunner
+
+        d0, art = builds[precision]
+        shutil.copytree(d0 / art.main, tmp_path / art.main)
+        bias = [w for name, w in MilProgramRunner(tmp_path / art.main).weights() if name.startswith("linear") and
+                name.endswith(".bias")][-1]
+        bad = bias.copy()
+        bad[3] = 1000
+        _corrupt(tmp_path / art.main, bias, bad)
+        with pytest.raises(AccuracyGateError, match="below the PyTorch reference"):
+            _gate(art, tmp_path, tiny_source.source, tiny_source)
+
+    def test_a_corrupt_int8_weight_in_the_package_fails_the_gate(self, builds: dict[str, Any], tiny_source: Any,
+                                                                 tmp_path: Path) -> None:
+        """The int8 data of the first convolution negated: the package answers wrongly and the gate says so."""
+        import shutil
+
+        from targets.coreml_mil import load_program
+
+        d0, art = builds["int8"]
+        shutil.copytree(d0 / art.main, tmp_path / art.main)
+        q = next(op.inputs["quantized_data"].val for op in load_program(tmp_path / art.main).functions["main"].operations
+                 if op.op_type == "constexpr_affine_dequantize")
+        _corrupt(tmp_path / art.main, q, -q)
+        with pytest.raises(AccuracyGateError, match="below the PyTorch reference"):
+            _gate(art, tmp_path, tiny_source.source, tiny_source)
+
+    def test_a_program_it_cannot_run_is_unverified(self, tiny_source: Any, tmp_path: Path) -> None:
+        """Softplus converts to a MIL op the interpreter does not execute: the proxy falls back to the student and
+        the status says unverified, never proxy."""
+        import torch
+
+        model = torch.nn.Sequential(tiny_source.model, torch.nn.Softplus()).eval()
+        with torch.no_grad():
+            ref = model(torch.from_numpy(tiny_source.x_test)).numpy()
+        src = dataclasses.replace(tiny_source.source, torch_model=lambda: model)
+        art = get_target("coreml").build(src, Precision.FP16, None, tmp_path)
+        v = _gate(art, tmp_path, src, tiny_source, ref)
+        assert v["status"] == "unverified" and "softplus" in v["unverified"], v
+        assert "not the package" in v["evaluates"]
+        with pytest.raises(BuildError, match="no PyTorch student"):
+            get_target("coreml").proxy(tmp_path, _info(art), art.precision, None)
 
     def test_broken_classifier_fails_the_proxy_gate(self, tiny_source: Any, tmp_path: Path) -> None:
         """A student whose classifier has one outlier weight (on a dead feature, so the float model is unhurt):
@@ -107,11 +172,28 @@ class TestCoreMLProxy:
             ref = model(torch.from_numpy(tiny_source.x_test)).numpy()
         src = dataclasses.replace(tiny_source.source, torch_model=lambda: model)
         art = get_target("coreml").build(src, Precision.INT8, None, tmp_path)  # the real coremltools artifact
-        proxy = get_target("coreml").proxy(tmp_path, _info(art), art.precision, src)  # its weights match the artifact's
+        proxy = get_target("coreml").proxy(tmp_path, _info(art), art.precision, src)  # runs that package
         res = compare(proxy.runner.run(tiny_source.x_test), ref, tiny_source.y_test, precision=Precision.INT8, budget_pt=1.0)
         assert res.gate_failed, res
         with pytest.raises(AccuracyGateError, match="below the PyTorch reference"):
             res.raise_if_failed("coreml int8 build")
+
+
+def test_mlp_student_builds_for_coreml_int8_and_passes_its_proxy_gate(tmp_path: Path) -> None:
+    """Linear + BatchNorm1d (the `mlp` family): coremltools keeps the BatchNorm beside the Linear (it folds it only
+    into convolutions); the proxy that folded it failed every MLP build. The proxy now runs the package as built."""
+    from tests.targets.conftest import make_tiny_source
+    from toolchain.models import MLP
+
+    if not get_target("coreml").build_available()[0]:
+        pytest.skip(get_target("coreml").build_available()[1])
+    ts = make_tiny_source(tmp_path, lambda: MLP(64, 10, hidden=(32, 16), dropout=0.1))
+    out = tmp_path / "coreml-int8"
+    out.mkdir()
+    art = get_target("coreml").build(ts.source, Precision.INT8, None, out)
+    assert art.details["structure"]["quantized_weights"] == 3
+    v = _gate(art, out, ts.source, ts)
+    assert v["status"] == "proxy" and v["within_budget"] and v["agreement"] >= 0.98, v
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="the filtered warnings are the ones expected off macOS")

@@ -463,3 +463,88 @@ def test_int8_build_runs_average_pool_and_hardswish_quantized(pool_hardswish_sou
     acc_plain, acc_built = float(np.mean(a.argmax(1) == y)), float(np.mean(b.argmax(1) == y))
     assert acc_plain > 0.85 and abs(acc_built - acc_plain) <= 0.01, (acc_plain, acc_built)
     assert np.mean(a.argmax(1) == b.argmax(1)) >= 0.99
+
+
+def _upsample_opset9(path: Any, *, conv: bool) -> None:
+    """Upsample -> Add (-> Conv) at opset 9: ONNX Runtime runs it, but quant_pre_process's opset upgrade has no
+    adapter for it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array(np.float32(0.5).reshape(()), "half"),
+             numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Upsample", ["input", "scales"], ["up"], mode="nearest"),
+             helper.make_node("Add", ["up", "half"], ["a"])]
+    nodes += [helper.make_node("Conv", ["a", "w"], ["c"], pads=[1, 1, 1, 1])] if conv else []
+    nodes += [helper.make_node("Flatten", ["c" if conv else "a"], ["logits"])]
+    n = 1024 if conv else 256
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, n])],
+                              inits if conv else inits[:2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 6
+    onnx.save(model, str(path))
+
+
+def test_a_failing_quant_pre_process_is_logged_once_and_recorded(tiny_source: Any, tmp_path, caplog) -> None:
+    """The raw graph is quantized when ORT's pre-processing fails, but the build says so (one warning) and the
+    artifact records it; a graph it pre-processes records "applied" and warns nothing."""
+    import dataclasses
+    import logging
+
+    from edgecore.errors import BuildError
+
+    t = get_target("onnx")
+    ok, bad, worse = tmp_path / "ok", tmp_path / "bad", tmp_path / "worse"
+    for d in (ok, bad, worse):
+        d.mkdir()
+    _upsample_opset9(bad / "src.onnx", conv=False)
+    _upsample_opset9(worse / "src.onnx", conv=True)
+    with caplog.at_level(logging.WARNING, logger="targets.onnx_target"):
+        art = t.build(tiny_source.source, Precision.INT8, tiny_source.rep, ok)
+        assert art.details["pre_process"] == "applied" and not caplog.records
+        art = t.build(dataclasses.replace(tiny_source.source, onnx_fp32=bad / "src.onnx"), Precision.INT8,
+                      tiny_source.rep, bad)
+    assert art.details["pre_process"].startswith("failed: RuntimeError") and "Adapter" in art.details["pre_process"]
+    warned = [r.getMessage() for r in caplog.records if "quant_pre_process failed" in r.getMessage()]
+    assert len(warned) == 1 and "quantizing the graph without it" in warned[0], warned
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(bad / "model.onnx")).graph.node)
+    # with a per-channel weight the raw opset-9 graph quantizes into an invalid model: the error names the cause
+    with pytest.raises(BuildError, match="invalid ONNX model .*quant_pre_process had failed"):
+        t.build(dataclasses.replace(tiny_source.source, onnx_fp32=worse / "src.onnx"), Precision.INT8,
+                tiny_source.rep, worse)
+
+
+def test_one_input_path_that_cannot_bind_its_buffers_says_so_once(tmp_path, caplog) -> None:
+    """An output ORT cannot bind from numpy (strings): the one-input path allocates per call instead, with the
+    same answers, one warning and ``runner.fallbacks`` saying why; a float model binds and records nothing."""
+    import logging
+
+    from onnx import TensorProto, helper
+
+    from targets._ort import OrtRunner
+    from edgecore.spec import InputSpec
+
+    graph = helper.make_graph([helper.make_node("Cast", ["input"], ["names"], to=TensorProto.STRING)], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3])],
+                              [helper.make_tensor_value_info("names", TensorProto.STRING, [None, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "s.onnx"))
+    spec = InputSpec(name="input", shape=(None, 3), layout="NF", scale=1.0, mean=(0.0,), std=(1.0,))
+    runner = OrtRunner(tmp_path / "s.onnx")
+    with caplog.at_level(logging.WARNING, logger="targets._ort"):
+        paths = [runner.one_input(spec) for _ in range(3)]
+    assert paths[0].run(np.array([1.0, 2.0, 3.0], np.float32)) == ["1", "2", "3"]
+    assert "buffers not bound" in runner.fallbacks["one_input"] and "string" in runner.fallbacks["one_input"]
+    assert len([r for r in caplog.records if "cannot bind its buffers" in r.getMessage()]) == 1
+
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["y"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "f.onnx"))
+    floats = OrtRunner(tmp_path / "f.onnx")
+    assert hasattr(floats.one_input(spec).run, "lock") and floats.fallbacks == {}

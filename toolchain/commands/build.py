@@ -141,9 +141,13 @@ def _print_table(reports: list[dict[str, Any]], skipped: list[dict[str, str]], f
                       _fmt(m["build_seconds"]), _threshold(r["routing"]),
                       escape(verify_label(r["verify"])), r["bundle"])
     console.print(table)
-    reasons = {r["target"]: r["verify"] for r in reports if r["verify"]["status"] in ("skipped", "proxy")}
+    reasons = {r["target"]: r["verify"] for r in reports if r["verify"]["status"] in ("skipped", "proxy", "unverified")}
     for target, v in reasons.items():
-        if v["status"] == "proxy":
+        if v["status"] == "unverified":
+            console.print(f"[yellow]{target}: accuracy is UNVERIFIED[/]: the proxy cannot look inside the artifact "
+                          f"({escape(v['unverified'])}); it ran {escape(v['evaluates'])} on {escape(v['runtime'])}; "
+                          f"{v['proxy_for']} not here: {escape(v['reason'])}", highlight=False)
+        elif v["status"] == "proxy":
             console.print(f"[yellow]{target}: accuracy is a PROXY[/] on {escape(v['runtime'])} ({escape(v['evaluates'])}); "
                           f"{v['proxy_for']} not here: {escape(v['reason'])}", highlight=False)
         else:

@@ -55,6 +55,10 @@ def describe(report: dict[str, Any]) -> str:
     head = f"{report['target']} {report['precision']}"
     if report["status"] == "skipped":
         return f"{head}: hashes ok; verify skipped: {report['reason']}"
+    if report["status"] == "unverified":
+        return (f"{head}: UNVERIFIED, the proxy cannot look inside the artifact ({report['unverified']}); "
+                f"{report['proxy_for']} is not here ({report['reason']})\n"
+                f"  {_figures(report)}\n  ran on {report['runtime']}: {report['evaluates']}")
     if report["status"] == "proxy":
         return (f"{head}: PROXY only, {report['proxy_for']} is not here ({report['reason']})\n"
                 f"  {_figures(report)}\n  ran on {report['runtime']}: {report['evaluates']}\n"
