@@ -94,7 +94,7 @@ def _verify(t: Target, p: Precision, tmp: Path, art: ArtifactInfo, ref: Referenc
     log.info("verifying %s %s on %d test inputs", t.name, p.value, len(ref.y_test))
     ev = evaluate(t, tmp, art, ref.input_spec, x_test=ref.x_test, y_test=ref.y_test, ref_test=ref.student_test,
                   x_val=ref.x_val, precision=p, budget_pt=cfg.accuracy_budget_pt, labels=ref.labels, source=source,
-                  enabled=cfg.verify)
+                  enabled=cfg.verify, task=ref.task)
     val = ev.val_logits if ev.val_logits is not None else ref.student_val
     return _Verified(ev.verify, ev.metrics, val, ev.conf_source)
 
@@ -102,14 +102,14 @@ def _verify(t: Target, p: Precision, tmp: Path, art: ArtifactInfo, ref: Referenc
 def _routing(tmp: Path, ref: Reference, cfg: BuildConfig, val_logits: np.ndarray, conf_source: str,
              title: str) -> Routing:
     """Temperature, threshold for the offload budget, the curve files and the drift reference."""
-    from calibration.confidence import calibrate, confidence
     from calibration.drift_reference import drift_reference
     from calibration.routing import choose_threshold, write_curve
 
-    fit = calibrate(val_logits, ref.y_val)
-    conf = confidence(val_logits, measure=cfg.confidence.value, temperature=fit.temperature)
-    edge_ok = val_logits.argmax(1) == ref.y_val
-    cloud_ok = (ref.teacher_val.argmax(1) == ref.y_val) if ref.teacher_val is not None else np.ones_like(edge_ok)
+    task = ref.task
+    fit = task.calibrate(val_logits, ref.y_val)
+    conf = task.contract.confidence(val_logits, measure=cfg.confidence.value, temperature=fit.temperature)
+    edge_ok = task.contract.quality(val_logits, ref.y_val)
+    cloud_ok = task.contract.quality(ref.teacher_val, ref.y_val) if ref.teacher_val is not None else np.ones_like(edge_ok)
     # A refresh for one device: the threshold spends the offload budget on what that device now sees (its
     # collected held-out inputs), as the drift reference describes it; the temperature is fitted on all of val.
     seen = ref.drift_rows or slice(None)
@@ -175,7 +175,7 @@ def build_bundle(
             manifest = write_bundle(tmp, Manifest(
                 model=ModelInfo(name=source.name,
                                 version=model_version or (ref.lineage.get("student_sha256") or "dev")[:12]),
-                target=t.name, precision=p, input=ref.input_spec,
+                target=t.name, precision=p, input=ref.input_spec, task=ref.task.contract.spec,
                 output=OutputSpec(name="logits", labels=tuple(ref.labels)), artifact=art,
                 toolchain_version=__version__,
                 created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

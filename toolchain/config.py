@@ -82,6 +82,14 @@ class Confidence(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class TaskConfig:
+    """What the model does (docs/tasks.md): ``classify`` (one class per input). ``task = "NAME"`` at the top of
+    the file is short for ``[task] name = "NAME"``."""
+
+    name: str = "classify"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     dir: Path = Path("runs/digits")  # run directory (relative paths: to the current directory)
     name: str = "digits-student"  # model name written into bundles
@@ -240,6 +248,7 @@ class RefreshConfig:
 
 @dataclass(frozen=True)
 class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)
@@ -330,7 +339,11 @@ def _validate_section(obj: Any, section: str, origin: str) -> None:
         if not cond:
             raise ConfigError(f"{origin}: {section}.{key}: {what}, got {getattr(obj, key)!r}")
 
-    if isinstance(obj, DataConfig):
+    if isinstance(obj, TaskConfig):
+        from edgecore.tasks import task_names
+
+        need(obj.name in task_names(), "name", f"must be one of {', '.join(task_names())}")
+    elif isinstance(obj, DataConfig):
         need(0.0 < obj.val_fraction < 0.5, "val_fraction", "must be in (0, 0.5)")
         need(0.0 < obj.test_fraction < 0.5, "test_fraction", "must be in (0, 0.5)")
         need(obj.image_size >= 4, "image_size", "must be >= 4")
@@ -424,6 +437,8 @@ def from_dict(raw: Mapping[str, Any], *, origin: str = "<dict>", base: Config | 
     types_ = _section_types()
     sections: dict[str, Any] = {}
     for name, table in raw.items():
+        if name == "task" and isinstance(table, str):  # ``task = "detect"``: the section's one key
+            table = {"name": table}
         if name not in types_:
             raise ConfigError(f"{origin}: unknown section [{name}] (known: {', '.join(_SECTIONS)})")
         sections[name] = _build_section(types_[name], table, name, origin, getattr(base, name))
