@@ -8,13 +8,14 @@ no torch; a ``.pt`` teacher is loaded through the run directory's API
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from edgecore.errors import GatewayError
+from edgecore.tasks import Task, get_task
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Teacher:
     sample_shape: tuple[int, ...]
     labels: list[str]
     _run: Callable[[np.ndarray], np.ndarray]
+    task: Task = field(default_factory=get_task)  # reads its outputs (the run's task; classification by default)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self._run(batch), dtype=np.float32)
@@ -38,6 +40,16 @@ def _labels_from_run(run_dir: Path | None, n: int) -> list[str]:
         except (OSError, json.JSONDecodeError):
             pass
     return [str(i) for i in range(n)]
+
+
+def _task_of_run(run_dir: Path | None) -> Task:
+    """The task ``RUN/data.json`` names (classification when there is no run folder or it names none)."""
+    if run_dir is not None and (run_dir / "data.json").exists():
+        try:
+            return get_task(json.loads((run_dir / "data.json").read_text()).get("task"))
+        except (OSError, json.JSONDecodeError, AttributeError) as e:
+            raise GatewayError(f"{run_dir / 'data.json'}: unreadable ({e})") from e
+    return get_task()
 
 
 def load_onnx_teacher(path: Path, *, threads: int | None = None, labels: list[str] | None = None) -> Teacher:
@@ -69,6 +81,7 @@ def load_onnx_teacher(path: Path, *, threads: int | None = None, labels: list[st
         sample_shape=shape,
         labels=labels or _labels_from_run(path.parent, n),
         _run=lambda x: sess.run([out.name], {inp.name: x})[0],
+        task=_task_of_run(path.parent),
     )
 
 
@@ -91,7 +104,7 @@ def load_torch_teacher(run_dir: Path, *, threads: int | None = None) -> Teacher:
 
     labels = [str(v) for v in data.get("labels", [])]
     version = (run.lineage().get("teacher_sha256") or "unknown")[:12]
-    return Teacher("teacher", version, shape, labels, _run)
+    return Teacher("teacher", version, shape, labels, _run, task=get_task(data.get("task")))
 
 
 def load_teacher(path: str | Path, *, threads: int | None = None, prefer: str = "onnx") -> Teacher:

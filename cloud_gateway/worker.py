@@ -83,6 +83,7 @@ class GatewayWorker:
         self.config = config
         self.collector = collector
         self.teacher = teacher
+        self.task = teacher.task  # what the teacher's answers mean on the wire
         self.store = store
         self.metrics = metrics
         self._q: queue.Queue[_Request] = queue.Queue(maxsize=10000)
