@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from edgecore.errors import GatewayError
+from edgecore.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class Teacher:
     labels: list[str]
     _run: Callable[[np.ndarray], np.ndarray]
     labels_source: str = "given"  # where the labels came from; numbered ones say why (the gateway's health shows it)
+    task: Task = field(default_factory=get_task)  # reads its outputs (the run's task; classification by default)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self._run(batch), dtype=np.float32)
@@ -54,6 +56,16 @@ def _labels_from_run(run_dir: Path | None, n: int) -> tuple[list[str], str]:
                else f"{path} has no labels")
     log.warning("teacher labels: %s; answering with class numbers 0..%d", why, n - 1)
     return numbered, f"numbered 0..{n - 1}: {why}"
+
+
+def _task_of_run(run_dir: Path | None) -> Task:
+    """The task ``RUN/data.json`` names (classification when there is no run folder or it names none)."""
+    if run_dir is not None and (run_dir / "data.json").exists():
+        try:
+            return get_task(json.loads((run_dir / "data.json").read_text()).get("task"))
+        except (OSError, json.JSONDecodeError, AttributeError) as e:
+            raise GatewayError(f"{run_dir / 'data.json'}: unreadable ({e})") from e
+    return get_task()
 
 
 def load_onnx_teacher(path: Path, *, threads: int | None = None, labels: list[str] | None = None) -> Teacher:
@@ -87,6 +99,7 @@ def load_onnx_teacher(path: Path, *, threads: int | None = None, labels: list[st
         labels=found,
         _run=lambda x: sess.run([out.name], {inp.name: x})[0],
         labels_source=source,
+        task=_task_of_run(path.parent),
     )
 
 
@@ -110,6 +123,7 @@ def load_torch_teacher(run_dir: Path, *, threads: int | None = None) -> Teacher:
     labels = [str(v) for v in data.get("labels", [])]
     version = (run.lineage().get("teacher_sha256") or "unknown")[:12]
     return Teacher("teacher", version, shape, labels, _run, labels_source=str(run_dir / "data.json"))
+    return Teacher("teacher", version, shape, labels, _run, task=get_task(data.get("task")))
 
 
 def load_teacher(path: str | Path, *, threads: int | None = None, prefer: str = "onnx") -> Teacher:

@@ -83,6 +83,7 @@ class GatewayWorker:
         self.config = config
         self.collector = collector
         self.teacher = teacher
+        self.task = teacher.task  # what the teacher's answers mean on the wire
         self.store = store
         self.metrics = metrics
         self._q: queue.Queue[_Request] = queue.Queue(maxsize=10000)
@@ -324,15 +325,8 @@ class GatewayWorker:
             self.metrics.inc("gateway_nonfinite_outputs_total", "Requests whose teacher output was not finite")
             return {"ok": False, "error": "the teacher's output for this input is not finite "
                                           "(input out of the model's range?)"}
-        e = np.exp(logits - logits.max())
-        p = (e / e.sum()).tolist()
-        pred = int(logits.argmax())
-        return {
-            "ok": True, "prediction": pred,
-            "label": self.teacher.labels[pred] if pred < len(self.teacher.labels) else str(pred),
-            "probabilities": [round(v, 6) for v in p], "model_version": self.teacher.version,
-            "batch_size": batch_size,
-        }
+        return {"ok": True, **self.task.answer(logits, self.teacher.labels), "model_version": self.teacher.version,
+                "batch_size": batch_size}
 
     def _on_status(self, device_id: str, payload: bytes) -> None:
         if not payload:

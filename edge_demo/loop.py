@@ -199,4 +199,4 @@ def teacher_accuracy_drifted(run_dir: Path) -> float:
     run = RunDir(run_dir)
     x, y = run.splits().test
     xt = torch.from_numpy(run.input_spec.preprocess(drifted(x)))
-    return float(engine.accuracy(run.load_teacher(), xt, torch.from_numpy(y)))
+    return float(run.task.model_metric(run.load_teacher(), xt, torch.from_numpy(y)))

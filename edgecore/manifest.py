@@ -11,6 +11,8 @@ Schema history:
 - 2: the manifest names its drift reference (``drift_reference``), and a bundle
   holds nothing the manifest does not list (besides the manifest and its
   signature file): readers refuse unlisted files.
+- 3: the manifest names its task (``task``: name and parameters, docs/tasks.md);
+  older bundles are classification.
 
 Torch-free: the device reads it.
 """
@@ -23,14 +25,15 @@ from typing import Any, Callable
 
 from edgecore.errors import BundleTrustError
 from edgecore.spec import InputSpec, Precision
+from edgecore.tasks import TaskSpec, task_class, task_names
 
 __all__ = [
     "SCHEMA_VERSION", "SUPPORTED_SCHEMAS", "FileEntry", "ModelInfo", "OutputSpec", "ArtifactInfo", "Routing",
     "Manifest", "ManifestError",
 ]
 
-SCHEMA_VERSION = 2
-SUPPORTED_SCHEMAS = (1, 2)
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMAS = (1, 2, 3)
 DRIFT_REFERENCE = "drift_reference.json"
 
 
@@ -147,6 +150,7 @@ class Manifest:
     calibration: dict[str, Any] | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
     verify: dict[str, Any] = field(default_factory=dict)
+    task: TaskSpec = field(default_factory=TaskSpec)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -161,6 +165,7 @@ class Manifest:
         return {
             "schema_version": self.schema_version,
             "model": {"name": self.model.name, "version": self.model.version},
+            "task": self.task.to_dict(),
             "target": self.target,
             "precision": self.precision.value,
             "toolchain_version": self.toolchain_version,
@@ -205,6 +210,7 @@ class Manifest:
             calibration=c.get(d, "calibration", dict, "manifest", optional=True),
             lineage=c.get(d, "lineage", dict, "manifest", optional=True, default={}),
             verify=c.get(d, "verify", dict, "manifest", optional=True, default={}),
+            task=_task(c, d),
         )
         if m.drift_reference is not None and m.drift_reference not in m.files:
             c.fail("manifest.drift_reference", f"{m.drift_reference!r} is not listed in files")
@@ -313,9 +319,26 @@ def _routing(c: _Check, d: dict[str, Any]) -> Routing | None:
     )
 
 
+def _task(c: _Check, d: dict[str, Any]) -> TaskSpec:
+    t = c.get(d, "task", dict, "manifest", default={})
+    name = c.get(t, "name", str, "manifest.task", default="")
+    params = c.get(t, "params", dict, "manifest.task", optional=True, default={})
+    if name and name not in task_names():
+        c.fail("manifest.task.name", f"unknown task {_short(name)} (this reader knows {', '.join(task_names())}); "
+                                     "update the agent")
+    elif name:
+        for problem in task_class(name).check_params(params):
+            c.fail("manifest.task.params", problem)
+    return TaskSpec(name=name or "classify", params=dict(params))
+
+
 def _upgrade_1_to_2(d: dict[str, Any]) -> dict[str, Any]:
     files = d.get("files") if isinstance(d.get("files"), dict) else {}
     return {**d, "schema_version": 2, "drift_reference": DRIFT_REFERENCE if DRIFT_REFERENCE in files else None}
 
 
-_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_1_to_2}
+def _upgrade_2_to_3(d: dict[str, Any]) -> dict[str, Any]:
+    return {**d, "schema_version": 3, "task": {"name": "classify", "params": {}}}
+
+
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_1_to_2, 2: _upgrade_2_to_3}

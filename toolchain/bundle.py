@@ -98,7 +98,7 @@ def _verify(t: Target, p: Precision, tmp: Path, art: ArtifactInfo, ref: Referenc
     log.info("verifying %s %s on %d test inputs", t.name, p.value, len(ref.y_test))
     ev = evaluate(t, tmp, art, ref.input_spec, x_test=ref.x_test, y_test=ref.y_test, ref_test=ref.student_test,
                   x_val=ref.x_val, precision=p, budget_pt=cfg.accuracy_budget_pt, labels=ref.labels, source=source,
-                  enabled=cfg.verify)
+                  enabled=cfg.verify, task=ref.task)
     val = ev.val_logits if ev.val_logits is not None else ref.student_val
     return _Verified(ev.verify, ev.metrics, val, ev.conf_source)
 
@@ -106,14 +106,14 @@ def _verify(t: Target, p: Precision, tmp: Path, art: ArtifactInfo, ref: Referenc
 def _routing(tmp: Path, ref: Reference, cfg: BuildConfig, val_logits: np.ndarray, conf_source: str,
              title: str) -> Routing:
     """Temperature, threshold for the offload budget, the curve files and the drift reference."""
-    from calibration.confidence import calibrate, confidence
     from calibration.drift_reference import drift_reference
     from calibration.routing import choose_threshold, write_curve
 
-    fit = calibrate(val_logits, ref.y_val)
-    conf = confidence(val_logits, measure=cfg.confidence.value, temperature=fit.temperature)
-    edge_ok = val_logits.argmax(1) == ref.y_val
-    cloud_ok = (ref.teacher_val.argmax(1) == ref.y_val) if ref.teacher_val is not None else np.ones_like(edge_ok)
+    task = ref.task
+    fit = task.calibrate(val_logits, ref.y_val)
+    conf = task.contract.confidence(val_logits, measure=cfg.confidence.value, temperature=fit.temperature)
+    edge_ok = task.contract.quality(val_logits, ref.y_val)
+    cloud_ok = task.contract.quality(ref.teacher_val, ref.y_val) if ref.teacher_val is not None else np.ones_like(edge_ok)
     # A refresh for one device: the threshold spends the offload budget on what that device now sees (its
     # collected held-out inputs), as the drift reference describes it; the temperature is fitted on all of val.
     seen = ref.drift_rows or slice(None)
@@ -140,6 +140,7 @@ def manifest_for(
     artifact: Artifact, *, name: str, version: str, input_spec: InputSpec, labels: Sequence[str],
     metrics: dict[str, Any], calibration: RepresentativeSet | None = None, routing: Routing | None = None,
     drift_reference: str | None = None, lineage: dict[str, Any] | None = None, verify: dict[str, Any] | None = None,
+    task: TaskSpec | None = None,
 ) -> Manifest:
     """The one place a built artifact becomes a manifest: `build_bundle` and ``hw-bench models`` write theirs
     through it (with `edgecore.bundle.write_bundle`, which adds the files' hashes and the signature)."""
@@ -150,7 +151,7 @@ def manifest_for(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), routing=routing,
         drift_reference=drift_reference, metrics=metrics,
         calibration=calibration.provenance() if calibration is not None else None, lineage=lineage or {},
-        verify=verify or {},
+        verify=verify or {}, task=task or TaskSpec(),
     )
 
 
@@ -197,7 +198,7 @@ def build_bundle(
                 artifact, name=source.name,
                 version=model_version or (ref.lineage.get("student_sha256") or "dev")[:12],
                 input_spec=ref.input_spec, labels=ref.labels, metrics=ver.metrics, calibration=rep, routing=routing,
-                drift_reference=DRIFT_REFERENCE, lineage=ref.lineage, verify=ver.verify,
+                drift_reference=DRIFT_REFERENCE, lineage=ref.lineage, verify=ver.verify, task=ref.task.contract.spec,
             ), signing_key=signing_key)
     except BaseException:
         _remove_stale(out)

@@ -54,7 +54,7 @@ def run_passes(passes: list[Pass], student: "nn.Module", ctx: PassContext, *, la
             res.quantized, res.program, res.quantizer = out.model, out.program, p.name
             last = res.rows[-1] if res.rows else stage_row("", res.student, ctx, size=0, seconds=0)
             res.rows.append({**last, "stage": stage, "size_bytes": len(out.program or b""), "quantized": True,
-                             "test_accuracy": engine.accuracy(out.model, *ctx.test), "seconds": round(seconds, 2)})
+                             "test_accuracy": ctx.metric(out.model, ctx.test), "seconds": round(seconds, 2)})
         else:
             res.student = out.model
             res.rows.append(stage_row(stage, out.model, ctx, size=state_size(out.model), seconds=seconds))
@@ -80,7 +80,7 @@ def make_context(cfg: Config, run: RunDir) -> PassContext:
         cfg=cfg, teacher=teacher, train=tensors(splits.train), val=tensors(splits.val), test=tensors(splits.test),
         input_shape=shape, num_classes=splits.num_classes, augment=cfg.train.augment and len(shape) == 3,
         teacher_params=count_params(teacher), teacher_macs=count_macs(teacher, shape),
-        run_dir=run.path, input_spec=spec, labels=tuple(splits.labels),
+        run_dir=run.path, input_spec=spec, labels=tuple(splits.labels), task=run.task,
     )
 
 
@@ -101,7 +101,7 @@ def compress(cfg: Config, run_dir: Path | str | None = None, *, show: bool = Tru
     run = RunDir(run_dir if run_dir is not None else cfg.run.dir)
     engine.set_seed(cfg.run.seed)
     ctx = make_context(cfg, run)
-    teacher_acc = engine.accuracy(ctx.teacher, *ctx.test)
+    teacher_acc = ctx.metric(ctx.teacher, ctx.test)
     rows = [stage_row("teacher", ctx.teacher, ctx, size=run.file(RunDir.TEACHER).stat().st_size, seconds=0.0,
                       accuracy=teacher_acc)]
     passes = [get_pass(name)(cfg) for name in cfg.compress.passes]

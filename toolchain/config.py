@@ -75,6 +75,19 @@ class Confidence(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class TaskConfig(Section):
+    """What the model does (docs/tasks.md): ``classify`` (one class per input). ``task = "NAME"`` at the top of
+    the file is short for ``[task] name = "NAME"``."""
+
+    name: str = "classify"
+
+    def validate(self, check: Check) -> None:
+        from edgecore.tasks import task_names
+
+        check.need(self.name in task_names(), "name", f"must be one of {', '.join(task_names())}")
+
+
+@dataclass(frozen=True)
 class RunConfig(Section):
     dir: Path = Path("runs/digits")  # run directory (relative paths: to the current directory)
     name: str = "digits-student"  # model name written into bundles
@@ -245,6 +258,7 @@ class RefreshConfig(Section):
 
 @dataclass(frozen=True)
 class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)
@@ -335,6 +349,8 @@ def from_dict(raw: Mapping[str, Any], *, origin: str = "<dict>", base: Config | 
     types_ = _section_types()
     sections: dict[str, Any] = {}
     for name, table in raw.items():
+        if name == "task" and isinstance(table, str):  # ``task = "detect"``: the section's one key
+            table = {"name": table}
         if name not in types_:
             raise ConfigError(f"{origin}: unknown section [{name}] (known: {', '.join(_SECTIONS)})")
         sections[name] = _build_section(types_[name], table, name, origin, getattr(base, name))

@@ -22,6 +22,7 @@ import numpy as np
 
 from edgecore.errors import ConfigError, DataError
 from edgecore.spec import InputSpec
+from edgecore.tasks import TaskSpec
 from toolchain.config import Config, DataConfig
 
 _IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -272,7 +273,7 @@ def load_splits(cfg: DataConfig, *, seed: int) -> Splits:
 
 
 def data_record(
-    splits: Splits, cfg: DataConfig, *, seed: int, python_dirs: Iterable[str] = ()
+    splits: Splits, cfg: DataConfig, *, seed: int, python_dirs: Iterable[str] = (), task: TaskSpec | None = None,
 ) -> dict[str, Any]:
     """What ``data.json`` holds: enough to reload the exact same splits (from any directory)."""
     source = cfg.source
@@ -290,6 +291,7 @@ def data_record(
         "input_spec": splits.input_spec.to_dict(),
         "labels": list(splits.labels),
         "python_dirs": list(python_dirs),
+        "task": (task or TaskSpec()).to_dict(),
     }
 
 

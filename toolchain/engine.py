@@ -25,7 +25,8 @@ from edgecore.spec import InputSpec
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[nn.Module, torch.Tensor, Any], torch.Tensor]  # the task's (toolchain.tasks)
+MetricFn = Callable[[nn.Module, torch.Tensor, Any], float]  # the task's model_metric: higher is better
 
 
 def set_seed(seed: int) -> None:
@@ -131,46 +132,6 @@ def predict(model: nn.Module, X: torch.Tensor, *, batch_size: int = 512) -> torc
     outs = [model(X[i : i + batch_size].to(dev)).float().cpu() for i in range(0, len(X), batch_size)]
     model.train(was)
     return torch.cat(outs)
-
-
-def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
-    return float((predict(model, X).argmax(1) == y).float().mean())
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    temperature: float,
-    alpha: float,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Hinton distillation: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
-    t = temperature
-    soft = F.kl_div(
-        F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1), reduction="batchmean"
-    ) * (t * t)
-    hard = F.cross_entropy(student_logits, y, label_smoothing=label_smoothing)
-    return alpha * soft + (1.0 - alpha) * hard
-
-
-def ce_loss(label_smoothing: float = 0.0) -> LossFn:
-    def fn(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(xb), yb, label_smoothing=label_smoothing)
-
-    return fn
-
-
-def distill_loss(teacher: nn.Module, *, temperature: float, alpha: float, label_smoothing: float = 0.0) -> LossFn:
-    teacher.eval()
-
-    def fn(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            t_logits = teacher(xb)
-        return kd_loss(model(xb), t_logits, yb, temperature=temperature, alpha=alpha, label_smoothing=label_smoothing)
-
-    return fn
 
 
 @dataclass
@@ -317,6 +278,7 @@ def fit(
     model: nn.Module,
     *,
     loss_fn: LossFn,
+    metric: MetricFn,
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
     opts: FitOptions,
@@ -324,7 +286,11 @@ def fit(
     on_epoch_end: Callable[[FitState], None] | None = None,
     eval_model: Callable[[], nn.Module] | None = None,
 ) -> FitState:
-    """Train ``model`` in place; returns the final state (best weights loaded)."""
+    """Train ``model`` in place; returns the final state (best weights loaded).
+
+    ``loss_fn`` and ``metric`` are the task's (`toolchain.tasks.TrainTask`): the loop selects the epoch with the
+    best ``metric`` on ``val``.
+    """
     dev = device()
     model.to(dev)
     loader, sampler = _loader(train, opts)
@@ -353,7 +319,7 @@ def fit(
         model.train()
         loss = _train_epoch(loop, opts, epoch)
         m = eval_model() if eval_model is not None else model
-        _end_epoch(state, model, opts, epoch, loss, accuracy(m, Xv, yv), loop.show)
+        _end_epoch(state, model, opts, epoch, loss, metric(m, Xv, yv), loop.show)
         state.model, state.optimizer, state.scheduler = model.state_dict(), opt.state_dict(), sched.state_dict()
         if on_epoch_end is not None:
             on_epoch_end(state)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgecore.spec import InputSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from toolchain.tasks import TrainTask
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ class Reference:
     macs: int | None
     params: int | None
     lineage: dict[str, Any]
+    task: "TrainTask"  # the run's task: its gate, metric and routing quality
     # rows of the val split the drift reference is built from: all (None), or, for a refresh aimed at one
     # device, the collected held-out rows at its end (the distribution that device now sees)
     drift_rows: slice | None = None
@@ -86,7 +90,7 @@ def reference_for(run_dir: Path) -> Reference:
         run_dir=run.path, input_spec=spec, labels=tuple(splits.labels), x_train=x_train, y_train=splits.train[1],
         raw_val=splits.val[0], x_val=x_val, y_val=splits.val[1], x_test=x_test, y_test=splits.test[1],
         student_val=_torch_logits(student, x_val), student_test=_torch_logits(student, x_test),
-        teacher_val=teacher_val, macs=macs, params=params, lineage=lineage,
+        teacher_val=teacher_val, macs=macs, params=params, lineage=lineage, task=run.task,
         drift_rows=_drift_rows(run.data_record()),
     )
     _REFERENCES.clear()

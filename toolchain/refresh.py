@@ -311,18 +311,19 @@ def _train(cfg: Any, out: Path, rs: RefreshSet) -> tuple[Any, Any, dict[str, Any
     states, cand_acc = [], []
     for k in range(r.candidates):
         student = copy.deepcopy(start).train()
-        engine.fit(student, loss_fn=loss_fn, train=(ctx.train[0], targets), val=ctx.val,
+        engine.fit(student, loss_fn=loss_fn, metric=ctx.train_task.model_metric, train=(ctx.train[0], targets),
+                   val=ctx.val,
                    opts=ctx.fit_options(epochs=r.epochs, lr=r.lr, desc=f"refresh {k + 1}/{r.candidates}",
                                         seed_offset=500 + k, warmup_epochs=0, patience=r.epochs))
         student = student.cpu().eval()
         states.append({n: v.detach().clone() for n, v in student.state_dict().items()})
-        cand_acc.append(engine.accuracy(student, *ctx.test))
+        cand_acc.append(ctx.metric(student, ctx.test))
     if len(states) > 1:
         soup(student, states, ctx.train[0])
     name = "refreshed (distilled, continued)" + (f"; {len(states)} averaged" if len(states) > 1 else "")
     gate_report: dict[str, Any] | None = None
     if gated:
-        expert_acc = engine.accuracy(student, *ctx.test)
+        expert_acc = ctx.metric(student, ctx.test)
         gate = train_gate(ctx.train[0], n_orig, seed=cfg.run.seed)
         x_hold = engine.normalise(rs.x_val, ctx.input_spec) if len(rs.y_val) else ctx.val[0][:0]
         gate_report = {"expert_test_accuracy": expert_acc, **gate_routing(gate, ctx.val[0], x_hold),
@@ -380,7 +381,7 @@ def _quantize_gated(quant: list[Any], model: Any, kept_program: bytes, ctx: Any)
     program = serialize_program(composite, ctx.input_shape)
     res.rows = [stage_row(f"refreshed: {res.quantizer} (kept student's program + expert + gate)", model, ctx,
                           size=len(program), seconds=res.rows[-1]["seconds"],
-                          accuracy=engine.accuracy(composite, *ctx.test), quantized=True)]
+                          accuracy=ctx.metric(composite, ctx.test), quantized=True)]
     res.student, res.quantized, res.program = model, composite, program
     return res
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgecore.spec import InputSpec
     from targets.base import ModelSource
     from toolchain.data import Splits
+    from toolchain.tasks import TrainTask
 
 CHECKPOINT_FORMAT = 1
 
@@ -123,6 +124,13 @@ class RunDir:
     @property
     def labels(self) -> tuple[str, ...]:
         return tuple(self.data_record()["labels"])
+
+    @property
+    def task(self) -> "TrainTask":
+        """The run's task (``data.json`` → ``task``; runs made before tasks existed are classification)."""
+        from toolchain.tasks import get_train_task
+
+        return get_train_task(self.data_record().get("task"))
 
     # ------------------------------------------------------------- models
     def load_teacher(self) -> "torch.nn.Module":

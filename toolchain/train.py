@@ -14,6 +14,7 @@ from typing import Any
 
 from edgecore.errors import ModelError
 from edgecore.fsutil import atomic_write_text
+from edgecore.tasks import TaskSpec
 from toolchain.config import Config, to_dict, to_toml
 from toolchain.rundir import RunDir, load_checkpoint, save_checkpoint
 
@@ -87,6 +88,7 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = Fals
     from toolchain import engine
     from toolchain.data import add_import_dirs, data_record, import_dirs, load_splits
     from toolchain.models import build_model
+    from toolchain.tasks import get_train_task
 
     t0 = time.perf_counter()
     distributed = engine.init_distributed()
@@ -105,7 +107,8 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = Fals
             for name in _DOWNSTREAM:
                 (run.path / name).unlink(missing_ok=True)
         atomic_write_text(run.file(RunDir.CONFIG), to_toml(cfg))
-        run.write_data_record(data_record(splits, cfg.data, seed=cfg.run.seed, python_dirs=python_dirs))
+        run.write_data_record(data_record(splits, cfg.data, seed=cfg.run.seed, python_dirs=python_dirs,
+                                          task=TaskSpec(cfg.task.name)))
 
     input_shape = spec.sample_shape
     model = build_model(cfg.teacher, input_shape=input_shape, num_classes=splits.num_classes)
@@ -120,12 +123,14 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = Fals
                 "model_config": to_dict(cfg)["teacher"],
             })
 
+    task = get_train_task(cfg.task.name)
     state = engine.fit(
-        model, loss_fn=engine.ce_loss(cfg.train.label_smoothing), train=(Xtr, ytr), val=(Xv, yv),
+        model, loss_fn=task.loss(label_smoothing=cfg.train.label_smoothing), metric=task.model_metric,
+        train=(Xtr, ytr), val=(Xv, yv),
         opts=_fit_options(cfg, input_shape), state=state, on_epoch_end=checkpoint,
     )
     model = model.cpu().eval()
-    test_acc = engine.accuracy(model, Xte, yte)
+    test_acc = task.model_metric(model, Xte, yte)
     report = _report(cfg, run, splits, model, input_shape, state, test_acc, resume, t0)
     if is_main:
         report["teacher"]["size_bytes"] = save_checkpoint(run.file(RunDir.TEACHER), {

@@ -29,9 +29,7 @@ from edgecore.errors import AccuracyGateError, BuildError
 from edgecore.manifest import ArtifactInfo
 from edgecore.spec import InputSpec, Precision
 from targets.base import ModelSource, Runner, Target
-
-MIN_FP32_AGREEMENT = 0.995
-MAX_LISTED_MISMATCHES = 20
+from toolchain.tasks import TrainTask, get_train_task
 
 
 def run_batched(runner: Runner, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
@@ -67,47 +65,12 @@ class VerifyResult:
 
 
 def compare(
-    logits: np.ndarray, ref_logits: np.ndarray, y: np.ndarray, *, precision: Precision, budget_pt: float,
-    labels: tuple[str, ...] | list[str] = (),
+    logits: np.ndarray, ref_logits: np.ndarray, y: Any, *, precision: Precision, budget_pt: float,
+    labels: tuple[str, ...] | list[str] = (), task: TrainTask | None = None,
 ) -> VerifyResult:
-    logits = np.asarray(logits, dtype=np.float64)
-    ref_logits = np.asarray(ref_logits, dtype=np.float64)
-    problems: list[str] = []
-    if logits.shape != ref_logits.shape:
-        return VerifyResult(0.0, float((ref_logits.argmax(1) == y).mean()), 0.0, float("inf"), len(y),
-                            problems=[f"output shape {logits.shape} != reference {ref_logits.shape}"], gate_failed=True)
-    pred, ref_pred = logits.argmax(1), ref_logits.argmax(1)
-    acc, ref_acc = float((pred == y).mean()), float((ref_pred == y).mean())
-    agree = float((pred == ref_pred).mean())
-    diff = np.abs(logits - ref_logits).max(axis=1)
-    bad = np.flatnonzero(pred != ref_pred)
-    name = (lambda i: labels[i] if i < len(labels) else str(i)) if labels else str
-    mismatches = [
-        {"index": int(i), "label": name(int(y[i])), "artifact": name(int(pred[i])), "reference": name(int(ref_pred[i])),
-         "max_abs_logit_diff": float(diff[i])}
-        for i in bad[np.argsort(-diff[bad])][:MAX_LISTED_MISMATCHES]
-    ]
-    gate = False
-    if not np.all(np.isfinite(logits)):
-        problems.append("artifact produced non-finite logits")
-        gate = True
-    drop_pt = (ref_acc - acc) * 100.0
-    if drop_pt > budget_pt + 1e-9:
-        problems.append(
-            f"accuracy {acc * 100:.2f}% is {drop_pt:.2f} pt below the PyTorch reference {ref_acc * 100:.2f}% "
-            f"(budget {budget_pt:.2f} pt, over by {drop_pt - budget_pt:.2f} pt)"
-        )
-        gate = True
-    if precision is Precision.FP32 and agree < MIN_FP32_AGREEMENT:
-        problems.append(
-            f"fp32 artifact agrees with PyTorch on {agree * 100:.2f}% of {len(y)} test inputs (< {MIN_FP32_AGREEMENT * 100:.1f}%); "
-            f"{len(bad)} mismatches, max abs logit diff {float(diff.max()):.3g}; first: "
-            + ", ".join(f"#{m['index']} {m['artifact']}!={m['reference']}" for m in mismatches[:5])
-        )
-    return VerifyResult(
-        accuracy=acc, reference_accuracy=ref_acc, agreement=agree, max_abs_logit_diff=float(diff.max()) if len(diff) else 0.0,
-        n=int(len(y)), mismatches=mismatches, mismatch_count=int(len(bad)), problems=problems, gate_failed=gate,
-    )
+    """The build gate of ``task`` (default: classification): an artifact's outputs against the reference's."""
+    return (task or get_train_task()).compare(logits, ref_logits, y, precision=precision, budget_pt=budget_pt,
+                                              labels=labels)
 
 
 @dataclass
@@ -121,12 +84,13 @@ class Evaluation:
 
 
 def _proxy_block(target: Target, bundle_dir: Path, artifact: ArtifactInfo, source: ModelSource | None,
-                 x: np.ndarray, ref_logits: np.ndarray, y: np.ndarray, *, precision: Precision, budget_pt: float,
-                 labels: Any) -> tuple[dict[str, Any], VerifyResult, Runner] | None:
+                 x: np.ndarray, ref_logits: np.ndarray, y: Any, *, precision: Precision, budget_pt: float,
+                 labels: Any, task: TrainTask) -> tuple[dict[str, Any], VerifyResult, Runner] | None:
     proxy = target.proxy(bundle_dir, artifact, precision, source)
     if proxy is None:
         return None
-    res = compare(run_batched(proxy.runner, x), ref_logits, y, precision=precision, budget_pt=budget_pt, labels=labels)
+    res = task.compare(run_batched(proxy.runner, x), ref_logits, y, precision=precision, budget_pt=budget_pt,
+                       labels=labels)
     block = {k: v for k, v in res.to_dict().items() if k != "passed"}  # "passed" is for the target's runtime only
     # a proxy that cannot look inside the artifact never says "proxy": it evaluated a reproduction
     status = "unverified" if proxy.unverified else "proxy"
@@ -136,16 +100,18 @@ def _proxy_block(target: Target, bundle_dir: Path, artifact: ArtifactInfo, sourc
 
 
 def evaluate(
-    target: Target, bundle_dir: Path, artifact: ArtifactInfo, input_spec: InputSpec, *, x_test: np.ndarray, y_test: np.ndarray,
+    target: Target, bundle_dir: Path, artifact: ArtifactInfo, input_spec: InputSpec, *, x_test: np.ndarray, y_test: Any,
     ref_test: np.ndarray, x_val: np.ndarray | None = None, precision: Precision, budget_pt: float,
     labels: Any = (), source: ModelSource | None = None, threads: int | None = None, enabled: bool = True,
+    task: TrainTask | None = None,
 ) -> Evaluation:
     """Run the artifact on the test split (for real, else on the target's proxy), gate it; raises on failure."""
-    ref_acc = float((ref_test.argmax(1) == y_test).mean())
+    task = task or get_train_task()
+    ref_acc = task.contract.metric(ref_test, y_test)
     can_run, why = target.available()
     if not enabled:
         can_run, why = False, "disabled by build.verify = false"
-    args = {"precision": precision, "budget_pt": budget_pt, "labels": labels}
+    args = {"precision": precision, "budget_pt": budget_pt, "labels": labels, "task": task}
     proxied = _proxy_block(target, bundle_dir, artifact, source, x_test, ref_test, y_test, **args) if enabled else None
     metrics: dict[str, Any] = {"accuracy": None, "reference_accuracy": ref_acc, "agreement": None, "max_abs_logit_diff": None}
     if proxied:
@@ -221,6 +187,6 @@ def verify_bundle(bundle: Path | str, *, run_dir: Path | str | None = None, budg
                              f"({str(ref.lineage.get('student_sha256'))[:12]} != {built_from[:12]}); rebuild the bundle")
         source = RunDir(run_path).model_source()
     ev = evaluate(target, b.root, m.artifact, m.input, x_test=ref.x_test, y_test=ref.y_test, ref_test=ref.student_test, precision=precision,
-                  budget_pt=budget_pt, labels=ref.labels, source=source, threads=threads)
+                  budget_pt=budget_pt, labels=ref.labels, source=source, threads=threads, task=ref.task)
     report.update(ev.verify)
     return report

@@ -44,6 +44,10 @@ def test_round_trip_is_exact():
     (("drift_reference",), "nowhere.json", "manifest.drift_reference: 'nowhere.json' is not listed"),
     (("metrics",), [1], "manifest.metrics: expected dict, got list"),
     (("routing", "threshold"), True, "manifest.routing.threshold: expected number, got bool"),
+    (("task", "name"), "segment", "manifest.task.name: unknown task 'segment'"),
+    (("task", "name"), 3, "manifest.task.name: expected str, got int 3"),
+    (("task", "params"), {"iou": 0.5}, "manifest.task.params: unknown parameter 'iou'"),
+    (("task",), "classify", "manifest.task: expected dict, got str"),
 ])
 def test_wrong_types_are_named(path, value, message):
     d = _good()
@@ -66,7 +70,7 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_unknown_and_future_schema_refused():
-    for v in (0, 3, 99, "2", None, True):
+    for v in (0, SCHEMA_VERSION + 1, 99, "2", None, True):
         d = _good()
         d["schema_version"] = v
         with pytest.raises(ManifestError, match="unknown bundle schema version"):
@@ -158,3 +162,18 @@ def test_fuzz_reader_on_arbitrary_json(doc):
 @given(_mutations())
 def test_fuzz_reader_long(mut):
     test_fuzz_reader_either_reads_or_names_the_field.hypothesis.inner_test(mut)
+
+
+def test_schema_2_bundles_read_as_classification():
+    d = _good()
+    d["schema_version"] = 2
+    del d["task"]
+    m = Manifest.from_dict(d)
+    assert m.schema_version == SCHEMA_VERSION and m.task.name == "classify" and dict(m.task.params) == {}
+
+
+def test_task_is_required_in_the_current_schema():
+    d = _good()
+    del d["task"]
+    with pytest.raises(ManifestError, match="manifest.task: missing"):
+        Manifest.from_dict(d)

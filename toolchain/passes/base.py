@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from toolchain.config import Config
     from toolchain.engine import FitOptions
+    from toolchain.tasks import TrainTask
 
 
 @dataclass
@@ -41,6 +42,22 @@ class PassContext:
     run_dir: "Path | None" = None  # where passes may keep their own files (the latency search's cache, plot)
     input_spec: Any = None  # the run's InputSpec (normalisation), for passes that build artifacts
     labels: tuple[str, ...] = ()
+    task: "TrainTask | None" = None  # the run's task (loss, metric); None: classification
+
+    def __post_init__(self) -> None:
+        if self.task is None:
+            from toolchain.tasks import get_train_task
+
+            self.task = get_train_task()
+
+    @property
+    def train_task(self) -> "TrainTask":
+        assert self.task is not None  # set in __post_init__
+        return self.task
+
+    def metric(self, model: "nn.Module", split: tuple["torch.Tensor", Any]) -> float:
+        """The task's headline metric of ``model`` on a split (``ctx.test``, ``ctx.val``)."""
+        return self.train_task.model_metric(model, *split)
 
     def fit_options(self, *, epochs: int, lr: float, desc: str, seed_offset: int, **kw: Any) -> "FitOptions":
         """The run's shared training options (batch size, AMP, progress, seed) for one pass."""
@@ -103,9 +120,8 @@ def state_size(model: "nn.Module") -> int:
 def stage_row(stage: str, model: "nn.Module", ctx: PassContext, *, size: int, seconds: float,
               accuracy: float | None = None, **extra: Any) -> dict[str, Any]:
     """One row of the compress table: size, cost and test accuracy of ``model``."""
-    from toolchain import engine
     from toolchain.models import count_macs, count_params
 
-    acc = engine.accuracy(model, *ctx.test) if accuracy is None else accuracy
+    acc = ctx.metric(model, ctx.test) if accuracy is None else accuracy
     return {"stage": stage, "params": count_params(model), "macs": count_macs(model, ctx.input_shape),
             "size_bytes": size, "test_accuracy": acc, "seconds": round(seconds, 2), **extra}

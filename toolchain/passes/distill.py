@@ -41,7 +41,8 @@ class DistillPass(Pass):
         if d.epochs > 0:
             state = engine.fit(
                 model,
-                loss_fn=engine.distill_loss(ctx.teacher, temperature=d.temperature, alpha=d.alpha,
+                metric=ctx.train_task.model_metric,
+                loss_fn=ctx.train_task.distill_loss(ctx.teacher, temperature=d.temperature, alpha=d.alpha,
                                             label_smoothing=self.cfg.train.label_smoothing),
                 train=ctx.train, val=ctx.val,
                 opts=ctx.fit_options(epochs=d.epochs, lr=d.lr, desc="distill", seed_offset=100,

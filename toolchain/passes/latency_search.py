@@ -113,7 +113,8 @@ def _finetune(model: "nn.Module", p: PruneConfig, ctx: "PassContext", step: int)
     if p.finetune_epochs <= 0:
         return
     model.train()
-    engine.fit(model, loss_fn=engine.ce_loss(ctx.cfg.train.label_smoothing), train=ctx.train, val=ctx.val,
+    engine.fit(model, loss_fn=ctx.train_task.loss(label_smoothing=ctx.cfg.train.label_smoothing),
+               metric=ctx.train_task.model_metric, train=ctx.train, val=ctx.val,
                opts=ctx.fit_options(epochs=p.finetune_epochs, lr=p.lr, desc=f"latency step {step}", seed_offset=step))
 
 
@@ -124,8 +125,8 @@ def _record(step: int, model: "nn.Module", meter: "LatencyMeter", ctx: "PassCont
     lat = meter.measure(model, name=f"candidate-{step}")
     return {"step": step, "channel_ratio": round(ratio, 4), "macs": count_macs(model, ctx.input_shape),
             "params": count_params(model), "p50_ms": lat["p50_ms"], "pxx_ms": lat["pxx_ms"],
-            "percentile": lat["percentile"], "val_accuracy": engine.accuracy(model, *ctx.val),
-            "test_accuracy": engine.accuracy(model, *ctx.test), "sha256": lat["sha256"], "cached": lat["cached"]}
+            "percentile": lat["percentile"], "val_accuracy": ctx.metric(model, ctx.val),
+            "test_accuracy": ctx.metric(model, ctx.test), "sha256": lat["sha256"], "cached": lat["cached"]}
 
 
 def _write(out: Path, section: dict[str, Any]) -> dict[str, str]:

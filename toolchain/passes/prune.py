@@ -214,7 +214,8 @@ class PrunePass(Pass):
             pruner.step()
             if p.finetune_epochs > 0:
                 engine.fit(
-                    model, loss_fn=engine.ce_loss(self.cfg.train.label_smoothing), train=ctx.train, val=ctx.val,
+                    model, loss_fn=ctx.train_task.loss(label_smoothing=self.cfg.train.label_smoothing),
+                    metric=ctx.train_task.model_metric, train=ctx.train, val=ctx.val,
                     opts=ctx.fit_options(epochs=p.finetune_epochs, lr=p.lr, desc=f"prune {step + 1}/{p.steps}",
                                          seed_offset=step),
                 )

@@ -1,0 +1,70 @@
+"""The task contract: what differs between classification, detection, … and every side must agree on.
+
+A task is a plug-in like a target (docs/tasks.md). This half is the contract every machine shares, numpy
+only: the device, the gateway, the build and the bench all read a model's raw outputs through it. It owns
+
+- `TaskSpec`: the manifest's ``task`` block (the task's name and its parameters, validated on read);
+- `Task.confidence`: the per-input score routing calibrates (higher = surer);
+- `Task.quality`: how right one input's answer is against its target (1/0 for a class, a per-image score for
+  detections), what the routing curve and the build's edge-vs-cloud comparison add up;
+- `Task.metric`: the split's headline number (top-1 accuracy, mAP, …) in [0, 1];
+- `Task.answer`: the answer one raw output becomes on the wire (the gateway's teacher answer).
+
+The training half (loss, distillation loss, the build gate's comparison, the refresh target) is in
+`toolchain.tasks`, which imports torch; nothing here does.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["Task", "TaskSpec"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The manifest's ``task`` block: which task reads the outputs, with its parameters (JSON values)."""
+
+    name: str = "classify"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": dict(self.params)}
+
+
+class Task(ABC):
+    """One task's contract half. Subclasses set `name` and implement the methods below (numpy only)."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, spec: TaskSpec | None = None) -> None:
+        self.spec = spec or TaskSpec(self.name)
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> list[str]:
+        """Problems with a manifest's task parameters, one string each (``[]``: fine). Default: none allowed."""
+        return [f"unknown parameter {k!r}" for k in params]
+
+    @abstractmethod
+    def confidence(self, raw: np.ndarray, *, measure: str, temperature: float) -> np.ndarray:
+        """Per-input confidence of the raw outputs ``raw`` (N, ...), in [0, 1]; routing offloads the lowest."""
+
+    @abstractmethod
+    def quality(self, raw: np.ndarray, targets: Any) -> np.ndarray:
+        """Per-input quality of the answers in ``raw`` against ``targets``, in [0, 1] (float64, shape (N,))."""
+
+    @abstractmethod
+    def metric(self, raw: np.ndarray, targets: Any) -> float:
+        """The split's headline metric in [0, 1] (classification: top-1 accuracy)."""
+
+    @property
+    def metric_name(self) -> str:
+        return "accuracy"
+
+    @abstractmethod
+    def answer(self, raw_one: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+        """The JSON answer for one input's raw output (shape without the batch axis)."""
