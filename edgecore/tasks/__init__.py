@@ -6,6 +6,7 @@ Third-party tasks register under the ``edge_toolchain.tasks`` entry-point group
 
 from __future__ import annotations
 
+import functools
 import importlib
 from importlib import metadata
 from typing import Any, Mapping
@@ -24,7 +25,10 @@ BUILTIN: dict[str, str] = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def _registry() -> dict[str, str]:
+    """Built-in tasks and the installed entry points, read once per process (scanning the installed
+    distributions takes tens of milliseconds, and every manifest read asks)."""
     found = dict(BUILTIN)
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         found.setdefault(ep.name, ep.value)
@@ -35,6 +39,7 @@ def task_names() -> list[str]:
     return list(_registry())
 
 
+@functools.lru_cache(maxsize=None)
 def task_class(name: str) -> type[Task]:
     reg = _registry()
     if name not in reg:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 from importlib import metadata
 from typing import Any
@@ -20,12 +21,18 @@ BUILTIN: dict[str, str] = {
 }
 
 
-def get_train_task(spec: TaskSpec | str | dict[str, Any] | None = None) -> TrainTask:
-    """The training half of the task ``spec`` names (``None``: classification)."""
-    contract = get_task(spec)
+@functools.lru_cache(maxsize=1)
+def _registry() -> dict[str, str]:
     found = dict(BUILTIN)
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         found.setdefault(ep.name, ep.value)
+    return found
+
+
+def get_train_task(spec: TaskSpec | str | dict[str, Any] | None = None) -> TrainTask:
+    """The training half of the task ``spec`` names (``None``: classification)."""
+    contract = get_task(spec)
+    found = _registry()
     if contract.name not in found:
         raise ConfigError(f"task {contract.name!r} has no training half here (known: {', '.join(found)}; "
                           f"contract tasks: {', '.join(task_names())})")
