@@ -8,7 +8,14 @@ import torch
 
 from edgecore.detect import DecodeParams, anchor_points
 from edgecore.errors import ConfigError, DataError, ModelError
-from toolchain.detection.loss import LossConfig, assign, decode_boxes, detection_loss, distillation_loss, giou
+from toolchain.detection.loss import (
+    LossConfig,
+    assign,
+    decode_boxes,
+    detection_loss,
+    distillation_loss,
+    giou,
+)
 
 P64 = DecodeParams(input_size=(64, 64), strides=(8, 16, 32), num_classes=3)
 P128 = DecodeParams(input_size=(128, 128), strides=(8, 16, 32), num_classes=3)

@@ -24,8 +24,9 @@ teacher's best score is above ``score_threshold`` (weighted by that score); ``al
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from torch.nn import functional as F
 from edgecore.detect import DecodeParams, anchor_points
 from edgecore.errors import ConfigError, DataError, ModelError
 
-__all__ = ["LossConfig", "Assignment", "assign", "decode_boxes", "giou", "detection_loss", "distillation_loss"]
+__all__ = ["Assignment", "LossConfig", "assign", "decode_boxes", "detection_loss", "distillation_loss", "giou"]
 
 Targets = Sequence[tuple[Any, Any]]  # per image: (boxes (K, 4) xyxy pixels, classes (K,))
 
@@ -79,7 +80,7 @@ def _geometry(params: DecodeParams, range_scale: float, device: torch.device) ->
     hi[-1] = np.inf
     level = np.repeat(np.arange(len(st)), [h * w for h, w in params.level_shapes])
     offsets = np.concatenate([[0], np.cumsum([h * w for h, w in params.level_shapes])[:-1]])
-    t = lambda a, dt=torch.float32: torch.tensor(np.array(a), dtype=dt, device=device)  # noqa: E731
+    t = lambda a, dt=torch.float32: torch.tensor(np.array(a), dtype=dt, device=device)
     return {"centres": t(centres), "strides": t(strides), "lo": t(lo[level]), "hi": t(hi[level]),
             "level_lo": t(lo), "level_hi": t(hi), "offsets": t(offsets, torch.int64)}
 

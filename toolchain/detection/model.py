@@ -15,14 +15,15 @@ level when a side is odd, so any input size works.
 The head's convolutions are shared by the levels, its BatchNorms are not (see `Head`).
 
 Knobs: ``width`` / ``depth`` (resnet), ``width`` / ``width_mult`` / ``depth_mult`` (mobilenet), ``neck_width``
-(FPN and head channels) and ``head_convs`` (convolutions per head branch). The exported graph uses Conv,
-Relu (or Sigmoid/Mul for SiLU), Add, Resize (nearest), Concat, Reshape and Transpose only.
+(FPN and head channels) and ``head_convs`` (convolutions per head branch). Once
+`toolchain.passes.qat.fold_batchnorm` has folded the BatchNorms, the exported graph holds Conv, Relu (or
+Sigmoid/Mul for SiLU), Add, Resize (nearest), Concat, Reshape and Transpose, plus shape arithmetic.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -31,9 +32,15 @@ from torch.nn import functional as F
 from edgecore.detect import DecodeParams
 from edgecore.errors import ModelError
 from toolchain.config import ModelConfig
-from toolchain.models import BasicBlock, InvertedResidual, MobileNet, _conv_bn, _make_divisible
+from toolchain.models import (
+    BasicBlock,
+    InvertedResidual,
+    MobileNet,
+    _conv_bn,
+    _make_divisible,
+)
 
-__all__ = ["Detector", "build_detector", "detection_params", "STRIDES", "BACKBONES"]
+__all__ = ["BACKBONES", "STRIDES", "Detector", "build_detector", "detection_params"]
 
 STRIDES = (8, 16, 32)
 BACKBONES = ("resnet", "mobilenet")
@@ -157,9 +164,9 @@ class Head(nn.Module):
         self.cls_pred = nn.Conv2d(width, num_classes, 1)
         self.box_pred = nn.Conv2d(width, 4, 1)
         nn.init.normal_(self.cls_pred.weight, std=0.01)
-        nn.init.constant_(self.cls_pred.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
+        nn.init.constant_(self.cls_pred.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))  # type: ignore[arg-type]
         nn.init.normal_(self.box_pred.weight, std=0.01)
-        nn.init.constant_(self.box_pred.bias, BOX_BIAS)
+        nn.init.constant_(self.box_pred.bias, BOX_BIAS)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
         box = F.relu(self.box_pred(self.box_towers[level](x)))
@@ -172,7 +179,7 @@ class Detector(nn.Module):
 
     strides = STRIDES
 
-    def __init__(self, backbone: nn.Module, num_classes: int, *, neck_width: int, head_convs: int, act: str = "relu") -> None:
+    def __init__(self, backbone: ResNetBackbone | MobileNetBackbone, num_classes: int, *, neck_width: int, head_convs: int, act: str = "relu") -> None:
         super().__init__()
         if act not in ACTIVATIONS:
             raise ModelError(f"detector activation {act!r} unknown (known: {', '.join(ACTIVATIONS)})")
@@ -206,7 +213,7 @@ def build_detector(cfg: ModelConfig, *, input_shape: tuple[int, ...], num_classe
     if min(h, w) < 1:
         raise ModelError(f"a detector needs a positive input size, got {h}x{w}")
     fam = cfg.family
-    backbone: nn.Module
+    backbone: ResNetBackbone | MobileNetBackbone
     if fam == "resnet":
         if cfg.width < 1 or cfg.depth < 1:
             raise ModelError(f"{what}: resnet detector needs width >= 1 and depth >= 1, got {cfg.width}, {cfg.depth}")
