@@ -83,11 +83,15 @@ class PruneConfig(Section):
 
 
 def _output_layers(model: "nn.Module", num_classes: int) -> list["nn.Module"]:
-    """Layers whose outputs are the logits: never pruned."""
+    """Layers whose outputs are the logits: never pruned. A model may name them itself with an
+    ``output_layers()`` method (a detector's box and class predictions)."""
     from torch import nn
 
     out = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
     out += [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels == num_classes]
+    declared = getattr(model, "output_layers", None)
+    if callable(declared):
+        out += [m for m in declared() if all(m is not o for o in out)]
     return out
 
 
