@@ -33,6 +33,7 @@ from edgecore.errors import EdgeError, TargetUnavailableError
 from edgecore.fsutil import atomic_dir, atomic_write_json
 from edgecore.manifest import ArtifactInfo, Manifest, ModelInfo, OutputSpec, Routing
 from edgecore.spec import InputSpec, Precision
+from edgecore.tasks import TaskSpec
 from targets import Artifact, ModelSource, Target, get_target, parse_precision
 from toolchain import __version__
 from toolchain.config import BuildConfig

@@ -52,8 +52,8 @@ def test_every_package_is_layered():
     assert on_disk <= set(ALLOWED), f"packages with no layer: {sorted(on_disk - set(ALLOWED))}"
 
 
-# Edges that still point up, each with the slice of the redesign that removes it.
-# The list may only shrink: a new entry needs a reason in the redesign note.
+# Import edges that point up, each with its reason (docs/architecture.md). There are none; the list may only
+# shrink, and a new entry needs its reason in docs/architecture.md too.
 KNOWN_UP: dict[tuple[str, str], str] = {}
 
 
@@ -78,9 +78,112 @@ def test_the_foundation_imports_nothing_heavy():
     assert [x for x in found if "clikit.py" not in x] == []
 
 
-if __name__ == "__main__":  # the before/after table in the redesign note
+if __name__ == "__main__":  # the import-edge table (docs/architecture.md): python -m tests.architecture.test_layers
     for (a, b), where in sorted(edges().items()):
         print(f"{a:>14} -> {b:<14} {len(where):3d}")
+
+
+# The entry-point groups: the edges that are not imports. Each names the package that loads the group at run
+# time (through importlib.metadata, never an import) and why; docs/architecture.md shows the same table.
+ENTRY_POINT_GROUPS: dict[str, tuple[str, str]] = {
+    "edge_toolchain.commands": ("toolchain", "the demo adds `toolchain demo` from above the toolchain"),
+    "edge_toolchain.agent_commands": ("device_agent", "commands a device runs from other packages: hw-bench's "
+                                      "`bench` job (its device half: edgecore, targets and hw_bench only)"),
+    "edge_toolchain.latency_devices": ("toolchain", "hw-bench measures latency-search candidates on a fleet "
+                                       "device, for the pruning pass"),
+    "edge_toolchain.targets": ("targets", "third-party targets"),
+    "edge_toolchain.tasks": ("edgecore", "third-party tasks (contract half)"),
+    "edge_toolchain.train_tasks": ("toolchain", "third-party tasks (training half)"),
+}
+
+
+def _declared_entry_points() -> dict[str, dict[str, str]]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {group: dict(eps) for group, eps in project.get("entry-points", {}).items()}
+
+
+def _loaded_groups() -> dict[str, set[str]]:
+    """{group: the packages whose code names it} (a string constant in a production module)."""
+    found: dict[str, set[str]] = {}
+    for pkg in ALLOWED:
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text(), filename=str(f))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in ENTRY_POINT_GROUPS:
+                    found.setdefault(node.value, set()).add(pkg)
+    return found
+
+
+def test_every_entry_point_group_is_on_the_map():
+    declared = _declared_entry_points()
+    assert set(declared) <= set(ENTRY_POINT_GROUPS), f"undocumented groups: {set(declared) - set(ENTRY_POINT_GROUPS)}"
+    loaded = _loaded_groups()
+    for group, (consumer, _why) in ENTRY_POINT_GROUPS.items():
+        assert loaded.get(group) == {consumer}, f"{group}: loaded by {loaded.get(group)}, the map says {consumer}"
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    missing = [g for g in ENTRY_POINT_GROUPS if f"`{g}`" not in doc]
+    assert not missing, f"docs/architecture.md does not show {missing}"
+
+
+def _module_level(tree: ast.Module) -> list[ast.stmt]:
+    """The statements that run on import: the module's body, into ``try``/``if`` blocks but not
+    ``if TYPE_CHECKING`` or function and class bodies."""
+    out: list[ast.stmt] = []
+    todo: list[ast.stmt] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        if isinstance(node, ast.If) and not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):
+            todo += node.body + node.orelse
+        elif isinstance(node, ast.Try):
+            todo += node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body]
+    return out
+
+
+def _closure(module: str) -> set[str]:
+    """The project modules importing ``module`` loads, transitively (module-level imports: a lazy import inside
+    a function loads nothing until that function runs)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = ROOT / (name.replace(".", "/") + ".py")
+        if not path.exists():
+            path = ROOT / name.replace(".", "/") / "__init__.py"
+        if not path.exists():
+            continue
+        pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in _module_level(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
+                mods = [base] + [f"{base}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            else:
+                continue
+            todo += [m for m in mods if m.split(".")[0] in ALLOWED]
+    return {m for m in seen if (ROOT / (m.replace(".", "/") + ".py")).exists()
+            or (ROOT / m.replace(".", "/") / "__init__.py").exists()}
+
+
+def test_what_devices_load_through_entry_points_stays_on_the_device_side():
+    """A device's agent loads its commands' modules: only the device side (edgecore, targets, device_agent) and
+    the provider's own package may be in their closure: never the toolchain, calibration or the gateway."""
+    device_side = {"edgecore", "targets", "device_agent"}
+    for name, value in _declared_entry_points().get("edge_toolchain.agent_commands", {}).items():
+        module = value.split(":")[0]
+        own = module.split(".")[0]
+        outside = sorted(m for m in _closure(module) if m.split(".")[0] not in device_side | {own})
+        assert not outside, f"agent command {name} ({module}) loads {outside} on devices"
+    # the closure follows module-level imports across packages and stops at lazy ones
+    assert {"toolchain.config", "toolchain.section", "edgecore.errors"} <= _closure("toolchain.bundle")
+    assert "calibration.routing" not in _closure("toolchain.bundle")  # imported inside _routing only
 
 
 # names with one home in the foundation, imported from there only (not through a package that imports them)
