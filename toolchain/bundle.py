@@ -87,7 +87,7 @@ def _remove_stale(out: Path) -> None:
 class _Verified:
     verify: dict[str, Any]
     metrics: dict[str, Any]
-    val_logits: np.ndarray
+    fit_out: np.ndarray  # the artifact's outputs on the routing fit split
     conf_source: str
 
 
@@ -98,40 +98,51 @@ def _verify(t: Target, p: Precision, tmp: Path, art: ArtifactInfo, ref: Referenc
 
     log.info("verifying %s %s on %d test inputs", t.name, p.value, len(ref.y_test))
     ev = evaluate(t, tmp, art, ref.input_spec, x_test=ref.x_test, y_test=ref.y_test, ref_test=ref.student_test,
-                  x_val=ref.x_val, precision=p, budget_pt=cfg.accuracy_budget_pt, labels=ref.labels, source=source,
+                  x_fit=ref.x_fit, precision=p, budget_pt=cfg.accuracy_budget_pt, labels=ref.labels, source=source,
                   enabled=cfg.verify, task=ref.task)
-    val = ev.val_logits if ev.val_logits is not None else ref.student_val
+    val = ev.fit_out if ev.fit_out is not None else ref.student_fit
     return _Verified(ev.verify, ev.metrics, val, ev.conf_source)
 
 
-def _routing(tmp: Path, ref: Reference, cfg: BuildConfig, val_logits: np.ndarray, conf_source: str,
+_SPLIT_WORDS = {
+    "calibration": "calibration split (no stage selected a checkpoint on it)",
+    "validation": "validation split (selection-biased: the run has no calibration split, or a device refresh)",
+}
+
+
+def _routing(tmp: Path, ref: Reference, cfg: BuildConfig, fit_out: np.ndarray, conf_source: str,
              title: str) -> Routing:
-    """Temperature, threshold for the offload budget, the curve files and the drift reference."""
+    """Temperature, threshold for the offload budget, the curve files and the drift reference.
+
+    All fitted on ``ref``'s fit split (the calibration split: inputs no stage selected a checkpoint on, so the
+    student does not look better there than it is); ``fit_out`` is the artifact's outputs on it.
+    """
     from calibration.drift_reference import drift_reference
     from calibration.routing import choose_threshold, write_curve
 
     task = ref.task
-    fit = task.calibrate(val_logits, ref.y_val)
-    conf = task.contract.confidence(val_logits, measure=cfg.confidence.value, temperature=fit.temperature)
-    edge_ok = task.contract.quality(val_logits, ref.y_val)
-    cloud_ok = task.contract.quality(ref.teacher_val, ref.y_val) if ref.teacher_val is not None else np.ones_like(edge_ok)
+    fit = task.calibrate(fit_out, ref.y_fit)
+    conf = task.contract.confidence(fit_out, measure=cfg.confidence.value, temperature=fit.temperature)
+    edge_ok = task.contract.quality(fit_out, ref.y_fit)
+    cloud_ok = task.contract.quality(ref.teacher_fit, ref.y_fit) if ref.teacher_fit is not None else np.ones_like(edge_ok)
     # A refresh for one device: the threshold spends the offload budget on what that device now sees (its
-    # collected held-out inputs), as the drift reference describes it; the temperature is fitted on all of val.
+    # collected held-out inputs), as the drift reference describes it; the temperature is fitted on all of it.
     seen = ref.drift_rows or slice(None)
-    own = ref.drift_rows is not None and len(ref.y_val[seen]) >= MIN_THRESHOLD_ROWS  # else too few: all of val
+    own = ref.drift_rows is not None and len(ref.y_fit[seen]) >= MIN_THRESHOLD_ROWS  # else too few: all
     rows = seen if own else slice(None)
     choice = choose_threshold(conf[rows], edge_ok[rows], cloud_ok[rows], offload_budget=cfg.offload_budget)
     curve_json, curve_png = write_curve(tmp, conf[rows], edge_ok[rows], cloud_ok[rows], choice=choice, title=title)
     atomic_write_json(tmp / DRIFT_REFERENCE, drift_reference(
-        raw=ref.raw_val[seen], conf=conf[seen], measure=cfg.confidence.value, temperature=fit.temperature))
+        raw=ref.raw_fit[seen], conf=conf[seen], measure=cfg.confidence.value, temperature=fit.temperature))
     return Routing(
         measure=cfg.confidence.value, temperature=fit.temperature, threshold=choice.threshold,
         offload_budget=cfg.offload_budget,
         info={"expected_accuracy": choice.expected_accuracy, "expected_offload": choice.expected_offload,
               "edge_accuracy": choice.edge_accuracy, "cloud_accuracy": choice.cloud_accuracy,
               "curve_file": curve_json, "curve_plot": curve_png, "ece_before": fit.ece_before,
-              "ece_after": fit.ece_after, "fitted_on": f"validation split, {conf_source}" + (
+              "ece_after": fit.ece_after, "fitted_on": f"{_SPLIT_WORDS[ref.fit_split]}, {conf_source}" + (
                   ", threshold on the device's collected held-out inputs" if own else ""),
+              "fit_split": ref.fit_split, "fit_inputs": int(len(ref.y_fit)),
               "rule": choice.rule, "rule_reason": choice.reason or None,
               "temperature_fitted": fit.fitted, "temperature_bounds": list(fit.bounds)},
     )
@@ -193,7 +204,7 @@ def build_bundle(
             ver = _verify(t, p, tmp, art, ref, cfg, source)
             ver.metrics.update(size_bytes=int(size), macs=ref.macs, params=ref.params,
                              accuracy_budget_pt=cfg.accuracy_budget_pt, build_seconds=round(build_s, 3))
-            routing = _routing(tmp, ref, cfg, ver.val_logits, ver.conf_source,
+            routing = _routing(tmp, ref, cfg, ver.fit_out, ver.conf_source,
                                title=f"{source.name} {t.name} {p.value}: accuracy vs offload")
             manifest = write_bundle(tmp, manifest_for(
                 artifact, name=source.name,

@@ -47,7 +47,7 @@ def run_passes(passes: list[Pass], student: "nn.Module", ctx: PassContext, *, la
     for p in passes:
         out, seconds = p.run(res.student, ctx)
         res.sections[p.name] = out.summary
-        stage = f"{label}{p.stage}"
+        stage = f"{label}{p.stage_for(out.summary)}"
         if p.quantizes:
             from toolchain import engine
 

@@ -100,6 +100,9 @@ class DataConfig(Section):
     source: str = "digits"
     val_fraction: float = 0.15
     test_fraction: float = 0.2
+    # carved from the training share: the routing temperature, threshold and drift reference are fitted on it,
+    # inputs no stage selects a checkpoint on (0: fit them on the validation split, which is selection-biased)
+    calibration_fraction: float = 0.1
     image_size: int = 32  # imagefolder only: images are resized to image_size x image_size
     channels: int = 3  # imagefolder only: 1 (grayscale) or 3 (RGB)
     batch_size: int = 64
@@ -107,6 +110,9 @@ class DataConfig(Section):
     def validate(self, check: Check) -> None:
         check.need(0.0 < self.val_fraction < 0.5, "val_fraction", "must be in (0, 0.5)")
         check.need(0.0 < self.test_fraction < 0.5, "test_fraction", "must be in (0, 0.5)")
+        check.need(0.0 <= self.calibration_fraction < 0.5, "calibration_fraction", "must be in [0, 0.5)")
+        check.need(self.val_fraction + self.test_fraction + self.calibration_fraction < 0.8, "calibration_fraction",
+                   "with val_fraction and test_fraction must leave at least 20% for training")
         check.need(self.image_size >= 4, "image_size", "must be >= 4")
         check.need(self.channels in (1, 3), "channels", "must be 1 or 3")
         check.count("batch_size", low=1, high=MAX_BATCH)

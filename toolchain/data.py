@@ -49,7 +49,11 @@ class RawData:
 
 @dataclass(frozen=True)
 class Splits:
-    """Train/val/test as (X raw float32, y int64) tuples, plus how to normalise."""
+    """Train/val/test (and calibration) as (X raw float32, y int64) tuples, plus how to normalise.
+
+    ``calibration``: inputs no stage trains or selects a checkpoint on, for what the device uses to decide
+    (temperature, routing threshold, drift reference); empty when ``data.calibration_fraction = 0``.
+    """
 
     train: tuple[np.ndarray, np.ndarray]
     val: tuple[np.ndarray, np.ndarray]
@@ -57,6 +61,7 @@ class Splits:
     input_spec: InputSpec
     labels: tuple[str, ...]
     sha256: str
+    calibration: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -242,6 +247,12 @@ def split(raw: RawData, cfg: DataConfig, *, seed: int) -> Splits:
         rest, test = train_test_split(idx, test_size=cfg.test_fraction, random_state=seed, stratify=raw.y)
         val_share = cfg.val_fraction / (1.0 - cfg.test_fraction)
         train, val = train_test_split(rest, test_size=val_share, random_state=seed, stratify=raw.y[rest])
+        cal = train[:0]
+        if cfg.calibration_fraction > 0:  # after the split above, so that val and test stay what they were
+            cal_share = cfg.calibration_fraction / (1.0 - cfg.test_fraction - cfg.val_fraction)
+            counts = np.bincount(raw.y[train])
+            strat = raw.y[train] if counts[counts > 0].min() >= 2 else None  # a rare class: not stratified
+            train, cal = train_test_split(train, test_size=cal_share, random_state=seed, stratify=strat)
     except ValueError as e:
         raise DataError(f"cannot split the data ({len(idx)} samples): {e}") from e
     Xtr = raw.X[train] * np.float32(raw.scale)
@@ -265,6 +276,7 @@ def split(raw: RawData, cfg: DataConfig, *, seed: int) -> Splits:
         input_spec=spec,
         labels=raw.labels,
         sha256=raw.sha256,
+        calibration=(raw.X[cal], raw.y[cal]),
     )
 
 
@@ -283,9 +295,11 @@ def data_record(
         "source": source,
         "seed": seed,
         "sha256": splits.sha256,
-        "splits": {k: int(len(getattr(splits, k)[1])) for k in ("train", "val", "test")},
+        "splits": {k: int(len(getattr(splits, k)[1])) for k in ("train", "val", "test")}
+        | {"calibration": int(len(splits.calibration[1])) if splits.calibration is not None else 0},
         "val_fraction": cfg.val_fraction,
         "test_fraction": cfg.test_fraction,
+        "calibration_fraction": cfg.calibration_fraction,
         "image_size": cfg.image_size,
         "channels": cfg.channels,
         "input_spec": splits.input_spec.to_dict(),
@@ -303,6 +317,7 @@ def splits_from_record(record: dict[str, Any]) -> Splits:
             source=str(record["source"]),
             val_fraction=float(record["val_fraction"]),
             test_fraction=float(record["test_fraction"]),
+            calibration_fraction=float(record.get("calibration_fraction", 0.0)),  # runs made before it: none
             image_size=int(record.get("image_size", 32)),
             channels=int(record.get("channels", 3)),
         )
@@ -332,6 +347,7 @@ def with_refresh(splits: Splits, path: Path, sha256: str | None) -> Splits:
         train=(np.concatenate([splits.train[0], parts["x_train"]]), np.concatenate([splits.train[1], parts["y_train"]])),
         val=(np.concatenate([splits.val[0], parts["x_val"]]), np.concatenate([splits.val[1], parts["y_val"]])),
         test=splits.test, input_spec=splits.input_spec, labels=splits.labels, sha256=splits.sha256,
+        calibration=splits.calibration,
     )
 
 

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -250,8 +251,20 @@ def _train_epoch(loop: _Loop, opts: FitOptions, epoch: int) -> float:
     return total_loss / max(n, 1)
 
 
+def eta_text(seconds_per_epoch: float, state: FitState, opts: FitOptions) -> str:
+    """``2.1 s/epoch, ETA 57 s`` (at most: early stopping may end it sooner), or "" when the run has ended."""
+    left = opts.epochs - state.epoch
+    if opts.patience is not None:
+        left = min(left, opts.patience - state.bad_epochs)  # the most early stopping lets it run
+    if left <= 0 or state.stopped_early:
+        return ""
+    eta = seconds_per_epoch * left
+    when = f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.1f} min"
+    return f", {seconds_per_epoch:.1f} s/epoch, ETA ≤ {when}"
+
+
 def _end_epoch(state: FitState, model: nn.Module, opts: FitOptions, epoch: int, loss: float, val_acc: float,
-               show: bool) -> None:
+               show: bool, seconds: float | None = None) -> None:
     """Record the epoch, keep the best weights, apply early stopping, report the line."""
     from tqdm.auto import tqdm
 
@@ -267,7 +280,7 @@ def _end_epoch(state: FitState, model: nn.Module, opts: FitOptions, epoch: int, 
     line = (
         f"{opts.desc} epoch {epoch + 1}/{opts.epochs}: loss {loss:.4f} "
         f"val_acc {val_acc:.4f} (best {state.best_acc:.4f} @ {state.best_epoch})"
-    )
+    ) + (eta_text(seconds, state, opts) if seconds is not None else "")
     if show:
         tqdm.write(line)
     elif rank() == 0:
@@ -317,9 +330,10 @@ def fit(
             sampler.set_epoch(epoch)
         torch.manual_seed(opts.seed * 1000 + epoch)
         model.train()
+        t_epoch = time.perf_counter()
         loss = _train_epoch(loop, opts, epoch)
         m = eval_model() if eval_model is not None else model
-        _end_epoch(state, model, opts, epoch, loss, metric(m, Xv, yv), loop.show)
+        _end_epoch(state, model, opts, epoch, loss, metric(m, Xv, yv), loop.show, time.perf_counter() - t_epoch)
         state.model, state.optimizer, state.scheduler = model.state_dict(), opt.state_dict(), sched.state_dict()
         if on_epoch_end is not None:
             on_epoch_end(state)

@@ -26,21 +26,24 @@ class Reference:
     labels: tuple[str, ...]
     x_train: np.ndarray  # normalised
     y_train: np.ndarray
-    raw_val: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
+    # the split routing is fitted on (temperature, threshold, edge-vs-cloud, drift reference): the calibration
+    # split, which no stage selected a checkpoint on, when the run has one (and not a device refresh's rows)
+    raw_fit: np.ndarray
+    x_fit: np.ndarray
+    y_fit: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    student_val: np.ndarray
+    student_fit: np.ndarray
     student_test: np.ndarray
-    teacher_val: np.ndarray | None  # the cloud model's logits (None: no teacher in the run)
+    teacher_fit: np.ndarray | None  # the cloud model's outputs on it (None: no teacher in the run)
     macs: int | None
     params: int | None
     lineage: dict[str, Any]
     task: "TrainTask"  # the run's task: its gate, metric and routing quality
-    # rows of the val split the drift reference is built from: all (None), or, for a refresh aimed at one
-    # device, the collected held-out rows at its end (the distribution that device now sees)
+    # rows of the fit split the drift reference is built from: all (None), or, for a refresh aimed at one
+    # device, the collected held-out rows at the end of its validation split (what that device now sees)
     drift_rows: slice | None = None
+    fit_split: str = "calibration"  # "calibration" | "validation" (selection-biased: no calibration split)
 
 
 _REFERENCES: dict[tuple[str, float, float], Reference] = {}
@@ -61,6 +64,20 @@ def _drift_rows(record: dict[str, Any]) -> slice | None:
     return slice(-int(r["val"]), None) if r.get("drift_from") == "collected" and int(r.get("val", 0)) > 0 else None
 
 
+#: fewer calibration inputs than this and routing is fitted on the validation split instead (said in the bundle)
+MIN_CALIBRATION_ROWS = 30
+
+
+def _fit_split(splits: Any, drift_rows: slice | None) -> tuple[str, tuple[np.ndarray, np.ndarray]]:
+    """What routing is fitted on: the calibration split, or the validation split where the run has too small a
+    calibration split (``data.calibration_fraction = 0``, runs made before it) or is a device refresh (its
+    collected held-out inputs sit at the end of the validation split)."""
+    cal = splits.calibration
+    if drift_rows is None and cal is not None and len(cal[1]) >= MIN_CALIBRATION_ROWS:
+        return "calibration", cal
+    return "validation", splits.val
+
+
 def reference_for(run_dir: Path) -> Reference:
     """The run's splits and PyTorch logits (cached per process while the checkpoints are unchanged)."""
     from toolchain.rundir import RunDir
@@ -74,8 +91,10 @@ def reference_for(run_dir: Path) -> Reference:
     splits = run.splits()
     spec = splits.input_spec
     student = run.load_student()
-    x_train, x_val, x_test = (spec.preprocess(s[0]) for s in (splits.train, splits.val, splits.test))
-    teacher_val = _torch_logits(run.load_teacher(), x_val) if teacher_p.exists() else None
+    drift_rows = _drift_rows(run.data_record())
+    fit_split, fit = _fit_split(splits, drift_rows)
+    x_train, x_fit, x_test = (spec.preprocess(s[0]) for s in (splits.train, fit, splits.test))
+    teacher_fit = _torch_logits(run.load_teacher(), x_fit) if teacher_p.exists() else None
     macs = params = None
     try:
         from toolchain.models import count_macs, count_params
@@ -88,10 +107,10 @@ def reference_for(run_dir: Path) -> Reference:
     lineage["run_dir"] = str(run.path.resolve())
     ref = Reference(
         run_dir=run.path, input_spec=spec, labels=tuple(splits.labels), x_train=x_train, y_train=splits.train[1],
-        raw_val=splits.val[0], x_val=x_val, y_val=splits.val[1], x_test=x_test, y_test=splits.test[1],
-        student_val=_torch_logits(student, x_val), student_test=_torch_logits(student, x_test),
-        teacher_val=teacher_val, macs=macs, params=params, lineage=lineage, task=run.task,
-        drift_rows=_drift_rows(run.data_record()),
+        raw_fit=fit[0], x_fit=x_fit, y_fit=fit[1], x_test=x_test, y_test=splits.test[1],
+        student_fit=_torch_logits(student, x_fit), student_test=_torch_logits(student, x_test),
+        teacher_fit=teacher_fit, macs=macs, params=params, lineage=lineage, task=run.task,
+        drift_rows=drift_rows, fit_split=fit_split,
     )
     _REFERENCES.clear()
     _REFERENCES[key] = ref

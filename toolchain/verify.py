@@ -79,7 +79,7 @@ class Evaluation:
 
     verify: dict[str, Any]  # the manifest's verify block
     metrics: dict[str, Any]  # accuracy, reference_accuracy, agreement, max_abs_logit_diff, proxy_*
-    val_logits: np.ndarray | None  # the artifact's (or proxy's) validation logits; None: neither ran
+    fit_out: np.ndarray | None  # the artifact's (or proxy's) outputs on x_fit (routing); None: neither ran
     conf_source: str  # what the routing threshold is fitted on
 
 
@@ -101,7 +101,7 @@ def _proxy_block(target: Target, bundle_dir: Path, artifact: ArtifactInfo, sourc
 
 def evaluate(
     target: Target, bundle_dir: Path, artifact: ArtifactInfo, input_spec: InputSpec, *, x_test: np.ndarray, y_test: Any,
-    ref_test: np.ndarray, x_val: np.ndarray | None = None, precision: Precision, budget_pt: float,
+    ref_test: np.ndarray, x_fit: np.ndarray | None = None, precision: Precision, budget_pt: float,
     labels: Any = (), source: ModelSource | None = None, threads: int | None = None, enabled: bool = True,
     task: TrainTask | None = None,
 ) -> Evaluation:
@@ -126,12 +126,12 @@ def evaluate(
             verify["proxy"] = {k: v for k, v in block.items() if k != "mismatches"}
         res.raise_if_failed(f"{target.name} {precision.value} build")
         metrics.update(accuracy=res.accuracy, agreement=res.agreement, max_abs_logit_diff=res.max_abs_logit_diff)
-        val = run_batched(runner, x_val) if x_val is not None else None
+        val = run_batched(runner, x_fit) if x_fit is not None else None
         return Evaluation(verify, metrics, val, "artifact")
     if proxied:
         verify = {**block, "reason": why}
         pres.raise_if_failed(f"{target.name} {precision.value} build (proxy: {block['runtime']}; {target.runtime} absent)")
-        val = run_batched(prunner, x_val) if x_val is not None else None
+        val = run_batched(prunner, x_fit) if x_fit is not None else None
         return Evaluation(verify, metrics, val, f"proxy ({block['runtime']})")
     return Evaluation({"status": "skipped", "reason": why}, metrics, None, "pytorch reference (artifact not runnable here)")
 

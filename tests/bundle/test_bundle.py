@@ -46,6 +46,8 @@ def test_onnx_bundle_follows_the_contract(onnx_bundle: Path, tiny_run: Path) -> 
     r = m["routing"]
     assert r["measure"] == "max_prob" and r["temperature"] > 0 and r["offload_budget"] == 0.10
     assert 0 <= r["expected_offload"] <= 0.10 and r["expected_accuracy"] >= r["edge_accuracy"]
+    # fitted on the calibration split: inputs no stage selected a checkpoint on
+    assert r["fit_split"] == "calibration" and r["fit_inputs"] == 180 and r["fitted_on"].startswith("calibration")
     curve = json.loads((onnx_bundle / r["curve_file"]).read_text())
     assert curve["offload"][0] == 0.0 and curve["offload"][-1] == 1.0
     drift = b.drift_reference()

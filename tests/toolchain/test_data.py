@@ -17,10 +17,10 @@ def test_digits_split_is_deterministic_stratified_and_normalised_on_train():
     b = load_splits(cfg, seed=0)
     c = load_splits(cfg, seed=1)
     assert np.array_equal(a.test[0], b.test[0]) and not np.array_equal(a.test[0], c.test[0])
-    n = {k: len(getattr(a, k)[1]) for k in ("train", "val", "test")}
-    assert sum(n.values()) == 1797 and n["test"] == 360
+    n = {k: len(getattr(a, k)[1]) for k in ("train", "val", "test", "calibration")}
+    assert sum(n.values()) == 1797 and n["test"] == 360 and n["calibration"] == 180
     # stratified: every class in every split, in proportion
-    for _, y in (a.train, a.val, a.test):
+    for _, y in (a.train, a.val, a.test, a.calibration):
         frac = np.bincount(y, minlength=10) / len(y)
         assert frac.min() > 0.07 and frac.max() < 0.13
     spec = a.input_spec
@@ -30,6 +30,37 @@ def test_digits_split_is_deterministic_stratified_and_normalised_on_train():
     # reload from the record gives the same arrays
     r = splits_from_record(data_record(a, cfg, seed=0))
     assert np.array_equal(r.val[0], a.val[0]) and np.array_equal(r.val[1], a.val[1])
+    assert np.array_equal(r.calibration[0], a.calibration[0])
+
+
+def test_the_calibration_split_is_carved_from_training_only():
+    """Val and test stay what they were without it; the four splits are disjoint; a run recorded before the
+    calibration split existed reloads exactly as it was made (no calibration split)."""
+    with_cal = load_splits(DataConfig(), seed=3)
+    without = load_splits(DataConfig(calibration_fraction=0.0), seed=3)
+    assert len(without.calibration[1]) == 0
+    for k in ("val", "test"):
+        assert np.array_equal(getattr(with_cal, k)[0], getattr(without, k)[0])
+    rows = {x.tobytes() for split in (with_cal.train, with_cal.val, with_cal.test, with_cal.calibration)
+            for x in split[0]}
+    # digits has duplicate images; disjoint by position: the four splits together are the whole set
+    assert sum(len(s[1]) for s in (with_cal.train, with_cal.val, with_cal.test, with_cal.calibration)) == 1797
+    assert len(rows) == len({x.tobytes() for s in (without.train, without.val, without.test) for x in s[0]})
+    old = data_record(without, DataConfig(calibration_fraction=0.0), seed=3)
+    del old["calibration_fraction"]
+    r = splits_from_record(old)
+    assert len(r.calibration[1]) == 0 and np.array_equal(r.train[0], without.train[0])
+
+
+@pytest.mark.parametrize(("key", "value", "msg"), [
+    ("calibration_fraction", -0.1, "must be in [0, 0.5)"),
+    ("calibration_fraction", 0.45, "must leave at least 20% for training"),
+])
+def test_calibration_fraction_is_bounded(key, value, msg):
+    from toolchain.config import from_dict
+
+    with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        from_dict({"data": {key: value}}, origin="t.toml")
 
 
 def test_record_refuses_changed_data():

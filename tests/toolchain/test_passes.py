@@ -159,3 +159,14 @@ def test_scratch_control_is_reported_and_says_plainly_when_compression_bought_no
 
     assert type(fresh) is type(student) and not torch.equal(fresh.fc.weight, student.fc.weight)
     assert fresh.fc.weight.shape == student.fc.weight.shape
+
+
+def test_a_student_already_within_the_ratio_is_not_called_pruned():
+    """Another, smaller family: the prune pass passes it on untouched, and its compress row says so."""
+    from toolchain.config import Config
+    from toolchain.passes import get_pass
+
+    prune = get_pass("prune")(Config())
+    assert prune.stage_for({"pruned": True}) == "pruned"
+    assert prune.stage_for({"pruned": False}) == "not pruned (already within prune.ratio)"
+    assert get_pass("distill")(Config()).stage_for({}) == "distilled"

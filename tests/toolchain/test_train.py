@@ -110,3 +110,14 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert report["world_size"] == 2 and report["epochs_run"] == 2
     assert json.loads((tmp_path / "run/reports/train.json").read_text())["world_size"] == 2
     assert RunDir(tmp_path / "run").load_teacher() is not None
+
+
+def test_each_epoch_line_gives_the_rate_and_an_eta_bounded_by_early_stopping():
+    from toolchain.engine import FitOptions, FitState, eta_text
+
+    opts = FitOptions(epochs=30, lr=1e-3, patience=5)
+    assert eta_text(2.0, FitState(epoch=3, bad_epochs=0), opts) == ", 2.0 s/epoch, ETA ≤ 10 s"  # patience bounds it
+    assert eta_text(2.0, FitState(epoch=28, bad_epochs=0), opts) == ", 2.0 s/epoch, ETA ≤ 4 s"  # the epochs left do
+    assert eta_text(30.0, FitState(epoch=0), FitOptions(epochs=30, lr=1e-3)) == ", 30.0 s/epoch, ETA ≤ 15.0 min"
+    assert eta_text(2.0, FitState(epoch=30), opts) == ""
+    assert eta_text(2.0, FitState(epoch=4, stopped_early=True), opts) == ""

@@ -121,17 +121,19 @@ def _threshold(routing: dict[str, Any]) -> str:
     return f"{routing['threshold']:.3f}" + ("" if rule == "accuracy" else f" ({rule})")
 
 
-def _print_table(reports: list[dict[str, Any]], skipped: list[dict[str, str]], failures: list[dict[str, str]]) -> None:
+def _print_table(reports: list[dict[str, Any]], skipped: list[dict[str, str]], failures: list[dict[str, str]],
+                 console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from toolchain.verify import shown_accuracy, verify_label
 
-    console = Console(width=160)
+    console = console or Console(width=160)
     table = Table(title="bundles")
     for col in ("target", "precision", "accuracy", "reference", "agreement", "max diff", "size", "build s", "threshold",
-                "verify", "bundle"):
+                "verify"):
         table.add_column(col)
+    table.add_column("bundle", overflow="fold")  # a path is copied from here: folded over lines, never cut
     for r in reports:
         m = r["metrics"]
         acc, agree, proxy = shown_accuracy(m)

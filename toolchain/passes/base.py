@@ -97,6 +97,10 @@ class Pass(ABC):
         self.cfg = cfg
         self.config = getattr(cfg, self.section)
 
+    def stage_for(self, summary: dict[str, Any]) -> str:
+        """This pass's row in the compress table, given what it reports (default: `stage`)."""
+        return self.stage
+
     def run(self, student: "nn.Module", ctx: PassContext) -> tuple[PassOutput, float]:
         """Run on ``student`` (not modified); returns the output and the seconds it took."""
         t = time.perf_counter()

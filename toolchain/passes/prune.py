@@ -165,6 +165,11 @@ class PrunePass(Pass):
     section = "prune"
     stage = "pruned"
 
+    def stage_for(self, summary: dict[str, Any]) -> str:
+        """"pruned", or what happened instead: a student already within the ratio (another, smaller family)
+        is passed on untouched, and its row says so rather than "pruned"."""
+        return self.stage if summary.get("pruned", True) else "not pruned (already within prune.ratio)"
+
     def _run_for_config(self, student: "nn.Module", config: PruneConfig, ctx: PassContext) -> PassOutput:
         p = config
         if p.target is PruneTarget.LATENCY:
