@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import Sequence
 
 from edgecore.clikit import (
+    DefaultsHelpFormatter,
+    add_broker_args,
     add_common,
     add_json_flag,
     add_trust_args,
+    broker_from_args,
+    config_default,
     emit_json,
+    login_from_args,
     run_cli,
     trust_from_args,
 )
@@ -25,30 +30,18 @@ from edgecore.errors import GatewayError
 log = logging.getLogger("cloud_gateway")
 
 
-def _read_credentials(path: Path, who: str) -> tuple[str, str]:
-    try:
-        data = json.loads(Path(path).read_text())
-        entry = data[who] if who in data else data
-        return str(entry["username"]), str(entry["password"])
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise GatewayError(f"{path}: no {who} username/password in it ({e})") from e
+PASSWORD_ENV = "GATEWAY_MQTT_PASSWORD"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from device_agent.transport import broker_url
+    from .config import CollectionPolicy, GatewayConfig, WorkerConfig
+    from .service import Gateway
 
-    from .samples import CollectionPolicy
-    from .service import Gateway, GatewayConfig
-    from .worker import WorkerConfig
-
-    user, pw = args.username, args.password or os.environ.get("GATEWAY_MQTT_PASSWORD")
-    if args.credentials:
-        user, pw = _read_credentials(args.credentials, "gateway")
+    user, pw = login_from_args(args, who="gateway", password_env=PASSWORD_ENV)
     if args.batch_size < 1 or args.batch_ms < 0:
         raise GatewayError("--batch-size must be >= 1 and --batch-ms >= 0")
     cfg = GatewayConfig(
-        worker=WorkerConfig(broker_url=broker_url(args.broker, ca_file=args.ca_file, cert_file=args.cert_file,
-                                              key_file=args.key_file), username=user, password=pw, prefix=args.prefix,
+        worker=WorkerConfig(broker_url=broker_from_args(args), username=user, password=pw, prefix=args.prefix,
                             replica_id=args.replica_id, batch_size=args.batch_size, batch_ms=args.batch_ms,
                             max_payload_bytes=args.max_payload, mqtt_version=args.mqtt_version),
         teacher=args.teacher, db=args.db, bundles_dir=args.bundles_dir, http_host=args.http_host,
@@ -221,53 +214,61 @@ def cmd_credentials(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import CollectionPolicy, GatewayConfig, WorkerConfig
+
+    def g(name: str) -> object:  # every serve default is its dataclass's: one source
+        return config_default(GatewayConfig, name)
+
+    def w(name: str) -> object:
+        return config_default(WorkerConfig, name)
+
+    def c(name: str) -> object:
+        return config_default(CollectionPolicy, name)
+
     p = argparse.ArgumentParser(prog="cloud-gateway", description=__doc__)
     add_common(p)
     sub = p.add_subparsers(dest="command")
-    s = sub.add_parser("serve", help="run one gateway replica (MQTT worker + HTTP API)")
+    s = sub.add_parser("serve", help="run one gateway replica (MQTT worker + HTTP API)",
+                       formatter_class=DefaultsHelpFormatter)
     add_common(s)
-    s.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
-    from device_agent.transport import add_tls_args
-
-    add_tls_args(s)
+    add_broker_args(s, required=True, config=WorkerConfig, username="gateway", password_env=PASSWORD_ENV,
+                    credentials_help="credentials.json from fleet-credentials (its gateway entry)",
+                    version_help="3.1.1 for brokers without MQTT 5 (then no shared subscription: run one replica)")
     s.add_argument("--teacher", required=True, type=Path, help="run dir (teacher.onnx/teacher.pt) or .onnx file")
-    s.add_argument("--teacher-format", choices=["onnx", "torch"], default="onnx",
+    s.add_argument("--teacher-format", choices=["onnx", "torch"], default=g("teacher_format"),
                    help="for a run dir: serve teacher.onnx (onnxruntime) or teacher.pt (PyTorch)")
-    s.add_argument("--username", default="gateway")
-    s.add_argument("--password", help="or $GATEWAY_MQTT_PASSWORD")
-    s.add_argument("--credentials", type=Path, help="credentials.json from fleet-credentials")
-    s.add_argument("--prefix", default="fleet")
-    s.add_argument("--mqtt-version", choices=["5", "3.1.1"], default="5",
-                   help="3.1.1 for brokers without MQTT 5 (then no shared subscription: run one replica)")
-    s.add_argument("--replica-id", default="gw-0")
-    s.add_argument("--batch-size", type=int, default=32,
+    s.add_argument("--replica-id", default=w("replica_id"), help="this replica's name (client ids, metrics)")
+    s.add_argument("--batch-size", type=int, default=w("batch_size"),
                    help="most requests per model call (a burst already on the socket is served as one batch)")
-    s.add_argument("--batch-ms", type=float, default=5.0,
+    s.add_argument("--batch-ms", type=float, default=w("batch_ms"),
                    help="while a batch runs, the batcher waits up to this for more, only while more keeps arriving")
-    s.add_argument("--max-payload", type=int, default=1 << 20, help="bytes")
-    s.add_argument("--db", default="gateway.sqlite", help="SQLite path or database URL (postgresql://user:pw@host/db); upgraded in place on open")
-    s.add_argument("--bundles-dir", type=Path, default=Path("gateway-bundles"))
-    s.add_argument("--http-host", default="127.0.0.1")
-    s.add_argument("--http-port", type=int, default=8080, help="-1: no HTTP API")
+    s.add_argument("--max-payload", type=int, default=w("max_payload_bytes"), help="bytes")
+    s.add_argument("--db", default=g("db"), help="SQLite path or database URL (postgresql://user:pw@host/db); "
+                   "upgraded in place on open")
+    s.add_argument("--bundles-dir", type=Path, default=g("bundles_dir"), help="where uploaded bundles are kept")
+    s.add_argument("--http-host", default=g("http_host"), help="address the HTTP API listens on")
+    s.add_argument("--http-port", type=int, default=g("http_port"), help="-1: no HTTP API")
     s.add_argument("--token", help="token for write endpoints (or $GATEWAY_TOKEN)")
     s.add_argument("--threads", type=int)
     add_trust_args(s, who="the bundle upload")
     s.add_argument("--collect", metavar="all|DEV[,DEV]", help="collect offloaded inputs with the teacher's answer "
                    "from these devices (off by default; docs/gateway.md, 'Collected samples')")
-    s.add_argument("--collect-rate", type=float, default=1.0, help="share of offloads collected (flagged: always)")
-    s.add_argument("--collect-max-per-device", type=int, default=10_000)
-    s.add_argument("--collect-max-total", type=int, default=100_000)
-    s.add_argument("--collect-retention-days", type=float, default=30.0, help="0: until the bounds push them out")
+    s.add_argument("--collect-rate", type=float, default=c("rate"), help="share of offloads collected (flagged: always)")
+    s.add_argument("--collect-max-per-device", type=int, default=c("max_per_device"), help="samples kept per device")
+    s.add_argument("--collect-max-total", type=int, default=c("max_total"), help="samples kept in all")
+    s.add_argument("--collect-retention-days", type=float, default=c("retention_days"),
+                   help="0: until the bounds push them out")
     s.set_defaults(func=cmd_serve)
     sm = sub.add_parser("samples", help="collected samples in the store: list, stats, delete --device D")
     add_common(sm)
     sm.add_argument("action", choices=("list", "stats", "delete"))
-    sm.add_argument("--db", default="gateway.sqlite", help="SQLite path or database URL")
+    sm.add_argument("--db", default=g("db"), help="SQLite path or database URL")
     sm.add_argument("--device", help="only this device (required for delete)")
     sm.add_argument("--limit", type=int, default=50)
     add_json_flag(sm)
     sm.set_defaults(func=cmd_samples)
-    ro = sub.add_parser("rollout", help="staged rollout through the running gateway: start, status, list, abort")
+    ro = sub.add_parser("rollout", help="staged rollout through the running gateway: start, status, list, abort",
+                        formatter_class=DefaultsHelpFormatter)
     add_common(ro)
     ro.add_argument("action", choices=("start", "status", "list", "abort"))
     ro.add_argument("bundle", nargs="?", help="start: a bundle name in the gateway's store, or a .tar.gz to upload")

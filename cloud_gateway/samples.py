@@ -27,47 +27,12 @@ from typing import Any
 import numpy as np
 
 from edgecore import wire
-from edgecore.errors import GatewayError
 
+from .config import CollectionPolicy
 from .metrics import Metrics
 from .store import TelemetryStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CollectionPolicy:
-    devices: frozenset[str] = frozenset()  # empty: off
-    all_devices: bool = False
-    rate: float = 1.0  # share of a named device's offloads collected (flagged ones always are)
-    max_per_device: int = 10_000
-    max_total: int = 100_000
-    retention_days: float = 30.0  # 0: keep until the bounds push them out
-
-    @classmethod
-    def parse(cls, spec: str | None, **kw: Any) -> "CollectionPolicy":
-        """``--collect``: None/"" (off), ``all``, or ``dev-1,dev-2``; bounds and rate checked here."""
-        names = frozenset(d.strip() for d in (spec or "").split(",") if d.strip())
-        policy = cls(devices=names - {"all"}, all_devices="all" in names, **kw)
-        if not 0.0 <= policy.rate <= 1.0:
-            raise GatewayError(f"--collect-rate must be within 0..1, got {policy.rate}")
-        if policy.max_per_device < 1 or policy.max_total < 1:
-            raise GatewayError("--collect-max-per-device and --collect-max-total must be >= 1")
-        if policy.retention_days < 0:
-            raise GatewayError(f"--collect-retention-days must be >= 0, got {policy.retention_days}")
-        return policy
-
-    @property
-    def enabled(self) -> bool:
-        return self.all_devices or bool(self.devices)
-
-    def covers(self, device_id: str) -> bool:
-        return self.all_devices or device_id in self.devices
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"devices": "all" if self.all_devices else sorted(self.devices), "rate": self.rate,
-                "max_per_device": self.max_per_device, "max_total": self.max_total,
-                "retention_days": self.retention_days}
 
 
 @dataclass

@@ -10,42 +10,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from flask import Flask
 from waitress.server import create_server
 
-from edgecore.bundle import TrustPolicy
-
 from .api import MAX_BUNDLE_BYTES, create_app
-from .metrics import Metrics
+from .config import CollectionPolicy, GatewayConfig, WorkerConfig  # noqa: F401 (their home before)
 from .model import Teacher, load_teacher
 from .policy import PolicyEngine
 from .rollout import RolloutManager
-from .samples import CollectionPolicy, SampleCollector
+from .samples import SampleCollector
 from .store import TelemetryStore
-from .worker import GatewayWorker, WorkerConfig
+from .worker import GatewayWorker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GatewayConfig:
-    worker: WorkerConfig
-    teacher: Path
-    db: str = "gateway.sqlite"
-    bundles_dir: Path = Path("gateway-bundles")  # resolved against the working directory at start-up
-    http_host: str = "127.0.0.1"
-    http_port: int | None = 8080  # None: no HTTP API (a pure worker replica); 0: any free port
-    token: str | None = None
-    threads: int | None = None
-    teacher_format: str = "onnx"  # which one a run dir's teacher is loaded from: onnx | torch
-    metrics: Metrics = field(default_factory=Metrics)
-    trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures an uploaded bundle needs
-    collect: CollectionPolicy = field(default_factory=CollectionPolicy)  # sample collection (off by default)
-    rollout_update_timeout_s: float = 60.0  # how long a rollout waits for devices to apply an update
-    policy_interval_s: float = 30.0  # how often the refresh policy is evaluated (cloud_gateway/policy.py)
 
 
 class HttpServer:
@@ -109,7 +88,7 @@ class Gateway:
         if self.config.http_port is not None:
             self.rollouts = RolloutManager(
                 store=self.store, bundles_dir=Path(self.config.bundles_dir).resolve(),
-                publish=lambda t, p: self.worker.client.publish(t, p, qos=1), base_url=lambda: self.http_url,
+                publish=lambda t, p: self.worker.link.publish(t, p, qos=1), base_url=lambda: self.http_url,
                 prefix=self.config.worker.prefix, update_timeout_s=self.config.rollout_update_timeout_s)
             self.policy = PolicyEngine(store=self.store, gateway_url=lambda: self.http_url,
                                        start_rollout=self.rollouts.start, upload=self._store_bundle,
@@ -117,7 +96,7 @@ class Gateway:
             app = create_app(
                 store=self.store, metrics=self.metrics, bundles_dir=self.config.bundles_dir,
                 token=self.config.token, prefix=self.config.worker.prefix, trust=self.config.trust,
-                publish=lambda t, p: self.worker.client.publish(t, p, qos=1), collect=self.config.collect,
+                publish=lambda t, p: self.worker.link.publish(t, p, qos=1), collect=self.config.collect,
                 num_classes=len(self.teacher.labels), rollouts=self.rollouts, policy=self.policy,
                 health=self._health,
             )

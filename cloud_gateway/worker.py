@@ -22,18 +22,15 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from device_agent.transport import BrokerAddress, mqtt_protocol, set_nodelay
 from edgecore import wire
-from edgecore.errors import GatewayError
+from edgecore.errors import BrokerError, GatewayError
+from edgecore.mqtt import MqttLink
 
+from .config import WorkerConfig
 from .metrics import BATCH_BUCKETS, Metrics
 from .model import Teacher
 from .samples import SampleCollector
@@ -41,23 +38,6 @@ from .store import TelemetryStore
 from .telemetry import parse_window
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class WorkerConfig:
-    broker_url: str
-    username: str | None = None
-    password: str | None = None
-    prefix: str = "fleet"
-    group: str = "gateways"
-    replica_id: str = "gw-0"
-    batch_size: int = 32
-    batch_ms: float = 5.0
-    max_payload_bytes: int = 1 << 20
-    session_expiry_s: int = 3600  # the ingest (telemetry, status) session, kept while the replica is away
-    request_session_expiry_s: int = 0  # the request session: 0 = clean, gone with the connection (see docs)
-    keepalive_s: int = 10
-    mqtt_version: str = "5"  # "3.1.1": no shared subscription (one replica), requests carry an envelope
 
 
 @dataclass
@@ -90,90 +70,67 @@ class GatewayWorker:
         self._model_lock = threading.Lock()  # one model call at a time: inline (network thread) or batched
         self._pending: list[_Request] = []  # requests the network thread holds for its next batch (its own)
         self._stop = threading.Event()
-        self.connected = threading.Event()
         self._unsubscribed = threading.Event()
         self.served = 0
-        self._addr = BrokerAddress.parse(config.broker_url)
-        self.v5 = mqtt_protocol(config.mqtt_version) == mqtt.MQTTv5
-        p = config.prefix
-        T = wire.Topics
-        self.sub_req = T.pattern(p, T.REQ, share=config.group if self.v5 else None)
-        self.sub_tel = T.pattern(p, T.TELEMETRY)
-        self.sub_status = T.pattern(p, T.STATUS)
+        c = config
         # Two connections. Requests: a clean session that the broker forgets on disconnect, so a stopped
         # replica leaves the shared group at once instead of collecting requests it never answers
         # (docs/gateway.md, "Replicas"). Ingest: a persistent session, so telemetry published while every
         # replica is away is queued by the broker (agents' outboxes count a window sent at its PUBACK).
-        self.client = self._client(f"gateway-{config.replica_id}", self.connected, [(self.sub_req, 1)],
-                                   on_disconnect_hook=self._serve_held)
+        try:
+            self.link = self._link(f"gateway-{c.replica_id}", c.request_session_expiry_s)
+            self.ingest_link = self._link(f"gateway-{c.replica_id}-ingest", c.session_expiry_s)
+        except BrokerError as e:
+            raise GatewayError(str(e)) from e
+        self.v5 = self.link.v5
+        T = wire.Topics
+        self.sub_req = T.pattern(c.prefix, T.REQ, share=c.group if self.v5 else None)
+        self.sub_tel = T.pattern(c.prefix, T.TELEMETRY)
+        self.sub_status = T.pattern(c.prefix, T.STATUS)
+        self.client = self.link.client  # the request connection's paho client: its socket is peeked (batching)
+        self.ingest = self.ingest_link.client
+        self.link.subscribe(self.sub_req, lambda m: self._on_message(self.client, None, m))
+        self.link.on_disconnect(self._serve_held)
+        self.ingest_link.subscribe(self.sub_tel, lambda m: self._on_message(self.ingest, None, m))
+        self.ingest_link.subscribe(self.sub_status, lambda m: self._on_message(self.ingest, None, m))
         self.client.on_unsubscribe = lambda *a: self._unsubscribed.set()
-        self.ingest_connected = threading.Event()
-        self.ingest = self._client(f"gateway-{config.replica_id}-ingest", self.ingest_connected,
-                                   [(self.sub_tel, 1), (self.sub_status, 1)])
+        self.connected = self.link.connected
+        self.ingest_connected = self.ingest_link.connected
         self._batcher = threading.Thread(target=self._batch_loop, name="gateway-batcher", daemon=True)
 
-    def _client(self, client_id: str, connected: threading.Event, subs: list[tuple[str, int]],
-                on_disconnect_hook: Callable[[], None] | None = None) -> mqtt.Client:
-        """A paho client that subscribes ``subs`` on every connect; ``on_disconnect_hook`` runs after ``connected``
-        clears."""
-        c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
-                        protocol=mqtt_protocol(self.config.mqtt_version),
-                        clean_session=None if self.v5 else (subs[0][0] == self.sub_req))
-        if self.config.username is not None:
-            c.username_pw_set(self.config.username, self.config.password)
-        self._addr.configure(c)
-        c.reconnect_delay_set(min_delay=1, max_delay=2)
-
-        def on_connect(client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
-            if reason_code.is_failure:
-                log.error("broker refused the gateway (%s): %s", client_id, reason_code)
-                return
-            set_nodelay(client)
-            client.subscribe(subs)
-            connected.set()
-            log.info("gateway %s connected", client_id)
-
-        def on_disconnect(*_: Any) -> None:
-            connected.clear()
-            if on_disconnect_hook is not None:
-                on_disconnect_hook()
-
-        c.on_connect = on_connect
-        c.on_disconnect = on_disconnect
-        c.on_message = self._on_message
-        return c
-
-    def _connect(self, client: mqtt.Client, expiry_s: int) -> None:
-        if self.v5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = expiry_s
-            client.connect_async(self._addr.host, self._addr.port, keepalive=self.config.keepalive_s,
-                                 clean_start=expiry_s == 0, properties=props)
-        else:
-            client.connect_async(self._addr.host, self._addr.port, keepalive=self.config.keepalive_s)
-        client.loop_start()
+    def _link(self, client_id: str, session_expiry_s: int) -> MqttLink:
+        c = self.config
+        link = MqttLink(url=c.broker_url, client_id=client_id, username=c.username, password=c.password,
+                        keepalive=c.keepalive_s, mqtt_version=c.mqtt_version, session_expiry_s=session_expiry_s)
+        link.on_ready(lambda: log.info("gateway %s connected", client_id))
+        return link
 
     # --- lifecycle -------------------------------------------------------------
     def start(self, *, wait: float = 10.0) -> "GatewayWorker":
         # warm the model up before taking requests: a runtime's first call is slow (allocations,
         # kernel selection), and the first devices after a restart would pay it as timeouts
         self.teacher.run(np.zeros((1, *self.teacher.sample_shape), np.float32))
-        self._connect(self.ingest, self.config.session_expiry_s)
-        self._connect(self.client, self.config.request_session_expiry_s)
+        try:
+            self.ingest_link.start(wait=None)
+            self.link.start(wait=None)
+        except BrokerError as e:
+            self.ingest_link.stop()
+            raise GatewayError(f"gateway could not connect: {e}") from e
         self._batcher.start()
         if self.collector is not None:
             self.collector.start()
         end = time.monotonic() + wait
-        if not (self.connected.wait(wait) and self.ingest_connected.wait(max(0.0, end - time.monotonic()))):
+        if not (self.link.ready.wait(wait) and self.ingest_link.ready.wait(max(0.0, end - time.monotonic()))):
+            why = self.link.last_error or self.ingest_link.last_error or "no answer"
             self.stop()
-            raise GatewayError(f"gateway could not connect to {self.config.broker_url} (credentials? ACL?)")
+            raise GatewayError(f"gateway could not connect to {self.config.broker_url}: {why} (credentials? ACL?)")
         return self
 
     def stop(self, *, drain_s: float = 5.0) -> None:
         """Leave the shared group first, answer what was already queued, then disconnect."""
         if self.connected.is_set():
             try:
-                self.client.unsubscribe(self.sub_req)
+                self.link.unsubscribe(self.sub_req)
                 self._unsubscribed.wait(2.0)
             except Exception as e:  # noqa: BLE001 - stopping anyway
                 log.warning("unsubscribe on stop: %s", e)
@@ -181,25 +138,24 @@ class GatewayWorker:
         while self._q.unfinished_tasks and self._batcher.is_alive() and time.monotonic() < end:
             time.sleep(0.01)
         self._stop.set()
-        for c in (self.client, self.ingest):
-            try:
-                c.disconnect()
-            finally:
-                c.loop_stop()
+        for link in (self.link, self.ingest_link):
+            link.stop()
         if self._batcher.is_alive():
             self._batcher.join(timeout=5)
         if self.collector is not None:
             self.collector.stop()
 
     # --- messages --------------------------------------------------------------
-    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:  # type: ignore[no-untyped-def]
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        """Every message of both connections; ``client``: the paho client it came on (its socket is peeked)."""
         parts = msg.topic.split("/")
         try:
             if len(parts) == 4 and parts[2:] == ["infer", "req"]:
                 try:
                     self._on_request(parts[1], msg)
                 finally:  # whatever became of this one, never strand the ones held before it
-                    if self._pending and (len(self._pending) >= self.config.batch_size or not _next_is_publish(client)):
+                    if self._pending and (len(self._pending) >= self.config.batch_size
+                                          or not _next_is_publish(client)):
                         self._flush()
             elif len(parts) == 3 and parts[2] == "telemetry":
                 self._on_telemetry(parts[1], msg.payload)
@@ -209,7 +165,7 @@ class GatewayWorker:
             log.exception("failed handling %s", msg.topic)
             self.metrics.inc("gateway_internal_errors_total", "Unexpected errors while handling a message")
 
-    def _on_request(self, device_id: str, msg: mqtt.MQTTMessage) -> None:
+    def _on_request(self, device_id: str, msg: Any) -> None:
         props = getattr(msg, "properties", None)
         resp = getattr(props, "ResponseTopic", None) if props else None
         corr = getattr(props, "CorrelationData", None) if props else None
@@ -277,15 +233,11 @@ class GatewayWorker:
         return x
 
     def _reply(self, topic: str, corr: bytes | None, body: dict[str, Any]) -> None:
-        props = None
         if corr:
             body["correlation"] = corr.hex()  # for MQTT 3.1.1 clients; v5 ones use the property
-            if self.v5:
-                props = Properties(PacketTypes.PUBLISH)
-                props.CorrelationData = corr
         body.setdefault("server_time", time.time())
         body.setdefault("replica", self.config.replica_id)
-        self.client.publish(topic, wire.dumps(body), qos=1, properties=props)
+        self.link.publish(topic, wire.dumps(body), qos=1, correlation=corr)
 
     def _on_telemetry(self, device_id: str, payload: bytes) -> None:
         try:

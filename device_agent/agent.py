@@ -27,7 +27,8 @@ import numpy as np
 
 from edgecore import wire
 from edgecore.bundle import Bundle, TrustPolicy
-from edgecore.errors import AgentError
+from edgecore.errors import AgentError, BrokerError
+from edgecore.mqtt import DEFAULT_VERSION, MqttLink
 
 from .cloud import BROKER_DOWN, CloudClient, CloudResult, Ticket
 from .commands import CommandFn, CommandRegistry
@@ -37,7 +38,6 @@ from .model import Inference, LoadedModel, LocalModel, load_model
 from .outbox import DropPolicy, Outbox
 from .sources import Item, MqttInputSource
 from .telemetry import TelemetryRecorder, WindowCounters, answer_counts
-from .transport import MqttLink
 from .updates import fetch_bundle, prune_bundles
 
 __all__ = ["Agent", "AgentConfig", "Answer", "Route", "load_model", "summarize"]
@@ -87,7 +87,7 @@ class AgentConfig:
     broker_url: str | None = None  # None: edge only, no cloud, no telemetry
     username: str | None = None
     password: str | None = None
-    prefix: str = "fleet"
+    prefix: str = wire.DEFAULT_PREFIX
     deadline_s: float = 2.0
     telemetry_window_s: float = 10.0
     threshold: float | None = None  # overrides the bundle's routing threshold
@@ -97,7 +97,7 @@ class AgentConfig:
     batch_size: int = 1
     threads: int | None = None
     drift: DriftConfig = field(default_factory=DriftConfig)
-    mqtt_version: str = "5"  # "3.1.1" for brokers without MQTT 5: request metadata then travels in an envelope
+    mqtt_version: str = DEFAULT_VERSION  # "3.1.1" for brokers without MQTT 5: request metadata then travels in an envelope
     flag_when_drifted: bool = True  # while drift is flagged, ask the gateway to collect offloaded inputs
     # While drift is flagged the model's confidence is no longer calibrated (it can be confidently wrong on the
     # shifted inputs): this share of the inputs it is sure of goes to the cloud too (and is flagged for collection).
@@ -132,6 +132,7 @@ class Agent:
         self._cmd_q: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.last_cmd: dict[str, Any] | None = None
         self.link: MqttLink | None = None
+        self._sources: list[MqttInputSource] = []  # subscribed before the status says online
         self.windows_produced = 0
 
     def _open_state(self) -> tuple[Outbox, WindowCounters]:
@@ -313,12 +314,19 @@ class Agent:
                 cb(a)
             yield a
 
-    def mqtt_source(self, topic: str | None = None) -> MqttInputSource:
-        """Inputs from an MQTT topic (default ``<prefix>/<id>/input``); needs ``start()`` first."""
-        if self.link is None:
-            raise AgentError("an MQTT source needs the agent started with a broker")
+    def mqtt_source(self, topic: str | None = None, *, wait: float = 10.0) -> MqttInputSource:
+        """Inputs from an MQTT topic (default ``<prefix>/<id>/input``).
+
+        Made before ``start()``, its subscription is acknowledged before the status says ``online``, so a feeder
+        that waits for ``online`` loses nothing. Made after, this waits (up to ``wait`` s) for the broker's
+        acknowledgement while connected.
+        """
+        if self.config.broker_url is None:
+            raise AgentError("an MQTT source needs the agent configured with a broker")
         src = MqttInputSource(topic or self.topics.input, self.bundle.input_spec)
-        self.link.subscribe(src.topic, lambda m: src.push(m.payload))
+        self._sources.append(src)
+        if self.link is not None:
+            self.link.subscribe(src.topic, lambda m: src.push(m.payload), wait=wait)
         return src
 
     def publish(self, topic: str, msg: dict[str, Any], *, retain: bool = False) -> None:
@@ -367,16 +375,27 @@ class Agent:
                 self.telemetry.window.sync()
 
     # --- status and commands ------------------------------------------------------
+    @property
+    def broker_state(self) -> str:
+        """``connected``; ``connecting`` while the broker is away (with the last error); ``none`` without one."""
+        link = self.link
+        if self.config.broker_url is None:
+            return "none"
+        if link is not None and link.ready.is_set():
+            return "connected"
+        why = link.last_error if link is not None else None
+        return f"connecting ({why})" if why else "connecting"
+
     def status(self, state: str = "online") -> dict[str, Any]:
         b = self.bundle
         return {
-            "device_id": self.config.device_id, "state": state, "time": time.time(),
+            "device_id": self.config.device_id, "state": state, "time": time.time(), "broker": self.broker_state,
             "bundle_sha256": b.manifest_sha256, "model": b.manifest.model.name, "version": b.version,
             "target": b.target, "precision": b.precision, "threshold": self._threshold, "last_cmd": self.last_cmd,
         }
 
     def _publish_status(self) -> None:
-        if self.link is not None and self.link.connected.is_set():
+        if self.link is not None and self.link.ready.is_set():
             self.publish(self.topics.status, self.status(), retain=True)
 
     def _on_cmd(self, msg: Any) -> None:
@@ -412,16 +431,37 @@ class Agent:
 
     # --- lifecycle ----------------------------------------------------------------
     def start(self, *, connect_timeout: float = 10.0) -> "Agent":
+        """Connect, and start the telemetry, outbox and command threads.
+
+        The status says ``online`` once the broker acknowledged the subscriptions (commands, cloud replies, the
+        MQTT sources made so far). A broker that cannot be reached does not stop the agent: it answers locally
+        (uncertain inputs fall back with reason ``broker``), keeps telemetry in the outbox and connects when the
+        broker appears. A refused login or certificate stops it (`AgentError`): retrying cannot fix those.
+        """
         if self.config.broker_url is None or self.outbox is None:
             return self
         c = self.config
         offline = wire.dumps({"device_id": c.device_id, "state": "offline"})
-        self.link = MqttLink(url=c.broker_url, client_id=f"agent-{c.device_id}", username=c.username,
-                             password=c.password, will=(self.topics.status, offline), mqtt_version=c.mqtt_version)
-        self.cloud.attach(self.link)
-        self.link.subscribe(self.topics.cmd, self._on_cmd)
-        self.link.on_connect(self._publish_status)
-        self.link.start(wait=connect_timeout)
+        try:
+            link = MqttLink(url=c.broker_url, client_id=f"agent-{c.device_id}", username=c.username,
+                            password=c.password, will=(self.topics.status, offline), mqtt_version=c.mqtt_version,
+                            max_inflight=100, anonymous_hint="give --password, $DEVICE_AGENT_PASSWORD or --credentials")
+        except BrokerError as e:
+            raise AgentError(str(e)) from e
+        self.link = link
+        self.cloud.attach(link)
+        link.subscribe(self.topics.cmd, self._on_cmd)
+        for src in self._sources:
+            link.subscribe(src.topic, lambda m, src=src: src.push(m.payload))
+        link.on_ready(self._publish_status)
+        try:
+            if not link.start(wait=connect_timeout, offline_ok=True):
+                log.warning("device %s answers locally and keeps its telemetry in %s until broker %s answers",
+                            c.device_id, self.outbox.path, link.where)
+        except BrokerError as e:
+            self.link = None
+            self.cloud.attach(None)
+            raise AgentError(str(e)) from e
         forwarder = OutboxForwarder(self.outbox, self.link, self._stop)
         for fn, name in ((self._telemetry_loop, "telemetry"), (forwarder.run, "outbox"), (self._cmd_loop, "commands")):
             t = threading.Thread(target=fn, name=f"agent-{name}", daemon=True)
@@ -435,7 +475,8 @@ class Agent:
             return
         if self.outbox is not None:
             self.flush_window()
-            end = time.monotonic() + flush_timeout
+            # a broker never reached is not waited for: the rows go first at the next start
+            end = time.monotonic() + (flush_timeout if self.link.generation else 0.0)
             while len(self.outbox) and time.monotonic() < end:  # also rides out a reconnect
                 time.sleep(0.02)
             left = len(self.outbox)

@@ -9,46 +9,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from edgecore.clikit import (
+    DefaultsHelpFormatter,
+    add_broker_args,
     add_common,
     add_json_flag,
     add_trust_args,
+    broker_from_args,
+    config_default,
     emit_json,
+    login_from_args,
     run_cli,
     trust_from_args,
 )
 from edgecore.errors import AgentError
 
-
-def _broker_url(args: argparse.Namespace) -> str | None:
-    from .transport import broker_url
-
-    return broker_url(args.broker, ca_file=args.ca_file, cert_file=args.cert_file,
-                      key_file=args.key_file) if args.broker else None
-
-
-def _credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    user, pw = args.username, args.password or os.environ.get("DEVICE_AGENT_PASSWORD")
-    if args.credentials:
-        try:
-            data = json.loads(Path(args.credentials).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise AgentError(f"{args.credentials}: unreadable credentials file ({e})") from e
-        if "devices" in data:  # the fleet file written by `cloud-gateway fleet-credentials`
-            if args.device_id not in data["devices"]:
-                raise AgentError(f"{args.credentials}: no password for device {args.device_id!r}")
-            user, pw = args.device_id, data["devices"][args.device_id]
-        else:
-            user, pw = data.get("username", args.device_id), data.get("password")
-    if pw is None and user is None:
-        return None, None  # anonymous: for brokers that allow it (a refusal names the fix)
-    return (user or args.device_id), pw
+PASSWORD_ENV = "DEVICE_AGENT_PASSWORD"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -60,9 +41,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     trust = trust_from_args(args)
     bundle = trust.open(args.bundle)
-    user, pw = _credentials(args)
+    user, pw = login_from_args(args, who=args.device_id, password_env=PASSWORD_ENV)
     cfg = AgentConfig(
-        device_id=args.device_id, broker_url=_broker_url(args), username=user, password=pw, prefix=args.prefix,
+        device_id=args.device_id, broker_url=broker_from_args(args), username=user, password=pw, prefix=args.prefix,
         deadline_s=args.deadline, telemetry_window_s=args.window, threshold=args.threshold,
         state_dir=args.state_dir, outbox_max_rows=args.outbox_max, drop_policy=DropPolicy(args.drop_policy),
         batch_size=args.batch_size, threads=args.threads, drift=DriftConfig(window=args.drift_window),
@@ -84,12 +65,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         source = folder_source(Path(src), spec)
     else:
         raise AgentError(f"--source {src!r}: give a folder, a .npz file or mqtt:TOPIC")
+    if src.startswith("mqtt:"):  # made before the start: subscribed before the status says online
+        mqtt_src = agent.mqtt_source(src.removeprefix("mqtt:") or None)
+        source = mqtt_src
     out = open(args.output, "w") if args.output else sys.stdout
     answers = []
     with agent:
-        if src.startswith("mqtt:"):
-            mqtt_src = agent.mqtt_source(src.removeprefix("mqtt:") or None)
-            source = mqtt_src
+        if mqtt_src is not None:
             signal.signal(signal.SIGTERM, lambda *_: mqtt_src.close())  # type: ignore[union-attr]
         else:  # SIGTERM ends the run like Ctrl-C: the open telemetry window is flushed on the way out
             signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -139,33 +121,37 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .agent import AgentConfig
+    from .drift import DriftConfig
+    from .outbox import DropPolicy
+
+    def d(name: str) -> object:  # every default is AgentConfig's: one source
+        return config_default(AgentConfig, name)
+
     p = argparse.ArgumentParser(prog="device-agent", description=__doc__)
     add_common(p)
     sub = p.add_subparsers(dest="command")
-    r = sub.add_parser("run", help="run the agent on a source")
+    r = sub.add_parser("run", help="run the agent on a source", formatter_class=DefaultsHelpFormatter)
     add_common(r)
     r.add_argument("--bundle", required=True, help="bundle dir or .tar.gz")
     r.add_argument("--source", required=True, help="folder of images/.npy, a .npz, or mqtt:TOPIC")
     r.add_argument("--key", help="array name inside the .npz")
     r.add_argument("--device-id", required=True)
-    r.add_argument("--broker", help="mqtt://host:port or mqtts://host:port (omit: edge only)")
-    from .transport import add_tls_args
-
-    add_tls_args(r)
-    r.add_argument("--username")
-    r.add_argument("--password", help="or $DEVICE_AGENT_PASSWORD")
-    r.add_argument("--credentials", type=Path, help="JSON {username,password} or the fleet credentials.json")
-    r.add_argument("--prefix", default="fleet")
-    r.add_argument("--mqtt-version", choices=["5", "3.1.1"], default="5")
-    r.add_argument("--deadline", type=float, default=2.0, help="seconds to wait for the cloud")
-    r.add_argument("--window", type=float, default=10.0, help="telemetry window, seconds")
+    add_broker_args(r, required=False, config=AgentConfig, password_env=PASSWORD_ENV,
+                    broker_help="mqtt://host:port or mqtts://host:port (omit: edge only); an unreachable broker is "
+                                "joined when it appears, telemetry waits in the outbox meanwhile",
+                    version_help="3.1.1 for brokers without MQTT 5 (request metadata then travels in an envelope)")
+    r.add_argument("--deadline", type=float, default=d("deadline_s"), help="seconds to wait for the cloud")
+    r.add_argument("--window", type=float, default=d("telemetry_window_s"), help="telemetry window, seconds")
     r.add_argument("--threshold", type=float, help="override the bundle's routing threshold")
-    r.add_argument("--state-dir", type=Path, default=Path(".device-agent"), help="outbox and fetched bundles")
-    r.add_argument("--outbox-max", type=int, default=10000)
-    r.add_argument("--drop-policy", choices=["drop-oldest", "drop-newest"], default="drop-oldest")
-    r.add_argument("--batch-size", type=int, default=1)
-    r.add_argument("--drift-window", type=int, default=500)
-    r.add_argument("--drift-offload", type=float, default=0.25,
+    r.add_argument("--state-dir", type=Path, default=d("state_dir"), help="outbox and fetched bundles")
+    r.add_argument("--outbox-max", type=int, default=d("outbox_max_rows"), help="telemetry windows kept")
+    r.add_argument("--drop-policy", choices=[p.value for p in DropPolicy], default=d("drop_policy").value,
+                   help="which window goes when the outbox is full")
+    r.add_argument("--batch-size", type=int, default=d("batch_size"), help="inputs run (and offloaded) together")
+    r.add_argument("--drift-window", type=int, default=config_default(DriftConfig, "window"),
+                   help="inputs the drift tests look at")
+    r.add_argument("--drift-offload", type=float, default=d("drift_offload"),
                    help="while drift is flagged, this share of the confident inputs goes to the cloud too (0: off)")
     r.add_argument("--threads", type=int, help="runtime threads (default: 1 for models up to 1 MiB, else the "
                    "runtime's own; 0: the runtime's own)")

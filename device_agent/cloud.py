@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from edgecore import wire
+from edgecore.mqtt import MqttLink
 
-from .transport import MqttLink
 
 
 class _Pending:

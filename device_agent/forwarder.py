@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
+from edgecore.mqtt import MqttLink
+
 from .outbox import Outbox
-from .transport import MqttLink
 
 
 class OutboxForwarder:

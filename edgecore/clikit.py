@@ -19,6 +19,18 @@ from typing import Any, Callable, Sequence
 from edgecore.errors import EdgeError
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` that shows every flag's default (``--x`` … ``(default: 5)``), except where there is none
+    (None, False) or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or not action.option_strings or "default" in text:
+            return action.help
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: usable on the main parser and on subcommands alike, without a
     # subcommand's default overwriting a --debug given before it.
@@ -122,3 +134,123 @@ def trust_from_args(args: argparse.Namespace) -> Any:
     from edgecore.bundle import TrustPolicy
 
     return TrustPolicy.from_paths(args.trust_key or (), allow_unsigned=args.allow_unsigned)
+
+
+def config_default(cls: type, name: str) -> Any:
+    """The default of dataclass ``cls``'s field ``name``: the one source a CLI flag's default is read from."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise TypeError(f"{cls.__name__}.{name} has no default")
+    raise TypeError(f"{cls.__name__} has no field {name!r}")
+
+
+def param_default(fn: Callable[..., Any], name: str) -> Any:
+    """The default of ``fn``'s keyword ``name``, for a flag whose only other home is that function."""
+    import inspect
+
+    d = inspect.signature(fn).parameters[name].default
+    if d is inspect.Parameter.empty:
+        raise TypeError(f"{fn.__name__}({name}) has no default")
+    return d
+
+
+def add_tls_args(parser: argparse.ArgumentParser) -> None:
+    """``--ca-file``, ``--cert-file``, ``--key-file`` for a CLI that takes ``--broker``."""
+    parser.add_argument("--ca-file", help="CA certificate (PEM) the mqtts:// broker's certificate is checked "
+                                          "against (default: the system's CAs)")
+    parser.add_argument("--cert-file", help="client certificate (PEM), for brokers that require one")
+    parser.add_argument("--key-file", help="client private key (PEM) for --cert-file")
+
+
+def add_broker_args(
+    parser: argparse.ArgumentParser,
+    *,
+    required: bool,
+    broker_help: str = "mqtt://host:port or mqtts://host:port",
+    config: type | None = None,
+    login: bool = True,
+    username: str | None = None,
+    password_env: str | None = None,
+    credentials_help: str = "JSON {username,password} or the fleet credentials.json",
+    version_help: str | None = "3.1.1 for brokers without MQTT 5",
+) -> None:
+    """The connection flags every CLI that talks to the broker shares, built once.
+
+    ``--broker`` and the TLS flags; with ``login``, ``--username``, ``--password`` (or ``$password_env``) and
+    ``--credentials``; ``--prefix``; and, unless ``version_help`` is None, ``--mqtt-version``. ``config``: the
+    dataclass whose ``prefix`` and ``mqtt_version`` fields give those defaults (else the foundation's).
+    """
+    from edgecore.mqtt import DEFAULT_VERSION, VERSIONS
+    from edgecore.wire import DEFAULT_PREFIX
+
+    parser.add_argument("--broker", required=required, help=broker_help)
+    add_tls_args(parser)
+    if login:
+        parser.add_argument("--username", default=username, help="login name on the broker")
+        parser.add_argument("--password", help=f"or ${password_env}" if password_env else None)
+        parser.add_argument("--credentials", type=_path, help=credentials_help)
+    prefix = config_default(config, "prefix") if config is not None else DEFAULT_PREFIX
+    parser.add_argument("--prefix", default=prefix, help="topics are <prefix>/<device id>/...")
+    if version_help is not None:
+        version = config_default(config, "mqtt_version") if config is not None else DEFAULT_VERSION
+        parser.add_argument("--mqtt-version", choices=list(VERSIONS), default=version, help=version_help)
+
+
+def _path(text: str) -> Any:
+    from pathlib import Path
+
+    return Path(text)
+
+
+def broker_from_args(args: argparse.Namespace) -> str | None:
+    """``--broker`` with the TLS flags folded into the URL (None without ``--broker``)."""
+    from edgecore.mqtt import broker_url
+
+    if not args.broker:
+        return None
+    return broker_url(args.broker, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+
+
+def read_credentials(path: Any, *, who: str) -> tuple[str, str | None]:
+    """A login from a credentials file: ``{"username", "password"}`` (the username defaulting to ``who``), or
+    the fleet ``credentials.json`` of ``cloud-gateway fleet-credentials``, whose ``who`` entry is read (a device
+    id from ``devices``, or ``gateway``/``admin``)."""
+    from pathlib import Path
+
+    from edgecore.errors import ConfigError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable credentials file ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a credentials file (a JSON object)")
+    devices = data.get("devices")
+    if isinstance(devices, dict) and who in devices:  # the fleet file: a device's password
+        return who, str(devices[who])
+    entry = data.get(who)
+    if isinstance(entry, dict):  # the fleet file's gateway or admin entry
+        data = entry
+    elif devices is not None:
+        raise ConfigError(f"{path}: no password for {who!r} in this fleet credentials file")
+    if "password" not in data:
+        raise ConfigError(f"{path}: no password for {who!r} in it (expected {{\"username\", \"password\"}})")
+    return str(data.get("username", who)), str(data["password"])
+
+
+def login_from_args(args: argparse.Namespace, *, who: str, password_env: str | None = None
+                    ) -> tuple[str | None, str | None]:
+    """(username, password) from ``--credentials``, else ``--username``/``--password`` (or ``$password_env``);
+    (None, None) when none is given (anonymous, for brokers that allow it; a refusal names the fix)."""
+    user, pw = args.username, args.password or (os.environ.get(password_env) if password_env else None)
+    if args.credentials:
+        user, pw = read_credentials(args.credentials, who=who)
+    if user is None and pw is None:
+        return None, None
+    return (user or who), pw

@@ -55,6 +55,10 @@ class BundleTrustError(EdgeError):
     """A bundle cannot be trusted: hash mismatch, missing file, unknown schema."""
 
 
+class BrokerError(EdgeError):
+    """An MQTT broker cannot be used as given: bad URL or TLS files, refused login, unreachable."""
+
+
 class AgentError(EdgeError):
     """The device agent cannot run as configured (bad source, credentials...)."""
 

@@ -165,6 +165,12 @@ def loads(payload: bytes) -> dict[str, Any]:
     return msg
 
 
+#: the topic prefix every side uses unless told otherwise
+DEFAULT_PREFIX = "fleet"
+#: the shared-subscription group the gateway replicas split requests in
+SHARE_GROUP = "gateways"
+
+
 class Topics:
     """Topic names under a prefix (default ``fleet``) for one device, and the fleet-wide patterns.
 
@@ -175,7 +181,7 @@ class Topics:
     REQ, RESP, TELEMETRY, STATUS, CMD, BENCH, ANSWERS, INPUT = (
         "infer/req", "infer/resp", "telemetry", "status", "cmd", "bench", "answers", "input")
 
-    def __init__(self, device_id: str, prefix: str = "fleet") -> None:
+    def __init__(self, device_id: str, prefix: str = DEFAULT_PREFIX) -> None:
         self.device_id = device_id
         self.prefix = prefix
         self.req = self.of(prefix, device_id, self.REQ)
@@ -197,3 +203,8 @@ class Topics:
         """Every device's ``suffix`` topic (``<prefix>/+/<suffix>``), optionally as an MQTT 5 shared subscription."""
         p = f"{prefix}/+/{suffix}"
         return f"$share/{share}/{p}" if share else p
+
+    @classmethod
+    def shared_requests(cls, prefix: str = DEFAULT_PREFIX, group: str = SHARE_GROUP) -> str:
+        """The filter gateway replicas share requests by: ``$share/<group>/<prefix>/+/infer/req``."""
+        return cls.pattern(prefix, cls.REQ, share=group)

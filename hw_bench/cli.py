@@ -19,7 +19,18 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from edgecore.clikit import add_common, add_json_flag, emit_json, run_cli
+from edgecore.clikit import (
+    DefaultsHelpFormatter,
+    add_broker_args,
+    add_common,
+    add_json_flag,
+    broker_from_args,
+    config_default,
+    emit_json,
+    login_from_args,
+    param_default,
+    run_cli,
+)
 
 from .loadgen import Scenario, Settings
 
@@ -33,11 +44,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _add_scenario(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scenario", choices=[s.value for s in Scenario], default=Scenario.SINGLE_STREAM.value)
-    p.add_argument("--duration", type=float, default=2.0,
-                   help="minimum timed seconds per artifact, in all: split over --repetitions (default 2)")
-    p.add_argument("--min-queries", type=int, default=100, help="minimum timed queries (default 100)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up queries (default 10)")
+    def d(name: str) -> object:  # the LoadGen settings' defaults: one source (FleetJob reads them too)
+        return config_default(Settings, name)
+
+    p.add_argument("--scenario", choices=[s.value for s in Scenario], default=Scenario(d("scenario")).value)
+    p.add_argument("--duration", type=float, default=d("min_duration_s"),
+                   help="minimum timed seconds per artifact, in all: split over --repetitions")
+    p.add_argument("--min-queries", type=int, default=d("min_queries"), help="minimum timed queries")
+    p.add_argument("--warmup", type=int, default=d("warmup"), help="untimed warm-up queries")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's own)")
     p.add_argument("--batch-sizes", default=None, help="offline: batch sizes to try, e.g. 1,4,16,64")
 
@@ -84,11 +98,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     job = FleetJob(scenario=Scenario(args.scenario), duration_s=args.duration, min_queries=args.min_queries,
                    warmup=args.warmup, threads=args.threads, accuracy=not args.no_accuracy, data=args.data)
-    from device_agent.transport import broker_url
-
-    url = broker_url(args.broker, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
-    run = run_fleet(broker=url, username=args.username, password=args.password, devices=devices,
-                    bundle=args.bundle, job=job, deadline_s=args.deadline, prefix=args.prefix, progress=_progress)
+    user, pw = login_from_args(args, who="admin")
+    run = run_fleet(broker=broker_from_args(args), username=user, password=pw, devices=devices,
+                    bundle=args.bundle, job=job, deadline_s=args.deadline, prefix=args.prefix,
+                    mqtt_version=args.mqtt_version, progress=_progress)
     out = Path(args.out)
     path = write_run(out / "fleet_results.json", run)
     print_rows(run)
@@ -119,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(parser)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    p = sub.add_parser("run", help="benchmark bundles on this machine, side by side")
+    p = sub.add_parser("run", help="benchmark bundles on this machine, side by side",
+                       formatter_class=DefaultsHelpFormatter)
     add_common(p)
     p.add_argument("bundles", nargs="+", help="bundle directories or .tar.gz")
     _add_scenario(p)
@@ -146,18 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_gateway(sub)
 
-    p = sub.add_parser("fleet", help="run a bench job on devices over MQTT and collect one report")
-    add_common(p)
-    p.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
-    from device_agent.transport import add_tls_args
+    from .fleet import run_fleet
 
-    add_tls_args(p)
-    p.add_argument("--username")
-    p.add_argument("--password")
+    p = sub.add_parser("fleet", help="run a bench job on devices over MQTT and collect one report",
+                       formatter_class=DefaultsHelpFormatter)
+    add_common(p)
+    add_broker_args(p, required=True, credentials_help="JSON {username,password} or the fleet credentials.json "
+                                                       "(its admin entry)")
     p.add_argument("--devices", required=True, help="comma-separated device ids")
     p.add_argument("--bundle", default=None, help="bundle path or URL the devices fetch (default: their current one)")
-    p.add_argument("--deadline", type=float, default=120.0, help="seconds to wait for answers (default 120)")
-    p.add_argument("--prefix", default="fleet")
+    p.add_argument("--deadline", type=float, default=param_default(run_fleet, "deadline_s"),
+                   help="seconds to wait for answers")
     p.add_argument("--data", default=None, help="path or URL of an .npz the devices can read, for accuracy")
     p.add_argument("--no-accuracy", action="store_true")
     _add_scenario(p)

@@ -16,11 +16,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from edgecore.errors import BenchError
-from edgecore.wire import Topics
+from edgecore.errors import BenchError, BrokerError
+from edgecore.mqtt import DEFAULT_VERSION, MqttLink
+from edgecore.wire import DEFAULT_PREFIX, Topics
 
 from .envinfo import environment
-from .loadgen import Scenario
+from .loadgen import Scenario, Settings
 from .results import new_run
 
 JOB_SCHEMA = 1
@@ -28,10 +29,10 @@ JOB_SCHEMA = 1
 
 @dataclass(frozen=True)
 class FleetJob:
-    scenario: Scenario = Scenario.SINGLE_STREAM
-    duration_s: float = 2.0
-    min_queries: int = 100
-    warmup: int = 10
+    scenario: Scenario = Settings.scenario  # the local run's settings: one default for each
+    duration_s: float = Settings.min_duration_s
+    min_queries: int = Settings.min_queries
+    warmup: int = Settings.warmup
     threads: int | None = None
     accuracy: bool = True
     data: str | None = None  # .npz path or URL the devices can read
@@ -52,40 +53,16 @@ class FleetJob:
         return msg
 
 
-def _broker(url: str) -> Any:
-    from device_agent.transport import BrokerAddress
-    from edgecore.errors import AgentError
-
-    try:
-        return BrokerAddress.parse(url)
-    except AgentError as e:
-        raise BenchError(str(e)) from e
-
-
 class _FleetClient:
-    """The paho callbacks of one fleet job: connection, subscription acks, and the devices' answers."""
+    """The devices' answers to one fleet job, as they arrive on the link's network thread."""
 
     def __init__(self, *, job_id: str, devices: list[str], progress: Callable[[str], None] | None) -> None:
         self.job_id, self.devices, self.progress = job_id, devices, progress
         self.answers: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()
         self.done = threading.Event()
-        self.connected = threading.Event()
-        self.connect_rc: list[Any] = []
-        self.suback = threading.Event()
-        self.pending_sub: set[int] = set()
 
-    def on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
-        self.connect_rc.append(rc)
-        self.connected.set()
-
-    def on_subscribe(self, client: Any, userdata: Any, mid: int, rcs: Any, props: Any = None) -> None:
-        with self.lock:
-            self.pending_sub.discard(mid)
-            if not self.pending_sub:
-                self.suback.set()
-
-    def on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+    def on_message(self, msg: Any) -> None:
         parts = msg.topic.split("/")
         dev = parts[-2] if len(parts) >= 2 else ""
         try:
@@ -102,24 +79,6 @@ class _FleetClient:
                 self.progress(f"{dev}: {'ok' if body.get('ok') else 'error: ' + str(body.get('error'))}")
             if len(self.answers) == len(self.devices):
                 self.done.set()
-
-    def attach(self, client: Any) -> None:
-        client.on_connect, client.on_subscribe, client.on_message = self.on_connect, self.on_subscribe, self.on_message
-
-    def check_connected(self, broker: str, timeout_s: float) -> None:
-        if not self.connected.wait(timeout_s):
-            raise BenchError(f"broker {broker} did not answer the connection within {timeout_s} s")
-        rc = self.connect_rc[0]
-        if getattr(rc, "is_failure", False) or (isinstance(rc, int) and rc != 0):
-            raise BenchError(f"broker {broker} refused the connection: {rc} (check --username/--password)")
-
-    def subscribe(self, client: Any, broker: str, prefix: str, timeout_s: float) -> None:
-        with self.lock:
-            for d in self.devices:
-                r, mid = client.subscribe(Topics.of(prefix, d, Topics.BENCH), qos=1)
-                self.pending_sub.add(mid)
-        if not self.suback.wait(timeout_s):
-            raise BenchError(f"broker {broker} did not acknowledge the subscriptions")
 
 
 def _check_devices(devices: list[str]) -> None:
@@ -141,34 +100,30 @@ def run_fleet(
     username: str | None = None,
     password: str | None = None,
     deadline_s: float = 120.0,
-    prefix: str = "fleet",
+    prefix: str = DEFAULT_PREFIX,
     sha256: str | None = None,
     connect_timeout_s: float = 10.0,
     progress: Callable[[str], None] | None = None,
+    mqtt_version: str = DEFAULT_VERSION,
 ) -> dict[str, Any]:
-    """Dispatch ``job`` to ``devices`` and collect one run dict (``devices`` + flattened ``results``)."""
-    import paho.mqtt.client as mqtt
+    """Dispatch ``job`` to ``devices`` and collect one run dict (``devices`` + flattened ``results``).
 
+    The job goes out once the broker acknowledged the subscriptions to the devices' answers: none is missed.
+    """
     _check_devices(devices)
-    addr = _broker(broker)
-    host, port = addr.host, addr.port
     job_id = uuid.uuid4().hex
     fc = _FleetClient(job_id=job_id, devices=devices, progress=progress)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"hw-bench-{job_id[:8]}")
-    if username:
-        client.username_pw_set(username, password)
-    addr.configure(client)
-    fc.attach(client)
     try:
-        client.connect(host, port, keepalive=30)
-    except OSError as e:
-        raise BenchError(f"cannot reach broker {broker}: {e}") from e
-    client.loop_start()
+        link = MqttLink(url=broker, client_id=f"hw-bench-{job_id[:8]}", username=username, password=password,
+                        keepalive=30, mqtt_version=mqtt_version, anonymous_hint="give --username and --password")
+        for d in devices:
+            link.subscribe(Topics.of(prefix, d, Topics.BENCH), fc.on_message)
+        link.start(wait=connect_timeout_s)  # returns once the subscriptions are acknowledged
+    except BrokerError as e:
+        raise BenchError(str(e)) from e
     try:
-        fc.check_connected(broker, connect_timeout_s)
-        fc.subscribe(client, broker, prefix, connect_timeout_s)
         msg = job.message(job_id=job_id, bundle=bundle, sha256=sha256)
-        infos = [client.publish(Topics.of(prefix, d, Topics.CMD), json.dumps(msg), qos=1) for d in devices]
+        infos = [link.publish(Topics.of(prefix, d, Topics.CMD), json.dumps(msg).encode(), qos=1) for d in devices]
         for i in infos:
             i.wait_for_publish(timeout=connect_timeout_s)
         if progress:
@@ -177,8 +132,7 @@ def run_fleet(
         fc.done.wait(deadline_s)
         waited = time.monotonic() - started
     finally:
-        client.loop_stop()
-        client.disconnect()
+        link.stop()
     return collect(devices=devices, answers=fc.answers, job=msg, deadline_s=deadline_s, waited_s=waited)
 
 

@@ -27,7 +27,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from edgecore import wire
-from edgecore.errors import BenchError
+from edgecore.errors import BenchError, BrokerError
+from edgecore.mqtt import MqttLink
 
 from .envinfo import StealMeter, cpu_record, load_average, steal_note
 
@@ -38,41 +39,26 @@ class _Client:
     """One simulated device: publishes requests, matches replies by correlation, records round trips."""
 
     def __init__(self, url: str, device: str, password: str, payload: bytes, prefix: str) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        from device_agent.transport import BrokerAddress, set_nodelay
-
-        self._props, self._ptype = Properties, PacketTypes.PUBLISH
-        self.req, self.resp = f"{prefix}/{device}/infer/req", f"{prefix}/{device}/infer/resp"
+        topics = wire.Topics(device, prefix)
+        self.req, self.resp = topics.req, topics.resp
         self.payload, self.sent, self.rtts, self.errors = payload, {}, [], 0
         self.lock, self.cv, self.n = threading.Lock(), threading.Condition(), 0
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"load-{device}-{os.getpid()}",
-                             protocol=mqtt.MQTTv5)
-        self.c.username_pw_set(device, password)
-        addr = BrokerAddress.parse(url)
-        addr.configure(self.c)
-        self.c.max_inflight_messages_set(1000)
-        ready = threading.Event()
-        self.c.on_connect = lambda cl, *a: (set_nodelay(cl), cl.subscribe(self.resp, qos=1))
-        self.c.on_subscribe = lambda *a: ready.set()
-        self.c.on_message = self._on_reply
-        self.c.connect(addr.host, addr.port, keepalive=30)
-        self.c.loop_start()
-        if not ready.wait(10):
-            raise BenchError(f"load client {device} could not subscribe on {url} (credentials? ACL?)")
+        try:
+            self.link = MqttLink(url=url, client_id=f"load-{device}-{os.getpid()}", username=device,
+                                 password=password, keepalive=30, max_inflight=1000)
+            self.link.subscribe(self.resp, self._on_reply)
+            self.link.start(wait=10)  # returns once the reply subscription is acknowledged
+        except BrokerError as e:
+            raise BenchError(f"load client {device} could not subscribe on {url} (credentials? ACL?): {e}") from e
 
     def send(self) -> None:
         with self.lock:
             self.n += 1
             corr = self.n.to_bytes(8, "little")
             self.sent[corr] = time.perf_counter()
-        p = self._props(self._ptype)
-        p.ResponseTopic, p.CorrelationData = self.resp, corr
-        self.c.publish(self.req, self.payload, qos=1, properties=p)
+        self.link.publish(self.req, self.payload, qos=1, response_topic=self.resp, correlation=corr)
 
-    def _on_reply(self, client: Any, userdata: Any, msg: Any) -> None:
+    def _on_reply(self, msg: Any) -> None:
         corr = bytes(getattr(msg.properties, "CorrelationData", b"") or b"")
         with self.lock:
             t0 = self.sent.pop(corr, None)
@@ -89,8 +75,7 @@ class _Client:
             return len(self.sent)
 
     def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
+        self.link.stop()
 
 
 def _closed_loop(clients: list[_Client], inflight: int, seconds: float) -> float:
@@ -151,7 +136,7 @@ def _open_loop(clients: list[_Client], rate: float, seconds: float) -> dict[str,
 
 
 def measure(url: str, devices: dict[str, str], *, payload: bytes, clients: int, inflight: int, seconds: float,
-            prefix: str = "fleet", rates: tuple[float, ...] = ()) -> dict[str, Any]:
+            prefix: str = wire.DEFAULT_PREFIX, rates: tuple[float, ...] = ()) -> dict[str, Any]:
     """The closed-loop maximum, then open-loop levels at `LEVELS` of it and at the fixed ``rates`` (requests/s
     in total, the same for every responder: latency at equal offered load)."""
     ids = list(devices)[:clients]
@@ -195,22 +180,25 @@ def _stop(p: subprocess.Popen[str]) -> None:
         p.kill()
 
 
-def _serve_gateway(url: str, user: str, pw: str, teacher: Path, tmp: Path, replicas: int = 1) -> Iterator[None]:
+def _serve_gateway(url: str, user: str, pw: str, teacher: Path, tmp: Path, replicas: int = 1,
+                   prefix: str = wire.DEFAULT_PREFIX) -> Iterator[None]:
     """``replicas`` gateway processes (default settings) sharing the request subscription; no HTTP."""
     procs: list[subprocess.Popen[str]] = []
     try:
         for i in range(replicas):
             procs.append(_spawn(["-m", "cloud_gateway.cli", "serve", "--broker", url, "--username", user,
                                  f"--password={pw}", "--teacher", str(teacher), "--db", str(tmp / f"gw-{i}.sqlite"),
-                                 "--http-port", "-1", "--replica-id", f"bench-gw-{i}"], "serving"))
+                                 "--http-port", "-1", "--replica-id", f"bench-gw-{i}", "--prefix", prefix],
+                                "serving"))
         yield
     finally:
         for p in procs:
             _stop(p)
 
 
-def _serve_floor(url: str, user: str, pw: str, teacher: Path, tmp: Path, replicas: int = 1) -> Iterator[None]:
-    p = _spawn(["-m", "hw_bench.gateway_load", url, user, pw, str(teacher)], "floor ready")
+def _serve_floor(url: str, user: str, pw: str, teacher: Path, tmp: Path, replicas: int = 1,
+                 prefix: str = wire.DEFAULT_PREFIX) -> Iterator[None]:
+    p = _spawn(["-m", "hw_bench.gateway_load", url, user, pw, str(teacher), prefix], "floor ready")
     try:
         yield
     finally:
@@ -250,7 +238,8 @@ def _goal(out: dict[str, Any]) -> dict[str, Any]:
 def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, teacher: Path | None,
                       clients: int = 4, inflight: int = 4, seconds: float = 5.0, floor: bool = False,
                       gateway_user: tuple[str, str] | None = None, workdir: Path, rounds: int = 1,
-                      replicas: int = 1, rates: tuple[float, ...] = ()) -> dict[str, Any]:
+                      replicas: int = 1, rates: tuple[float, ...] = (), prefix: str = wire.DEFAULT_PREFIX
+                      ) -> dict[str, Any]:
     """Measure the gateway (and with ``floor`` the minimal responder) on one broker, in interleaved rounds.
 
     ``rates``: fixed offered loads (requests/s) measured for each responder besides the fractions of its own
@@ -262,7 +251,7 @@ def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, tea
         raise BenchError("give --broker and --credentials (a running gateway), or --teacher (start them here)")
     with ExitStack() as stack:
         if broker is None:
-            broker, devices, gateway_user = _local_broker(stack, workdir, clients)
+            broker, devices, gateway_user = _local_broker(stack, workdir, clients, prefix)
         if devices is None:
             raise BenchError("--broker needs --credentials (the devices' passwords)")
         if teacher is not None and gateway_user is None:
@@ -278,7 +267,7 @@ def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, tea
             for name in names[r % len(names):] + names[:r % len(names)]:  # order rotated each round
                 per[name].append(_measure_one(name, broker, devices, payload, teacher, gateway_user, workdir,
                                               clients=clients, inflight=inflight, seconds=seconds, replicas=replicas,
-                                              rates=rates))
+                                              rates=rates, prefix=prefix))
         for name in names:
             out[name] = _median_run(per[name])
         if floor:
@@ -299,15 +288,16 @@ def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, tea
 
 def _measure_one(name: str, broker: str, devices: dict[str, str], payload: bytes, teacher: Path | None,
                  gateway_user: tuple[str, str] | None, workdir: Path, *, clients: int, inflight: int,
-                 seconds: float, replicas: int, rates: tuple[float, ...] = ()) -> dict[str, Any]:
+                 seconds: float, replicas: int, rates: tuple[float, ...] = (),
+                 prefix: str = wire.DEFAULT_PREFIX) -> dict[str, Any]:
     from contextlib import contextmanager
 
     serve = _serve_gateway if name == "gateway" else _serve_floor
-    ctx = contextmanager(serve)(broker, *gateway_user, teacher, workdir, replicas) \
+    ctx = contextmanager(serve)(broker, *gateway_user, teacher, workdir, replicas, prefix) \
         if teacher is not None and gateway_user is not None else ExitStack()
     with ctx:
         return measure(broker, devices, payload=payload, clients=clients, inflight=inflight, seconds=seconds,
-                       rates=rates)
+                       rates=rates, prefix=prefix)
 
 
 def _teacher_shape(teacher: Path) -> tuple[int, ...]:
@@ -321,7 +311,8 @@ def _teacher_shape(teacher: Path) -> tuple[int, ...]:
     return (1, *(int(d) for d in shape[1:]))
 
 
-def _local_broker(stack: ExitStack, workdir: Path, clients: int) -> tuple[str, dict[str, str], tuple[str, str]]:
+def _local_broker(stack: ExitStack, workdir: Path, clients: int, prefix: str = wire.DEFAULT_PREFIX
+                  ) -> tuple[str, dict[str, str], tuple[str, str]]:
     """A Mosquitto with a fresh fleet's passwords and ACL, through the `cloud-gateway fleet-credentials` CLI
     (hw_bench does not import cloud_gateway: they are peers in the layers)."""
     import json
@@ -333,7 +324,7 @@ def _local_broker(stack: ExitStack, workdir: Path, clients: int) -> tuple[str, d
         raise BenchError("a local run needs mosquitto (apt-get install mosquitto), or give --broker")
     root = workdir / "broker"
     r = subprocess.run([sys.executable, "-m", "cloud_gateway.cli", "fleet-credentials",
-                        *[f"load-{i}" for i in range(clients)], "--out", str(root)], capture_output=True, text=True)
+                        *[f"load-{i}" for i in range(clients)], "--out", str(root), "--prefix", prefix], capture_output=True, text=True)
     if r.returncode:
         raise BenchError(f"fleet-credentials failed: {r.stderr.strip()}")
     creds = json.loads((root / "credentials.json").read_text())
@@ -361,14 +352,9 @@ def _local_broker(stack: ExitStack, workdir: Path, clients: int) -> tuple[str, d
     return f"mqtt://127.0.0.1:{port}", dict(creds["devices"]), (gw["username"], gw["password"])
 
 
-def _floor_main(url: str, user: str, pw: str, teacher: str) -> None:
-    """The minimal responder: paho + onnxruntime, one request at a time, nothing else."""
+def _floor_main(url: str, user: str, pw: str, teacher: str, prefix: str = wire.DEFAULT_PREFIX) -> None:
+    """The minimal responder: the MQTT link + onnxruntime, one request at a time, nothing else."""
     import onnxruntime as ort
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    from device_agent.transport import BrokerAddress, set_nodelay
 
     path = Path(teacher)
     path = path / "teacher.onnx" if path.is_dir() else path
@@ -377,60 +363,52 @@ def _floor_main(url: str, user: str, pw: str, teacher: str) -> None:
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
 
-    def on_message(cl: Any, u: Any, m: Any) -> None:
+    def on_message(m: Any) -> None:
         logits = sess.run(None, {name: wire.decode_tensor(m.payload)})[0][0]
         e = np.exp(logits - logits.max())
         p = e / e.sum()
-        props = Properties(PacketTypes.PUBLISH)
-        props.CorrelationData = m.properties.CorrelationData
-        cl.publish(m.properties.ResponseTopic, wire.dumps({"ok": True, "prediction": int(p.argmax()),
-                                                           "probabilities": [round(float(v), 6) for v in p]}),
-                   qos=1, properties=props)
+        link.publish(m.properties.ResponseTopic, wire.dumps({"ok": True, "prediction": int(p.argmax()),
+                                                             "probabilities": [round(float(v), 6) for v in p]}),
+                     qos=1, correlation=m.properties.CorrelationData)
 
-    addr = BrokerAddress.parse(url)
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="floor", protocol=mqtt.MQTTv5)
-    c.username_pw_set(user, pw)
-    addr.configure(c)
-    subscribed = threading.Event()
-    c.on_connect = lambda cl, *a: (set_nodelay(cl), cl.subscribe("$share/gateways/fleet/+/infer/req", qos=1))
-    c.on_subscribe = lambda *a: subscribed.set()
-    c.on_message = on_message
-    c.connect(addr.host, addr.port, keepalive=30)
-    c.loop_start()
-    subscribed.wait(10)
+    link = MqttLink(url=url, client_id="floor", username=user, password=pw, keepalive=30)
+    link.subscribe(wire.Topics.shared_requests(prefix), on_message)
+    link.start(wait=10)  # returns once the shared subscription is acknowledged
     print("floor ready", flush=True)
     try:
         threading.Event().wait()
     finally:
-        c.loop_stop()
+        link.stop()
 
 
 if __name__ == "__main__":
-    _floor_main(*sys.argv[1:5])
+    _floor_main(*sys.argv[1:6])
 
 
 # --- CLI ------------------------------------------------------------------------------------------
 def register(sub: Any) -> None:
     """``hw-bench gateway``: registered by hw_bench/cli.py."""
-    from edgecore.clikit import add_common, add_json_flag
+    from edgecore.clikit import DefaultsHelpFormatter, add_broker_args, add_common, add_json_flag, param_default
 
-    from device_agent.transport import add_tls_args
+    def d(name: str) -> Any:  # run_gateway_bench's defaults: one source
+        return param_default(run_gateway_bench, name)
 
-    p = sub.add_parser("gateway", help="load-test a gateway (offloads/s, round trip at 50/80/100%% load)")
+    p = sub.add_parser("gateway", help="load-test a gateway (offloads/s, round trip at 50/80/100%% load)",
+                       formatter_class=DefaultsHelpFormatter)
     add_common(p)
-    p.add_argument("--broker", help="mqtt(s)://host:port of a running broker + gateway (else one is started)")
-    add_tls_args(p)
+    add_broker_args(p, required=False, login=False, version_help=None,
+                    broker_help="mqtt(s)://host:port of a running broker + gateway (else one is started)")
     p.add_argument("--credentials", type=Path, help="fleet credentials.json (device passwords; gateway's too "
                                                    "to start one on your broker with --teacher)")
     p.add_argument("--teacher", type=Path, help="teacher run dir or .onnx: start a gateway (and broker) here")
-    p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--inflight", type=int, default=4, help="requests outstanding per client in the closed loop")
-    p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    p.add_argument("--clients", type=int, default=d("clients"), help="simulated devices")
+    p.add_argument("--inflight", type=int, default=d("inflight"), help="requests outstanding per client in the closed loop")
+    p.add_argument("--seconds", type=float, default=d("seconds"), help="per measurement")
     p.add_argument("--floor", action="store_true", help="also measure a minimal paho + onnxruntime responder")
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved rounds (gateway and floor alternate, order rotated); medians reported")
-    p.add_argument("--replicas", type=int, default=1,
-                   help="gateway processes sharing the requests (started here with --teacher; default 1)")
+    p.add_argument("--replicas", type=int, default=d("replicas"),
+                   help="gateway processes sharing the requests (started here with --teacher)")
     p.add_argument("--rates", type=_rates, default=(), metavar="R[,R...]",
                    help="also measure at these offered loads (requests/s in total), the same for every responder: "
                         "round trips at equal load (e.g. 300,600)")
@@ -453,9 +431,7 @@ def cmd_gateway(args: Any) -> int:
     import json
     import tempfile
 
-    from edgecore.clikit import emit_json
-
-    from device_agent.transport import broker_url
+    from edgecore.clikit import broker_from_args, emit_json
 
     if args.clients < 1 or args.inflight < 1 or args.seconds <= 0 or args.rounds < 1 or args.replicas < 1:
         raise BenchError("--clients, --inflight, --rounds and --replicas must be >= 1 and --seconds > 0")
@@ -469,13 +445,12 @@ def cmd_gateway(args: Any) -> int:
             raise BenchError(f"{args.credentials}: not a fleet credentials file ({e})") from e
     if args.broker and devices is None:
         raise BenchError("--broker needs --credentials (the devices' passwords)")
-    url = broker_url(args.broker, ca_file=args.ca_file, cert_file=args.cert_file,
-                     key_file=args.key_file) if args.broker else None
+    url = broker_from_args(args)
     with tempfile.TemporaryDirectory(prefix="hw-bench-gateway-") as tmp:
         out = run_gateway_bench(broker=url, devices=devices, teacher=args.teacher, clients=args.clients,
                                 inflight=args.inflight, seconds=args.seconds, floor=args.floor,
                                 gateway_user=gw, workdir=Path(tmp), rounds=args.rounds, replicas=args.replicas,
-                                rates=args.rates)
+                                rates=args.rates, prefix=args.prefix)
     _print(out)
     if args.json:
         emit_json(out)

@@ -6,10 +6,13 @@ import json
 import subprocess
 import sys
 
+import threading
+
 import numpy as np
 import pytest
 
-from tests.agent.tiny import Listener, start_gateway, release_pub_path
+from tests.agent.tiny import Listener, release_pub_path, start_gateway, wait_for
+from tests.fixtures.broker import MosquittoBroker, running_mosquitto
 
 
 def _agent(*args, timeout=120):
@@ -64,42 +67,66 @@ def test_cli_through_the_broker(mosquitto, tiny_cascade, tmp_path):
     assert "refused the login: Not authorized (check the username and password" in r.stderr
 
 
+class _LoggingMosquitto(MosquittoBroker):
+    """The test broker, logging every packet: the order it handled them in is in its log."""
+
+    def _write_files(self) -> None:
+        super()._write_files()
+        conf = self.root / "mosquitto.conf"
+        conf.write_text(conf.read_text() + "log_type debug\n")
+
+
+@pytest.fixture
+def logging_mosquitto(tmp_path_factory):
+    yield from running_mosquitto(_LoggingMosquitto, tmp_path_factory, "mosquitto-debug")
+
+
 @pytest.mark.broker
-def test_cli_mqtt_source_answers_on_the_answers_topic(mosquitto, tiny_cascade, tmp_path):
+def test_cli_mqtt_source_answers_on_the_answers_topic(logging_mosquitto, tiny_cascade, tmp_path):
+    """A feeder that publishes the moment the agent says ``online`` loses nothing: the input subscription was
+    acknowledged before the status went out (the broker's log shows the order it handled them in)."""
     import signal
-    import time
 
     from edgecore import wire
 
+    broker = logging_mosquitto
     run = tiny_cascade
-    user, pw = mosquitto.credentials("dev-c")
-    watch = Listener(mosquitto, ["fleet/dev-c/answers", "fleet/dev-c/status"])
+    user, pw = broker.credentials("dev-c")
+    feeder = Listener(broker, ["fleet/none"], client_id="feeder")
+    fed = threading.Event()
+
+    def feed_when_online(c, u, m):  # no pause between seeing `online` and sending the inputs
+        watch.messages.append((m.topic, m.payload))
+        if m.topic.endswith("status") and json.loads(m.payload).get("state") == "online" and not fed.is_set():
+            fed.set()
+            feeder.client.publish("fleet/dev-c/input", wire.encode_tensor(run.x_test[:5]), qos=1)
+            feeder.client.publish("fleet/dev-c/input", b"garbage", qos=1)  # skipped, not fatal
+            feeder.client.publish("fleet/dev-c/input", wire.encode_tensor(run.x_test[5]), qos=1)
+
+    watch = Listener(broker, ["fleet/dev-c/answers", "fleet/dev-c/status"])
+    watch.client.on_message = feed_when_online
     p = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "run", "--bundle", str(run.bundle_dir),
-                          "--source", "mqtt:", "--device-id", "dev-c", "--broker", mosquitto.url, "--username", user,
+                          "--source", "mqtt:", "--device-id", "dev-c", "--broker", broker.url, "--username", user,
                           "--password", pw, "--state-dir", str(tmp_path / "s"), "--output", str(tmp_path / "a.jsonl"),
                           "--trust-key", str(release_pub_path())],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        end = time.monotonic() + 60
-        while not any(t.endswith("status") for t, _ in watch.messages) and time.monotonic() < end:
-            time.sleep(0.05)
-        time.sleep(0.3)  # the input subscription follows the status
-        pub = Listener(mosquitto, ["fleet/none"], client_id="feeder")
-        pub.client.publish("fleet/dev-c/input", wire.encode_tensor(run.x_test[:5]), qos=1).wait_for_publish(5)
-        pub.client.publish("fleet/dev-c/input", b"garbage", qos=1).wait_for_publish(5)  # skipped, not fatal
-        pub.client.publish("fleet/dev-c/input", wire.encode_tensor(run.x_test[5]), qos=1).wait_for_publish(5)
-        while sum(t.endswith("answers") for t, _ in watch.messages) < 6 and time.monotonic() < end:
-            time.sleep(0.05)
-        pub.stop()
+        wait_for(fed.is_set, 60, "the agent's online status")
+        wait_for(lambda: sum(t.endswith("answers") for t, _ in watch.messages) >= 6, 30, "6 answers")
     finally:
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=30)
-    watch.stop()
+        feeder.stop()
+        watch.stop()
     got = [json.loads(m) for t, m in watch.messages if t.endswith("answers")]
     assert len(got) == 6 and [g["true_label"] for g in got] == [None] * 6
     preds = [g["prediction"] for g in got]
     assert sum(pr == int(t) for pr, t in zip(preds, run.y_test[:6])) >= 5
     assert p.returncode == 0, err
+    log = broker.log_path.read_text().splitlines()
+    subscribed = next(i for i, ln in enumerate(log) if "fleet/dev-c/input (QoS 1)" in ln)
+    online = next(i for i, ln in enumerate(log) if "Received PUBLISH from agent-dev-c" in ln and "status" in ln)
+    assert subscribed < online, "the agent said online before it subscribed to its input topic"
 
 
 @pytest.mark.broker

@@ -54,8 +54,7 @@ class _AgentProcess:
              "--trust-key", str(release_pub_path())],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: any(t.endswith("status") and json.loads(p).get("state") == "online"
-                             for t, p in self.watch.messages), 60, "agent online")
-        time.sleep(0.3)  # the input subscription follows the status
+                             for t, p in self.watch.messages), 60, "agent online")  # and subscribed to its input
         self.feeder = Listener(broker, ["fleet/none"], client_id=f"f-{out.name}")
 
     def feed(self, x) -> None:

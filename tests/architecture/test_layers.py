@@ -66,16 +66,52 @@ def test_no_import_points_up():
     assert not bad, "imports that point up the layers:\n" + "\n".join(bad)
 
 
+HEAVY = {"torch", "tensorflow", "onnx", "onnxruntime", "openvino", "paho", "flask", "sqlalchemy", "rich"}
+# the only heavy imports the foundation may make, each inside the functions that need it:
+# clikit's rich (terminals only) and the MQTT link's paho (only clients that connect)
+LAZY_OK = {("clikit.py", "rich"), ("mqtt.py", "paho")}
+
+
+def _module_level(path: Path) -> set[str]:
+    """Top-level packages imported at module level (not inside a function or class body)."""
+    out: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            if isinstance(child, ast.Import):
+                out.update(a.name.split(".")[0] for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                out.add(child.module.split(".")[0])
+            visit(child)
+
+    visit(ast.parse(path.read_text(), filename=str(path)))
+    return out
+
+
 def test_the_foundation_imports_nothing_heavy():
-    heavy = {"torch", "tensorflow", "onnx", "onnxruntime", "openvino", "paho", "flask", "sqlalchemy", "rich"}
     found = [
         f"{f.relative_to(ROOT)}:{line} imports {mod}"
         for f in sorted((ROOT / "edgecore").rglob("*.py"))
         for line, mod in _imports(f)
-        if mod in heavy
+        if mod in HEAVY and (f.name, mod) not in LAZY_OK
     ]
-    # clikit's rich import is lazy and only for terminals; everything else must be absent
-    assert [x for x in found if "clikit.py" not in x] == []
+    assert found == []
+    eager = {f"{f.name}: {m}" for f in (ROOT / "edgecore").rglob("*.py") for m in _module_level(f) & HEAVY}
+    assert eager == set(), "heavy imports at module level in the foundation (make them lazy)"
+
+
+def test_importing_the_foundation_loads_no_heavy_package():
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, sys, edgecore\n"
+            "for m in pkgutil.iter_modules(edgecore.__path__): importlib.import_module('edgecore.' + m.name)\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(HEAVY)!r}))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
 
 
 if __name__ == "__main__":  # the import-edge table (docs/architecture.md): python -m tests.architecture.test_layers

@@ -94,5 +94,5 @@ def test_fleet_refuses_bad_credentials(mosquitto, tmp_path: Path, capsys) -> Non
     rc = main(["fleet", "--broker", mosquitto.url, "--username", "admin", "--password", "wrong",
                "--devices", "dev-a", "--deadline", "1", "--out", str(tmp_path / "f")])
     assert rc == 2
-    assert "refused the connection" in capsys.readouterr().err
+    assert "refused the login: Not authorized (check the username and password" in capsys.readouterr().err
     assert not (tmp_path / "f" / "fleet_results.json").exists()

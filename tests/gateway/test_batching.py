@@ -126,7 +126,7 @@ def test_held_requests_never_exceed_the_batch_size(pair):
     for i in range(7):
         w._on_message(_FakeClient(a), None, _msg("dev-a", b"%d" % i))
     assert calls == [3, 3] and len(w._pending) == 1
-    w.client.on_disconnect()  # the connection goes: what is held is served, not stranded
+    w.client.on_disconnect(w.client, None, None, 0, None)  # the connection goes: what is held is served, not stranded
     assert calls == [3, 3, 1] and len(sent) == 7 and w._pending == []
 
 

@@ -13,8 +13,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_gateway.broker import free_port
 from device_agent.agent import summarize
-from device_agent.transport import BrokerAddress, broker_url
-from edgecore.errors import AgentError
+from edgecore.errors import AgentError, BrokerError
+from edgecore.mqtt import BrokerAddress, broker_url
 from tests.agent.tiny import items, make_agent, start_gateway
 
 pytestmark = pytest.mark.broker
@@ -126,11 +126,11 @@ def test_agent_and_gateway_over_tls_with_the_test_ca(mosquitto, tiny_cascade, tm
 
 
 def test_tls_url_errors_are_clear(tmp_path):
-    with pytest.raises(AgentError, match="need an mqtts:// URL"):
+    with pytest.raises(BrokerError, match="need an mqtts:// URL"):
         broker_url("mqtt://h:1883", ca_file=tmp_path / "ca.pem")
-    with pytest.raises(AgentError, match="both --cert-file and --key-file"):
+    with pytest.raises(BrokerError, match="both --cert-file and --key-file"):
         broker_url("mqtts://h", cert_file=tmp_path / "c.pem")
     assert BrokerAddress.parse("mqtts://h").port == 8883 and BrokerAddress.parse("mqtts://h").tls.ca_file is None
     addr = BrokerAddress.parse(broker_url("mqtts://h:1", ca_file=tmp_path / "missing.pem"))
-    with pytest.raises(AgentError, match="missing.pem does not exist"):
+    with pytest.raises(BrokerError, match="missing.pem does not exist"):
         addr.configure(mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2))
