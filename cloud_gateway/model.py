@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgecore.errors import GatewayError
+from edgecore.errors import ConfigError, GatewayError
 from edgecore.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,17 @@ def _labels_from_run(run_dir: Path | None, n: int) -> tuple[list[str], str]:
 
 
 def _task_of_run(run_dir: Path | None) -> Task:
-    """The task ``RUN/data.json`` names (classification when there is no run folder or it names none)."""
-    if run_dir is not None and (run_dir / "data.json").exists():
-        try:
-            return get_task(json.loads((run_dir / "data.json").read_text()).get("task"))
-        except (OSError, json.JSONDecodeError, AttributeError) as e:
-            raise GatewayError(f"{run_dir / 'data.json'}: unreadable ({e})") from e
-    return get_task()
+    """The task ``RUN/data.json`` names; classification when there is no readable one (its labels' warning,
+    logged once by `_labels_from_run`, says why) or it names none. A task this gateway does not know is refused."""
+    path = None if run_dir is None else run_dir / "data.json"
+    try:
+        record = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    except (OSError, ValueError):
+        record = {}
+    try:
+        return get_task(record.get("task") if isinstance(record, dict) else None)
+    except ConfigError as e:
+        raise GatewayError(f"{path}: {e}") from e
 
 
 def load_onnx_teacher(path: Path, *, threads: int | None = None, labels: list[str] | None = None) -> Teacher:
