@@ -156,7 +156,7 @@ def build_tiny(root: Path, *, offload_budget: float = 0.10) -> TinyRun:
     }
     (bdir / "drift_reference.json").write_text(json.dumps(drift_ref))
     manifest = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION, "task": {"name": "classify", "params": {}},
         "model": {"name": "tiny-digits", "version": "1"},
         "target": "onnx", "precision": "fp32", "toolchain_version": "test", "created": "2026-01-01T00:00:00Z",
         "input": spec.to_dict(), "output": {"name": "logits", "labels": labels},

@@ -53,7 +53,7 @@ def make_bundle(root: Path, *, name: str = "tiny", in_shape: tuple[int, ...] = (
     import onnxruntime
 
     manifest: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION, "task": {"name": "classify", "params": {}},
         "model": {"name": name, "version": "1"},
         "target": "onnx",
         "precision": "fp32",
