@@ -15,7 +15,11 @@ import pytest
 from edgecore.samples import Sample, SamplePage
 from tests.fixtures.pipeline import tiny_config
 from toolchain.config import to_toml
-from toolchain.refresh import RefreshError, build_refresh_set, load_samples, paired_difference, refresh, soup
+from toolchain.refresh import RefreshError, refresh
+from toolchain.refresh.fetch import load_samples
+from toolchain.refresh.gates import paired_difference
+from toolchain.refresh.redistill import soup
+from toolchain.refresh.refresh_set import build_refresh_set
 from toolchain.rundir import RunDir
 
 
