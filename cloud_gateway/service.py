@@ -24,7 +24,7 @@ from .model import Teacher, load_teacher
 from .policy import PolicyEngine
 from .rollout import RolloutManager
 from .samples import CollectionPolicy, SampleCollector
-from .store import TelemetryStore
+from .store import GatewayStore
 from .worker import GatewayWorker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Gateway:
         self.metrics = config.metrics
         self.teacher = teacher or load_teacher(config.teacher, threads=config.threads,
                                                prefer=config.teacher_format)
-        self.store = TelemetryStore(config.db)
+        self.store = GatewayStore(config.db)
         self.collector = SampleCollector(self.store, config.collect, self.metrics)
         self.worker = GatewayWorker(config=config.worker, teacher=self.teacher, store=self.store,
                                     metrics=self.metrics, collector=self.collector)

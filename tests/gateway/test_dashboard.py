@@ -97,10 +97,10 @@ def test_dashboard_labelling_queue_and_rollout_timeline(mosquitto, tiny_cascade,
             col.offer("dev-a", x[i], probs, confidence=0.3, flagged=True)
         col.flush()
         col.stop()
-        rid = gw.store.create_rollout("v2", {"canaries": ["dev-a"], "rest": [], "watch_s": 5,
+        rid = gw.store.rollouts.create("v2", {"canaries": ["dev-a"], "rest": [], "watch_s": 5,
                                              "promote_if": "rollbacks == 0", "previous": {}, "manifest_sha256": "x"}, None)
-        gw.store.add_rollout_step(rid, "started", {})
-        gw.store.add_rollout_step(rid, "canaries updated", {})
+        gw.store.rollouts.add_step(rid, "started", {})
+        gw.store.rollouts.add_step(rid, "canaries updated", {})
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
             try:
@@ -121,6 +121,6 @@ def test_dashboard_labelling_queue_and_rollout_timeline(mosquitto, tiny_cascade,
                 assert errors == []
             finally:
                 browser.close()
-        row = next(r for r in gw.store.sample_rows(limit=10) if r["id"] == first)
+        row = next(r for r in gw.store.samples.rows(limit=10) if r["id"] == first)
         assert row["human_label"] == 7
         assert np.isfinite(row["uncertainty"])
