@@ -37,7 +37,7 @@ def _read_credentials(path: Path, who: str) -> tuple[str, str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from device_agent.transport import broker_url
 
-    from .samples import CollectionPolicy
+    from .collection import CollectionPolicy
     from .service import Gateway, GatewayConfig
     from .worker import WorkerConfig
 

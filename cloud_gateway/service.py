@@ -19,12 +19,12 @@ from waitress.server import create_server
 from edgecore.bundle import TrustPolicy
 
 from .api import MAX_BUNDLE_BYTES, create_app
+from .collection import CollectionPolicy, SampleCollector
 from .metrics import Metrics
-from .model import Teacher, load_teacher
 from .policy import PolicyEngine
 from .rollout import RolloutManager
-from .samples import CollectionPolicy, SampleCollector
 from .store import GatewayStore
+from .teacher import Teacher, load_teacher
 from .worker import GatewayWorker, WorkerConfig
 
 log = logging.getLogger(__name__)

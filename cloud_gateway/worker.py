@@ -34,11 +34,11 @@ from device_agent.transport import BrokerAddress, mqtt_protocol, set_nodelay
 from edgecore import wire
 from edgecore.errors import GatewayError
 
+from .collection import SampleCollector
 from .metrics import BATCH_BUCKETS, Metrics
-from .model import Teacher
-from .samples import SampleCollector
 from .store import GatewayStore
-from .telemetry import parse_window
+from .teacher import Teacher
+from .telemetry_parser import parse_window
 
 log = logging.getLogger(__name__)
 

@@ -211,7 +211,7 @@ def retag_bundle(src: Path, dst: Path, *, version: str, model_bytes: bytes | Non
 def start_gateway(broker, run: TinyRun, tmp: Path, *, replica: str = "gw-0", http: bool = True,
                   batch_ms: float = 5.0, token: str | None = "test-token", db: str | None = None,
                   mqtt_version: str = "5", collect=None):
-    from cloud_gateway.samples import CollectionPolicy
+    from cloud_gateway.collection import CollectionPolicy
     from cloud_gateway.service import Gateway, GatewayConfig
     from cloud_gateway.worker import WorkerConfig
 

@@ -15,7 +15,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from cloud_gateway.metrics import Metrics
-from cloud_gateway.model import Teacher
+from cloud_gateway.teacher import Teacher
 from cloud_gateway.worker import GatewayWorker, WorkerConfig, _more_waiting, _next_is_publish
 from edgecore import wire
 

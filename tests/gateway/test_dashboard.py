@@ -86,8 +86,8 @@ def test_dashboard_labelling_queue_and_rollout_timeline(mosquitto, tiny_cascade,
     import numpy as np
     from playwright.sync_api import sync_playwright
 
+    from cloud_gateway.collection import CollectionPolicy, SampleCollector
     from cloud_gateway.metrics import Metrics
-    from cloud_gateway.samples import CollectionPolicy, SampleCollector
 
     run = tiny_cascade
     with start_gateway(mosquitto, run, tmp_path) as gw:

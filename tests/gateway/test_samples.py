@@ -11,7 +11,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from cloud_gateway.samples import CollectionPolicy
+from cloud_gateway.collection import CollectionPolicy
 from cloud_gateway.store import GatewayStore
 from cloud_gateway.store.database import current_revision
 from edgecore.errors import GatewayError
@@ -82,8 +82,8 @@ def test_rate_zero_collects_only_what_the_device_flags(mosquitto, tiny_cascade, 
 
 def test_bounds_evict_the_oldest_and_delete_is_per_device(tmp_path):
     store = GatewayStore(tmp_path / "s.sqlite")
+    from cloud_gateway.collection import SampleCollector
     from cloud_gateway.metrics import Metrics
-    from cloud_gateway.samples import SampleCollector
 
     col = SampleCollector(store, CollectionPolicy.parse("all", max_per_device=5, max_total=8), Metrics()).start()
     try:
@@ -107,8 +107,8 @@ def test_bounds_evict_the_oldest_and_delete_is_per_device(tmp_path):
 
 
 def test_labelling_queue_orders_by_uncertainty_and_a_human_label_overrides(mosquitto, tiny_cascade, tmp_path):
+    from cloud_gateway.collection import SampleCollector
     from cloud_gateway.metrics import Metrics
-    from cloud_gateway.samples import SampleCollector
 
     with start_gateway(mosquitto, tiny_cascade, tmp_path) as gw:
         col = SampleCollector(gw.store, CollectionPolicy.parse("all"), Metrics()).start()
@@ -154,8 +154,8 @@ def test_store_upgrades_in_place_to_the_samples_revision(tmp_path):
 
 
 def test_samples_on_postgresql(postgres_url):
+    from cloud_gateway.collection import SampleCollector
     from cloud_gateway.metrics import Metrics
-    from cloud_gateway.samples import SampleCollector
 
     store = GatewayStore(postgres_url)
     assert current_revision(store.db.engine) == "0006"
