@@ -53,7 +53,8 @@ def target_gates(*, parent: Path, out: Path, targets: list[str] | None, cfg: Any
         if (old / "manifest.json").is_file():
             before_b, versus = bundle_accuracy(old, rs.x_val, rs.y_val), f"parent bundle {name}"
         else:  # the parent never built this target: its shipped PyTorch model stands in
-            before_b = float(_shipped_correct(parent_run, (parent_run.input_spec.preprocess(rs.x_val), rs.y_val)).mean())
+            x_held_out = parent_run.input_spec.preprocess(rs.x_val)
+            before_b = float(_shipped_correct(parent_run, (x_held_out, rs.y_val)).mean())
             versus = "parent model (PyTorch)"
         gates.append({"gate": f"held-out collected samples, {name}", "versus": versus, "before": before_b,
                       "after": after, "ok": after > before_b})
