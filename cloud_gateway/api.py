@@ -29,7 +29,7 @@ from edgecore.bundle import TrustPolicy, sha256_file
 from edgecore.errors import BundleTrustError, GatewayError
 
 from .metrics import Metrics
-from .store import TelemetryStore
+from .store import GatewayStore
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _install_handlers(app: Flask) -> None:
 
 def create_app(
     *,
-    store: TelemetryStore,
+    store: GatewayStore,
     metrics: Metrics,
     bundles_dir: Path,
     token: str | None,
@@ -150,22 +150,22 @@ def _register_health(app: Flask, *, metrics: Metrics, health: Callable[[], dict[
         return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
 
 
-def _register_devices(app: Flask, *, store: TelemetryStore, publish: Callable[[str, bytes], None] | None,
+def _register_devices(app: Flask, *, store: GatewayStore, publish: Callable[[str, bytes], None] | None,
                       prefix: str, require_token: Callable[[], None]) -> None:
     @app.get("/api/devices")
     def list_devices() -> Any:
-        return jsonify([_device_view(r) for r in store.devices()])
+        return jsonify([_device_view(r) for r in store.devices.all()])
 
     @app.get("/api/devices/<device_id>")
     def one_device(device_id: str) -> Any:
-        row = store.device(device_id)
+        row = store.devices.get(device_id)
         if row is None:
             _fail(404, "unknown device")
         try:
             limit = min(max(int(request.args.get("history", 200)), 0), 5000)
         except ValueError:
             _fail(400, "history must be an integer (number of windows, at most 5000)")
-        return jsonify({**_device_view(row), "history": store.history(device_id, limit=limit)})
+        return jsonify({**_device_view(row), "history": store.telemetry.history(device_id, limit=limit)})
 
     @app.post("/api/devices/<device_id>/cmd")
     def command(device_id: str) -> Any:
@@ -219,7 +219,7 @@ def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
     return min(max(v, lo), hi)
 
 
-def _register_samples(app: Flask, *, store: TelemetryStore, require_token: Callable[[], None], collect: Any,
+def _register_samples(app: Flask, *, store: GatewayStore, require_token: Callable[[], None], collect: Any,
                       num_classes: int | None) -> None:
     """Collected samples (user data: every route needs the token), the labelling queue, deletion per device."""
     from edgecore.samples import Sample, SamplePage
@@ -233,7 +233,7 @@ def _register_samples(app: Flask, *, store: TelemetryStore, require_token: Calla
     def list_samples() -> Any:
         require_token()
         limit = _int_arg("limit", 100, 1, MAX_SAMPLES_PAGE)
-        return page(store.sample_rows(after=_int_arg("after", 0, 0, 1 << 62), limit=limit,
+        return page(store.samples.rows(after=_int_arg("after", 0, 0, 1 << 62), limit=limit,
                                       device=request.args.get("device") or None), limit)
 
     @app.delete("/api/samples")
@@ -242,13 +242,13 @@ def _register_samples(app: Flask, *, store: TelemetryStore, require_token: Calla
         device = request.args.get("device")
         if not device:
             _fail(400, "give ?device=ID: samples are deleted per device")
-        return jsonify({"device": device, "deleted": store.delete_samples(device)})
+        return jsonify({"device": device, "deleted": store.samples.delete(device)})
 
     @app.get("/api/samples/stats")
     def sample_stats() -> Any:
         require_token()
         return jsonify({"collection": collect.to_dict() if collect is not None else None,
-                        "devices": store.sample_stats()})
+                        "devices": store.samples.stats()})
 
     @app.get("/api/labels/queue")
     def label_queue() -> Any:
@@ -258,7 +258,7 @@ def _register_samples(app: Flask, *, store: TelemetryStore, require_token: Calla
             least = float(request.args.get("min_uncertainty", "0.3"))
         except ValueError:
             _fail(400, "min_uncertainty: expected a number")
-        return jsonify(SamplePage([Sample.from_row(r) for r in store.sample_rows(limit=limit, queue=least)],
+        return jsonify(SamplePage([Sample.from_row(r) for r in store.samples.rows(limit=limit, queue=least)],
                                   None).to_json())
 
     @app.post("/api/samples/<int:sample_id>/label")
@@ -269,12 +269,12 @@ def _register_samples(app: Flask, *, store: TelemetryStore, require_token: Calla
         if isinstance(label, bool) or not isinstance(label, int) or label < 0 or (
                 num_classes is not None and label >= num_classes):
             _fail(400, f"label: expected a class index 0..{(num_classes or 1) - 1}, got {label!r}")
-        if not store.label_sample(sample_id, label):
+        if not store.samples.label(sample_id, label):
             _fail(404, f"no sample {sample_id}")
         return jsonify({"id": sample_id, "human_label": label})
 
 
-def _register_rollouts(app: Flask, *, store: TelemetryStore, rollouts: Any,
+def _register_rollouts(app: Flask, *, store: GatewayStore, rollouts: Any,
                        require_token: Callable[[], None]) -> None:
     """Staged rollouts (cloud_gateway/rollout.py): start, list, one with its timeline and device versions, abort."""
 
@@ -299,14 +299,14 @@ def _register_rollouts(app: Flask, *, store: TelemetryStore, rollouts: Any,
 
     @app.get("/api/rollouts")
     def list_rollouts() -> Any:
-        return jsonify(store.rollouts())
+        return jsonify(store.rollouts.all())
 
     @app.get("/api/rollouts/<int:rollout_id>")
     def one_rollout(rollout_id: int) -> Any:
-        r = store.rollout(rollout_id)
+        r = store.rollouts.get(rollout_id)
         if r is None:
             _fail(404, f"no rollout {rollout_id}")
-        versions = {d["device_id"]: (d.get("status") or {}).get("bundle_sha256") for d in store.devices()}
+        versions = {d["device_id"]: (d.get("status") or {}).get("bundle_sha256") for d in store.devices.all()}
         return jsonify({**r, "device_versions": versions})
 
     @app.post("/api/rollouts/<int:rollout_id>/abort")
@@ -326,13 +326,13 @@ def _act(require_token: Callable[[], None], service: Any, what: str, action: Cal
         _fail(409, str(e))
 
 
-def _register_policy(app: Flask, *, store: TelemetryStore, policy: Any, require_token: Callable[[], None]) -> None:
+def _register_policy(app: Flask, *, store: GatewayStore, policy: Any, require_token: Callable[[], None]) -> None:
     """The refresh policy (cloud_gateway/policy.py) and the proposals it fired."""
     from .policy import check_policy
 
     @app.get("/api/policy")
     def get_policy() -> Any:
-        return jsonify({"policy": store.policy(), "proposals": store.proposals()})
+        return jsonify({"policy": store.policy.get(), "proposals": store.policy.proposals()})
 
     @app.put("/api/policy")
     def put_policy() -> Any:
@@ -341,7 +341,7 @@ def _register_policy(app: Flask, *, store: TelemetryStore, policy: Any, require_
             doc = check_policy(request.get_json(silent=True))
         except GatewayError as e:
             _fail(400, str(e))
-        store.set_policy(doc)
+        store.policy.set(doc)
         return jsonify({"policy": doc})
 
     @app.post("/api/policy/proposals/<int:pid>/approve")

@@ -64,19 +64,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_samples(args: argparse.Namespace) -> int:
     """``cloud-gateway samples list|stats|delete``: the collected samples in the store, straight from the database."""
-    from .store import TelemetryStore
+    from .store import GatewayStore
 
-    store = TelemetryStore(args.db)
+    store = GatewayStore(args.db)
     if args.action == "delete":
         if not args.device:
             raise GatewayError("samples delete needs --device ID (samples are deleted per device)")
-        report: dict[str, object] = {"device": args.device, "deleted": store.delete_samples(args.device)}
+        report: dict[str, object] = {"device": args.device, "deleted": store.samples.delete(args.device)}
         print(f"deleted {report['deleted']} samples of device {args.device}")
     elif args.action == "stats":
-        report = {"devices": store.sample_stats()}
+        report = {"devices": store.samples.stats()}
         _print_rows(report["devices"], ("device", "samples", "labelled", "oldest", "newest"))  # type: ignore[arg-type]
     else:
-        rows = store.sample_rows(limit=args.limit, device=args.device)
+        rows = store.samples.rows(limit=args.limit, device=args.device)
         report = {"samples": [{k: v for k, v in r.items() if k not in ("input", "teacher_probs")} for r in rows]}
         _print_rows(report["samples"], ("id", "device_id", "bundle", "teacher_label", "uncertainty", "confidence",  # type: ignore[arg-type]
                                         "drift", "flagged", "human_label"))

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from edgecore.errors import GatewayError
 
-from .store import TelemetryStore
+from .store import GatewayStore
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,15 @@ def _busy(windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [w for w in windows if ((w.get("counts") or {}).get("inputs") or 0) > 0]
 
 
-def triggers(store: TelemetryStore, p: dict[str, Any], now: float) -> list[dict[str, Any]]:
+def triggers(store: GatewayStore, p: dict[str, Any], now: float) -> list[dict[str, Any]]:
     """Which triggers fire now, each with its devices and numbers."""
     fired: list[dict[str, Any]] = []
-    devices = [d["device_id"] for d in store.devices()]
+    devices = [d["device_id"] for d in store.devices.all()]
     n = p["drift_windows"]
     if n:
         hit = {}
         for d in devices:
-            ws = _busy(store.history(d, limit=max(50, 4 * int(n))))[-int(n):]
+            ws = _busy(store.telemetry.history(d, limit=max(50, 4 * int(n))))[-int(n):]
             if len(ws) >= n and all((w.get("drift") or {}).get("flag") for w in ws):
                 hit[d] = len(ws)
         if hit:
@@ -104,7 +104,7 @@ def triggers(store: TelemetryStore, p: dict[str, Any], now: float) -> list[dict[
         since = now - 60.0 * float(p["offload_minutes"])
         hit = {}
         for d in devices:
-            ws = _busy(store.windows_since(d, since))
+            ws = _busy(store.telemetry.since(d, since))
             if ws and all(float(w.get("offload_rate") or 0) > p["offload_rate"] for w in ws):
                 hit[d] = round(sum(float(w["offload_rate"]) for w in ws) / len(ws), 3)
         if len(hit) >= p["offload_devices"]:
@@ -117,7 +117,7 @@ def triggers(store: TelemetryStore, p: dict[str, Any], now: float) -> list[dict[
 class PolicyEngine:
     """Evaluates the stored policy every ``interval_s``; records proposals; runs approved ones."""
 
-    def __init__(self, *, store: TelemetryStore, gateway_url: Callable[[], str], start_rollout: Callable[..., int],
+    def __init__(self, *, store: GatewayStore, gateway_url: Callable[[], str], start_rollout: Callable[..., int],
                  upload: Callable[[str, Path], None], interval_s: float = 30.0) -> None:
         self.store, self.gateway_url, self.start_rollout, self.upload = store, gateway_url, start_rollout, upload
         self.interval_s = interval_s
@@ -143,55 +143,56 @@ class PolicyEngine:
 
     def evaluate(self, now: float | None = None) -> int | None:
         """One round: a new proposal's id when a trigger fired (and the cooldown allows), else None."""
-        doc = self.store.policy()
+        doc = self.store.policy.get()
         if doc is None:
             return None
         p = check_policy(doc)
         now = time.time() if now is None else now
-        recent = [x for x in self.store.proposals() if now - float(x["created"]) < 60.0 * float(p["cooldown_minutes"])]
+        recent = [x for x in self.store.policy.proposals()
+                  if now - float(x["created"]) < 60.0 * float(p["cooldown_minutes"])]
         if recent:
             return None
         fired = triggers(self.store, p, now)
         if not fired:
             return None
         reason = {"fired": fired, "policy": p, "device": fired[0]["devices"][0]}
-        pid = self.store.add_proposal(reason)
+        pid = self.store.policy.add_proposal(reason)
         log.warning("policy fired (proposal %d): %s", pid, "; ".join(f["why"] for f in fired))
         if p["action"] == "run":
             threading.Thread(target=self.run, args=(pid,), name=f"policy-run-{pid}", daemon=True).start()
         return pid
 
     def approve(self, pid: int) -> None:
-        prop = next((x for x in self.store.proposals() if int(x["id"]) == pid), None)
+        prop = next((x for x in self.store.policy.proposals() if int(x["id"]) == pid), None)
         if prop is None or prop["state"] != "proposed":
             raise GatewayError(f"proposal {pid} is not waiting for approval")
-        self.store.set_proposal(pid, state="approved")
+        self.store.policy.set_proposal(pid, state="approved")
         threading.Thread(target=self.run, args=(pid,), name=f"policy-run-{pid}", daemon=True).start()
 
     def run(self, pid: int) -> None:
         """Run the refresh command, upload its bundle, start the rollout; every outcome on the proposal."""
-        prop = next(x for x in self.store.proposals() if int(x["id"]) == pid)
+        prop = next(x for x in self.store.policy.proposals() if int(x["id"]) == pid)
         p, device = prop["reason"]["policy"], prop["reason"]["device"]
         fill = {"gateway": self.gateway_url(), "device": device, "id": str(pid)}
         if not p["refresh_command"]:
-            self.store.set_proposal(pid, state="failed", result={"error": "policy.refresh_command is not set"})
+            self.store.policy.set_proposal(pid, state="failed", result={"error": "policy.refresh_command is not set"})
             return
         argv = [a.format(**fill) for a in p["refresh_command"]]
-        self.store.set_proposal(pid, state="refreshing", result={"command": argv})
+        self.store.policy.set_proposal(pid, state="refreshing", result={"command": argv})
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=6 * 3600)
         except (OSError, subprocess.TimeoutExpired) as e:
-            self.store.set_proposal(pid, state="failed", result={"command": argv, "error": str(e)})
+            self.store.policy.set_proposal(pid, state="failed", result={"command": argv, "error": str(e)})
             return
         if r.returncode != 0:
             err = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-            self.store.set_proposal(pid, state="failed", result={"command": argv, "error": err})
+            self.store.policy.set_proposal(pid, state="failed", result={"command": argv, "error": err})
             return
         try:
             report = json.loads(r.stdout.strip().splitlines()[-1])
             name, path = next(iter(report["bundles"].items()))
         except (ValueError, KeyError, IndexError, StopIteration, AttributeError) as e:
-            self.store.set_proposal(pid, state="failed", result={"command": argv, "error":
+            self.store.policy.set_proposal(pid, state="failed", result={"command": argv, "error":
                                     f"the refresh command printed no JSON report with 'bundles' ({e})"})
             return
         tar = Path(str(path) + ".tar.gz") if not str(path).endswith(".tar.gz") else Path(path)
@@ -202,6 +203,8 @@ class PolicyEngine:
             rid = self.start_rollout(bundle=stored, canary=ro["canary"], watch_s=float(ro["watch_s"]),
                                      promote_if=str(ro["promote_if"]))
         except (GatewayError, OSError) as e:
-            self.store.set_proposal(pid, state="failed", result={"command": argv, "bundle": str(tar), "error": str(e)})
+            self.store.policy.set_proposal(pid, state="failed",
+                                           result={"command": argv, "bundle": str(tar), "error": str(e)})
             return
-        self.store.set_proposal(pid, state="rolling_out", result={"command": argv, "bundle": stored, "rollout": rid})
+        self.store.policy.set_proposal(pid, state="rolling_out",
+                                       result={"command": argv, "bundle": stored, "rollout": rid})

@@ -38,7 +38,8 @@ from typing import Any, Callable
 from edgecore import wire
 from edgecore.errors import GatewayError
 
-from .store import ACTIVE_ROLLOUT_STATES, TelemetryStore
+from .store import GatewayStore
+from .store.rollout_log import ACTIVE_ROLLOUT_STATES
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def target_of(tarball: Path) -> str | None:
 class RolloutManager:
     """Drives rollouts from the store's records; one thread per active rollout; resumable."""
 
-    def __init__(self, *, store: TelemetryStore, bundles_dir: Path, publish: Callable[[str, bytes], Any],
+    def __init__(self, *, store: GatewayStore, bundles_dir: Path, publish: Callable[[str, bytes], Any],
                  base_url: Callable[[], str], prefix: str = "fleet", update_timeout_s: float = 60.0,
                  poll_s: float = 0.2) -> None:
         self.store, self.bundles_dir, self.publish, self.base_url = store, Path(bundles_dir), publish, base_url
@@ -220,14 +221,14 @@ class RolloutManager:
         cond = parse_condition(promote_if)
         if watch_s <= 0:
             raise GatewayError("the watch window must be > 0 seconds")
-        if self.store.rollouts(active=True):
+        if self.store.rollouts.all(active=True):
             raise GatewayError("a rollout is already in progress (one at a time: abort it or wait)")
         tar = self.bundles_dir / f"{bundle}.tar.gz"
         if not tar.is_file():
             raise GatewayError(f"no bundle {bundle!r} in the gateway's store: upload it first (PUT /api/bundles/{bundle})")
         new_sha, target = manifest_sha256_of(tar), target_of(tar)
         # the fleet for this bundle: known devices running the same target (a TFLite bundle never goes to an ORT one)
-        fleet = {d["device_id"]: d for d in self.store.devices()
+        fleet = {d["device_id"]: d for d in self.store.devices.all()
                  if isinstance(d.get("status"), dict) and d["status"].get("target") in (target, None)}
         canaries = self._canaries(canary, sorted(fleet))
         index = self._index()
@@ -238,14 +239,14 @@ class RolloutManager:
                 raise GatewayError(f"canary {d} runs a bundle ({str(sha)[:12]}) that is not in the gateway's store: "
                                    "upload it first, so that a rollback is possible")
             previous[d] = {"manifest_sha256": sha, "bundle": index[sha]}
-        baseline = aggregate([w for d in canaries for w in _busy(self.store.history(d, limit=1000))[-20:]])
+        baseline = aggregate([w for d in canaries for w in _busy(self.store.telemetry.history(d, limit=1000))[-20:]])
         if baseline is None and cond.needs_baseline:
             raise GatewayError(f"--promote-if compares with the baseline, but the canaries {canaries} sent no "
                                "telemetry yet")
         plan = {"canaries": canaries, "rest": [d for d in sorted(fleet) if d not in canaries],
                 "previous": previous, "manifest_sha256": new_sha, "watch_s": watch_s, "promote_if": promote_if}
-        rid = self.store.create_rollout(bundle, plan, baseline)
-        self.store.add_rollout_step(rid, "started", {"canaries": canaries, "baseline": baseline, "bundle": bundle})
+        rid = self.store.rollouts.create(bundle, plan, baseline)
+        self.store.rollouts.add_step(rid, "started", {"canaries": canaries, "baseline": baseline, "bundle": bundle})
         self._spawn(rid)
         return rid
 
@@ -277,14 +278,15 @@ class RolloutManager:
     # --- running -----------------------------------------------------------------------------------
     def resume(self) -> list[int]:
         """Pick up every unfinished rollout (after a restart); returns their ids."""
-        ids = [int(r["id"]) for r in self.store.rollouts(active=True)]
+        ids = [int(r["id"]) for r in self.store.rollouts.all(active=True)]
         for rid in ids:
-            self.store.add_rollout_step(rid, "resumed", {"state": self.store.rollout(rid)["state"]})  # type: ignore[index]
+            state = self.store.rollouts.get(rid)["state"]  # type: ignore[index]
+            self.store.rollouts.add_step(rid, "resumed", {"state": state})
             self._spawn(rid)
         return ids
 
     def abort(self, rollout_id: int) -> None:
-        r = self.store.rollout(rollout_id)
+        r = self.store.rollouts.get(rollout_id)
         if r is None or r["state"] not in ACTIVE_ROLLOUT_STATES:
             raise GatewayError(f"rollout {rollout_id} is not in progress")
         self._abort.add(rollout_id)
@@ -302,14 +304,14 @@ class RolloutManager:
     def _drive(self, rid: int) -> None:
         try:
             while not self._stop.is_set():
-                r = self.store.rollout(rid)
+                r = self.store.rollouts.get(rid)
                 if r is None or r["state"] not in ACTIVE_ROLLOUT_STATES:
                     return
                 getattr(self, f"_{r['state']}")(rid, r)
         except Exception as e:  # a bug or the database away: recorded, the rollout resumes on the next start
             log.exception("rollout %d stopped", rid)
             try:
-                self.store.add_rollout_step(rid, "interrupted", {"error": f"{type(e).__name__}: {e}"})
+                self.store.rollouts.add_step(rid, "interrupted", {"error": f"{type(e).__name__}: {e}"})
             except Exception:  # noqa: BLE001 - the database is what failed
                 pass
 
@@ -325,7 +327,7 @@ class RolloutManager:
     def _running(self, devices: list[str], sha: str) -> list[str]:
         out = []
         for d in devices:
-            row = self.store.device(d)
+            row = self.store.devices.get(d)
             st = (row or {}).get("status") or {}
             if isinstance(st, dict) and st.get("bundle_sha256") == sha:
                 out.append(d)
@@ -352,9 +354,9 @@ class RolloutManager:
         if rid in self._abort:
             return self._to(rid, "rolling_back", "aborted", {})
         if missing:
-            errors = {d: ((self.store.device(d) or {}).get("status") or {}).get("last_cmd") for d in missing}
+            errors = {d: ((self.store.devices.get(d) or {}).get("status") or {}).get("last_cmd") for d in missing}
             return self._to(rid, "rolling_back", "canary update failed", {"not_updated": missing, "last_cmd": errors})
-        self.store.set_rollout(rid, result={"watch_from": time.time()})
+        self.store.rollouts.update(rid, result={"watch_from": time.time()})
         self._to(rid, "watching", "canaries updated", {"canaries": plan["canaries"]})
 
     def _watching(self, rid: int, r: dict[str, Any]) -> None:
@@ -367,7 +369,7 @@ class RolloutManager:
         if self._stop.is_set():
             return
         off = [d for d in plan["canaries"] if d not in self._running(plan["canaries"], plan["manifest_sha256"])]
-        metrics = watch_metrics([w for d in plan["canaries"] for w in self.store.windows_since(d, since)], since)
+        metrics = watch_metrics([w for d in plan["canaries"] for w in self.store.telemetry.since(d, since)], since)
         if off:
             return self._to(rid, "rolling_back", "a canary left the new bundle (its own rollback)", {"devices": off})
         if metrics is None:
@@ -394,6 +396,6 @@ class RolloutManager:
         self._to(rid, "rolled_back", "canaries back on their previous bundles", {"not_restored": left})
 
     def _to(self, rid: int, state: str, step: str, detail: dict[str, Any]) -> None:
-        self.store.add_rollout_step(rid, step, detail)
-        self.store.set_rollout(rid, state=state)
+        self.store.rollouts.add_step(rid, step, detail)
+        self.store.rollouts.update(rid, state=state)
         log.info("rollout %d: %s -> %s", rid, step, state)

@@ -16,12 +16,12 @@ from flask import Flask
 from waitress.server import create_server
 
 from .api import MAX_BUNDLE_BYTES, create_app
-from .config import CollectionPolicy, GatewayConfig, WorkerConfig  # noqa: F401 (their home before)
-from .model import Teacher, load_teacher
+from .collection import SampleCollector
+from .config import GatewayConfig
 from .policy import PolicyEngine
 from .rollout import RolloutManager
-from .samples import SampleCollector
-from .store import TelemetryStore
+from .store import GatewayStore
+from .teacher import Teacher, load_teacher
 from .worker import GatewayWorker
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Gateway:
         self.metrics = config.metrics
         self.teacher = teacher or load_teacher(config.teacher, threads=config.threads,
                                                prefer=config.teacher_format)
-        self.store = TelemetryStore(config.db)
+        self.store = GatewayStore(config.db)
         self.collector = SampleCollector(self.store, config.collect, self.metrics)
         self.worker = GatewayWorker(config=config.worker, teacher=self.teacher, store=self.store,
                                     metrics=self.metrics, collector=self.collector)

@@ -30,12 +30,12 @@ from edgecore import wire
 from edgecore.errors import BrokerError, GatewayError
 from edgecore.mqtt import MqttLink
 
+from .collection import SampleCollector
 from .config import WorkerConfig
 from .metrics import BATCH_BUCKETS, Metrics
-from .model import Teacher
-from .samples import SampleCollector
-from .store import TelemetryStore
-from .telemetry import parse_window
+from .store import GatewayStore
+from .teacher import Teacher
+from .telemetry_parser import parse_window
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class InvalidRequest(Exception):
 
 
 class GatewayWorker:
-    def __init__(self, *, config: WorkerConfig, teacher: Teacher, store: TelemetryStore | None,
+    def __init__(self, *, config: WorkerConfig, teacher: Teacher, store: GatewayStore | None,
                  metrics: Metrics, collector: "SampleCollector | None" = None) -> None:
         self.config = config
         self.collector = collector
@@ -247,7 +247,7 @@ class GatewayWorker:
                              device=device_id)
             log.warning("telemetry window from %s refused: %s", device_id, e)
             return
-        new = self.store.add_telemetry(device_id, msg) if self.store else True
+        new = self.store.telemetry.add(device_id, msg) if self.store else True
         self.metrics.inc("gateway_telemetry_windows_total", "Telemetry windows stored", device=device_id)
         if self.collector is not None:
             self.collector.note_telemetry(device_id, msg)
@@ -288,7 +288,7 @@ class GatewayWorker:
         except wire.WireError:
             return
         if self.store:
-            self.store.set_status(device_id, msg)
+            self.store.devices.set_status(device_id, msg)
         if self.collector is not None:
             self.collector.note_status(device_id, msg)
 

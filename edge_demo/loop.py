@@ -119,7 +119,8 @@ def _row(answers: list[Any], agent: Any) -> dict[str, Any]:
 def close_the_loop(ctx: LoopContext, *, before: dict[str, Any], progress: Any = print) -> dict[str, Any]:
     from edge_demo.story import drifted
     from edgecore.bundle import tarball_path
-    from toolchain.refresh import RefreshError, bundle_accuracy, refresh
+    from toolchain.refresh import RefreshError, refresh
+    from toolchain.refresh.gates import bundle_accuracy
     from toolchain.rundir import RunDir
 
     splits = RunDir(ctx.run_dir).splits()
@@ -193,7 +194,6 @@ def teacher_accuracy_drifted(run_dir: Path) -> float:
     import torch
 
     from edge_demo.story import drifted
-    from toolchain import engine
     from toolchain.rundir import RunDir
 
     run = RunDir(run_dir)

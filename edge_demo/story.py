@@ -190,9 +190,8 @@ def _fleet_plan(built: dict[str, dict], step: _Steps) -> list[tuple[str, str, bo
 
 def _gateway(opts: DemoOptions, run_dir: Path, fleet_dir: Path, broker: Any, creds: Any, token: str,
              public_key: Path) -> Any:
-    from cloud_gateway.samples import CollectionPolicy
-    from cloud_gateway.service import Gateway, GatewayConfig
-    from cloud_gateway.worker import WorkerConfig
+    from cloud_gateway.config import CollectionPolicy, GatewayConfig, WorkerConfig
+    from cloud_gateway.service import Gateway
     from edgecore.bundle import TrustPolicy
 
     drifting = ",".join(d for d, _, drift in FLEET if drift)

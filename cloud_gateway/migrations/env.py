@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection `cloud_gateway.store.migrate` hands over."""
+"""Alembic environment: runs on the connection `cloud_gateway.store.database.migrate` hands over."""
 
 from __future__ import annotations
 

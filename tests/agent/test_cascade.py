@@ -41,8 +41,8 @@ def measure_cascade(broker, bundle_dir, teacher, x_raw, y, tmp_path, *, device_i
     answers that actually came back over MQTT.
     """
     from calibration.confidence import confidence
-    from cloud_gateway.service import Gateway, GatewayConfig
-    from cloud_gateway.worker import WorkerConfig
+    from cloud_gateway.config import GatewayConfig, WorkerConfig
+    from cloud_gateway.service import Gateway
     from edgecore.bundle import open_bundle
 
     user, pw = broker.gateway_credentials

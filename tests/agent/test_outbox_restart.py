@@ -28,7 +28,7 @@ def test_broker_restart_delivers_every_window_once_in_order(mosquitto, tiny_casc
     t = threading.Thread(target=stream, daemon=True)
     t.start()
     try:
-        _wait(lambda: len(gw.store.arrival_order("dev-a")) >= 3, 15, "first windows stored")
+        _wait(lambda: len(gw.store.telemetry.arrival_order("dev-a")) >= 3, 15, "first windows stored")
         mosquitto.stop()
         produced_before = agent.windows_produced
         # windows pile up in the outbox while the broker is gone
@@ -41,22 +41,23 @@ def test_broker_restart_delivers_every_window_once_in_order(mosquitto, tiny_casc
         agent.stop()
     n = agent.windows_produced
     try:
-        _wait(lambda: len(gw.store.arrival_order("dev-a")) >= n, 15, "all windows stored")
+        _wait(lambda: len(gw.store.telemetry.arrival_order("dev-a")) >= n, 15, "all windows stored")
     except AssertionError:
         import json
         import sqlite3
 
         with sqlite3.connect(agent.outbox.path) as db:  # what the agent kept for its next start, if anything
             left = [json.loads(p).get("seq") for (p,) in db.execute("SELECT payload FROM outbox ORDER BY id")]
-        raise AssertionError(f"produced {n}, stored {gw.store.arrival_order('dev-a')}, still in the agent's outbox "
+        raise AssertionError(f"produced {n}, stored {gw.store.telemetry.arrival_order('dev-a')}, "
+                             f"still in the agent's outbox "
                              f"{left}; log {mosquitto.log_path.read_text()[-3000:]}") from None
     gw.stop()
-    order = gw.store.arrival_order("dev-a")
+    order = gw.store.telemetry.arrival_order("dev-a")
     assert order == list(range(n)), f"{n} produced, stored {order}"
     assert len(answered) > 0
-    last = gw.store.history("dev-a", limit=1)[0]
+    last = gw.store.telemetry.history("dev-a", limit=1)[0]
     assert last["outbox"]["dropped"] == 0
-    for w in gw.store.history("dev-a", limit=1000):  # what every window carries
+    for w in gw.store.telemetry.history("dev-a", limit=1000):  # what every window carries
         assert {"p50", "p95", "p99", "count"} <= set(w["latency"]["edge"]) and "cloud_rtt" in w["latency"]
         assert {"inputs", "edge", "cloud", "fallback"} <= set(w["counts"])
         assert w["bundle_sha256"] == agent.bundle.manifest_sha256 and "drift" in w and "offload_rate" in w
@@ -87,8 +88,8 @@ def test_stop_with_the_broker_gone_keeps_the_last_window_and_says_so(mosquitto, 
     mosquitto.start()
     again = make_agent(mosquitto, run.bundle_dir, "dev-b", tmp_path, telemetry_window_s=60).start()
     try:
-        _wait(lambda: len(gw.store.arrival_order("dev-b")) >= 1, 20, "the kept window delivered")
+        _wait(lambda: len(gw.store.telemetry.arrival_order("dev-b")) >= 1, 20, "the kept window delivered")
     finally:
         again.stop()
         gw.stop()
-    assert gw.store.arrival_order("dev-b")[0] == 0
+    assert gw.store.telemetry.arrival_order("dev-b")[0] == 0

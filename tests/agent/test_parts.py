@@ -33,7 +33,7 @@ from device_agent.updates import fetch_bundle, prune_bundles, url_allowed
 from edgecore import wire
 from edgecore.bundle import file_entries, open_bundle
 from edgecore.errors import AgentError, BundleTrustError
-from tests.agent.tiny import items, retag_bundle, sign_dir, release_trust
+from tests.agent.tiny import items, release_trust, retag_bundle, sign_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 

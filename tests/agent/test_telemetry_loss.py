@@ -23,8 +23,8 @@ from tests.agent.tiny import (
     Listener,
     items,
     make_agent,
-    start_gateway,
     release_pub_path,
+    start_gateway,
     wait_for,
 )
 
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.broker
 
 def _stored(gw, device: str) -> tuple[int, dict[str, int]]:
     """(inputs over every stored window, dropped inputs per boot: the last report of each)."""
-    hist = gw.store.history(device, limit=10000)
+    hist = gw.store.telemetry.history(device, limit=10000)
     dropped: dict[str, int] = {}
     for w in hist:
         dropped[w["boot"]] = max(dropped.get(w["boot"], 0), w["outbox"]["dropped_inputs"])
@@ -92,7 +92,7 @@ def test_kill_9_restart_and_state_reset_lose_no_input(mosquitto, tiny_cascade, t
             wait_for(lambda: _stored(gw, "dev-b")[0] >= answered, 20, "telemetry of every answer")
         finally:
             stored, dropped = _stored(gw, "dev-b")
-        hist = gw.store.history("dev-b", limit=10000)
+        hist = gw.store.telemetry.history("dev-b", limit=10000)
     assert stored + sum(dropped.values()) == answered, (stored, dropped, answered)
     assert len(dropped) == 2  # two state dirs, two boot ids
     assert min(w["seq"] for w in hist if w["boot"] == hist[-1]["boot"]) == 0  # the reset device counted from 0
@@ -114,7 +114,7 @@ def test_broker_outage_past_the_outbox_bound_reports_what_it_dropped(mosquitto, 
     t = threading.Thread(target=stream, daemon=True)
     t.start()
     try:
-        wait_for(lambda: len(gw.store.arrival_order("dev-a")) >= 2, 15, "first windows stored")
+        wait_for(lambda: len(gw.store.telemetry.arrival_order("dev-a")) >= 2, 15, "first windows stored")
         mosquitto.stop()
         wait_for(lambda: agent.outbox.stats()["dropped_inputs"] > 0, 15, "windows dropped by the bound")
         mosquitto.start()

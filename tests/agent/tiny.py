@@ -159,6 +159,7 @@ def build_tiny(root: Path, *, offload_budget: float = 0.10) -> TinyRun:
         "schema_version": SCHEMA_VERSION, "task": {"name": "classify", "params": {}},
         "model": {"name": "tiny-digits", "version": "1"},
         "target": "onnx", "precision": "fp32", "toolchain_version": "test", "created": "2026-01-01T00:00:00Z",
+        "task": {"name": "classify", "params": {}},
         "input": spec.to_dict(), "output": {"name": "logits", "labels": labels},
         "artifact": {"main": "model.onnx", "runtime": "onnxruntime", "runtime_version": None, "details": {}},
         "files": {k: e.to_dict() for k, e in file_entries(bdir, ["model.onnx", "drift_reference.json"]).items()},
@@ -210,9 +211,8 @@ def retag_bundle(src: Path, dst: Path, *, version: str, model_bytes: bytes | Non
 def start_gateway(broker, run: TinyRun, tmp: Path, *, replica: str = "gw-0", http: bool = True,
                   batch_ms: float = 5.0, token: str | None = "test-token", db: str | None = None,
                   mqtt_version: str = "5", collect=None):
-    from cloud_gateway.samples import CollectionPolicy
-    from cloud_gateway.service import Gateway, GatewayConfig
-    from cloud_gateway.worker import WorkerConfig
+    from cloud_gateway.config import CollectionPolicy, GatewayConfig, WorkerConfig
+    from cloud_gateway.service import Gateway
 
     user, pw = broker.gateway_credentials
     cfg = GatewayConfig(

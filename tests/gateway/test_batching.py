@@ -14,9 +14,10 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from cloud_gateway.config import WorkerConfig
 from cloud_gateway.metrics import Metrics
-from cloud_gateway.model import Teacher
-from cloud_gateway.worker import GatewayWorker, WorkerConfig, _more_waiting, _next_is_publish
+from cloud_gateway.teacher import Teacher
+from cloud_gateway.worker import GatewayWorker, _more_waiting, _next_is_publish
 from edgecore import wire
 
 PUBLISH, PUBACK = b"\x30\x05", b"\x40\x02"  # first bytes of an MQTT PUBLISH and PUBACK packet

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -86,8 +86,9 @@ def test_dashboard_labelling_queue_and_rollout_timeline(mosquitto, tiny_cascade,
     import numpy as np
     from playwright.sync_api import sync_playwright
 
+    from cloud_gateway.collection import SampleCollector
+    from cloud_gateway.config import CollectionPolicy
     from cloud_gateway.metrics import Metrics
-    from cloud_gateway.samples import CollectionPolicy, SampleCollector
 
     run = tiny_cascade
     with start_gateway(mosquitto, run, tmp_path) as gw:
@@ -97,10 +98,10 @@ def test_dashboard_labelling_queue_and_rollout_timeline(mosquitto, tiny_cascade,
             col.offer("dev-a", x[i], probs, confidence=0.3, flagged=True)
         col.flush()
         col.stop()
-        rid = gw.store.create_rollout("v2", {"canaries": ["dev-a"], "rest": [], "watch_s": 5,
+        rid = gw.store.rollouts.create("v2", {"canaries": ["dev-a"], "rest": [], "watch_s": 5,
                                              "promote_if": "rollbacks == 0", "previous": {}, "manifest_sha256": "x"}, None)
-        gw.store.add_rollout_step(rid, "started", {})
-        gw.store.add_rollout_step(rid, "canaries updated", {})
+        gw.store.rollouts.add_step(rid, "started", {})
+        gw.store.rollouts.add_step(rid, "canaries updated", {})
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
             try:
@@ -121,6 +122,6 @@ def test_dashboard_labelling_queue_and_rollout_timeline(mosquitto, tiny_cascade,
                 assert errors == []
             finally:
                 browser.close()
-        row = next(r for r in gw.store.sample_rows(limit=10) if r["id"] == first)
+        row = next(r for r in gw.store.samples.rows(limit=10) if r["id"] == first)
         assert row["human_label"] == 7
         assert np.isfinite(row["uncertainty"])

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloud_gateway.telemetry import TelemetryError, parse_window
+from cloud_gateway.telemetry_parser import TelemetryError, parse_window
 from edgecore import wire
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

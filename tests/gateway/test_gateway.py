@@ -275,7 +275,7 @@ def test_api_bundle_update_rollback_and_bench_over_mqtt(mosquitto, tiny_cascade,
             assert bench[0]["ok"], bench[0]
             assert bench[0]["result"]["results"]
 
-        _wait(lambda: (gw.store.device("dev-a") or {}).get("last_telemetry"), 5, "telemetry")
+        _wait(lambda: (gw.store.devices.get("dev-a") or {}).get("last_telemetry"), 5, "telemetry")
         devs = json.loads(_http("GET", f"{url}/api/devices")[1])
         assert [d["device_id"] for d in devs] == ["dev-a"]
         one = json.loads(_http("GET", f"{url}/api/devices/dev-a")[1])
@@ -336,7 +336,7 @@ def test_mqtt_311_mode_carries_request_metadata_in_an_envelope(mosquitto, tiny_c
                         mqtt_version="3.1.1") as agent:
             assert not agent.link.v5
             s = summarize(list(agent.run(items(run.x_test[:30], run.y_test[:30]))))
-        _wait(lambda: len(gw.store.arrival_order("dev-a")) >= 1, 5, "telemetry over 3.1.1")
+        _wait(lambda: len(gw.store.telemetry.arrival_order("dev-a")) >= 1, 5, "telemetry over 3.1.1")
     assert s["cloud"] == 30 and s["accuracy"] > 0.9
 
 
@@ -353,11 +353,11 @@ def test_bad_telemetry_windows_are_refused_counted_and_not_stored(mosquitto, tin
             c.publish("fleet/dev-b/telemetry", json.dumps(w).encode(), qos=1).wait_for_publish(5)
         c.publish("fleet/dev-b/telemetry", b"\xff garbage", qos=1).wait_for_publish(5)
         c.publish("fleet/dev-b/telemetry", json.dumps(good_window("dev-b", 9)).encode(), qos=1).wait_for_publish(5)
-        _wait(lambda: gw.store.arrival_order("dev-b"), 5, "the good window")
+        _wait(lambda: gw.store.telemetry.arrival_order("dev-b"), 5, "the good window")
         time.sleep(0.2)
         c.disconnect()
         c.loop_stop()
-        assert gw.store.arrival_order("dev-b") == [9]
+        assert gw.store.telemetry.arrival_order("dev-b") == [9]
         assert gw.metrics.value("gateway_invalid_telemetry_total", device="dev-b") == len(bad) + 1
         code, body = _http("GET", f"{gw.http_url}/api/devices/dev-b")
         assert code == 200 and json.loads(body)["offload_rate"] == 0.2

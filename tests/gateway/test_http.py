@@ -12,7 +12,7 @@ import pytest
 from cloud_gateway.api import DASHBOARD_CSP, create_app
 from cloud_gateway.metrics import Metrics
 from cloud_gateway.service import HttpServer
-from cloud_gateway.store import TelemetryStore
+from cloud_gateway.store import GatewayStore
 from tests.agent.tiny import release_trust
 
 
@@ -30,8 +30,8 @@ def _get(url: str, *, method: str = "GET", data: bytes | None = None, token: str
 @pytest.fixture
 def api(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative --bundles-dir, resolved against the working directory
-    store = TelemetryStore("gw.sqlite")
-    store.set_status("dev-a", {"state": "online"})
+    store = GatewayStore("gw.sqlite")
+    store.devices.set_status("dev-a", {"state": "online"})
     app = create_app(store=store, metrics=Metrics(), bundles_dir=Path("rel-bundles"), token="tok", trust=release_trust())
     server = HttpServer(app, "127.0.0.1", 0, threads=2)
     server.start()

@@ -10,8 +10,8 @@ import urllib.request
 
 import pytest
 
-from cloud_gateway.policy import PolicyEngine, check_policy, triggers
-from cloud_gateway.store import TelemetryStore
+from cloud_gateway.policy import check_policy, triggers
+from cloud_gateway.store import GatewayStore
 from edgecore.errors import GatewayError
 from tests.agent.tiny import retag_bundle, start_gateway, wait_for
 
@@ -34,12 +34,12 @@ def test_check_policy_fills_defaults_and_names_bad_fields():
 
 
 def test_triggers_fire_on_drift_streaks_and_sustained_offload_only(tmp_path):
-    store = TelemetryStore(tmp_path / "s.sqlite")
+    store = GatewayStore(tmp_path / "s.sqlite")
     now = time.time()
     for i in range(6):
-        store.add_telemetry("dev-a", _window(i, drift=i >= 2, offload=0.5, t_end=now - 60 + i))
-        store.add_telemetry("dev-b", _window(i, drift=i % 2 == 0, offload=0.05, t_end=now - 60 + i))
-    store.add_telemetry("dev-a", _window(6, drift=False, offload=0.0, inputs=0, t_end=now))  # idle: ignored
+        store.telemetry.add("dev-a", _window(i, drift=i >= 2, offload=0.5, t_end=now - 60 + i))
+        store.telemetry.add("dev-b", _window(i, drift=i % 2 == 0, offload=0.05, t_end=now - 60 + i))
+    store.telemetry.add("dev-a", _window(6, drift=False, offload=0.0, inputs=0, t_end=now))  # idle: ignored
     p = check_policy({"drift_windows": 4, "offload_rate": 0.3, "offload_minutes": 5, "offload_devices": 1})
     fired = {f["trigger"]: f for f in triggers(store, p, now)}
     assert fired["drift"]["devices"] == ["dev-a"] and "last 4 windows" in fired["drift"]["why"]
@@ -64,18 +64,19 @@ def test_a_proposal_is_recorded_then_approved_runs_the_refresh_command_and_a_rol
                                      headers={"Authorization": "Bearer test-token", "Content-Type": "application/json"})
         urllib.request.urlopen(req, timeout=10).read()
         for i in range(3):
-            gw.store.add_telemetry("dev-z", _window(i, drift=True, offload=0.4))
+            gw.store.telemetry.add("dev-z", _window(i, drift=True, offload=0.4))
         pid = gw.policy.evaluate()
         assert pid is not None and gw.policy.evaluate() is None  # the cooldown: one proposal, not one per round
-        prop = gw.store.proposals()[0]
+        prop = gw.store.policy.proposals()[0]
         assert prop["state"] == "proposed" and prop["reason"]["device"] == "dev-z"  # propose only: nothing ran
         assert not list((tmp_path / "gw" / "bundles").glob("policy-*"))
         out = json.loads(urllib.request.urlopen(urllib.request.Request(
             f"{url}/api/policy/proposals/{pid}/approve", method="POST",
             headers={"Authorization": "Bearer test-token"}), timeout=10).read())
         assert out["state"] == "approved"
-        wait_for(lambda: gw.store.proposals()[0]["state"] not in ("approved", "refreshing"), 30, "the approved run")
-        res = gw.store.proposals()[0]
+        wait_for(lambda: gw.store.policy.proposals()[0]["state"] not in ("approved", "refreshing"), 30,
+                 "the approved run")
+        res = gw.store.policy.proposals()[0]
         # the command ran and its bundle was verified and stored; dev-z is no real device, so the rollout is refused
         assert (tmp_path / "gw" / "bundles" / f"policy-{pid}-onnx-int8.tar.gz").is_file()
         assert res["state"] == "failed" and "unknown device" in res["result"]["error"], res

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from cloud_gateway.rollout import aggregate, parse_condition, watch_metrics
-from edgecore.bundle import sha256_file
 from edgecore.errors import GatewayError
 from tests.agent.tiny import items, make_agent, release_pub_path, retag_bundle, start_gateway, wait_for
 
@@ -137,7 +136,7 @@ def test_a_good_canary_is_promoted_and_a_bad_one_rolled_back(mosquitto, tiny_cas
         _upload(url, "bad", retag_bundle(run.bundle_dir, tmp_path / "bad", version="bad",
                                          model_bytes=_zero_model(run.bundle_dir / "model.onnx")))
         v1 = fleet.shas()["dev-a"]
-        wait_for(lambda: all(gw.store.history(d, limit=1) for d in fleet.agents), 10, "baseline telemetry")
+        wait_for(lambda: all(gw.store.telemetry.history(d, limit=1) for d in fleet.agents), 10, "baseline telemetry")
         time.sleep(1.0)
         rid = _call("POST", f"{url}/api/rollouts", {"bundle": "v2", "canary": ["dev-a"], "watch_s": 1.5,
                                                     "promote_if": "rollbacks == 0 and offload_rate <= baseline + 0.3"})["id"]

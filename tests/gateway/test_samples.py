@@ -11,8 +11,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from cloud_gateway.samples import CollectionPolicy
-from cloud_gateway.store import TelemetryStore, current_revision
+from cloud_gateway.config import CollectionPolicy
+from cloud_gateway.store import GatewayStore
+from cloud_gateway.store.database import current_revision
 from edgecore.errors import GatewayError
 from edgecore.samples import SamplePage
 from tests.agent.tiny import items, make_agent, start_gateway, wait_for
@@ -36,7 +37,7 @@ def test_collection_is_off_by_default(mosquitto, tiny_cascade, tmp_path):
     with start_gateway(mosquitto, tiny_cascade, tmp_path, http=False) as gw:
         _offload(mosquitto, tiny_cascade, tmp_path, "dev-a", 10)
         assert gw.worker.served == 10
-        assert gw.store.sample_rows(limit=100) == []
+        assert gw.store.samples.rows(limit=100) == []
 
 
 def test_named_devices_are_collected_with_every_field_and_served_through_the_api(mosquitto, tiny_cascade, tmp_path):
@@ -45,7 +46,7 @@ def test_named_devices_are_collected_with_every_field_and_served_through_the_api
     with start_gateway(mosquitto, run, tmp_path, collect=policy) as gw:
         _offload(mosquitto, run, tmp_path, "dev-a", 12)
         _offload(mosquitto, run, tmp_path, "dev-b", 5)  # not named: answered, never stored
-        wait_for(lambda: len(gw.store.sample_rows(limit=100)) == 12, 10, "12 collected samples")
+        wait_for(lambda: len(gw.store.samples.rows(limit=100)) == 12, 10, "12 collected samples")
         page = SamplePage.from_json(_get(f"{gw.http_url}/api/samples?limit=5"))
         assert len(page.samples) == 5 and page.next_after == page.samples[-1].id
         rest = SamplePage.from_json(_get(f"{gw.http_url}/api/samples?after={page.next_after}&limit=100"))
@@ -70,19 +71,19 @@ def test_rate_zero_collects_only_what_the_device_flags(mosquitto, tiny_cascade, 
         _offload(mosquitto, run, tmp_path, "dev-a", 8)
         assert gw.worker.served == 8
         gw.collector.flush()
-        assert gw.store.sample_rows(limit=100) == []
+        assert gw.store.samples.rows(limit=100) == []
         # a drifted device flags its offloads: those are collected whatever the rate
         with make_agent(mosquitto, run.bundle_dir, "dev-b", tmp_path, threshold=1.01, deadline_s=3.0) as agent:
             agent.telemetry.last_drift = {"flag": True}
             list(agent.run(items(run.x_test[:6], run.y_test[:6])))
-        wait_for(lambda: len(gw.store.sample_rows(limit=100)) == 6, 10, "6 flagged samples")
-        assert all(r["flagged"] and r["device_id"] == "dev-b" for r in gw.store.sample_rows(limit=100))
+        wait_for(lambda: len(gw.store.samples.rows(limit=100)) == 6, 10, "6 flagged samples")
+        assert all(r["flagged"] and r["device_id"] == "dev-b" for r in gw.store.samples.rows(limit=100))
 
 
 def test_bounds_evict_the_oldest_and_delete_is_per_device(tmp_path):
-    store = TelemetryStore(tmp_path / "s.sqlite")
+    store = GatewayStore(tmp_path / "s.sqlite")
+    from cloud_gateway.collection import SampleCollector
     from cloud_gateway.metrics import Metrics
-    from cloud_gateway.samples import SampleCollector
 
     col = SampleCollector(store, CollectionPolicy.parse("all", max_per_device=5, max_total=8), Metrics()).start()
     try:
@@ -93,7 +94,7 @@ def test_bounds_evict_the_oldest_and_delete_is_per_device(tmp_path):
         col.trim()
     finally:
         col.stop()
-    rows = store.sample_rows(limit=100)
+    rows = store.samples.rows(limit=100)
     per = {d: [int(r["input"][-1]) for r in rows if r["device_id"] == d] for d in ("a", "b")}
     assert len(rows) == 8 and all(len(v) <= 5 for v in per.values())
     kept = [json.loads(json.dumps(r["id"])) for r in rows]
@@ -102,12 +103,12 @@ def test_bounds_evict_the_oldest_and_delete_is_per_device(tmp_path):
                         str(tmp_path / "s.sqlite"), "--json"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["deleted"] == len(per["a"])
-    assert {x["device_id"] for x in store.sample_rows(limit=100)} == {"b"}
+    assert {x["device_id"] for x in store.samples.rows(limit=100)} == {"b"}
 
 
 def test_labelling_queue_orders_by_uncertainty_and_a_human_label_overrides(mosquitto, tiny_cascade, tmp_path):
+    from cloud_gateway.collection import SampleCollector
     from cloud_gateway.metrics import Metrics
-    from cloud_gateway.samples import SampleCollector
 
     with start_gateway(mosquitto, tiny_cascade, tmp_path) as gw:
         col = SampleCollector(gw.store, CollectionPolicy.parse("all"), Metrics()).start()
@@ -142,22 +143,22 @@ def test_policy_parse_refuses_bad_settings():
 def test_store_upgrades_in_place_to_the_samples_revision(tmp_path):
     from alembic import command
 
-    from cloud_gateway.store import _alembic_config
+    from cloud_gateway.store.database import _alembic_config
 
-    store = TelemetryStore(tmp_path / "old.sqlite")
-    with store.engine.begin() as conn:
+    store = GatewayStore(tmp_path / "old.sqlite")
+    with store.db.engine.begin() as conn:
         command.downgrade(_alembic_config(conn), "0003")
-    assert current_revision(store.engine) == "0003"
-    store2 = TelemetryStore(tmp_path / "old.sqlite")
-    assert current_revision(store2.engine) == "0006" and store2.sample_rows() == []
+    assert current_revision(store.db.engine) == "0003"
+    store2 = GatewayStore(tmp_path / "old.sqlite")
+    assert current_revision(store2.db.engine) == "0006" and store2.samples.rows() == []
 
 
 def test_samples_on_postgresql(postgres_url):
+    from cloud_gateway.collection import SampleCollector
     from cloud_gateway.metrics import Metrics
-    from cloud_gateway.samples import SampleCollector
 
-    store = TelemetryStore(postgres_url)
-    assert current_revision(store.engine) == "0006"
+    store = GatewayStore(postgres_url)
+    assert current_revision(store.db.engine) == "0006"
     col = SampleCollector(store, CollectionPolicy.parse("all", max_per_device=3), Metrics()).start()
     try:
         for i in range(5):
@@ -166,12 +167,12 @@ def test_samples_on_postgresql(postgres_url):
         col.trim()
     finally:
         col.stop()
-    rows = store.sample_rows(limit=10, device="pg-dev")
+    rows = store.samples.rows(limit=10, device="pg-dev")
     assert len(rows) == 3 and rows[-1]["flagged"] is True
-    assert store.label_sample(rows[0]["id"], 0) and store.sample_rows(limit=10, queue=0.2)[0]["id"] == rows[1]["id"]
-    assert store.sample_stats() == [{"device": "pg-dev", "samples": 3, "labelled": 1,
+    assert store.samples.label(rows[0]["id"], 0) and store.samples.rows(limit=10, queue=0.2)[0]["id"] == rows[1]["id"]
+    assert store.samples.stats() == [{"device": "pg-dev", "samples": 3, "labelled": 1,
                                      "oldest": rows[0]["received"], "newest": rows[-1]["received"]}]
-    assert store.delete_samples("pg-dev") == 3
+    assert store.samples.delete("pg-dev") == 3
 
 
 def test_a_drifted_device_also_sends_a_share_of_its_confident_inputs_and_they_are_collected(
@@ -186,5 +187,5 @@ def test_a_drifted_device_also_sends_a_share_of_its_confident_inputs_and_they_ar
             drifting = list(agent.run(items(run.x_test[:8], run.y_test[:8])))
         assert all(a.route is Route.EDGE for a in calm)  # threshold 0: sure of everything
         assert sum(a.route is Route.CLOUD for a in drifting) == 2  # drift_offload 0.25: every 4th sure input
-        wait_for(lambda: len(gw.store.sample_rows(limit=100)) == 2, 10, "2 collected")
-        assert all(r["flagged"] for r in gw.store.sample_rows(limit=100))
+        wait_for(lambda: len(gw.store.samples.rows(limit=100)) == 2, 10, "2 collected")
+        assert all(r["flagged"] for r in gw.store.samples.rows(limit=100))

@@ -9,7 +9,8 @@ import pytest
 
 from cloud_gateway.credentials import acl_text, hash_password, make_fleet
 from cloud_gateway.metrics import Metrics
-from cloud_gateway.store import TelemetryStore, db_url
+from cloud_gateway.store import GatewayStore
+from cloud_gateway.store.database import db_url
 from edgecore.errors import GatewayError
 
 
@@ -22,23 +23,23 @@ def store_url(request, tmp_path):
 
 
 def test_store_dedupes_windows_and_keeps_order(store_url):
-    st = TelemetryStore(store_url)
+    st = GatewayStore(store_url)
     for seq in (0, 1, 1, 2, 0):
-        st.add_telemetry("d1", {"seq": seq, "device_id": "d1", "offload_rate": 0.1 * seq})
-    assert st.arrival_order("d1") == [0, 1, 2]
-    st.set_status("d1", {"state": "online"})
-    assert st.device("d1")["status"]["state"] == "online"
-    assert [h["seq"] for h in st.history("d1", limit=2)] == [1, 2]
-    assert st.history("d1")[-1]["offload_rate"] == pytest.approx(0.2)
-    again = TelemetryStore(store_url)  # a second replica on the same database
-    assert not again.add_telemetry("d1", {"seq": 2})
-    assert [d["device_id"] for d in again.devices()] == ["d1"]
+        st.telemetry.add("d1", {"seq": seq, "device_id": "d1", "offload_rate": 0.1 * seq})
+    assert st.telemetry.arrival_order("d1") == [0, 1, 2]
+    st.devices.set_status("d1", {"state": "online"})
+    assert st.devices.get("d1")["status"]["state"] == "online"
+    assert [h["seq"] for h in st.telemetry.history("d1", limit=2)] == [1, 2]
+    assert st.telemetry.history("d1")[-1]["offload_rate"] == pytest.approx(0.2)
+    again = GatewayStore(store_url)  # a second replica on the same database
+    assert not again.telemetry.add("d1", {"seq": 2})
+    assert [d["device_id"] for d in again.devices.all()] == ["d1"]
     # a device whose state dir was reset counts from 0 again under a new boot id: new windows, not duplicates
-    assert again.add_telemetry("d1", {"seq": 0, "boot": "b2"}) and again.add_telemetry("d1", {"seq": 1, "boot": "b2"})
-    assert not again.add_telemetry("d1", {"seq": 1, "boot": "b2"})
-    assert again.arrival_order("d1") == [0, 1, 2, 0, 1]
-    again.set_status("d2", {"state": "offline"})  # insert path of the upsert
-    assert [d["device_id"] for d in st.devices()] == ["d1", "d2"] and st.device("nope") is None
+    assert again.telemetry.add("d1", {"seq": 0, "boot": "b2"}) and again.telemetry.add("d1", {"seq": 1, "boot": "b2"})
+    assert not again.telemetry.add("d1", {"seq": 1, "boot": "b2"})
+    assert again.telemetry.arrival_order("d1") == [0, 1, 2, 0, 1]
+    again.devices.set_status("d2", {"state": "offline"})  # insert path of the upsert
+    assert [d["device_id"] for d in st.devices.all()] == ["d1", "d2"] and st.devices.get("nope") is None
 
 
 def test_store_urls_and_bad_urls(tmp_path):
@@ -46,9 +47,9 @@ def test_store_urls_and_bad_urls(tmp_path):
     assert db_url(url) == url and db_url(tmp_path / "y.sqlite").startswith("sqlite:////")
     assert db_url("postgresql://u@h/db") == db_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
     with pytest.raises(GatewayError, match="cannot open"):
-        TelemetryStore("nosuchdialect://x")
+        GatewayStore("nosuchdialect://x")
     with pytest.raises(GatewayError, match=r"cannot open telemetry store postgresql\+psycopg://u:\*\*\*@127.0.0.1:1/db"):
-        TelemetryStore("postgresql://u:secret@127.0.0.1:1/db")  # nothing listens; the password is not echoed
+        GatewayStore("postgresql://u:secret@127.0.0.1:1/db")  # nothing listens; the password is not echoed
 
 
 def test_prometheus_text():

@@ -7,7 +7,8 @@ import threading
 import pytest
 from sqlalchemy import JSON, Column, Float, Integer, MetaData, String, Table, UniqueConstraint, create_engine, inspect
 
-from cloud_gateway.store import TelemetryStore, current_revision, db_url, head_revision, meta
+from cloud_gateway.store import GatewayStore, meta
+from cloud_gateway.store.database import current_revision, db_url, head_revision
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -18,7 +19,7 @@ def store_url(request, tmp_path):
 
 
 def _pre_migration_store(url: str) -> None:
-    """What `TelemetryStore` made before migrations: `create_all` of these tables, with two windows in them."""
+    """What the store made before migrations: `create_all` of these tables, with two windows in them."""
     old = MetaData()
     Table("devices", old, Column("device_id", String(64), primary_key=True), Column("status", JSON),
           Column("status_time", Float), Column("last_telemetry", JSON), Column("last_seen", Float))
@@ -42,14 +43,14 @@ def test_an_existing_store_is_upgraded_in_place(store_url):
     _pre_migration_store(store_url)
     engine = create_engine(db_url(store_url))
     assert current_revision(engine) is None and _indexes(engine) == {"ix_telemetry_device_id"}
-    st = TelemetryStore(store_url)
-    assert current_revision(st.engine) == head_revision() == "0006"
-    assert _indexes(st.engine) == {"ix_telemetry_device_id_id"}
+    st = GatewayStore(store_url)
+    assert current_revision(st.db.engine) == head_revision() == "0006"
+    assert _indexes(st.db.engine) == {"ix_telemetry_device_id_id"}
     # the data survived (boot '' for the old rows), and the dedupe key is now (device, boot, seq)
-    assert st.arrival_order("old") == [4, 5] and st.history("old")[0]["kept"] is True
-    assert not st.add_telemetry("old", {"seq": 5}) and st.add_telemetry("old", {"seq": 6})
-    assert st.add_telemetry("old", {"seq": 5, "boot": "b2"}) and not st.add_telemetry("old", {"seq": 5, "boot": "b2"})
-    assert TelemetryStore(store_url).arrival_order("old") == [4, 5, 6, 5]  # reopening at head changes nothing
+    assert st.telemetry.arrival_order("old") == [4, 5] and st.telemetry.history("old")[0]["kept"] is True
+    assert not st.telemetry.add("old", {"seq": 5}) and st.telemetry.add("old", {"seq": 6})
+    assert st.telemetry.add("old", {"seq": 5, "boot": "b2"}) and not st.telemetry.add("old", {"seq": 5, "boot": "b2"})
+    assert GatewayStore(store_url).telemetry.arrival_order("old") == [4, 5, 6, 5]  # reopening at head changes nothing
 
 
 def test_a_store_with_boot_but_no_migrations_is_adopted(store_url):
@@ -69,19 +70,19 @@ def test_a_store_with_boot_but_no_migrations_is_adopted(store_url):
     with engine.begin() as c:
         c.execute(insert(tel).values(device_id="d", boot="b1", seq=0, received=1.0, payload={"seq": 0}))
     engine.dispose()
-    st = TelemetryStore(store_url)
-    assert current_revision(st.engine) == head_revision()
-    assert not st.add_telemetry("d", {"seq": 0, "boot": "b1"}) and st.add_telemetry("d", {"seq": 0, "boot": "b2"})
-    assert st.arrival_order("d") == [0, 0]
+    st = GatewayStore(store_url)
+    assert current_revision(st.db.engine) == head_revision()
+    assert not st.telemetry.add("d", {"seq": 0, "boot": "b1"}) and st.telemetry.add("d", {"seq": 0, "boot": "b2"})
+    assert st.telemetry.arrival_order("d") == [0, 0]
 
 
 def test_migrations_build_exactly_the_schema_the_code_uses(store_url):
-    """A column or index added to store.py without a migration (or the reverse) fails here."""
+    """A column or index added to a table in cloud_gateway/store/ without a migration (or the reverse) fails here."""
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    st = TelemetryStore(store_url)
-    with st.engine.connect() as c:
+    st = GatewayStore(store_url)
+    with st.db.engine.connect() as c:
         diff = compare_metadata(MigrationContext.configure(c), meta)
     assert diff == []
 
@@ -93,7 +94,7 @@ def test_replicas_opening_a_new_store_together_migrate_once(store_url):
 
     def open_store() -> None:
         try:
-            TelemetryStore(store_url).add_telemetry("d", {"seq": 1})
+            GatewayStore(store_url).telemetry.add("d", {"seq": 1})
         except BaseException as e:  # collected, reported by the assert below
             errors.append(e)
 
@@ -104,4 +105,4 @@ def test_replicas_opening_a_new_store_together_migrate_once(store_url):
         t.join(60)
     assert not errors
     assert current_revision(create_engine(db_url(store_url))) == head_revision()
-    assert TelemetryStore(store_url).arrival_order("d") == [1]
+    assert GatewayStore(store_url).telemetry.arrival_order("d") == [1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cloud_gateway.model import load_teacher
+from cloud_gateway.teacher import load_teacher
 from edgecore.errors import GatewayError
 
 
@@ -49,12 +49,12 @@ def test_labels_from_an_unusable_data_json_are_numbered_logged_once_and_in_the_h
     0..n-1: one warning, and the teacher's ``labels_source`` (shown by the gateway's health) says why."""
     import logging
 
-    from cloud_gateway.service import Gateway, GatewayConfig
-    from cloud_gateway.worker import WorkerConfig
+    from cloud_gateway.config import GatewayConfig, WorkerConfig
+    from cloud_gateway.service import Gateway
 
     _tiny_onnx(tmp_path / "teacher.onnx")
     (tmp_path / "data.json").write_text(data)
-    with caplog.at_level(logging.WARNING, logger="cloud_gateway.model"):
+    with caplog.at_level(logging.WARNING, logger="cloud_gateway.teacher"):
         teacher = load_teacher(tmp_path / "teacher.onnx")
     warned = [r.getMessage() for r in caplog.records if "teacher labels" in r.getMessage()]
     gw = Gateway(GatewayConfig(worker=WorkerConfig(broker_url="mqtt://127.0.0.1:1"), teacher=tmp_path / "teacher.onnx",

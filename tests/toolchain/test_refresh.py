@@ -15,7 +15,11 @@ import pytest
 from edgecore.samples import Sample, SamplePage
 from tests.fixtures.pipeline import tiny_config
 from toolchain.config import to_toml
-from toolchain.refresh import RefreshError, build_refresh_set, load_samples, paired_difference, refresh, soup
+from toolchain.refresh import RefreshError, refresh
+from toolchain.refresh.fetch import load_samples
+from toolchain.refresh.gates import paired_difference
+from toolchain.refresh.redistill import soup
+from toolchain.refresh.refresh_set import build_refresh_set
 from toolchain.rundir import RunDir
 
 
@@ -115,7 +119,7 @@ def _serve_pages(samples: list[Sample], token: str):
 
 
 def test_samples_come_from_http_pages_or_the_gateway_database(tiny_run, tmp_path):
-    from cloud_gateway.store import TelemetryStore
+    from cloud_gateway.store import GatewayStore
     from edgecore import wire
 
     ss = _samples(RunDir(tiny_run), 23)
@@ -128,8 +132,9 @@ def test_samples_come_from_http_pages_or_the_gateway_database(tiny_run, tmp_path
             load_samples(url, token="wrong")
     finally:
         srv.shutdown()
-    store = TelemetryStore(tmp_path / "gw.sqlite")
-    store.add_samples([{"device_id": s.device, "bundle": "v1", "received": s.received, "input": wire.encode_tensor(s.input),
+    store = GatewayStore(tmp_path / "gw.sqlite")
+    store.samples.add([{"device_id": s.device, "bundle": "v1", "received": s.received,
+                        "input": wire.encode_tensor(s.input),
                         "teacher_probs": wire.encode_tensor(s.teacher_probs), "teacher_label": s.teacher_label,
                         "uncertainty": s.uncertainty, "confidence": s.confidence, "drift": True, "flagged": False,
                         "human_label": s.human_label} for s in ss])
@@ -201,10 +206,10 @@ def test_a_refresh_of_a_refreshed_run_keeps_its_student_and_does_not_grow(tiny_r
     run = RunDir(parent)
     ss = _samples(run, 120)
     db = tmp_path / "gw.sqlite"
-    from cloud_gateway.store import TelemetryStore
+    from cloud_gateway.store import GatewayStore
     from edgecore import wire
 
-    TelemetryStore(db).add_samples([
+    GatewayStore(db).samples.add([
         {"device_id": s.device, "received": s.received, "input": wire.encode_tensor(s.input),
          "teacher_probs": wire.encode_tensor(s.teacher_probs), "teacher_label": s.teacher_label,
          "uncertainty": s.uncertainty, "flagged": False, "human_label": s.human_label} for s in ss])
@@ -227,14 +232,14 @@ def test_the_expert_strategy_refuses_a_parent_without_a_quantized_program_before
                                                                                        monkeypatch):
     """Keeping the student means keeping its int8 program too: without one, say so at once (no QAT of the whole
     gated model, which would move the kept student's answers)."""
-    from cloud_gateway.store import TelemetryStore
+    from cloud_gateway.store import GatewayStore
     from edgecore import wire
     from toolchain import engine
 
     parent = _parent(tiny_run, tmp_path)
     (parent / "student_qat.pt").unlink()
     ss = _samples(RunDir(parent), 40)
-    TelemetryStore(tmp_path / "gw.sqlite").add_samples([
+    GatewayStore(tmp_path / "gw.sqlite").samples.add([
         {"device_id": s.device, "received": s.received, "input": wire.encode_tensor(s.input),
          "teacher_probs": wire.encode_tensor(s.teacher_probs), "teacher_label": s.teacher_label,
          "uncertainty": s.uncertainty, "flagged": False, "human_label": s.human_label} for s in ss])
@@ -255,11 +260,11 @@ def test_a_failed_gate_keeps_the_report_and_writes_no_bundles(tiny_run, tmp_path
     ss = _samples(RunDir(parent), 60, human=False)
     for s in ss:  # the person labelled everything "0": learning it must cost accuracy on the original split
         object.__setattr__(s, "human_label", 0)
-    from cloud_gateway.store import TelemetryStore
+    from cloud_gateway.store import GatewayStore
     from edgecore import wire
 
-    store = TelemetryStore(tmp_path / "gw.sqlite")
-    store.add_samples([{"device_id": s.device, "received": s.received, "input": wire.encode_tensor(s.input),
+    store = GatewayStore(tmp_path / "gw.sqlite")
+    store.samples.add([{"device_id": s.device, "received": s.received, "input": wire.encode_tensor(s.input),
                         "teacher_probs": wire.encode_tensor(s.teacher_probs), "teacher_label": s.teacher_label,
                         "uncertainty": s.uncertainty, "flagged": False, "human_label": 0} for s in ss])
     r = subprocess.run([sys.executable, "-m", "toolchain.cli", "refresh", "--from", str(tmp_path / "gw.sqlite"),

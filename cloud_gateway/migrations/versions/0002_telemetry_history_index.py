@@ -1,6 +1,6 @@
 """Telemetry: index (device_id, id) for a device's latest windows, replacing the device_id-only index.
 
-`TelemetryStore.history` asks for one device's newest N windows
+`WindowStore.history` (`cloud_gateway.store.telemetry_windows`) asks for one device's newest N windows
 (``WHERE device_id = ? ORDER BY id DESC LIMIT N``); with (device_id, id) that is
 an index range scan instead of a sort of all the device's rows. The composite
 index also serves every lookup the old one did.

@@ -30,14 +30,14 @@ from edgecore import wire
 
 from .config import CollectionPolicy
 from .metrics import Metrics
-from .store import TelemetryStore
+from .store import GatewayStore
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SampleCollector:
-    store: TelemetryStore
+    store: GatewayStore
     policy: CollectionPolicy
     metrics: Metrics
     queue_size: int = 2048
@@ -106,7 +106,7 @@ class SampleCollector:
             if rows:
                 self._fill_bundles(rows)
                 try:
-                    self.store.add_samples(rows)
+                    self.store.samples.add(rows)
                     self.metrics.inc("gateway_samples_stored_total", "Collected samples stored", float(len(rows)))
                 except Exception:  # the database is away: count, log, go on (the replies were sent)
                     log.exception("storing %d collected samples failed", len(rows))
@@ -120,7 +120,7 @@ class SampleCollector:
         gets the bundle from the store (written after the reply, so off the request path)."""
         for row in rows:
             if not row["bundle"]:
-                st = (self.store.device(row["device_id"]) or {}).get("status") or {}
+                st = (self.store.devices.get(row["device_id"]) or {}).get("status") or {}
                 if isinstance(st, dict):
                     self.note_status(row["device_id"], st)
                 row["bundle"] = self.device_state.get(row["device_id"], {}).get("bundle", "")
@@ -141,7 +141,7 @@ class SampleCollector:
         p = self.policy
         older = time.time() - p.retention_days * 86400 if p.retention_days > 0 else None
         try:
-            return self.store.trim_samples(max_per_device=p.max_per_device, max_total=p.max_total, older_than=older)
+            return self.store.samples.trim(max_per_device=p.max_per_device, max_total=p.max_total, older_than=older)
         except Exception:
             log.exception("trimming collected samples failed")
             return 0

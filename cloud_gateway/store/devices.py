@@ -1,0 +1,49 @@
+"""The ``devices`` table: one row per device, its last status and its last telemetry window."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import JSON, Column, Float, String, Table, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from .database import Database, meta
+
+devices = Table(
+    "devices", meta,
+    Column("device_id", String(64), primary_key=True),
+    Column("status", JSON), Column("status_time", Float),
+    Column("last_telemetry", JSON), Column("last_seen", Float),
+)
+
+
+class DeviceStore:
+    def __init__(self, db: Database) -> None:
+        self.engine = db.engine
+
+    def set_status(self, device_id: str, status: dict[str, Any]) -> None:
+        self._upsert(device_id, status=status, status_time=time.time())
+
+    def set_last_telemetry(self, device_id: str, msg: dict[str, Any], received: float) -> None:
+        self._upsert(device_id, last_telemetry=msg, last_seen=received)
+
+    def _upsert(self, device_id: str, **values: Any) -> None:
+        with self.engine.begin() as c:
+            n = c.execute(update(devices).where(devices.c.device_id == device_id).values(**values)).rowcount
+            if n == 0:
+                try:
+                    with c.begin_nested():
+                        c.execute(insert(devices).values(device_id=device_id, **values))
+                except IntegrityError:  # another replica inserted it meanwhile
+                    c.execute(update(devices).where(devices.c.device_id == device_id).values(**values))
+
+    def all(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            rows = c.execute(select(devices).order_by(devices.c.device_id)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def get(self, device_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            r = c.execute(select(devices).where(devices.c.device_id == device_id)).mappings().first()
+        return dict(r) if r else None
