@@ -159,7 +159,6 @@ def build_tiny(root: Path, *, offload_budget: float = 0.10) -> TinyRun:
         "schema_version": SCHEMA_VERSION, "task": {"name": "classify", "params": {}},
         "model": {"name": "tiny-digits", "version": "1"},
         "target": "onnx", "precision": "fp32", "toolchain_version": "test", "created": "2026-01-01T00:00:00Z",
-        "task": {"name": "classify", "params": {}},
         "input": spec.to_dict(), "output": {"name": "logits", "labels": labels},
         "artifact": {"main": "model.onnx", "runtime": "onnxruntime", "runtime_version": None, "details": {}},
         "files": {k: e.to_dict() for k, e in file_entries(bdir, ["model.onnx", "drift_reference.json"]).items()},
