@@ -86,7 +86,7 @@ def _from_gateway(url: str, *, token: str | None, device: str | None, page_size:
         req = urllib.request.Request(f"{url.rstrip('/')}/api/samples?{urllib.parse.urlencode(q)}",
                                      headers={"Authorization": f"Bearer {token}"} if token else {})
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 - the operator's gateway URL
+            with urllib.request.urlopen(req, timeout=30) as r:
                 page = SamplePage.from_json(json.loads(r.read()))
         except urllib.error.HTTPError as e:
             hint = f" (give the gateway's token: --token or ${TOKEN_ENV})" if e.code in (401, 403) else ""
@@ -369,7 +369,6 @@ def _quantize_gated(quant: list[Any], model: Any, kept_program: bytes, ctx: Any)
     """The quantizing passes on the expert alone, then one program: the kept student's quantized program as it
     shipped (its answers unchanged, bit for bit), the quantized expert, and the gate in float."""
     from toolchain import compress as C
-    from toolchain import engine
     from toolchain.models import GatedExperts
     from toolchain.passes.base import stage_row
     from toolchain.passes.qat import serialize_program

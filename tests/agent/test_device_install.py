@@ -15,12 +15,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTRAS = ("agent", "agent-tflite")

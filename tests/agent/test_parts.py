@@ -33,7 +33,7 @@ from device_agent.updates import fetch_bundle, prune_bundles, url_allowed
 from edgecore import wire
 from edgecore.bundle import file_entries, open_bundle
 from edgecore.errors import AgentError, BundleTrustError
-from tests.agent.tiny import items, retag_bundle, sign_dir, release_trust
+from tests.agent.tiny import items, release_trust, retag_bundle, sign_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -254,7 +254,7 @@ class _Server:
 
     def __init__(self, root: Path, redirect: str = "") -> None:
         class H(http.server.SimpleHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 if self.path.startswith("/go/"):
                     self.send_response(302)
                     self.send_header("Location", redirect + self.path[4:])

@@ -23,8 +23,8 @@ from tests.agent.tiny import (
     Listener,
     items,
     make_agent,
-    start_gateway,
     release_pub_path,
+    start_gateway,
     wait_for,
 )
 

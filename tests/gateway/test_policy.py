@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from cloud_gateway.policy import PolicyEngine, check_policy, triggers
+from cloud_gateway.policy import check_policy, triggers
 from cloud_gateway.store import TelemetryStore
 from edgecore.errors import GatewayError
 from tests.agent.tiny import retag_bundle, start_gateway, wait_for

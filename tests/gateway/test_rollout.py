@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from cloud_gateway.rollout import aggregate, parse_condition, watch_metrics
-from edgecore.bundle import sha256_file
 from edgecore.errors import GatewayError
 from tests.agent.tiny import items, make_agent, release_pub_path, retag_bundle, start_gateway, wait_for
 
