@@ -8,7 +8,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps demo test test-slow test-all clean
+.PHONY: install system-deps demo lint test test-slow test-all clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,7 +36,13 @@ system-deps:
 demo: $(STAMP) system-deps
 	$(VENV)/bin/toolchain demo
 
-test: $(STAMP) system-deps
+# ruff (pycodestyle, pyflakes, import order, bugbear) on everything; mypy on the foundation, targets,
+# calibration and the device side (pyproject.toml's [tool.ruff] and [tool.mypy])
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP) system-deps lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(STAMP) system-deps

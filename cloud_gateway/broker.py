@@ -286,7 +286,7 @@ class AmqttBroker:
             done = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
             try:
                 done.result(timeout=10)
-            except Exception as e:  # noqa: BLE001 - stopping anyway; say why it was not clean
+            except Exception as e:
                 log.warning("amqtt shutdown: %s", e)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)

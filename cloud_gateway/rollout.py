@@ -312,7 +312,7 @@ class RolloutManager:
             log.exception("rollout %d stopped", rid)
             try:
                 self.store.rollouts.add_step(rid, "interrupted", {"error": f"{type(e).__name__}: {e}"})
-            except Exception:  # noqa: BLE001 - the database is what failed
+            except Exception:  # the database is what failed
                 pass
 
     def _send(self, devices: list[str], bundle: str) -> None:

@@ -132,7 +132,7 @@ class GatewayWorker:
             try:
                 self.link.unsubscribe(self.sub_req)
                 self._unsubscribed.wait(2.0)
-            except Exception as e:  # noqa: BLE001 - stopping anyway
+            except Exception as e:
                 log.warning("unsubscribe on stop: %s", e)
         end = time.monotonic() + drain_s
         while self._q.unfinished_tasks and self._batcher.is_alive() and time.monotonic() < end:

@@ -289,7 +289,7 @@ class Agent:
         route, reason, lat = Route.EDGE, None, seconds
         if cloud is not None and cloud.prediction is None:
             route, reason = Route.FALLBACK, cloud.reason
-        elif cloud is not None:
+        elif cloud is not None and cloud.prediction is not None:
             rtt = cloud.rtt_s or 0.0
             self.telemetry.observe_cloud(rtt)
             route, pred, lat = Route.CLOUD, cloud.prediction, seconds + rtt
@@ -438,12 +438,12 @@ class Agent:
         (uncertain inputs fall back with reason ``broker``), keeps telemetry in the outbox and connects when the
         broker appears. A refused login or certificate stops it (`AgentError`): retrying cannot fix those.
         """
-        if self.config.broker_url is None or self.outbox is None:
+        c, url = self.config, self.config.broker_url
+        if url is None or self.outbox is None:
             return self
-        c = self.config
         offline = wire.dumps({"device_id": c.device_id, "state": "offline"})
         try:
-            link = MqttLink(url=c.broker_url, client_id=f"agent-{c.device_id}", username=c.username,
+            link = MqttLink(url=url, client_id=f"agent-{c.device_id}", username=c.username,
                             password=c.password, will=(self.topics.status, offline), mqtt_version=c.mqtt_version,
                             max_inflight=100, anonymous_hint="give --password, $DEVICE_AGENT_PASSWORD or --credentials")
         except BrokerError as e:
@@ -452,7 +452,7 @@ class Agent:
         self.cloud.attach(link)
         link.subscribe(self.topics.cmd, self._on_cmd)
         for src in self._sources:
-            link.subscribe(src.topic, lambda m, src=src: src.push(m.payload))
+            link.subscribe(src.topic, src.on_message)
         link.on_ready(self._publish_status)
         try:
             if not link.start(wait=connect_timeout, offline_ok=True):

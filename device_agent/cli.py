@@ -12,7 +12,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from edgecore.clikit import (
     DefaultsHelpFormatter,
@@ -37,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .agent import Agent, AgentConfig, summarize
     from .drift import DriftConfig
     from .outbox import DropPolicy
-    from .sources import Item, MqttInputSource, folder_source, npz_source  # noqa: F401
+    from .sources import Item, MqttInputSource, folder_source, npz_source
 
     trust = trust_from_args(args)
     bundle = trust.open(args.bundle)
@@ -72,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     answers = []
     with agent:
         if mqtt_src is not None:
-            signal.signal(signal.SIGTERM, lambda *_: mqtt_src.close())  # type: ignore[union-attr]
+            signal.signal(signal.SIGTERM, lambda *_: mqtt_src.close())
         else:  # SIGTERM ends the run like Ctrl-C: the open telemetry window is flushed on the way out
             signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .drift import DriftConfig
     from .outbox import DropPolicy
 
-    def d(name: str) -> object:  # every default is AgentConfig's: one source
+    def d(name: str) -> Any:  # every default is AgentConfig's: one source
         return config_default(AgentConfig, name)
 
     p = argparse.ArgumentParser(prog="device-agent", description=__doc__)

@@ -23,7 +23,6 @@ from edgecore import wire
 from edgecore.mqtt import MqttLink
 
 
-
 class _Pending:
     __slots__ = ("event", "reply")
 
@@ -80,7 +79,7 @@ class CloudClient:
         collect this input (user properties ``conf`` and ``collect``; docs/wire.md). 3.1.1 requests carry neither.
         """
         link = self.link
-        if not self.connected:
+        if link is None or not link.connected.is_set():  # (`connected`, with the link narrowed)
             return None
         corr = uuid.uuid4().bytes
         pend = _Pending()

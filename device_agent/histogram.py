@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -59,7 +59,7 @@ class LatencyHistogram:
             if seconds > self.hi:
                 self.hi = seconds
 
-    def observe_many(self, seconds: "list[float] | np.ndarray") -> None:
+    def observe_many(self, seconds: "Sequence[float] | np.ndarray") -> None:
         """Many durations at once (the buckets of `bucket_index`, vectorised): the agent's batched path."""
         v = np.asarray(seconds, dtype=np.float64).reshape(-1)
         if not len(v):
@@ -95,7 +95,7 @@ class LatencyHistogram:
         if k == 0 or k == n - 1:  # the extremes are known exactly
             return self.lo if k == 0 else self.hi
         seen = 0
-        for i, c in enumerate(self.counts):
+        for i, c in enumerate(self.counts):  # noqa: B007 (i is read after the loop)
             if c and seen + c > k:
                 break
             seen += c

@@ -46,8 +46,7 @@ def _load_image(path: Path, spec: InputSpec) -> np.ndarray:
     c, h, w = shape
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if c == 1 else "RGB").resize((w, h))
-            a = np.asarray(im, dtype=np.float32)
+            a = np.asarray(im.convert("L" if c == 1 else "RGB").resize((w, h)), dtype=np.float32)
     except OSError as e:
         raise AgentError(f"{path}: unreadable image ({e})") from e
     return a[None] if c == 1 else a.transpose(2, 0, 1)
@@ -118,6 +117,10 @@ class MqttInputSource:
         self._n = 0
         self._lock = threading.Lock()
         self.rejected = 0
+
+    def on_message(self, msg: Any) -> None:
+        """The MQTT link's callback for this source's topic."""
+        self.push(msg.payload)
 
     def push(self, payload: bytes) -> None:
         from edgecore.wire import WireError, decode_tensor

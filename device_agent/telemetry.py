@@ -45,13 +45,13 @@ class WindowCounters:
         if path is None:
             self._a: np.ndarray = np.zeros(n, dtype=np.int64)
             self._a[0], self._a[1] = _MAGIC, -1
-            self._mv = memoryview(self._a)  # per-input increments through it: half numpy's cost per item
+            self._mv = self._a.data  # per-input increments through this memoryview: half numpy's cost per item
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not path.is_file() or path.stat().st_size != n * 8
         if not fresh:
-            self._a = np.memmap(path, dtype=np.int64, mode="r+", shape=(n,))
-            fresh = int(self._a[0]) != _MAGIC
+            mm = np.memmap(path, dtype=np.int64, mode="r+", shape=(n,))
+            fresh = int(mm[0]) != _MAGIC
             if fresh:
                 log.warning("%s: not a window file of this version; starting a new window", path)
         if fresh:
@@ -60,11 +60,11 @@ class WindowCounters:
             init[0], init[1] = _MAGIC, -1
             tmp.write_bytes(init.tobytes())
             tmp.replace(path)
-            self._a = np.memmap(path, dtype=np.int64, mode="r+", shape=(n,))
-        self._mm = self._a
+            mm = np.memmap(path, dtype=np.int64, mode="r+", shape=(n,))
+        self._mm = mm
         # counted through a plain view of the same pages: numpy's memmap subclass costs ~1 µs per increment
-        self._a = self._mm.view(np.ndarray)
-        self._mv = memoryview(self._a)
+        self._a = mm.view(np.ndarray)
+        self._mv = self._a.data
 
     @property
     def seq(self) -> int:

@@ -242,7 +242,7 @@ def _stream(opts: DemoOptions, agents: dict[str, Any], plan: list[tuple[str, str
         source = iterator_source(_paced(xs, y_test, opts.rate_hz), agent.bundle.input_spec)
         try:
             answers[device_id] = list(agent.run(source, on_answer=tick))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread below
+        except BaseException as e:
             errors[device_id] = e
 
     threads = [threading.Thread(target=feed, args=(d, drift), name=f"feed-{d}") for d, _, drift in plan]
@@ -333,7 +333,7 @@ def _run_fleet(
 def _get_json(url: str) -> Any:
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - loopback URL we started
+    with urllib.request.urlopen(url, timeout=5) as r:
         return json.loads(r.read())
 
 

@@ -107,13 +107,14 @@ def row_scorer(measure: Measure | str = Measure.MAX_PROB, temperature: float = 1
 
         def score_q(row: Sequence[float]) -> tuple[int, float]:
             top = max(row)
-            return row.index(top), 1.0 / sum([table[top - v] for v in row])  # type: ignore[index, attr-defined]
+            # the row holds the output's integers (typed as the float rows the other scorers take)
+            return row.index(top), 1.0 / sum([table[top - v] for v in row])  # type: ignore[call-overload]
 
         return score_q
     if m is Measure.MAX_PROB:
         def score(row: Sequence[float]) -> tuple[int, float]:
             top = max(row)
-            return row.index(top), _max_prob_row(row, t, top)  # type: ignore[attr-defined]
+            return row.index(top), _max_prob_row(row, t, top)
 
         return score
     scale = None if quant is None else float(quant[0])

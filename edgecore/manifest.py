@@ -333,7 +333,7 @@ def _task(c: _Check, d: dict[str, Any]) -> TaskSpec:
 
 
 def _upgrade_1_to_2(d: dict[str, Any]) -> dict[str, Any]:
-    files = d.get("files") if isinstance(d.get("files"), dict) else {}
+    files = d["files"] if isinstance(d.get("files"), dict) else {}
     return {**d, "schema_version": 2, "drift_reference": DRIFT_REFERENCE if DRIFT_REFERENCE in files else None}
 
 

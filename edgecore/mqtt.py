@@ -53,14 +53,14 @@ def set_nodelay(client: Any) -> None:
             pass
 
 
-def mqtt_protocol(version: str) -> int:
+def mqtt_protocol(version: str) -> Any:
     """paho's protocol number for "5" (correlation data, response topics, shared subscriptions) or "3.1.1"."""
     import paho.mqtt.client as mqtt
 
     if version in ("5", "5.0"):
-        return int(mqtt.MQTTv5)
+        return mqtt.MQTTv5
     if version in ("3.1.1", "311"):
-        return int(mqtt.MQTTv311)
+        return mqtt.MQTTv311
     raise BrokerError(f"MQTT version {version!r}: choose 5 or 3.1.1")
 
 

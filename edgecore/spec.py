@@ -97,4 +97,4 @@ class InputSpec:
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.shape[1:])
+        return tuple(int(s) for s in self.shape[1:] if s is not None)  # the reader refuses None past the batch

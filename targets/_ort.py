@@ -128,7 +128,7 @@ class OrtRunner:
 
 def ort_available() -> tuple[bool, str]:
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime
     except ImportError as e:
         return False, f"onnxruntime is not installed ({e}); pip install onnxruntime"
     return True, "onnxruntime " + onnxruntime.__version__

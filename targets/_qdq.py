@@ -166,7 +166,7 @@ def pad_conv_input_channels(model: Any, multiple: int = SYM_CONV_CHANNEL_MULTIPL
             continue
         dq, wdq = producer.get(conv.input[0]), producer.get(conv.input[1])
         q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        if q is None or q.op_type != "QuantizeLinear" or len(q.input) < 3 or q.input[2] not in inits:
+        if dq is None or q is None or q.op_type != "QuantizeLinear" or len(q.input) < 3 or q.input[2] not in inits:
             continue
         if (wdq is None or wdq.op_type != "DequantizeLinear" or wdq.input[0] not in inits
                 or len(readers[wdq.input[0]]) != 1 or len(readers[wdq.output[0]]) != 1):  # this conv's alone
@@ -262,7 +262,7 @@ def quantize_global_pool(model: Any) -> int:
             q = helper.make_node("QuantizeLinear", [out, *qparams], [f"{out}_q"], name=f"{pool.name}_q")
             dq2 = helper.make_node("DequantizeLinear", [q.output[0], *qparams], [f"{out}_dq"], name=f"{pool.name}_dq")
             added = [q, dq2]
-            if not flat:
+            if not flat and shape_op is not None:  # (not flat: a shape op reads the pool)
                 shape_op.input[0] = dq2.output[0]
             else:  # (N, C, 1, 1) -> (N, C), what the mean wrote; its readers are unchanged
                 added.append(helper.make_node("Flatten", [dq2.output[0]], [rm.output[0]], name=f"{pool.name}_flat",
@@ -319,7 +319,7 @@ def average_pool_as_depthwise_conv(model: Any) -> int:
             if any(d is None or (d + pads[i] + pads[i + 2] - kernel[i]) % strides[i]
                    for i, d in enumerate(spatial)):
                 continue
-        channels, n = int(shape[1]), int(np.prod(kernel))
+        channels, n = int(shape[1] or 0), int(np.prod(kernel))  # (checked above: at least the minimum)
         base = f"{pool.name or pool.output[0]}_dwconv"
         g.initializer.extend([
             numpy_helper.from_array(np.full((channels, 1, *kernel), 127, np.int8), f"{base}_w"),

@@ -19,7 +19,7 @@ def ort_data_reader(rep: RepresentativeSet, *, input_name: str) -> Any:
     """An ``onnxruntime.quantization.CalibrationDataReader`` feeding one sample per call."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    class _Reader(CalibrationDataReader):  # type: ignore[misc]
+    class _Reader(CalibrationDataReader):  # type: ignore[misc, unused-ignore]  # untyped where onnxruntime has no stubs
         def __init__(self) -> None:
             self._it: Iterator[np.ndarray] = rep.batches(1)
 

@@ -175,7 +175,7 @@ def _slice_by_index(x: Any, begin: Any, end: Any, stride: Any = None, begin_mask
     sq = [bool(v) for v in np.asarray(squeeze_mask).reshape(-1)] if squeeze_mask is not None else [False] * n
     if any(v < 0 for v in s):
         raise UnsupportedProgram("slice_by_index with a negative stride")
-    index = []
+    index: list[int | slice] = []
     for i in range(n):
         if sq[i]:
             index.append(b[i])
@@ -357,7 +357,8 @@ class MilProgramRunner:
 
     def weights(self) -> list[tuple[str, np.ndarray]]:
         """Every float tensor the program stores with two or more elements (dequantized), by the op reading it."""
-        out, env = [], {}
+        out: list[tuple[str, np.ndarray]] = []
+        env: dict[Any, Any] = {}  # by value name; unnamed (inline) values look up None and miss
         for op in self.function.operations:
             if op.op_type == "constexpr_affine_dequantize":
                 env[op.outputs[0].name] = self._call(op, env).numpy()

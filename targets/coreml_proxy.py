@@ -112,7 +112,7 @@ def compress_like_coreml(model: Any, precision: Precision, compression: WeightCo
     m = copy.deepcopy(model).eval()
     try:
         m, folded = fuse(m), True
-    except Exception:  # noqa: BLE001 - not symbolically traceable: BatchNorm stays separate (quantized the same per channel)
+    except Exception:
         folded = False
     dtype = torch.float32 if precision is Precision.FP32 else torch.float16
     m = m.to(dtype)

@@ -169,7 +169,9 @@ class CoreMLTarget(Target):
             raise BuildError(f"Core ML conversion ({precision}) failed: {e}") from e
         structure = check_structure(out, input_name=source.input_spec.name, sample_shape=shape, precision=precision)
         details = {
-            "method": {Precision.FP32: "mlprogram fp32", Precision.FP16: "mlprogram fp16", Precision.INT8: f"{self.int8_compression.dtype} weights ({self.int8_compression.mode}) on fp16"}[precision],
+            "method": {Precision.FP32: "mlprogram fp32", Precision.FP16: "mlprogram fp16",
+                       Precision.INT8: f"{self.int8_compression.dtype} weights ({self.int8_compression.mode}) on fp16",
+                       }[precision],
             "input_name": source.input_spec.name,
             "output_name": "logits",
             "structure": structure,

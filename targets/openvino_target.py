@@ -161,10 +161,11 @@ class OpenVinoTarget(Target):
         from ._onnx_clean import clean_onnx
 
         details: dict[str, Any] = {}
-        use_qdq = precision is Precision.INT8 and source.onnx_qdq is not None and Path(source.onnx_qdq).is_file()
+        qdq = source.onnx_qdq if precision is Precision.INT8 and source.onnx_qdq is not None else None
+        use_qdq = qdq is not None and Path(qdq).is_file()
         clean = Path(out_dir) / "source.clean.onnx"
         try:
-            details["cleanup"] = clean_onnx(Path(source.onnx_qdq if use_qdq else source.onnx_fp32), clean)
+            details["cleanup"] = clean_onnx(Path(qdq) if qdq is not None and use_qdq else Path(source.onnx_fp32), clean)
             model = ov.convert_model(str(clean))
             if use_qdq:
                 details.update(method="qat-qdq", weight_bits=source.qdq_weight_bits)

@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
 MODEL_FILE = "model.tflite"
 
 # the clip ufunc itself: ``np.clip``'s Python wrapper costs 1.5 µs per call, more than the clipping of one input
-_clip = getattr(getattr(np, "_core", None), "umath", np.core.umath).clip
+_clip = (getattr(np, "_core", None) or np.core).umath.clip
 
 
 class TfliteRunner:

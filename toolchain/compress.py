@@ -49,7 +49,6 @@ def run_passes(passes: list[Pass], student: "nn.Module", ctx: PassContext, *, la
         res.sections[p.name] = out.summary
         stage = f"{label}{p.stage_for(out.summary)}"
         if p.quantizes:
-            from toolchain import engine
 
             res.quantized, res.program, res.quantizer = out.model, out.program, p.name
             last = res.rows[-1] if res.rows else stage_row("", res.student, ctx, size=0, seconds=0)

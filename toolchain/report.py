@@ -111,7 +111,7 @@ def print_export(report: dict[str, Any]) -> None:
     t = Table(title="ONNX exports (ONNX Runtime vs PyTorch on the test split)")
     for col in ("file", "size", "ORT test acc", "torch test acc", "agreement", "max |Δlogit|"):
         t.add_column(col, justify="left" if col == "file" else "right")
-    for name, m in report["models"].items():
+    for m in report["models"].values():
         t.add_row(
             m["file"], human_bytes(m["size_bytes"]), f"{m['ort_accuracy']:.2%}", f"{m['torch_accuracy']:.2%}",
             f"{m['agreement']:.2%}", f"{m['max_abs_logit_diff']:.2e}",

@@ -203,7 +203,7 @@ def load_program(data: bytes, *, origin: str) -> "torch.nn.Module":
     """A quantized program (`toolchain.passes.qat.serialize_program`'s bytes) as a module; ``origin`` names it in
     errors."""
     import torch
-    import torchao.quantization.pt2e  # noqa: F401  registers the quantized_decomposed ops
+    import torchao.quantization.pt2e
 
     try:
         ep = torch.export.load(io.BytesIO(data))

@@ -33,7 +33,7 @@ def gpu_model() -> str:
         try:
             from cuda.bindings import runtime as cudart
         except ImportError:
-            from cuda import cudart  # type: ignore[no-redef]
+            from cuda import cudart  # type: ignore[no-redef, unused-ignore]  # with cuda-python installed
         err, props = cudart.cudaGetDeviceProperties(0)
         if int(err) == 0:
             name = props.name

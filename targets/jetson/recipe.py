@@ -207,7 +207,7 @@ def _check_shapes(model: Any, recipe: dict[str, Any]) -> list[str]:
                                 f"runs batches {lo[0]}..{hi[0]}")
         try:
             inferred = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # noqa: BLE001 - shape inference is best effort; the parser decides for real
+        except Exception:
             inferred = model
         producer = {o: n for n in g.node for o in n.output}
         for o in inferred.graph.output:

@@ -18,7 +18,7 @@ def _cudart() -> Any:
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
-        from cuda import cudart  # type: ignore[no-redef]
+        from cuda import cudart  # type: ignore[no-redef, unused-ignore]  # with cuda-python installed
     return cudart
 
 

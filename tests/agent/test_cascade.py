@@ -49,7 +49,7 @@ def measure_cascade(broker, bundle_dir, teacher, x_raw, y, tmp_path, *, device_i
     cfg = GatewayConfig(worker=WorkerConfig(broker_url=broker.url, username=user, password=pw),
                         teacher=teacher, db=str(tmp_path / "gw.sqlite"), http_port=None, threads=1)
     b = open_bundle(bundle_dir)
-    with Gateway(cfg) as gw:
+    with Gateway(cfg):
         with make_agent(broker, b, device_id, tmp_path, deadline_s=5.0, batch_size=8) as agent:
             answers = list(agent.run(items(x_raw, y)))
             agent.set_threshold(1.01)  # every input to the cloud: the teacher's answers, via MQTT

@@ -254,7 +254,7 @@ class _Server:
 
     def __init__(self, root: Path, redirect: str = "") -> None:
         class H(http.server.SimpleHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 if self.path.startswith("/go/"):
                     self.send_response(302)
                     self.send_header("Location", redirect + self.path[4:])

@@ -15,7 +15,6 @@ from edgecore.bundle import open_bundle
 from edgecore.errors import (
     AccuracyGateError,
     BundleTrustError,
-    ModelError,
     TargetUnavailableError,
     UnknownTargetError,
 )

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -147,7 +148,7 @@ def test_acl_device_cannot_act_as_another(mosquitto, tiny_cascade, tmp_path):
     b.loop_stop()
     bad = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="x", protocol=mqtt.MQTTv5)
     bad.username_pw_set("dev-a", "wrong")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (paho raises its own types, or OSError, depending on when the broker hangs up)
         bad.connect(mosquitto.host, mosquitto.port)
         rc = bad.loop(timeout=2) or bad.loop(timeout=2)
         if not bad.is_connected():
@@ -433,7 +434,9 @@ def test_upload_requires_a_trusted_signature(mosquitto, tiny_cascade, tmp_path):
     m["routing"]["threshold"] = 0.0  # an attacker turns offloading off, keeping the old signature
     (edited / "manifest.json").write_text(json.dumps(m))
     with start_gateway(mosquitto, tiny_cascade, tmp_path) as gw:
-        put = lambda name, t: _http("PUT", f"{gw.http_url}/api/bundles/{name}", t.read_bytes(), token="test-token")
+        def put(name: str, t: Path) -> tuple:
+            return _http("PUT", f"{gw.http_url}/api/bundles/{name}", t.read_bytes(), token="test-token")
+
         assert put("good", good)[0] == 201
         for name, d, why in (("unsigned", unsigned, "not signed"), ("stranger", stranger, "none of which"),
                              ("edited", edited, "does not match the manifest")):

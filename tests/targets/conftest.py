@@ -30,7 +30,6 @@ class TinySource:
 
 
 def _tiny_cnn():
-    import torch
     from torch import nn
 
     return nn.Sequential(

@@ -14,8 +14,8 @@ from edgecore.spec import Precision
 from targets import get_target
 from targets.coreml_proxy import WeightCompression, quantize_like_coremltools
 from targets.coreml_target import check_structure
-from toolchain.verify import compare
 from tests.targets.contract import TargetContract
+from toolchain.verify import compare
 
 
 class TestCoreMLContract(TargetContract):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
-
-import shutil
 
 import numpy as np
 import onnx
@@ -19,9 +18,9 @@ from targets import get_target
 from targets.jetson.engine import EngineCache, build_engine, engine_key
 from targets.jetson.proxy import round_through_fp16
 from targets.jetson.recipe import check_onnx_for_tensorrt, make_recipe, trtexec_command
-from toolchain.verify import compare
 from tests.targets import trt_standin
 from tests.targets.contract import TargetContract
+from toolchain.verify import compare
 
 
 class TestJetsonContract(TargetContract):

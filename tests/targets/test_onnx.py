@@ -523,8 +523,8 @@ def test_one_input_path_that_cannot_bind_its_buffers_says_so_once(tmp_path, capl
 
     from onnx import TensorProto, helper
 
-    from targets._ort import OrtRunner
     from edgecore.spec import InputSpec
+    from targets._ort import OrtRunner
 
     graph = helper.make_graph([helper.make_node("Cast", ["input"], ["names"], to=TensorProto.STRING)], "g",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3])],

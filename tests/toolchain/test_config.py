@@ -148,7 +148,7 @@ def test_accuracy_budget_is_bounded(tmp_path):
     assert load_config(write(tmp_path, "[build]\naccuracy_budget_pt = 10\n")).build.accuracy_budget_pt == 10.0
     assert load_config(write(tmp_path, "[build]\naccuracy_budget_pt = 0.25\n")).build.accuracy_budget_pt == 0.25
     for bad in ("100", "10.5", "0", "-1"):
-        with pytest.raises(ConfigError, match=rf"t\.toml: build\.accuracy_budget_pt: must be in \(0, 10\].*, got "):
+        with pytest.raises(ConfigError, match=r"t\.toml: build\.accuracy_budget_pt: must be in \(0, 10\].*, got "):
             load_config(write(tmp_path, f"[build]\naccuracy_budget_pt = {bad}\n"))
     with pytest.raises(ConfigError, match=r"--set: build\.accuracy_budget_pt: must be in \(0, 10\]"):
         load_config(None, overrides=["build.accuracy_budget_pt=100"])

@@ -16,10 +16,10 @@ def test_qat_graph_runs_every_conv_add_gemm_quantized_in_ort(tmp_path: Path, bit
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
     from targets._qdq import ort_fusion, qdq_scheme, quantize_global_pool
-    from toolchain.passes.qat import batch_dim, cpu_has_vnni, make_quantizer
     from toolchain.config import ModelConfig
     from toolchain.export import export_onnx, ort_logits
     from toolchain.models import build_model
+    from toolchain.passes.qat import batch_dim, cpu_has_vnni, make_quantizer
 
     torch.manual_seed(0)
     # a residual network: conv+bn+relu, conv+bn feeding a residual add (+relu), pooling, linear

@@ -94,7 +94,7 @@ def test_refresh_set_evens_out_classes_by_oversampling_or_by_weight(tiny_run):
 
 def _serve_pages(samples: list[Sample], token: str):
     class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             if self.headers.get("Authorization") != f"Bearer {token}":
                 self.send_response(401)
                 self.end_headers()

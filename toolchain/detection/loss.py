@@ -80,7 +80,9 @@ def _geometry(params: DecodeParams, range_scale: float, device: torch.device) ->
     hi[-1] = np.inf
     level = np.repeat(np.arange(len(st)), [h * w for h, w in params.level_shapes])
     offsets = np.concatenate([[0], np.cumsum([h * w for h, w in params.level_shapes])[:-1]])
-    t = lambda a, dt=torch.float32: torch.tensor(np.array(a), dtype=dt, device=device)
+    def t(a: Any, dt: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.tensor(np.array(a), dtype=dt, device=device)
+
     return {"centres": t(centres), "strides": t(strides), "lo": t(lo[level]), "hi": t(hi[level]),
             "level_lo": t(lo), "level_hi": t(hi), "offsets": t(offsets, torch.int64)}
 

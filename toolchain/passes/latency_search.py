@@ -119,7 +119,6 @@ def _finetune(model: "nn.Module", p: PruneConfig, ctx: "PassContext", step: int)
 
 
 def _record(step: int, model: "nn.Module", meter: "LatencyMeter", ctx: "PassContext", *, ratio: float) -> dict[str, Any]:
-    from toolchain import engine
     from toolchain.models import count_macs, count_params
 
     lat = meter.measure(model, name=f"candidate-{step}")
