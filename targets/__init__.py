@@ -8,12 +8,11 @@ group (``name = "package.module:TargetClass"``).
 
 from __future__ import annotations
 
-import importlib
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgecore.errors import TargetUnavailableError, UnknownTargetError
+from edgecore.plugins import load, registry
 from edgecore.spec import Precision
 
 from .base import Artifact, ModelSource, OneInput, Runner, Target, one_input
@@ -46,10 +45,7 @@ BUILTIN: dict[str, str] = {
 
 
 def _registry() -> dict[str, str]:
-    found = dict(BUILTIN)
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, ep.value)
-    return found
+    return registry(ENTRY_POINT_GROUP, BUILTIN)
 
 
 def target_names() -> list[str]:
@@ -61,9 +57,7 @@ def get_target(name: str) -> Target:
     reg = _registry()
     if name not in reg:
         raise UnknownTargetError(f"unknown target {name!r}; available: {', '.join(reg)}")
-    module_name, _, attr = reg[name].partition(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, attr)()
+    return load(reg[name])()
 
 
 def parse_precision(target: Target, precision: str) -> Precision:

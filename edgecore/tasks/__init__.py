@@ -7,11 +7,10 @@ Third-party tasks register under the ``edge_toolchain.tasks`` entry-point group
 from __future__ import annotations
 
 import functools
-import importlib
-from importlib import metadata
 from typing import Any, Mapping
 
 from edgecore.errors import ConfigError
+from edgecore.plugins import load, registry
 
 from .base import Task, TaskSpec
 
@@ -25,14 +24,8 @@ BUILTIN: dict[str, str] = {
 }
 
 
-@functools.lru_cache(maxsize=1)
 def _registry() -> dict[str, str]:
-    """Built-in tasks and the installed entry points, read once per process (scanning the installed
-    distributions takes tens of milliseconds, and every manifest read asks)."""
-    found = dict(BUILTIN)
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, ep.value)
-    return found
+    return registry(ENTRY_POINT_GROUP, BUILTIN)
 
 
 def task_names() -> list[str]:
@@ -44,8 +37,7 @@ def task_class(name: str) -> type[Task]:
     reg = _registry()
     if name not in reg:
         raise ConfigError(f"unknown task {name!r}; known: {', '.join(reg)}")
-    module, _, attr = reg[name].partition(":")
-    cls = getattr(importlib.import_module(module), attr)
+    cls = load(reg[name])
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise ConfigError(f"task {name!r} ({reg[name]}) is not an edgecore.tasks.Task")
     return cls

@@ -73,20 +73,14 @@ LAZY_OK = {("clikit.py", "rich"), ("mqtt.py", "paho")}
 
 
 def _module_level(path: Path) -> set[str]:
-    """Top-level packages imported at module level (not inside a function or class body)."""
+    """Top-level packages ``path`` imports when it is imported (`_on_import`: not inside a function or class
+    body, nor under ``if TYPE_CHECKING``)."""
     out: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                continue
-            if isinstance(child, ast.Import):
-                out.update(a.name.split(".")[0] for a in child.names)
-            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
-                out.add(child.module.split(".")[0])
-            visit(child)
-
-    visit(ast.parse(path.read_text(), filename=str(path)))
+    for node in _on_import(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module.split(".")[0])
     return out
 
 
@@ -162,7 +156,7 @@ def test_every_entry_point_group_is_on_the_map():
     assert not missing, f"docs/architecture.md does not show {missing}"
 
 
-def _module_level(tree: ast.Module) -> list[ast.stmt]:
+def _on_import(tree: ast.Module) -> list[ast.stmt]:
     """The statements that run on import: the module's body, into ``try``/``if`` blocks but not
     ``if TYPE_CHECKING`` or function and class bodies."""
     out: list[ast.stmt] = []
@@ -193,7 +187,7 @@ def _closure(module: str) -> set[str]:
         if not path.exists():
             continue
         pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        for node in _module_level(ast.parse(path.read_text(), filename=str(path))):
+        for node in _on_import(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:

@@ -177,3 +177,19 @@ def test_task_is_required_in_the_current_schema():
     del d["task"]
     with pytest.raises(ManifestError, match="manifest.task: missing"):
         Manifest.from_dict(d)
+
+
+def test_a_third_party_task_is_found_through_its_entry_point(monkeypatch):
+    from importlib import metadata
+
+    from edgecore import plugins
+    from edgecore.tasks import ENTRY_POINT_GROUP, get_task, task_names
+
+    ep = metadata.EntryPoint(name="rank", value="edgecore.tasks.classify:Classify", group=ENTRY_POINT_GROUP)
+    real = metadata.entry_points
+    monkeypatch.setattr(metadata, "entry_points", lambda **kw: [ep] if kw.get("group") == ENTRY_POINT_GROUP else real(**kw))
+    plugins._installed.cache_clear()
+    try:
+        assert "rank" in task_names() and get_task("rank").name == "classify"
+    finally:
+        plugins._installed.cache_clear()
