@@ -131,7 +131,6 @@ def _quantize_gated(quant: list[Any], model: Any, kept_program: bytes, ctx: Any)
     """The quantizing passes on the expert alone, then one program: the kept student's quantized program as it
     shipped (its answers unchanged, bit for bit), the quantized expert, and the gate in float."""
     from toolchain import compress as C
-    from toolchain import engine
     from toolchain.models import GatedExperts
     from toolchain.passes.base import stage_row
     from toolchain.passes.qat import serialize_program
