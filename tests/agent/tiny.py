@@ -166,6 +166,7 @@ def build_tiny(root: Path, *, offload_budget: float = 0.10) -> TinyRun:
         "routing": {"measure": "max_prob", "temperature": temp, "threshold": threshold,
                     "offload_budget": offload_budget, "expected_offload": offload_budget},
         "calibration": None, "lineage": {}, "drift_reference": "drift_reference.json",
+        "task": {"name": "classify", "params": {}},  # schema 3 names the task
     }
     (bdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     sign_dir(bdir)
