@@ -153,7 +153,7 @@ class Agent:
         if override is not None:
             return float(override)
         if model.threshold is None:
-            raise AgentError(f"bundle {model.bundle.root} has no routing threshold; pass --threshold")
+            raise AgentError(f"bundle {model.bundle.name} has no routing threshold; pass --threshold")
         return model.threshold
 
     @property

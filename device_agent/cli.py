@@ -116,7 +116,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     b = trust.open(args.bundle)
     load_model(b)
     signed = f", signed by key {b.signed_by}" if b.signed_by else ", UNSIGNED"
-    print(f"ok: {b.root} ({b.target}/{b.precision}, manifest sha256 {b.manifest_sha256}{signed})")
+    print(f"ok: {b.name} ({b.target}/{b.precision}, manifest sha256 {b.manifest_sha256}{signed})")
     return 0
 
 
