@@ -326,7 +326,7 @@ class Agent:
         src = MqttInputSource(topic or self.topics.input, self.bundle.input_spec)
         self._sources.append(src)
         if self.link is not None:
-            self.link.subscribe(src.topic, lambda m: src.push(m.payload), wait=wait)
+            self.link.subscribe(src.topic, src.push_message, wait=wait)
         return src
 
     def publish(self, topic: str, msg: dict[str, Any], *, retain: bool = False) -> None:
@@ -452,7 +452,7 @@ class Agent:
         self.cloud.attach(link)
         link.subscribe(self.topics.cmd, self._on_cmd)
         for src in self._sources:
-            link.subscribe(src.topic, lambda m, src=src: src.push(m.payload))
+            link.subscribe(src.topic, src.push_message)
         link.on_ready(self._publish_status)
         try:
             if not link.start(wait=connect_timeout, offline_ok=True):
