@@ -69,6 +69,10 @@ def test_upload_puts_a_bundle_with_the_token_from_the_one_variable(http_api, tin
     r = _gateway_cli("upload", str(bad), "--gateway", url, "--token", "tok")
     assert r.returncode == 2 and "answered 400: not a valid bundle" in r.stderr
     assert not (stored / "junk.tar.gz").exists()
+    # `rollout start FILE` uploads through the same code first (this API has no rollout manager: one line)
+    r = _gateway_cli("rollout", "start", str(tar), "--gateway", url, "--canary", "dev-a", env={"EDGE_GATEWAY_TOKEN": "tok"})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (stored / "onnx-fp32.tar.gz").is_file()
 
 
 def test_every_command_reads_the_token_through_the_one_lookup(monkeypatch, capsys):
