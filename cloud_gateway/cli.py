@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -13,14 +12,17 @@ from pathlib import Path
 from typing import Sequence
 
 from edgecore.clikit import (
+    TOKEN_ENV,
     DefaultsHelpFormatter,
     add_broker_args,
     add_common,
     add_json_flag,
+    add_token_arg,
     add_trust_args,
     broker_from_args,
     config_default,
     emit_json,
+    gateway_token,
     login_from_args,
     run_cli,
     trust_from_args,
@@ -46,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             max_payload_bytes=args.max_payload, mqtt_version=args.mqtt_version),
         teacher=args.teacher, db=args.db, bundles_dir=args.bundles_dir, http_host=args.http_host,
         http_port=None if args.http_port < 0 else args.http_port,
-        token=args.token or os.environ.get("GATEWAY_TOKEN"), threads=args.threads,
+        token=gateway_token(args.token), threads=args.threads,
         teacher_format=args.teacher_format, trust=trust_from_args(args),
         collect=CollectionPolicy.parse(args.collect, rate=args.collect_rate, max_per_device=args.collect_max_per_device,
                                        max_total=args.collect_max_total, retention_days=args.collect_retention_days),
@@ -112,31 +114,68 @@ def _http(method: str, url: str, *, token: str | None, body: dict[str, object] |
             msg = json.loads(e.read()).get("error")
         except ValueError:
             msg = e.reason
-        raise GatewayError(f"gateway answered {e.code}: {msg}") from e
+        hint = f" (give the gateway's token: --token or ${TOKEN_ENV})" if e.code in (401, 403) and not token else ""
+        raise GatewayError(f"gateway answered {e.code}: {msg}{hint}") from e
     except (urllib.error.URLError, OSError) as e:
         raise GatewayError(f"cannot reach the gateway at {url}: {getattr(e, 'reason', e)}") from e
+
+
+def bundle_name(path: Path) -> str:
+    """The name a bundle is stored under at the gateway: the file name without ``.tar.gz``."""
+    return path.name.removesuffix(".tar.gz").removesuffix(".tgz")
+
+
+def upload_bundle(base: str, path: Path, *, token: str | None, name: str | None = None) -> dict[str, object]:
+    """PUT a bundle ``.tar.gz`` to the gateway at ``base`` (it verifies it: signed by a key it trusts);
+    the gateway's answer: ``name``, ``sha256``, ``manifest_sha256``, ``url``."""
+    path = Path(path)
+    if path.is_dir():
+        raise GatewayError(f"{path} is a bundle folder: upload its .tar.gz (`toolchain build` writes both)")
+    if not path.is_file():
+        raise GatewayError(f"{path}: no such bundle archive")
+    if not token:
+        raise GatewayError(f"uploading a bundle needs the gateway's write token: --token or ${TOKEN_ENV}")
+    import urllib.error
+    import urllib.request
+
+    name = name or bundle_name(path)
+    req = urllib.request.Request(f"{base.rstrip('/')}/api/bundles/{name}", data=path.read_bytes(), method="PUT",
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/gzip"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read()).get("error")
+        except ValueError:
+            msg = e.reason
+        raise GatewayError(f"uploading {path} to {base}: the gateway answered {e.code}: {msg}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise GatewayError(f"uploading {path}: cannot reach the gateway at {base} "
+                           f"({getattr(e, 'reason', e)})") from e
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    """``cloud-gateway upload BUNDLE.tar.gz``: store a bundle at the running gateway (verified there)."""
+    out = upload_bundle(args.gateway, Path(args.bundle), token=gateway_token(args.token), name=args.name)
+    print(f"uploaded {args.bundle} as {out['name']} (sha256 {str(out['sha256'])[:12]}): {out['url']}")
+    if args.json:
+        emit_json(out)
+    return 0
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
     """``cloud-gateway rollout start|status|list|abort``: through the running gateway's HTTP API (it drives them)."""
     import time
 
-    base, token = args.gateway.rstrip("/"), args.token or os.environ.get("GATEWAY_TOKEN")
+    base, token = args.gateway.rstrip("/"), gateway_token(args.token)
     if args.action == "start":
         if not args.bundle:
             raise GatewayError("rollout start needs BUNDLE (a name in the gateway's store, or a .tar.gz to upload)")
         name = args.bundle
         path = Path(args.bundle)
         if path.is_file():  # upload it first: the gateway verifies it (signed by a trusted key) before storing
-            import urllib.request
-
-            name = path.name.removesuffix(".tar.gz")
-            req = urllib.request.Request(f"{base}/api/bundles/{name}", data=path.read_bytes(), method="PUT",
-                                         headers={"Authorization": f"Bearer {token}"} if token else {})
-            try:
-                urllib.request.urlopen(req, timeout=60).read()
-            except Exception as e:  # urllib's errors: one line
-                raise GatewayError(f"uploading {path} to {base} failed: {e}") from e
+            name = upload_bundle(base, path, token=token)["name"]  # type: ignore[assignment]
         out = _http("POST", f"{base}/api/rollouts", token=token, body={
             "bundle": name, "canary": args.canary, "watch_s": args.watch, "promote_if": args.promote_if})
         rid = out["id"]  # type: ignore[index]
@@ -162,7 +201,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 def cmd_policy(args: argparse.Namespace) -> int:
     """``cloud-gateway policy show|set FILE|approve --id N``: through the running gateway's HTTP API."""
-    base, token = args.gateway.rstrip("/"), args.token or os.environ.get("GATEWAY_TOKEN")
+    base, token = args.gateway.rstrip("/"), gateway_token(args.token)
     if args.action == "set":
         if not args.file:
             raise GatewayError("policy set needs FILE (a JSON policy; docs/gateway.md, 'Refresh policy')")
@@ -248,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bundles-dir", type=Path, default=g("bundles_dir"), help="where uploaded bundles are kept")
     s.add_argument("--http-host", default=g("http_host"), help="address the HTTP API listens on")
     s.add_argument("--http-port", type=int, default=g("http_port"), help="-1: no HTTP API")
-    s.add_argument("--token", help="token for write endpoints (or $GATEWAY_TOKEN)")
+    add_token_arg(s, help="token for the write endpoints (none: they are disabled)")
     s.add_argument("--threads", type=int)
     add_trust_args(s, who="the bundle upload")
     s.add_argument("--collect", metavar="all|DEV[,DEV]", help="collect offloaded inputs with the teacher's answer "
@@ -274,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("bundle", nargs="?", help="start: a bundle name in the gateway's store, or a .tar.gz to upload")
     ro.add_argument("--id", type=int, help="status/abort: the rollout id")
     ro.add_argument("--gateway", default="http://127.0.0.1:8080", help="the gateway's HTTP API")
-    ro.add_argument("--token", help="the gateway's token (or $GATEWAY_TOKEN)")
+    add_token_arg(ro)
     ro.add_argument("--canary", default="10%", help="device ids (a,b) or a share of the fleet (10%%)")
     ro.add_argument("--watch", type=float, default=60.0, help="seconds of canary telemetry to judge")
     ro.add_argument("--promote-if", default="rollbacks == 0 and offload_rate <= baseline * 1.25",
@@ -283,13 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--wait", action="store_true", help="start: wait until it is done or rolled back")
     add_json_flag(ro)
     ro.set_defaults(func=cmd_rollout)
+    up = sub.add_parser("upload", help="store a bundle .tar.gz at the running gateway (it verifies the signature)",
+                        formatter_class=DefaultsHelpFormatter)
+    add_common(up)
+    up.add_argument("bundle", help="the bundle's .tar.gz (as `toolchain build` writes it)")
+    up.add_argument("--gateway", default="http://127.0.0.1:8080", help="the gateway's HTTP API")
+    add_token_arg(up)
+    up.add_argument("--name", help="store it under this name (default: the file name without .tar.gz)")
+    add_json_flag(up)
+    up.set_defaults(func=cmd_upload)
     po = sub.add_parser("policy", help="the refresh policy of the running gateway: show, set FILE, approve --id N")
     add_common(po)
     po.add_argument("action", choices=("show", "set", "approve"))
     po.add_argument("file", nargs="?", help="set: a JSON policy document")
     po.add_argument("--id", type=int, help="approve: the proposal id")
     po.add_argument("--gateway", default="http://127.0.0.1:8080")
-    po.add_argument("--token", help="the gateway's token (or $GATEWAY_TOKEN)")
+    add_token_arg(po)
     add_json_flag(po)
     po.set_defaults(func=cmd_policy)
     c = sub.add_parser("fleet-credentials", help="write mosquitto password + ACL files for a fleet")

@@ -8,12 +8,15 @@ with bounded request bodies, channel time-outs and a fixed thread pool.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from pathlib import Path
 
 from flask import Flask
 from waitress.server import create_server
+
+from edgecore.errors import GatewayError
 
 from .api import MAX_BUNDLE_BYTES, create_app
 from .collection import SampleCollector
@@ -31,8 +34,17 @@ class HttpServer:
     """waitress serving a WSGI app from a background thread, stoppable (waitress's own run() is not)."""
 
     def __init__(self, app: Flask, host: str, port: int, *, threads: int = 4) -> None:
-        self._server = create_server(app, host=host, port=port, threads=threads, ident="cloud-gateway",
-                                     max_request_body_size=MAX_BUNDLE_BYTES + (1 << 20), clear_untrusted_proxy_headers=True)
+        try:
+            self._server = create_server(app, host=host, port=port, threads=threads, ident="cloud-gateway",
+                                         max_request_body_size=MAX_BUNDLE_BYTES + (1 << 20),
+                                         clear_untrusted_proxy_headers=True)
+        except OSError as e:  # one line naming the port and the flag, not waitress's traceback
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise GatewayError(f"cannot listen on {host}: not an address of this machine (--http-host)") from e
+            why = {errno.EADDRINUSE: "is already in use (another gateway?)",
+                   errno.EACCES: "needs root to listen on"}.get(e.errno or 0, f"cannot be used ({e.strerror or e})")
+            raise GatewayError(f"HTTP port {port} on {host} {why}: choose another with --http-port "
+                               "(0: any free port; -1: no HTTP API)") from e
         self.port = int(self._server.effective_port)  # type: ignore[union-attr]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="gateway-http", daemon=True)
@@ -52,6 +64,10 @@ class HttpServer:
 
     def stop(self) -> None:
         self._stop.set()
+        if not self._thread.is_alive() and self._thread.ident is None:  # never started: close what was made
+            self._server.close()  # type: ignore[union-attr]
+            self._server.task_dispatcher.shutdown()  # type: ignore[union-attr]
+            return
         try:
             self._server.pull_trigger()  # type: ignore[union-attr]  # wake the poll loop at once
         except OSError:
@@ -83,8 +99,6 @@ class Gateway:
         if self._started:
             return self
         self.config.trust.warn_if_open("the gateway's bundle upload")
-        self._started = True
-        self.worker.start()
         if self.config.http_port is not None:
             self.rollouts = RolloutManager(
                 store=self.store, bundles_dir=Path(self.config.bundles_dir).resolve(),
@@ -100,7 +114,17 @@ class Gateway:
                 num_classes=len(self.teacher.labels), rollouts=self.rollouts, policy=self.policy,
                 health=self._health,
             )
+            # bound before the worker connects: a taken port is refused before anything else has started
             self._server = HttpServer(app, self.config.http_host, self.config.http_port)
+        try:
+            self.worker.start()
+        except BaseException:
+            if self._server is not None:
+                self._server.stop()
+                self._server = None
+            raise
+        self._started = True
+        if self._server is not None and self.rollouts is not None and self.policy is not None:
             self._server.start()
             log.info("gateway HTTP API on %s", self.http_url)
             self.policy.start()

@@ -153,7 +153,7 @@ class Agent:
         if override is not None:
             return float(override)
         if model.threshold is None:
-            raise AgentError(f"bundle {model.bundle.root} has no routing threshold; pass --threshold")
+            raise AgentError(f"bundle {model.bundle.name} has no routing threshold; pass --threshold")
         return model.threshold
 
     @property
@@ -326,7 +326,7 @@ class Agent:
         src = MqttInputSource(topic or self.topics.input, self.bundle.input_spec)
         self._sources.append(src)
         if self.link is not None:
-            self.link.subscribe(src.topic, lambda m: src.push(m.payload), wait=wait)
+            self.link.subscribe(src.topic, src.push_message, wait=wait)
         return src
 
     def publish(self, topic: str, msg: dict[str, Any], *, retain: bool = False) -> None:
@@ -452,7 +452,7 @@ class Agent:
         self.cloud.attach(link)
         link.subscribe(self.topics.cmd, self._on_cmd)
         for src in self._sources:
-            link.subscribe(src.topic, src.on_message)
+            link.subscribe(src.topic, src.push_message)
         link.on_ready(self._publish_status)
         try:
             if not link.start(wait=connect_timeout, offline_ok=True):

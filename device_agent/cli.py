@@ -11,6 +11,7 @@ import argparse
 import json
 import signal
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -27,7 +28,7 @@ from edgecore.clikit import (
     run_cli,
     trust_from_args,
 )
-from edgecore.errors import AgentError
+from edgecore.errors import AgentError, EdgeError
 
 PASSWORD_ENV = "DEVICE_AGENT_PASSWORD"
 
@@ -36,8 +37,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .agent import Agent, AgentConfig, summarize
     from .drift import DriftConfig
+    from .feed import open_inputs
     from .outbox import DropPolicy
-    from .sources import Item, MqttInputSource, folder_source, npz_source
+    from .sources import Item, MqttInputSource, paced
 
     trust = trust_from_args(args)
     bundle = trust.open(args.bundle)
@@ -55,19 +57,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     src = args.source
     mqtt_src: MqttInputSource | None = None
     source: Iterable[Item]
-    if src.startswith("mqtt:"):
+    if src is not None and src.startswith("mqtt:"):
         if not args.broker:
             raise AgentError("an MQTT source needs --broker")
-        source = []  # attached once connected
-    elif src.endswith(".npz"):
-        source = npz_source(Path(src), spec, key=args.key)
-    elif Path(src).is_dir():
-        source = folder_source(Path(src), spec)
-    else:
-        raise AgentError(f"--source {src!r}: give a folder, a .npz file or mqtt:TOPIC")
-    if src.startswith("mqtt:"):  # made before the start: subscribed before the status says online
+        # made before the start: subscribed before the status says online
         mqtt_src = agent.mqtt_source(src.removeprefix("mqtt:") or None)
         source = mqtt_src
+    else:
+        source = paced(open_inputs(src, spec, run=args.run, split=args.split, key=args.key, limit=args.limit),
+                       args.rate)
     out = open(args.output, "w") if args.output else sys.stdout
     answers = []
     with agent:
@@ -108,6 +106,58 @@ def _print_summary(s: dict[str, object]) -> None:
     Console(stderr=True).print(t)
 
 
+def cmd_feed(args: argparse.Namespace) -> int:
+    """``device-agent feed``: publish the user's inputs to a running agent's input topic, paced; count answers."""
+    from edgecore.bundle import open_bundle
+    from edgecore.mqtt import MqttLink
+    from edgecore.wire import Topics
+
+    from .feed import Feeder, open_inputs
+
+    spec = None
+    if args.bundle:  # read for its input spec only: nothing in it runs here
+        with open_bundle(args.bundle) as b:
+            spec = b.input_spec
+    items = open_inputs(args.source, spec, run=args.run, split=args.split, key=args.key, limit=args.limit)
+    user, pw = login_from_args(args, who=args.device_id, password_env=PASSWORD_ENV)
+    url = broker_from_args(args)
+    assert url is not None  # --broker is required
+    link = MqttLink(url=url, client_id=f"feed-{args.device_id}-{uuid.uuid4().hex[:6]}", username=user,
+                    password=pw, mqtt_version=args.mqtt_version,
+                    anonymous_hint="give the device's credentials (--credentials) or --username/--password")
+    feeder = Feeder(link, Topics(args.device_id, args.prefix))
+    try:
+        link.start(wait=10.0)
+    except EdgeError as e:
+        raise AgentError(f"feed could not connect: {e}") from e
+    try:
+        if args.online_timeout > 0:
+            feeder.wait_online(args.online_timeout)
+        report = feeder.feed(items, rate=args.rate, answer_timeout=args.answer_timeout).to_dict()
+    finally:
+        link.stop()
+    _print_summary({k: v for k, v in report.items() if v is not None})
+    if args.json:
+        emit_json(report)
+    return 0
+
+
+def _add_inputs(p: argparse.ArgumentParser, *, mqtt: bool) -> None:
+    """The input flags ``run`` and ``feed`` share."""
+    from .feed import RUN_SPLITS
+
+    p.add_argument("--source", help="a folder of images or .npy files, a .npz (x [, y]), a .csv (one sample per "
+                   "row, label column by header)" + (", or mqtt:[TOPIC] (default topic <prefix>/<id>/input)"
+                                                     if mqtt else ""))
+    p.add_argument("--run", type=Path, help="instead of --source: a run directory's --split (read by the "
+                   "toolchain in its own process; needs it installed)")
+    p.add_argument("--split", choices=RUN_SPLITS, default="test", help="with --run: which split")
+    p.add_argument("--key", help="array name inside the .npz")
+    p.add_argument("--limit", type=int, help="send at most this many inputs")
+    p.add_argument("--rate", type=float, help="inputs per second (default: " + (
+        "as fast as the agent answers them)" if mqtt else "as fast as the broker takes them)"))
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .agent import load_model
 
@@ -116,7 +166,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     b = trust.open(args.bundle)
     load_model(b)
     signed = f", signed by key {b.signed_by}" if b.signed_by else ", UNSIGNED"
-    print(f"ok: {b.root} ({b.target}/{b.precision}, manifest sha256 {b.manifest_sha256}{signed})")
+    print(f"ok: {b.name} ({b.target}/{b.precision}, manifest sha256 {b.manifest_sha256}{signed})")
     return 0
 
 
@@ -134,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the agent on a source", formatter_class=DefaultsHelpFormatter)
     add_common(r)
     r.add_argument("--bundle", required=True, help="bundle dir or .tar.gz")
-    r.add_argument("--source", required=True, help="folder of images/.npy, a .npz, or mqtt:TOPIC")
-    r.add_argument("--key", help="array name inside the .npz")
+    _add_inputs(r, mqtt=True)
     r.add_argument("--device-id", required=True)
     add_broker_args(r, required=False, config=AgentConfig, password_env=PASSWORD_ENV,
                     broker_help="mqtt://host:port or mqtts://host:port (omit: edge only); an unreachable broker is "
@@ -161,6 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_args(r, who="this device")
     add_json_flag(r)
     r.set_defaults(func=cmd_run)
+    f = sub.add_parser("feed", help="send a running agent inputs from a folder, .npz, .csv or a run's split, "
+                       "paced, and count its answers", formatter_class=DefaultsHelpFormatter,
+                       description="Publish inputs on <prefix>/<id>/input, where `device-agent run --source mqtt:` "
+                       "takes them, and read the answers on <prefix>/<id>/answers: a summary of what was sent, "
+                       "answered (per route) and, for labelled inputs, the accuracy.")
+    add_common(f)
+    f.add_argument("--device-id", required=True, help="the device to feed")
+    _add_inputs(f, mqtt=False)
+    f.add_argument("--bundle", help="the device's bundle: its input spec resizes images, shapes CSV rows and "
+                   "checks every input before it is sent (needed for folders and CSV)")
+    add_broker_args(f, required=True, config=AgentConfig, password_env=PASSWORD_ENV,
+                    credentials_help="the device's {username,password} JSON or the fleet credentials.json (its "
+                                     "entry for --device-id: the ACL lets it publish under its own id)",
+                    version_help="3.1.1 for brokers without MQTT 5 (answers are then counted, not matched)")
+    f.add_argument("--online-timeout", type=float, default=30.0,
+                   help="seconds to wait for the device's status to say online (0: send at once)")
+    f.add_argument("--answer-timeout", type=float, default=10.0,
+                   help="seconds to wait for answers after the last input (0: do not wait)")
+    add_json_flag(f)
+    f.set_defaults(func=cmd_feed)
     v = sub.add_parser("verify", help="check a bundle's trust and that this device can run it")
     add_common(v)
     v.add_argument("bundle")

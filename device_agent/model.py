@@ -97,7 +97,7 @@ def load_model(bundle: Bundle, *, threads: int | None = None) -> LoadedModel:
     except EdgeError:
         raise
     except Exception as e:  # runtimes raise their own types for corrupt artifacts
-        raise BundleTrustError(f"bundle {bundle.root} failed to load: {type(e).__name__}: {e}") from e
+        raise BundleTrustError(f"bundle {bundle.name} failed to load: {type(e).__name__}: {e}") from e
     smoke_test(bundle, runner)
     measure, temperature, threshold = _routing(bundle)
     # read now, not after the switch: an unreadable reference is a `BundleTrustError` here

@@ -1,4 +1,4 @@
-"""Where the agent's inputs come from: folder, .npz, MQTT topic, Python iterator.
+"""Where the agent's inputs come from: folder, .npz, CSV, MQTT topic, Python iterator.
 
 A source yields `Item`s: one raw sample (batch dimension absent, shape of the
 bundle's input spec without the batch), an id, and optionally the true label
@@ -7,8 +7,11 @@ bundle's input spec without the batch), an id, and optionally the true label
 
 from __future__ import annotations
 
+import csv
+import math
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -17,6 +20,9 @@ import numpy as np
 
 from edgecore.errors import AgentError
 from edgecore.spec import InputSpec
+
+#: longest feeder id (MQTT 5 correlation data) an answer echoes; longer ones are replaced by ``mqtt-N``
+MAX_INPUT_ID = 200
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".pgm"}
 
@@ -92,6 +98,87 @@ def npz_source(path: Path, spec: InputSpec, *, key: str | None = None) -> Iterat
                    int(y[i]) if y is not None else None)
 
 
+#: header names of a CSV's label column
+CSV_LABELS = ("label", "y", "target", "class")
+
+
+def csv_source(path: Path, spec: InputSpec) -> Iterator[Item]:
+    """One sample per row: the bundle's input size in numbers (reshaped to its input shape).
+
+    A first row that is not all numbers is a header; its column named ``label`` (or ``y``, ``target``,
+    ``class``) holds class indices, used only to report accuracy. Empty lines are skipped.
+    """
+    path = Path(path)
+    size = math.prod(spec.sample_shape)
+    try:
+        f = open(path, newline="")
+    except OSError as e:
+        raise AgentError(f"{path}: unreadable CSV ({e.strerror or e})") from e
+    with f:
+        label_col: int | None = None
+        for n, row in enumerate(csv.reader(f), start=1):
+            cells = [c.strip() for c in row]
+            if not any(cells):
+                continue
+            if n == 1 and not all(_is_number(c) for c in cells):
+                names = [c.lower() for c in cells]
+                label_col = next((names.index(k) for k in CSV_LABELS if k in names), None)
+                continue
+            label = None
+            if label_col is not None:
+                if label_col >= len(cells) or not _is_number(cells[label_col]):
+                    raise AgentError(f"{path}:{n}: no class index in the label column")
+                label = int(float(cells[label_col]))
+                cells = cells[:label_col] + cells[label_col + 1:]
+            if len(cells) != size:
+                raise AgentError(f"{path}:{n}: {len(cells)} features, the bundle takes {size} "
+                                 f"({list(spec.sample_shape)})" + ("" if label_col is not None else
+                                                                   "; a label column needs a header row"))
+            try:
+                values = np.asarray([float(c) for c in cells], dtype=np.float32)
+            except ValueError as e:
+                raise AgentError(f"{path}:{n}: not a number ({e})") from e
+            yield Item(f"{path.name}:{n}", values.reshape(spec.sample_shape), label)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def paced(items: Iterable[Item], rate: float | None) -> Iterator[Item]:
+    """``items`` at most ``rate`` per second (None or 0: as fast as they come); see `Pacer`."""
+    pacer = Pacer(rate)
+    for it in items:
+        pacer.wait()
+        yield it
+
+
+class Pacer:
+    """Holds a loop to ``rate`` iterations per second: `wait` before each.
+
+    Scheduled against the clock, so sleeping late does not slow the average down; a loop that falls
+    behind (a slow source) is not made up for with a burst.
+    """
+
+    def __init__(self, rate: float | None) -> None:
+        if rate is not None and (not math.isfinite(rate) or rate < 0):
+            raise AgentError(f"--rate {rate}: give a number of inputs per second (0: as fast as possible)")
+        self.period = 1.0 / rate if rate else 0.0
+        self._next = 0.0
+
+    def wait(self) -> None:
+        if not self.period:
+            return
+        now = time.monotonic()
+        if self._next > now:
+            time.sleep(self._next - now)
+        self._next = max(self._next, now) + self.period
+
+
 def iterator_source(it: Iterable[Any], spec: InputSpec) -> Iterator[Item]:
     """Samples, ``(sample, label)`` pairs or `Item`s from any Python iterable."""
     for i, v in enumerate(it):
@@ -118,24 +205,37 @@ class MqttInputSource:
         self._lock = threading.Lock()
         self.rejected = 0
 
-    def on_message(self, msg: Any) -> None:
-        """The MQTT link's callback for this source's topic."""
-        self.push(msg.payload)
-
-    def push(self, payload: bytes) -> None:
+    def push(self, payload: bytes, *, input_id: str | None = None, label: int | None = None) -> None:
+        """One message: a sample or a batch. ``input_id`` (a feeder's MQTT 5 correlation data) becomes the
+        answer's ``id`` (``ID[i]`` for a batch's i-th sample); ``label`` (its ``label`` user property) its
+        ``true_label``. Without them: ``mqtt-N`` in arrival order, no label."""
         from edgecore.wire import WireError, decode_tensor
 
         try:
             a = decode_tensor(payload, max_bytes=1 << 24)
-            samples = [a] if a.shape == self.spec.sample_shape else list(a)
+            single = a.shape == self.spec.sample_shape
+            samples = [a] if single else list(a)
             items = [check_sample(s, self.spec, where=self.topic) for s in samples]
         except (WireError, AgentError):
             self.rejected += 1
             return
-        for s in items:
+        for i, s in enumerate(items):
             with self._lock:
                 n, self._n = self._n, self._n + 1
-            self._q.put(Item(f"mqtt-{n}", s))
+            name = f"mqtt-{n}" if input_id is None else input_id if single else f"{input_id}[{i}]"
+            self._q.put(Item(name, s, label))
+
+    def push_message(self, msg: Any) -> None:
+        """`push` a paho message, reading the feeder's id and label from its MQTT 5 properties if it has them."""
+        props = getattr(msg, "properties", None)
+        input_id = label = None
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        if isinstance(corr, (bytes, bytearray)) and 0 < len(corr) <= MAX_INPUT_ID:
+            input_id = bytes(corr).decode("utf-8", "replace")
+        for k, v in (getattr(props, "UserProperty", None) or []) if props is not None else []:
+            if k == "label" and v.lstrip("-").isdigit() and len(v) < 12:
+                label = int(v)
+        self.push(msg.payload, input_id=input_id, label=label)
 
     def close(self) -> None:
         self._q.put(None)

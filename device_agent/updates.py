@@ -157,10 +157,10 @@ def smoke_test(bundle: Bundle, runner: object) -> None:
     try:
         logits = np.asarray(runner.run(x))  # type: ignore[attr-defined]
     except Exception as e:
-        raise BundleTrustError(f"bundle {bundle.root} failed its smoke input: {e}") from e
+        raise BundleTrustError(f"bundle {bundle.name} failed its smoke input: {e}") from e
     n = len(bundle.labels)
     if logits.shape != (1, n) or not np.all(np.isfinite(logits)):
         raise BundleTrustError(
-            f"bundle {bundle.root} answered its smoke input with shape {list(logits.shape)}"
+            f"bundle {bundle.name} answered its smoke input with shape {list(logits.shape)}"
             f" (expected [1, {n}]) or non-finite values"
         )

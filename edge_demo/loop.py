@@ -74,10 +74,9 @@ def _agent(ctx: LoopContext) -> Any:
 
 
 def _stream(agent: Any, x: np.ndarray, y: np.ndarray, rate_hz: float) -> list[Any]:
-    from device_agent.sources import iterator_source
-    from edge_demo.story import _paced
+    from device_agent.sources import iterator_source, paced
 
-    return list(agent.run(iterator_source(_paced(x, y, rate_hz), agent.bundle.input_spec)))
+    return list(agent.run(paced(iterator_source(zip(x, (int(v) for v in y)), agent.bundle.input_spec), rate_hz)))
 
 
 def _upload(ctx: LoopContext, name: str, tar: Path) -> None:

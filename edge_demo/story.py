@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -68,17 +68,6 @@ def drifted(x: np.ndarray, *, seed: int = 0) -> np.ndarray:
     lo, hi = float(x.min()), float(x.max())
     out = out + rng.normal(0.0, 0.15 * (hi - lo), size=out.shape)
     return np.clip(out, lo, hi).astype(np.float32)
-
-
-def _paced(xs: np.ndarray, ys: np.ndarray, rate_hz: float) -> Iterator[tuple[np.ndarray, int]]:
-    period = 1.0 / rate_hz if rate_hz > 0 else 0.0
-    t_next = time.monotonic()
-    for x, y in zip(xs, ys):
-        delay = t_next - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        t_next += period
-        yield x, int(y)
 
 
 def _console() -> Any:
@@ -224,7 +213,7 @@ def _start_agents(opts: DemoOptions, plan: list[tuple[str, str, bool]], bundles_
 def _stream(opts: DemoOptions, agents: dict[str, Any], plan: list[tuple[str, str, bool]], x_test: np.ndarray,
             y_test: np.ndarray) -> dict[str, list[Any]]:
     """Feed every device its stream (drifted or not) in parallel, paced; returns the answers per device."""
-    from device_agent.sources import iterator_source
+    from device_agent.sources import iterator_source, paced
     from edgecore.clikit import progress_bar
 
     bar = progress_bar(total=len(plan) * len(x_test), unit="input", desc="streaming the test split to the fleet")
@@ -239,7 +228,8 @@ def _stream(opts: DemoOptions, agents: dict[str, Any], plan: list[tuple[str, str
     def feed(device_id: str, drift: bool) -> None:
         agent = agents[device_id]
         xs = drifted(x_test) if drift else x_test
-        source = iterator_source(_paced(xs, y_test, opts.rate_hz), agent.bundle.input_spec)
+        # the feeder's pacer (`device-agent feed|run --rate`): one way to hold a rate
+        source = paced(iterator_source(zip(xs, (int(y) for y in y_test)), agent.bundle.input_spec), opts.rate_hz)
         try:
             answers[device_id] = list(agent.run(source, on_answer=tick))
         except BaseException as e:

@@ -108,7 +108,13 @@ class Bundle:
     manifest: Manifest
     manifest_sha256: str  # the bundle's identity in telemetry and updates
     signed_by: str | None = None  # the trusted key id whose signature verified
+    source: Path | None = None  # what the user gave (a .tar.gz is extracted to a temporary ``root``)
     _cleanup: Any = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        """How messages name this bundle: the path the user gave (the tarball), not a temporary folder."""
+        return str(self.source if self.source is not None else self.root)
 
     @property
     def target(self) -> str:
@@ -142,9 +148,9 @@ class Bundle:
         try:
             ref = json.loads((self.root / name).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BundleTrustError(f"bundle {self.root}: unreadable drift reference {name} ({e})") from e
+            raise BundleTrustError(f"bundle {self.name}: unreadable drift reference {name} ({e})") from e
         if not isinstance(ref, dict):
-            raise BundleTrustError(f"bundle {self.root}: drift reference {name} is not a JSON object")
+            raise BundleTrustError(f"bundle {self.name}: drift reference {name} is not a JSON object")
         return ref
 
     def close(self) -> None:
@@ -159,21 +165,24 @@ class Bundle:
         self.close()
 
 
-def read_manifest(root: Path) -> Manifest:
+def read_manifest(root: Path, *, where: str | None = None) -> Manifest:
+    """``root``'s manifest, checked; ``where``: how errors name the bundle (default: ``root``'s manifest)."""
     path = Path(root) / MANIFEST
+    name = where or str(path)
     if not path.is_file() or path.is_symlink():
-        raise BundleTrustError(f"{root}: not a bundle (no {MANIFEST})")
+        raise BundleTrustError(f"{where or root}: not a bundle (no {MANIFEST})")
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise BundleTrustError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+            raise BundleTrustError(f"{name}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
         raw = json.loads(path.read_bytes())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise BundleTrustError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from e
-    return Manifest.from_dict(raw, where=str(path))
+        raise BundleTrustError(f"{name}: unreadable manifest ({type(e).__name__}: {e})") from e
+    return Manifest.from_dict(raw, where=name)
 
 
-def verify_files(root: Path, manifest: Manifest) -> None:
-    """Every listed file matches (size, sha256) and nothing unlisted is there; all problems at once."""
+def verify_files(root: Path, manifest: Manifest, *, where: str | None = None) -> None:
+    """Every listed file matches (size, sha256) and nothing unlisted is there; all problems at once.
+    ``where``: how the error names the bundle (default: ``root``)."""
     root = Path(root)
     problems: list[str] = []
     for name, entry in manifest.files.items():
@@ -193,7 +202,7 @@ def verify_files(root: Path, manifest: Manifest) -> None:
         shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
         problems.append(f"files the manifest does not list: {shown}")
     if problems:
-        raise BundleTrustError(f"bundle {root} cannot be trusted: " + "; ".join(problems))
+        raise BundleTrustError(f"bundle {where or root} cannot be trusted: " + "; ".join(problems))
 
 
 class _Counting:
@@ -269,7 +278,7 @@ def extract_tarball(tar_path: Path, dest: Path, *, limits: Limits = Limits()) ->
 
                     total += _copy_member(tf, m, out, min(m.size, limits.max_file_bytes), ratio)
                     if Path(m.name).name == MANIFEST and listed is None and files == 1:
-                        listed = read_manifest(out.parent).files
+                        listed = read_manifest(out.parent, where=f"its {m.name}").files
                         prefix = m.name[: -len(MANIFEST)]
     except BundleTrustError as e:
         raise BundleTrustError(f"{tar_path}: refused: {e}") from e
@@ -287,7 +296,7 @@ def _bundle_root(tar_path: Path, dest: Path) -> Path:
     raise BundleTrustError(f"{tar_path}: archive holds no {MANIFEST}")
 
 
-def _check_signature(root: Path, keys: Sequence[Any], require: bool) -> str | None:
+def _check_signature(root: Path, keys: Sequence[Any], require: bool, where: str | None = None) -> str | None:
     from edgecore.signing import check_signature
 
     sig = root / SIGNATURE
@@ -295,8 +304,8 @@ def _check_signature(root: Path, keys: Sequence[Any], require: bool) -> str | No
     if not keys and not require:
         return None
     if not keys:
-        raise BundleTrustError(f"{root}: signatures are required but no trusted public key is configured")
-    return check_signature((root / MANIFEST).read_bytes(), sig_bytes, list(keys), where=str(root))
+        raise BundleTrustError(f"{where or root}: signatures are required but no trusted public key is configured")
+    return check_signature((root / MANIFEST).read_bytes(), sig_bytes, list(keys), where=where or str(root))
 
 
 class _RemoveOnce:
@@ -319,11 +328,13 @@ def open_bundle(path: str | os.PathLike[str], *, extract_to: Path | None = None,
     them is required. ``require_signature`` without keys refuses everything
     (a device configured to require signatures but given no key).
     """
-    p = Path(path)
+    p = given = Path(path)
     if not p.exists():
         raise BundleTrustError(f"{p}: no such bundle")
     cleanup = None
+    where = None  # errors name the user's path: a tarball's, not the folder it is extracted to
     if p.is_file():
+        where = str(given)
         made = extract_to is None
         dest = Path(tempfile.mkdtemp(prefix="bundle-")) if made else Path(extract_to)  # type: ignore[arg-type]
         dest.mkdir(parents=True, exist_ok=True)
@@ -335,9 +346,9 @@ def open_bundle(path: str | os.PathLike[str], *, extract_to: Path | None = None,
         if made:
             cleanup = _RemoveOnce(dest)
     try:
-        manifest = read_manifest(p)
-        verify_files(p, manifest)
-        signed_by = _check_signature(p, keys, require_signature)
+        manifest = read_manifest(p, where=where and f"{where} ({MANIFEST})")
+        verify_files(p, manifest, where=where)
+        signed_by = _check_signature(p, keys, require_signature, where)
     except BaseException:
         if cleanup is not None:
             cleanup()
@@ -345,7 +356,7 @@ def open_bundle(path: str | os.PathLike[str], *, extract_to: Path | None = None,
             shutil.rmtree(extract_to, ignore_errors=True)
         raise
     b = Bundle(root=p, manifest=manifest, manifest_sha256=sha256_file(p / MANIFEST), signed_by=signed_by,
-               _cleanup=cleanup)
+               source=given, _cleanup=cleanup)
     if cleanup is not None:
         weakref.finalize(b, cleanup)
     return b
@@ -381,7 +392,8 @@ class TrustPolicy:
 
     def check(self, bundle: Bundle) -> Bundle:
         """Check an already opened bundle's signature under this policy (returns it, with ``signed_by``)."""
-        bundle.signed_by = _check_signature(bundle.root, self.keys, not self.allow_unsigned)
+        bundle.signed_by = _check_signature(bundle.root, self.keys, not self.allow_unsigned,
+                                            bundle.name if bundle.source is not None else None)
         return bundle
 
     def warn_if_open(self, who: str) -> None:

@@ -119,6 +119,38 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) 
         return 130
 
 
+#: the environment variable every command reads the gateway's write token from (``--token`` wins)
+TOKEN_ENV = "EDGE_GATEWAY_TOKEN"
+#: the gateway's own name for it before there was one: still read, with a warning, when TOKEN_ENV is unset
+OLD_TOKEN_ENV = "GATEWAY_TOKEN"
+_warned_old_token = False
+
+
+def gateway_token(given: str | None = None) -> str | None:
+    """The gateway's write token: ``given`` (a ``--token`` flag), else ``$EDGE_GATEWAY_TOKEN``, else the old
+    ``$GATEWAY_TOKEN`` (one warning per process saying to rename it); None when there is none.
+
+    The one lookup every side uses: the gateway that checks the token and each client that sends it
+    (``cloud-gateway upload|rollout|policy``, ``toolchain refresh``, hw-bench's latency device).
+    """
+    global _warned_old_token
+    if given:
+        return given
+    token = os.environ.get(TOKEN_ENV)
+    if token:
+        return token
+    old = os.environ.get(OLD_TOKEN_ENV)
+    if old and not _warned_old_token:
+        _warned_old_token = True
+        print(f"warning: ${OLD_TOKEN_ENV} is deprecated: rename it ${TOKEN_ENV} (read for now)", file=sys.stderr)
+    return old or None
+
+
+def add_token_arg(parser: argparse.ArgumentParser, *, help: str = "the gateway's write token") -> None:
+    """``--token``, saying where it is read from when not given."""
+    parser.add_argument("--token", help=f"{help} (default: ${TOKEN_ENV})")
+
+
 def add_trust_args(parser: argparse.ArgumentParser, *, who: str = "this side") -> None:
     """``--trust-key PUB`` (repeatable) and ``--allow-unsigned``: whose bundle signatures ``who`` accepts."""
     from pathlib import Path

@@ -14,7 +14,6 @@ over MQTT (`hw_bench.fleet.run_fleet`).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import urllib.error
@@ -24,9 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from edgecore.clikit import TOKEN_ENV, gateway_token
 from edgecore.errors import BenchError
-
-TOKEN_ENV = "EDGE_GATEWAY_TOKEN"
 
 
 def _credentials(path: str) -> tuple[str | None, str | None]:
@@ -41,7 +39,7 @@ def _credentials(path: str) -> tuple[str | None, str | None]:
 
 
 def _upload(gateway: str, tar: Path, name: str) -> str:
-    token = os.environ.get(TOKEN_ENV)
+    token = gateway_token()
     if not token:
         raise BenchError(f"uploading candidates to {gateway} needs the gateway's write token in ${TOKEN_ENV}")
     req = urllib.request.Request(f"{gateway.rstrip('/')}/api/bundles/{name}", data=tar.read_bytes(), method="PUT",

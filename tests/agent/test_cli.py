@@ -141,3 +141,35 @@ def test_cli_joins_an_anonymous_broker_without_credentials(anonymous_mosquitto, 
     r = _agent("run", "--bundle", str(run.bundle_dir), "--source", str(tmp_path / "in.npz"), "--device-id", "dev-a",
                "--broker", mosquitto.url, "--state-dir", str(tmp_path / "s2"))
     assert r.returncode == 2 and "does not take anonymous clients" in r.stderr  # a broker with passwords says so
+
+
+def test_trust_errors_name_the_tarball_the_user_gave_not_a_temporary_folder(tiny_cascade, tmp_path):
+    """A refused ``.tar.gz`` is named as given: the folder it was extracted to is gone and means nothing."""
+    import shutil
+    import tarfile
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    run = tiny_cascade
+    other = tmp_path / "other.pub"  # a key that did not sign the bundle
+    other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    r = subprocess.run([sys.executable, "-m", "device_agent.cli", "verify", str(run.tarball), "--trust-key", str(other)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"error: {run.tarball}: signed by"), r.stderr
+    assert "bundle-" not in r.stderr and "/tmp" not in r.stderr.replace(str(run.tarball), ""), r.stderr
+    # a tampered file inside the archive: the hash check names the archive too
+    bad = tmp_path / "bad"
+    shutil.copytree(run.bundle_dir, bad / "bundle")
+    (bad / "bundle" / "drift_reference.json").write_text("{}")
+    tar = tmp_path / "tampered.tar.gz"
+    with tarfile.open(tar, "w:gz") as tf:
+        tf.add(bad / "bundle", arcname="bundle")
+    r = _agent("run", "--bundle", str(tar), "--source", str(tmp_path), "--device-id", "d1")
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {tar}: refused: ") or \
+        r.stderr.startswith(f"error: bundle {tar} cannot be trusted"), r.stderr
+    assert "bundle-" not in r.stderr.replace(str(tar), ""), r.stderr
+    r = _agent("verify", str(run.tarball))
+    assert r.returncode == 0 and r.stdout.startswith(f"ok: {run.tarball} "), r.stdout

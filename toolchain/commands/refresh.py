@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
-from edgecore.clikit import add_common, add_json_flag, emit_json
+from edgecore.clikit import add_common, add_json_flag, add_token_arg, emit_json, gateway_token
 
 
 def register(subparsers: Any) -> None:
@@ -22,7 +21,7 @@ def register(subparsers: Any) -> None:
                    help="http(s)://gateway:8080, postgresql://..., or a gateway.sqlite path")
     p.add_argument("--run", required=True, type=Path, help="the production run (parent)")
     p.add_argument("--out", required=True, type=Path, help="the new run's directory")
-    p.add_argument("--token", help="the gateway's token (or $EDGE_GATEWAY_TOKEN); HTTP only")
+    add_token_arg(p, help="the gateway's token, HTTP only")
     p.add_argument("--device", help="only this device's samples")
     p.add_argument("--targets", help="TARGET-PRECISION,... to build (default: the parent run's bundles)")
     p.add_argument("--sign", type=Path, metavar="KEY", help="sign the new bundles with this Ed25519 private key")
@@ -33,14 +32,14 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from toolchain.refresh import TOKEN_ENV, refresh
+    from toolchain.refresh import refresh
 
     key = None
     if args.sign:
         from edgecore.signing import load_private_key
 
         key = load_private_key(args.sign)
-    report = refresh(parent=args.run, out=args.out, source=args.source, token=args.token or os.environ.get(TOKEN_ENV),
+    report = refresh(parent=args.run, out=args.out, source=args.source, token=gateway_token(args.token),
                      device=args.device, targets=[t for t in (args.targets or "").split(",") if t] or None,
                      signing_key=key, force=args.force)
     if args.json:
