@@ -49,8 +49,6 @@ def run_passes(passes: list[Pass], student: "nn.Module", ctx: PassContext, *, la
         res.sections[p.name] = out.summary
         stage = f"{label}{p.stage_for(out.summary)}"
         if p.quantizes:
-            from toolchain import engine
-
             res.quantized, res.program, res.quantizer = out.model, out.program, p.name
             last = res.rows[-1] if res.rows else stage_row("", res.student, ctx, size=0, seconds=0)
             res.rows.append({**last, "stage": stage, "size_bytes": len(out.program or b""), "quantized": True,
@@ -88,9 +86,8 @@ def make_student(cfg: Config, ctx: PassContext) -> "nn.Module":
     """A copy of the teacher, or a fresh model of ``student.family`` (same input and classes)."""
     if cfg.student.family == "teacher":
         return copy.deepcopy(ctx.teacher).train()
-    from toolchain.models import build_model
-
-    return build_model(cfg.student, input_shape=ctx.input_shape, num_classes=ctx.num_classes, what="student.family")
+    return ctx.train_task.build_model(cfg.student, input_shape=ctx.input_shape, num_classes=ctx.num_classes,
+                                      what="student.family")
 
 
 def compress(cfg: Config, run_dir: Path | str | None = None, *, show: bool = True) -> dict[str, Any]:
