@@ -1,4 +1,6 @@
-"""The representative set: one class-stratified INT8 calibration sample, stored once.
+"""The representative set: one INT8 calibration sample, stored once.
+
+Class-stratified where the inputs have one class each; a seeded random draw otherwise (detection).
 
 Every backend's INT8 calibration (ONNX Runtime, NNCF/OpenVINO, LiteRT, TensorRT)
 reads the same ``.npz`` (the type is `edgecore.representative`) through a small adapter per backend (`targets.calibration_data`), so two
@@ -17,10 +19,11 @@ import numpy as np
 
 from edgecore.errors import DataError
 from edgecore.fsutil import atomic_write_bytes
-from edgecore.representative import METHOD, RepresentativeSet, load_representative_set
+from edgecore.representative import METHOD, RANDOM, RepresentativeSet, load_representative_set
 from edgecore.representative import content_digest as _digest
 
-__all__ = ["RepresentativeSet", "select_stratified", "build_representative_set", "load_representative_set"]
+__all__ = ["RepresentativeSet", "select_stratified", "select_random", "build_representative_set",
+           "load_representative_set"]
 
 
 
@@ -53,17 +56,31 @@ def select_stratified(y: np.ndarray, n: int, *, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def select_random(count: int, n: int, *, seed: int = 0) -> np.ndarray:
+    """Indices of ``n`` of ``count`` samples drawn without replacement (seeded, sorted)."""
+    if n < 1:
+        raise DataError(f"calibration set size must be >= 1, got {n}")
+    if n >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=n, replace=False))
+
+
 def build_representative_set(
-    *, inputs: np.ndarray, labels: np.ndarray, n: int, seed: int = 0, path: Path | None = None
+    *, inputs: np.ndarray, labels: np.ndarray | None, n: int, seed: int = 0, path: Path | None = None
 ) -> RepresentativeSet:
-    """Select ``n`` stratified samples of the (preprocessed) training inputs; store at ``path``.
+    """Select ``n`` samples of the (preprocessed) training inputs, stratified by ``labels`` (one class index
+    per input; None: a seeded random draw, stored with labels -1); store at ``path``.
 
     If ``path`` already holds a set with the same content it is reused as is
     (stored once, reused by every backend and every build of the run).
     """
-    idx = select_stratified(labels, n, seed=seed)
+    if labels is None:
+        idx, method = select_random(len(inputs), n, seed=seed), RANDOM
+        yy = np.full(len(idx), -1, np.int64)
+    else:
+        idx, method = select_stratified(labels, n, seed=seed), METHOD
+        yy = np.asarray(labels[idx], dtype=np.int64)
     x = np.ascontiguousarray(inputs[idx], dtype=np.float32)
-    yy = np.asarray(labels[idx], dtype=np.int64)
     digest = _digest(x, yy)
     if path is not None:
         path = Path(path)
@@ -75,6 +92,6 @@ def build_representative_set(
             except DataError:
                 pass  # unreadable: rewrite below
         buf = io.BytesIO()
-        np.savez(buf, inputs=x, labels=yy, indices=idx.astype(np.int64), sha256=np.array(digest), method=np.array(METHOD))
+        np.savez(buf, inputs=x, labels=yy, indices=idx.astype(np.int64), sha256=np.array(digest), method=np.array(method))
         atomic_write_bytes(path, buf.getvalue())
-    return RepresentativeSet(inputs=x, labels=yy, indices=idx, sha256=digest, path=path)
+    return RepresentativeSet(inputs=x, labels=yy, indices=idx, sha256=digest, method=method, path=path)

@@ -2,7 +2,8 @@
 
 Inputs are sent to the cloud when their calibrated confidence is *below* the
 threshold. On held-out data we know, per input, whether the edge model and the
-cloud (heavy) model are right; offloading the k least confident inputs gives a
+cloud (heavy) model are right (or, for tasks whose answers are partly right, how right: the task's quality in
+[0, 1], a detector's per-image AP); offloading the k least confident inputs gives a
 system accuracy for every k. The threshold is the one with the best system
 accuracy among those offloading at most the budget (ties: fewer offloads):
 rule ``accuracy``.
@@ -76,8 +77,9 @@ def choose_threshold(
 ) -> RoutingChoice:
     """The threshold for ``offload_budget`` (see the module's doc for the two rules)."""
     conf = np.asarray(conf, dtype=np.float64)
-    edge_correct = np.asarray(edge_correct, dtype=bool)
-    cloud_correct = np.asarray(cloud_correct, dtype=bool)
+    # per-input quality in [0, 1]: 1/0 for a class that is right or wrong, a score for detections
+    edge_correct = np.asarray(edge_correct, dtype=np.float64)
+    cloud_correct = np.asarray(cloud_correct, dtype=np.float64)
     off, acc, thr = routing_curve(conf, edge_correct, cloud_correct)
     allowed = np.flatnonzero(off <= offload_budget + 1e-12)
     k = int(allowed[np.argmax(acc[allowed])])  # argmax takes the first (fewest offloads) on ties
@@ -85,9 +87,9 @@ def choose_threshold(
     rule, reason = ACCURACY, ""
     if k == 0 and offload_budget > 0 and n:
         edge_acc, cloud_acc = float(edge_correct.mean()), float(cloud_correct.mean())
-        helps = int(np.sum(cloud_correct & ~edge_correct))
+        helps = int(np.sum(cloud_correct > edge_correct))
         facts = (f"on the {n}-sample validation split offloading never raises accuracy (edge {edge_acc:.1%}, "
-                 f"cloud {cloud_acc:.1%}, {helps} input(s) only the cloud gets right), so the accuracy rule "
+                 f"cloud {cloud_acc:.1%}, {helps} input(s) the cloud answers better), so the accuracy rule "
                  f"offloads nothing (threshold 0.0)")
         if cloud_acc >= edge_acc:
             rule = BUDGET_QUANTILE

@@ -19,9 +19,10 @@ import numpy as np
 
 from edgecore.errors import DataError
 
-__all__ = ["RepresentativeSet", "load_representative_set", "content_digest", "METHOD"]
+__all__ = ["RepresentativeSet", "load_representative_set", "content_digest", "METHOD", "RANDOM"]
 
 METHOD = "class-stratified"
+RANDOM = "random"  # inputs without one class each (detection): a seeded random draw, labels -1
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class RepresentativeSet:
     """Normalised model inputs (what the model takes) plus their labels and provenance."""
 
     inputs: np.ndarray  # float32, batch first, already preprocessed
-    labels: np.ndarray  # int64
+    labels: np.ndarray  # int64 (-1: not stratified)
     indices: np.ndarray  # positions in the training split
     sha256: str
     method: str = METHOD

@@ -94,16 +94,22 @@ def check_structure(path: Path, *, input_name: str, sample_shape: tuple[int, ...
             problems.append(f"input sample shape {tail} != {tuple(sample_shape)}")
     if outputs != ["logits"]:
         problems.append(f"outputs {outputs} != ['logits']")
-    ops = [
-        op.type
-        for f in spec.mlProgram.functions.values()
-        for b in f.block_specializations.values()
-        for op in b.operations
-    ]
+    all_ops = [op for f in spec.mlProgram.functions.values() for b in f.block_specializations.values()
+               for op in b.operations]
+    ops = [op.type for op in all_ops]
     dequant = sum(t.startswith("constexpr_") for t in ops)
-    compute = sum(t in ("conv", "linear", "matmul") for t in ops)
-    if precision is Precision.INT8 and dequant < compute:
-        problems.append(f"only {dequant} of {compute} conv/linear weights are stored quantized")
+    compute_ops = [op for op in all_ops if op.type in ("conv", "linear", "matmul")]
+    compute = len(compute_ops)
+    # every conv/linear weight must come out of a constexpr (stored quantized): one weight may feed several ops
+    # (a detector's head convolutions, shared by the pyramid levels), so count the ops, not the weights
+    made_by = {out.name: op.type for op in all_ops for out in op.outputs}
+    float_weights = [
+        op.type for op in compute_ops
+        if "weight" in op.inputs and op.inputs["weight"].arguments
+        and not made_by.get(op.inputs["weight"].arguments[0].name, "").startswith("constexpr_")
+    ]
+    if precision is Precision.INT8 and (float_weights or dequant == 0):
+        problems.append(f"only {compute - len(float_weights)} of {compute} conv/linear weights are stored quantized")
     if problems:
         raise BuildError(f"{path}: Core ML structural check failed: " + "; ".join(problems))
     return {

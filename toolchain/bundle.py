@@ -190,7 +190,7 @@ def build_bundle(
     rep = None
     if p is Precision.INT8:
         rep = build_representative_set(
-            inputs=ref.x_train, labels=ref.y_train, n=cfg.calibration_samples,
+            inputs=ref.x_train, labels=ref.task.representative_labels(ref.y_train), n=cfg.calibration_samples,
             path=run.path / "calibration" / f"representative-{cfg.calibration_samples}.npz",
         )
     t0 = time.perf_counter()

@@ -87,9 +87,8 @@ def make_student(cfg: Config, ctx: PassContext) -> "nn.Module":
     """A copy of the teacher, or a fresh model of ``student.family`` (same input and classes)."""
     if cfg.student.family == "teacher":
         return copy.deepcopy(ctx.teacher).train()
-    from toolchain.models import build_model
-
-    return build_model(cfg.student, input_shape=ctx.input_shape, num_classes=ctx.num_classes, what="student.family")
+    return ctx.train_task.build_model(cfg.student, input_shape=ctx.input_shape, num_classes=ctx.num_classes,
+                                      what="student.family")
 
 
 def compress(cfg: Config, run_dir: Path | str | None = None, *, show: bool = True) -> dict[str, Any]:

@@ -94,17 +94,23 @@ class RunConfig(Section):
     seed: int = 0
 
 
+#: most images a generated source (``shapes``) may make
+MAX_GENERATED = 1_000_000
+
+
 @dataclass(frozen=True)
 class DataConfig(Section):
-    # "digits" | "imagefolder:PATH" | "python:module:function"
+    # classification: "digits" | "mnist1d" | "imagefolder:PATH" | "python:module:function"
+    # detection: "shapes" | "yolo:PATH" | "coco:PATH/annotations.json"
     source: str = "digits"
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     # carved from the training share: the routing temperature, threshold and drift reference are fitted on it,
     # inputs no stage selects a checkpoint on (0: fit them on the validation split, which is selection-biased)
     calibration_fraction: float = 0.1
-    image_size: int = 32  # imagefolder only: images are resized to image_size x image_size
-    channels: int = 3  # imagefolder only: 1 (grayscale) or 3 (RGB)
+    image_size: int = 32  # imagefolder, shapes, yolo, coco: images are image_size x image_size (detection: letterboxed)
+    channels: int = 3  # imagefolder, yolo, coco: 1 (grayscale) or 3 (RGB)
+    count: int = 1000  # shapes: how many images are generated
     batch_size: int = 64
 
     def validate(self, check: Check) -> None:
@@ -116,13 +122,17 @@ class DataConfig(Section):
         check.need(self.image_size >= 4, "image_size", "must be >= 4")
         check.need(self.channels in (1, 3), "channels", "must be 1 or 3")
         check.count("batch_size", low=1, high=MAX_BATCH)
-        if self.source.startswith("imagefolder:"):
-            path = Path(self.source.split(":", 1)[1])
-            if not path.is_dir():
-                raise check.error("source", f"image folder {str(path)!r} does not exist")
-        elif self.source not in ("digits", "mnist1d") and not self.source.startswith("python:"):
-            raise check.error("source", "expected 'digits', 'mnist1d', 'imagefolder:PATH' or "
-                              f"'python:module:function', got {self.source!r}")
+        check.count("count", low=3, high=MAX_GENERATED)
+        from toolchain.tasks import source_names, source_task
+
+        if source_task(self.source) is None:
+            raise check.error("source", f"expected one of {', '.join(map(repr, source_names()))}, got {self.source!r}")
+        kind, _, rest = self.source.partition(":")
+        if kind in ("imagefolder", "yolo") and not Path(rest).is_dir():
+            what = "image folder" if kind == "imagefolder" else "YOLO folder"
+            raise check.error("source", f"{what} {rest!r} does not exist")
+        if kind == "coco" and not Path(rest).is_file():
+            raise check.error("source", f"COCO annotations file {rest!r} does not exist")
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,8 @@ class ModelConfig(Section):
     depth_mult: float = 1.0  # mobilenet
     hidden: tuple[int, ...] = (128, 64)  # mlp hidden layer sizes
     dropout: float = 0.1
+    head_convs: int = 2  # detectors: 3x3 convs in each head branch
+    neck_width: int = 0  # detectors: FPN channels (0: the stride-8 backbone stage's, at least 16)
 
     #: families this section may name besides ``python:module:function``
     FAMILIES: ClassVar[tuple[str, ...]] = ("resnet", "mobilenet", "mlp")
@@ -149,6 +161,8 @@ class ModelConfig(Section):
         check.need(self.width_mult > 0, "width_mult", "must be > 0")
         check.need(self.depth_mult > 0, "depth_mult", "must be > 0")
         check.need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        check.need(0 <= self.head_convs <= 8, "head_convs", "must be in [0, 8]")
+        check.need(self.neck_width >= 0, "neck_width", "must be >= 0 (0: the backbone's stride-8 width)")
 
 
 @dataclass(frozen=True)
@@ -360,7 +374,20 @@ def from_dict(raw: Mapping[str, Any], *, origin: str = "<dict>", base: Config | 
         if name not in types_:
             raise ConfigError(f"{origin}: unknown section [{name}] (known: {', '.join(_SECTIONS)})")
         sections[name] = _build_section(types_[name], table, name, origin, getattr(base, name))
-    return dataclasses.replace(base, source_file=origin, **sections)
+    cfg = dataclasses.replace(base, source_file=origin, **sections)
+    _check_task_source(cfg, origin)
+    return cfg
+
+
+def _check_task_source(cfg: Config, origin: str) -> None:
+    """``data.source`` must be one the configured task reads (a detection set cannot train a classifier)."""
+    from toolchain.tasks import source_task, train_task_class
+
+    owner = source_task(cfg.data.source)
+    if owner is not None and owner != cfg.task.name:
+        mine = ", ".join(train_task_class(cfg.task.name).sources)
+        raise ConfigError(f"{origin}: data.source {cfg.data.source!r} is a {owner} source but task.name is "
+                          f"{cfg.task.name!r} (set task = {owner!r}, or use a {cfg.task.name} source: {mine})")
 
 
 def load_config(path: Path | str | None = None, *, overrides: list[str] | tuple[str, ...] = ()) -> Config:

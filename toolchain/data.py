@@ -1,9 +1,12 @@
-"""Data sources: ``digits``, ``imagefolder:PATH``, ``python:module:function``.
+"""Data sources: ``digits``, ``imagefolder:PATH``, ``python:module:function`` (classification); ``shapes``,
+``yolo:PATH``, ``coco:PATH/annotations.json`` (detection, `toolchain.detection`).
 
-A source yields *raw* arrays (batch first, float32, un-normalised) and labels.
-The split is stratified and seeded, and the normalisation statistics come from
-the training split only: the device must reproduce the preprocessing exactly,
-so they are recorded in ``data.json`` as an `InputSpec`.
+A source yields *raw* arrays (batch first, float32, un-normalised) and targets: class indices ``(N,)`` int64
+for classification, for detection one padded float32 array ``(N, K_max, 5)`` of ``[class, x1, y1, x2, y2]`` in
+input pixels per object (class -1: padding), so that every stage's ``(X, y)`` tuples and data loaders carry
+either. The split is seeded and, where the task says so (`TrainTask.stratify`), stratified; the normalisation
+statistics come from the training split only: the device must reproduce the preprocessing exactly, so they are
+recorded in ``data.json`` as an `InputSpec`.
 
 Torch-free: numpy, scikit-learn and Pillow only.
 """
@@ -16,7 +19,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
@@ -24,6 +27,9 @@ from edgecore.errors import ConfigError, DataError
 from edgecore.spec import InputSpec
 from edgecore.tasks import TaskSpec
 from toolchain.config import Config, DataConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from toolchain.tasks import TrainTask
 
 _IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -33,13 +39,16 @@ class RawData:
     """All samples of a source, before splitting."""
 
     X: np.ndarray  # float32, batch first: (N, C, H, W) or (N, F)
-    y: np.ndarray  # int64 class indices
+    y: np.ndarray  # int64 class indices, or (N, K_max, 5) float32 padded objects (detection)
     labels: tuple[str, ...]
     layout: str  # "NCHW" | "NF"
     scale: float  # raw * scale, before mean/std
+    digest: str | None = None  # the source's own content digest (a detection set's), else computed below
 
     @property
     def sha256(self) -> str:
+        if self.digest is not None:
+            return self.digest
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(self.X, dtype=np.float32).tobytes())
         h.update(np.ascontiguousarray(self.y, dtype=np.int64).tobytes())
@@ -49,7 +58,8 @@ class RawData:
 
 @dataclass(frozen=True)
 class Splits:
-    """Train/val/test (and calibration) as (X raw float32, y int64) tuples, plus how to normalise.
+    """Train/val/test (and calibration) as (X raw float32, y) tuples, plus how to normalise (``y``: see the
+    module's docstring).
 
     ``calibration``: inputs no stage trains or selects a checkpoint on, for what the device uses to decide
     (temperature, routing threshold, drift reference); empty when ``data.calibration_fraction = 0``.
@@ -79,7 +89,43 @@ def load_source(cfg: DataConfig) -> RawData:
         return _imagefolder(Path(src.split(":", 1)[1]), size=cfg.image_size, channels=cfg.channels)
     if src.startswith("python:"):
         return _python_factory(src)
-    raise ConfigError(f"data.source: unknown source {src!r} (digits, mnist1d, imagefolder:PATH, python:module:function)")
+    if src == "shapes" or src.startswith(("yolo:", "coco:")):
+        return _detection(cfg)
+    raise ConfigError(f"data.source: unknown source {src!r} (digits, mnist1d, imagefolder:PATH, python:module:function, "
+                      "shapes, yolo:PATH, coco:PATH/annotations.json)")
+
+
+def pad_objects(boxes: list[np.ndarray], classes: list[np.ndarray]) -> np.ndarray:
+    """Per-image objects as one ``(N, K_max, 5)`` float32 array ``[class, x1, y1, x2, y2]``, class -1 padding
+    (``K_max`` at least 1): what detection's ``y`` is in every split."""
+    k = max([1] + [len(c) for c in classes])
+    y = np.zeros((len(classes), k, 5), np.float32)
+    y[:, :, 0] = -1
+    for i, (b, c) in enumerate(zip(boxes, classes)):
+        y[i, : len(c), 0] = c
+        y[i, : len(c), 1:] = b
+    return y
+
+
+def unpad_objects(y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The inverse of `pad_objects`: per image ``(boxes (K, 4) float32, classes (K,) int64)``."""
+    y = np.asarray(y)
+    out = []
+    for row in y:
+        keep = row[:, 0] >= 0
+        out.append((row[keep, 1:].astype(np.float32), row[keep, 0].astype(np.int64)))
+    return out
+
+
+def _detection(cfg: DataConfig) -> RawData:
+    """A detection source (`toolchain.detection.load_source`) as images and padded objects."""
+    from toolchain.detection import load_source as load_detection
+
+    ds = load_detection(cfg.source, image_size=cfg.image_size, seed=0, count=cfg.count, channels=cfg.channels)
+    if len(ds) == 0:
+        raise DataError(f"data.source {cfg.source!r} holds no images")
+    return RawData(X=ds.images.astype(np.float32), y=pad_objects(ds.boxes, ds.classes), labels=ds.labels,
+                   layout="NCHW", scale=1.0 / 255.0, digest=ds.sha256)
 
 
 def _digits() -> RawData:
@@ -227,32 +273,32 @@ def _python_factory(spec: str) -> RawData:
     return RawData(X=X, y=y.astype(np.int64), labels=labels, layout="NF" if X.ndim == 2 else "NCHW", scale=scale)
 
 
-def split(raw: RawData, cfg: DataConfig, *, seed: int) -> Splits:
-    """Deterministic stratified train/val/test split; stats from train only."""
+def split(raw: RawData, cfg: DataConfig, *, seed: int, task: "type[TrainTask] | None" = None) -> Splits:
+    """Deterministic train/val/test (and calibration) split, stratified where ``task`` says (default:
+    classification); normalisation statistics from train only."""
     from sklearn.model_selection import train_test_split
 
+    if task is None:
+        from toolchain.tasks import train_task_class
+
+        task = train_task_class()
     if not np.all(np.isfinite(raw.X)):
         raise DataError("data contains NaN or infinite values")
-    counts = np.bincount(raw.y, minlength=len(raw.labels))
-    present = counts[counts > 0]
-    if len(present) < 2:
-        raise DataError(f"data has {len(present)} class(es) with samples; need at least 2")
-    if present.min() < 3:
-        raise DataError(
-            f"class {raw.labels[int(np.argmin(np.where(counts > 0, counts, 1 << 30)))]!r} has fewer than 3 samples; "
-            "cannot make a stratified train/val/test split"
-        )
+    strat = task.stratify(raw.y, raw.labels)
     idx = np.arange(len(raw.y))
     try:
-        rest, test = train_test_split(idx, test_size=cfg.test_fraction, random_state=seed, stratify=raw.y)
+        rest, test = train_test_split(idx, test_size=cfg.test_fraction, random_state=seed, stratify=strat)
         val_share = cfg.val_fraction / (1.0 - cfg.test_fraction)
-        train, val = train_test_split(rest, test_size=val_share, random_state=seed, stratify=raw.y[rest])
+        train, val = train_test_split(rest, test_size=val_share, random_state=seed,
+                                      stratify=None if strat is None else strat[rest])
         cal = train[:0]
         if cfg.calibration_fraction > 0:  # after the split above, so that val and test stay what they were
             cal_share = cfg.calibration_fraction / (1.0 - cfg.test_fraction - cfg.val_fraction)
-            counts = np.bincount(raw.y[train])
-            strat = raw.y[train] if counts[counts > 0].min() >= 2 else None  # a rare class: not stratified
-            train, cal = train_test_split(train, test_size=cal_share, random_state=seed, stratify=strat)
+            inner = None
+            if strat is not None:
+                counts = np.bincount(strat[train])
+                inner = strat[train] if counts[counts > 0].min() >= 2 else None  # a rare class: not stratified
+            train, cal = train_test_split(train, test_size=cal_share, random_state=seed, stratify=inner)
     except ValueError as e:
         raise DataError(f"cannot split the data ({len(idx)} samples): {e}") from e
     Xtr = raw.X[train] * np.float32(raw.scale)
@@ -280,8 +326,8 @@ def split(raw: RawData, cfg: DataConfig, *, seed: int) -> Splits:
     )
 
 
-def load_splits(cfg: DataConfig, *, seed: int) -> Splits:
-    return split(load_source(cfg), cfg, seed=seed)
+def load_splits(cfg: DataConfig, *, seed: int, task: "type[TrainTask] | None" = None) -> Splits:
+    return split(load_source(cfg), cfg, seed=seed, task=task)
 
 
 def data_record(
@@ -289,8 +335,9 @@ def data_record(
 ) -> dict[str, Any]:
     """What ``data.json`` holds: enough to reload the exact same splits (from any directory)."""
     source = cfg.source
-    if source.startswith("imagefolder:"):  # absolute, so the run reloads from any directory
-        source = "imagefolder:" + str(Path(source.split(":", 1)[1]).resolve())
+    kind, sep, rest = source.partition(":")
+    if sep and kind in ("imagefolder", "yolo", "coco"):  # absolute, so the run reloads from any directory
+        source = f"{kind}:{Path(rest).resolve()}"
     return {
         "source": source,
         "seed": seed,
@@ -302,6 +349,7 @@ def data_record(
         "calibration_fraction": cfg.calibration_fraction,
         "image_size": cfg.image_size,
         "channels": cfg.channels,
+        "count": cfg.count,
         "input_spec": splits.input_spec.to_dict(),
         "labels": list(splits.labels),
         "python_dirs": list(python_dirs),
@@ -320,11 +368,15 @@ def splits_from_record(record: dict[str, Any]) -> Splits:
             calibration_fraction=float(record.get("calibration_fraction", 0.0)),  # runs made before it: none
             image_size=int(record.get("image_size", 32)),
             channels=int(record.get("channels", 3)),
+            count=int(record.get("count", DataConfig.count)),
         )
         seed = int(record["seed"])
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"data.json is incomplete: {e}") from e
-    splits = load_splits(cfg, seed=seed)
+    from toolchain.tasks import train_task_class
+
+    task = train_task_class(str((record.get("task") or {}).get("name") or "classify"))
+    splits = load_splits(cfg, seed=seed, task=task)
     if splits.sha256 != record.get("sha256"):
         raise DataError(
             f"data source {cfg.source!r} changed since the run was made (sha256 {splits.sha256[:12]} != "

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, torch.Tensor, Any], torch.Tensor]  # the task's (toolchain.tasks)
 MetricFn = Callable[[nn.Module, torch.Tensor, Any], float]  # the task's model_metric: higher is better
+AugmentFn = Callable[[torch.Tensor, Any, "FitOptions"], "tuple[torch.Tensor, Any]"]  # the task's augment
 
 
 def set_seed(seed: int) -> None:
@@ -214,6 +215,7 @@ class _Loop:
     wrapped: nn.Module
     loader: Any
     loss_fn: LossFn
+    augment: AugmentFn
     opt: Any
     sched: Any
     scaler: Any
@@ -232,11 +234,7 @@ def _train_epoch(loop: _Loop, opts: FitOptions, epoch: int) -> float:
     bar = tqdm(loop.loader, desc=f"{opts.desc} {epoch + 1}/{opts.epochs}", leave=False,
                disable=not loop.show or not on_terminal(), unit="batch")
     for xb, yb in bar:
-        xb, yb = xb.to(loop.dev), yb.to(loop.dev)
-        if opts.augment:
-            xb = shift_augment(xb)
-        if opts.rotate_deg > 0 or opts.noise_std > 0:
-            xb = broad_augment(xb, rotate_deg=opts.rotate_deg, noise_std=opts.noise_std, fraction=opts.broad_fraction)
+        xb, yb = loop.augment(xb.to(loop.dev), yb.to(loop.dev), opts)
         with torch.autocast("cuda", dtype=torch.float16, enabled=loop.use_amp):
             loss = loop.loss_fn(loop.wrapped, xb, yb)
         loop.opt.zero_grad(set_to_none=True)
@@ -298,12 +296,17 @@ def fit(
     state: FitState | None = None,
     on_epoch_end: Callable[[FitState], None] | None = None,
     eval_model: Callable[[], nn.Module] | None = None,
+    augment: AugmentFn | None = None,
 ) -> FitState:
     """Train ``model`` in place; returns the final state (best weights loaded).
 
-    ``loss_fn`` and ``metric`` are the task's (`toolchain.tasks.TrainTask`): the loop selects the epoch with the
-    best ``metric`` on ``val``.
+    ``loss_fn``, ``metric`` and ``augment`` are the task's (`toolchain.tasks.TrainTask`): the loop selects the
+    epoch with the best ``metric`` on ``val``; ``augment`` (default: classification's) changes each batch.
     """
+    if augment is None:
+        from toolchain.tasks import get_train_task
+
+        augment = get_train_task().augment
     dev = device()
     model.to(dev)
     loader, sampler = _loader(train, opts)
@@ -321,7 +324,7 @@ def fit(
     if state.scheduler is not None:
         sched.load_state_dict(state.scheduler)
     use_amp = opts.amp and dev.type == "cuda"
-    loop = _Loop(wrapped, loader, loss_fn, opt, sched, torch.amp.GradScaler("cuda", enabled=use_amp), dev, use_amp,
+    loop = _Loop(wrapped, loader, loss_fn, augment, opt, sched, torch.amp.GradScaler("cuda", enabled=use_amp), dev, use_amp,
                  opts.progress and rank() == 0)
     Xv, yv = val
     while state.epoch < opts.epochs and not state.stopped_early:

@@ -6,6 +6,8 @@ and is run in ONNX Runtime on the test split against its PyTorch source: fp32
 graphs must match within ``export.atol``; the QDQ graph must agree with the
 converted QAT program on at least ``export.min_agreement`` of the inputs (ORT
 fuses QDQ into integer kernels, so tiny rounding differences are expected).
+What "agree" means is the task's (`TrainTask.export_check`: top-1 for
+classification, boxes for detection).
 All mismatches are collected and reported in one `ExportError`. A file is
 renamed into place only after it passed.
 """
@@ -26,6 +28,8 @@ from toolchain.rundir import RunDir
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     from torch import nn
+
+    from toolchain.tasks import TrainTask
 
 
 def export_onnx(model: "nn.Module", path: Path, *, input_shape: tuple[int, ...], opset: int) -> None:
@@ -80,30 +84,18 @@ def _qdq_stats(path: Path) -> dict[str, Any]:
 
 def _check_and_compare(
     *, name: str, tmp: Path, torch_logits: "np.ndarray", X: "np.ndarray", y: "np.ndarray",
-    atol: float | None, min_agreement: float | None, problems: list[str],
+    atol: float | None, min_agreement: float | None, problems: list[str], task: "TrainTask",
 ) -> dict[str, Any]:
-    import numpy as np
+    """``onnx.checker``, then the graph on ONNX Runtime against its PyTorch source (the task's comparison)."""
     import onnx
 
     try:
         onnx.checker.check_model(str(tmp), full_check=True)
     except onnx.checker.ValidationError as e:
         problems.append(f"{name}: onnx.checker failed: {e}")
-    logits = ort_logits(tmp, X)
-    diff = float(np.abs(logits - torch_logits).max())
-    agree = float((logits.argmax(1) == torch_logits.argmax(1)).mean())
-    if atol is not None and diff > atol:
-        problems.append(f"{name}: max |logit difference| ORT vs PyTorch {diff:.3g} > export.atol {atol:g}")
-    if min_agreement is not None and agree < min_agreement:
-        problems.append(f"{name}: top-1 agreement ORT vs PyTorch {agree:.2%} < export.min_agreement {min_agreement:.2%}")
-    return {
-        "file": name,
-        "size_bytes": tmp.stat().st_size,
-        "ort_accuracy": float((logits.argmax(1) == y).mean()),
-        "torch_accuracy": float((torch_logits.argmax(1) == y).mean()),
-        "agreement": agree,
-        "max_abs_logit_diff": diff,
-    }
+    row, found = task.export_check(name, ort_logits(tmp, X), torch_logits, y, atol=atol, min_agreement=min_agreement)
+    problems += found
+    return {"file": name, "size_bytes": tmp.stat().st_size, **row}
 
 
 def export(cfg: Config, run_dir: Path | str | None = None, *, show: bool = True) -> dict[str, Any]:
@@ -157,6 +149,7 @@ def _export_all(cfg: Config, run: RunDir) -> dict[str, Any]:
     y = splits.test[1]
     Xt = torch.from_numpy(X)
     plan = _plan(cfg, run)
+    task = run.task
     models: dict[str, Any] = {}
     problems: list[str] = []
     staged: list[tuple[Path, Path]] = []
@@ -167,7 +160,7 @@ def _export_all(cfg: Config, run: RunDir) -> dict[str, Any]:
             torch_logits = engine.predict(model, Xt).numpy()
             models[key] = _check_and_compare(
                 name=fname, tmp=tmp, torch_logits=torch_logits, X=X, y=y, atol=atol, min_agreement=min_agree,
-                problems=problems,
+                problems=problems, task=task,
             )
             if key == "student_qdq":
                 models[key].update(_qdq_stats(tmp))

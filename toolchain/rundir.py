@@ -138,11 +138,10 @@ class RunDir:
         ck = load_checkpoint(self.require(self.TEACHER, hint="run `toolchain train` first"), kind="teacher")
         self.use_python_dirs()
         from toolchain.config import ModelConfig, from_dict
-        from toolchain.models import build_model
 
         try:
             mcfg: ModelConfig = from_dict({"teacher": ck["model_config"]}, origin=str(self.path / self.TEACHER)).teacher
-            model = build_model(mcfg, input_shape=tuple(ck["input_shape"]), num_classes=int(ck["num_classes"]))
+            model = self.task.build_model(mcfg, input_shape=tuple(ck["input_shape"]), num_classes=int(ck["num_classes"]))
             model.load_state_dict(ck["state_dict"])
         except (KeyError, RuntimeError, TypeError) as e:
             raise ModelError(f"{self.path / self.TEACHER}: checkpoint does not match its model: {e}") from e

@@ -87,8 +87,7 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = Fals
 
     from toolchain import engine
     from toolchain.data import add_import_dirs, data_record, import_dirs, load_splits
-    from toolchain.models import build_model
-    from toolchain.tasks import get_train_task
+    from toolchain.tasks import get_train_task, train_task_class
 
     t0 = time.perf_counter()
     distributed = engine.init_distributed()
@@ -97,8 +96,12 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = Fals
     engine.set_seed(cfg.run.seed)
     python_dirs = import_dirs(cfg)
     add_import_dirs(python_dirs)
-    splits = load_splits(cfg.data, seed=cfg.run.seed)
+    task_cls = train_task_class(cfg.task.name)
+    splits = load_splits(cfg.data, seed=cfg.run.seed, task=task_cls)
     spec = splits.input_spec
+    input_shape = spec.sample_shape
+    model = task_cls.build_model(cfg.teacher, input_shape=input_shape, num_classes=splits.num_classes)
+    task_spec: TaskSpec = task_cls.task_spec(model, input_shape)  # the task's parameters (a detector's decoding)
     run = RunDir(path, create=True)
     last = run.checkpoints / "last.pt"
     state = _resume_state(last, splits, cfg) if resume else None
@@ -108,10 +111,8 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = Fals
                 (run.path / name).unlink(missing_ok=True)
         atomic_write_text(run.file(RunDir.CONFIG), to_toml(cfg))
         run.write_data_record(data_record(splits, cfg.data, seed=cfg.run.seed, python_dirs=python_dirs,
-                                          task=TaskSpec(cfg.task.name)))
+                                          task=task_spec))
 
-    input_shape = spec.sample_shape
-    model = build_model(cfg.teacher, input_shape=input_shape, num_classes=splits.num_classes)
     Xtr, ytr = engine.normalise(splits.train[0], spec), torch.from_numpy(splits.train[1])
     Xv, yv = engine.normalise(splits.val[0], spec), torch.from_numpy(splits.val[1])
     Xte, yte = engine.normalise(splits.test[0], spec), torch.from_numpy(splits.test[1])
@@ -123,9 +124,9 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = Fals
                 "model_config": to_dict(cfg)["teacher"],
             })
 
-    task = get_train_task(cfg.task.name)
+    task = get_train_task(task_spec)
     state = engine.fit(
-        model, loss_fn=task.loss(label_smoothing=cfg.train.label_smoothing), metric=task.model_metric,
+        model, loss_fn=task.loss(label_smoothing=cfg.train.label_smoothing), metric=task.model_metric, augment=task.augment,
         train=(Xtr, ytr), val=(Xv, yv),
         opts=_fit_options(cfg, input_shape), state=state, on_epoch_end=checkpoint,
     )

@@ -107,7 +107,7 @@ def evaluate(
 ) -> Evaluation:
     """Run the artifact on the test split (for real, else on the target's proxy), gate it; raises on failure."""
     task = task or get_train_task()
-    ref_acc = task.contract.metric(ref_test, y_test)
+    ref_acc = task.metric(ref_test, y_test)
     can_run, why = target.available()
     if not enabled:
         can_run, why = False, "disabled by build.verify = false"

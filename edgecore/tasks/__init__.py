@@ -21,6 +21,7 @@ DEFAULT_TASK = "classify"
 
 BUILTIN: dict[str, str] = {
     "classify": "edgecore.tasks.classify:Classify",
+    "detect": "edgecore.tasks.detect:Detect",
 }
 
 

@@ -7,11 +7,11 @@ only: the device, the gateway, the build and the bench all read a model's raw ou
 - `Task.confidence`: the per-input score routing calibrates (higher = surer);
 - `Task.quality`: how right one input's answer is against its target (1/0 for a class, a per-image score for
   detections), what the routing curve and the build's edge-vs-cloud comparison add up;
-- `Task.metric`: the split's headline number (top-1 accuracy, mAP, …) in [0, 1];
 - `Task.answer`: the answer one raw output becomes on the wire (the gateway's teacher answer).
 
-The training half (loss, distillation loss, the build gate's comparison, the refresh target) is in
-`toolchain.tasks`, which imports torch; nothing here does.
+The training half (loss, distillation loss, the split's headline metric, the build gate's comparison, the
+refresh target) is in `toolchain.tasks`, which imports torch; nothing here does. The device never computes a
+split's metric (mAP needs pycocotools), so that is the training half's.
 """
 
 from __future__ import annotations
@@ -56,14 +56,6 @@ class Task(ABC):
     @abstractmethod
     def quality(self, raw: np.ndarray, targets: Any) -> np.ndarray:
         """Per-input quality of the answers in ``raw`` against ``targets``, in [0, 1] (float64, shape (N,))."""
-
-    @abstractmethod
-    def metric(self, raw: np.ndarray, targets: Any) -> float:
-        """The split's headline metric in [0, 1] (classification: top-1 accuracy)."""
-
-    @property
-    def metric_name(self) -> str:
-        return "accuracy"
 
     @abstractmethod
     def answer(self, raw_one: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:

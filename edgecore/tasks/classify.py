@@ -24,9 +24,6 @@ class Classify(Task):
     def quality(self, raw: np.ndarray, targets: Any) -> np.ndarray:
         return (np.asarray(raw).argmax(axis=1) == np.asarray(targets)).astype(np.float64)
 
-    def metric(self, raw: np.ndarray, targets: Any) -> float:
-        return float(self.quality(raw, targets).mean()) if len(raw) else 0.0
-
     def answer(self, raw_one: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
         """``prediction``, ``label`` and the class ``probabilities`` (docs/wire.md), for finite logits.
 

@@ -31,6 +31,9 @@ class TestCoreMLContract(TargetContract):
     def test_fp16_keeps_float_weights(self, target, tiny_source: Any, built, tmp_path_factory) -> None:
         out, art = self._build(target, Precision.FP16, tiny_source, built, tmp_path_factory)
         assert art.details["structure"]["quantized_weights"] == 0
+        with pytest.raises(BuildError, match=r"only 0 of \d+ conv/linear weights are stored quantized"):
+            check_structure(out / art.main, input_name="input", sample_shape=tiny_source.source.input_spec.sample_shape,
+                            precision=Precision.INT8)  # float weights do not pass as int8
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="checks the non-macOS path")

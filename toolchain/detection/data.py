@@ -218,11 +218,12 @@ class DetectionSet:
         return {"images": images, "annotations": anns, "categories": cats}
 
 
-def load_source(source: str, *, image_size: int = 96, seed: int = 0, count: int = 1000) -> DetectionSet:
+def load_source(source: str, *, image_size: int = 96, seed: int = 0, count: int = 1000, channels: int = 3) -> DetectionSet:
     """The detection set ``source`` names (``data.source``).
 
     ``shapes``: ``count`` generated images of ``image_size`` square from ``seed``; ``yolo:PATH`` and
-    ``coco:PATH/annotations.json``: the files, letterboxed to ``image_size``. Unknown sources raise `ConfigError`.
+    ``coco:PATH/annotations.json``: the files, letterboxed to ``image_size`` with ``channels`` (1 or 3; the
+    generated set has 3). Unknown sources raise `ConfigError`.
     """
     if source == "shapes":
         from toolchain.detection.shapes import generate
@@ -231,9 +232,9 @@ def load_source(source: str, *, image_size: int = 96, seed: int = 0, count: int 
     if source.startswith("yolo:"):
         from toolchain.detection.formats import load_yolo
 
-        return load_yolo(source.split(":", 1)[1], size=image_size)
+        return load_yolo(source.split(":", 1)[1], size=image_size, channels=channels)
     if source.startswith("coco:"):
         from toolchain.detection.formats import load_coco
 
-        return load_coco(source.split(":", 1)[1], size=image_size)
+        return load_coco(source.split(":", 1)[1], size=image_size, channels=channels)
     raise ConfigError(f"data.source: unknown detection source {source!r} ({SOURCES})")

@@ -56,6 +56,7 @@ def scratch_control(student: "nn.Module", ctx: PassContext, *, budget: int,
     t0 = time.perf_counter()
     state = engine.fit(
         model, loss_fn=ctx.train_task.loss(label_smoothing=t.label_smoothing), metric=ctx.train_task.model_metric,
+        augment=ctx.train_task.augment,
         train=ctx.train, val=ctx.val,
         opts=ctx.fit_options(epochs=budget, lr=t.lr, desc="scratch control", seed_offset=300,
                              warmup_epochs=min(t.warmup_epochs, budget - 1), patience=t.patience),

@@ -41,7 +41,7 @@ class DistillPass(Pass):
         if d.epochs > 0:
             state = engine.fit(
                 model,
-                metric=ctx.train_task.model_metric,
+                metric=ctx.train_task.model_metric, augment=ctx.train_task.augment,
                 loss_fn=ctx.train_task.distill_loss(ctx.teacher, temperature=d.temperature, alpha=d.alpha,
                                             label_smoothing=self.cfg.train.label_smoothing),
                 train=ctx.train, val=ctx.val,

@@ -114,7 +114,7 @@ def _finetune(model: "nn.Module", p: PruneConfig, ctx: "PassContext", step: int)
         return
     model.train()
     engine.fit(model, loss_fn=ctx.train_task.loss(label_smoothing=ctx.cfg.train.label_smoothing),
-               metric=ctx.train_task.model_metric, train=ctx.train, val=ctx.val,
+               metric=ctx.train_task.model_metric, augment=ctx.train_task.augment, train=ctx.train, val=ctx.val,
                opts=ctx.fit_options(epochs=p.finetune_epochs, lr=p.lr, desc=f"latency step {step}", seed_offset=step))
 
 

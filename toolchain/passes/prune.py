@@ -224,7 +224,7 @@ class PrunePass(Pass):
             if p.finetune_epochs > 0:
                 engine.fit(
                     model, loss_fn=ctx.train_task.loss(label_smoothing=self.cfg.train.label_smoothing),
-                    metric=ctx.train_task.model_metric, train=ctx.train, val=ctx.val,
+                    metric=ctx.train_task.model_metric, augment=ctx.train_task.augment, train=ctx.train, val=ctx.val,
                     opts=ctx.fit_options(epochs=p.finetune_epochs, lr=p.lr, desc=f"prune {step + 1}/{p.steps}",
                                          seed_offset=step),
                 )

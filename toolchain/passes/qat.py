@@ -217,7 +217,7 @@ def quantization_aware_training(student: "nn.Module", *, ctx: PassContext, confi
     d = ctx.cfg.distill
     state = engine.fit(
         prepared, loss_fn=ctx.train_task.distill_loss(ctx.teacher, temperature=d.temperature, alpha=d.alpha),
-        metric=ctx.train_task.model_metric,
+        metric=ctx.train_task.model_metric, augment=ctx.train_task.augment,
         train=ctx.train, val=ctx.val,
         opts=ctx.fit_options(epochs=epochs, lr=config.lr, desc="qat", seed_offset=200, weight_decay=0.0, amp=False),
         on_epoch_end=on_epoch_end,

@@ -1,8 +1,11 @@
-"""The task's training half: loss, distillation loss, the metric a stage selects on, the build gate.
+"""The task's training half: model, data, loss, distillation loss, metric, augmentation, the build gate.
 
-The contract half (confidence, quality, metric on raw outputs, wire answer) is `edgecore.tasks`; a
-`TrainTask` holds its `contract` and adds what needs torch or the toolchain. Stages, the build and verify call
-these and never ask which task it is (docs/tasks.md).
+The contract half (confidence, quality, wire answer, parameters) is `edgecore.tasks`; a `TrainTask` holds its
+`contract` and adds what needs torch or the toolchain. Stages, the build and verify call these and never ask
+which task it is (docs/tasks.md).
+
+A few hooks are class methods: they are needed before the run's task parameters exist (building the model,
+choosing the split, reading the config), and the parameters come from the model they build (`task_spec`).
 """
 
 from __future__ import annotations
@@ -13,27 +16,66 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import numpy as np
 
 from edgecore.spec import Precision
-from edgecore.tasks import Task
+from edgecore.tasks import Task, TaskSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
     from calibration.confidence import TemperatureFit
+    from toolchain.config import ModelConfig
+    from toolchain.engine import FitOptions
     from toolchain.verify import VerifyResult
 
-__all__ = ["TrainTask", "LossFn"]
+__all__ = ["TrainTask", "LossFn", "ExportCheck"]
 
 LossFn = Callable[["nn.Module", "torch.Tensor", Any], "torch.Tensor"]
+#: what `TrainTask.export_check` returns: the export report's row for one graph, and its problems
+ExportCheck = tuple[dict[str, Any], list[str]]
 
 
 class TrainTask(ABC):
     """One task's training half; ``contract`` is its `edgecore.tasks.Task`."""
 
     name: ClassVar[str] = ""
+    #: the ``data.source`` forms this task reads, as the docs write them: a name (``digits``) or a prefix and
+    #: what follows it (``yolo:PATH``: any source starting with ``yolo:``)
+    sources: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, contract: Task) -> None:
         self.contract = contract
+
+    # ------------------------------------------------------------------ before the run's parameters exist
+
+    @classmethod
+    def reads_source(cls, source: str) -> bool:
+        """Whether ``data.source`` is one of this task's (`sources`)."""
+        return any(source == s if ":" not in s else source.startswith(s.split(":", 1)[0] + ":") for s in cls.sources)
+
+    @classmethod
+    def build_model(cls, cfg: "ModelConfig", *, input_shape: tuple[int, ...], num_classes: int,
+                    what: str = "teacher.family") -> "nn.Module":
+        """A fresh model of ``cfg``'s family for this task (``what`` names the config key in errors)."""
+        from toolchain.models import build_model
+
+        return build_model(cfg, input_shape=input_shape, num_classes=num_classes, what=what)
+
+    @classmethod
+    def task_spec(cls, model: "nn.Module", input_shape: tuple[int, ...]) -> TaskSpec:
+        """The run's task block (``data.json`` → ``task``, then every manifest's): name and parameters."""
+        return TaskSpec(cls.name)
+
+    @classmethod
+    def stratify(cls, y: np.ndarray, labels: tuple[str, ...]) -> np.ndarray | None:
+        """What the train/val/test split keeps the proportions of (class indices), or None: a plain seeded
+        shuffle. Also checks that ``y`` can be split (`DataError` otherwise)."""
+        return None
+
+    def representative_labels(self, y: Any) -> np.ndarray | None:
+        """One class index per input to stratify the INT8 representative set on, or None (a random draw)."""
+        return None
+
+    # ------------------------------------------------------------------ training
 
     @abstractmethod
     def loss(self, *, label_smoothing: float = 0.0) -> LossFn:
@@ -44,15 +86,37 @@ class TrainTask(ABC):
                      label_smoothing: float = 0.0) -> LossFn:
         """``loss(model, xb, yb)`` mixing the teacher's outputs (softened by ``temperature``) and the targets."""
 
-    def calibrate(self, raw: np.ndarray, targets: Any) -> "TemperatureFit":
-        """The temperature that makes `Task.confidence` calibrated on (raw, targets), with ECE before and after."""
-        raise NotImplementedError(f"task {self.name!r} does not fit a temperature")
+    def augment(self, xb: "torch.Tensor", yb: Any, opts: "FitOptions") -> tuple["torch.Tensor", Any]:
+        """One training batch's augmentation (``opts.augment``, ``opts.rotate_deg``, ``opts.noise_std``); the
+        targets change with the inputs where the task's targets are geometric. Default: none."""
+        return xb, yb
+
+    @abstractmethod
+    def metric(self, raw: np.ndarray, targets: Any) -> float:
+        """The split's headline metric in [0, 1] from raw outputs (top-1 accuracy, mAP@0.5:0.95, ...)."""
+
+    @property
+    def metric_name(self) -> str:
+        return "accuracy"
 
     def model_metric(self, model: "nn.Module", x: "torch.Tensor", y: Any) -> float:
         """The headline metric of ``model`` on (x, y): what stages select checkpoints on and report."""
         from toolchain import engine
 
-        return self.contract.metric(engine.predict(model, x).numpy(), _numpy(y))
+        return self.metric(engine.predict(model, x).numpy(), _numpy(y))
+
+    def calibrate(self, raw: np.ndarray, targets: Any) -> "TemperatureFit":
+        """The temperature that makes `Task.confidence` calibrated on (raw, targets), with ECE before and after."""
+        raise NotImplementedError(f"task {self.name!r} does not fit a temperature")
+
+    # ------------------------------------------------------------------ export and build
+
+    @abstractmethod
+    def export_check(self, name: str, out: np.ndarray, ref_out: np.ndarray, targets: Any, *, atol: float | None,
+                     min_agreement: float | None) -> ExportCheck:
+        """An exported graph's outputs (ONNX Runtime) against its PyTorch source's on the test split: the
+        export report's row (``ort_accuracy``, ``torch_accuracy``, ``agreement``, ``max_abs_logit_diff``) and
+        the problems (differences above ``atol``, agreement below ``min_agreement``; None: not checked)."""
 
     @abstractmethod
     def compare(self, out: np.ndarray, ref_out: np.ndarray, targets: Any, *, precision: Precision, budget_pt: float,

@@ -1,4 +1,4 @@
-"""Classification's training half: cross-entropy, Hinton distillation, the top-1 build gate."""
+"""Classification's training half: cross-entropy, Hinton distillation, shift augmentation, the top-1 build gate."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from edgecore.errors import DataError
 from edgecore.spec import Precision
 
-from .base import LossFn, TrainTask
+from .base import ExportCheck, LossFn, TrainTask
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
     from calibration.confidence import TemperatureFit
+    from toolchain.engine import FitOptions
     from toolchain.verify import VerifyResult
 
 __all__ = ["ClassifyTraining", "kd_loss", "MIN_FP32_AGREEMENT", "MAX_LISTED_MISMATCHES"]
@@ -38,6 +40,56 @@ def kd_loss(student_logits: "torch.Tensor", teacher_logits: "torch.Tensor", y: "
 
 class ClassifyTraining(TrainTask):
     name: ClassVar[str] = "classify"
+    sources: ClassVar[tuple[str, ...]] = ("digits", "mnist1d", "imagefolder:PATH", "python:module:function")
+
+    @classmethod
+    def stratify(cls, y: np.ndarray, labels: tuple[str, ...]) -> np.ndarray | None:
+        """The class indices: every split keeps the classes' proportions (each class needs 3 samples)."""
+        y = np.asarray(y)
+        counts = np.bincount(y, minlength=len(labels))
+        present = counts[counts > 0]
+        if len(present) < 2:
+            raise DataError(f"data has {len(present)} class(es) with samples; need at least 2")
+        if present.min() < 3:
+            raise DataError(
+                f"class {labels[int(np.argmin(np.where(counts > 0, counts, 1 << 30)))]!r} has fewer than 3 samples; "
+                "cannot make a stratified train/val/test split"
+            )
+        return y
+
+    def representative_labels(self, y: Any) -> np.ndarray | None:
+        return np.asarray(y)
+
+    def augment(self, xb: "torch.Tensor", yb: Any, opts: "FitOptions") -> tuple["torch.Tensor", Any]:
+        """Random one-pixel shifts (``opts.augment``); rotations and noise on a share of the batch (the teacher's
+        broader data: ``opts.rotate_deg``, ``opts.noise_std``). Labels unchanged."""
+        from toolchain.engine import broad_augment, shift_augment
+
+        if opts.augment:
+            xb = shift_augment(xb)
+        if opts.rotate_deg > 0 or opts.noise_std > 0:
+            xb = broad_augment(xb, rotate_deg=opts.rotate_deg, noise_std=opts.noise_std, fraction=opts.broad_fraction)
+        return xb, yb
+
+    def metric(self, raw: np.ndarray, targets: Any) -> float:
+        """Top-1 accuracy."""
+        return float(self.contract.quality(raw, targets).mean()) if len(raw) else 0.0
+
+    def export_check(self, name: str, out: np.ndarray, ref_out: np.ndarray, targets: Any, *, atol: float | None,
+                     min_agreement: float | None) -> ExportCheck:
+        """Max abs logit difference within ``atol``; top-1 agreement at least ``min_agreement``."""
+        problems: list[str] = []
+        diff = float(np.abs(out - ref_out).max())
+        agree = float((out.argmax(1) == ref_out.argmax(1)).mean())
+        if atol is not None and diff > atol:
+            problems.append(f"{name}: max |logit difference| ORT vs PyTorch {diff:.3g} > export.atol {atol:g}")
+        if min_agreement is not None and agree < min_agreement:
+            problems.append(f"{name}: top-1 agreement ORT vs PyTorch {agree:.2%} < export.min_agreement "
+                            f"{min_agreement:.2%}")
+        y = np.asarray(targets)
+        return {"ort_accuracy": float((out.argmax(1) == y).mean()),
+                "torch_accuracy": float((ref_out.argmax(1) == y).mean()),
+                "agreement": agree, "max_abs_logit_diff": diff}, problems
 
     def loss(self, *, label_smoothing: float = 0.0) -> LossFn:
         import torch.nn.functional as F
