@@ -49,12 +49,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RefreshError
-from .fetch import TOKEN_ENV, load_samples
+from .fetch import load_samples
 from .gates import failed_gates, print_refresh, regression_gate, target_gates
 from .redistill import train
 from .refresh_set import build_refresh_set, new_run
 
-__all__ = ["TOKEN_ENV", "RefreshError", "refresh"]
+__all__ = ["RefreshError", "refresh"]
 
 
 def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | None = None, device: str | None = None,

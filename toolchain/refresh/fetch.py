@@ -8,11 +8,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from edgecore.clikit import TOKEN_ENV
 from edgecore.samples import Sample, SampleError, SamplePage
 
 from .errors import RefreshError
-
-TOKEN_ENV = "EDGE_GATEWAY_TOKEN"
 
 
 def load_samples(source: str, *, token: str | None = None, device: str | None = None,
