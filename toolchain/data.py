@@ -273,6 +273,11 @@ def _python_factory(spec: str) -> RawData:
     return RawData(X=X, y=y.astype(np.int64), labels=labels, layout="NF" if X.ndim == 2 else "NCHW", scale=scale)
 
 
+#: fewer calibration inputs than this and there is no calibration split: routing is fitted on the validation
+#: split instead (the bundle says so)
+MIN_CALIBRATION_ROWS = 30
+
+
 def split(raw: RawData, cfg: DataConfig, *, seed: int, task: "type[TrainTask] | None" = None) -> Splits:
     """Deterministic train/val/test (and calibration) split, stratified where ``task`` says (default:
     classification); normalisation statistics from train only."""
@@ -292,8 +297,10 @@ def split(raw: RawData, cfg: DataConfig, *, seed: int, task: "type[TrainTask] | 
         train, val = train_test_split(rest, test_size=val_share, random_state=seed,
                                       stratify=None if strat is None else strat[rest])
         cal = train[:0]
-        if cfg.calibration_fraction > 0:  # after the split above, so that val and test stay what they were
-            cal_share = cfg.calibration_fraction / (1.0 - cfg.test_fraction - cfg.val_fraction)
+        cal_share = cfg.calibration_fraction / (1.0 - cfg.test_fraction - cfg.val_fraction)
+        # after the split above, so that val and test stay what they were; a split too small to fit routing on
+        # is not carved at all (those inputs train instead, and routing is fitted on the validation split)
+        if round(cal_share * len(train)) >= MIN_CALIBRATION_ROWS:
             inner = None
             if strat is not None:
                 counts = np.bincount(strat[train])

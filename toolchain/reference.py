@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgecore.spec import InputSpec
+from toolchain.data import MIN_CALIBRATION_ROWS
 
 if TYPE_CHECKING:  # pragma: no cover
     from toolchain.tasks import TrainTask
@@ -62,10 +63,6 @@ def _torch_logits(model: Any, x: np.ndarray, batch_size: int = 512) -> np.ndarra
 def _drift_rows(record: dict[str, Any]) -> slice | None:
     r = record.get("refresh") or {}
     return slice(-int(r["val"]), None) if r.get("drift_from") == "collected" and int(r.get("val", 0)) > 0 else None
-
-
-#: fewer calibration inputs than this and routing is fitted on the validation split instead (said in the bundle)
-MIN_CALIBRATION_ROWS = 30
 
 
 def _fit_split(splits: Any, drift_rows: slice | None) -> tuple[str, tuple[np.ndarray, np.ndarray]]:

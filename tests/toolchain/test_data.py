@@ -161,3 +161,16 @@ def test_mnist1d_is_generated_locally_deterministic_and_fits_the_image_families(
     for family in ("resnet", "mobilenet"):
         m = build_model(ModelConfig(family=family, width=8), input_shape=(1, 1, 40), num_classes=10).eval()
         assert m(torch.from_numpy(a.X[:3])).shape == (3, 10)
+
+
+def test_a_calibration_split_too_small_to_fit_routing_on_is_not_carved():
+    from toolchain.data import MIN_CALIBRATION_ROWS, RawData, split
+
+    rng = np.random.default_rng(0)
+    raw = RawData(X=rng.normal(size=(200, 4)).astype(np.float32), y=np.arange(200) % 2, labels=("a", "b"),
+                  layout="NF", scale=1.0)
+    s = split(raw, DataConfig(calibration_fraction=0.1), seed=0)  # 20 inputs would be too few
+    assert len(s.calibration[1]) == 0 and len(s.train[1]) + len(s.val[1]) + len(s.test[1]) == 200
+    big = split(RawData(X=np.tile(raw.X, (3, 1)), y=np.tile(raw.y, 3), labels=("a", "b"), layout="NF", scale=1.0),
+                DataConfig(calibration_fraction=0.1), seed=0)
+    assert len(big.calibration[1]) == 60 >= MIN_CALIBRATION_ROWS
