@@ -15,7 +15,7 @@ import pytest
 from cloud_gateway.api import create_app
 from cloud_gateway.metrics import Metrics
 from cloud_gateway.service import HttpServer
-from cloud_gateway.store import TelemetryStore
+from cloud_gateway.store import GatewayStore
 from tests.agent.tiny import release_trust
 
 
@@ -27,7 +27,7 @@ def _gateway_cli(*args: str, env: dict[str, str] | None = None, timeout: float =
 
 @pytest.fixture
 def http_api(tmp_path):
-    store = TelemetryStore(str(tmp_path / "gw.sqlite"))
+    store = GatewayStore(str(tmp_path / "gw.sqlite"))
     app = create_app(store=store, metrics=Metrics(), bundles_dir=tmp_path / "bundles", token="tok",
                      trust=release_trust())
     (tmp_path / "bundles").mkdir(exist_ok=True)
