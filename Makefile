@@ -8,7 +8,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps demo lint test test-slow test-all clean
+.PHONY: install system-deps demo lint test test-slow test-all test-gpu clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -50,6 +50,23 @@ test-slow: $(STAMP) system-deps
 
 test-all: $(STAMP) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# On a machine with an NVIDIA GPU: a venv of its own (torch 2.13.0, a CUDA build there; TensorRT's
+# tensorrt-cu12 wheels, onnxruntime-gpu in place of the CPU build, cuda-python), then the TensorRT contract
+# tests (engine built from the bundle's recipe, INT8 calibration cache, accuracy gate on the real engine) and
+# the CUDA training smoke test. Elsewhere every one of them skips, saying what it needs.
+GPU_VENV ?= .venv-gpu
+ORT_VERSION = $(shell $(PY) -c "import onnxruntime; print(onnxruntime.__version__)" 2>/dev/null)
+
+test-gpu: $(STAMP) system-deps
+	test -x $(GPU_VENV)/bin/python || python3 -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(GPU_VENV)/bin/python -m pip install -q -e '.[all,dev,tensorrt]'
+	$(GPU_VENV)/bin/python -m pip uninstall -q -y onnxruntime
+	$(GPU_VENV)/bin/python -m pip install -q onnxruntime-gpu$(if $(ORT_VERSION),==$(ORT_VERSION))
+	$(GPU_VENV)/bin/python -c "import torch, tensorrt; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'tensorrt', tensorrt.__version__)"
+	$(GPU_VENV)/bin/python -m pytest -m "gpu or tensorrt" tests/targets/test_jetson.py tests/toolchain/test_gpu.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache

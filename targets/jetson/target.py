@@ -31,8 +31,8 @@ def _import_trt() -> Any:
         import tensorrt as trt
     except ImportError as e:
         raise TargetUnavailableError(
-            f"tensorrt is not installed ({e}); install it from NVIDIA's index: "
-            "pip install 'edge-toolchain[agent-tensorrt]' --extra-index-url https://pypi.nvidia.com"
+            f"tensorrt is not installed ({e}); pip install 'edge-toolchain[agent-tensorrt]' (the tensorrt-cu12 "
+            "wheels, from the package index; needs an NVIDIA GPU)"
         ) from e
     return trt
 
@@ -41,14 +41,14 @@ class JetsonTarget(Target):
     name = "jetson"
     precisions = (Precision.FP32, Precision.FP16, Precision.INT8)
     runtime = "tensorrt"
-    install_hint = "pip install 'edge-toolchain[agent-tensorrt]' --extra-index-url https://pypi.nvidia.com (needs an NVIDIA GPU)"
+    install_hint = "pip install 'edge-toolchain[agent-tensorrt]' (tensorrt-cu12 from the package index; needs an NVIDIA GPU)"
     description = "TensorRT on NVIDIA Jetson / GPUs (engine built on the device)"
 
     def available(self) -> tuple[bool, str]:
         from importlib.util import find_spec
 
         if find_spec("tensorrt") is None:
-            return False, f"tensorrt is not installed (it comes from NVIDIA's index); {self.install_hint}"
+            return False, f"tensorrt is not installed; {self.install_hint}"
         try:
             from .engine import gpu_model
 

@@ -226,11 +226,16 @@ def test_recipe_shapes_follow_the_input_spec() -> None:
 
 
 @pytest.mark.tensorrt
-def test_real_tensorrt_build_and_run(jetson_builds: dict[str, Any], tiny_source: Any) -> None:
-    ok, why = get_target("jetson").available()
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_real_tensorrt_engine_passes_the_gate(jetson_builds: dict[str, Any], tiny_source: Any, precision: str) -> None:
+    """The engine built on this GPU from the bundle's recipe (int8: the explicit Q/DQ graph and its calibration
+    cache) runs the test split and passes the same accuracy gate a build applies."""
+    t = get_target("jetson")
+    ok, why = t.available()
     if not ok:
-        pytest.skip(f"needs TensorRT and an NVIDIA GPU: {why}")
-    d, art = jetson_builds["fp16"]
-    runner = get_target("jetson").load(d, {"artifact": {"main": art.main, "details": art.details}})
-    logits = runner.run(tiny_source.x_test[:8])
-    assert (logits.argmax(1) == tiny_source.ref_logits[:8].argmax(1)).mean() >= 0.99
+        pytest.skip(f"needs TensorRT and an NVIDIA GPU (make test-gpu): {why}")
+    d, art = jetson_builds[precision]
+    runner = t.load(d, art.info(t.runtime_version()), tiny_source.source.input_spec)
+    logits = np.concatenate([runner.run(tiny_source.x_test[i:i + 32]) for i in range(0, len(tiny_source.x_test), 32)])
+    res = compare(logits, tiny_source.ref_logits, tiny_source.y_test, precision=Precision(precision), budget_pt=1.0)
+    assert res.passed, res.problems

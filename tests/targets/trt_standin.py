@@ -1,6 +1,6 @@
 """STAND-IN of the TensorRT Python API -- NOT TensorRT.
 
-TensorRT cannot be installed on machines without NVIDIA's index and GPU, so the
+TensorRT cannot run on machines without an NVIDIA GPU, so the
 engine builder's calls into TensorRT are tested against this small imitation
 of the TensorRT 10 classes it uses (Logger, Builder, NetworkDefinition,
 OnnxParser, IBuilderConfig, IOptimizationProfile, BuilderFlag, MemoryPoolType).
