@@ -25,6 +25,7 @@ from targets import load_runner
 
 from .data import TestData
 from .loadgen import RunFn, Scenario, ScenarioResult, Settings, offline, single_stream
+from .ratios import paired
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ def measure(
         row: dict[str, Any] = {"artifact": c.name, **c.meta, "threads": settings_threads(c)}
         row.update(merged.to_dict())
         row["settings"] = settings.to_dict() | {"repetitions": reps}
+        row["round_scores"] = [_score(r) for r in rounds[c.name]]  # what every ratio of this run pairs
         row.update(_speedup(c, baselines.get(c.model), rounds))
         row["accuracy"] = None
         if do_accuracy and cdata[c.name] is not None:
@@ -249,10 +251,13 @@ def _run_rounds(
 def _speedup(
     c: Contender, base: Contender | None, rounds: dict[str, list[ScenarioResult]]
 ) -> dict[str, Any]:
-    """Speed-up vs the model's baseline: median of per-round ratios (1.0 for a baseline, None without one)."""
+    """Speed-up vs the model's baseline (`ratios.paired`: median of per-round ratios, with its range; 1.0 for a
+    baseline, None without one)."""
     if base is not None and not c.is_baseline:
-        ratios = [_score(a) / _score(b) for a, b in zip(rounds[c.name], rounds[base.name])]
-        return {"speedup_vs_pytorch": float(np.median(ratios)), "speedup_rounds": [round(x, 4) for x in ratios]}
+        ratio = paired([_score(a) for a in rounds[c.name]], [_score(b) for b in rounds[base.name]])
+        per_round = [_score(a) / _score(b) for a, b in zip(rounds[c.name], rounds[base.name])]
+        return {"speedup_vs_pytorch": ratio.median, "speedup_range": [ratio.lo, ratio.hi],
+                "speedup_rounds": [round(x, 4) for x in per_round]}
     if c.is_baseline:
         return {"speedup_vs_pytorch": 1.0}
     return {"speedup_vs_pytorch": None}

@@ -16,6 +16,7 @@ from edgecore.errors import BenchError
 from edgecore.fsutil import atomic_write_text
 
 from .envinfo import int8_hint
+from .ratios import Ratio, paired, pooled, row_scores
 from .results import read_run, rows_with_env
 
 TARGET_COLORS = {"pytorch": "#7f7f7f", "onnx": "#1f77b4", "openvino": "#d62728", "tflite": "#ff7f0e",
@@ -62,7 +63,9 @@ def _label(row: dict[str, Any]) -> str:
 
 
 def int8_vs_fp32(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (device, model, target): fp32 p50 / int8 p50 (>1 = int8 faster) and throughput ratio."""
+    """Per (device, model, target): int8's speed-up over fp32 (>1 = int8 faster), defined as every hw-bench ratio
+    (`hw_bench.ratios`): the median of the per-round ratios of one run, with their range; rows of different runs
+    fall back to the pooled p50s, marked."""
     by: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
     for r in rows:
         if r.get("kind") == "pytorch":
@@ -73,14 +76,30 @@ def int8_vs_fp32(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (dev, model, target, scen), p in by.items():
         if "fp32" in p and "int8" in p:
             f, i = p["fp32"], p["int8"]
+            fs, is_ = row_scores(f), row_scores(i)
+            if fs and is_ and len(fs) == len(is_) and f.get("_run") == i.get("_run"):
+                ratio = paired(is_, fs)  # scores are higher-is-better: int8 / fp32 is int8's speed-up
+            else:
+                ratio = pooled(f["latency_ms"]["p50"], i["latency_ms"]["p50"]) if scen != "offline" else \
+                    pooled(i["throughput_sps"], f["throughput_sps"])
             out.append({
                 "device_id": dev, "model": model, "target": target, "scenario": scen,
                 "fp32_p50_ms": f["latency_ms"]["p50"], "int8_p50_ms": i["latency_ms"]["p50"],
-                "latency_speedup": f["latency_ms"]["p50"] / i["latency_ms"]["p50"],
-                "throughput_speedup": i["throughput_sps"] / f["throughput_sps"],
+                "speedup": ratio.median, "speedup_range": [ratio.lo, ratio.hi], "speedup_rounds": ratio.rounds,
+                "speedup_text": str(ratio),
                 "fp32_accuracy": _acc(f), "int8_accuracy": _acc(i),
             })
     return out
+
+
+def speedup_text(row: dict[str, Any]) -> str:
+    """The row's speed-up vs PyTorch as every hw-bench ratio prints: median (min–max over rounds)."""
+    sp = row.get("speedup_vs_pytorch")
+    if sp is None:
+        return "–"
+    lo, hi = row.get("speedup_range") or [sp, sp]
+    n = len(row.get("round_scores") or []) or (1 if row.get("speedup_range") else 0)
+    return str(Ratio(float(sp), float(lo), float(hi), n if lo != hi else max(n, 1)))
 
 
 def markdown(runs: list[dict[str, Any]], rows: list[dict[str, Any]], sources: list[str]) -> str:
@@ -139,16 +158,16 @@ def _fleet_section(fleet: list[dict[str, Any]]) -> list[str]:
 def _results_section(rows: list[dict[str, Any]]) -> list[str]:
     L = ["## Results", "",
          "Latency per query (batch 1 for single-stream); throughput in samples/s; speed-up = PyTorch eager fp32 "
-         "p50 / this p50 (offline: throughput ratio), median of interleaved rounds.", "",
+         "p50 / this p50 (offline: throughput ratio): the median of the per-round ratios over interleaved rounds, "
+         "with their min–max.", "",
          "| artifact | device | target | precision | scenario | batch | p50 ms | p99 ms | throughput/s | speed-up vs PyTorch | accuracy | size |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lat = r.get("latency_ms", {})
-        sp = r.get("speedup_vs_pytorch")
         L.append(
             f"| {r['artifact']} | {r.get('device_id') or r['_env'].get('hostname', '')} | {r.get('target')} | {r.get('precision')} "
             f"| {r.get('scenario')} | {r.get('batch_size')} | {_ms(lat.get('p50'))} | {_ms(lat.get('p99'))} "
-            f"| {_tput(r.get('throughput_sps'))} | {_fmt(sp, '.2f') + '×' if sp is not None else '–'} "
+            f"| {_tput(r.get('throughput_sps'))} | {speedup_text(r)} "
             f"| {_fmt(_acc(r), '.4f')} | {_size(r.get('size_bytes'))} |"
         )
     return L + [""]
@@ -158,11 +177,13 @@ def _int8_section(iv: list[dict[str, Any]], envs: list[dict[str, Any]]) -> list[
     if not iv:
         return []
     L = ["## int8 vs fp32 per runtime", "",
-         "| model | target | fp32 p50 ms | int8 p50 ms | int8 latency speed-up | int8 throughput speed-up | fp32 acc | int8 acc |",
+         "int8's speed-up = median over the run's interleaved rounds of the per-round ratio (1/p50 single-stream, "
+         "samples/s offline), with its min–max: the same definition as the speed-up vs PyTorch above.", "",
+         "| model | target | scenario | fp32 p50 ms | int8 p50 ms | int8 speed-up (min–max) | fp32 acc | int8 acc |",
          "|---|---|---|---|---|---|---|---|"]
     for x in iv:
-        L.append(f"| {x['model']}{' @' + x['device_id'] if x['device_id'] else ''} | {x['target']} | {_fmt(x['fp32_p50_ms'])} "
-                 f"| {_fmt(x['int8_p50_ms'])} | {_fmt(x['latency_speedup'], '.2f')}× | {_fmt(x['throughput_speedup'], '.2f')}× "
+        L.append(f"| {x['model']}{' @' + x['device_id'] if x['device_id'] else ''} | {x['target']} | {x['scenario']} "
+                 f"| {_fmt(x['fp32_p50_ms'])} | {_fmt(x['int8_p50_ms'])} | {x['speedup_text']} "
                  f"| {_fmt(x['fp32_accuracy'], '.4f')} | {_fmt(x['int8_accuracy'], '.4f')} |")
     cpu = (envs[0].get("cpu") if envs else None) or {}
     if cpu:

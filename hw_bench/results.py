@@ -72,9 +72,10 @@ def write_run(path: Path, run: dict[str, Any], *, append: bool = False) -> Path:
 
 
 def rows_with_env(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every row of every run, each carrying the env it was measured in (``_env``)."""
+    """Every row of every run, each carrying the env it was measured in (``_env``) and which run it came from
+    (``_run``: rows of one run share its interleaved rounds, so their ratios pair round by round)."""
     out = []
-    for run in runs:
+    for k, run in enumerate(runs):
         for row in run["results"]:
-            out.append({**row, "_env": row.get("env") or run.get("env", {})})
+            out.append({**row, "_env": row.get("env") or run.get("env", {}), "_run": k})
     return out

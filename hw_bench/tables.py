@@ -16,16 +16,17 @@ def console() -> Any:
 def print_rows(run: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from .report import speedup_text
+
     t = Table(title="hw-bench results")
     for col in ("artifact", "device", "scenario", "p50 ms", "p99 ms", "throughput/s", "vs PyTorch", "accuracy"):
         t.add_column(col, justify="right" if col not in ("artifact", "device", "scenario") else "left")
     for r in run["results"]:
         acc = r.get("accuracy")
         acc = acc.get("accuracy") if isinstance(acc, dict) else acc
-        sp = r.get("speedup_vs_pytorch")
         t.add_row(str(r["artifact"]), str(r.get("device_id") or ""), str(r.get("scenario")),
                   f"{r['latency_ms']['p50']:.3g}", f"{r['latency_ms']['p99']:.3g}", f"{r['throughput_sps']:.4g}",
-                  f"{sp:.2f}×" if sp is not None else "–", f"{acc:.4f}" if acc is not None else "–")
+                  speedup_text(r), f"{acc:.4f}" if acc is not None else "–")
     con = console()
     con.print(t)
     for d in run.get("devices", []):
