@@ -40,6 +40,18 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 MAX_BUNDLE_BYTES = 512 << 20
 
 
+BODY_GATE = "cloud_gateway.body_gate"
+
+
+def token_refusal(token: str | None, authorization: str) -> tuple[int, str] | None:
+    """Why a write with this ``Authorization`` header is refused ((status, message)), or None when allowed."""
+    if not token:
+        return 403, "write endpoints are disabled: start the gateway with --token"
+    if not hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
+        return 401, "missing or wrong token"
+    return None
+
+
 def _static(name: str) -> str:
     return resources.files("cloud_gateway").joinpath("static", name).read_text()
 
@@ -123,11 +135,12 @@ def create_app(
     bundles_dir.mkdir(parents=True, exist_ok=True)
 
     def require_token() -> None:
-        if not token:
-            _fail(403, "write endpoints are disabled: start the gateway with --token")
-        got = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-            _fail(401, "missing or wrong token")
+        refused = token_refusal(token, request.headers.get("Authorization", ""))
+        if refused is not None:
+            _fail(*refused)
+
+    # the HTTP server asks this from the headers alone, before it reads a body (service.HttpServer)
+    app.extensions[BODY_GATE] = lambda authorization: token_refusal(token, authorization)
 
     _register_health(app, metrics=metrics, health=health)
     _register_devices(app, store=store, publish=publish, prefix=prefix, require_token=require_token)

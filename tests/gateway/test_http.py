@@ -85,3 +85,67 @@ def test_dashboard_has_a_content_security_policy(api):
     for asset, kind in (("dashboard.js", "application/javascript"), ("dashboard.css", "text/css")):
         code, headers, _ = _get(f"{url}/static/{asset}")
         assert code == 200 and headers["Content-Type"].startswith(kind)
+
+
+def _raw(url: str, head: str, timeout: float = 5.0) -> tuple[int, dict, bytes]:
+    """Send only a request's headers (no body byte) and read the answer: a server that waits for the body
+    before answering times out here."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=timeout) as s:
+        s.sendall(head.encode() + b"\r\n")
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+                    dict(_headers(data)).get("content-length", "0")):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            pytest.fail(f"no answer before the body was sent (got {data!r})")
+    status = int(data.split(b" ", 2)[1])
+    return status, dict(_headers(data)), data.split(b"\r\n\r\n", 1)[1]
+
+
+def _headers(data: bytes) -> list[tuple[str, str]]:
+    lines = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]
+    return [(k.strip().lower(), v.strip()) for k, v in (ln.split(":", 1) for ln in lines if ":" in ln)]
+
+
+def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(api):
+    url, _ = api
+    size = 300 << 20
+    for auth, code in (("", 401), ("Authorization: Bearer wrong\r\n", 401)):
+        status, headers, body = _raw(url, f"PUT /api/bundles/big HTTP/1.1\r\nHost: x\r\n{auth}"
+                                          f"Content-Length: {size}\r\n")
+        assert status == code and headers["content-type"] == "application/json", (status, headers, body)
+        assert json.loads(body)["error"] == "missing or wrong token"
+    # chunked bodies too, and POSTs to any write route
+    status, _, body = _raw(url, "POST /api/rollouts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n")
+    assert status == 401, body
+
+
+def test_a_body_past_the_bundle_limit_is_413_at_once(api):
+    from cloud_gateway.api import MAX_BUNDLE_BYTES
+
+    url, _ = api
+    status, headers, body = _raw(url, f"PUT /api/bundles/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n"
+                                      f"Content-Length: {MAX_BUNDLE_BYTES + 1}\r\n")
+    assert status == 413 and headers["content-type"] == "application/json", (status, body)
+    assert f"larger than {MAX_BUNDLE_BYTES} bytes" in json.loads(body)["error"]
+
+
+def test_with_writes_off_a_body_is_refused_from_the_headers(tmp_path):
+    store = GatewayStore(str(tmp_path / "gw.sqlite"))
+    app = create_app(store=store, metrics=Metrics(), bundles_dir=tmp_path / "b", token=None, trust=release_trust())
+    server = HttpServer(app, "127.0.0.1", 0, threads=2)
+    server.start()
+    try:
+        status, _, body = _raw(f"http://127.0.0.1:{server.port}",
+                               "PUT /api/bundles/big HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n")
+    finally:
+        server.stop()
+    assert status == 403 and "--token" in json.loads(body)["error"]
