@@ -38,6 +38,19 @@ DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; conne
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 MAX_BUNDLE_BYTES = 512 << 20
+MAX_ID = (1 << 63) - 1  # the store's integer ids are signed 64-bit
+
+
+BODY_GATE = "cloud_gateway.body_gate"
+
+
+def token_refusal(token: str | None, authorization: str) -> tuple[int, str] | None:
+    """Why a write with this ``Authorization`` header is refused ((status, message)), or None when allowed."""
+    if not token:
+        return 403, "write endpoints are disabled: start the gateway with --token"
+    if not hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
+        return 401, "missing or wrong token"
+    return None
 
 
 def _static(name: str) -> str:
@@ -123,11 +136,19 @@ def create_app(
     bundles_dir.mkdir(parents=True, exist_ok=True)
 
     def require_token() -> None:
-        if not token:
-            _fail(403, "write endpoints are disabled: start the gateway with --token")
-        got = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-            _fail(401, "missing or wrong token")
+        refused = token_refusal(token, request.headers.get("Authorization", ""))
+        if refused is not None:
+            _fail(*refused)
+
+    # the HTTP server asks this from the headers alone, before it reads a body (service.HttpServer)
+    app.extensions[BODY_GATE] = lambda authorization: token_refusal(token, authorization)
+
+    @app.url_value_preprocessor
+    def ids_fit_the_store(endpoint: str | None, values: dict[str, Any] | None) -> None:
+        """An id in a path (sample, rollout, proposal) past the store's 64-bit integers is a 400, not a 500."""
+        for k, v in (values or {}).items():
+            if isinstance(v, int) and v > MAX_ID:
+                _fail(400, f"{k}: {v} is not an id (ids are integers from 0 to {MAX_ID})")
 
     _register_health(app, metrics=metrics, health=health)
     _register_devices(app, store=store, publish=publish, prefix=prefix, require_token=require_token)

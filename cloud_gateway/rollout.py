@@ -43,6 +43,7 @@ from .store.rollout_log import ACTIVE_ROLLOUT_STATES
 
 log = logging.getLogger(__name__)
 
+MAX_WATCH_S = 7 * 24 * 3600.0  # a canary watch longer than a week is a typo, not a plan
 METRICS = ("offload_rate", "fallback_rate", "rollbacks", "errors", "drift", "p99_ms", "inputs")
 _TOKEN = re.compile(r"\s*(?:(?P<num>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)|(?P<op><=|>=|==|!=|<|>|\*|\+|-)|(?P<word>[A-Za-z_]+))")
 
@@ -219,8 +220,12 @@ class RolloutManager:
     # --- starting ----------------------------------------------------------------------------------
     def start(self, *, bundle: str, canary: list[str] | str, watch_s: float, promote_if: str) -> int:
         cond = parse_condition(promote_if)
-        if watch_s <= 0:
-            raise GatewayError("the watch window must be > 0 seconds")
+        if not math.isfinite(watch_s) or not 0 < watch_s <= MAX_WATCH_S:
+            raise GatewayError(f"watch_s: the watch window must be a number of seconds in (0, {MAX_WATCH_S:g}], "
+                               f"got {watch_s!r}")
+        if not bundle or any(bad in bundle for bad in ("/", "\\", "..", "\0")):
+            raise GatewayError(f"bundle: {bundle!r} is not a bundle name (a name in the gateway's store: no path "
+                               "separators, no '..')")
         if self.store.rollouts.all(active=True):
             raise GatewayError("a rollout is already in progress (one at a time: abort it or wait)")
         tar = self.bundles_dir / f"{bundle}.tar.gz"

@@ -9,16 +9,23 @@ with bounded request bodies, channel time-outs and a fixed thread pool.
 from __future__ import annotations
 
 import errno
+import http
+import json
 import logging
 import threading
 from pathlib import Path
+from typing import Any, Callable
 
 from flask import Flask
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import create_server
+from waitress.utilities import Error as WaitressError
+from waitress.utilities import RequestEntityTooLarge
 
 from edgecore.errors import GatewayError
 
-from .api import MAX_BUNDLE_BYTES, create_app
+from .api import API_CSP, BODY_GATE, MAX_BUNDLE_BYTES, create_app
 from .collection import SampleCollector
 from .config import GatewayConfig
 from .policy import PolicyEngine
@@ -30,14 +37,56 @@ from .worker import GatewayWorker
 log = logging.getLogger(__name__)
 
 
+class _JsonError(WaitressError):  # type: ignore[misc]
+    """An answer the server gives before the app sees the request, as JSON like every API error."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason = code, http.HTTPStatus(code).phrase
+
+    def to_response(self, ident: str | None = None) -> tuple[str, list[tuple[str, str]], bytes]:
+        body = json.dumps({"ok": False, "error": self.body}).encode()
+        return (f"{self.code} {self.reason}",
+                [("Content-Type", "application/json"), ("Content-Security-Policy", API_CSP),
+                 ("X-Content-Type-Options", "nosniff")], body)
+
+
+def _gated_channel(gate: Callable[[str], tuple[int, str] | None] | None) -> type[HTTPChannel]:
+    """A waitress channel whose parser decides from the headers alone, before any body byte is read:
+    a body past the bundle limit is a 413 and a body without the right token a 401 (or 403 with writes
+    off), answered at once, the connection then closed; the body is never buffered to memory or disk."""
+
+    class GatedParser(HTTPRequestParser):  # type: ignore[misc]
+        def received(self, data: bytes) -> int:
+            before = self.headers_finished
+            n: int = super().received(data)
+            if before or not self.headers_finished:
+                return n
+            if isinstance(self.error, RequestEntityTooLarge):
+                self.error = _JsonError(413, f"request body larger than {MAX_BUNDLE_BYTES} bytes (the bundle limit)")
+            elif self.error is None and self.body_rcv is not None and gate is not None:
+                refused = gate(str(self.headers.get("AUTHORIZATION", "")))
+                if refused is not None:
+                    self.error, self.completed, self.expect_continue = _JsonError(*refused), True, False
+            return n
+
+    class GatedChannel(HTTPChannel):  # type: ignore[misc]
+        parser_class = GatedParser
+
+    return GatedChannel
+
+
 class HttpServer:
-    """waitress serving a WSGI app from a background thread, stoppable (waitress's own run() is not)."""
+    """waitress serving a WSGI app from a background thread, stoppable (waitress's own run() is not).
+
+    Requests with a body are checked from their headers before the body is read (`_gated_channel`)."""
 
     def __init__(self, app: Flask, host: str, port: int, *, threads: int = 4) -> None:
         try:
-            self._server = create_server(app, host=host, port=port, threads=threads, ident="cloud-gateway",
-                                         max_request_body_size=MAX_BUNDLE_BYTES + (1 << 20),
-                                         clear_untrusted_proxy_headers=True)
+            # waitress refuses Content-Length >= max_request_body_size: > MAX_BUNDLE_BYTES, as Flask's own limit
+            self._server: Any = create_server(app, host=host, port=port, threads=threads, ident="cloud-gateway",
+                                              max_request_body_size=MAX_BUNDLE_BYTES + 1,
+                                              clear_untrusted_proxy_headers=True)
         except OSError as e:  # one line naming the port and the flag, not waitress's traceback
             if e.errno == errno.EADDRNOTAVAIL:
                 raise GatewayError(f"cannot listen on {host}: not an address of this machine (--http-host)") from e
@@ -45,7 +94,8 @@ class HttpServer:
                    errno.EACCES: "needs root to listen on"}.get(e.errno or 0, f"cannot be used ({e.strerror or e})")
             raise GatewayError(f"HTTP port {port} on {host} {why}: choose another with --http-port "
                                "(0: any free port; -1: no HTTP API)") from e
-        self.port = int(self._server.effective_port)  # type: ignore[union-attr]
+        self._server.channel_class = _gated_channel(app.extensions.get(BODY_GATE))
+        self.port = int(self._server.effective_port)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="gateway-http", daemon=True)
 

@@ -46,7 +46,7 @@ from edgecore.spec import InputSpec
 __all__ = [
     "MANIFEST", "SIGNATURE", "DRIFT_REFERENCE", "SCHEMA_VERSION", "SUPPORTED_SCHEMAS", "Limits", "Bundle",
     "sha256_file", "file_entries", "read_manifest", "verify_files", "extract_tarball", "open_bundle",
-    "write_bundle", "write_tarball", "tarball_path", "TrustPolicy",
+    "write_bundle", "write_tarball", "tarball_path", "TrustPolicy", "read_signature", "MAX_SIGNATURE_BYTES",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 _META = (MANIFEST, SIGNATURE)
 MAX_MANIFEST_BYTES = 4 << 20
+MAX_SIGNATURE_BYTES = 16 << 10  # one signature is about 150 bytes; a rotation needs two or three
 RATIO_FLOOR = 8 << 20  # small bundles may compress well (JSON, sparse weights); bombs can't stay this small
 
 
@@ -265,6 +266,9 @@ def extract_tarball(tar_path: Path, dest: Path, *, limits: Limits = Limits()) ->
                         raise BundleTrustError(f"{m.name!r} ({m.size} bytes) is past the size limits "
                                                f"({limits.max_file_bytes} per file, {limits.max_total_bytes} in all)")
                     rel = m.name[len(prefix):] if m.name.startswith(prefix) else m.name
+                    if Path(m.name).name == SIGNATURE and m.size > MAX_SIGNATURE_BYTES:
+                        raise BundleTrustError(f"{SIGNATURE} is {m.size} bytes, more than the "
+                                               f"{MAX_SIGNATURE_BYTES} a signature file may hold")
                     if listed is not None and rel not in _META:
                         entry = listed.get(rel)
                         if entry is None or entry.size != m.size:
@@ -296,11 +300,22 @@ def _bundle_root(tar_path: Path, dest: Path) -> Path:
     raise BundleTrustError(f"{tar_path}: archive holds no {MANIFEST}")
 
 
+def read_signature(root: Path, *, where: str | None = None) -> bytes | None:
+    """``root``'s ``manifest.sig`` bytes (None when absent), refused past `MAX_SIGNATURE_BYTES`."""
+    sig = Path(root) / SIGNATURE
+    if not sig.is_file() or sig.is_symlink():
+        return None
+    size = sig.stat().st_size
+    if size > MAX_SIGNATURE_BYTES:
+        raise BundleTrustError(f"{where or root}: {SIGNATURE} is {size} bytes, more than the "
+                               f"{MAX_SIGNATURE_BYTES} a signature file may hold")
+    return sig.read_bytes()
+
+
 def _check_signature(root: Path, keys: Sequence[Any], require: bool, where: str | None = None) -> str | None:
     from edgecore.signing import check_signature
 
-    sig = root / SIGNATURE
-    sig_bytes = sig.read_bytes() if sig.is_file() and not sig.is_symlink() else None
+    sig_bytes = read_signature(root, where=where)  # an oversized one is refused even when none is required
     if not keys and not require:
         return None
     if not keys:

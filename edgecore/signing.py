@@ -27,7 +27,7 @@ from edgecore.errors import BundleTrustError, ConfigError
 from edgecore.fsutil import atomic_write_bytes
 
 __all__ = ["TrustedKey", "key_id", "new_keypair", "load_private_key", "load_public_keys", "sign", "check_signature",
-           "SIG_SCHEMA"]
+           "check_existing", "SIG_SCHEMA"]
 
 SIG_SCHEMA = 1
 ALG = "ed25519"
@@ -73,6 +73,23 @@ def new_keypair(prefix: Path) -> tuple[Path, Path, str]:
     return key_path, pub_path, key_id(pub)
 
 
+def _refuse_if_others_can_read(path: Path) -> None:
+    """Refuse a private key file that its group or other users may read or write, as ssh does.
+
+    A refusal rather than a warning: a warning scrolls past in a CI log, while a key others can read may
+    already be copied, and the fix is one chmod. (POSIX only: Windows has no mode bits to check.)
+    """
+    if os.name != "posix":
+        return
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return  # missing or unreadable: the load below says so
+    if mode & 0o077:
+        raise ConfigError(f"{path}: private key is accessible by other users (mode {mode:04o}): "
+                          f"run `chmod 600 {path}`, and rotate the key if others may have copied it")
+
+
 def load_private_key(path: Path | str) -> Any:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -83,6 +100,7 @@ def load_private_key(path: Path | str) -> Any:
         raise ConfigError(f"{path}: not a readable Ed25519 private key ({type(e).__name__})") from e
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path}: not an Ed25519 private key (make one with `toolchain keys new`)")
+    _refuse_if_others_can_read(Path(path))
     return key
 
 
@@ -106,14 +124,64 @@ def load_public_keys(paths: Iterable[Path | str]) -> list[TrustedKey]:
     return out
 
 
-def sign(manifest_bytes: bytes, private_key: Any, existing: bytes | None = None) -> bytes:
-    """The ``manifest.sig`` content: ``existing`` signatures (same manifest) plus one by ``private_key``."""
-    entries = _entries(existing, "manifest.sig") if existing else []
+def sign(manifest_bytes: bytes, private_key: Any, existing: bytes | None = None,
+         known: Iterable[TrustedKey] = ()) -> bytes:
+    """The ``manifest.sig`` content: ``existing`` signatures (same manifest) plus one by ``private_key``.
+
+    The existing signatures are checked first (`check_existing`): a signature added beside a broken one
+    would ship a bundle that devices trusting the broken one's key refuse.
+    """
     kid = key_id(private_key.public_key())
-    entries = [e for e in entries if e.get("key_id") != kid]
+    if existing:
+        check_existing(manifest_bytes, existing, known, where="manifest.sig", replacing=kid)
+    entries = _entries(existing, "manifest.sig") if existing else []
+    entries = [e for e in entries if e.get("key_id") != kid]  # re-signing replaces this key's own signature
     entries.append({"alg": ALG, "key_id": kid,
                     "sig": base64.b64encode(private_key.sign(manifest_bytes)).decode()})
     return (json.dumps({"schema": SIG_SCHEMA, "signatures": entries}, indent=2) + "\n").encode()
+
+
+def check_existing(manifest_bytes: bytes, sig_bytes: bytes, known: Iterable[TrustedKey], *, where: str,
+                   replacing: str | None = None) -> list[str]:
+    """Every signature in ``sig_bytes`` well-formed, and each by a ``known`` key verifying over ``manifest_bytes``.
+
+    ``replacing``: the key id about to sign again (its old signature is dropped, not checked).
+    Returns the key ids whose signatures could not be checked (no public key known for them);
+    raises `BundleTrustError` naming the first signature that is malformed or does not verify.
+    """
+    from cryptography.exceptions import InvalidSignature
+
+    by_id = {k.key_id: k for k in known}
+    seen: set[str] = set()
+    unchecked: list[str] = []
+    for e in _entries(sig_bytes, where):
+        kid = e.get("key_id")
+        if kid == replacing and replacing is not None:
+            continue
+        if not isinstance(kid, str) or len(kid) != 16 or any(c not in "0123456789abcdef" for c in kid):
+            raise BundleTrustError(f"{where}: a signature has no valid key id ({str(kid)[:20]!r}): "
+                                   "remove the signature file and sign afresh")
+        if kid in seen:
+            raise BundleTrustError(f"{where}: key {kid} signs twice: remove the signature file and sign afresh")
+        seen.add(kid)
+        try:
+            raw = base64.b64decode(str(e.get("sig")), validate=True)
+        except ValueError:
+            raw = b""
+        if e.get("alg") != ALG or len(raw) != 64:
+            raise BundleTrustError(f"{where}: the signature by key {kid} is malformed (not a 64-byte {ALG} "
+                                   "signature): remove the signature file and sign afresh")
+        k = by_id.get(kid)
+        if k is None:
+            unchecked.append(kid)
+            continue
+        try:
+            k.key.verify(raw, manifest_bytes)
+        except InvalidSignature as err:
+            raise BundleTrustError(f"{where}: the signature by key {kid} does not match the manifest (manifest "
+                                   "edited after signing, or a forged signature): refusing to add "
+                                   "another") from err
+    return unchecked
 
 
 def _entries(sig_bytes: bytes, where: str) -> list[dict[str, Any]]:
