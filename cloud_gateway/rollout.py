@@ -225,9 +225,12 @@ def line_of(tarball: Path) -> str:
 
 
 def device_line(row: dict[str, Any]) -> str | None:
-    """The model line a stored device runs: the column, else the status' ``model``."""
-    line = row.get("model_line") or ((row.get("status") or {}).get("model") if isinstance(row.get("status"), dict)
-                                     else None)
+    """The model line a stored device runs: the column (from its status), else its last telemetry's model name."""
+    line = row.get("model_line")
+    if not line:
+        tel = row.get("last_telemetry")
+        model = tel.get("model") if isinstance(tel, dict) else None
+        line = model.get("name") if isinstance(model, dict) else None
     return line if isinstance(line, str) and line else None
 
 
