@@ -64,6 +64,7 @@ def _device_view(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "device_id": row["device_id"],
         "state": status.get("state", "unknown"),
+        "model_line": row.get("model_line"),
         "status": status,
         "last_seen": row.get("last_seen"),
         "offload_rate": tel.get("offload_rate"),
@@ -306,14 +307,17 @@ def _register_rollouts(app: Flask, *, store: GatewayStore, rollouts: Any,
             _fail(503, "this gateway runs no rollouts")
         body = request.get_json(silent=True)
         if not isinstance(body, dict) or not isinstance(body.get("bundle"), str):
-            _fail(400, "body: {bundle, canary (ids or 'N%'), watch_s, promote_if}")
+            _fail(400, "body: {bundle, canary (ids or 'N%'), watch_s, promote_if, line (optional)}")
         watch = body.get("watch_s", 60)
         canary = body.get("canary")
         if isinstance(watch, bool) or not isinstance(watch, (int, float)) or not isinstance(canary, (str, list)):
             _fail(400, "watch_s must be a number and canary device ids or a percentage")
+        line = body.get("line")
+        if line is not None and (not isinstance(line, str) or not line):
+            _fail(400, "line must be a model line's name (a cross-line switch: that line's devices move to the bundle)")
         try:
             rid = rollouts.start(bundle=body["bundle"], canary=canary, watch_s=float(watch),
-                                 promote_if=str(body.get("promote_if") or "rollbacks == 0"))
+                                 promote_if=str(body.get("promote_if") or "rollbacks == 0"), line=line)
         except GatewayError as e:
             _fail(400, str(e))
         return jsonify({"id": rid, "url": f"/api/rollouts/{rid}"}), 201

@@ -176,8 +176,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         path = Path(args.bundle)
         if path.is_file():  # upload it first: the gateway verifies it (signed by a trusted key) before storing
             name = upload_bundle(base, path, token=token)["name"]  # type: ignore[assignment]
-        out = _http("POST", f"{base}/api/rollouts", token=token, body={
-            "bundle": name, "canary": args.canary, "watch_s": args.watch, "promote_if": args.promote_if})
+        body = {"bundle": name, "canary": args.canary, "watch_s": args.watch, "promote_if": args.promote_if}
+        if args.line:
+            body["line"] = args.line
+        out = _http("POST", f"{base}/api/rollouts", token=token, body=body)
         rid = out["id"]  # type: ignore[index]
         print(f"rollout {rid} started: {name} to canaries {args.canary}, watching {args.watch:g} s")
         if args.wait:
@@ -229,7 +231,10 @@ def _print_rollout(out: object) -> None:
     for r in rows:
         if not isinstance(r, dict) or "state" not in r:
             continue
-        print(f"rollout {r['id']}: {r['bundle']} -> {r['state']}")
+        plan = r.get("plan") or {}
+        excluded = plan.get("excluded_count") or {}
+        print(f"rollout {r['id']}: {r['bundle']} (model line {plan.get('line', '?')}) -> {r['state']}"
+              + (f"; left out: {', '.join(f'{n} ({why})' for why, n in excluded.items())}" if excluded else ""))
         for s in r.get("steps", []):
             print(f"  {time.strftime('%H:%M:%S', time.localtime(s['time']))}  {s['step']}")
 
@@ -319,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--promote-if", default="rollbacks == 0 and offload_rate <= baseline * 1.25",
                     help="condition over offload_rate, fallback_rate, rollbacks, errors, drift, p99_ms, inputs "
                     "(numbers or 'baseline [* + -] N'), joined by and/or")
-    ro.add_argument("--wait", action="store_true", help="start: wait until it is done or rolled back")
+    ro.add_argument("--line", help="start: move the devices of this model line to the bundle's line (an explicit, "
+                    "logged switch; without it a rollout reaches only the bundle's own line)")
+    ro.add_argument("--wait", action="store_true", help="start: wait until it is done, rolled back or failed")
     add_json_flag(ro)
     ro.set_defaults(func=cmd_rollout)
     up = sub.add_parser("upload", help="store a bundle .tar.gz at the running gateway (it verifies the signature)",

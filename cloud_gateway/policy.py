@@ -12,14 +12,18 @@ The policy (``cloud-gateway policy set FILE``, ``PUT /api/policy``) is a JSON do
      "rollout": {"canary": "{device}", "watch_s": 120, "promote_if": "rollbacks == 0 and offload_rate <= baseline"},
      "cooldown_minutes": 60}
 
-The gateway evaluates it every ``interval_s``; when a trigger fires (and no
-proposal is younger than the cooldown) it records a proposal with the reason
-(which trigger, which devices, the numbers) and logs it. Approving one
-(``cloud-gateway policy approve ID``) or ``action = "run"`` runs the refresh
-command as a subprocess (the gateway never imports the toolchain; ``{gateway}``,
-``{device}`` and ``{id}`` are filled in), reads the new bundle from the JSON
-report it prints last (``bundles``), uploads it to the gateway's store and
-starts a rollout with the policy's settings. Every outcome is on the proposal.
+The gateway evaluates it every ``interval_s``, per model line (the manifest's
+``model.name`` each device reports: two models' devices never add up to one
+trigger, nor share a refresh): when a trigger fires for a line (and that line has
+no proposal younger than the cooldown) it records a proposal naming the line,
+with the reason (which trigger, which devices, the numbers), and logs it.
+Approving one (``cloud-gateway policy approve ID``) or ``action = "run"`` runs
+the refresh command as a subprocess (the gateway never imports the toolchain;
+``{gateway}``, ``{device}``, ``{line}`` and ``{id}`` are filled in), reads the
+new bundle from the JSON report it prints last (``bundles``), checks that it is
+of the proposal's line, uploads it to the gateway's store and starts a rollout
+with the policy's settings (which reaches that line only). Every outcome is on
+the proposal.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -86,10 +91,27 @@ def _busy(windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [w for w in windows if ((w.get("counts") or {}).get("inputs") or 0) > 0]
 
 
+def lines(store: GatewayStore) -> dict[str | None, list[str]]:
+    """The known devices by model line (None: a device that reported none yet)."""
+    from .rollout import device_line
+
+    out: dict[str | None, list[str]] = {}
+    for d in store.devices.all():
+        out.setdefault(device_line(d), []).append(d["device_id"])
+    return out
+
+
 def triggers(store: GatewayStore, p: dict[str, Any], now: float) -> list[dict[str, Any]]:
-    """Which triggers fire now, each with its devices and numbers."""
+    """Which triggers fire now, per model line, each with its line, devices and numbers."""
     fired: list[dict[str, Any]] = []
-    devices = [d["device_id"] for d in store.devices.all()]
+    for line, devices in sorted(lines(store).items(), key=lambda kv: (kv[0] is None, kv[0] or "")):
+        fired += [{"line": line, **f, "why": f"model line {line or '(none reported)'}: {f['why']}"}
+                  for f in _line_triggers(store, p, now, devices)]
+    return fired
+
+
+def _line_triggers(store: GatewayStore, p: dict[str, Any], now: float, devices: list[str]) -> list[dict[str, Any]]:
+    fired: list[dict[str, Any]] = []
     n = p["drift_windows"]
     if n:
         hit = {}
@@ -142,25 +164,28 @@ class PolicyEngine:
                 log.exception("policy evaluation failed")
 
     def evaluate(self, now: float | None = None) -> int | None:
-        """One round: a new proposal's id when a trigger fired (and the cooldown allows), else None."""
+        """One round: one proposal per model line whose trigger fired (and whose cooldown allows); the first
+        new proposal's id, else None."""
         doc = self.store.policy.get()
         if doc is None:
             return None
         p = check_policy(doc)
         now = time.time() if now is None else now
-        recent = [x for x in self.store.policy.proposals()
-                  if now - float(x["created"]) < 60.0 * float(p["cooldown_minutes"])]
-        if recent:
-            return None
-        fired = triggers(self.store, p, now)
-        if not fired:
-            return None
-        reason = {"fired": fired, "policy": p, "device": fired[0]["devices"][0]}
-        pid = self.store.policy.add_proposal(reason)
-        log.warning("policy fired (proposal %d): %s", pid, "; ".join(f["why"] for f in fired))
-        if p["action"] == "run":
-            threading.Thread(target=self.run, args=(pid,), name=f"policy-run-{pid}", daemon=True).start()
-        return pid
+        cooling = {x["reason"].get("line") for x in self.store.policy.proposals()
+                   if now - float(x["created"]) < 60.0 * float(p["cooldown_minutes"]) and isinstance(x["reason"], dict)}
+        by_line: dict[str | None, list[dict[str, Any]]] = {}
+        for f in triggers(self.store, p, now):
+            if f["line"] not in cooling:
+                by_line.setdefault(f["line"], []).append(f)
+        first: int | None = None
+        for line, fired in by_line.items():
+            reason = {"line": line, "fired": fired, "policy": p, "device": fired[0]["devices"][0]}
+            pid = self.store.policy.add_proposal(reason)
+            log.warning("policy fired (proposal %d): %s", pid, "; ".join(f["why"] for f in fired))
+            if p["action"] == "run":
+                threading.Thread(target=self.run, args=(pid,), name=f"policy-run-{pid}", daemon=True).start()
+            first = pid if first is None else first
+        return first
 
     def approve(self, pid: int) -> None:
         prop = next((x for x in self.store.policy.proposals() if int(x["id"]) == pid), None)
@@ -172,8 +197,8 @@ class PolicyEngine:
     def run(self, pid: int) -> None:
         """Run the refresh command, upload its bundle, start the rollout; every outcome on the proposal."""
         prop = next(x for x in self.store.policy.proposals() if int(x["id"]) == pid)
-        p, device = prop["reason"]["policy"], prop["reason"]["device"]
-        fill = {"gateway": self.gateway_url(), "device": device, "id": str(pid)}
+        p, device, line = prop["reason"]["policy"], prop["reason"]["device"], prop["reason"].get("line")
+        fill = {"gateway": self.gateway_url(), "device": device, "line": line or "", "id": str(pid)}
         if not p["refresh_command"]:
             self.store.policy.set_proposal(pid, state="failed", result={"error": "policy.refresh_command is not set"})
             return
@@ -198,11 +223,16 @@ class PolicyEngine:
         tar = Path(str(path) + ".tar.gz") if not str(path).endswith(".tar.gz") else Path(path)
         stored = f"policy-{pid}-{name}"
         try:
+            from .rollout import line_of
+
+            made = line_of(tar) if tar.is_file() else line
+            if line is not None and made != line:
+                raise GatewayError(f"the refresh made a bundle of model line {made}, the proposal is for line {line}")
             self.upload(stored, tar)
             ro = {k: (v.format(**fill) if isinstance(v, str) else v) for k, v in p["rollout"].items()}
             rid = self.start_rollout(bundle=stored, canary=ro["canary"], watch_s=float(ro["watch_s"]),
                                      promote_if=str(ro["promote_if"]))
-        except (GatewayError, OSError) as e:
+        except (GatewayError, OSError, tarfile.TarError) as e:
             self.store.policy.set_proposal(pid, state="failed",
                                            result={"command": argv, "bundle": str(tar), "error": str(e)})
             return

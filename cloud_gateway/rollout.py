@@ -2,18 +2,25 @@
 
 A rollout (``POST /api/rollouts``, ``cloud-gateway rollout start``) names a
 bundle already in the gateway's store (uploaded, so signed by a trusted key and
-verified), the canary devices (ids, or a percentage of the known fleet), a
-watch window and a ``--promote-if`` condition. The gateway drives it:
+verified), the canary devices (ids, or a percentage of the fleet), a watch
+window and a ``--promote-if`` condition. Its fleet is the devices of the
+bundle's model line (the manifest's ``model.name``, which each device reports)
+on the bundle's target; the others are left alone and counted in the plan's
+``excluded``. Naming another ``line`` moves that line's devices to the bundle's
+(an explicit, logged switch: the commands carry ``allow_line_change``, without
+which a device refuses a bundle of another line). The gateway drives it:
 
 ``updating``   send ``update_bundle`` to the canaries; wait until each one's
-               retained status reports the new manifest (a canary whose own
-               smoke test refuses it never does: that is a failure);
+               retained status reports the new manifest (a canary that refuses
+               it or fails to load it never does: the rollout rolls back the
+               others and ends ``failed``, the refusing devices listed);
 ``watching``   wait ``watch_s`` seconds, then aggregate the canaries' telemetry
                windows from that time on and evaluate the condition against the
                baseline (the same metrics over the windows before the rollout);
-``promoting``  send the update to every other known device; ``done``;
+``promoting``  send the update to every other device of the line; ``done``
+               (``failed`` when some never reported it, listed);
 ``rolling_back`` send the canaries back to the bundle each ran before;
-               ``rolled_back``.
+               ``rolled_back`` (``failed`` after a refusal).
 
 Every transition is a row in ``rollout_steps`` and the state is in
 ``rollouts``: a gateway that is killed resumes each unfinished rollout from its
@@ -205,6 +212,29 @@ def target_of(tarball: Path) -> str | None:
         return None
 
 
+def line_of(tarball: Path) -> str:
+    """The bundle's model line: its manifest's ``model.name``."""
+    import json
+
+    try:
+        name = (json.loads(_manifest_bytes(tarball)).get("model") or {}).get("name")
+    except (ValueError, AttributeError) as e:
+        raise GatewayError(f"{tarball.name}: the manifest names no model") from e
+    if not isinstance(name, str) or not name:
+        raise GatewayError(f"{tarball.name}: the manifest names no model")
+    return name
+
+
+def device_line(row: dict[str, Any]) -> str | None:
+    """The model line a stored device runs: the column (from its status), else its last telemetry's model name."""
+    line = row.get("model_line")
+    if not line:
+        tel = row.get("last_telemetry")
+        model = tel.get("model") if isinstance(tel, dict) else None
+        line = model.get("name") if isinstance(model, dict) else None
+    return line if isinstance(line, str) and line else None
+
+
 class RolloutManager:
     """Drives rollouts from the store's records; one thread per active rollout; resumable."""
 
@@ -218,7 +248,9 @@ class RolloutManager:
         self._abort: set[int] = set()
 
     # --- starting ----------------------------------------------------------------------------------
-    def start(self, *, bundle: str, canary: list[str] | str, watch_s: float, promote_if: str) -> int:
+    def start(self, *, bundle: str, canary: list[str] | str, watch_s: float, promote_if: str,
+              line: str | None = None) -> int:
+        """Start a rollout of ``bundle`` to its model line; ``line`` (another line's name) moves that line to it."""
         cond = parse_condition(promote_if)
         if not math.isfinite(watch_s) or not 0 < watch_s <= MAX_WATCH_S:
             raise GatewayError(f"watch_s: the watch window must be a number of seconds in (0, {MAX_WATCH_S:g}], "
@@ -231,11 +263,29 @@ class RolloutManager:
         tar = self.bundles_dir / f"{bundle}.tar.gz"
         if not tar.is_file():
             raise GatewayError(f"no bundle {bundle!r} in the gateway's store: upload it first (PUT /api/bundles/{bundle})")
-        new_sha, target = manifest_sha256_of(tar), target_of(tar)
-        # the fleet for this bundle: known devices running the same target (a TFLite bundle never goes to an ORT one)
-        fleet = {d["device_id"]: d for d in self.store.devices.all()
-                 if isinstance(d.get("status"), dict) and d["status"].get("target") in (target, None)}
-        canaries = self._canaries(canary, sorted(fleet))
+        new_sha, target, new_line = manifest_sha256_of(tar), target_of(tar), line_of(tar)
+        from_line = line or new_line
+        # the fleet for this bundle: the devices of its model line running the same target (a TFLite bundle never
+        # goes to an ORT one, an image model's never to a tabular one); the others are counted, with why
+        fleet: dict[str, dict[str, Any]] = {}
+        excluded: dict[str, list[str]] = {}
+        for d in self.store.devices.all():
+            st, dl = d.get("status"), device_line(d)
+            if not isinstance(st, dict):
+                why = "no status"
+            elif dl is None:
+                why = "no model line reported"
+            elif dl != from_line:
+                why = f"model line {dl}"
+            elif st.get("target") not in (target, None):
+                why = f"target {st.get('target')}"
+            else:
+                fleet[d["device_id"]] = d
+                continue
+            excluded.setdefault(why, []).append(d["device_id"])
+        if line is not None and line != new_line and not fleet:
+            raise GatewayError(f"--line {line}: no device of model line {line} on target {target}")
+        canaries = self._canaries(canary, sorted(fleet), excluded)
         index = self._index()
         previous: dict[str, Any] = {}
         for d in canaries:
@@ -248,15 +298,25 @@ class RolloutManager:
         if baseline is None and cond.needs_baseline:
             raise GatewayError(f"--promote-if compares with the baseline, but the canaries {canaries} sent no "
                                "telemetry yet")
+        summary = {why: len(ids) for why, ids in sorted(excluded.items())}
         plan = {"canaries": canaries, "rest": [d for d in sorted(fleet) if d not in canaries],
-                "previous": previous, "manifest_sha256": new_sha, "watch_s": watch_s, "promote_if": promote_if}
+                "previous": previous, "manifest_sha256": new_sha, "watch_s": watch_s, "promote_if": promote_if,
+                "line": new_line, "excluded": {why: sorted(ids) for why, ids in sorted(excluded.items())},
+                "excluded_count": summary}
+        if from_line != new_line:
+            plan["line_change"] = {"from": from_line, "to": new_line}
         rid = self.store.rollouts.create(bundle, plan, baseline)
-        self.store.rollouts.add_step(rid, "started", {"canaries": canaries, "baseline": baseline, "bundle": bundle})
+        self.store.rollouts.add_step(rid, "started", {"canaries": canaries, "baseline": baseline, "bundle": bundle,
+                                                      "line": new_line, "excluded": summary})
+        if from_line != new_line:
+            self.store.rollouts.add_step(rid, "line change", {"from": from_line, "to": new_line,
+                                                              "devices": sorted(fleet)})
+            log.warning("rollout %d moves model line %s to %s (%d devices)", rid, from_line, new_line, len(fleet))
         self._spawn(rid)
         return rid
 
     @staticmethod
-    def _canaries(spec: list[str] | str, known: list[str]) -> list[str]:
+    def _canaries(spec: list[str] | str, known: list[str], excluded: dict[str, list[str]]) -> list[str]:
         if isinstance(spec, str) and spec.strip().endswith("%"):
             try:
                 pct = float(spec.strip()[:-1])
@@ -267,6 +327,10 @@ class RolloutManager:
             return known[:max(1, math.floor(len(known) * pct / 100))]
         ids = [d.strip() for d in (spec.split(",") if isinstance(spec, str) else spec) if d.strip()]
         unknown = [d for d in ids if d not in known]
+        outside = {d: why for why, ds in excluded.items() for d in ds if d in unknown}
+        if outside:
+            raise GatewayError("--canary: not in this bundle's fleet: "
+                               + ", ".join(f"{d} ({why})" for d, why in sorted(outside.items())))
         if not ids or unknown:
             raise GatewayError(f"--canary: unknown device(s) {unknown or ids} (known: {', '.join(known) or 'none'})")
         return ids
@@ -320,14 +384,16 @@ class RolloutManager:
             except Exception:  # the database is what failed
                 pass
 
-    def _send(self, devices: list[str], bundle: str) -> None:
+    def _send(self, devices: list[str], bundle: str, cmd_id: str, allow_line_change: bool) -> None:
         url = f"{self.base_url().rstrip('/')}/api/bundles/{bundle}"
         from edgecore.bundle import sha256_file
 
         sha = sha256_file(self.bundles_dir / f"{bundle}.tar.gz")
+        cmd: dict[str, Any] = {"cmd": "update_bundle", "id": cmd_id, "url": url, "sha256": sha}
+        if allow_line_change:  # only a rollout started with another --line (both ways: its rollback too)
+            cmd["allow_line_change"] = True
         for d in devices:
-            self.publish(wire.Topics.of(self.prefix, d, wire.Topics.CMD),
-                         wire.dumps({"cmd": "update_bundle", "url": url, "sha256": sha}))
+            self.publish(wire.Topics.of(self.prefix, d, wire.Topics.CMD), wire.dumps(cmd))
 
     def _running(self, devices: list[str], sha: str) -> list[str]:
         out = []
@@ -338,18 +404,35 @@ class RolloutManager:
                 out.append(d)
         return out
 
+    def _refused(self, devices: list[str], cmd_id: str) -> dict[str, str]:
+        """Those of ``devices`` whose status says this command failed, with the device's error."""
+        out = {}
+        for d in devices:
+            last = (((self.store.devices.get(d) or {}).get("status") or {}).get("last_cmd")) or {}
+            if isinstance(last, dict) and last.get("id") == cmd_id and last.get("ok") is False:
+                out[d] = str(last.get("error") or "refused")
+        return out
+
     def _wait_applied(self, rid: int, devices: list[str], sha: str, bundle: str) -> list[str]:
-        """Send ``bundle`` to those of ``devices`` not on it; wait; returns the ones still not on it."""
+        """Send ``bundle`` to those of ``devices`` not on it; wait until they report it or refuse it (the
+        command's id comes back in a device's ``last_cmd``); returns the ones still not on it."""
+        r = self.store.rollouts.get(rid) or {}
+        cmd_id = f"rollout-{rid}-{sha[:12]}"
         todo = [d for d in devices if d not in self._running(devices, sha)]
         if todo:
-            self._send(todo, bundle)
+            self._send(todo, bundle, cmd_id, bool((r.get("plan") or {}).get("line_change")))
         end = time.monotonic() + self.update_timeout_s
         while time.monotonic() < end and not self._stop.is_set():
             missing = [d for d in devices if d not in self._running(devices, sha)]
-            if not missing or rid in self._abort:
+            if not missing or rid in self._abort or set(self._refused(missing, cmd_id)) == set(missing):
                 return missing
             time.sleep(self.poll_s)
         return [d for d in devices if d not in self._running(devices, sha)]
+
+    def _why_not(self, devices: list[str], sha: str, rid: int) -> dict[str, str]:
+        """Each device's reason for not running ``sha``: its refusal, or that it never answered."""
+        refused = self._refused(devices, f"rollout-{rid}-{sha[:12]}")
+        return {d: refused.get(d, "no answer (offline, or still updating at the timeout)") for d in devices}
 
     def _updating(self, rid: int, r: dict[str, Any]) -> None:
         plan = r["plan"]
@@ -359,8 +442,9 @@ class RolloutManager:
         if rid in self._abort:
             return self._to(rid, "rolling_back", "aborted", {})
         if missing:
-            errors = {d: ((self.store.devices.get(d) or {}).get("status") or {}).get("last_cmd") for d in missing}
-            return self._to(rid, "rolling_back", "canary update failed", {"not_updated": missing, "last_cmd": errors})
+            refused = self._why_not(missing, plan["manifest_sha256"], rid)
+            self.store.rollouts.update(rid, result={**(r.get("result") or {}), "refused": refused})
+            return self._to(rid, "rolling_back", "canary update failed", {"not_updated": missing, "refused": refused})
         self.store.rollouts.update(rid, result={"watch_from": time.time()})
         self._to(rid, "watching", "canaries updated", {"canaries": plan["canaries"]})
 
@@ -388,8 +472,12 @@ class RolloutManager:
         missing = self._wait_applied(rid, plan["rest"], plan["manifest_sha256"], r["bundle"]) if plan["rest"] else []
         if self._stop.is_set():
             return
-        self._to(rid, "done", "promoted to the fleet", {"updated": [d for d in plan["rest"] if d not in missing],
-                                                         "not_updated": missing})
+        detail: dict[str, Any] = {"updated": [d for d in plan["rest"] if d not in missing], "not_updated": missing}
+        if missing:  # a device of the line that refused (or never took) the bundle: not a finished rollout
+            detail["refused"] = self._why_not(missing, plan["manifest_sha256"], rid)
+            self.store.rollouts.update(rid, result={**(r.get("result") or {}), "refused": detail["refused"]})
+            return self._to(rid, "failed", "promotion incomplete", detail)
+        self._to(rid, "done", "promoted to the fleet", detail)
 
     def _rolling_back(self, rid: int, r: dict[str, Any]) -> None:
         plan = r["plan"]
@@ -398,7 +486,9 @@ class RolloutManager:
             left += self._wait_applied(rid, [d], prev["manifest_sha256"], prev["bundle"])
             if self._stop.is_set():
                 return
-        self._to(rid, "rolled_back", "canaries back on their previous bundles", {"not_restored": left})
+        refused = (r.get("result") or {}).get("refused")
+        detail: dict[str, Any] = {"not_restored": left, **({"refused": refused} if refused else {})}
+        self._to(rid, "failed" if refused else "rolled_back", "canaries back on their previous bundles", detail)
 
     def _to(self, rid: int, state: str, step: str, detail: dict[str, Any]) -> None:
         self.store.rollouts.add_step(rid, step, detail)

@@ -38,7 +38,7 @@ from .model import Inference, LoadedModel, LocalModel, load_model
 from .outbox import DropPolicy, Outbox
 from .sources import Item, MqttInputSource
 from .telemetry import TelemetryRecorder, WindowCounters, answer_counts
-from .updates import fetch_bundle, prune_bundles
+from .updates import check_line, fetch_bundle, prune_bundles
 
 __all__ = ["Agent", "AgentConfig", "Answer", "Route", "load_model", "summarize"]
 
@@ -198,10 +198,15 @@ class Agent:
         return fetch_bundle(url=url, sha256=sha256, state_dir=self.config.state_dir,
                             allowed=self.config.update_bases, trust=self.config.trust)
 
-    def update_from(self, url: str, *, sha256: str | None = None) -> None:
-        """Fetch, switch, and keep only the current and previous bundle in the state dir."""
+    def update_from(self, url: str, *, sha256: str | None = None, allow_line_change: bool = False) -> None:
+        """Fetch, switch, and keep only the current and previous bundle in the state dir.
+
+        A bundle of another model line (manifest ``model.name``) is refused, the running one kept, unless the
+        command says ``allow_line_change``: two models with the same input shape would otherwise swap silently.
+        """
         new = self.fetch(url, sha256=sha256)
         try:
+            check_line(new, self.bundle.manifest.model.name, allow_line_change, what=url.rstrip("/").rsplit("/", 1)[-1])
             self.swap_bundle(new)
         except Exception:
             if new.root != self.bundle.root:  # never leave a bundle that failed lying around

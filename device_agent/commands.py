@@ -37,7 +37,10 @@ def update_bundle(agent: "Agent", cmd: dict[str, Any]) -> None:
     sha = cmd.get("sha256")
     if sha is not None and not isinstance(sha, str):
         raise AgentError("update_bundle: 'sha256' must be a string")
-    agent.update_from(url, sha256=sha)
+    allow = cmd.get("allow_line_change", False)
+    if not isinstance(allow, bool):
+        raise AgentError("update_bundle: 'allow_line_change' must be true or false")
+    agent.update_from(url, sha256=sha, allow_line_change=allow)
 
 
 BUILTINS: dict[str, CommandFn] = {"set_threshold": set_threshold, "update_bundle": update_bundle}

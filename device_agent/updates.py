@@ -164,3 +164,14 @@ def smoke_test(bundle: Bundle, runner: object) -> None:
             f"bundle {bundle.name} answered its smoke input with shape {list(logits.shape)}"
             f" (expected [1, {n}]) or non-finite values"
         )
+
+
+def check_line(bundle: Bundle, running: str, allow_line_change: bool, *, what: str) -> None:
+    """Refuse a bundle of another model line than the one running, unless the command allows the change."""
+    line = bundle.manifest.model.name
+    if line == running:
+        return
+    if not allow_line_change:
+        raise BundleTrustError(f"bundle {what} is model line {line}, this device runs {running}; refused")
+    log.warning("model line change: bundle %s is model line %s, this device ran %s (allowed by the command)",
+                what, line, running)

@@ -163,9 +163,9 @@ def close_the_loop(ctx: LoopContext, *, before: dict[str, Any], progress: Any = 
             # against the device's own offload before the loop (its last windows were collection mode, sending
             # everything, so the rollout's baseline would say nothing); a quarter of slack for a short window
             "promote_if": f"rollbacks == 0 and drift == 0 and offload_rate <= {1.25 * before['offload_rate']:.4f}"})["id"]
-        _wait(ctx, rid, {"watching", "done", "rolled_back"})
+        _wait(ctx, rid, {"watching", "done", "rolled_back", "failed"})
         after = _stream(agent, x_shifted, y_test, ctx.rate_hz)
-        r = _wait(ctx, rid, {"done", "rolled_back"})
+        r = _wait(ctx, rid, {"done", "rolled_back", "failed"})
         out["rollout"] = {"id": rid, "state": r["state"], "steps": [s["step"] for s in r["steps"]]}
         # the bundle the device runs now: the refreshed one if the canary was promoted, else the old one again
         alone = bundle_accuracy(agent.bundle.root, x_shifted, y_test)
@@ -182,7 +182,7 @@ def _broken_rollout(ctx: LoopContext, progress: Any) -> dict[str, Any]:
     _upload(ctx, "broken", broken_copy(ctx.bundles_dir / ctx.bundle_name, ctx.out / "broken-bundle", ctx.signing_key))
     rid = _call(ctx, "POST", "/api/rollouts", {"bundle": "broken", "canary": [ctx.device], "watch_s": 2.0,
                                                "promote_if": "rollbacks == 0"})["id"]
-    bad = _wait(ctx, rid, {"done", "rolled_back"})
+    bad = _wait(ctx, rid, {"done", "rolled_back", "failed"})
     versions = _call(ctx, "GET", f"/api/rollouts/{rid}")["device_versions"]
     return {"id": rid, "state": bad["state"], "steps": [s["step"] for s in bad["steps"]],
             "devices_on_it": [d for d, v in versions.items() if v == bad["plan"]["manifest_sha256"]]}

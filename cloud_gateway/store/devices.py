@@ -1,4 +1,4 @@
-"""The ``devices`` table: one row per device, its last status and its last telemetry window."""
+"""The ``devices`` table: one row per device, its last status, its model line and its last telemetry window."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ devices = Table(
     "devices", meta,
     Column("device_id", String(64), primary_key=True),
     Column("status", JSON), Column("status_time", Float),
+    Column("model_line", String(128)),  # the manifest's model.name the device last reported (Alembic 0007)
     Column("last_telemetry", JSON), Column("last_seen", Float),
 )
 
@@ -23,7 +24,11 @@ class DeviceStore:
         self.engine = db.engine
 
     def set_status(self, device_id: str, status: dict[str, Any]) -> None:
-        self._upsert(device_id, status=status, status_time=time.time())
+        """Store a retained status; its ``model`` (the bundle's model line) is kept apart, so an ``offline``
+        status (the last will, which names no model) does not forget which line the device runs."""
+        line = status.get("model")
+        extra = {"model_line": line[:128]} if isinstance(line, str) and line else {}
+        self._upsert(device_id, status=status, status_time=time.time(), **extra)
 
     def set_last_telemetry(self, device_id: str, msg: dict[str, Any], received: float) -> None:
         self._upsert(device_id, last_telemetry=msg, last_seen=received)

@@ -187,8 +187,10 @@ def tarball_sha(run: TinyRun) -> str:
     return sha256_file(run.tarball)
 
 
-def retag_bundle(src: Path, dst: Path, *, version: str, model_bytes: bytes | None = None) -> Path:
-    """A copy of a bundle with another model version (and optionally another model file), re-hashed + tarred."""
+def retag_bundle(src: Path, dst: Path, *, version: str, model_bytes: bytes | None = None,
+                 name: str | None = None) -> Path:
+    """A copy of a bundle with another model version (and optionally another model file, or another model name:
+    another model line), re-hashed + tarred."""
     import shutil
 
     shutil.copytree(src, dst)
@@ -196,6 +198,8 @@ def retag_bundle(src: Path, dst: Path, *, version: str, model_bytes: bytes | Non
         (dst / "model.onnx").write_bytes(model_bytes)
     m = json.loads((dst / "manifest.json").read_text())
     m["model"]["version"] = version
+    if name is not None:
+        m["model"]["name"] = name
     m["files"] = {k: e.to_dict() for k, e in file_entries(dst, ["model.onnx", "drift_reference.json"]).items()}
     (dst / "manifest.json").write_text(json.dumps(m))
     sign_dir(dst)

@@ -75,7 +75,7 @@ def test_demo_on_a_finished_run(tiny_run: Path, tmp_path: Path) -> None:
     assert all(0 <= loop[k]["student_accuracy"] <= 1 for k in ("before", "after"))
     assert 0 <= loop["test_accuracy_original"] <= 1 and (out / "run-refresh" / "reports" / "refresh.json").is_file()
     assert loop["rollout"]["state"] in ("done", "rolled_back") and loop["rollout"]["steps"][0] == "started"
-    assert loop["bad_rollout"]["state"] == "rolled_back" and loop["bad_rollout"]["devices_on_it"] == []
+    assert loop["bad_rollout"]["state"] == "failed" and loop["bad_rollout"]["devices_on_it"] == []
     assert "canary update failed" in loop["bad_rollout"]["steps"]
     assert "## Closed loop (drifted device)" in (out / "summary.md").read_text()
 
@@ -117,7 +117,7 @@ def test_make_demo_command_end_to_end(tmp_path: Path) -> None:
     # (collected from drifted training images, evaluated on the drifted test split)
     loop = summary["refresh"]
     assert "refresh_error" not in loop, loop.get("refresh_error")
-    assert loop["bad_rollout"]["state"] == "rolled_back" and loop["bad_rollout"]["devices_on_it"] == []
+    assert loop["bad_rollout"]["state"] == "failed" and loop["bad_rollout"]["devices_on_it"] == []
     before, after = loop["before"], loop["after"]
     original = next(g for g in loop["gates"] if g["gate"] == "original test split")
     teacher = loop["teacher_accuracy_drifted"]

@@ -47,6 +47,31 @@ def test_triggers_fire_on_drift_streaks_and_sustained_offload_only(tmp_path):
     assert triggers(store, check_policy({"drift_windows": 5, "offload_devices": 2, "offload_rate": 0.3}), now) == []
 
 
+def test_triggers_and_proposals_are_per_model_line(tmp_path):
+    """Two models' devices never add up to one trigger; each line gets its own proposal, naming the line."""
+    from cloud_gateway.policy import PolicyEngine
+
+    store = GatewayStore(tmp_path / "s.sqlite")
+    now = time.time()
+    for d, line in (("dev-a", "digits"), ("dev-b", "parts"), ("dev-c", "parts")):
+        store.devices.set_status(d, {"state": "online", "model": line, "target": "onnx"})
+    for i in range(3):
+        store.telemetry.add("dev-a", _window(i, drift=False, offload=0.5, t_end=now - 30 + i))
+        store.telemetry.add("dev-b", _window(i, drift=False, offload=0.5, t_end=now - 30 + i))
+        store.telemetry.add("dev-c", _window(i, drift=False, offload=0.05, t_end=now - 30 + i))
+    # two devices offload too much, but one per line: no line has the two the policy asks for
+    assert triggers(store, check_policy({"drift_windows": 0, "offload_rate": 0.3, "offload_devices": 2}), now) == []
+    fired = triggers(store, check_policy({"drift_windows": 0, "offload_rate": 0.3, "offload_devices": 1}), now)
+    assert [(f["line"], f["devices"]) for f in fired] == [("digits", ["dev-a"]), ("parts", ["dev-b"])]
+    assert fired[1]["why"].startswith("model line parts: 1 device(s)")
+    store.policy.set({"drift_windows": 0, "offload_rate": 0.3, "offload_devices": 1})
+    engine = PolicyEngine(store=store, gateway_url=lambda: "http://gw", start_rollout=lambda **k: 0,
+                          upload=lambda *a: None)
+    assert engine.evaluate(now) is not None and engine.evaluate(now) is None  # the cooldown is per line
+    props = store.policy.proposals()
+    assert [(x["reason"]["line"], x["reason"]["device"]) for x in props] == [("digits", "dev-a"), ("parts", "dev-b")]
+
+
 @pytest.mark.broker
 def test_a_proposal_is_recorded_then_approved_runs_the_refresh_command_and_a_rollout(mosquitto, tiny_cascade, tmp_path):
     run = tiny_cascade
@@ -79,7 +104,7 @@ def test_a_proposal_is_recorded_then_approved_runs_the_refresh_command_and_a_rol
         res = gw.store.policy.proposals()[0]
         # the command ran and its bundle was verified and stored; dev-z is no real device, so the rollout is refused
         assert (tmp_path / "gw" / "bundles" / f"policy-{pid}-onnx-int8.tar.gz").is_file()
-        assert res["state"] == "failed" and "unknown device" in res["result"]["error"], res
+        assert res["state"] == "failed" and "dev-z (no status)" in res["result"]["error"], res
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(urllib.request.Request(f"{url}/api/policy/proposals/{pid}/approve", method="POST",
                                                           headers={"Authorization": "Bearer test-token"}), timeout=10)

@@ -34,27 +34,30 @@ def _call(method: str, url: str, body: bytes | dict | None = None):
         raise AssertionError(f"{method} {url}: {e.code} {e.read()[:500]!r}") from e
 
 
-def _zero_model(student_onnx: Path) -> bytes:
-    """A model with the student's input and output shapes whose logits are all zero: confidence 0.1 everywhere."""
+def _zero_model(student_onnx: Path, n_out: int = 10) -> bytes:
+    """A model with the student's input and output shapes whose logits are all zero: confidence 0.1 everywhere
+    (``n_out`` other than 10: a model that fails the agent's smoke test, one logit per label)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     m = onnx.load(str(student_onnx))
     inp = m.graph.input[0]
     out_name = m.graph.output[0].name
-    w = numpy_helper.from_array(np.zeros((64, 10), np.float32), "w")
+    w = numpy_helper.from_array(np.zeros((64, n_out), np.float32), "w")
     g = helper.make_graph([helper.make_node("Flatten", [inp.name], ["f"], axis=1),
                            helper.make_node("MatMul", ["f", "w"], [out_name])], "zero", [inp],
-                          [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["N", 10])], [w])
+                          [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["N", n_out])], [w])
     return helper.make_model(g, opset_imports=m.opset_import, ir_version=m.ir_version).SerializeToString()
 
 
 class Fleet:
     """Agents fed continuously (telemetry every 0.2 s) until stopped."""
 
-    def __init__(self, broker, run, tmp, gateway_url: str, ids=("dev-a", "dev-b", "dev-c")):
-        self.agents = {d: make_agent(broker, run.bundle_dir, d, tmp, update_bases=(f"{gateway_url}/api/bundles",),
-                                     deadline_s=1.0).start() for d in ids}
+    def __init__(self, broker, run, tmp, gateway_url: str, ids=("dev-a", "dev-b", "dev-c"), bundles=None):
+        bundles = bundles or {}
+        self.agents = {d: make_agent(broker, bundles.get(d, run.bundle_dir), d, tmp,
+                                     update_bases=(f"{gateway_url}/api/bundles",), deadline_s=1.0).start()
+                       for d in ids}
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._feed, args=(a, run), daemon=True) for a in self.agents.values()]
         for t in self.threads:
@@ -206,3 +209,102 @@ def test_a_gateway_killed_mid_rollout_resumes_it_on_restart(mosquitto, tiny_casc
         fleet.close()
         proc.kill()
         proc.wait(10)
+
+
+# --- model lines: a rollout, the policy and a device's updates stay within the bundle's model line -----------
+OTHER = "tiny-other"  # a second model line with the same input shape as tiny-digits: only its name tells them apart
+
+
+def _status(gw, device: str) -> dict:
+    return (gw.store.devices.get(device) or {}).get("status") or {}
+
+
+def test_two_model_lines_on_one_broker_a_device_refuses_another_lines_bundle(mosquitto, tiny_cascade, tmp_path):
+    from tests.agent.tiny import Listener
+
+    run = tiny_cascade
+    gw = start_gateway(mosquitto, run, tmp_path / "gw")
+    url = gw.http_url
+    other_tar = retag_bundle(run.bundle_dir, tmp_path / "other", version="1", name=OTHER)
+    fleet = Fleet(mosquitto, run, tmp_path, url, ids=("dev-a", "dev-d"), bundles={"dev-d": tmp_path / "other"})
+    admin = Listener(mosquitto, ["fleet/+/status"])
+    try:
+        _upload(url, "digits-v2", retag_bundle(run.bundle_dir, tmp_path / "v2", version="v2"))
+        wait_for(lambda: gw.store.devices.get("dev-d") and gw.store.devices.get("dev-a"), 10, "both devices known")
+        assert {d["device_id"]: d["model_line"] for d in _call("GET", f"{url}/api/devices")} == {
+            "dev-a": "tiny-digits", "dev-d": OTHER}
+        before = fleet.agents["dev-d"].bundle.manifest_sha256
+        # ordered directly, the line-B device refuses line A's bundle and keeps its own
+        _call("POST", f"{url}/api/devices/dev-d/cmd", {"cmd": "update_bundle", "id": "direct",
+                                                        "url": f"{url}/api/bundles/digits-v2"})
+        wait_for(lambda: (_status(gw, "dev-d").get("last_cmd") or {}).get("id") == "direct", 15, "dev-d's answer")
+        last = _status(gw, "dev-d")["last_cmd"]
+        assert last["ok"] is False
+        assert last["error"] == f"bundle digits-v2 is model line tiny-digits, this device runs {OTHER}; refused"
+        assert fleet.agents["dev-d"].bundle.manifest_sha256 == before and _status(gw, "dev-d")["model"] == OTHER
+        # told explicitly, it switches lines
+        _call("POST", f"{url}/api/devices/dev-d/cmd", {"cmd": "update_bundle", "id": "switch", "allow_line_change": True,
+                                                        "url": f"{url}/api/bundles/digits-v2"})
+        wait_for(lambda: (_status(gw, "dev-d").get("last_cmd") or {}).get("id") == "switch", 15, "the switch")
+        assert _status(gw, "dev-d")["last_cmd"]["ok"] is True
+        assert fleet.agents["dev-d"].bundle.manifest.model.name == "tiny-digits"
+        wait_for(lambda: gw.store.devices.get("dev-d")["model_line"] == "tiny-digits", 10, "the new line stored")
+        assert other_tar.is_file()
+    finally:
+        admin.stop()
+        fleet.close()
+        gw.stop()
+
+
+def test_a_rollout_reaches_only_its_model_line_and_a_refusing_canary_fails_it(mosquitto, tiny_cascade, tmp_path):
+    run = tiny_cascade
+    gw = start_gateway(mosquitto, run, tmp_path / "gw")
+    gw.rollouts.update_timeout_s = 20
+    url = gw.http_url
+    other_tar = retag_bundle(run.bundle_dir, tmp_path / "other", version="1", name=OTHER)
+    fleet = Fleet(mosquitto, run, tmp_path, url, ids=("dev-a", "dev-b", "dev-d"),
+                  bundles={"dev-d": tmp_path / "other"})
+    try:
+        _upload(url, "v1", run.tarball)
+        _upload(url, "other-v1", other_tar)
+        _upload(url, "v2", retag_bundle(run.bundle_dir, tmp_path / "v2", version="v2"))
+        _upload(url, "broken", retag_bundle(run.bundle_dir, tmp_path / "broken", version="broken",
+                                            model_bytes=_zero_model(run.bundle_dir / "model.onnx", n_out=5)))
+        x_sha = fleet.shas()["dev-d"]
+        wait_for(lambda: all(gw.store.telemetry.history(d, limit=1) for d in fleet.agents), 10, "telemetry")
+        # a line-B canary for a line-A bundle is refused up front, naming why
+        with pytest.raises(AssertionError, match=r"dev-d \(model line tiny-other\)"):
+            _call("POST", f"{url}/api/rollouts", {"bundle": "v2", "canary": ["dev-d"], "watch_s": 1.5})
+        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "v2", "canary": ["dev-a"], "watch_s": 1.5,
+                                                    "promote_if": "rollbacks == 0"})["id"]
+        r = _wait_state(url, rid, {"done", "rolled_back", "failed"})
+        assert r["state"] == "done", r["steps"]
+        assert r["plan"]["line"] == "tiny-digits" and r["plan"]["rest"] == ["dev-b"]
+        assert r["plan"]["excluded"] == {f"model line {OTHER}": ["dev-d"]}
+        assert r["steps"][0]["detail"]["excluded"] == {f"model line {OTHER}": 1}
+        v2 = r["plan"]["manifest_sha256"]
+        wait_for(lambda: fleet.shas()["dev-b"] == v2, 10, "dev-b on v2")
+        time.sleep(0.5)
+        assert fleet.shas()["dev-d"] == x_sha and r["device_versions"]["dev-d"] == x_sha  # never touched
+
+        # a canary that cannot load the bundle (its smoke test: 5 logits for 10 labels): failed, never done
+        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "broken", "canary": ["dev-a"], "watch_s": 1.5,
+                                                    "promote_if": "rollbacks == 0"})["id"]
+        r = _wait_state(url, rid, {"done", "rolled_back", "failed"}, timeout=30)
+        assert r["state"] == "failed", r["steps"]
+        assert list(r["result"]["refused"]) == ["dev-a"] and "smoke input" in r["result"]["refused"]["dev-a"]
+        assert r["steps"][-1]["detail"]["refused"] == r["result"]["refused"]
+        assert "promoted to the fleet" not in [s["step"] for s in r["steps"]]
+        assert set(fleet.shas().values()) == {v2, x_sha}
+
+        # --line: the explicit, logged move of line B to line A's bundle (the commands say so; devices accept)
+        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "v2", "canary": ["dev-d"], "watch_s": 1.5,
+                                                    "promote_if": "rollbacks == 0", "line": OTHER})["id"]
+        r = _wait_state(url, rid, {"done", "rolled_back", "failed"})
+        assert r["state"] == "done", r["steps"]
+        assert r["plan"]["line_change"] == {"from": OTHER, "to": "tiny-digits"}
+        assert r["steps"][1]["step"] == "line change" and r["steps"][1]["detail"]["devices"] == ["dev-d"]
+        wait_for(lambda: fleet.shas()["dev-d"] == v2, 10, "dev-d moved to line A")
+    finally:
+        fleet.close()
+        gw.stop()

@@ -32,6 +32,9 @@ def _pre_migration_store(url: str) -> None:
     with engine.begin() as c:
         for seq in (4, 5):
             c.execute(tel.insert().values(device_id="old", seq=seq, received=1.0, payload={"seq": seq, "kept": True}))
+        devices = old.tables["devices"]
+        c.execute(devices.insert().values(device_id="old", status={"state": "online", "model": "digits"}))
+        c.execute(devices.insert().values(device_id="mute", status={"state": "offline"}))
     engine.dispose()
 
 
@@ -44,8 +47,13 @@ def test_an_existing_store_is_upgraded_in_place(store_url):
     engine = create_engine(db_url(store_url))
     assert current_revision(engine) is None and _indexes(engine) == {"ix_telemetry_device_id"}
     st = GatewayStore(store_url)
-    assert current_revision(st.db.engine) == head_revision() == "0006"
+    assert current_revision(st.db.engine) == head_revision() == "0007"
     assert _indexes(st.db.engine) == {"ix_telemetry_device_id_id"}
+    # each device's model line is filled from the status it held (none where the status names no model) ...
+    assert {d["device_id"]: d["model_line"] for d in st.devices.all()} == {"mute": None, "old": "digits"}
+    # ... and an offline status (the last will names no model) does not forget it
+    st.devices.set_status("old", {"state": "offline"})
+    assert st.devices.get("old")["model_line"] == "digits"
     # the data survived (boot '' for the old rows), and the dedupe key is now (device, boot, seq)
     assert st.telemetry.arrival_order("old") == [4, 5] and st.telemetry.history("old")[0]["kept"] is True
     assert not st.telemetry.add("old", {"seq": 5}) and st.telemetry.add("old", {"seq": 6})
