@@ -5,19 +5,19 @@ Every input gets an answer tagged with where it came from:
 ``fallback`` (the cloud was asked but timed out, the broker was gone or the
 gateway replied with an error: the device's own prediction, counted).
 
-`Agent` composes small parts and owns their lifecycle: the local model with
+`Agent` answers inputs and composes small parts: the local model with
 rollback (`model.LocalModel`), the cloud client (`cloud.CloudClient`), the
-telemetry recorder (`telemetry.TelemetryRecorder`), the outbox and its
-forwarder (`outbox`, `forwarder`) and the command registry (`commands`).
+telemetry recorder (`telemetry.TelemetryRecorder`) and the command registry
+(`commands`). Its side of the fleet (the MQTT link, status, command thread,
+telemetry windows into the outbox and their forwarder) is
+`connection.FleetConnection`, ``agent.fleet``.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import queue
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +27,16 @@ import numpy as np
 
 from edgecore import wire
 from edgecore.bundle import Bundle, TrustPolicy
-from edgecore.errors import AgentError, BrokerError
-from edgecore.mqtt import DEFAULT_VERSION, MqttLink
+from edgecore.errors import AgentError
+from edgecore.mqtt import DEFAULT_VERSION
 
 from .cloud import BROKER_DOWN, CloudClient, CloudResult, Ticket
 from .commands import CommandFn, CommandRegistry
+from .connection import FleetConnection
 from .drift import DriftConfig
-from .forwarder import OutboxForwarder
 from .model import Inference, LoadedModel, LocalModel, load_model
 from .outbox import DropPolicy, Outbox
-from .sources import Item, MqttInputSource
+from .sources import Item
 from .telemetry import TelemetryRecorder, WindowCounters, answer_counts
 from .updates import check_line, fetch_bundle, prune_bundles
 
@@ -122,18 +122,12 @@ class Agent:
         self._threshold = self._initial_threshold(first, config.threshold)
         self.cloud = CloudClient(self.topics, deadline_s=config.deadline_s)
         self.commands = CommandRegistry(commands)
-        self.outbox: Outbox | None = None
+        outbox: Outbox | None = None
         window = WindowCounters()
         if config.broker_url is not None:  # telemetry: the open window and the outbox live in the state dir
-            self.outbox, window = self._open_state()
+            outbox, window = self._open_state()
         self.telemetry = TelemetryRecorder(first.drift_reference, config.drift, window)
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._cmd_q: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self.last_cmd: dict[str, Any] | None = None
-        self.link: MqttLink | None = None
-        self._sources: list[MqttInputSource] = []  # subscribed before the status says online
-        self.windows_produced = 0
+        self.fleet = FleetConnection(self, outbox)  # link, status, commands, telemetry windows
 
     def _open_state(self) -> tuple[Outbox, WindowCounters]:
         """The outbox, and the open window continued from a crash unless it was already stored."""
@@ -181,7 +175,7 @@ class Agent:
         if not np.isfinite(v):
             raise AgentError(f"threshold must be a finite number, got {value!r}")
         self._threshold = v
-        self._publish_status()
+        self.fleet.publish_status()
 
     def swap_bundle(self, bundle: Bundle) -> None:
         """Load, smoke-test and read everything first; then switch (which cannot fail halfway)."""
@@ -191,7 +185,7 @@ class Agent:
             self._threshold = new.threshold
         self.telemetry.reset_drift(new.drift_reference)
         log.info("now running bundle %s (%s)", bundle.root, bundle.manifest_sha256[:12])
-        self._publish_status()
+        self.fleet.publish_status()
 
     def fetch(self, url: str, *, sha256: str | None = None) -> Bundle:
         """Download and verify a bundle from under the configured update bases into the state dir."""
@@ -218,8 +212,8 @@ class Agent:
     def _rolled_back(self, now: LoadedModel, err: Exception) -> None:
         self.telemetry.count({"rollbacks": 1})
         self.telemetry.reset_drift(now.drift_reference)
-        self.last_cmd = {"cmd": "update_bundle", "ok": False, "error": f"rolled back after live failure: {err}"}
-        self._publish_status()
+        self.fleet.last_cmd = {"cmd": "update_bundle", "ok": False, "error": f"rolled back after live failure: {err}"}
+        self.fleet.publish_status()
 
     # --- answering ------------------------------------------------------------------
     def process(self, items: list[Item]) -> list[Answer]:
@@ -308,7 +302,7 @@ class Agent:
             if len(batch) >= self.config.batch_size:
                 yield from self._emit(batch, on_answer)
                 batch = []
-            if self._stop.is_set():
+            if self.fleet.stopping.is_set():
                 break
         if batch:
             yield from self._emit(batch, on_answer)
@@ -319,191 +313,15 @@ class Agent:
                 cb(a)
             yield a
 
-    def mqtt_source(self, topic: str | None = None, *, wait: float = 10.0) -> MqttInputSource:
-        """Inputs from an MQTT topic (default ``<prefix>/<id>/input``).
-
-        Made before ``start()``, its subscription is acknowledged before the status says ``online``, so a feeder
-        that waits for ``online`` loses nothing. Made after, this waits (up to ``wait`` s) for the broker's
-        acknowledgement while connected.
-        """
-        if self.config.broker_url is None:
-            raise AgentError("an MQTT source needs the agent configured with a broker")
-        src = MqttInputSource(topic or self.topics.input, self.bundle.input_spec)
-        self._sources.append(src)
-        if self.link is not None:
-            self.link.subscribe(src.topic, src.push_message, wait=wait)
-        return src
-
-    def publish(self, topic: str, msg: dict[str, Any], *, retain: bool = False) -> None:
-        """A JSON message at QoS 1 (nothing without a broker)."""
-        if self.link is not None:
-            self.link.publish(topic, wire.dumps(msg), qos=1, retain=retain)
-
-    def publish_answer(self, answer: Answer) -> None:
-        """Answers of MQTT-fed inputs go back on ``<prefix>/<id>/answers`` (QoS 1)."""
-        self.publish(self.topics.answers, answer.to_dict())
-
-    # --- telemetry ----------------------------------------------------------------
-    def _identity(self) -> dict[str, Any]:
-        assert self.outbox is not None  # only called with a state dir
-        b = self.bundle
-        return {
-            "device_id": self.config.device_id, "boot": self.outbox.boot, "threshold": self._threshold,
-            "bundle_sha256": b.manifest_sha256, "model": {"name": b.manifest.model.name, "version": b.version},
-            "outbox": self.outbox.stats(),
-        }
-
-    def flush_window(self, *, t_end: float | None = None) -> int:
-        """Close the open window into the outbox (durably, before counting restarts); returns its seq."""
-        box = self.outbox
-        if box is None:
-            raise AgentError("telemetry windows need the agent configured with a broker")
-
-        def emit(msg: dict[str, Any]) -> int:
-            box.put(self.topics.telemetry, wire.dumps({**self._identity(), **msg}),
-                    inputs=msg["counts"]["inputs"], seq=msg["seq"])
-            return box.next_seq()
-
-        msg = self.telemetry.close_window(t_end=time.time() if t_end is None else t_end, emit=emit)
-        self.windows_produced += 1
-        return int(msg["seq"])
-
-    def _telemetry_loop(self) -> None:
-        """Close a window every ``telemetry_window_s``; sync the open one to disk every second meanwhile."""
-        period = self.config.telemetry_window_s
-        due = time.monotonic() + period
-        while not self._stop.wait(max(0.005, min(1.0, due - time.monotonic()))):
-            if time.monotonic() >= due:
-                self.flush_window()
-                due = time.monotonic() + period
-            else:
-                self.telemetry.window.sync()
-
-    # --- status and commands ------------------------------------------------------
-    @property
-    def broker_state(self) -> str:
-        """``connected``; ``connecting`` while the broker is away (with the last error); ``none`` without one."""
-        link = self.link
-        if self.config.broker_url is None:
-            return "none"
-        if link is not None and link.ready.is_set():
-            return "connected"
-        why = link.last_error if link is not None else None
-        return f"connecting ({why})" if why else "connecting"
-
-    def status(self, state: str = "online") -> dict[str, Any]:
-        b = self.bundle
-        return {
-            "device_id": self.config.device_id, "state": state, "time": time.time(), "broker": self.broker_state,
-            "bundle_sha256": b.manifest_sha256, "model": b.manifest.model.name, "version": b.version,
-            "target": b.target, "precision": b.precision, "threshold": self._threshold, "last_cmd": self.last_cmd,
-        }
-
-    def _publish_status(self) -> None:
-        if self.link is not None and self.link.ready.is_set():
-            self.publish(self.topics.status, self.status(), retain=True)
-
-    def _on_cmd(self, msg: Any) -> None:
-        try:
-            self._cmd_q.put(wire.loads(msg.payload))
-        except wire.WireError as e:
-            self.last_cmd = {"cmd": None, "ok": False, "error": f"bad command: {e}"}
-            self._publish_status()
-
-    def _cmd_loop(self) -> None:
-        while (cmd := self._cmd_q.get()) is not None:
-            self.handle_command(cmd)
-
-    def handle_command(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        """Run one command through its registered handler; the outcome goes into the retained status.
-
-        A command's ``id`` (a string or an integer) comes back in the outcome: the status is also published
-        while a command runs (an update publishes the new bundle first), still carrying the previous command's
-        outcome, so an operator matches its own command's outcome by ``id``, not by the command's name.
-        """
-        name = cmd.get("cmd")
-        ident = cmd.get("id")
-        echo = {"id": ident} if type(ident) in (str, int) and len(str(ident)) <= 128 else {}  # (not a bool)
-        try:
-            self.commands.get(name)(self, cmd)
-            outcome: dict[str, Any] = {"cmd": name, **echo, "ok": True}
-        except Exception as e:  # the command thread must survive any command
-            log.error("command %s failed: %s", name, e)
-            outcome = {"cmd": name, **echo, "ok": False, "error": str(e)}
-        self.last_cmd = outcome
-        self._publish_status()
-        return outcome
-
-    # --- lifecycle ----------------------------------------------------------------
+    # --- lifecycle (the fleet side: `connection.FleetConnection`) ------------------------------------------
     def start(self, *, connect_timeout: float = 10.0) -> "Agent":
-        """Connect, and start the telemetry, outbox and command threads.
-
-        The status says ``online`` once the broker acknowledged the subscriptions (commands, cloud replies, the
-        MQTT sources made so far). A broker that cannot be reached does not stop the agent: it answers locally
-        (uncertain inputs fall back with reason ``broker``), keeps telemetry in the outbox and connects when the
-        broker appears. A refused login or certificate stops it (`AgentError`): retrying cannot fix those.
-        """
-        c, url = self.config, self.config.broker_url
-        if url is None or self.outbox is None:
-            return self
-        offline = wire.dumps({"device_id": c.device_id, "state": "offline"})
-        try:
-            link = MqttLink(url=url, client_id=f"agent-{c.device_id}", username=c.username,
-                            password=c.password, will=(self.topics.status, offline), mqtt_version=c.mqtt_version,
-                            max_inflight=100, anonymous_hint="give --password, $DEVICE_AGENT_PASSWORD or --credentials")
-        except BrokerError as e:
-            raise AgentError(str(e)) from e
-        self.link = link
-        self.cloud.attach(link)
-        link.subscribe(self.topics.cmd, self._on_cmd)
-        for src in self._sources:
-            link.subscribe(src.topic, src.push_message)
-        link.on_ready(self._publish_status)
-        try:
-            if not link.start(wait=connect_timeout, offline_ok=True):
-                log.warning("device %s answers locally and keeps its telemetry in %s until broker %s answers",
-                            c.device_id, self.outbox.path, link.where)
-        except BrokerError as e:
-            self.link = None
-            self.cloud.attach(None)
-            raise AgentError(str(e)) from e
-        forwarder = OutboxForwarder(self.outbox, self.link, self._stop)
-        for fn, name in ((self._telemetry_loop, "telemetry"), (forwarder.run, "outbox"), (self._cmd_loop, "commands")):
-            t = threading.Thread(target=fn, name=f"agent-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        """Connect to the fleet (`FleetConnection.start`): the status, commands and telemetry threads."""
+        self.fleet.start(connect_timeout=connect_timeout)
         return self
 
     def stop(self, *, flush_timeout: float = 5.0) -> None:
         """Close the last window, forward what the outbox holds (bounded wait), go offline."""
-        if self.link is None:
-            return
-        if self.outbox is not None:
-            self.flush_window()
-            # a broker never reached is not waited for: the rows go first at the next start
-            end = time.monotonic() + (flush_timeout if self.link.generation else 0.0)
-            while len(self.outbox) and time.monotonic() < end:  # also rides out a reconnect
-                time.sleep(0.02)
-            left = len(self.outbox)
-            if left:  # nothing is lost: they stay on disk and go first at the next start
-                log.warning("stopping with %d message(s) the broker has not confirmed within %.0f s; they stay in "
-                            "the outbox (%s) and are sent at the next start", left, flush_timeout, self.outbox.path)
-        self._stop.set()
-        self._cmd_q.put(None)
-        for t in self._threads:
-            t.join(timeout=15)
-        self.telemetry.window.sync()
-        if self.link.connected.is_set():
-            info = self.link.publish(self.topics.status, wire.dumps(self.status("offline")), qos=1, retain=True)
-            try:
-                info.wait_for_publish(timeout=2)
-            except (RuntimeError, ValueError):
-                pass
-        self.link.stop()
-        self.cloud.attach(None)
-        if self.outbox is not None:
-            self.outbox.close()
-        self.link = None
+        self.fleet.stop(flush_timeout=flush_timeout)
 
     def __enter__(self) -> "Agent":
         return self.start()

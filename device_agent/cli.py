@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.broker:
             raise AgentError("an MQTT source needs --broker")
         # made before the start: subscribed before the status says online
-        mqtt_src = agent.mqtt_source(src.removeprefix("mqtt:") or None)
+        mqtt_src = agent.fleet.mqtt_source(src.removeprefix("mqtt:") or None)
         source = mqtt_src
     else:
         source = paced(open_inputs(src, spec, run=args.run, split=args.split, key=args.key, limit=args.limit),
@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             for a in agent.run(source):
                 if mqtt_src is not None:
-                    agent.publish_answer(a)
+                    agent.fleet.publish_answer(a)
                 answers.append(a)
                 out.write(json.dumps(a.to_dict()) + "\n")
                 out.flush()

@@ -130,6 +130,6 @@ def agent_command(agent: Any, cmd: dict[str, Any]) -> None:
         reply.update(ok=True, result=run_job(cmd, bundle))
     except Exception as e:  # the operator must get an answer, whatever failed
         reply.update(ok=False, error=f"{type(e).__name__}: {e}")
-    agent.publish(agent.topics.bench, reply)
+    agent.fleet.publish(agent.topics.bench, reply)
     if not reply["ok"]:
         raise BenchError(reply["error"])

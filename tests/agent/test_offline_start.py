@@ -30,25 +30,25 @@ def test_agent_started_without_a_broker_answers_locally_and_flushes_its_outbox_w
         t0 = time.monotonic()
         agent.start()
         assert time.monotonic() - t0 < 5, "start waited for the missing broker"
-        assert agent.status()["broker"].startswith("connecting"), agent.status()["broker"]
+        assert agent.fleet.status()["broker"].startswith("connecting"), agent.fleet.status()["broker"]
         answers = list(agent.run(items(run.x_test[:20], run.y_test[:20])))
         assert len(answers) == 20  # answered locally: every uncertain input falls back, reason broker
         assert {(a.route, a.reason) for a in answers} == {(Route.FALLBACK, "broker")}
-        agent.flush_window()
-        assert len(agent.outbox) == 1 and not agent.link.connected.is_set()  # queued, not lost
+        agent.fleet.flush_window()
+        assert len(agent.fleet.outbox) == 1 and not agent.fleet.link.connected.is_set()  # queued, not lost
 
         mosquitto.start()
-        wait_for(lambda: agent.link.ready.is_set(), 15, "the agent to connect to the broker that appeared")
-        wait_for(lambda: len(agent.outbox) == 0, 15, "the outbox to be flushed")
-        assert agent.status()["broker"] == "connected"
-        wait_for(lambda: sum(w["counts"]["inputs"] for w in gw.store.history("dev-a")) == 20, 20,
+        wait_for(lambda: agent.fleet.link.ready.is_set(), 15, "the agent to connect to the broker that appeared")
+        wait_for(lambda: len(agent.fleet.outbox) == 0, 15, "the outbox to be flushed")
+        assert agent.fleet.status()["broker"] == "connected"
+        wait_for(lambda: sum(w["counts"]["inputs"] for w in gw.store.telemetry.history("dev-a")) == 20, 20,
                  "the queued window in the gateway's store")
-        wait_for(lambda: ((gw.store.device("dev-a") or {}).get("status") or {}).get("state") == "online", 15,
+        wait_for(lambda: ((gw.store.devices.get("dev-a") or {}).get("status") or {}).get("state") == "online", 15,
                  "the agent's online status")
     finally:
         agent.stop()
         gw.stop()
-    (window,) = [w for w in gw.store.history("dev-a") if w["counts"]["inputs"]]  # (stop() closes an empty one)
+    (window,) = [w for w in gw.store.telemetry.history("dev-a") if w["counts"]["inputs"]]  # (stop() closes an empty one)
     assert window["counts"]["fallback"] == 20 and window["seq"] == 0
 
 

@@ -30,23 +30,23 @@ def test_broker_restart_delivers_every_window_once_in_order(mosquitto, tiny_casc
     try:
         _wait(lambda: len(gw.store.telemetry.arrival_order("dev-a")) >= 3, 15, "first windows stored")
         mosquitto.stop()
-        produced_before = agent.windows_produced
+        produced_before = agent.fleet.windows_produced
         # windows pile up in the outbox while the broker is gone
-        _wait(lambda: agent.windows_produced >= produced_before + 4 and len(agent.outbox) >= 4, 15, "outbox filling")
+        _wait(lambda: agent.fleet.windows_produced >= produced_before + 4 and len(agent.fleet.outbox) >= 4, 15, "outbox filling")
         mosquitto.start()
-        _wait(lambda: len(agent.outbox) == 0, 20, "outbox drained after the restart")
+        _wait(lambda: len(agent.fleet.outbox) == 0, 20, "outbox drained after the restart")
     finally:
         stop.set()
         t.join(10)
         agent.stop()
-    n = agent.windows_produced
+    n = agent.fleet.windows_produced
     try:
         _wait(lambda: len(gw.store.telemetry.arrival_order("dev-a")) >= n, 15, "all windows stored")
     except AssertionError:
         import json
         import sqlite3
 
-        with sqlite3.connect(agent.outbox.path) as db:  # what the agent kept for its next start, if anything
+        with sqlite3.connect(agent.fleet.outbox.path) as db:  # what the agent kept for its next start, if anything
             left = [json.loads(p).get("seq") for (p,) in db.execute("SELECT payload FROM outbox ORDER BY id")]
         raise AssertionError(f"produced {n}, stored {gw.store.telemetry.arrival_order('dev-a')}, "
                              f"still in the agent's outbox "
@@ -80,7 +80,7 @@ def test_stop_with_the_broker_gone_keeps_the_last_window_and_says_so(mosquitto, 
         with caplog.at_level(logging.WARNING, logger="device_agent.agent"):
             agent.stop(flush_timeout=0.3)
     assert "not confirmed" in caplog.text and "next start" in caplog.text, caplog.text
-    box = Outbox(agent.outbox.path)
+    box = Outbox(agent.fleet.outbox.path)
     try:
         assert len(box) >= 1  # the last window (and the status messages before it, if any)
     finally:

@@ -219,8 +219,8 @@ def test_command_registry_has_one_function_per_command(tiny_cascade):
     with pytest.raises(AgentError, match="unknown command None"):
         reg.get(None)
     agent = Agent(tiny_cascade.bundle_dir, AgentConfig(device_id="x", trust=release_trust()), commands={"ping": reg.get("ping")})
-    assert agent.handle_command({"cmd": "ping", "n": 1}) == {"cmd": "ping", "ok": True}
-    out = agent.handle_command({"cmd": "update_bundle", "url": "http://evil.example/b.tar.gz"})
+    assert agent.fleet.handle_command({"cmd": "ping", "n": 1}) == {"cmd": "ping", "ok": True}
+    out = agent.fleet.handle_command({"cmd": "update_bundle", "url": "http://evil.example/b.tar.gz"})
     assert not out["ok"] and "--update-base" in out["error"]  # no bases configured: updates by URL refused
 
 
@@ -322,7 +322,7 @@ def test_agent_keeps_current_and_previous_bundle_only(tiny_cascade, tmp_path):
     (state / "bundles" / "stale").mkdir()  # left by an older agent
     try:
         for v in ("2", "3", "4"):
-            assert agent.handle_command({"cmd": "update_bundle", "url": f"{srv.url}/v{v}.tar.gz"})["ok"]
+            assert agent.fleet.handle_command({"cmd": "update_bundle", "url": f"{srv.url}/v{v}.tar.gz"})["ok"]
             assert agent.bundle.version == v
     finally:
         srv.close()

@@ -116,9 +116,9 @@ def test_broker_outage_past_the_outbox_bound_reports_what_it_dropped(mosquitto, 
     try:
         wait_for(lambda: len(gw.store.telemetry.arrival_order("dev-a")) >= 2, 15, "first windows stored")
         mosquitto.stop()
-        wait_for(lambda: agent.outbox.stats()["dropped_inputs"] > 0, 15, "windows dropped by the bound")
+        wait_for(lambda: agent.fleet.outbox.stats()["dropped_inputs"] > 0, 15, "windows dropped by the bound")
         mosquitto.start()
-        wait_for(lambda: len(agent.outbox) == 0, 20, "outbox drained after the restart")
+        wait_for(lambda: len(agent.fleet.outbox) == 0, 20, "outbox drained after the restart")
     finally:
         stop.set()
         t.join(10)

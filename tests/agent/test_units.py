@@ -310,18 +310,18 @@ def test_edge_only_agent_answers_everything_and_commands(tiny_cascade):
     s = summarize(ans)
     assert s["inputs"] == 50 and s["edge"] + s["fallback"] == 50
     assert all(a.reason == "broker" for a in ans if a.route is Route.FALLBACK)  # no broker: counted fallback
-    assert agent.handle_command({"schema": 1, "cmd": "set_threshold", "threshold": 0.0})["ok"]
+    assert agent.fleet.handle_command({"schema": 1, "cmd": "set_threshold", "threshold": 0.0})["ok"]
     assert summarize(list(agent.run(items(run.x_test[:50]))))["edge"] == 50
-    out = agent.handle_command({"schema": 1, "cmd": "set_threshold", "threshold": "nan"})
+    out = agent.fleet.handle_command({"schema": 1, "cmd": "set_threshold", "threshold": "nan"})
     assert not out["ok"] and agent.threshold == 0.0
-    assert not agent.handle_command({"schema": 1, "cmd": "reboot"})["ok"]
+    assert not agent.fleet.handle_command({"schema": 1, "cmd": "reboot"})["ok"]
     # an id comes back in the outcome (and so in the status' last_cmd), on success and on failure
-    assert agent.handle_command({"cmd": "set_threshold", "threshold": 0.5, "id": "op-7"}) == \
+    assert agent.fleet.handle_command({"cmd": "set_threshold", "threshold": 0.5, "id": "op-7"}) == \
         {"cmd": "set_threshold", "id": "op-7", "ok": True}
-    out = agent.handle_command({"cmd": "set_threshold", "threshold": "nan", "id": 8})
-    assert out["id"] == 8 and not out["ok"] and agent.last_cmd == out and agent.status()["last_cmd"]["id"] == 8
+    out = agent.fleet.handle_command({"cmd": "set_threshold", "threshold": "nan", "id": 8})
+    assert out["id"] == 8 and not out["ok"] and agent.fleet.last_cmd == out and agent.fleet.status()["last_cmd"]["id"] == 8
     for odd in ({"a": 1}, ["x"], True, "x" * 129, None):  # not an id: not echoed
-        assert "id" not in agent.handle_command({"cmd": "set_threshold", "threshold": 0.5, "id": odd})
+        assert "id" not in agent.fleet.handle_command({"cmd": "set_threshold", "threshold": 0.5, "id": odd})
 
 
 def test_live_failure_after_a_swap_rolls_back(tiny_cascade, tmp_path):
@@ -343,7 +343,7 @@ def test_live_failure_after_a_swap_rolls_back(tiny_cascade, tmp_path):
     ans = list(agent.run(items(run.x_test[:20], run.y_test[:20])))
     assert len(ans) == 20 and summarize(ans)["accuracy"] > 0.8  # answered by the previous bundle
     assert agent.bundle.version == "1" and agent.counts["rollbacks"] == 1
-    assert agent.last_cmd and not agent.last_cmd["ok"] and "rolled back" in agent.last_cmd["error"]
+    assert agent.fleet.last_cmd and not agent.fleet.last_cmd["ok"] and "rolled back" in agent.fleet.last_cmd["error"]
 
 
 def test_a_new_bundle_clears_the_drift_verdict_of_the_old_one(tiny_cascade, tmp_path):

@@ -335,7 +335,7 @@ def test_mqtt_311_mode_carries_request_metadata_in_an_envelope(mosquitto, tiny_c
     with start_gateway(mosquitto, run, tmp_path, http=False, mqtt_version="3.1.1") as gw:
         with make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path, threshold=1.01, deadline_s=2.0,
                         mqtt_version="3.1.1") as agent:
-            assert not agent.link.v5
+            assert not agent.fleet.link.v5
             s = summarize(list(agent.run(items(run.x_test[:30], run.y_test[:30]))))
         _wait(lambda: len(gw.store.telemetry.arrival_order("dev-a")) >= 1, 5, "telemetry over 3.1.1")
     assert s["cloud"] == 30 and s["accuracy"] > 0.9
