@@ -124,5 +124,15 @@ class TrainTask(ABC):
         """The build gate: an artifact's raw outputs against the PyTorch reference's on the test split."""
 
 
+def budget_problem(metric: str, got: float, ref: float, budget_pt: float, *, unit: str = "") -> str | None:
+    """Every task's gate rule: the artifact's ``metric`` (in [0, 1]) at most ``budget_pt`` points below the
+    reference's; the problem in one line, or None."""
+    drop_pt = (ref - got) * 100.0
+    if drop_pt <= budget_pt + 1e-9:
+        return None
+    return (f"{metric} {got * 100:.2f}{unit} is {drop_pt:.2f} pt below the PyTorch reference {ref * 100:.2f}{unit} "
+            f"(budget {budget_pt:.2f} pt, over by {drop_pt - budget_pt:.2f} pt)")
+
+
 def _numpy(y: Any) -> Any:
     return y.numpy() if hasattr(y, "numpy") else y

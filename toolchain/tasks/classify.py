@@ -9,7 +9,7 @@ import numpy as np
 from edgecore.errors import DataError
 from edgecore.spec import Precision
 
-from .base import ExportCheck, LossFn, TrainTask
+from .base import ExportCheck, LossFn, TrainTask, budget_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -152,12 +152,9 @@ class ClassifyTraining(TrainTask):
         if not np.all(np.isfinite(logits)):
             problems.append("artifact produced non-finite logits")
             gate = True
-        drop_pt = (ref_acc - acc) * 100.0
-        if drop_pt > budget_pt + 1e-9:
-            problems.append(
-                f"accuracy {acc * 100:.2f}% is {drop_pt:.2f} pt below the PyTorch reference {ref_acc * 100:.2f}% "
-                f"(budget {budget_pt:.2f} pt, over by {drop_pt - budget_pt:.2f} pt)"
-            )
+        over = budget_problem("accuracy", acc, ref_acc, budget_pt, unit="%")
+        if over:
+            problems.append(over)
             gate = True
         if precision is Precision.FP32 and agree < MIN_FP32_AGREEMENT:
             problems.append(

@@ -18,7 +18,7 @@ from edgecore.spec import Precision
 from edgecore.tasks import TaskSpec
 from edgecore.tasks.detect import Detect, match, targets_as_detections
 
-from .base import ExportCheck, LossFn, TrainTask
+from .base import ExportCheck, LossFn, TrainTask, budget_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -206,12 +206,9 @@ class DetectTraining(TrainTask):
              "max_abs_logit_diff": float(diff[i])}
             for i in bad[np.argsort(per_image[bad], kind="stable")][:MAX_LISTED_MISMATCHES]
         ]
-        drop_pt = (ref_map - got) * 100.0
-        if drop_pt > budget_pt + 1e-9:
-            problems.append(
-                f"mAP@0.5:0.95 {got * 100:.2f} is {drop_pt:.2f} pt below the PyTorch reference {ref_map * 100:.2f} "
-                f"(budget {budget_pt:.2f} pt, over by {drop_pt - budget_pt:.2f} pt)"
-            )
+        over = budget_problem("mAP@0.5:0.95", got, ref_map, budget_pt)
+        if over:
+            problems.append(over)
             gate = True
         if precision is Precision.FP32 and agree < MIN_FP32_BOX_AGREEMENT:
             problems.append(
