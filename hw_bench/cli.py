@@ -8,6 +8,8 @@
                    --bundle PATH_OR_URL [--deadline S] --out DIR
     hw-bench models --out DIR [--families mobilenet,resnet] [--targets ...] [--precisions ...]
     hw-bench agent BUNDLE (--run RUN_DIR | --data NPZ) [--rounds R] [--threads N] [--json]
+    hw-bench peers MODEL_OR_RUN --out DIR [--data NPZ] [--targets onnx,openvino,tflite] [--threads N]
+                   [--repetitions R] [--duration S] [--json]
 
 The CLI only parses and calls; the logic lives in importable functions.
 """
@@ -127,6 +129,29 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_peers(args: argparse.Namespace) -> int:
+    from edgecore.fsutil import atomic_write_json
+
+    from .data import load_npz
+    from .peers import compare_peers, markdown, resolve_input
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = resolve_input(args.model_or_run, work=out, data=load_npz(args.data) if args.data else None, size=args.size,
+                        progress=_progress)
+    result = compare_peers(src, out_dir=out, settings=_settings(args), repetitions=args.repetitions,
+                           threads=args.threads or None, targets=args.targets.split(",") if args.targets else None,
+                           progress=_progress)
+    table = markdown(result)
+    atomic_write_json(out / "peers.json", result)
+    (out / "peers.md").write_text(table)
+    print(table)
+    print(f"results: {out / 'peers.json'}")
+    if args.json:
+        emit_json(result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hw-bench", description="LoadGen-style benchmarks of edge bundles.")
     add_common(parser)
@@ -186,6 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default=None, help="default: every precision of each target")
     p.add_argument("--size", type=int, default=224)
     p.set_defaults(func=cmd_models)
+
+    from .peers import DEFAULT_THREADS
+
+    p = sub.add_parser("peers", help="our int8 beside each runtime's own quantizer on the same fp32 model",
+                       formatter_class=DefaultsHelpFormatter)
+    add_common(p)
+    p.add_argument("model_or_run", metavar="MODEL_OR_RUN",
+                   help="run directory, a model directory from `hw-bench models`, or a family (mobilenet, resnet)")
+    p.add_argument("--out", required=True, help="output directory (peer artifacts, peers.json, peers.md)")
+    p.add_argument("--data", default=None, help=".npz with X_raw and y for accuracy (a run's test split by default)")
+    p.add_argument("--targets", default=None, help="runtimes to compare (default: onnx,openvino,tflite)")
+    p.add_argument("--size", type=int, default=224, help="input size when MODEL_OR_RUN is a family")
+    p.add_argument("--repetitions", type=int, default=5, help="interleaved rounds")
+    _add_scenario(p)
+    p.set_defaults(threads=DEFAULT_THREADS)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_peers)
 
     from .agent_overhead import add_parser as add_agent_parser
 

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from edgecore.errors import BenchError
+from edgecore.spec import InputSpec
 from targets import load_runner
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgecore.representative import RepresentativeSet
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +132,27 @@ def build_for_targets(
     return list(done.values()), skipped
 
 
+def bench_input_spec(sample_shape: tuple[int, ...]) -> InputSpec:
+    """The input of a benchmark model: raw 0-255 pixels, ImageNet normalisation for three channels."""
+    if len(sample_shape) == 3 and sample_shape[0] == 3:
+        return InputSpec("input", (None, *sample_shape), layout="NCHW", scale=1 / 255, mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD)
+    return InputSpec("input", (None, *sample_shape), layout="NCHW" if len(sample_shape) == 3 else "NF", scale=1 / 255)
+
+
+def random_calibration(spec: InputSpec, n: int = CALIBRATION_SAMPLES) -> RepresentativeSet:
+    """``n`` seeded random images, preprocessed: the representative set of every benchmark model's int8 builds."""
+    from edgecore.representative import RepresentativeSet
+    from edgecore.representative import content_digest as _digest
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(n, *spec.sample_shape)).astype(np.float32)
+    x = spec.preprocess(raw)
+    labels = rng.integers(0, NUM_CLASSES, n).astype(np.int64)
+    return RepresentativeSet(inputs=x, labels=labels, indices=np.arange(len(x)), sha256=_digest(x, labels),
+                             method="random-images (speed benchmark)")
+
+
 def build_bench_models(
     *, out_dir: Path, families: list[str], targets: list[str] | None = None, precisions: list[str] | None = None,
     size: int = 224, progress: Callable[[str], None] | None = None,
@@ -135,9 +160,6 @@ def build_bench_models(
     """Random-weight ``size``x``size``x3 models of ``families``, built for every available target."""
     import torch
 
-    from edgecore.representative import RepresentativeSet
-    from edgecore.representative import content_digest as _digest
-    from edgecore.spec import InputSpec
     from targets.base import ModelSource
     from toolchain.config import ModelConfig
     from toolchain.export import export_onnx
@@ -147,13 +169,9 @@ def build_bench_models(
     if unknown:
         raise BenchError(f"unknown benchmark families {unknown}; choose from {', '.join(FAMILIES)}")
     out_dir = Path(out_dir)
-    spec = InputSpec("input", (None, 3, size, size), layout="NCHW", scale=1 / 255, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, size=(CALIBRATION_SAMPLES, 3, size, size)).astype(np.float32)
-    x = spec.preprocess(raw)
-    labels = rng.integers(0, NUM_CLASSES, CALIBRATION_SAMPLES).astype(np.int64)
-    calib = RepresentativeSet(inputs=x, labels=labels, indices=np.arange(len(x)), sha256=_digest(x, labels),
-                              method="random-images (speed benchmark)")
+    spec = bench_input_spec((3, size, size))
+    calib = random_calibration(spec)
+    x = calib.inputs
     all_built: list[Path] = []
     skipped: list[str] = []
     for fam in families:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MIN_THRESHOLD_ROWS = 30  # a device refresh's own held-out inputs place the routing threshold from this many
 
-__all__ = ["build_bundle", "build_each", "default_out", "manifest_for", "tarball_path", "write_tarball", "reference_for"]
+__all__ = ["build_bundle", "build_each", "default_out", "manifest_for", "representative_for", "tarball_path", "write_tarball", "reference_for"]
 
 
 def build_each(
@@ -167,6 +167,16 @@ def manifest_for(
     )
 
 
+def representative_for(run_dir: Path, ref: Reference, cfg: BuildConfig = BuildConfig()) -> "RepresentativeSet":
+    """The run's int8 calibration set (stored in the run, reused by every build and by ``hw-bench peers``)."""
+    from calibration.representative import build_representative_set
+
+    return build_representative_set(
+        inputs=ref.x_train, labels=ref.task.representative_labels(ref.y_train), n=cfg.calibration_samples,
+        path=Path(run_dir) / "calibration" / f"representative-{cfg.calibration_samples}.npz",
+    )
+
+
 def build_bundle(
     *, run_dir: Path | str, target: str, precision: str, out: Path | str | None = None,
     cfg: BuildConfig = BuildConfig(), model_version: str | None = None, signing_key: Any = None,
@@ -175,7 +185,6 @@ def build_bundle(
 
     ``signing_key``: an Ed25519 private key (`edgecore.signing.load_private_key`) to sign the manifest.
     """
-    from calibration.representative import build_representative_set
     from toolchain.rundir import RunDir
 
     t = get_target(target)
@@ -187,12 +196,7 @@ def build_bundle(
     source = run.model_source()
     ref = reference_for(run.path)
     out = Path(out) if out is not None else default_out(run.path, t.name, p.value)
-    rep = None
-    if p is Precision.INT8:
-        rep = build_representative_set(
-            inputs=ref.x_train, labels=ref.task.representative_labels(ref.y_train), n=cfg.calibration_samples,
-            path=run.path / "calibration" / f"representative-{cfg.calibration_samples}.npz",
-        )
+    rep = representative_for(run.path, ref, cfg) if p is Precision.INT8 else None
     t0 = time.perf_counter()
     try:
         with atomic_dir(out) as tmp:
