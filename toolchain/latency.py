@@ -9,7 +9,14 @@ use, and times single-stream queries (batch 1, `edgecore.timing.timed_loop`).
 
 Measurements are cached by the sha256 of the artifact's files (plus target,
 precision, threads and device) in ``RUN/latency/cache.json``: the same
-candidate is never measured twice. A ``latency_device`` other than ``local``
+candidate is never measured twice.
+
+One timing on a loaded machine (or a throttling device) can be off by 2×, so
+the search does not trust single readings: `LatencyMeter.compare` times the
+unpruned reference and a candidate back to back in ``rounds`` interleaved
+rounds (the order alternating), and the candidate's latency is its per-round
+ratio to the reference: a slow round slows both. The comparison is cached by
+both artifacts' sha256 and the round count. A ``latency_device`` other than ``local``
 is a fleet device id: a registered device measurer (entry-point group
 ``edge_toolchain.latency_devices``; hw-bench registers ``fleet``, which sends
 the agent's ``bench`` command over MQTT) measures there, so the toolchain never
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +73,17 @@ def _files_sha256(root: Path, files: list[str]) -> str:
 
 
 @dataclass
+class Prepared:
+    """A candidate's artifact, built once and kept until `LatencyMeter.release`, so it can be timed in rounds."""
+
+    name: str
+    sha256: str
+    art_dir: Path
+    info: Any
+    built: tuple[Any, Any]
+
+
+@dataclass
 class LatencyMeter:
     """Builds and times candidates for one target/precision on one device; caches by artifact hash."""
 
@@ -85,6 +104,7 @@ class LatencyMeter:
     fleet: dict[str, Any] = field(default_factory=dict)  # broker, credentials, gateway, sign_key... (fleet devices)
     measured: int = 0  # how many candidates were actually built and timed (cache misses)
     _cache: dict[str, Any] = field(default_factory=dict)
+    _runners: dict[Path, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.cache_path is not None and self.cache_path.exists():
@@ -102,6 +122,7 @@ class LatencyMeter:
             if hit is not None:
                 return {**hit, "cached": True}
             lat = self._time(art_dir, info) if self.device == "local" else self._remote(art_dir, built)
+            self._runners.pop(art_dir, None)
         self.measured += 1
         rec = {"sha256": sha, "p50_ms": float(np.percentile(lat, 50)),
                "pxx_ms": float(np.percentile(lat, self.percentile)), "percentile": self.percentile,
@@ -109,6 +130,65 @@ class LatencyMeter:
         self._cache[key] = rec
         if self.cache_path is not None:
             atomic_write_json(self.cache_path, self._cache)
+        return {**rec, "cached": False}
+
+    def prepare(self, model: "nn.Module", *, name: str = "candidate") -> Prepared:
+        """Build ``model``'s artifact into a folder of its own (removed by `release`)."""
+        tmp = Path(tempfile.mkdtemp(prefix="latency-"))
+        try:
+            art_dir, info, sha, built = self._build(model, tmp, name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Prepared(name=name, sha256=sha, art_dir=art_dir, info=info, built=built)
+
+    def release(self, prep: Prepared) -> None:
+        self._runners.pop(prep.art_dir, None)
+        shutil.rmtree(prep.art_dir.parent, ignore_errors=True)
+
+    def time_once(self, prep: Prepared) -> tuple[float, float]:
+        """One timing of ``prep``: (p50, pXX) in ms."""
+        lat = self._time(prep.art_dir, prep.info) if self.device == "local" else self._remote(prep.art_dir, prep.built)
+        return float(np.percentile(lat, 50)), float(np.percentile(lat, self.percentile))
+
+    def compare(self, reference: Prepared, candidate: Prepared, *, rounds: int,
+                use_cache: bool = True) -> dict[str, Any]:
+        """Time ``reference`` and ``candidate`` back to back in ``rounds`` rounds (the order alternating).
+
+        Returns the per-round p50/pXX of both (``ref_p50``, ``ref_pxx``, ``p50``, ``pxx``, ms) and the
+        per-round ratios candidate/reference (``ratios``, at the percentile; ``p50_ratios``). The same
+        artifact as the reference is timed once per round, its ratio 1. ``use_cache=False`` always times
+        (a re-measure) and leaves the cache alone."""
+        key = (f"{candidate.sha256}|ref:{reference.sha256}|r{rounds}|p{self.percentile:g}|"
+               f"{self.target}-{self.precision}|t{self.threads}|{self.device}")
+        hit = self._cache.get(key) if use_cache else None
+        if hit is not None:
+            return {**hit, "cached": True}
+        same = candidate.sha256 == reference.sha256
+        ref: list[tuple[float, float]] = []
+        cand: list[tuple[float, float]] = []
+        for r in range(rounds):
+            if same:
+                ref.append(self.time_once(reference))
+                cand.append(ref[-1])
+            elif r % 2 == 0:
+                ref.append(self.time_once(reference))
+                cand.append(self.time_once(candidate))
+            else:
+                cand.append(self.time_once(candidate))
+                ref.append(self.time_once(reference))
+        if use_cache:
+            self.measured += 1
+        rec = {"sha256": candidate.sha256, "reference_sha256": reference.sha256, "rounds": rounds,
+               "percentile": self.percentile, "device": self.device, "threads": self.threads,
+               "ref_p50": [a for a, _ in ref], "ref_pxx": [b for _, b in ref],
+               "p50": [a for a, _ in cand], "pxx": [b for _, b in cand],
+               "p50_ratios": [c[0] / max(f[0], 1e-12) for c, f in zip(cand, ref)],
+               "ratios": [c[1] / max(f[1], 1e-12) for c, f in zip(cand, ref)]}
+        if use_cache:
+            self._cache[key] = rec
+            if self.cache_path is not None:
+                atomic_write_json(self.cache_path, self._cache)
         return {**rec, "cached": False}
 
     def _build(self, model: "nn.Module", tmp: Path, name: str) -> tuple[Path, Any, str, tuple[Any, Any]]:
@@ -138,7 +218,10 @@ class LatencyMeter:
     def _time(self, art_dir: Path, info: Any) -> np.ndarray:
         from targets import get_target
 
-        runner = get_target(self.target).load(art_dir, info, self.input_spec, threads=self.threads)
+        runner = self._runners.get(art_dir)
+        if runner is None:
+            runner = get_target(self.target).load(art_dir, info, self.input_spec, threads=self.threads)
+            self._runners[art_dir] = runner
         batches = [np.ascontiguousarray(self.samples[i:i + 1]) for i in range(min(16, len(self.samples)))]
         lat, _ = timed_loop(runner.run, batches, min_s=self.min_seconds, min_q=self.min_queries,
                             max_s=max(30.0, self.min_seconds * 4), warmup=self.warmup)

@@ -79,17 +79,28 @@ def print_latency_search(s: dict[str, Any]) -> None:
     from rich.table import Table
 
     pct = f"p{s['percentile']:g} ms"
+    limit = s.get("limit_ms", s["budget_ms"])
     t = Table(title=f"latency-budget search: {s['latency_target']} on {s['device']}, budget {s['budget_ms']:g} ms "
-                    f"({pct}, {s['threads']} threads; candidates must be within {s.get('limit_ms', s['budget_ms']):.4g} ms)")
-    for col in ("step", "channels removed", "params", "MACs", "p50 ms", pct, "val acc", "test acc", ""):
+                    f"({pct}, {s['threads']} threads; candidates must be within {limit:.4g} ms on the fit; "
+                    f"{s['rounds']} rounds each against the unpruned reference, {s['reference_ms']:.4f} ms)")
+    for col in ("step", "channels removed", "params", "MACs", "p50 ms", pct, "range", "fit", "val acc", "test acc", ""):
         t.add_column(col, justify="right" if col else "left")
     for c in s["candidates"]:
-        within = c["pxx_ms"] <= s.get("limit_ms", s["budget_ms"])
+        within = c["fit_ms"] <= limit
+        lo, hi = c["pxx_range_ms"]
         t.add_row(str(c["step"]), f"{c['channel_ratio']:.0%}", human_count(c["params"]), human_count(c["macs"]),
-                  f"{c['p50_ms']:.4f}", f"{c['pxx_ms']:.4f}", f"{c['val_accuracy']:.2%}", f"{c['test_accuracy']:.2%}",
+                  f"{c['p50_ms']:.4f}", f"{c['pxx_ms']:.4f}", f"{lo:.4f}–{hi:.4f}", f"{c['fit_ms']:.4f}",
+                  f"{c['val_accuracy']:.2%}", f"{c['test_accuracy']:.2%}",
                   ("[bold green]chosen[/]" if c["chosen"] else ("within budget" if within else "over budget"))
                   + (" (cached)" if c["cached"] else ""), style=None if within else "dim")
     _console().print(t)
+    for r in s["remeasures"]:
+        lo, hi = r["range_ms"]
+        verdict = "within" if r["within_budget"] else "[bold red]over[/]"
+        _console().print(f"re-measured step {r['step']}: {r['pxx_ms']:.4f} ms p{r['percentile']:g} (range {lo:.4f}–{hi:.4f} "
+                         f"over {r['rounds']} rounds, reference {r['reference_ms']:.4f} ms; the search had "
+                         f"{r['search_ms']:.4f}): {verdict} the budget of {s['budget_ms']:g} ms"
+                         + ("" if r["within_budget"] else ", falling back to the next smaller candidate"))
     _console().print(f"{s['built_and_measured']} candidates built and measured, {s['cache_hits']} from the cache, "
                      f"{s['search_seconds']:.1f} s; plot: {s.get('plot', '-')}")
 

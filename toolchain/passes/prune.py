@@ -18,6 +18,8 @@ from edgecore.errors import CompressionError
 from toolchain.passes.base import Pass, PassContext, PassOutput
 from toolchain.section import MAX_EPOCHS, MAX_STEPS, Check, Section
 
+MAX_LATENCY_ROUNDS = 100  # each round times the reference and the candidate once
+
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
@@ -50,6 +52,7 @@ class PruneConfig(Section):
     latency_max_candidates: int = 10  # search steps at most
     latency_extra_steps: int = 1  # steps past the first candidate within budget (a smaller one may be more accurate)
     latency_margin: float = 0.1  # a candidate must measure within budget * (1 - margin): headroom for the noise
+    latency_rounds: int = 3  # interleaved rounds timing each candidate against the unpruned reference
     #                              between the search's measurement and the deployed artifact's
     # latency_device = a fleet device id: candidates go to it as signed bundles, timed by its agent's bench command
     latency_broker: str = ""  # mqtt(s)://host:port of the fleet
@@ -80,6 +83,7 @@ class PruneConfig(Section):
         check.count("latency_max_candidates", low=1, high=MAX_STEPS)
         check.count("latency_extra_steps", low=0, high=MAX_STEPS)
         check.need(0.0 <= self.latency_margin < 1.0, "latency_margin", "must be in [0, 1)")
+        check.count("latency_rounds", low=1, high=MAX_LATENCY_ROUNDS)
 
 
 def _output_layers(model: "nn.Module", num_classes: int) -> list["nn.Module"]:
