@@ -24,6 +24,7 @@ def _key_file(tmp: Path) -> Path:
     p = tmp / "release.key"
     p.write_bytes(signing_key().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                               serialization.NoEncryption()))
+    p.chmod(0o600)  # a private key others can read is refused, as ssh does
     return p
 
 
