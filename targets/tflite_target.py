@@ -12,6 +12,14 @@ which on the digits student cost ~30 KB (95.3 KB vs 87.4 KB file) for no
 accuracy gain (98.9% vs 98.6%, reference 98.6%); set ``per_channel = True`` on
 a subclass for models that need it (the build's accuracy gate still applies). The runner quantizes inputs and dequantizes outputs with the
 tensors' own parameters, so callers always pass floats and get float logits.
+
+``cat``: LiteRT's own annotation gives every input of a ``torch.cat`` the first input's quantization, so an input
+ranged differently from the first is clipped to the first one's range (a detector head's ``cat([relu(box), cls])``
+lost every negative class logit). Each ``cat`` is annotated here instead (`_annotate_cats`): its inputs and output
+share one observer that sees every input, so the one scale covers all of them. TFLite's int8 CONCATENATION needs
+one scale for its inputs and output (the converter refuses a requantized input), so the inputs' producers take
+that scale too: a narrow-ranged input is stored more coarsely, never clipped. ``artifact.details`` records how
+many cats were annotated (``cat_inputs_shared``).
 """
 
 from __future__ import annotations
@@ -222,8 +230,9 @@ class TfliteTarget(Target):
                 edge = litert_torch.convert(model, sample)
                 details["method"] = "converted fp32"
             else:
-                edge = self._convert_int8(model, sample, calibration, per_channel=self.per_channel)
-                details.update(method="pt2e-static-ptq", io="int8", per_channel=self.per_channel)
+                edge, cats = self._convert_int8(model, sample, calibration, per_channel=self.per_channel)
+                details.update(method="pt2e-static-ptq", io="int8", per_channel=self.per_channel,
+                               cat_inputs_shared=cats)
             edge.export(str(Path(out_dir) / MODEL_FILE))
         except BuildError:
             raise
@@ -233,7 +242,8 @@ class TfliteTarget(Target):
 
     @staticmethod
     def _convert_int8(model: Any, sample: tuple[Any, ...], calibration: "RepresentativeSet | None", *,
-                      per_channel: bool) -> Any:
+                      per_channel: bool) -> tuple[Any, int]:
+        """The int8 LiteRT model and how many ``cat`` ops were annotated to share one observer over their inputs."""
         import litert_torch
         import torch
         from litert_torch.quantize import pt2e_quantizer
@@ -244,7 +254,7 @@ class TfliteTarget(Target):
 
         if calibration is None:
             raise BuildError("tflite int8 needs a calibration (representative) set")
-        quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+        quantizer = _quantizer_class(pt2e_quantizer.PT2EQuantizer)().set_global(
             pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=False)
         )
         exported = torch.export.export(model, sample).module()
@@ -257,11 +267,57 @@ class TfliteTarget(Target):
         # refused), and litert-torch warned on every build that the model "is converted in training mode"
         for m in converted.modules():
             m.training = False
-        return litert_torch.convert(converted, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer))
+        edge = litert_torch.convert(converted, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer))
+        return edge, quantizer.cats
 
     def load(self, bundle_dir: Path, artifact: ArtifactInfo, input_spec: InputSpec, *,
              threads: int | None = None) -> Runner:
         return TfliteRunner(Path(bundle_dir) / artifact.main, threads=threads)
+
+
+def _annotate_cats(gm: Any, config: Any) -> int:
+    """Annotate every ``aten.cat`` so that its inputs and output share one observer, which sees every input.
+
+    The first input edge owns the observer (observers are created in graph order, so the group's root cannot be
+    the cat's output); the other edges and the output share it, and implicit sharing puts the producers' outputs
+    in the same group (the converter wants one scale on a concatenation's inputs). Returns how many cats.
+    """
+    import torch
+    from litert_torch.quantize.pt2e_quantizer_utils import get_input_act_qspec
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
+
+    qspec = get_input_act_qspec(config)
+    if qspec is None:
+        return 0
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.cat.default:
+            continue
+        if node.meta.get("quantization_annotation") is not None:
+            continue
+        args = [arg for arg in node.args[0] if isinstance(arg, torch.fx.Node)]
+        if not args:
+            continue
+        shared = SharedQuantizationSpec((args[0], node))
+        inputs = {arg: (qspec if i == 0 else shared) for i, arg in enumerate(args)}
+        node.meta["quantization_annotation"] = QuantizationAnnotation(
+            input_qspec_map=inputs, output_qspec=shared, _annotated=True
+        )
+        count += 1
+    return count
+
+
+def _quantizer_class(base: type) -> type:
+    """LiteRT's pt2e quantizer with `_annotate_cats` run before its own annotators (whose ``cat`` skips them)."""
+
+    class CatSharedQuantizer(base):
+        cats = 0
+
+        def annotate(self, model: Any) -> Any:
+            self.cats = _annotate_cats(model, self.global_config)
+            return super().annotate(model)
+
+    return CatSharedQuantizer
 
 
 def _version(pkg: str) -> str:

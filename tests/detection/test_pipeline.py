@@ -148,6 +148,23 @@ def test_detect_bundles_build_gate_and_verify(det_run):
           f"student fp32 {fp32['accuracy']:.4f}, int8 {int8['accuracy']:.4f} (box agreement {int8['agreement']:.3f})")
 
 
+def test_detect_tflite_int8_passes_the_gate(det_run):
+    """The head ends in ``cat([relu(box), cls])``: the cat's shared observer keeps the negative class logits."""
+    from targets import get_target
+    from toolchain.bundle import build_bundle
+
+    target = get_target("tflite")
+    for ok, why in (target.build_available(), target.available()):
+        if not ok:
+            pytest.skip(why)
+    rep = build_bundle(run_dir=det_run, target="tflite", precision="int8", cfg=_build_cfg())
+    assert rep["verify"]["status"] == "passed"
+    m = rep["metrics"]
+    assert m["reference_accuracy"] - m["accuracy"] <= BUDGET_PT / 100
+    print(f"\ntflite int8 mAP@0.5:0.95 {m['accuracy']:.4f} (reference {m['reference_accuracy']:.4f}, "
+          f"box agreement {m['agreement']:.3f})")
+
+
 def test_the_gate_fails_when_an_artifact_loses_more_map_than_the_budget(det_run):
     """Every box one stride wider on each side in the ONNX graph: mAP falls far below the PyTorch reference."""
     import onnx
