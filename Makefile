@@ -69,4 +69,4 @@ test-gpu: $(STAMP) system-deps
 	$(GPU_VENV)/bin/python -m pytest -m "gpu or tensorrt" tests/targets/test_jetson.py tests/toolchain/test_gpu.py $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) runs demo_out .pytest_cache
+	rm -rf $(VENV) $(GPU_VENV) runs demo_out .pytest_cache
