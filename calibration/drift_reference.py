@@ -3,7 +3,9 @@
 Histograms (edges + counts) and a sample of at most 1000 values of the
 calibrated confidence and of two per-input statistics of the *raw* input (the
 mean and the standard deviation of each sample), the same statistics
-`device_agent.drift` computes on live inputs.
+`device_agent.drift` computes on live inputs; for a task with output statistics
+(`edgecore.tasks.Task.OUTPUT_STATS`: a detector's objects per image and top
+score) also those, under ``outputs``.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ def _summary(values: np.ndarray, *, bins: int, lo: float | None = None, hi: floa
     return {"edges": edges.tolist(), "counts": counts.astype(int).tolist(), "sample": [float(x) for x in sample]}
 
 
-def drift_reference(*, raw: np.ndarray, conf: np.ndarray, measure: str, temperature: float, bins: int = BINS) -> dict[str, Any]:
+def drift_reference(*, raw: np.ndarray, conf: np.ndarray, measure: str, temperature: float, bins: int = BINS,
+                    outputs: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """``outputs``: per-input output statistics by name (`Task.output_stats` of the artifact's predictions)."""
     flat = np.asarray(raw, dtype=np.float64).reshape(len(raw), -1)
+    extra = {"outputs": {k: _summary(v, bins=bins) for k, v in outputs.items()}} if outputs else {}
     return {
         "schema_version": SCHEMA,
         "confidence": _summary(conf, bins=bins, lo=0.0, hi=1.0),
@@ -43,4 +48,5 @@ def drift_reference(*, raw: np.ndarray, conf: np.ndarray, measure: str, temperat
         "measure": measure,
         "temperature": float(temperature),
         "n": int(len(raw)),
+        **extra,
     }

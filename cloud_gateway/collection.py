@@ -22,11 +22,12 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from edgecore import wire
+from edgecore.tasks import Task, get_task
 
 from .config import CollectionPolicy
 from .metrics import Metrics
@@ -44,6 +45,7 @@ class SampleCollector:
     batch: int = 64
     trim_every_s: float = 5.0
     seed: int | None = None
+    task: Task = field(default_factory=get_task)  # reads the teacher's answers (`Task.teacher_record`)
     _q: "queue.Queue[dict[str, Any]]" = field(init=False)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -83,14 +85,19 @@ class SampleCollector:
         if isinstance(drift, dict) and "flag" in drift:
             self.device_state.setdefault(device_id, {})["drift"] = bool(drift["flag"])
 
-    def offer(self, device_id: str, x: np.ndarray, probs: list[float], *, confidence: float | None,
-              flagged: bool, bundle: str = "") -> None:
-        """Queue one collected request (called after the reply went out); dropped and counted when full."""
-        p = np.asarray(probs, dtype=np.float32)
+    def offer(self, device_id: str, x: np.ndarray, answer: Mapping[str, Any] | Sequence[float], *,
+              confidence: float | None, flagged: bool, bundle: str = "") -> None:
+        """Queue one collected request (called after the reply went out); dropped and counted when full.
+
+        ``answer``: the teacher's reply (`Task.answer`), or a classifier's probabilities.
+        """
+        if not isinstance(answer, Mapping):
+            answer = {"probabilities": list(answer)}
+        teacher, label, uncertainty = self.task.teacher_record(answer)
         state = self.device_state.get(device_id, {})
         row = {"device_id": device_id, "bundle": bundle or state.get("bundle", ""), "received": time.time(),
-               "input": wire.encode_tensor(x), "teacher_probs": wire.encode_tensor(p),
-               "teacher_label": int(p.argmax()), "uncertainty": float(1.0 - p.max()), "confidence": confidence,
+               "input": wire.encode_tensor(x), "teacher_probs": teacher,
+               "teacher_label": label, "uncertainty": uncertainty, "confidence": confidence,
                "drift": state.get("drift"), "flagged": bool(flagged)}
         try:
             self._q.put_nowait(row)

@@ -132,7 +132,7 @@ class Gateway:
         self.teacher = teacher or load_teacher(config.teacher, threads=config.threads,
                                                prefer=config.teacher_format)
         self.store = GatewayStore(config.db)
-        self.collector = SampleCollector(self.store, config.collect, self.metrics)
+        self.collector = SampleCollector(self.store, config.collect, self.metrics, task=self.teacher.task)
         self.worker = GatewayWorker(config=config.worker, teacher=self.teacher, store=self.store,
                                     metrics=self.metrics, collector=self.collector)
         self._server: HttpServer | None = None

@@ -122,12 +122,12 @@ def load_torch_teacher(run_dir: Path, *, threads: int | None = None) -> Teacher:
 
     def _run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+            return model(torch.from_numpy(np.require(x, np.float32, ["C", "W"]))).numpy()
 
     labels = [str(v) for v in data.get("labels", [])]
     version = (run.lineage().get("teacher_sha256") or "unknown")[:12]
-    return Teacher("teacher", version, shape, labels, _run, labels_source=str(run_dir / "data.json"))
-    return Teacher("teacher", version, shape, labels, _run, task=get_task(data.get("task")))
+    return Teacher("teacher", version, shape, labels, _run, labels_source=str(run_dir / "data.json"),
+                   task=get_task(data.get("task")))
 
 
 def load_teacher(path: str | Path, *, threads: int | None = None, prefer: str = "onnx") -> Teacher:

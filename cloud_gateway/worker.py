@@ -347,7 +347,7 @@ class GatewayWorker:
             answer = self._answer(row, len(batch))
             self._reply(r.response_topic, r.correlation, answer)
             if r.collect and answer["ok"] and self.collector is not None:
-                self.collector.offer(r.device_id, r.x[0], answer["probabilities"], confidence=r.confidence,
+                self.collector.offer(r.device_id, r.x[0], answer, confidence=r.confidence,
                                      flagged=r.flagged, bundle=r.bundle)
             self.metrics.observe("gateway_request_seconds", "Time from request arrival to reply",
                                  time.perf_counter() - r.received, device=r.device_id)

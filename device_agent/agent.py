@@ -65,7 +65,7 @@ def _as_float32(it: Item) -> np.ndarray:
 
 class Answer(NamedTuple):  # immutable like a frozen dataclass, made in a fifth of the time (one per input)
     id: str
-    prediction: int
+    prediction: Any  # the task's prediction (`Task.decide`): a class index, a list of detections
     label: str
     route: Route
     confidence: float
@@ -120,7 +120,7 @@ class Agent:
         if not 0.0 <= config.drift_offload <= 1.0:
             raise AgentError(f"drift_offload must be within 0..1, got {config.drift_offload}")
         self._threshold = self._initial_threshold(first, config.threshold)
-        self.cloud = CloudClient(self.topics, deadline_s=config.deadline_s)
+        self.cloud = CloudClient(self.topics, deadline_s=config.deadline_s, read_reply=first.task.read_reply)
         self.commands = CommandRegistry(commands)
         outbox: Outbox | None = None
         window = WindowCounters()
@@ -227,11 +227,13 @@ class Agent:
                 raw = _as_float32(it)  # not inside the runtime, where it would count as a live failure)
             m, pred, conf, dt = self.model.answer_one(raw)
             tel = self.telemetry
+            if m.output_stats is not None:
+                tel.observe_outputs(m.task.OUTPUT_STATS, m.output_stats(pred))
             if conf >= self._threshold and not tel.drifting:
                 tel.record_edge(dt, conf, raw)
                 # the smoke test checked one output per label, so ``pred`` names one; made as a plain tuple:
                 # a NamedTuple's own __new__ is a Python function, a third of this branch's cost
-                return [_new_tuple(Answer, (it.id, pred, m.labels[pred], _EDGE, conf, dt, None, it.label))]
+                return [_new_tuple(Answer, (it.id, pred, m.label_of(pred), _EDGE, conf, dt, None, it.label))]
             return [self._route_one(it, raw, m, pred, conf, dt)]
         try:
             raw = np.stack([np.asarray(it.raw, dtype=np.float32) for it in items])
@@ -239,6 +241,9 @@ class Agent:
             raise AgentError(f"inputs {items[0].id}..{items[-1].id}: not numeric samples of one shape ({e})") from e
         inf = self.model.infer(raw)
         self.telemetry.observe(seconds=inf.seconds, confidence=inf.confidence, raw=raw)
+        if inf.model.output_stats is not None:
+            for pred in inf.preds:
+                self.telemetry.observe_outputs(inf.model.task.OUTPUT_STATS, inf.model.output_stats(pred))
         return self._route(items, inf)
 
     def _route(self, items: list[Item], inf: Inference) -> list[Answer]:
@@ -248,19 +253,20 @@ class Agent:
         offload = [i for i, c in enumerate(conf) if self._wants_cloud(c, drifting)]
         cloud = self.cloud.collect({i: self._ask(inf.x[i], conf[i], inf.model, drifting)
                                     for i in offload}) if offload else {}
-        answers = [self._answer(it, int(inf.preds[i]), conf[i], inf.model, inf.seconds, cloud.get(i))
+        preds = inf.preds.tolist() if isinstance(inf.preds, np.ndarray) else inf.preds  # plain Python numbers
+        answers = [self._answer(it, preds[i], conf[i], inf.model, inf.seconds, cloud.get(i))
                    for i, it in enumerate(items)]
         self.telemetry.count(answer_counts((a.route.value, a.reason) for a in answers))
         return answers
 
-    def _route_one(self, it: Item, raw: np.ndarray, m: LoadedModel, pred: int, conf: float, dt: float) -> Answer:
+    def _route_one(self, it: Item, raw: np.ndarray, m: LoadedModel, pred: Any, conf: float, dt: float) -> Answer:
         """`_route` for one input the agent is not sure of (or, while drifting, sure of): no arrays made."""
         tel = self.telemetry
         tel.observe_one(dt, conf, raw)
         drifting = tel.drifting
         if not self._wants_cloud(conf, drifting):
             tel.count_one_edge()
-            return Answer(it.id, pred, m.labels[pred], Route.EDGE, conf, dt, None, it.label)
+            return Answer(it.id, pred, m.label_of(pred), Route.EDGE, conf, dt, None, it.label)
         if self.cloud.connected:  # what the cloud is sent: the preprocessed input
             ticket = self._ask(m.bundle.input_spec.preprocess(raw[None])[0], conf, m, drifting)
             result = self.cloud.collect({0: ticket})[0]
@@ -283,7 +289,7 @@ class Agent:
         self._drift_seen = getattr(self, "_drift_seen", 0) + 1
         return self._drift_seen % max(1, round(1.0 / self.config.drift_offload)) == 0
 
-    def _answer(self, it: Item, pred: int, conf: float, model: LoadedModel, seconds: float,
+    def _answer(self, it: Item, pred: Any, conf: float, model: LoadedModel, seconds: float,
                 cloud: CloudResult | None) -> Answer:
         route, reason, lat = Route.EDGE, None, seconds
         if cloud is not None and cloud.prediction is None:

@@ -15,12 +15,13 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from edgecore import wire
 from edgecore.mqtt import MqttLink
+from edgecore.tasks.classify import Classify
 
 
 class _Pending:
@@ -40,7 +41,7 @@ class Ticket:
 
 @dataclass(frozen=True)
 class CloudResult:
-    prediction: int | None  # None: fall back to the device's own prediction
+    prediction: Any  # the task's prediction (`Task.read_reply`); None: fall back to the device's own
     reason: str | None  # broker | timeout | error when falling back
     rtt_s: float | None = None
 
@@ -49,9 +50,13 @@ BROKER_DOWN = CloudResult(None, "broker")
 
 
 class CloudClient:
-    def __init__(self, topics: wire.Topics, *, deadline_s: float) -> None:
+    def __init__(self, topics: wire.Topics, *, deadline_s: float,
+                 read_reply: Callable[[Mapping[str, Any]], Any] | None = None) -> None:
         self.topics = topics
         self.deadline_s = deadline_s
+        # the prediction in a gateway's reply, or None (malformed: reason ``error``); the model's task's
+        # `Task.read_reply`, a class index by default
+        self.read_reply: Callable[[Mapping[str, Any]], Any] = read_reply or Classify().read_reply
         self.link: MqttLink | None = None
         self._pending: dict[bytes, _Pending] = {}
 
@@ -108,8 +113,8 @@ class CloudClient:
         rep = t.pending.reply
         if rep is None:
             return CloudResult(None, "timeout")
-        pred = rep.get("prediction")
-        if not rep.get("ok") or not isinstance(pred, int) or isinstance(pred, bool):
+        pred = self.read_reply(rep) if rep.get("ok") else None
+        if pred is None:
             return CloudResult(None, "error")
         return CloudResult(pred, None, float(rep["_received"]) - t.sent)
 

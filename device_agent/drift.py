@@ -3,13 +3,15 @@
 Two views, both numpy-only: the population stability index over the
 reference's histogram bins (robust to sample size, the usual 0.1/0.25 rule of
 thumb) and a two-sample Kolmogorov-Smirnov test against the reference sample
-(a p-value, sensitive to shifts the bins hide). Scored on the confidence and on
-per-input statistics of the raw input (mean and std of each sample).
+(a p-value, sensitive to shifts the bins hide). Scored on the confidence, on
+per-input statistics of the raw input (mean and std of each sample) and, for a
+task that has them, on statistics of the answers (`DriftMonitor.observe_outputs`).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, Sequence
@@ -102,6 +104,18 @@ class DriftMonitor:
         self._ring = np.zeros((len(self.STATS), max(1, config.window)), dtype=np.float64)
         self._next = 0  # write position
         self._n = 0  # filled slots
+        # the answers' side (a task's `OUTPUT_STATS`: a detector's objects per image, its top score), by name:
+        # compared with the reference's ``outputs`` when it has them
+        self._outputs: dict[str, deque[float]] = {}
+
+    def observe_outputs(self, names: Sequence[str], values: Sequence[float]) -> None:
+        """One answer's output statistics (``values[i]`` is statistic ``names[i]``)."""
+        w = max(1, self.config.window)
+        for name, v in zip(names, values):
+            ring = self._outputs.get(name)
+            if ring is None:
+                ring = self._outputs[name] = deque(maxlen=w)
+            ring.append(float(v))
 
     def observe(self, *, confidence: np.ndarray, raw: np.ndarray) -> None:
         """A batch: its confidences and raw samples (batch first)."""
@@ -149,6 +163,8 @@ class DriftMonitor:
 
     def live(self, name: str) -> np.ndarray:
         """The retained values of one statistic (order not kept)."""
+        if name in self._outputs:
+            return np.asarray(self._outputs[name], dtype=np.float64)
         return self._ring[self.STATS.index(name), : self._n].copy()
 
     def _ref(self, name: str) -> dict[str, Any] | None:
@@ -156,6 +172,8 @@ class DriftMonitor:
             return None
         if name == "confidence":
             return self.reference.get("confidence")
+        if name in self._outputs:
+            return (self.reference.get("outputs") or {}).get(name)
         return (self.reference.get("features") or {}).get(name)
 
     def scores(self) -> dict[str, Any] | None:
@@ -172,16 +190,18 @@ class DriftMonitor:
             return None
         out: dict[str, Any] = {"n": n}
         flag = False
-        for name in self.STATS:
+        for name in (*self.STATS, *self._outputs):
             ref = self._ref(name)
             if not ref:
                 continue
             live = self.live(name)
+            if len(live) < self.config.min_samples:
+                continue
             counts, edges = reference_bins(ref)
             s_psi = psi(counts, edges, live)
             d, p = ks_2samp(live, np.asarray(ref.get("sample") or [], dtype=np.float64))
             out[name] = {"psi": round(s_psi, 6), "ks_d": round(d, 6), "ks_p": p}
-            use_psi = n >= self.config.psi_min_per_bin * len(counts)
+            use_psi = len(live) >= self.config.psi_min_per_bin * len(counts)
             ks_flag = p < self.config.ks_alpha and d >= self.config.ks_min_d
             flag = flag or (use_psi and s_psi > self.config.psi_threshold) or ks_flag
         out["flag"] = flag
@@ -191,3 +211,4 @@ class DriftMonitor:
         """A new bundle brings a new reference; old samples no longer compare."""
         self.reference = reference
         self._next = self._n = 0
+        self._outputs.clear()

@@ -14,13 +14,13 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from edgecore.bundle import Bundle
-from edgecore.confidence import confidence, row_scorer
 from edgecore.errors import AgentError, BundleTrustError, EdgeError
+from edgecore.tasks import Task, get_task
 from targets import load_runner
 
 from .updates import smoke_test
@@ -39,25 +39,36 @@ class LoadedModel:
     threshold: float | None  # the bundle's own routing threshold
     drift_reference: dict[str, Any] | None
     labels: tuple[str, ...]  # the bundle's labels, read once (not a list copy per answer)
-    # one raw sample -> (top class, confidence): the runner's one-input path and the routing measure, made (and
+    # one raw sample -> (prediction, confidence): the runner's one-input path and the routing measure, made (and
     # checked against the batch path) from the fields above, also by ``dataclasses.replace`` (`answer_path`)
-    answer: Callable[[np.ndarray], tuple[int, float]] = field(init=False, repr=False, compare=False)
+    answer: Callable[[np.ndarray], tuple[Any, float]] = field(init=False, repr=False, compare=False)
     sample_shape: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    task: Task = field(init=False, repr=False, compare=False)  # reads the outputs (the manifest's task block)
+    # prediction -> its label on the per-input path: the labels' own ``__getitem__`` for a class index (the
+    # smoke test checked one output per label), else the task's `Task.label`
+    label_of: Callable[[Any], str] = field(init=False, repr=False, compare=False)
+    # prediction -> its output statistics (`Task.output_stats`), None for a task without any (a classifier)
+    output_stats: Callable[[Any], tuple[float, ...]] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "answer", answer_path(self.bundle, self.runner, self.measure, self.temperature))
+        task = get_task(self.bundle.manifest.task)
+        object.__setattr__(self, "task", task)
+        object.__setattr__(self, "answer", answer_path(self.bundle, self.runner, self.measure, self.temperature, task))
         object.__setattr__(self, "sample_shape", self.bundle.input_spec.sample_shape)
+        fast = task.row_scorer(self.measure, self.temperature, None) is not None and task.output_shape(
+            len(self.labels)) == (len(self.labels),)
+        object.__setattr__(self, "label_of", self.labels.__getitem__ if fast else self.label)
+        object.__setattr__(self, "output_stats", task.output_stats if task.OUTPUT_STATS else None)
 
-    def label(self, pred: int) -> str:
-        """The label of class ``pred`` (its number when the bundle names fewer classes)."""
-        labels = self.labels
-        return labels[pred] if 0 <= pred < len(labels) else str(pred)
+    def label(self, pred: Any) -> str:
+        """The text of prediction ``pred`` (a class's label, its number when the bundle names fewer classes)."""
+        return self.task.label(pred, self.labels)
 
 
 class Inference(NamedTuple):  # a tuple, not a frozen dataclass: made once per input, a fraction of the cost
     model: LoadedModel  # the model that answered (the previous one after a rollback)
     x: np.ndarray  # its preprocessed input
-    preds: np.ndarray  # the top class of each input
+    preds: Sequence[Any]  # each input's prediction (`Task.decide`: class indices in an array, lists of detections)
     confidence: np.ndarray
     seconds: float  # preprocessing + runtime (+ scoring, for one input)
 
@@ -112,28 +123,42 @@ def _check_inputs(spec: Any) -> np.ndarray:
     return ((target - (0.0 if b is None else b[0])) / a[0]).astype(np.float32)
 
 
-def answer_path(bundle: Bundle, runner: Any, measure: str,
-                temperature: float) -> Callable[[np.ndarray], tuple[int, float]]:
-    """``answer(raw) -> (top class, confidence)`` for one raw sample: the runner's `one_input` path and a scorer.
+def answer_path(bundle: Bundle, runner: Any, measure: str, temperature: float,
+                task: Task | None = None) -> Callable[[np.ndarray], tuple[Any, float]]:
+    """``answer(raw) -> (prediction, confidence)`` for one raw sample: the runner's `one_input` path and a scorer.
 
-    Checked at load against the batch path (preprocess, ``runner.run``, `confidence`) on two inputs: a path
-    that disagrees (by more than 0.02 in confidence, or with another class that is not a near tie) or fails is
-    not used, with a warning; the batch path serves instead (and a runner that fails there fails live, and
-    rolls back).
+    A task that reads one input's output as a row (`Task.row_scorer`: a class vector) gets the runner's own
+    one-input path, checked at load against the batch path (preprocess, ``runner.run``, `Task.decide`) on two
+    inputs: a path that disagrees (by more than 0.02 in confidence, or with another class that is not a near tie)
+    or fails is not used, with a warning; the batch path serves instead (and a runner that fails there fails live,
+    and rolls back). Any other task (detections) reads the batch path's array with `Task.decide`.
     """
     from targets.base import OneInput, one_input
 
+    task = task or get_task(bundle.manifest.task)
     spec = bundle.input_spec
+    labels = tuple(bundle.labels)
+    if task.row_scorer(measure, temperature, None) is None:
+        run, preprocess = runner.run, spec.preprocess
 
-    def compose(path: OneInput) -> Callable[[np.ndarray], tuple[int, float]]:
-        run, score = path.run, row_scorer(measure, temperature, path.quant)
+        def decide_one(raw: np.ndarray) -> tuple[Any, float]:
+            preds, conf = task.decide(np.asarray(run(preprocess(raw[None]))), measure=measure,
+                                      temperature=temperature, labels=labels)
+            first = preds[0]
+            return (first.item() if isinstance(first, np.generic) else first), float(conf[0])
+
+        return decide_one
+
+    def compose(path: OneInput) -> Callable[[np.ndarray], tuple[Any, float]]:
+        run, score = path.run, task.row_scorer(measure, temperature, path.quant)
+        assert score is not None  # (checked above for this task)
         return lambda raw: score(run(raw))
 
-    def agrees(answer: Callable[[np.ndarray], tuple[int, float]]) -> str | None:
+    def agrees(answer: Callable[[np.ndarray], tuple[Any, float]]) -> str | None:
         raws = _check_inputs(spec)
         # one at a time: a batch would resize a runner that batches by resizing, after its one-input path was made
         ref_logits = np.concatenate([np.asarray(runner.run(spec.preprocess(raw[None]))) for raw in raws])
-        ref_conf = confidence(ref_logits, measure=measure, temperature=temperature)
+        _, ref_conf = task.decide(ref_logits, measure=measure, temperature=temperature, labels=labels)
         for i, raw in enumerate(raws):
             pred, conf = answer(raw)
             row, top = ref_logits[i], int(ref_logits[i].argmax())
@@ -183,6 +208,8 @@ class LocalModel:
     def check_compatible(self, new: LoadedModel) -> None:
         if new.sample_shape != self._current.sample_shape:
             raise AgentError("the new bundle takes a different input shape than this device's source")
+        if new.task.name != self._current.task.name:
+            raise AgentError(f"the new bundle does task {new.task.name!r}, this device answers {self._current.task.name!r}")
 
     def swap(self, new: LoadedModel) -> None:
         """Serve ``new``, keep the old one for rollback. Checks first, then only exchanges references: cannot
@@ -218,8 +245,8 @@ class LocalModel:
             out = call(m, raw)
         return m, out, perf_counter() - t0
 
-    def answer_one(self, raw: np.ndarray) -> tuple[LoadedModel, int, float, float]:
-        """One raw sample of the model's sample shape: (model that answered, top class, confidence, seconds).
+    def answer_one(self, raw: np.ndarray) -> tuple[LoadedModel, Any, float, float]:
+        """One raw sample of the model's sample shape: (model that answered, prediction, confidence, seconds).
 
         The device's usual call: the runner's one-input path (preprocessing folded in) and the scorer, timed
         together. A sample of another shape is an `AgentError` before anything runs (it would broadcast; the
@@ -240,7 +267,7 @@ class LocalModel:
         return m, x, logits, dt
 
     def infer(self, raw: np.ndarray) -> Inference:
-        """Preprocess, run and score a batch of raw samples; rolls back on a live failure."""
-        m, x, logits, dt = self._run(raw)
-        conf = confidence(logits, measure=m.measure, temperature=m.temperature)
-        return Inference(m, x, logits.argmax(axis=1), np.asarray(conf, dtype=np.float64), dt)
+        """Preprocess, run and decide a batch of raw samples (`Task.decide`); rolls back on a live failure."""
+        m, x, out, dt = self._run(raw)
+        preds, conf = m.task.decide(out, measure=m.measure, temperature=m.temperature, labels=m.labels)
+        return Inference(m, x, preds, conf, dt)

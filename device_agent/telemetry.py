@@ -142,6 +142,7 @@ class TelemetryRecorder:
         self.drifting = False  # the last verdict's flag, kept beside it: read once per input
         self._last_drift: dict[str, Any] | None = None
         self._lock = threading.Lock()
+        self._outputs: dict[str, list[float]] = {}  # the open window's output statistics (`observe_outputs`)
 
     @property
     def last_drift(self) -> dict[str, Any] | None:
@@ -224,6 +225,35 @@ class TelemetryRecorder:
             self._drift.reset(reference)
             self.last_drift = None
 
+    def observe_outputs(self, names: tuple[str, ...], values: tuple[float, ...]) -> None:
+        """One answer's output statistics (a task's `OUTPUT_STATS`, e.g. a detector's objects and top score):
+        summarised per window under ``outputs`` and compared with the reference's by the drift monitor."""
+        with self._lock:
+            self._drift.observe_outputs(names, values)
+            for name, v in zip(names, values):
+                self._outputs.setdefault(name, []).append(float(v))
+
+    def _outputs_summary(self) -> dict[str, Any] | None:
+        """The window's output statistics: per statistic its mean, p50, p95 and max, and a histogram over the
+        drift reference's bins where it has them (under the lock; resets them)."""
+        if not self._outputs:
+            return None
+        ref = ((self._drift.reference or {}).get("outputs") or {})
+        out: dict[str, Any] = {"inputs": max(len(v) for v in self._outputs.values())}
+        for name, values in self._outputs.items():
+            v = np.asarray(values, dtype=np.float64)
+            p50, p95 = np.quantile(v, [0.5, 0.95])
+            s: dict[str, Any] = {"mean": round(float(v.mean()), 6), "p50": round(float(p50), 6),
+                                 "p95": round(float(p95), 6), "max": round(float(v.max()), 6)}
+            edges = (ref.get(name) or {}).get("edges")
+            if edges:
+                e = np.asarray(edges, dtype=np.float64)
+                s["hist"] = {"edges": [round(float(x), 6) for x in e],
+                             "counts": np.histogram(np.clip(v, e[0], e[-1]), bins=e)[0].astype(int).tolist()}
+            out[name] = s
+        self._outputs = {}
+        return out
+
     def observe_cloud(self, rtt_s: float) -> None:
         self.cloud_latency.observe(rtt_s)
 
@@ -265,5 +295,8 @@ class TelemetryRecorder:
                 "latency": {"edge": edge.summary(), "cloud_rtt": cloud.summary()},
                 "drift": self.last_drift,
             }
+            outputs = self._outputs_summary()
+            if outputs is not None:  # only a task with output statistics adds the key (docs/wire.md)
+                msg["outputs"] = outputs
             self.window.reset(seq=emit(msg), t_start=t_end)
         return msg

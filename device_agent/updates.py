@@ -25,6 +25,7 @@ import numpy as np
 
 from edgecore.bundle import Bundle, TrustPolicy, sha256_file
 from edgecore.errors import BundleTrustError
+from edgecore.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +152,19 @@ def prune_bundles(state_dir: Path, keep: Sequence[Path]) -> list[Path]:
 
 
 def smoke_test(bundle: Bundle, runner: object) -> None:
-    """The runner must answer a neutral input with finite logits, one per label."""
+    """The runner must answer a neutral input with finite outputs of the shape the bundle's task reads (a
+    classifier: one logit per label)."""
     spec = bundle.input_spec
     x = spec.preprocess(np.zeros((1, *spec.sample_shape), np.float32))
     try:
         logits = np.asarray(runner.run(x))  # type: ignore[attr-defined]
     except Exception as e:
         raise BundleTrustError(f"bundle {bundle.name} failed its smoke input: {e}") from e
-    n = len(bundle.labels)
-    if logits.shape != (1, n) or not np.all(np.isfinite(logits)):
+    want = (1, *get_task(bundle.manifest.task).output_shape(len(bundle.labels)))
+    if logits.shape != want or not np.all(np.isfinite(logits)):
         raise BundleTrustError(
             f"bundle {bundle.name} answered its smoke input with shape {list(logits.shape)}"
-            f" (expected [1, {n}]) or non-finite values"
+            f" (expected {list(want)}) or non-finite values"
         )
 
 

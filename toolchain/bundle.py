@@ -132,8 +132,16 @@ def _routing(tmp: Path, ref: Reference, cfg: BuildConfig, fit_out: np.ndarray, c
     rows = seen if own else slice(None)
     choice = choose_threshold(conf[rows], edge_ok[rows], cloud_ok[rows], offload_budget=cfg.offload_budget)
     curve_json, curve_png = write_curve(tmp, conf[rows], edge_ok[rows], cloud_ok[rows], choice=choice, title=title)
+    contract = task.contract
+    outputs = None
+    if contract.OUTPUT_STATS:  # what the device's telemetry compares besides its inputs (a detector's objects)
+        preds, _ = contract.decide(fit_out[seen], measure=cfg.confidence.value, temperature=fit.temperature,
+                                   labels=ref.labels)
+        stats = np.array([contract.output_stats(p) for p in preds], np.float64).reshape(len(preds), -1)
+        outputs = {name: stats[:, i] for i, name in enumerate(contract.OUTPUT_STATS)}
     atomic_write_json(tmp / DRIFT_REFERENCE, drift_reference(
-        raw=ref.raw_fit[seen], conf=conf[seen], measure=cfg.confidence.value, temperature=fit.temperature))
+        raw=ref.raw_fit[seen], conf=conf[seen], measure=cfg.confidence.value, temperature=fit.temperature,
+        outputs=outputs))
     return Routing(
         measure=cfg.confidence.value, temperature=fit.temperature, threshold=choice.threshold,
         offload_budget=cfg.offload_budget,

@@ -7,7 +7,10 @@ only: the device, the gateway, the build and the bench all read a model's raw ou
 - `Task.confidence`: the per-input score routing calibrates (higher = surer);
 - `Task.quality`: how right one input's answer is against its target (1/0 for a class, a per-image score for
   detections), what the routing curve and the build's edge-vs-cloud comparison add up;
-- `Task.answer`: the answer one raw output becomes on the wire (the gateway's teacher answer).
+- `Task.answer`: the answer one raw output becomes on the wire (the gateway's teacher answer);
+- the device's side: `Task.decide` (a batch's predictions and confidences from one pass over the outputs),
+  `Task.row_scorer` (the fast one-input path, where the task has one), `Task.label`, `Task.read_reply` (the
+  gateway's answer as a prediction) and `Task.output_stats` (what telemetry and drift see of the answers).
 
 The training half (loss, distillation loss, the split's headline metric, the build gate's comparison, the
 refresh target) is in `toolchain.tasks`, which imports torch; nothing here does. The device never computes a
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
@@ -60,3 +63,45 @@ class Task(ABC):
     @abstractmethod
     def answer(self, raw_one: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
         """The JSON answer for one input's raw output (shape without the batch axis)."""
+
+    @abstractmethod
+    def teacher_record(self, answer: Mapping[str, Any]) -> tuple[bytes, int, float]:
+        """What the gateway stores of a collected input's teacher answer (`answer`'s form): (the answer as
+        bytes, a class index summarising it (-1: none), its uncertainty in [0, 1], higher = less sure)."""
+
+    # --- the device's side: what the agent asks of a model's outputs ----------------------------------------
+    #: names of the per-input output statistics `output_stats` gives (telemetry summarises them per window and
+    #: the drift monitor compares them with the bundle's reference); empty: the task has none
+    OUTPUT_STATS: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def output_shape(self, n_labels: int) -> tuple[int, ...]:
+        """The raw output's shape for one input, without the batch axis (a runner must answer with it)."""
+
+    @abstractmethod
+    def decide(self, raw: np.ndarray, *, measure: str, temperature: float,
+               labels: Sequence[str]) -> tuple[Sequence[Any], np.ndarray]:
+        """One pass over a batch's raw outputs: (the prediction of each input, their confidences (N,) float64).
+
+        A prediction is what the device answers with (a class index, a list of detections); as plain JSON, or
+        numpy integers in one array (the agent makes them Python numbers with ``tolist``).
+        """
+
+    def row_scorer(self, measure: str, temperature: float,
+                   quant: tuple[float, int, int] | None) -> Callable[[Sequence[float]], tuple[Any, float]] | None:
+        """``score(row) -> (prediction, confidence)`` for one input's output given as a Python list (a runner's
+        one-input path, `targets.base.OneInput`), or None when the task reads outputs only as arrays (`decide`)."""
+        return None
+
+    def label(self, prediction: Any, labels: Sequence[str]) -> str:
+        """A short text for a prediction (a class's name; for detections, the names of what was found)."""
+        return str(prediction)
+
+    @abstractmethod
+    def read_reply(self, reply: Mapping[str, Any]) -> Any | None:
+        """The prediction in the gateway's answer (`answer`'s form, docs/wire.md), or None when the reply does not
+        hold a well-formed one (the device then falls back to its own, reason ``error``)."""
+
+    def output_stats(self, prediction: Any) -> tuple[float, ...]:
+        """One prediction's `OUTPUT_STATS` values (finite floats)."""
+        return ()

@@ -11,12 +11,13 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
+from edgecore import wire
 from edgecore.detect import DecodeParams, Detections, box_iou, decode
 from edgecore.errors import ConfigError, DataError
 
 from .base import Task, TaskSpec
 
-__all__ = ["Detect", "QUALITY_IOU", "image_ap", "targets_as_detections"]
+__all__ = ["Detect", "OBJECT_SCORE", "QUALITY_IOU", "as_json", "image_ap", "targets_as_detections"]
 
 QUALITY_IOU = 0.5  # a detection is right when it overlaps an unclaimed object of its class this much
 _EPS = 1e-6
@@ -103,14 +104,7 @@ class Detect(Task):
         the cloud. ``measure`` (the classifier's max_prob / margin / entropy) does not change it. (Another
         choice: 1 - the share of detections in an ambiguous band of scores, which weighs crowded images.)
         """
-        out = np.ones(len(np.asarray(raw)) if np.asarray(raw).ndim == 3 else 1, np.float64)
-        t = float(temperature) if temperature and temperature > 0 else 1.0
-        for i, d in enumerate(self.detections(raw)):
-            if len(d):
-                s = np.clip(d.scores.astype(np.float64), _EPS, 1 - _EPS)
-                p = 1.0 / (1.0 + np.exp(-np.log(s / (1 - s)) / t))
-                out[i] = float(np.min(np.abs(2 * p - 1)))
-        return out
+        return _confidence_of(self.detections(raw), temperature)
 
     def quality(self, raw: np.ndarray, targets: Any) -> np.ndarray:
         """Per image, the average precision of its detections at IoU 0.5 (`image_ap`), in [0, 1]."""
@@ -124,11 +118,83 @@ class Detect(Task):
         """``{"detections": [{"box": [x1, y1, x2, y2], "score": s, "class": c, "label": name}, ...]}``, best
         first, boxes in input pixels (2 decimals), scores to 6 digits."""
         (d,) = self.detections(np.asarray(raw_one)[None])
+        return {"detections": as_json(d, labels)}
 
-        def name(c: int) -> str:
-            return labels[c] if c < len(labels) else str(c)
+    def teacher_record(self, answer: Mapping[str, Any]) -> tuple[bytes, int, float]:
+        """The detections as JSON, the best detection's class (-1 with none), and the uncertainty of the least
+        sure detection (1 - |2s - 1|: 0 for a score of 0 or 1, 1 for a coin toss; 0 with no detections)."""
+        dets = list(answer.get("detections") or [])
+        scores = np.array([float(d["score"]) for d in dets], np.float64)
+        unsure = float(1.0 - np.min(np.abs(2 * scores - 1))) if len(scores) else 0.0
+        return wire.dumps({"detections": dets}), int(dets[0]["class"]) if dets else -1, unsure
 
-        return {"detections": [
-            {"box": [round(float(v), 2) for v in b], "score": round(float(s), 6), "class": int(c), "label": name(int(c))}
-            for b, s, c in zip(d.boxes, d.scores, d.classes)
-        ]}
+    # --- the device's side ------------------------------------------------------------------------------------
+    OUTPUT_STATS: ClassVar[tuple[str, ...]] = ("objects", "top_score")
+
+    def output_shape(self, n_labels: int) -> tuple[int, ...]:
+        """``(A, 4 + C)``: every location of every level, its box distances then its class logits."""
+        return (self.params.num_anchors, self.params.channels)
+
+    def decide(self, raw: np.ndarray, *, measure: str, temperature: float,
+               labels: Sequence[str]) -> tuple[Sequence[Any], np.ndarray]:
+        """Each image's detections (`answer`'s list) and its confidence, from one decode."""
+        dets = self.detections(raw)
+        return [as_json(d, labels) for d in dets], _confidence_of(dets, temperature)
+
+    def label(self, prediction: Any, labels: Sequence[str]) -> str:
+        """The names of the objects found (score >= 0.5), best first: ``"circle, star"``; ``""`` for none."""
+        return ", ".join(str(d["label"]) for d in prediction if d["score"] >= OBJECT_SCORE)
+
+    def read_reply(self, reply: Mapping[str, Any]) -> Any | None:
+        """``detections``: a list (at most ``max_detections``) of boxes with a finite ``box`` of four numbers
+        (x1 <= x2, y1 <= y2), a ``score`` in [0, 1] and a ``class`` among the model's (its ``label`` as the gateway names it, else the class's number)."""
+        dets = reply.get("detections")
+        if not isinstance(dets, list) or len(dets) > self.params.max_detections:
+            return None
+        out = []
+        for d in dets:
+            if not isinstance(d, dict):
+                return None
+            box: Any = d.get("box")
+            score: Any = d.get("score")
+            cls: Any = d.get("class")
+            if (not isinstance(box, list) or len(box) != 4 or not all(_finite(v) for v in box)
+                    or box[0] > box[2] or box[1] > box[3] or not _finite(score) or not 0.0 <= score <= 1.0
+                    or not isinstance(cls, int) or isinstance(cls, bool) or not 0 <= cls < self.params.num_classes):
+                return None
+            out.append({"box": [float(v) for v in box], "score": float(score), "class": cls,
+                        "label": d["label"] if isinstance(d.get("label"), str) else str(cls)})
+        return out
+
+    def output_stats(self, prediction: Any) -> tuple[float, ...]:
+        """``objects``: detections scoring at least 0.5; ``top_score``: the best score (0 with none)."""
+        scores = [d["score"] for d in prediction]
+        return float(sum(s >= OBJECT_SCORE for s in scores)), float(max(scores, default=0.0))
+
+
+OBJECT_SCORE = 0.5  # a detection this sure counts as an object in labels and telemetry
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def as_json(d: Detections, labels: Sequence[str]) -> list[dict[str, Any]]:
+    """One image's detections in the wire's form (`Detect.answer`)."""
+    def name(c: int) -> str:
+        return labels[c] if c < len(labels) else str(c)
+
+    return [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 6), "class": int(c), "label": name(int(c))}
+            for b, s, c in zip(d.boxes, d.scores, d.classes)]
+
+
+def _confidence_of(dets: list[Detections], temperature: float) -> np.ndarray:
+    """`Detect.confidence` of decoded detections."""
+    out = np.ones(len(dets), np.float64)
+    t = float(temperature) if temperature and temperature > 0 else 1.0
+    for i, d in enumerate(dets):
+        if len(d):
+            s = np.clip(d.scores.astype(np.float64), _EPS, 1 - _EPS)
+            p = 1.0 / (1.0 + np.exp(-np.log(s / (1 - s)) / t))
+            out[i] = float(np.min(np.abs(2 * p - 1)))
+    return out
