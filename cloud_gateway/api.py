@@ -285,15 +285,39 @@ def _register_samples(app: Flask, *, store: GatewayStore, require_token: Callabl
 
     @app.post("/api/samples/<int:sample_id>/label")
     def label_sample(sample_id: int) -> Any:
+        """``{"label": K}`` for a class; for a sample whose teacher answer is detections, ``{"accept": [i, ...]}``:
+        the indices of the teacher's boxes the person keeps (the others are rejected; ``[]``: nothing there)."""
         require_token()
         body = request.get_json(silent=True)
+        if isinstance(body, dict) and "accept" in body:
+            return _accept_boxes(sample_id, body["accept"])
         label = body.get("label") if isinstance(body, dict) else None
         if isinstance(label, bool) or not isinstance(label, int) or label < 0 or (
                 num_classes is not None and label >= num_classes):
             _fail(400, f"label: expected a class index 0..{(num_classes or 1) - 1}, got {label!r}")
+        row = store.samples.get(sample_id)
+        if row is not None and bytes(row["teacher_probs"])[:1] == b"{":  # an answer that is not a class
+            _fail(400, f"sample {sample_id}: its teacher answer is detections: give {{\"accept\": [box indices]}}")
         if not store.samples.label(sample_id, label):
             _fail(404, f"no sample {sample_id}")
         return jsonify({"id": sample_id, "human_label": label})
+
+    def _accept_boxes(sample_id: int, accept: Any) -> Any:
+        row = store.samples.get(sample_id)
+        if row is None:
+            _fail(404, f"no sample {sample_id}")
+        sample = Sample.from_row(row)
+        dets = (sample.teacher_answer or {}).get("detections")
+        if not isinstance(dets, list):
+            _fail(400, f"sample {sample_id}: its teacher answer is not detections: label it with {{\"label\": K}}")
+        if (not isinstance(accept, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in accept)
+                or len(set(accept)) != len(accept) or any(not 0 <= i < len(dets) for i in accept)):
+            _fail(400, f"accept: expected distinct indices of the teacher's {len(dets)} boxes (0..{len(dets) - 1}), "
+                       f"got {str(accept)[:200]}")
+        answer = {"detections": [dets[i] for i in sorted(accept)], "accepted": sorted(accept),
+                  "rejected": [i for i in range(len(dets)) if i not in set(accept)]}
+        store.samples.label_answer(sample_id, answer)
+        return jsonify({"id": sample_id, "human_answer": answer})
 
 
 def _register_rollouts(app: Flask, *, store: GatewayStore, rollouts: Any,

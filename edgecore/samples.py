@@ -8,7 +8,9 @@ module, so neither imports the other.
 
 One sample is the input exactly as the device sent it to the gateway (the
 device model's preprocessed tensor, see ``manifest.input``), the teacher's
-probabilities for it, and what is known of the device at the time.
+answer for it (a classifier's probabilities; for another task, e.g. a
+detector, its JSON answer, `edgecore.tasks.Task.teacher_record`), a person's
+label where one was given, and what is known of the device at the time.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .wire import WireError, decode_tensor, encode_tensor
+from .wire import WireError, decode_tensor, encode_tensor, loads
 
 SAMPLES_SCHEMA = 1
 # Columns of the gateway's ``samples`` table that `from_row` reads (the gateway may keep more).
 SAMPLE_COLUMNS = ("id", "device_id", "bundle", "received", "input", "teacher_probs", "teacher_label",
-                  "confidence", "drift", "flagged", "human_label")
+                  "confidence", "drift", "flagged", "human_label", "human_answer")
 MAX_SAMPLE_BYTES = 16 << 20
 
 
@@ -39,13 +41,17 @@ class Sample:
     device: str
     received: float                 # unix seconds, at the gateway
     input: np.ndarray               # as the device sent it (preprocessed, with batch axis of 1 or none)
-    teacher_probs: np.ndarray       # float32, one per class
+    teacher_probs: np.ndarray       # float32, one per class (empty where the answer is not a class vector)
     bundle: str = ""                # the bundle version (manifest sha256 or version) the device ran, "" if unknown
     confidence: float | None = None  # the device model's confidence, when the device sent it
     drift: bool | None = None       # the device's drift flag at the time, when known
     flagged: bool = False           # the device asked for this input to be collected
     human_label: int | None = None  # a person's label; overrides the teacher
     teacher_label: int = field(default=-1)
+    # the teacher's answer where it is not a class vector (a detector: ``{"detections": [...]}``, docs/wire.md)
+    teacher_answer: Mapping[str, Any] | None = None
+    # a person's answer of that kind (a detection frame: the teacher's boxes they accepted); overrides the teacher
+    human_answer: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.teacher_label < 0 and self.teacher_probs.size:
@@ -55,6 +61,11 @@ class Sample:
     def label(self) -> int:
         """The label to train on: a person's if given, else the teacher's top class."""
         return self.human_label if self.human_label is not None else self.teacher_label
+
+    @property
+    def answer(self) -> Mapping[str, Any] | None:
+        """The answer to train on where it is not a class: a person's if given, else the teacher's."""
+        return self.human_answer if self.human_answer is not None else self.teacher_answer
 
     @property
     def uncertainty(self) -> float:
@@ -68,6 +79,8 @@ class Sample:
             "teacher_probs": [float(p) for p in self.teacher_probs],
             "teacher_label": self.teacher_label, "confidence": self.confidence, "drift": self.drift,
             "flagged": self.flagged, "human_label": self.human_label,
+            **({"teacher_answer": dict(self.teacher_answer)} if self.teacher_answer is not None else {}),
+            **({"human_answer": dict(self.human_answer)} if self.human_answer is not None else {}),
         }
 
     @classmethod
@@ -83,11 +96,19 @@ class Sample:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "Sample":
-        """From a ``samples`` table row (``input`` and ``teacher_probs`` are wire-format tensors)."""
+        """From a ``samples`` table row: ``input`` is a wire-format tensor; ``teacher_probs`` too, or a task's JSON
+        answer (an object: it starts with ``{``, a tensor with the magic ``ET``)."""
         d = dict(row)
         d["device"] = d.pop("device_id", d.get("device"))
         try:
-            probs = decode_tensor(bytes(d["teacher_probs"]), max_bytes=MAX_SAMPLE_BYTES).astype(np.float32).ravel()
+            blob = bytes(d["teacher_probs"])
+            if blob[:1] == b"{":
+                answer = loads(blob)
+                answer.pop("schema", None)
+                d["teacher_answer"] = answer
+                probs = np.zeros(0, np.float32)
+            else:
+                probs = decode_tensor(blob, max_bytes=MAX_SAMPLE_BYTES).astype(np.float32).ravel()
         except (KeyError, TypeError, WireError) as e:
             raise SampleError(f"sample {d.get('id')!r}.teacher_probs: {e}") from e
         return cls._make(d, bytes(d.get("input") or b""), probs)
@@ -109,13 +130,19 @@ class Sample:
         if conf is not None and (not isinstance(conf, (int, float)) or not math.isfinite(conf)):
             raise SampleError(f"sample {sid!r}.confidence: expected a number, got {conf!r}")
         tl = d.get("teacher_label")
+        answers = {}
+        for key in ("teacher_answer", "human_answer"):
+            a = d.get(key)
+            if a is not None and not isinstance(a, Mapping):
+                raise SampleError(f"sample {sid!r}.{key}: expected an object, got {type(a).__name__}")
+            answers[key] = a
         return cls(
             id=_int(sid, "id"), device=str(_req(d, "device")), received=float(_req(d, "received")),
             input=x, teacher_probs=probs, bundle=str(d.get("bundle") or ""),
             confidence=None if conf is None else float(conf),
             drift=None if d.get("drift") is None else bool(d.get("drift")),
             flagged=bool(d.get("flagged", False)), human_label=human,
-            teacher_label=-1 if tl is None else _int(tl, "teacher_label"),
+            teacher_label=-1 if tl is None else _int(tl, "teacher_label"), **answers,
         )
 
 

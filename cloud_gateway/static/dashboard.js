@@ -182,6 +182,68 @@ async function label(sample, k, card) {
   if (r.ok) { card.classList.add("labelled"); card.querySelector(".who").textContent = `labelled ${k} (yours)`; }
 }
 
+// A detection frame: the image (RGB, or gray) scaled up, the teacher's boxes drawn over it, numbered.
+function drawFrame(t, dets, scale) {
+  const c = el("canvas");
+  const d = t.dims.slice(-3);
+  if (!t.data || d.length < 3) return c;
+  const [ch, h, w] = d;
+  c.width = w * scale; c.height = h * scale;
+  const ctx = c.getContext("2d");
+  const img = ctx.createImageData(w, h);
+  const n = h * w, planes = Math.min(ch, 3);
+  let lo = Infinity, hi = -Infinity;
+  for (let i = 0; i < planes * n; i++) { const v = t.data[i]; if (v < lo) lo = v; if (v > hi) hi = v; }
+  const span = (hi - lo) || 1;
+  for (let i = 0; i < n; i++) {
+    const px = [0, 1, 2].map(k => Math.round(255 * (t.data[(planes === 3 ? k : 0) * n + i] - lo) / span));
+    img.data.set([...px, 255], 4 * i);
+  }
+  const tmp = el("canvas"); tmp.width = w; tmp.height = h;
+  tmp.getContext("2d").putImageData(img, 0, 0);
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(tmp, 0, 0, w * scale, h * scale);
+  ctx.lineWidth = 2; ctx.font = "12px sans-serif";
+  dets.forEach((det, i) => {
+    const [x1, y1, x2, y2] = det.box.map(v => v * scale);
+    ctx.strokeStyle = det.score >= 0.5 ? "#2e7d32" : "#ef6c00";
+    ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+    ctx.fillStyle = ctx.strokeStyle;
+    ctx.fillText(`${i} ${det.label}`, x1 + 2, Math.max(12, y1 - 2));
+  });
+  return c;
+}
+
+async function acceptBoxes(sample, boxes, card) {
+  const accept = boxes.filter(b => b.checked).map(b => Number(b.dataset.box));
+  const r = await fetch(`/api/samples/${sample.id}/label`, {method: "POST",
+    headers: {...authHeaders(), "Content-Type": "application/json"}, body: JSON.stringify({accept})});
+  const who = card.querySelector(".who");
+  if (r.ok) { card.classList.add("labelled"); who.textContent = `kept boxes ${accept.join(", ") || "none"} (yours)`; }
+  else who.textContent = `the gateway refused: ${(await r.json()).error}`;
+}
+
+// A frame whose teacher answer is detections: a person accepts or rejects each box, then saves.
+function detectionCard(s) {
+  const card = el("div", {class: "sample detection", "data-id": String(s.id)});
+  const dets = s.teacher_answer.detections;
+  card.appendChild(drawFrame(decodeTensor(s.input), dets, 3));
+  card.appendChild(el("div", {class: "who"}, `${s.device} · teacher found ${dets.length} boxes`));
+  const boxes = dets.map((det, i) => {
+    const box = el("input", {type: "checkbox", "data-box": String(i)});
+    box.checked = det.score >= 0.5;
+    const row = el("label", {class: "box"});
+    row.appendChild(box);
+    row.appendChild(document.createTextNode(` ${i}: ${det.label} ${fmt(100 * det.score, 0)}%`));
+    card.appendChild(row);
+    return box;
+  });
+  const save = el("button", {type: "button", class: "save"}, "save: keep the ticked boxes");
+  save.addEventListener("click", () => acceptBoxes(s, boxes, card));
+  card.appendChild(save);
+  return card;
+}
+
 async function loadQueue() {
   const root = document.getElementById("queue");
   const r = await fetch("/api/labels/queue?limit=40", {headers: authHeaders()});
@@ -189,6 +251,7 @@ async function loadQueue() {
   const page = await r.json();
   if (!page.samples.length) { root.textContent = "nothing waiting for a label"; return; }
   root.replaceChildren(...page.samples.map(s => {
+    if (s.teacher_answer && Array.isArray(s.teacher_answer.detections)) return detectionCard(s);
     const card = el("div", {class: "sample", "data-id": String(s.id)});
     card.appendChild(drawInput(decodeTensor(s.input)));
     const top = Math.max(...s.teacher_probs);

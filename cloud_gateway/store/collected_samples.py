@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Boolean,
     Column,
     Connection,
@@ -39,6 +40,8 @@ samples = Table(
     Column("confidence", Float), Column("drift", Boolean),
     Column("flagged", Boolean, nullable=False, server_default=false()),
     Column("human_label", Integer), Column("labelled_at", Float),
+    # a person's answer where it is not one class (a detection frame: the teacher's boxes they accepted), JSON
+    Column("human_answer", JSON),
     Index("ix_samples_device_id_id", "device_id", "id"),
     Index("ix_samples_queue", "human_label", "uncertainty"),
 )
@@ -83,7 +86,8 @@ class SampleStore:
         if device is not None:
             q = q.where(samples.c.device_id == device)
         if queue is not None:
-            q = q.where(samples.c.human_label.is_(None), samples.c.uncertainty >= queue)
+            q = q.where(samples.c.human_label.is_(None), samples.c.human_answer.is_(None),
+                        samples.c.uncertainty >= queue)
             q = q.order_by(samples.c.uncertainty.desc(), samples.c.id)
         else:
             q = q.where(samples.c.id > after).order_by(samples.c.id)
@@ -95,13 +99,24 @@ class SampleStore:
             return bool(c.execute(update(samples).where(samples.c.id == sample_id)
                                   .values(human_label=label, labelled_at=time.time())).rowcount)
 
+    def label_answer(self, sample_id: int, answer: dict[str, Any]) -> bool:
+        """A person's answer for a sample whose answer is not one class (`edgecore.samples.Sample.human_answer`)."""
+        with self.engine.begin() as c:
+            return bool(c.execute(update(samples).where(samples.c.id == sample_id)
+                                  .values(human_answer=answer, labelled_at=time.time())).rowcount)
+
+    def get(self, sample_id: int) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            row = c.execute(select(samples).where(samples.c.id == sample_id)).mappings().first()
+        return dict(row) if row is not None else None
+
     def delete(self, device: str) -> int:
         with self.engine.begin() as c:
             return int(c.execute(delete(samples).where(samples.c.device_id == device)).rowcount)
 
     def stats(self) -> list[dict[str, Any]]:
         with self.engine.connect() as c:
-            rows = c.execute(select(samples.c.device_id, func.count(), func.count(samples.c.human_label),
+            rows = c.execute(select(samples.c.device_id, func.count(), func.count(samples.c.labelled_at),
                                     func.min(samples.c.received), func.max(samples.c.received))
                              .group_by(samples.c.device_id).order_by(samples.c.device_id)).all()
         return [{"device": d, "samples": int(n), "labelled": int(lab), "oldest": lo, "newest": hi}
