@@ -266,6 +266,7 @@ class RefreshConfig(Section):
     balance: Balance = Balance.OVERSAMPLE  # "oversample" | "weight" | "none": evening out the collected classes
     candidates: int = 3  # continuations trained with different seeds, then averaged (a uniform model soup)
     strategy: RefreshStrategy = RefreshStrategy.EXPERT  # "expert": keep the student, add a gated expert | "continue"
+    min_box_score: float = 0.5  # detect: the teacher's boxes at least this sure are the collected frames' targets
 
     def validate(self, check: Check) -> None:
         check.count("epochs", low=1, high=MAX_EPOCHS)
@@ -274,6 +275,7 @@ class RefreshConfig(Section):
         check.need(self.max_regression_pt >= 0, "max_regression_pt", "must be >= 0")
         check.need(self.min_samples >= 2, "min_samples", "must be >= 2")
         check.need(1 <= self.candidates <= 16, "candidates", "must be 1..16")
+        check.need(0.0 <= self.min_box_score <= 1.0, "min_box_score", "must be in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -392,9 +392,11 @@ def splits_from_record(record: dict[str, Any]) -> Splits:
     return splits
 
 
-def with_refresh(splits: Splits, path: Path, sha256: str | None) -> Splits:
+def with_refresh(splits: Splits, path: Path, sha256: str | None, task: "TrainTask | None" = None) -> Splits:
     """The splits plus a refresh set (``toolchain refresh``): its train part appended to train, its held-out
-    part to val; test stays the source's own (the regression gate's yardstick)."""
+    part to val; test stays the source's own (the regression gate's yardstick). ``task`` joins the targets
+    (`TrainTask.concat_targets`; plain concatenation when None)."""
+    join = task.concat_targets if task is not None else (lambda *ys: np.concatenate(ys))
     try:
         with np.load(path) as z:
             parts = {k: z[k] for k in ("x_train", "y_train", "x_val", "y_val")}
@@ -403,8 +405,8 @@ def with_refresh(splits: Splits, path: Path, sha256: str | None) -> Splits:
     if sha256 is not None and refresh_digest(parts) != sha256:
         raise DataError(f"refresh set {path} changed since the run was made (sha256 mismatch)")
     return Splits(
-        train=(np.concatenate([splits.train[0], parts["x_train"]]), np.concatenate([splits.train[1], parts["y_train"]])),
-        val=(np.concatenate([splits.val[0], parts["x_val"]]), np.concatenate([splits.val[1], parts["y_val"]])),
+        train=(np.concatenate([splits.train[0], parts["x_train"]]), join(splits.train[1], parts["y_train"])),
+        val=(np.concatenate([splits.val[0], parts["x_val"]]), join(splits.val[1], parts["y_val"])),
         test=splits.test, input_spec=splits.input_spec, labels=splits.labels, sha256=splits.sha256,
         calibration=splits.calibration,
     )

@@ -112,7 +112,7 @@ class RunDir:
         splits = splits_from_record(rec)
         refresh = rec.get("refresh")
         if refresh:  # a refreshed run: its splits include the collected samples (toolchain refresh)
-            splits = with_refresh(splits, self.path / refresh["file"], refresh.get("sha256"))
+            splits = with_refresh(splits, self.path / refresh["file"], refresh.get("sha256"), self.task)
         return splits
 
     @property

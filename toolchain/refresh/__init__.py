@@ -71,8 +71,9 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
     engine.set_seed(cfg.run.seed)
     samples = load_samples(source, token=token, device=device)
     spec, labels = prun.input_spec, prun.labels
-    rs = build_refresh_set(samples, spec, len(labels), holdout=cfg.refresh.holdout_fraction, seed=cfg.run.seed,
-                           balance=cfg.refresh.balance, min_samples=cfg.refresh.min_samples)
+    r = cfg.refresh
+    rs = build_refresh_set(samples, spec, len(labels), holdout=r.holdout_fraction, seed=cfg.run.seed,
+                           balance=r.balance, min_samples=r.min_samples, task=prun.task, min_box_score=r.min_box_score)
     new_run(parent, out, rs, source, device)
     _, ctx, trained = train(cfg, out, rs)
     pipeline.export(cfg, out, show=False)
@@ -89,7 +90,8 @@ def refresh(*, parent: Path | str, out: Path | str, source: str, token: str | No
                                       "train_after_balance": int(len(rs.y_train)),
                                       "balance": cfg.refresh.balance.value,
                                       "holdout": len(rs.ids_holdout),
-                                      "ids_train": rs.ids_train, "ids_holdout": rs.ids_holdout, "sha256": rs.sha256},
+                                      "ids_train": rs.ids_train, "ids_holdout": rs.ids_holdout, "sha256": rs.sha256,
+                                      **rs.notes},
         "stages": trained["stages"], "candidates_test_accuracy": trained["candidates_test_accuracy"],
         "strategy": trained["strategy"], "gate": trained["gate"],
         "gates": gates, "passed": ok, "forced": force and not ok,

@@ -17,15 +17,18 @@ from .refresh_set import RefreshSet
 
 def regression_gate(parent_run: Any, out_run: Any, test: tuple[Any, Any], new_acc: float,
                     max_pt: float) -> dict[str, Any]:
-    """At most ``max_pt`` lost on the original test split (the new accuracy ``new_acc``, of the shipped model)."""
-    parent_correct = _shipped_correct(parent_run, test)  # once: the accuracy and the paired comparison both read it
-    before = float(parent_correct.mean())
+    """At most ``max_pt`` lost on the original test split (the new figure ``new_acc``, of the shipped model, in the
+    task's metric: accuracy, mAP@0.5:0.95)."""
+    task = parent_run.task
+    parent_out = _shipped_outputs(parent_run, test)  # once: the metric and the paired comparison both read it
+    before = task.metric(parent_out, _np(test[1]))
     return {
         "gate": "original test split", "before": before, "after": new_acc,
         "lost_pt": round((before - new_acc) * 100, 2), "max_pt": max_pt,
         "ok": (before - new_acc) * 100 <= max_pt + 1e-9,
         # how sure the loss is, from the same inputs scored by both models (the rule above is the point estimate)
-        "paired": paired_difference(parent_correct, _shipped_correct(out_run, test)),
+        "paired": paired_difference(_right(task, parent_out, test[1]),
+                                    _right(task, _shipped_outputs(out_run, test), test[1])),
     }
 
 
@@ -54,7 +57,7 @@ def target_gates(*, parent: Path, out: Path, targets: list[str] | None, cfg: Any
             before_b, versus = bundle_accuracy(old, rs.x_val, rs.y_val), f"parent bundle {name}"
         else:  # the parent never built this target: its shipped PyTorch model stands in
             x_held_out = parent_run.input_spec.preprocess(rs.x_val)
-            before_b = float(_shipped_correct(parent_run, (x_held_out, rs.y_val)).mean())
+            before_b = float(parent_run.task.metric(_shipped_outputs(parent_run, (x_held_out, rs.y_val)), rs.y_val))
             versus = "parent model (PyTorch)"
         gates.append({"gate": f"held-out collected samples, {name}", "versus": versus, "before": before_b,
                       "after": after, "ok": after > before_b})
@@ -82,28 +85,40 @@ def _production_targets(parent: Path, targets: list[str] | None) -> list[tuple[s
     return out
 
 
-def bundle_accuracy(bundle: Path, x_raw: np.ndarray, y: np.ndarray) -> float:
-    """A built bundle's accuracy on raw inputs: its model alone (own preprocessing, one input at a time, no routing)."""
+def bundle_accuracy(bundle: Path, x_raw: np.ndarray, y: Any) -> float:
+    """A built bundle's figure on raw inputs in its task's metric (accuracy, mAP): its model alone (own
+    preprocessing, one input at a time, no routing)."""
     from edgecore.bundle import open_bundle
     from targets import load_runner
+    from toolchain.tasks import get_train_task
 
     b = open_bundle(bundle)  # our own build's hashes are checked; whose signature it carries does not matter here
     runner = load_runner(b)
     x = b.input_spec.preprocess(x_raw)
-    pred = np.concatenate([np.asarray(runner.run(x[i:i + 1])).argmax(1) for i in range(len(x))])
-    return float((pred == y).mean())
+    out = np.concatenate([np.asarray(runner.run(x[i:i + 1])) for i in range(len(x))])
+    return float(get_train_task(b.manifest.task).metric(out, y))
 
 
-def _shipped_correct(run: Any, data: tuple[Any, Any]) -> np.ndarray:
-    """Per input of ``(x normalised, y)``: did the run's shipped model (QAT program, else fp32 student) get it right."""
+def _shipped_outputs(run: Any, data: tuple[Any, Any]) -> np.ndarray:
+    """The raw outputs of the run's shipped model (QAT program, else fp32 student) on ``data``'s normalised inputs."""
     import torch
 
     from toolchain import engine
     from toolchain.rundir import RunDir
 
     model = run.load_student_qat() if (run.path / RunDir.STUDENT_QAT).is_file() else run.load_student()
-    x, y = (torch.as_tensor(np.asarray(a)) if isinstance(a, np.ndarray) else a for a in data)
-    return (engine.predict(model, x).argmax(1) == y).numpy()
+    x = data[0]
+    return engine.predict(model, torch.as_tensor(x) if isinstance(x, np.ndarray) else x).numpy()
+
+
+def _right(task: Any, out: np.ndarray, y: Any) -> np.ndarray:
+    """Per input, whether the answer is right: its quality (`Task.quality`: 1/0 for a class, a frame's AP@0.5) at
+    least one half."""
+    return np.asarray(task.contract.quality(out, _np(y))) >= 0.5
+
+
+def _np(y: Any) -> Any:
+    return y.numpy() if hasattr(y, "numpy") else np.asarray(y)
 
 
 def _paired_words(pr: dict[str, Any] | None) -> str:

@@ -20,20 +20,16 @@ KEPT_PROGRAM = "student_qat_kept.pt"  # a gated run: the kept student's quantize
 def train(cfg: Any, out: Path, rs: RefreshSet) -> tuple[Any, Any, dict[str, Any]]:
     """Continue the parent's student on original + collected data, then the run's quantizing pass.
 
-    Targets: on the original training data the teacher's probabilities (distillation) and the labels; on the
-    collected samples the teacher's probabilities *as the gateway recorded them* (or a person's label, one-hot,
-    which overrides the teacher) and their labels. Loss: ``alpha`` soft cross-entropy + ``1 - alpha`` hard, per
-    sample, averaged with the refresh set's weights (original inputs weigh 1). The quantizing pass after it trains
-    unweighted.
+    Targets and loss are the run's task's (`TrainTask.refresh_loss`; a classifier: the teacher's probabilities
+    on the original data, the gateway's recorded ones or a person's label on the collected samples, weighted by
+    the refresh set; a detector: the ground truth and the collected boxes, distilled from the teacher). The
+    quantizing pass after it trains unweighted.
 
     ``refresh.strategy = "expert"`` (default): the continued student becomes an expert beside the unchanged student,
     and a gate trained on original vs. collected inputs picks between them (`toolchain.models.GatedExperts`). A
     parent that is already gated keeps its student, continues its expert and gets a new gate: the model does not
     grow from one refresh to the next.
     """
-    import torch
-    import torch.nn.functional as F
-
     from toolchain import compress as C
     from toolchain import engine
     from toolchain.config import RefreshStrategy
@@ -47,19 +43,8 @@ def train(cfg: Any, out: Path, rs: RefreshSet) -> tuple[Any, Any, dict[str, Any]
     n_val = int(run.data_record()["refresh"]["original_val"]) or len(ctx.val[1])
     ctx.val = (ctx.val[0][:n_val], ctx.val[1][:n_val])  # early stopping never sees the held-out samples
     n_orig = len(ctx.train[1]) - len(rs.y_train)
-    with torch.no_grad():
-        t_probs = torch.softmax(engine.predict(ctx.teacher, ctx.train[0][:n_orig]).float(), 1)
-    soft = torch.cat([t_probs, torch.from_numpy(rs.p_train)])
-    weight = torch.cat([torch.ones(n_orig), torch.from_numpy(rs.w_train)])
-    targets = torch.cat([soft, ctx.train[1][:, None].float(), weight[:, None]], 1)  # [probs..., label, weight]
-    alpha = cfg.distill.alpha
-
-    def loss_fn(model: Any, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        logits = model(xb)
-        w = yb[:, -1]
-        soft_ce = -(yb[:, :-2] * F.log_softmax(logits, 1)).sum(1)
-        hard = F.cross_entropy(logits, yb[:, -2].long(), reduction="none")
-        return ((alpha * soft_ce + (1 - alpha) * hard) * w).sum() / w.sum()
+    targets, loss_fn = ctx.train_task.refresh_loss(ctx, rs.p_train, rs.w_train, alpha=cfg.distill.alpha,
+                                                   temperature=cfg.distill.temperature)
 
     r, t0 = cfg.refresh, time.perf_counter()
     gated = r.strategy is RefreshStrategy.EXPERT

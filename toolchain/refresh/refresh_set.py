@@ -7,7 +7,7 @@ import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from edgecore.fsutil import atomic_write_bytes
 from edgecore.samples import Sample
 
 from .errors import RefreshError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from toolchain.tasks import TrainTask
 
 REFRESH_FILE = "refresh/refresh_set.npz"
 _SKIP = ("bundles", "checkpoints", "latency", "refresh", "reports")
@@ -26,13 +29,15 @@ class RefreshSet:
     y_train: np.ndarray
     x_val: np.ndarray  # the held-out collected samples
     y_val: np.ndarray
-    p_train: np.ndarray  # soft targets of the train part: a person's label one-hot, else the teacher's probabilities
+    p_train: np.ndarray  # soft targets of the train part the task's loss reads (a classifier: a person's label
+    #                      one-hot, else the teacher's probabilities); (rows, 0) when it reads none
     w_train: np.ndarray  # loss weight per train sample (balance "weight": each class the same total, mean 1; else 1)
     ids_train: list[int]
     ids_holdout: list[int]
     duplicates: int
     human_labels: int
     sha256: str
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)  # the task's (`RefreshTargets.notes`)
 
 
 def _raw(x: np.ndarray, spec: Any) -> np.ndarray:
@@ -45,11 +50,17 @@ def _raw(x: np.ndarray, spec: Any) -> np.ndarray:
 
 
 def build_refresh_set(samples: list[Sample], spec: Any, num_classes: int, *, holdout: float, seed: int,
-                      balance: Any, min_samples: int) -> RefreshSet:
-    """``balance``: a `toolchain.config.Balance` or its value (an older config's boolean is mapped when it loads)."""
-    from toolchain.config import Balance
+                      balance: Any, min_samples: int, task: "TrainTask | None" = None,
+                      min_box_score: float = 0.5) -> RefreshSet:
+    """Distinct samples (by content; a labelled copy preferred), a seeded ``holdout`` share held out, the targets
+    the run's task makes of them (`TrainTask.refresh_targets`; classification when ``task`` is None).
 
-    mode = Balance(balance)
+    ``balance``: a `toolchain.config.Balance` or its value (an older config's boolean is mapped when it loads);
+    ``min_box_score``: a detector's teacher boxes at least this sure are targets."""
+    if task is None:
+        from toolchain.tasks import get_train_task
+
+        task = get_train_task(None)
     shape = tuple(spec.sample_shape)
     keep: dict[str, Sample] = {}
     for s in samples:
@@ -57,10 +68,8 @@ def build_refresh_set(samples: list[Sample], spec: Any, num_classes: int, *, hol
         if tuple(x.shape) != shape:
             raise RefreshError(f"sample {s.id} from {s.device}: input shape {list(s.input.shape)} does not match the "
                                f"run's {list(shape)} (samples of another model?)")
-        if not 0 <= s.label < num_classes:
-            raise RefreshError(f"sample {s.id}: label {s.label} outside the run's {num_classes} classes")
         key = hashlib.sha256(np.ascontiguousarray(x, np.float32).tobytes()).hexdigest()
-        if key not in keep or (s.human_label is not None and keep[key].human_label is None):
+        if key not in keep or (_by_person(s) and not _by_person(keep[key])):
             keep[key] = dataclasses.replace(s, input=np.asarray(x, np.float32))
     uniq = sorted(keep.values(), key=lambda s: s.id)
     if len(uniq) < min_samples:
@@ -70,35 +79,21 @@ def build_refresh_set(samples: list[Sample], spec: Any, num_classes: int, *, hol
     order = rng.permutation(len(uniq))
     n_hold = max(1, int(round(holdout * len(uniq))))
     hold, train = [uniq[i] for i in order[:n_hold]], [uniq[i] for i in order[n_hold:]]
-    idx = np.arange(len(train))
-    y_tr = np.array([s.label for s in train], np.int64)
-    w_tr = np.ones(len(train), np.float32)
-    counts = np.bincount(y_tr, minlength=num_classes)
-    if mode is Balance.OVERSAMPLE and len(train):
-        target = counts[counts > 0].max()
-        extra = [rng.choice(np.flatnonzero(y_tr == c), target - n) for c, n in enumerate(counts) if 0 < n < target]
-        idx = np.concatenate([idx, *extra]) if extra else idx
-        w_tr = np.ones(len(idx), np.float32)
-    elif mode is Balance.WEIGHT and len(train):
-        # every present class weighs the same in total and the weights average 1: the classes are even, and the
-        # collected part's share of the training loss stays what was collected (oversampling grows it)
-        w_tr = (len(train) / (np.count_nonzero(counts) * counts[y_tr])).astype(np.float32)
+    t = task.refresh_targets(train, hold, num_classes=num_classes, balance=balance, min_box_score=min_box_score,
+                             rng=rng)
+    idx = t.order
     x_tr = _raw(np.stack([train[i].input for i in idx]), spec) if len(idx) else np.zeros((0, *shape), np.float32)
-    p_tr = np.stack([_target(train[i], num_classes) for i in idx]) if len(idx) else np.zeros((0, num_classes), np.float32)
-    parts = {"x_train": x_tr, "y_train": y_tr[idx] if len(idx) else np.zeros(0, np.int64),
-             "x_val": _raw(np.stack([s.input for s in hold]), spec), "y_val": np.array([s.label for s in hold], np.int64)}
+    parts = {"x_train": x_tr, "y_train": t.y_train, "x_val": _raw(np.stack([s.input for s in hold]), spec),
+             "y_val": t.y_val}
     from toolchain.data import refresh_digest
 
-    return RefreshSet(**parts, p_train=p_tr, w_train=w_tr, ids_train=[s.id for s in train],
+    return RefreshSet(**parts, p_train=t.p_train, w_train=t.w_train, ids_train=[s.id for s in train],
                       ids_holdout=[s.id for s in hold], duplicates=len(samples) - len(uniq),
-                      human_labels=sum(s.human_label is not None for s in uniq), sha256=refresh_digest(parts))
+                      human_labels=sum(_by_person(s) for s in uniq), sha256=refresh_digest(parts), notes=t.notes)
 
 
-def _target(s: Sample, num_classes: int) -> np.ndarray:
-    if s.human_label is not None or s.teacher_probs.shape != (num_classes,):
-        return np.eye(num_classes, dtype=np.float32)[s.label]
-    p = np.clip(s.teacher_probs.astype(np.float32), 0, None)
-    return p / max(float(p.sum()), 1e-12)
+def _by_person(s: Sample) -> bool:
+    return s.human_label is not None or s.human_answer is not None
 
 
 def new_run(parent: Path, out: Path, rs: RefreshSet, source: str, device: str | None = None) -> None:

@@ -11,6 +11,7 @@ choosing the split, reading the config), and the parameters come from the model 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
@@ -23,15 +24,29 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
     from calibration.confidence import TemperatureFit
+    from edgecore.samples import Sample
     from toolchain.config import ModelConfig
     from toolchain.engine import FitOptions
+    from toolchain.passes.base import PassContext
     from toolchain.verify import VerifyResult
 
-__all__ = ["TrainTask", "LossFn", "ExportCheck"]
+__all__ = ["TrainTask", "LossFn", "ExportCheck", "RefreshTargets"]
 
 LossFn = Callable[["nn.Module", "torch.Tensor", Any], "torch.Tensor"]
 #: what `TrainTask.export_check` returns: the export report's row for one graph, and its problems
 ExportCheck = tuple[dict[str, Any], list[str]]
+
+
+@dataclass
+class RefreshTargets:
+    """What a task makes of the collected samples of a refresh (`TrainTask.refresh_targets`)."""
+
+    order: np.ndarray  # indices into the train part, repeats allowed (oversampling): the training rows, in order
+    y_train: Any  # the targets of those rows, in the task's split form
+    p_train: np.ndarray  # per row, a soft target the loss reads (a classifier's probabilities); (rows, 0) if none
+    w_train: np.ndarray  # per row, the loss weight (mean 1)
+    y_val: Any  # the held-out part's targets
+    notes: dict[str, Any] = field(default_factory=dict)  # what the report states (e.g. the teacher's box score)
 
 
 class TrainTask(ABC):
@@ -122,6 +137,27 @@ class TrainTask(ABC):
     def compare(self, out: np.ndarray, ref_out: np.ndarray, targets: Any, *, precision: Precision, budget_pt: float,
                 labels: tuple[str, ...] | list[str] = ()) -> "VerifyResult":
         """The build gate: an artifact's raw outputs against the PyTorch reference's on the test split."""
+
+
+    # ------------------------------------------------------------------ refresh (the closed loop)
+
+    def concat_targets(self, *parts: Any) -> Any:
+        """The targets of several parts of a split as one (a refreshed run appends the collected samples)."""
+        return np.concatenate(parts)
+
+    @abstractmethod
+    def refresh_targets(self, train: "list[Sample]", hold: "list[Sample]", *, num_classes: int, balance: Any,
+                        min_box_score: float, rng: np.random.Generator) -> RefreshTargets:
+        """The targets of the collected samples (a person's answer where given, else the teacher's), and how the
+        train part is weighed (``balance``, `toolchain.config.Balance`; ``min_box_score``: a detector's teacher
+        boxes at least this sure are targets). Raises `toolchain.refresh.RefreshError` naming a sample
+        that does not fit the run."""
+
+    @abstractmethod
+    def refresh_loss(self, ctx: "PassContext", p_collected: np.ndarray, w_collected: np.ndarray, *,
+                     alpha: float, temperature: float) -> tuple[Any, LossFn]:
+        """(targets for all of ``ctx.train``, the loss) of a refresh's continued training: the original rows
+        first, then the collected ones (their soft targets ``p_collected`` and weights ``w_collected``)."""
 
 
 def budget_problem(metric: str, got: float, ref: float, budget_pt: float, *, unit: str = "") -> str | None:

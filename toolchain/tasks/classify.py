@@ -9,14 +9,16 @@ import numpy as np
 from edgecore.errors import DataError
 from edgecore.spec import Precision
 
-from .base import ExportCheck, LossFn, TrainTask, budget_problem
+from .base import ExportCheck, LossFn, RefreshTargets, TrainTask, budget_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
     from calibration.confidence import TemperatureFit
+    from edgecore.samples import Sample
     from toolchain.engine import FitOptions
+    from toolchain.passes.base import PassContext
     from toolchain.verify import VerifyResult
 
 __all__ = ["ClassifyTraining", "kd_loss", "MIN_FP32_AGREEMENT", "MAX_LISTED_MISMATCHES"]
@@ -70,6 +72,63 @@ class ClassifyTraining(TrainTask):
         if opts.rotate_deg > 0 or opts.noise_std > 0:
             xb = broad_augment(xb, rotate_deg=opts.rotate_deg, noise_std=opts.noise_std, fraction=opts.broad_fraction)
         return xb, yb
+
+    def refresh_targets(self, train: "list[Sample]", hold: "list[Sample]", *, num_classes: int, balance: Any,
+                        min_box_score: float, rng: np.random.Generator) -> RefreshTargets:
+        """Class labels (a person's, else the teacher's top class); soft targets: a person's label one-hot, else
+        the teacher's probabilities as the gateway recorded them; the classes evened out (``refresh.balance``:
+        oversampled, or by loss weights that average 1)."""
+        from toolchain.config import Balance
+        from toolchain.refresh.errors import RefreshError
+
+        for s in (*train, *hold):
+            if not 0 <= s.label < num_classes:
+                raise RefreshError(f"sample {s.id}: label {s.label} outside the run's {num_classes} classes")
+        mode = Balance(balance)
+        idx = np.arange(len(train))
+        y_tr = np.array([s.label for s in train], np.int64)
+        w_tr = np.ones(len(train), np.float32)
+        counts = np.bincount(y_tr, minlength=num_classes)
+        if mode is Balance.OVERSAMPLE and len(train):
+            target = counts[counts > 0].max()
+            extra = [rng.choice(np.flatnonzero(y_tr == c), target - n) for c, n in enumerate(counts) if 0 < n < target]
+            idx = np.concatenate([idx, *extra]) if extra else idx
+            w_tr = np.ones(len(idx), np.float32)
+        elif mode is Balance.WEIGHT and len(train):
+            # every present class weighs the same in total and the weights average 1: the classes are even, and the
+            # collected part's share of the training loss stays what was collected (oversampling grows it)
+            w_tr = (len(train) / (np.count_nonzero(counts) * counts[y_tr])).astype(np.float32)
+        p_tr = (np.stack([_soft_target(train[i], num_classes) for i in idx]) if len(idx)
+                else np.zeros((0, num_classes), np.float32))
+        return RefreshTargets(order=idx, y_train=y_tr[idx] if len(idx) else np.zeros(0, np.int64), p_train=p_tr,
+                              w_train=w_tr, y_val=np.array([s.label for s in hold], np.int64))
+
+    def refresh_loss(self, ctx: "PassContext", p_collected: np.ndarray, w_collected: np.ndarray, *,
+                     alpha: float, temperature: float) -> tuple[Any, LossFn]:
+        """On the original training data the teacher's probabilities (distillation) and the labels; on the
+        collected samples the teacher's probabilities *as the gateway recorded them* (or a person's label, one-hot)
+        and their labels. Loss: ``alpha`` soft cross-entropy + ``1 - alpha`` hard, per sample, averaged with the
+        weights (original inputs weigh 1)."""
+        import torch
+        import torch.nn.functional as F
+
+        from toolchain import engine
+
+        n_orig = len(ctx.train[1]) - len(p_collected)
+        with torch.no_grad():
+            t_probs = torch.softmax(engine.predict(ctx.teacher, ctx.train[0][:n_orig]).float(), 1)
+        soft = torch.cat([t_probs, torch.from_numpy(p_collected)])
+        weight = torch.cat([torch.ones(n_orig), torch.from_numpy(w_collected)])
+        targets = torch.cat([soft, ctx.train[1][:, None].float(), weight[:, None]], 1)  # [probs..., label, weight]
+
+        def loss_fn(model: Any, xb: "torch.Tensor", yb: "torch.Tensor") -> "torch.Tensor":
+            logits = model(xb)
+            w = yb[:, -1]
+            soft_ce = -(yb[:, :-2] * F.log_softmax(logits, 1)).sum(1)
+            hard = F.cross_entropy(logits, yb[:, -2].long(), reduction="none")
+            return ((alpha * soft_ce + (1 - alpha) * hard) * w).sum() / w.sum()
+
+        return targets, loss_fn
 
     def metric(self, raw: np.ndarray, targets: Any) -> float:
         """Top-1 accuracy."""
@@ -168,3 +227,10 @@ class ClassifyTraining(TrainTask):
             max_abs_logit_diff=float(diff.max()) if len(diff) else 0.0, n=int(len(y)), mismatches=mismatches,
             mismatch_count=int(len(bad)), problems=problems, gate_failed=gate,
         )
+
+
+def _soft_target(s: "Sample", num_classes: int) -> np.ndarray:
+    if s.human_label is not None or s.teacher_probs.shape != (num_classes,):
+        return np.eye(num_classes, dtype=np.float32)[s.label]
+    p = np.clip(s.teacher_probs.astype(np.float32), 0, None)
+    return p / max(float(p.sum()), 1e-12)

@@ -18,15 +18,17 @@ from edgecore.spec import Precision
 from edgecore.tasks import TaskSpec
 from edgecore.tasks.detect import Detect, match, targets_as_detections
 
-from .base import ExportCheck, LossFn, TrainTask, budget_problem
+from .base import ExportCheck, LossFn, RefreshTargets, TrainTask, budget_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
     from calibration.confidence import TemperatureFit
+    from edgecore.samples import Sample
     from toolchain.config import ModelConfig
     from toolchain.engine import FitOptions
+    from toolchain.passes.base import PassContext
     from toolchain.verify import VerifyResult
 
 __all__ = ["DetectTraining", "MIN_FP32_BOX_AGREEMENT", "AGREEMENT_IOU"]
@@ -175,6 +177,35 @@ class DetectTraining(TrainTask):
         return {"ort_accuracy": self.metric(out, targets), "torch_accuracy": self.metric(ref_out, targets),
                 "agreement": agree, "max_abs_logit_diff": diff}, problems
 
+    def concat_targets(self, *parts: Any) -> Any:
+        """Padded object arrays of different widths as one, padded to the widest (class -1)."""
+        from toolchain.data import pad_objects, unpad_objects
+
+        objs = [o for part in parts for o in unpad_objects(np.asarray(part))]
+        return pad_objects([b for b, _ in objs], [c for _, c in objs])
+
+    def refresh_targets(self, train: "list[Sample]", hold: "list[Sample]", *, num_classes: int, balance: Any,
+                        min_box_score: float, rng: np.random.Generator) -> RefreshTargets:
+        """Each frame's objects: the boxes a person kept, else the teacher's scoring at least ``min_box_score``
+        (stated in the report). No class balancing: a frame holds several classes (``balance`` is a classifier's)."""
+        from toolchain.data import pad_objects
+
+        def padded(samples: "list[Sample]") -> np.ndarray:
+            objs = [_answer_objects(s, num_classes, min_box_score) for s in samples]
+            return pad_objects([b for b, _ in objs], [c for _, c in objs])
+
+        y_tr = padded(train)
+        return RefreshTargets(order=np.arange(len(train)), y_train=y_tr, p_train=np.zeros((len(train), 0), np.float32),
+                              w_train=np.ones(len(train), np.float32), y_val=padded(hold),
+                              notes={"min_box_score": min_box_score,
+                                     "teacher_boxes": int((y_tr[:, :, 0] >= 0).sum())})
+
+    def refresh_loss(self, ctx: "PassContext", p_collected: np.ndarray, w_collected: np.ndarray, *,
+                     alpha: float, temperature: float) -> tuple[Any, LossFn]:
+        """The ground-truth boxes of the original frames and the collected frames' boxes as targets, distilled
+        from the teacher on every frame (`distill_loss`)."""
+        return ctx.train[1], self.distill_loss(ctx.teacher, temperature=temperature, alpha=alpha)
+
     def compare(self, out: np.ndarray, ref_out: np.ndarray, targets: Any, *, precision: Precision, budget_pt: float,
                 labels: tuple[str, ...] | list[str] = ()) -> "VerifyResult":
         """mAP@0.5:0.95 within ``budget_pt`` mAP points of the reference's (the gate); box agreement with the
@@ -221,6 +252,29 @@ class DetectTraining(TrainTask):
             max_abs_logit_diff=float(diff.max()) if n else 0.0, n=n, mismatches=mismatches,
             mismatch_count=int(len(bad)), problems=problems, gate_failed=gate,
         )
+
+
+def _answer_objects(s: "Sample", num_classes: int, min_score: float) -> tuple[np.ndarray, np.ndarray]:
+    """A collected frame's objects: a person's kept boxes (all of them), else the teacher's at least
+    ``min_score`` sure; ``(boxes (K, 4) float32, classes (K,) int64)``."""
+    from toolchain.refresh.errors import RefreshError
+
+    answer = s.answer
+    dets = (answer or {}).get("detections")
+    if not isinstance(dets, list):
+        raise RefreshError(f"sample {s.id} from {s.device}: no detections in its answer (a sample of another task?)")
+    if s.human_answer is None:
+        dets = [d for d in dets if float(d.get("score", 0.0)) >= min_score]
+    try:
+        boxes = np.array([[float(v) for v in d["box"]] for d in dets], np.float32).reshape(-1, 4)
+        classes = np.array([int(d["class"]) for d in dets], np.int64)
+    except (KeyError, TypeError, ValueError) as e:
+        raise RefreshError(f"sample {s.id}: a malformed detection in its answer ({e})") from e
+    if len(classes) and (classes.min() < 0 or classes.max() >= num_classes):
+        raise RefreshError(f"sample {s.id}: class {int(classes.max())} outside the run's {num_classes} classes")
+    if not np.all(np.isfinite(boxes)) or np.any(boxes[:, 2:] < boxes[:, :2]):
+        raise RefreshError(f"sample {s.id}: a box that is not finite or has x2 < x1 / y2 < y1")
+    return boxes, classes
 
 
 def _targets(yb: Any) -> list[tuple[Any, Any]]:
