@@ -55,7 +55,11 @@ def run_local(
         tests.append(from_run_dir(rd))
         specs.append(str(rd))
     if specs:
-        contenders = _baseline_contenders(specs, {c.model: c.input_spec for c in contenders}, threads) + contenders
+        base = _baseline_contenders(specs, {c.model: c.input_spec for c in contenders}, threads)
+        posts = {c.model: c.post for c in contenders}
+        for b in base:  # the same model's raw output: the same per-frame step (a detector's decode) as its bundles
+            b.post = posts.get(b.model)
+        contenders = base + contenders
     steal = StealMeter()
     rows = measure(contenders, settings=settings, repetitions=repetitions, data=tests, do_accuracy=accuracy,
                    progress=progress)

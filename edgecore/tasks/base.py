@@ -7,7 +7,9 @@ only: the device, the gateway, the build and the bench all read a model's raw ou
 - `Task.confidence`: the per-input score routing calibrates (higher = surer);
 - `Task.quality`: how right one input's answer is against its target (1/0 for a class, a per-image score for
   detections), what the routing curve and the build's edge-vs-cloud comparison add up;
-- `Task.answer`: the answer one raw output becomes on the wire (the gateway's teacher answer).
+- `Task.answer`: the answer one raw output becomes on the wire (the gateway's teacher answer);
+- `Task.postprocess`: the per-frame step between the runtime's raw output and an answer (a detector's decode and
+  NMS), which the bench times on its own (`postprocess_label` names it; None: the task has no such step).
 
 The training half (loss, distillation loss, the split's headline metric, the build gate's comparison, the
 refresh target) is in `toolchain.tasks`, which imports torch; nothing here does. The device never computes a
@@ -40,6 +42,9 @@ class Task(ABC):
     """One task's contract half. Subclasses set `name` and implement the methods below (numpy only)."""
 
     name: ClassVar[str] = ""
+    #: what `postprocess` is called in benchmark tables (``"decode+NMS"``); None: the raw output is the answer's
+    #: input as it stands, and the bench times no step after the runtime call
+    postprocess_label: ClassVar[str | None] = None
 
     def __init__(self, spec: TaskSpec | None = None) -> None:
         self.spec = spec or TaskSpec(self.name)
@@ -60,3 +65,9 @@ class Task(ABC):
     @abstractmethod
     def answer(self, raw_one: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
         """The JSON answer for one input's raw output (shape without the batch axis)."""
+
+    def postprocess(self, raw: np.ndarray) -> Any:
+        """The work each frame's raw output ``raw`` (N, ...) needs before it is an answer, as the device does it
+        (detect: decode + NMS with the manifest's parameters). The bench times it per frame, beside the runtime
+        call, when `postprocess_label` is set. Default: none (the raw output itself)."""
+        return raw
