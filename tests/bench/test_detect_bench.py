@@ -1,4 +1,5 @@
-"""Detection bundles in the bench: the runtime call and the task's decode + NMS timed apart per frame."""
+"""Detection bundles in the bench: the runtime call and the task's decode + NMS timed apart per frame, and the
+benchmark models' detector."""
 
 from __future__ import annotations
 
@@ -87,3 +88,23 @@ def test_the_terminal_table_and_offline_runs_carry_it(tmp_path: Path, capsys: py
     print_rows(run)
     assert "decode+NMS" in capsys.readouterr().out
 
+
+def test_the_benchmark_models_include_a_320_detector(tmp_path: Path) -> None:
+    from edgecore.bundle import open_bundle
+    from hw_bench.cli import build_parser
+    from hw_bench.models import DETECTOR_CANDIDATES, DETECTOR_SIZE, bench_model_names, build_bench_models
+
+    assert "detector" in bench_model_names() and DETECTOR_SIZE == 320
+    assert "detector" in build_parser().parse_args(["models", "--out", "x"]).families.split(",")
+    out = build_bench_models(out_dir=tmp_path / "m", families=["detector"], targets=["onnx"], precisions=["fp32"],
+                             size=64)
+    (bdir,) = out["bundles"]
+    b = open_bundle(bdir)
+    assert b.manifest.task.name == "detect" and b.manifest.task.params["input_size"] == [64, 64]
+    m = b.manifest.metrics
+    assert m["max_abs_logit_diff"] < 1e-3  # fp32 ONNX == PyTorch
+    # a random head would decode nothing (1% everywhere) or everything: its bias is set for a trained count
+    assert m["decode_candidates_per_image"] == pytest.approx(DETECTOR_CANDIDATES, rel=0.1)
+    assert 1 <= m["decode_kept_per_image"] <= 100
+    run = run_local(bundles=[bdir], settings=FAST, threads=1, repetitions=1, accuracy=False, vendor_check=False)
+    assert run["results"][0]["postprocess"]["latency_ms"]["p50"] > 0
