@@ -5,7 +5,8 @@ MobileNet-style and ResNet-style networks from `toolchain.models` at
 MobileNet backbone, FPN, shared decoupled head, 80 classes; 320 by default) with
 random weights (speed does not depend on the weights; BatchNorm statistics are
 re-estimated so activations keep a trained network's scale, and the detector's
-class bias is set so its decode sees a trained detector's candidate count),
+class bias is set so that, on the random inputs ``hw-bench run`` feeds, its
+decode sees a trained detector's candidate count),
 exported by `toolchain.export.export_onnx`, then built by every available target
 for every precision it has, with `Target.build`, into bundles. The detector's
 bundles name the ``detect`` task and its decode parameters, so ``hw-bench run``
@@ -176,18 +177,19 @@ def random_calibration(spec: InputSpec, n: int = CALIBRATION_SAMPLES) -> Represe
                              method="random-images (speed benchmark)")
 
 
-def shapes_calibration(spec: InputSpec, n: int = CALIBRATION_SAMPLES) -> RepresentativeSet:
-    """``n`` generated scenes (`toolchain.detection.shapes`, seed 0) at the input's size, preprocessed: the
-    detector's representative set (objects on textured backgrounds rather than noise)."""
+def noise_calibration(spec: InputSpec, n: int = CALIBRATION_SAMPLES) -> RepresentativeSet:
+    """The first ``n`` of the inputs ``hw-bench run`` feeds without data (`hw_bench.bench.random_inputs`): the
+    detector's BatchNorm statistics, class bias and int8 ranges come from what it is timed on, so its decode sees
+    there the candidate count it was set for."""
     from edgecore.representative import RepresentativeSet
     from edgecore.representative import content_digest as _digest
-    from toolchain.detection.shapes import generate
 
-    _, h, w = spec.sample_shape
-    x = spec.preprocess(generate(n, size=(h, w), seed=0).images.astype(np.float32))
+    from .bench import random_inputs
+
+    x = random_inputs(spec, n)
     labels = np.full(n, -1, np.int64)
     return RepresentativeSet(inputs=x, labels=labels, indices=np.arange(n), sha256=_digest(x, labels),
-                             method="shapes-images (speed benchmark)")
+                             method="random-normal (speed benchmark)")
 
 
 def random_detector(name: str, size: int, inputs: np.ndarray, *, candidates: int = DETECTOR_CANDIDATES) -> tuple[Any, Any]:
@@ -229,7 +231,7 @@ def random_detector(name: str, size: int, inputs: np.ndarray, *, candidates: int
 
 def decode_counts(model: Any, params: Any, inputs: np.ndarray) -> dict[str, float]:
     """Per image of ``inputs``, on average: the (location, class) pairs above the score threshold and the boxes
-    `edgecore.detect.decode` keeps; what the decode+NMS column of ``hw-bench run`` times."""
+    `edgecore.detect.decode` keeps: what the decode+NMS column of ``hw-bench run`` times on such inputs."""
     import torch
 
     from edgecore.detect import decode
@@ -258,6 +260,8 @@ def build_bench_models(
     from toolchain.config import ModelConfig
     from toolchain.models import build_model
 
+    from .bench import random_inputs
+
     unknown = [f for f in families if f not in FAMILIES and f not in DETECTORS]
     if unknown:
         raise BenchError(f"unknown benchmark families {unknown}; choose from {', '.join(bench_model_names())}")
@@ -270,11 +274,11 @@ def build_bench_models(
         if fam in DETECTORS:
             side = size or DETECTOR_SIZE
             spec = bench_input_spec((3, side, side))
-            calib = shapes_calibration(spec)
+            calib = noise_calibration(spec)
             model, params = random_detector(fam, side, calib.inputs)
             task = TaskSpec("detect", params.to_dict())
             labels = tuple(str(i) for i in range(params.num_classes))
-            metrics = decode_counts(model, params, calib.inputs)
+            metrics = decode_counts(model, params, random_inputs(spec)[:16])  # what `hw-bench run` decodes
         else:
             side = size or CLASSIFIER_SIZE
             spec = bench_input_spec((3, side, side))

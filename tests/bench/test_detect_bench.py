@@ -104,7 +104,7 @@ def test_the_benchmark_models_include_a_320_detector(tmp_path: Path) -> None:
     m = b.manifest.metrics
     assert m["max_abs_logit_diff"] < 1e-3  # fp32 ONNX == PyTorch
     # a random head would decode nothing (1% everywhere) or everything: its bias is set for a trained count
-    assert m["decode_candidates_per_image"] == pytest.approx(DETECTOR_CANDIDATES, rel=0.1)
+    assert m["decode_candidates_per_image"] == pytest.approx(DETECTOR_CANDIDATES, rel=0.25)
     assert 1 <= m["decode_kept_per_image"] <= 100
     run = run_local(bundles=[bdir], settings=FAST, threads=1, repetitions=1, accuracy=False, vendor_check=False)
     assert run["results"][0]["postprocess"]["latency_ms"]["p50"] > 0
