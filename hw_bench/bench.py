@@ -23,7 +23,7 @@ import numpy as np
 from edgecore.bundle import Bundle
 from edgecore.errors import BenchError
 from edgecore.spec import InputSpec
-from edgecore.tasks import get_task
+from edgecore.tasks import Task, get_task
 from targets import load_runner
 
 from .data import TestData
@@ -37,8 +37,9 @@ ACCURACY_BATCH = 64
 
 @dataclass
 class Contender:
-    """One thing to measure. ``meta`` goes into its result row as is; ``post``: the task's per-frame step after
-    the runtime call (timed apart, `loadgen.PostStep`), None where its task has none."""
+    """One thing to measure. ``meta`` goes into its result row as is; ``task`` reads its outputs (accuracy mode);
+    ``post``: the task's per-frame step after the runtime call (timed apart, `loadgen.PostStep`), None where its
+    task has none."""
 
     name: str
     model: str
@@ -46,12 +47,14 @@ class Contender:
     input_spec: InputSpec
     meta: dict[str, Any] = field(default_factory=dict)
     is_baseline: bool = False
+    task: Task = field(default_factory=get_task)
     post: PostStep | None = None
 
 
-def task_post_step(task_spec: Any) -> PostStep | None:
-    """The manifest task's per-frame step (`Task.postprocess`, named by `Task.postprocess_label`), or None."""
-    task = get_task(task_spec)
+def task_post_step(task: Task | Any) -> PostStep | None:
+    """The task's per-frame step (`Task.postprocess`, named by `Task.postprocess_label`), or None; ``task``: a
+    `Task` or a manifest's task block."""
+    task = task if isinstance(task, Task) else get_task(task)
     return PostStep(task.postprocess_label, task.postprocess) if task.postprocess_label else None
 
 
@@ -73,6 +76,7 @@ def bundle_contender(bundle: Bundle, *, threads: int | None) -> Contender:
     m = bundle.manifest
     runner = load_runner(bundle, threads=threads)
     model = m.model.name or "model"
+    task = get_task(m.task)
     return Contender(
         name=f"{model} {bundle.target}/{bundle.precision}",
         model=model,
@@ -92,7 +96,8 @@ def bundle_contender(bundle: Bundle, *, threads: int | None) -> Contender:
             "build_metrics": m.metrics,
             "threads": threads,
         },
-        post=task_post_step(m.task),
+        task=task,
+        post=task_post_step(task),
     )
 
 
@@ -146,26 +151,26 @@ def inputs_for(spec: InputSpec, data: TestData | None) -> np.ndarray:
     return random_inputs(spec)
 
 
-def accuracy(run: RunFn, spec: InputSpec, data: TestData) -> dict[str, Any]:
-    """Top-1 accuracy on ``data``; batches of 64, or 1 if the artifact has a fixed batch."""
+def accuracy(run: RunFn, spec: InputSpec, data: TestData, task: Task | None = None) -> dict[str, Any]:
+    """The task's quality on ``data`` (`Task.quality` averaged: top-1 accuracy for a classifier, the images' AP at
+    IoU 0.5 for a detector); batches of 64, or 1 if the artifact has a fixed batch."""
     if tuple(data.X_raw.shape[1:]) != spec.sample_shape:
         raise BenchError(
             f"test data {data.source} has samples of shape {tuple(data.X_raw.shape[1:])}, "
             f"the model takes {spec.sample_shape}"
         )
+    task = task or get_task()
     X = spec.preprocess(data.X_raw)
     bs = ACCURACY_BATCH
     try:
         run(np.ascontiguousarray(X[:bs]))
     except Exception:
         bs = 1
-    preds = []
+    quality = []
     for i in range(0, X.shape[0], bs):
         out = np.asarray(run(np.ascontiguousarray(X[i : i + bs])))
-        preds.append(out.reshape(out.shape[0], -1).argmax(axis=1))
-    pred = np.concatenate(preds)
-    correct = int((pred == data.y).sum())
-    return {"accuracy": correct / len(data), "n": len(data), "source": data.source}
+        quality.append(task.quality(out, data.y[i : i + bs]))
+    return {"accuracy": float(np.concatenate(quality).mean()), "n": len(data), "source": data.source}
 
 
 def _merge(results: list[ScenarioResult]) -> ScenarioResult:
@@ -226,7 +231,7 @@ def measure(
         row.update(_speedup(c, baselines.get(c.model), rounds))
         row["accuracy"] = None
         if do_accuracy and cdata[c.name] is not None:
-            row["accuracy"] = accuracy(c.run, c.input_spec, cdata[c.name])
+            row["accuracy"] = accuracy(c.run, c.input_spec, cdata[c.name], c.task)
         rows.append(row)
     return rows
 

@@ -56,9 +56,10 @@ def run_local(
         specs.append(str(rd))
     if specs:
         base = _baseline_contenders(specs, {c.model: c.input_spec for c in contenders}, threads)
-        posts = {c.model: c.post for c in contenders}
-        for b in base:  # the same model's raw output: the same per-frame step (a detector's decode) as its bundles
-            b.post = posts.get(b.model)
+        bundled = {c.model: c for c in contenders}
+        for b in base:  # the same model's raw output: its bundles' task and per-frame step (a detector's decode)
+            if b.model in bundled:
+                b.task, b.post = bundled[b.model].task, bundled[b.model].post
         contenders = base + contenders
     steal = StealMeter()
     rows = measure(contenders, settings=settings, repetitions=repetitions, data=tests, do_accuracy=accuracy,

@@ -89,6 +89,39 @@ def test_the_terminal_table_and_offline_runs_carry_it(tmp_path: Path, capsys: py
     assert "decode+NMS" in capsys.readouterr().out
 
 
+def test_accuracy_mode_asks_the_task_a_detector_s_quality(tmp_path: Path) -> None:
+    """Each image's AP at IoU 0.5 (`Task.quality`), not the argmax of a flattened box tensor."""
+    from edgecore.bundle import open_bundle
+    from hw_bench.data import TestData, load_npz, save_npz
+    from targets import load_runner
+
+    det = make_detect_bundle(tmp_path / "det")
+    b = open_bundle(det)
+    X = np.random.default_rng(2).uniform(0, 255, (8, 3, 32, 32)).astype(np.float32)
+    found = get_task(b.manifest.task).postprocess(load_runner(b).run(b.input_spec.preprocess(X)))
+    k = max(len(d) for d in found)
+    y = np.full((8, k, 5), -1.0, np.float32)
+    for i, d in enumerate(found):
+        y[i, : len(d), 0], y[i, : len(d), 1:] = d.classes, d.boxes
+    y[4:, :, 1:] += 100.0  # half the images' objects elsewhere: those images score 0
+    assert all(len(d) for d in found[4:])
+    save_npz(tmp_path / "d.npz", TestData(X, y, "d"))
+    assert load_npz(tmp_path / "d.npz").y.dtype == np.float32  # boxes stay boxes
+    run = run_local(bundles=[det], settings=FAST, threads=1, repetitions=1, data=[tmp_path / "d.npz"],
+                    vendor_check=False)
+    assert run["results"][0]["accuracy"] == {"accuracy": pytest.approx(0.5), "n": 8, "source": str(tmp_path / "d.npz")}
+
+
+def test_a_fleet_job_on_a_detect_bundle_reports_the_decode_too(tmp_path: Path) -> None:
+    from edgecore.bundle import open_bundle
+    from hw_bench.job import run_job
+
+    out = run_job({"job_id": "j", "duration_s": 0.1, "min_queries": 10, "warmup": 1, "accuracy": False},
+                  open_bundle(make_detect_bundle(tmp_path / "det")))
+    (row,) = out["results"]
+    assert row["postprocess"]["name"] == "decode+NMS" and row["postprocess"]["latency_ms"]["p50"] > 0
+
+
 def test_the_benchmark_models_include_a_320_detector(tmp_path: Path) -> None:
     from edgecore.bundle import open_bundle
     from hw_bench.cli import build_parser
