@@ -289,16 +289,17 @@ def decode(raw: np.ndarray, params: DecodeParams) -> list[Detections]:
     h, w = params.input_size
     c = params.num_classes
     logits = raw[:, :, 4:].astype(np.float32, copy=False)
-    scores_all = _sigmoid(logits)  # (N, A, C)
     thr = _f32_below(params.score_threshold)
+    bound = _logit_below(thr)  # a logit at or below it scores at most thr: only those above need a sigmoid
     out: list[Detections] = []
     for n in range(raw.shape[0]):
-        flat = scores_all[n].reshape(-1)
-        cand = np.flatnonzero(flat > thr)  # (location, class) pairs, ascending flat index
+        cand = np.flatnonzero(logits[n] > bound)  # (location, class) pairs, ascending flat index
+        s = _sigmoid(logits[n][np.divmod(cand, c)])
+        above = s > thr  # the exact test, on the few pairs past the bound
+        cand, s = cand[above], s[above]
         if len(cand) == 0:
             out.append(Detections.empty())
             continue
-        s = flat[cand]
         if len(cand) > params.pre_nms_top_k:
             cand, s = _top_k(cand, s, params.pre_nms_top_k)
         loc, cl = np.divmod(cand, c)
@@ -323,6 +324,19 @@ def _f32_below(t: float) -> np.float32:
     if float(t32) > float(t):
         t32 = np.nextafter(t32, np.float32(-np.inf))
     return t32
+
+
+def _logit_below(t32: np.float32) -> np.float32:
+    """A float32 ``b`` with ``sigmoid(x) <= t32`` (as `_sigmoid` computes it) for every float32 ``x <= b``.
+
+    `_sigmoid`'s result is within a few float32 ulps of 1 (< 1e-6) of the true sigmoid, so ``sigmoid(x) > t32``
+    needs a true sigmoid above ``t32 - 1e-6``: the logit of that, rounded down, bounds every candidate from below.
+    """
+    t = float(t32) - 1e-6
+    if t <= 0.0:
+        return np.float32(-np.inf)
+    b = np.float32(math.log(t) - math.log1p(-t))
+    return np.nextafter(b, np.float32(-np.inf))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

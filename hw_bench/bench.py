@@ -2,6 +2,8 @@
 
 A *contender* is anything with a ``run(batch) -> logits``: a bundle's runner
 (the same `Target.load` the device agent uses) or the PyTorch eager baseline.
+Where the bundle's task has a per-frame step after the runtime (`Task.postprocess`:
+a detector's decode + NMS), each query's output goes through it too, timed apart.
 Contenders of one model share the same preprocessed inputs. Repetitions are
 interleaved (contender order rotates each round) so the drift of a shared,
 noisy machine hits every contender alike; speed-ups are medians of per-round
@@ -21,10 +23,11 @@ import numpy as np
 from edgecore.bundle import Bundle
 from edgecore.errors import BenchError
 from edgecore.spec import InputSpec
+from edgecore.tasks import Task, get_task
 from targets import load_runner
 
 from .data import TestData
-from .loadgen import RunFn, Scenario, ScenarioResult, Settings, offline, single_stream
+from .loadgen import PostStep, RunFn, Scenario, ScenarioResult, Settings, offline, single_stream
 from .ratios import paired
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,9 @@ ACCURACY_BATCH = 64
 
 @dataclass
 class Contender:
-    """One thing to measure. ``meta`` goes into its result row as is."""
+    """One thing to measure. ``meta`` goes into its result row as is; ``task`` reads its outputs (accuracy mode);
+    ``post``: the task's per-frame step after the runtime call (timed apart, `loadgen.PostStep`), None where its
+    task has none."""
 
     name: str
     model: str
@@ -42,6 +47,15 @@ class Contender:
     input_spec: InputSpec
     meta: dict[str, Any] = field(default_factory=dict)
     is_baseline: bool = False
+    task: Task = field(default_factory=get_task)
+    post: PostStep | None = None
+
+
+def task_post_step(task: Task | Any) -> PostStep | None:
+    """The task's per-frame step (`Task.postprocess`, named by `Task.postprocess_label`), or None; ``task``: a
+    `Task` or a manifest's task block."""
+    task = task if isinstance(task, Task) else get_task(task)
+    return PostStep(task.postprocess_label, task.postprocess) if task.postprocess_label else None
 
 
 def bundle_size_bytes(bundle: Bundle) -> int:
@@ -62,6 +76,7 @@ def bundle_contender(bundle: Bundle, *, threads: int | None) -> Contender:
     m = bundle.manifest
     runner = load_runner(bundle, threads=threads)
     model = m.model.name or "model"
+    task = get_task(m.task)
     return Contender(
         name=f"{model} {bundle.target}/{bundle.precision}",
         model=model,
@@ -81,6 +96,8 @@ def bundle_contender(bundle: Bundle, *, threads: int | None) -> Contender:
             "build_metrics": m.metrics,
             "threads": threads,
         },
+        task=task,
+        post=task_post_step(task),
     )
 
 
@@ -134,36 +151,38 @@ def inputs_for(spec: InputSpec, data: TestData | None) -> np.ndarray:
     return random_inputs(spec)
 
 
-def accuracy(run: RunFn, spec: InputSpec, data: TestData) -> dict[str, Any]:
-    """Top-1 accuracy on ``data``; batches of 64, or 1 if the artifact has a fixed batch."""
+def accuracy(run: RunFn, spec: InputSpec, data: TestData, task: Task | None = None) -> dict[str, Any]:
+    """The task's quality on ``data`` (`Task.quality` averaged: top-1 accuracy for a classifier, the images' AP at
+    IoU 0.5 for a detector); batches of 64, or 1 if the artifact has a fixed batch."""
     if tuple(data.X_raw.shape[1:]) != spec.sample_shape:
         raise BenchError(
             f"test data {data.source} has samples of shape {tuple(data.X_raw.shape[1:])}, "
             f"the model takes {spec.sample_shape}"
         )
+    task = task or get_task()
     X = spec.preprocess(data.X_raw)
     bs = ACCURACY_BATCH
     try:
         run(np.ascontiguousarray(X[:bs]))
     except Exception:
         bs = 1
-    preds = []
+    quality = []
     for i in range(0, X.shape[0], bs):
         out = np.asarray(run(np.ascontiguousarray(X[i : i + bs])))
-        preds.append(out.reshape(out.shape[0], -1).argmax(axis=1))
-    pred = np.concatenate(preds)
-    correct = int((pred == data.y).sum())
-    return {"accuracy": correct / len(data), "n": len(data), "source": data.source}
+        quality.append(task.quality(out, data.y[i : i + bs]))
+    return {"accuracy": float(np.concatenate(quality).mean()), "n": len(data), "source": data.source}
 
 
 def _merge(results: list[ScenarioResult]) -> ScenarioResult:
     first = results[0]
+    posts = [r.post_ms for r in results]
     return dataclasses.replace(
         first,
         queries=sum(r.queries for r in results),
         samples=sum(r.samples for r in results),
         duration_s=sum(r.duration_s for r in results),
         latencies_ms=np.concatenate([r.latencies_ms for r in results]),
+        post_ms=None if any(p is None for p in posts) else np.concatenate(posts),  # type: ignore[arg-type]
     )
 
 
@@ -207,10 +226,12 @@ def measure(
         row.update(merged.to_dict())
         row["settings"] = settings.to_dict() | {"repetitions": reps}
         row["round_scores"] = [_score(r) for r in rounds[c.name]]  # what every ratio of this run pairs
+        if "postprocess" in row:
+            row["postprocess"]["share_rounds"] = [round(float(r.post_share() or 0.0), 4) for r in rounds[c.name]]
         row.update(_speedup(c, baselines.get(c.model), rounds))
         row["accuracy"] = None
         if do_accuracy and cdata[c.name] is not None:
-            row["accuracy"] = accuracy(c.run, c.input_spec, cdata[c.name])
+            row["accuracy"] = accuracy(c.run, c.input_spec, cdata[c.name], c.task)
         rows.append(row)
     return rows
 
@@ -237,12 +258,12 @@ def _run_rounds(
             if progress:
                 progress(f"round {r + 1}/{reps}: {c.name}")
             if settings.scenario is Scenario.SINGLE_STREAM:
-                res = single_stream(c.run, inputs[c.name], per)
+                res = single_stream(c.run, inputs[c.name], per, c.post)
             elif c.name in fixed_batch:
-                res = offline(c.run, inputs[c.name], dataclasses.replace(per, batch_sizes=(fixed_batch[c.name],)))
+                res = offline(c.run, inputs[c.name], dataclasses.replace(per, batch_sizes=(fixed_batch[c.name],)), c.post)
                 res.batch_search, res.batch_skipped = search[c.name].batch_search, search[c.name].batch_skipped
             else:
-                res = offline(c.run, inputs[c.name], per)
+                res = offline(c.run, inputs[c.name], per, c.post)
                 fixed_batch[c.name], search[c.name] = res.batch_size, res
             rounds[c.name].append(res)
     return rounds

@@ -6,7 +6,7 @@
     hw-bench report RESULTS.json... --out DIR
     hw-bench fleet --broker mqtt://HOST:PORT --username U --password P --devices ID,ID
                    --bundle PATH_OR_URL [--deadline S] --out DIR
-    hw-bench models --out DIR [--families mobilenet,resnet] [--targets ...] [--precisions ...]
+    hw-bench models --out DIR [--families mobilenet,resnet,detector] [--targets ...] [--precisions ...]
     hw-bench agent BUNDLE (--run RUN_DIR | --data NPZ) [--rounds R] [--threads N] [--json]
     hw-bench peers MODEL_OR_RUN --out DIR [--data NPZ] [--targets onnx,openvino,tflite] [--threads N]
                    [--repetitions R] [--duration S] [--json]
@@ -203,13 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_json_flag(p)
     p.set_defaults(func=cmd_fleet)
 
-    p = sub.add_parser("models", help="build the 224x224 benchmark models for every available target")
+    from .models import bench_model_names
+
+    p = sub.add_parser("models", help="build the benchmark models (224x224 classifiers, a 320x320 detector) for "
+                                      "every available target")
     add_common(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--families", default="mobilenet,resnet")
+    p.add_argument("--families", default=",".join(bench_model_names()),
+                   help=f"classifier families and detectors, comma-separated (known: {', '.join(bench_model_names())})")
     p.add_argument("--targets", default=None, help="default: every target this machine can build and run")
     p.add_argument("--precisions", default=None, help="default: every precision of each target")
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--size", type=int, default=None, help="input side (default: 224 for classifiers, 320 for detectors)")
     p.set_defaults(func=cmd_models)
 
     from .peers import DEFAULT_THREADS

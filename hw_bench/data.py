@@ -1,7 +1,8 @@
 """Test data for accuracy mode: raw samples and labels (bundles carry none).
 
 An ``.npz`` with ``X_raw`` (raw, un-normalised, batch first) and ``y`` (int
-labels), given by path or by http(s) URL (fleet jobs), or a run directory's
+labels, or what the model's task reads: a detector's padded ``(N, K, 5)``
+objects), given by path or by http(s) URL (fleet jobs), or a run directory's
 test split on the cloud side. Torch-free.
 """
 
@@ -50,7 +51,7 @@ def load_npz(path_or_url: str | Path, *, timeout_s: float = 30.0) -> TestData:
             missing = [k for k in ("X_raw", "y") if k not in z.files]
             if missing:
                 raise BenchError(f"test data {src}: lacks {', '.join(missing)} (has {', '.join(z.files) or 'nothing'})")
-            X, y = np.asarray(z["X_raw"], np.float32), np.asarray(z["y"]).astype(np.int64)
+            X, y = np.asarray(z["X_raw"], np.float32), _targets(z["y"])
     except BenchError:
         raise
     except (OSError, ValueError) as e:
@@ -65,7 +66,13 @@ def from_run_dir(run_dir: str | Path) -> TestData:
     from toolchain.rundir import RunDir
 
     X, y = RunDir(Path(run_dir)).splits().test
-    return TestData(np.asarray(X, np.float32), np.asarray(y, np.int64), f"{run_dir}:test")
+    return TestData(np.asarray(X, np.float32), _targets(y), f"{run_dir}:test")
+
+
+def _targets(y: object) -> np.ndarray:
+    """Class indices as int64; other targets (a detector's padded ``(N, K, 5)`` boxes) as they are."""
+    a = np.asarray(y)
+    return a.astype(np.int64) if a.dtype.kind in "iub" or a.ndim == 1 else a
 
 
 def save_npz(path: Path, data: TestData) -> None:

@@ -55,7 +55,12 @@ def run_local(
         tests.append(from_run_dir(rd))
         specs.append(str(rd))
     if specs:
-        contenders = _baseline_contenders(specs, {c.model: c.input_spec for c in contenders}, threads) + contenders
+        base = _baseline_contenders(specs, {c.model: c.input_spec for c in contenders}, threads)
+        bundled = {c.model: c for c in contenders}
+        for b in base:  # the same model's raw output: its bundles' task and per-frame step (a detector's decode)
+            if b.model in bundled:
+                b.task, b.post = bundled[b.model].task, bundled[b.model].post
+        contenders = base + contenders
     steal = StealMeter()
     rows = measure(contenders, settings=settings, repetitions=repetitions, data=tests, do_accuracy=accuracy,
                    progress=progress)

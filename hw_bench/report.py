@@ -88,8 +88,26 @@ def int8_vs_fp32(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "speedup": ratio.median, "speedup_range": [ratio.lo, ratio.hi], "speedup_rounds": ratio.rounds,
                 "speedup_text": str(ratio),
                 "fp32_accuracy": _acc(f), "int8_accuracy": _acc(i),
+                "fp32_post_share": (f.get("postprocess") or {}).get("share"),
+                "int8_post_share": (i.get("postprocess") or {}).get("share"),
+                "post_name": (i.get("postprocess") or {}).get("name"),
             })
     return out
+
+
+def post_name(rows: Iterable[dict[str, Any]]) -> str | None:
+    """The name of the rows' per-frame post step (a detector's ``decode+NMS``), None when no row has one."""
+    names = list(dict.fromkeys(str(r["postprocess"].get("name")) for r in rows if r.get("postprocess")))
+    return " / ".join(names) if names else None
+
+
+def post_cell(row: dict[str, Any]) -> str:
+    """``0.412 (7.9%)``: the row's post step p50 and its share of the frame's p50 (runtime + post step)."""
+    p = row.get("postprocess")
+    if not p:
+        return "–"
+    share = p.get("share")
+    return f"{_ms(p['latency_ms']['p50'])} ({'–' if share is None else format(100 * float(share), '.1f')}%)"
 
 
 def speedup_text(row: dict[str, Any]) -> str:
@@ -156,18 +174,24 @@ def _fleet_section(fleet: list[dict[str, Any]]) -> list[str]:
 
 
 def _results_section(rows: list[dict[str, Any]]) -> list[str]:
+    post = post_name(rows)
     L = ["## Results", "",
-         "Latency per query (batch 1 for single-stream); throughput in samples/s; speed-up = PyTorch eager fp32 "
-         "p50 / this p50 (offline: throughput ratio): the median of the per-round ratios over interleaved rounds, "
-         "with their min–max.", "",
-         "| artifact | device | target | precision | scenario | batch | p50 ms | p99 ms | throughput/s | speed-up vs PyTorch | accuracy | size |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "Latency per query (batch 1 for single-stream): the runtime call; throughput in samples/s; speed-up = "
+         "PyTorch eager fp32 p50 / this p50 (offline: throughput ratio): the median of the per-round ratios over "
+         "interleaved rounds, with their min–max."
+         + (f" {post}: the task's step after the runtime call on the same outputs, timed apart per "
+            "query; its share is its p50 over the p50 of the frame (runtime + that step)." if post else ""), "",
+         "| artifact | device | target | precision | scenario | batch | p50 ms | p99 ms |"
+         + (f" {post} p50 ms (share of frame) |" if post else "")
+         + " throughput/s | speed-up vs PyTorch | accuracy | size |",
+         "|---|---|---|---|---|---|---|---|" + ("---|" if post else "") + "---|---|---|---|"]
     for r in rows:
         lat = r.get("latency_ms", {})
         L.append(
             f"| {r['artifact']} | {r.get('device_id') or r['_env'].get('hostname', '')} | {r.get('target')} | {r.get('precision')} "
             f"| {r.get('scenario')} | {r.get('batch_size')} | {_ms(lat.get('p50'))} | {_ms(lat.get('p99'))} "
-            f"| {_tput(r.get('throughput_sps'))} | {speedup_text(r)} "
+            + (f"| {post_cell(r)} " if post else "")
+            + f"| {_tput(r.get('throughput_sps'))} | {speedup_text(r)} "
             f"| {_fmt(_acc(r), '.4f')} | {_size(r.get('size_bytes'))} |"
         )
     return L + [""]
@@ -176,15 +200,21 @@ def _results_section(rows: list[dict[str, Any]]) -> list[str]:
 def _int8_section(iv: list[dict[str, Any]], envs: list[dict[str, Any]]) -> list[str]:
     if not iv:
         return []
+    post = " / ".join(dict.fromkeys(str(x["post_name"]) for x in iv if x["int8_post_share"] is not None))
     L = ["## int8 vs fp32 per runtime", "",
          "int8's speed-up = median over the run's interleaved rounds of the per-round ratio (1/p50 single-stream, "
          "samples/s offline), with its min–max: the same definition as the speed-up vs PyTorch above.", "",
-         "| model | target | scenario | fp32 p50 ms | int8 p50 ms | int8 speed-up (min–max) | fp32 acc | int8 acc |",
-         "|---|---|---|---|---|---|---|---|"]
+         "| model | target | scenario | fp32 p50 ms | int8 p50 ms | int8 speed-up (min–max) | fp32 acc | int8 acc |"
+         + (f" {post} share of frame, fp32 / int8 |" if post else ""),
+         "|---|---|---|---|---|---|---|---|" + ("---|" if post else "")]
     for x in iv:
+        shares = ""
+        if post:
+            shares = " | " + " / ".join("–" if v is None else f"{100 * float(v):.1f}%"
+                                        for v in (x["fp32_post_share"], x["int8_post_share"]))
         L.append(f"| {x['model']}{' @' + x['device_id'] if x['device_id'] else ''} | {x['target']} | {x['scenario']} "
                  f"| {_fmt(x['fp32_p50_ms'])} | {_fmt(x['int8_p50_ms'])} | {x['speedup_text']} "
-                 f"| {_fmt(x['fp32_accuracy'], '.4f')} | {_fmt(x['int8_accuracy'], '.4f')} |")
+                 f"| {_fmt(x['fp32_accuracy'], '.4f')} | {_fmt(x['int8_accuracy'], '.4f')}{shares} |")
     cpu = (envs[0].get("cpu") if envs else None) or {}
     if cpu:
         L += ["", f"CPU: {cpu.get('model')}: {int8_hint(cpu)}."]
@@ -254,20 +284,32 @@ def plot_latency(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r.get("latencies_ms")]
-    fig_h = max(2.5, 0.45 * len(rows) + 1.2)
+    # one box per row (the runtime call); a row with a per-frame post step (a detector's decode+NMS) gets a second,
+    # hatched box: the whole frame (runtime + that step, per query)
+    boxes: list[tuple[list[float], str, dict[str, Any], bool]] = []
+    for r in rows:
+        boxes.append((r["latencies_ms"], f"{_label(r)}  b{r.get('batch_size')}  p50 {r['latency_ms']['p50']:.3g} ms", r, False))
+        p = r.get("postprocess")
+        if p and p.get("frame_latencies_ms"):
+            share = "" if p.get("share") is None else f", {100 * float(p['share']):.1f}%"
+            boxes.append((p["frame_latencies_ms"], f"  frame (runtime + {p.get('name')} {p['latency_ms']['p50']:.3g} ms"
+                          f"{share})  p50 {p['frame_ms']['p50']:.3g} ms", r, True))
+    fig_h = max(2.5, 0.45 * len(boxes) + 1.2)
     fig, ax = plt.subplots(figsize=(10, fig_h), dpi=110)
-    if not rows:
+    if not boxes:
         ax.text(0.5, 0.5, "no latency samples", ha="center", va="center")
         ax.set_axis_off()
     else:
-        data = [r["latencies_ms"] for r in rows]
-        labels = [f"{_label(r)}  b{r.get('batch_size')}  p50 {r['latency_ms']['p50']:.3g} ms" for r in rows]
+        data = [b[0] for b in boxes]
+        labels = [b[1] for b in boxes]
         bp = ax.boxplot(data, vert=False, whis=(1, 99), showfliers=False, patch_artist=True, widths=0.6,
                         medianprops={"color": "black", "linewidth": 1.6})
-        for patch, r in zip(bp["boxes"], rows):
+        for patch, (_, _, r, frame) in zip(bp["boxes"], boxes):
             patch.set_facecolor(TARGET_COLORS.get(str(r.get("target")), "#bbbbbb"))
-            patch.set_alpha(0.75)
-        ax.set_yticks(range(1, len(rows) + 1), labels, fontsize=8)
+            patch.set_alpha(0.45 if frame else 0.75)
+            if frame:
+                patch.set_hatch("//")
+        ax.set_yticks(range(1, len(boxes) + 1), labels, fontsize=8)
         lo = min(min(d) for d in data)
         hi = max(max(d) for d in data)
         if hi / max(lo, 1e-9) > 20:

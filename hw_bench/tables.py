@@ -16,17 +16,20 @@ def console() -> Any:
 def print_rows(run: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from .report import speedup_text
+    from .report import post_cell, post_name, speedup_text
 
+    post = post_name(run["results"])  # a detector's decode+NMS: p50 ms and share of the frame
     t = Table(title="hw-bench results")
-    for col in ("artifact", "device", "scenario", "p50 ms", "p99 ms", "throughput/s", "vs PyTorch", "accuracy"):
+    cols = ["artifact", "device", "scenario", "p50 ms", "p99 ms"] + ([f"{post} ms (share)"] if post else []) + \
+        ["throughput/s", "vs PyTorch", "accuracy"]
+    for col in cols:
         t.add_column(col, justify="right" if col not in ("artifact", "device", "scenario") else "left")
     for r in run["results"]:
         acc = r.get("accuracy")
         acc = acc.get("accuracy") if isinstance(acc, dict) else acc
         t.add_row(str(r["artifact"]), str(r.get("device_id") or ""), str(r.get("scenario")),
-                  f"{r['latency_ms']['p50']:.3g}", f"{r['latency_ms']['p99']:.3g}", f"{r['throughput_sps']:.4g}",
-                  speedup_text(r), f"{acc:.4f}" if acc is not None else "–")
+                  f"{r['latency_ms']['p50']:.3g}", f"{r['latency_ms']['p99']:.3g}", *([post_cell(r)] if post else []),
+                  f"{r['throughput_sps']:.4g}", speedup_text(r), f"{acc:.4f}" if acc is not None else "–")
     con = console()
     con.print(t)
     for d in run.get("devices", []):

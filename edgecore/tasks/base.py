@@ -11,6 +11,8 @@ only: the device, the gateway, the build and the bench all read a model's raw ou
 - the device's side: `Task.decide` (a batch's predictions and confidences from one pass over the outputs),
   `Task.row_scorer` (the fast one-input path, where the task has one), `Task.label`, `Task.read_reply` (the
   gateway's answer as a prediction) and `Task.output_stats` (what telemetry and drift see of the answers).
+- `Task.postprocess`: the per-frame step between the runtime's raw output and an answer (a detector's decode and
+  NMS), which the bench times on its own (`postprocess_label` names it; None: the task has no such step).
 
 The training half (loss, distillation loss, the split's headline metric, the build gate's comparison, the
 refresh target) is in `toolchain.tasks`, which imports torch; nothing here does. The device never computes a
@@ -43,6 +45,9 @@ class Task(ABC):
     """One task's contract half. Subclasses set `name` and implement the methods below (numpy only)."""
 
     name: ClassVar[str] = ""
+    #: what `postprocess` is called in benchmark tables (``"decode+NMS"``); None: the raw output is the answer's
+    #: input as it stands, and the bench times no step after the runtime call
+    postprocess_label: ClassVar[str | None] = None
 
     def __init__(self, spec: TaskSpec | None = None) -> None:
         self.spec = spec or TaskSpec(self.name)
@@ -105,3 +110,8 @@ class Task(ABC):
     def output_stats(self, prediction: Any) -> tuple[float, ...]:
         """One prediction's `OUTPUT_STATS` values (finite floats)."""
         return ()
+    def postprocess(self, raw: np.ndarray) -> Any:
+        """The work each frame's raw output ``raw`` (N, ...) needs before it is an answer, as the device does it
+        (detect: decode + NMS with the manifest's parameters). The bench times it per frame, beside the runtime
+        call, when `postprocess_label` is set. Default: none (the raw output itself)."""
+        return raw

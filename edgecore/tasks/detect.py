@@ -77,6 +77,7 @@ class Detect(Task):
     """Raw output ``(N, A, 4 + C)``; parameters: the `DecodeParams` (``to_dict`` form)."""
 
     name: ClassVar[str] = "detect"
+    postprocess_label: ClassVar[str | None] = "decode+NMS"
 
     def __init__(self, spec: TaskSpec | None = None) -> None:
         super().__init__(spec)
@@ -94,6 +95,10 @@ class Detect(Task):
     def detections(self, raw: np.ndarray) -> list[Detections]:
         """One `Detections` per image: `edgecore.detect.decode` with the task's parameters."""
         return decode(raw, self.params)
+
+    def postprocess(self, raw: np.ndarray) -> list[Detections]:
+        """Decode + NMS (`detections`): what the device does to every frame before confidence and answer."""
+        return self.detections(raw)
 
     def confidence(self, raw: np.ndarray, *, measure: str, temperature: float) -> np.ndarray:
         """How sure the image's answer is: the weakest of its detections.

@@ -317,3 +317,23 @@ def _timed(fn, n: int) -> float:
     for _ in range(n):
         fn()
     return (time.perf_counter() - t) / n
+
+
+@pytest.mark.parametrize("thr", [0.0, 1e-7, 0.05, 0.5, 0.9, 0.99999994, 1.0 - 1e-9, 1.0])
+def test_decode_takes_exactly_the_pairs_whose_sigmoid_passes_the_threshold(thr):
+    """decode skips the sigmoid of logits below a bound: no pair near the threshold, or saturated, may be lost."""
+    p = DecodeParams((16, 16), (8,), 64, score_threshold=thr, iou_threshold=1.0, max_detections=256, pre_nms_top_k=256)
+    rng = np.random.default_rng(0)
+    t = min(max(thr, 1e-12), 1 - 1e-12)
+    at = np.float32(np.log(t) - np.log1p(-t))
+    near = [np.float32(at)]
+    for _ in range(40):  # float32 steps either side of the threshold's logit
+        near = [np.nextafter(near[0], F(-np.inf)), *near, np.nextafter(near[-1], F(np.inf))]
+    pool = np.concatenate([np.array(near, F), F([16.6, 17.0, 20.0, 88.0, -88.0, 0.0]), rng.normal(at, 0.01, 50).astype(F)])
+    raw = np.zeros((1, p.num_anchors, 4 + 64), F)
+    raw[..., :4] = 1.0
+    raw[0, :, 4:] = rng.choice(pool, (p.num_anchors, 64))
+    (d,) = decode(raw, p)
+    scores = F(1.0) / (F(1.0) + np.exp(-raw[0, :, 4:], dtype=F))
+    want = sorted(scores[scores.astype(np.float64) > thr].tolist(), reverse=True)  # compared as Python floats
+    assert len(d) == len(want) and d.scores.tolist() == want
