@@ -331,7 +331,8 @@ def _register_rollouts(app: Flask, *, store: GatewayStore, rollouts: Any,
             _fail(503, "this gateway runs no rollouts")
         body = request.get_json(silent=True)
         if not isinstance(body, dict) or not isinstance(body.get("bundle"), str):
-            _fail(400, "body: {bundle, canary (ids or 'N%'), watch_s, promote_if, line (optional)}")
+            _fail(400, "body: {bundle, canary (ids or 'N%'), watch_s, promote_if, line, canary_seed, min_reports "
+                       "(the last three optional)}")
         watch = body.get("watch_s", 60)
         canary = body.get("canary")
         if isinstance(watch, bool) or not isinstance(watch, (int, float)) or not isinstance(canary, (str, list)):
@@ -339,9 +340,16 @@ def _register_rollouts(app: Flask, *, store: GatewayStore, rollouts: Any,
         line = body.get("line")
         if line is not None and (not isinstance(line, str) or not line):
             _fail(400, "line must be a model line's name (a cross-line switch: that line's devices move to the bundle)")
+        extra = {}
+        for key in ("canary_seed", "min_reports"):
+            v = body.get(key)
+            if v is not None:
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < (1 << 63):
+                    _fail(400, f"{key}: expected a non-negative integer, got {str(v)[:40]}")
+                extra[key] = v
         try:
             rid = rollouts.start(bundle=body["bundle"], canary=canary, watch_s=float(watch),
-                                 promote_if=str(body.get("promote_if") or "rollbacks == 0"), line=line)
+                                 promote_if=str(body.get("promote_if") or "rollbacks == 0"), line=line, **extra)
         except GatewayError as e:
             _fail(400, str(e))
         return jsonify({"id": rid, "url": f"/api/rollouts/{rid}"}), 201
@@ -362,6 +370,12 @@ def _register_rollouts(app: Flask, *, store: GatewayStore, rollouts: Any,
     def abort_rollout(rollout_id: int) -> Any:
         _act(require_token, rollouts, "rollouts", lambda: rollouts.abort(rollout_id))
         return jsonify({"id": rollout_id, "aborting": True})
+
+    @app.post("/api/rollouts/<int:rollout_id>/approve")
+    def approve_rollout(rollout_id: int) -> Any:
+        """A person's approval of a rollout the gateway had no evidence to promote on its own."""
+        _act(require_token, rollouts, "rollouts", lambda: rollouts.approve(rollout_id))
+        return jsonify({"id": rollout_id, "state": "promoting"})
 
 
 def _act(require_token: Callable[[], None], service: Any, what: str, action: Callable[[], Any]) -> None:

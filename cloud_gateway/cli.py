@@ -165,7 +165,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    """``cloud-gateway rollout start|status|list|abort``: through the running gateway's HTTP API (it drives them)."""
+    """``cloud-gateway rollout start|status|list|abort|approve``: through the running gateway's HTTP API (it drives
+    them)."""
     import time
 
     base, token = args.gateway.rstrip("/"), gateway_token(args.token)
@@ -179,6 +180,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         body = {"bundle": name, "canary": args.canary, "watch_s": args.watch, "promote_if": args.promote_if}
         if args.line:
             body["line"] = args.line
+        if args.canary_seed is not None:
+            body["canary_seed"] = args.canary_seed
+        if args.min_reports is not None:
+            body["min_reports"] = args.min_reports
         out = _http("POST", f"{base}/api/rollouts", token=token, body=body)
         rid = out["id"]  # type: ignore[index]
         print(f"rollout {rid} started: {name} to canaries {args.canary}, watching {args.watch:g} s")
@@ -186,11 +191,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             while True:
                 r = _http("GET", f"{base}/api/rollouts/{rid}", token=token)
                 if r["state"] not in ("updating", "watching", "promoting", "rolling_back"):  # type: ignore[index]
-                    break
+                    break  # (awaiting_approval too: a person decides)
                 time.sleep(1)
             out = r
     elif args.action == "abort":
         out = _http("POST", f"{base}/api/rollouts/{args.id}/abort", token=token)
+    elif args.action == "approve":
+        out = _http("POST", f"{base}/api/rollouts/{args.id}/approve", token=token)
     elif args.action == "status" and args.id is not None:
         out = _http("GET", f"{base}/api/rollouts/{args.id}", token=token)
     else:
@@ -311,12 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--limit", type=int, default=50)
     add_json_flag(sm)
     sm.set_defaults(func=cmd_samples)
-    ro = sub.add_parser("rollout", help="staged rollout through the running gateway: start, status, list, abort",
+    ro = sub.add_parser("rollout", help="staged rollout through the running gateway: start, status, list, abort, "
+                        "approve (a rollout the gateway had no evidence to promote on its own)",
                         formatter_class=DefaultsHelpFormatter)
     add_common(ro)
-    ro.add_argument("action", choices=("start", "status", "list", "abort"))
+    ro.add_argument("action", choices=("start", "status", "list", "abort", "approve"))
     ro.add_argument("bundle", nargs="?", help="start: a bundle name in the gateway's store, or a .tar.gz to upload")
-    ro.add_argument("--id", type=int, help="status/abort: the rollout id")
+    ro.add_argument("--id", type=int, help="status/abort/approve: the rollout id")
     ro.add_argument("--gateway", default="http://127.0.0.1:8080", help="the gateway's HTTP API")
     add_token_arg(ro)
     ro.add_argument("--canary", default="10%", help="device ids (a,b) or a share of the fleet (10%%)")
@@ -326,7 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "(numbers or 'baseline [* + -] N'), joined by and/or")
     ro.add_argument("--line", help="start: move the devices of this model line to the bundle's line (an explicit, "
                     "logged switch; without it a rollout reaches only the bundle's own line)")
-    ro.add_argument("--wait", action="store_true", help="start: wait until it is done, rolled back or failed")
+    ro.add_argument("--canary-seed", type=int, help="start: seed of the random draw of a percentage of canaries "
+                    "(default: a fresh one, recorded in the plan)")
+    ro.add_argument("--min-reports", type=int, help="start: distinct canaries that must report in the watch window "
+                    "(default: all of them)")
+    ro.add_argument("--wait", action="store_true", help="start: wait until it is done, rolled back, failed or "
+                    "awaiting a person's approval")
     add_json_flag(ro)
     ro.set_defaults(func=cmd_rollout)
     up = sub.add_parser("upload", help="store a bundle .tar.gz at the running gateway (it verifies the signature)",

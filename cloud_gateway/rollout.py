@@ -17,10 +17,24 @@ which a device refuses a bundle of another line). The gateway drives it:
 ``watching``   wait ``watch_s`` seconds, then aggregate the canaries' telemetry
                windows from that time on and evaluate the condition against the
                baseline (the same metrics over the windows before the rollout);
+               at least ``min_reports`` distinct canaries must have reported.
+               What devices report can only stop a rollout: when it holds, the
+               gateway evaluates the bundle *itself* (`cloud_gateway.evaluate`:
+               the candidate against the bundle it replaces, on the gateway's
+               runtime, on the teacher run's test split and the collected inputs
+               with a person's or the teacher's labels), and only a pass promotes;
+``awaiting_approval`` the gateway holds no inputs to judge the bundle on (or
+               cannot run its target): a person approves (``POST
+               /api/rollouts/ID/approve``) or aborts;
 ``promoting``  send the update to every other device of the line; ``done``
                (``failed`` when some never reported it, listed);
 ``rolling_back`` send the canaries back to the bundle each ran before;
-               ``rolled_back`` (``failed`` after a refusal).
+               ``rolled_back`` once every canary reports it again (``failed``
+               after a refusal, or with the canaries that never confirmed their
+               previous bundle listed).
+
+Canaries given as a percentage are drawn at random from the line's fleet (seeded: the seed is in the plan, so a
+draw can be repeated), not the first ids in sort order.
 
 Every transition is a row in ``rollout_steps`` and the state is in
 ``rollouts``: a gateway that is killed resumes each unfinished rollout from its
@@ -34,7 +48,9 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import re
+import secrets
 import tarfile
 import threading
 import time
@@ -43,7 +59,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgecore import wire
-from edgecore.errors import GatewayError
+from edgecore.errors import EdgeError, GatewayError, TargetUnavailableError
 
 from .store import GatewayStore
 from .store.rollout_log import ACTIVE_ROLLOUT_STATES
@@ -240,17 +256,24 @@ class RolloutManager:
 
     def __init__(self, *, store: GatewayStore, bundles_dir: Path, publish: Callable[[str, bytes], Any],
                  base_url: Callable[[], str], prefix: str = "fleet", update_timeout_s: float = 60.0,
-                 poll_s: float = 0.2) -> None:
+                 poll_s: float = 0.2,
+                 evaluate: Callable[[Path, Path | None, list[str]], dict[str, Any]] | None = None) -> None:
         self.store, self.bundles_dir, self.publish, self.base_url = store, Path(bundles_dir), publish, base_url
         self.prefix, self.update_timeout_s, self.poll_s = prefix, update_timeout_s, poll_s
+        # the gateway's own evidence (`cloud_gateway.evaluate.CandidateEvaluator.evaluate`); None: every
+        # promotion waits for a person's approval
+        self.evaluate = evaluate
         self._stop = threading.Event()
         self._threads: dict[int, threading.Thread] = {}
         self._abort: set[int] = set()
 
     # --- starting ----------------------------------------------------------------------------------
     def start(self, *, bundle: str, canary: list[str] | str, watch_s: float, promote_if: str,
-              line: str | None = None) -> int:
-        """Start a rollout of ``bundle`` to its model line; ``line`` (another line's name) moves that line to it."""
+              line: str | None = None, canary_seed: int | None = None, min_reports: int | None = None) -> int:
+        """Start a rollout of ``bundle`` to its model line; ``line`` (another line's name) moves that line to it.
+
+        ``canary_seed`` seeds the draw of a percentage of canaries (None: a fresh random seed, recorded);
+        ``min_reports``: distinct canaries whose telemetry the watch needs (None: every canary)."""
         cond = parse_condition(promote_if)
         if not math.isfinite(watch_s) or not 0 < watch_s <= MAX_WATCH_S:
             raise GatewayError(f"watch_s: the watch window must be a number of seconds in (0, {MAX_WATCH_S:g}], "
@@ -285,7 +308,12 @@ class RolloutManager:
             excluded.setdefault(why, []).append(d["device_id"])
         if line is not None and line != new_line and not fleet:
             raise GatewayError(f"--line {line}: no device of model line {line} on target {target}")
-        canaries = self._canaries(canary, sorted(fleet), excluded)
+        seed = int(canary_seed) if canary_seed is not None else secrets.randbits(32)
+        canaries = self._canaries(canary, sorted(fleet), excluded, seed=seed)
+        need = len(canaries) if min_reports is None else int(min_reports)
+        if not 1 <= need <= len(canaries):
+            raise GatewayError(f"min_reports: {min_reports!r} canaries cannot report: there are {len(canaries)} "
+                               f"({', '.join(canaries)})")
         index = self._index()
         previous: dict[str, Any] = {}
         for d in canaries:
@@ -302,12 +330,13 @@ class RolloutManager:
         plan = {"canaries": canaries, "rest": [d for d in sorted(fleet) if d not in canaries],
                 "previous": previous, "manifest_sha256": new_sha, "watch_s": watch_s, "promote_if": promote_if,
                 "line": new_line, "excluded": {why: sorted(ids) for why, ids in sorted(excluded.items())},
-                "excluded_count": summary}
+                "excluded_count": summary, "canary_seed": seed, "min_reports": need}
         if from_line != new_line:
             plan["line_change"] = {"from": from_line, "to": new_line}
         rid = self.store.rollouts.create(bundle, plan, baseline)
         self.store.rollouts.add_step(rid, "started", {"canaries": canaries, "baseline": baseline, "bundle": bundle,
-                                                      "line": new_line, "excluded": summary})
+                                                      "line": new_line, "excluded": summary, "canary_seed": seed,
+                                                      "min_reports": need})
         if from_line != new_line:
             self.store.rollouts.add_step(rid, "line change", {"from": from_line, "to": new_line,
                                                               "devices": sorted(fleet)})
@@ -316,7 +345,7 @@ class RolloutManager:
         return rid
 
     @staticmethod
-    def _canaries(spec: list[str] | str, known: list[str], excluded: dict[str, list[str]]) -> list[str]:
+    def _canaries(spec: list[str] | str, known: list[str], excluded: dict[str, list[str]], *, seed: int) -> list[str]:
         if isinstance(spec, str) and spec.strip().endswith("%"):
             try:
                 pct = float(spec.strip()[:-1])
@@ -324,7 +353,9 @@ class RolloutManager:
                 raise GatewayError(f"--canary {spec!r}: expected device ids or a percentage like 10%") from e
             if not 0 < pct < 100 or not known:
                 raise GatewayError(f"--canary {spec}: needs 0 < percent < 100 and a known fleet ({len(known)} devices)")
-            return known[:max(1, math.floor(len(known) * pct / 100))]
+            # drawn at random (seeded, recorded), not the first in sort order: which devices test a bundle is
+            # not something a device can arrange by its name
+            return sorted(random.Random(seed).sample(known, max(1, math.floor(len(known) * pct / 100))))
         ids = [d.strip() for d in (spec.split(",") if isinstance(spec, str) else spec) if d.strip()]
         unknown = [d for d in ids if d not in known]
         outside = {d: why for why, ds in excluded.items() for d in ds if d in unknown}
@@ -359,6 +390,14 @@ class RolloutManager:
         if r is None or r["state"] not in ACTIVE_ROLLOUT_STATES:
             raise GatewayError(f"rollout {rollout_id} is not in progress")
         self._abort.add(rollout_id)
+
+    def approve(self, rollout_id: int, *, by: str = "a person") -> None:
+        """A person's approval of a rollout waiting for one (the gateway had no evidence of its own)."""
+        r = self.store.rollouts.get(rollout_id)
+        if r is None or r["state"] != "awaiting_approval":
+            raise GatewayError(f"rollout {rollout_id} is not waiting for an approval "
+                               f"(state {r['state'] if r else 'unknown'})")
+        self._to(rollout_id, "promoting", f"approved by {by}", {})
 
     def stop(self) -> None:
         self._stop.set()
@@ -458,14 +497,52 @@ class RolloutManager:
         if self._stop.is_set():
             return
         off = [d for d in plan["canaries"] if d not in self._running(plan["canaries"], plan["manifest_sha256"])]
-        metrics = watch_metrics([w for d in plan["canaries"] for w in self.store.telemetry.since(d, since)], since)
+        per = {d: self.store.telemetry.since(d, since) for d in plan["canaries"]}
+        metrics = watch_metrics([w for ws in per.values() for w in ws], since)
         if off:
             return self._to(rid, "rolling_back", "a canary left the new bundle (its own rollback)", {"devices": off})
         if metrics is None:
             return self._to(rid, "rolling_back", "no telemetry from the canaries in the watch window: cannot judge", {})
+        reported = sorted(d for d, ws in per.items() if watch_metrics(ws, since) is not None)
+        need = int(plan.get("min_reports") or len(plan["canaries"]))
+        if len(reported) < need:
+            return self._to(rid, "rolling_back", "too few canaries reported", {
+                "reported": reported, "silent": [d for d in plan["canaries"] if d not in reported], "min_reports": need})
         ok, notes = parse_condition(plan["promote_if"]).evaluate(metrics, r.get("baseline"))
-        detail = {"metrics": metrics, "baseline": r.get("baseline"), "checks": notes}
-        self._to(rid, "promoting" if ok else "rolling_back", "condition met" if ok else "condition failed", detail)
+        detail = {"metrics": metrics, "baseline": r.get("baseline"), "checks": notes, "reported": reported}
+        if not ok:  # what devices report can stop a rollout ...
+            return self._to(rid, "rolling_back", "condition failed", detail)
+        self.store.rollouts.add_step(rid, "condition met", detail)
+        self._judge(rid, r)  # ... but only the gateway's own evidence (or a person) promotes it
+
+    def _judge(self, rid: int, r: dict[str, Any]) -> None:
+        """The gateway evaluates the bundle itself (`cloud_gateway.evaluate`): pass -> promoting, fail -> rolling
+        back; no evidence (no inputs, or a target it cannot run) -> awaiting a person's approval."""
+        from .evaluate import NoEvidence
+
+        plan = r["plan"]
+        if self.evaluate is None:
+            return self._to(rid, "awaiting_approval", "awaiting a person's approval",
+                            {"why": "this gateway evaluates no bundles (no evaluator)"})
+        prev_names = [p["bundle"] for p in plan["previous"].values() if p.get("bundle")]
+        previous = (self.bundles_dir / f"{max(set(prev_names), key=prev_names.count)}.tar.gz") if prev_names else None
+        try:
+            ev = self.evaluate(self.bundles_dir / f"{r['bundle']}.tar.gz", previous,
+                               [*plan["canaries"], *plan["rest"]])
+        except (NoEvidence, TargetUnavailableError) as e:
+            return self._to(rid, "awaiting_approval", "awaiting a person's approval", {"why": str(e)})
+        except (EdgeError, OSError, ValueError) as e:
+            return self._to(rid, "rolling_back", "gateway evaluation failed", {"error": f"{type(e).__name__}: {e}"})
+        self.store.rollouts.update(rid, result={**(r.get("result") or {}), "evaluation": ev})
+        if ev["ok"]:
+            return self._to(rid, "promoting", "gateway evaluation passed", ev)
+        self._to(rid, "rolling_back", "gateway evaluation failed", ev)
+
+    def _awaiting_approval(self, rid: int, r: dict[str, Any]) -> None:
+        """Nothing to do but wait: `approve` moves it on; an abort rolls the canaries back."""
+        if rid in self._abort:
+            return self._to(rid, "rolling_back", "aborted", {})
+        time.sleep(self.poll_s)
 
     def _promoting(self, rid: int, r: dict[str, Any]) -> None:
         plan = r["plan"]
@@ -488,6 +565,9 @@ class RolloutManager:
                 return
         refused = (r.get("result") or {}).get("refused")
         detail: dict[str, Any] = {"not_restored": left, **({"refused": refused} if refused else {})}
+        if left:  # a rollback is done only when every canary confirms its previous bundle
+            detail["why_not"] = {d: self._why_not([d], plan["previous"][d]["manifest_sha256"], rid)[d] for d in left}
+            return self._to(rid, "failed", "rollback incomplete", detail)
         self._to(rid, "failed" if refused else "rolled_back", "canaries back on their previous bundles", detail)
 
     def _to(self, rid: int, state: str, step: str, detail: dict[str, Any]) -> None:

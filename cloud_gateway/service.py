@@ -28,6 +28,7 @@ from edgecore.errors import GatewayError
 from .api import API_CSP, BODY_GATE, MAX_BUNDLE_BYTES, create_app
 from .collection import SampleCollector
 from .config import GatewayConfig
+from .evaluate import CandidateEvaluator
 from .policy import PolicyEngine
 from .rollout import RolloutManager
 from .store import GatewayStore
@@ -153,7 +154,8 @@ class Gateway:
             self.rollouts = RolloutManager(
                 store=self.store, bundles_dir=Path(self.config.bundles_dir).resolve(),
                 publish=lambda t, p: self.worker.link.publish(t, p, qos=1), base_url=lambda: self.http_url,
-                prefix=self.config.worker.prefix, update_timeout_s=self.config.rollout_update_timeout_s)
+                prefix=self.config.worker.prefix, update_timeout_s=self.config.rollout_update_timeout_s,
+                evaluate=CandidateEvaluator(self.store, _teacher_run(Path(self.config.teacher))).evaluate)
             self.policy = PolicyEngine(store=self.store, gateway_url=lambda: self.http_url,
                                        start_rollout=self.rollouts.start, upload=self._store_bundle,
                                        interval_s=self.config.policy_interval_s)
@@ -215,3 +217,9 @@ class Gateway:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _teacher_run(teacher: Path) -> Path | None:
+    """The toolchain run the gateway's teacher comes from (its test split is evaluation evidence), if any."""
+    run = teacher if teacher.is_dir() else teacher.parent
+    return run if (run / "data.json").is_file() and (run / "config.toml").is_file() else None

@@ -80,12 +80,18 @@ class SampleStore:
         return c.execute(delete(samples).where(samples.c.id.in_(ids))).rowcount if ids else 0
 
     def rows(self, *, after: int = 0, limit: int = 100, device: str | None = None,
-             queue: float | None = None) -> list[dict[str, Any]]:
-        """Rows in id order after ``after``; ``queue``: only unlabelled ones at least that uncertain, most first."""
+             queue: float | None = None, newest: bool = False,
+             devices: list[str] | None = None) -> list[dict[str, Any]]:
+        """Rows in id order after ``after``; ``queue``: only unlabelled ones at least that uncertain, most first;
+        ``newest``: the latest ``limit`` rows, newest first; ``devices``: only those devices' rows."""
         q = select(samples)
         if device is not None:
             q = q.where(samples.c.device_id == device)
-        if queue is not None:
+        if devices is not None:
+            q = q.where(samples.c.device_id.in_(devices))
+        if newest:
+            q = q.order_by(samples.c.id.desc())
+        elif queue is not None:
             q = q.where(samples.c.human_label.is_(None), samples.c.human_answer.is_(None),
                         samples.c.uncertainty >= queue)
             q = q.order_by(samples.c.uncertainty.desc(), samples.c.id)

@@ -38,7 +38,7 @@ rollout_steps = Table(
     Index("ix_rollout_steps_rollout_id", "rollout_id", "id"),
 )
 
-ACTIVE_ROLLOUT_STATES = ("updating", "watching", "promoting", "rolling_back")
+ACTIVE_ROLLOUT_STATES = ("updating", "watching", "awaiting_approval", "promoting", "rolling_back")
 
 
 class RolloutStore:

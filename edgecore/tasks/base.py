@@ -74,6 +74,11 @@ class Task(ABC):
         """What the gateway stores of a collected input's teacher answer (`answer`'s form): (the answer as
         bytes, a class index summarising it (-1: none), its uncertainty in [0, 1], higher = less sure)."""
 
+    @abstractmethod
+    def sample_targets(self, samples: Sequence[Any]) -> Any:
+        """Collected samples' answers (`edgecore.samples.Sample`: a person's, else the teacher's) as targets in
+        the split form `quality` reads: what the gateway evaluates a candidate bundle against."""
+
     # --- the device's side: what the agent asks of a model's outputs ----------------------------------------
     #: names of the per-input output statistics `output_stats` gives (telemetry summarises them per window and
     #: the drift monitor compares them with the bundle's reference); empty: the task has none

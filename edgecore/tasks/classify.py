@@ -65,3 +65,7 @@ class Classify(Task):
         """The probabilities as a float32 tensor, the top class, 1 - the top probability."""
         p = np.asarray(answer["probabilities"], dtype=np.float32)
         return wire.encode_tensor(p), int(p.argmax()), float(1.0 - p.max())
+
+    def sample_targets(self, samples: Sequence[Any]) -> Any:
+        """Each sample's label (a person's, else the teacher's top class)."""
+        return np.array([int(s.label) for s in samples], np.int64)

@@ -171,6 +171,21 @@ class Detect(Task):
                         "label": d["label"] if isinstance(d.get("label"), str) else str(cls)})
         return out
 
+    def sample_targets(self, samples: Sequence[Any]) -> Any:
+        """Padded objects ``(N, K_max, 5)``: the boxes a person kept, else the teacher's scoring at least 0.5."""
+        rows = []
+        for s in samples:
+            dets = list((s.answer or {}).get("detections") or [])
+            if s.human_answer is None:
+                dets = [d for d in dets if float(d.get("score", 0.0)) >= OBJECT_SCORE]
+            rows.append([[float(d["class"]), *(float(v) for v in d["box"])] for d in dets])
+        y = np.full((len(rows), max([1] + [len(r) for r in rows]), 5), 0.0, np.float32)
+        y[:, :, 0] = -1
+        for i, r in enumerate(rows):
+            if r:
+                y[i, : len(r)] = np.asarray(r, np.float32)
+        return y
+
     def output_stats(self, prediction: Any) -> tuple[float, ...]:
         """``objects``: detections scoring at least 0.5; ``top_score``: the best score (0 with none)."""
         scores = [d["score"] for d in prediction]

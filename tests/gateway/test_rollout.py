@@ -15,12 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cloud_gateway.config import CollectionPolicy
 from cloud_gateway.rollout import aggregate, parse_condition, watch_metrics
 from edgecore.errors import GatewayError
 from tests.agent.tiny import items, make_agent, release_pub_path, retag_bundle, start_gateway, wait_for
 
 pytestmark = pytest.mark.broker
 TOKEN = "test-token"
+# every offloaded input collected with the teacher's answer: the evidence the gateway judges a bundle on before
+# it promotes one (tests/gateway/test_rollout_evidence.py)
+EVIDENCE = CollectionPolicy.parse("all", rate=1.0)
 
 
 def _call(method: str, url: str, body: bytes | dict | None = None):
@@ -129,7 +133,7 @@ def test_the_watch_counts_only_windows_that_started_on_the_new_bundle():
 
 def test_a_good_canary_is_promoted_and_a_bad_one_rolled_back(mosquitto, tiny_cascade, tmp_path):
     run = tiny_cascade
-    gw = start_gateway(mosquitto, run, tmp_path / "gw")
+    gw = start_gateway(mosquitto, run, tmp_path / "gw", collect=EVIDENCE)
     gw.rollouts.update_timeout_s = 15
     url = gw.http_url
     fleet = Fleet(mosquitto, run, tmp_path, url)
@@ -145,7 +149,8 @@ def test_a_good_canary_is_promoted_and_a_bad_one_rolled_back(mosquitto, tiny_cas
                                                     "promote_if": "rollbacks == 0 and offload_rate <= baseline + 0.3"})["id"]
         r = _wait_state(url, rid, {"done", "rolled_back"})
         assert r["state"] == "done", r["steps"]
-        assert [s["step"] for s in r["steps"]] == ["started", "canaries updated", "condition met", "promoted to the fleet"]
+        assert [s["step"] for s in r["steps"]] == ["started", "canaries updated", "condition met",
+                                                   "gateway evaluation passed", "promoted to the fleet"]
         v2 = r["plan"]["manifest_sha256"]
         wait_for(lambda: set(fleet.shas().values()) == {v2}, 10, "every device on v2")
         assert set(r["device_versions"].values()) == {v2}
@@ -176,7 +181,8 @@ def _serve(mosquitto, run, tmp: Path, port: int) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-m", "cloud_gateway.cli", "serve", "--broker", mosquitto.url, "--username",
                           user, "--password", pw, "--teacher", str(run.teacher_onnx), "--db", str(tmp / "gw.sqlite"),
                           "--bundles-dir", str(tmp / "bundles"), "--http-port", str(port), "--token", TOKEN,
-                          "--trust-key", str(release_pub_path()), "--threads", "1"],
+                          "--trust-key", str(release_pub_path()), "--threads", "1", "--collect", "all",
+                          "--collect-rate", "1"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert "serving" in (p.stdout.readline() if p.stdout else "")
     return p
@@ -258,7 +264,7 @@ def test_two_model_lines_on_one_broker_a_device_refuses_another_lines_bundle(mos
 
 def test_a_rollout_reaches_only_its_model_line_and_a_refusing_canary_fails_it(mosquitto, tiny_cascade, tmp_path):
     run = tiny_cascade
-    gw = start_gateway(mosquitto, run, tmp_path / "gw")
+    gw = start_gateway(mosquitto, run, tmp_path / "gw", collect=EVIDENCE)
     gw.rollouts.update_timeout_s = 20
     url = gw.http_url
     other_tar = retag_bundle(run.bundle_dir, tmp_path / "other", version="1", name=OTHER)
