@@ -10,7 +10,15 @@ The policy (``cloud-gateway policy set FILE``, ``PUT /api/policy``) is a JSON do
      "refresh_command": ["toolchain", "refresh", "--from", "{gateway}", "--run", "runs/prod",
                          "--out", "runs/refresh-{id}", "--device", "{device}", "--json"],
      "rollout": {"canary": "{device}", "watch_s": 120, "promote_if": "rollbacks == 0 and offload_rate <= baseline"},
-     "cooldown_minutes": 60}
+     "cooldown_minutes": 60,
+     "min_devices": 2, "min_share": 0.0,        # a quorum: a trigger needs this many distinct devices of the line
+                                                 # (and this share of it), at most the line's size
+     "max_proposals_per_day": 6}                 # a rate limit per line, beside the cooldown
+
+One device cannot drive it: every trigger needs the quorum of distinct devices (a line of one device is its own
+quorum), the default action only proposes (a person approves), proposals are rate-limited per line, and a
+refresh's rollout never has the devices that triggered it as its only canaries (another device of the line is
+added, drawn at random; with none, only a person's approval lets it go on).
 
 The gateway evaluates it every ``interval_s``, per model line (the manifest's
 ``model.name`` each device reports: two models' devices never add up to one
@@ -30,6 +38,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import random
 import subprocess
 import tarfile
 import threading
@@ -47,7 +57,8 @@ DEFAULTS: dict[str, Any] = {"drift_windows": 5, "offload_rate": None, "offload_m
                             "action": "propose", "refresh_command": None,
                             "rollout": {"canary": "{device}", "watch_s": 120.0,
                                         "promote_if": "rollbacks == 0 and offload_rate <= baseline"},
-                            "cooldown_minutes": 60.0}
+                            "cooldown_minutes": 60.0, "min_devices": 2, "min_share": 0.0,
+                            "max_proposals_per_day": 6}
 
 
 def check_policy(doc: Any) -> dict[str, Any]:
@@ -71,6 +82,10 @@ def check_policy(doc: Any) -> dict[str, Any]:
     num("offload_minutes", 0)
     num("offload_devices", 1)
     num("cooldown_minutes", 0)
+    num("min_devices", 1)
+    num("max_proposals_per_day", 1)
+    if isinstance(p["min_share"], bool) or not isinstance(p["min_share"], (int, float)) or not 0 <= p["min_share"] <= 1:
+        raise GatewayError(f"policy.min_share: expected a share in [0, 1], got {p['min_share']!r}")
     if p["action"] not in ("propose", "run"):
         raise GatewayError(f"policy.action: 'propose' or 'run', got {p['action']!r}")
     cmd = p["refresh_command"]
@@ -110,8 +125,15 @@ def triggers(store: GatewayStore, p: dict[str, Any], now: float) -> list[dict[st
     return fired
 
 
+def quorum(p: dict[str, Any], line_size: int) -> int:
+    """Distinct devices a trigger needs in a line of ``line_size``: ``min_devices`` and ``min_share`` of it, at
+    most the line itself (a line of one device is its own quorum)."""
+    return max(1, min(line_size, max(int(p["min_devices"]), math.ceil(float(p["min_share"]) * line_size))))
+
+
 def _line_triggers(store: GatewayStore, p: dict[str, Any], now: float, devices: list[str]) -> list[dict[str, Any]]:
     fired: list[dict[str, Any]] = []
+    need = quorum(p, len(devices))
     n = p["drift_windows"]
     if n:
         hit = {}
@@ -119,9 +141,10 @@ def _line_triggers(store: GatewayStore, p: dict[str, Any], now: float, devices: 
             ws = _busy(store.telemetry.history(d, limit=max(50, 4 * int(n))))[-int(n):]
             if len(ws) >= n and all((w.get("drift") or {}).get("flag") for w in ws):
                 hit[d] = len(ws)
-        if hit:
-            fired.append({"trigger": "drift", "devices": sorted(hit),
-                          "why": f"drift flagged on the last {int(n)} windows with inputs of {', '.join(sorted(hit))}"})
+        if len(hit) >= need:
+            fired.append({"trigger": "drift", "devices": sorted(hit), "quorum": need,
+                          "why": f"drift flagged on the last {int(n)} windows with inputs of {', '.join(sorted(hit))} "
+                                 f"({len(hit)} of the {need} devices the quorum needs)"})
     if p["offload_rate"] is not None:
         since = now - 60.0 * float(p["offload_minutes"])
         hit = {}
@@ -129,8 +152,8 @@ def _line_triggers(store: GatewayStore, p: dict[str, Any], now: float, devices: 
             ws = _busy(store.telemetry.since(d, since))
             if ws and all(float(w.get("offload_rate") or 0) > p["offload_rate"] for w in ws):
                 hit[d] = round(sum(float(w["offload_rate"]) for w in ws) / len(ws), 3)
-        if len(hit) >= p["offload_devices"]:
-            fired.append({"trigger": "offload", "devices": sorted(hit), "offload_rates": hit,
+        if len(hit) >= max(int(p["offload_devices"]), need):
+            fired.append({"trigger": "offload", "devices": sorted(hit), "offload_rates": hit, "quorum": need,
                           "why": f"{len(hit)} device(s) offloaded more than {p['offload_rate']:.0%} in every window "
                                  f"of the last {p['offload_minutes']:g} min: {hit}"})
     return fired
@@ -171,12 +194,22 @@ class PolicyEngine:
             return None
         p = check_policy(doc)
         now = time.time() if now is None else now
-        cooling = {x["reason"].get("line") for x in self.store.policy.proposals()
-                   if now - float(x["created"]) < 60.0 * float(p["cooldown_minutes"]) and isinstance(x["reason"], dict)}
+        props = [x for x in self.store.policy.proposals() if isinstance(x["reason"], dict)]
+        cooling = {x["reason"].get("line") for x in props
+                   if now - float(x["created"]) < 60.0 * float(p["cooldown_minutes"])}
+        day: dict[Any, int] = {}
+        for x in props:
+            if now - float(x["created"]) < 86400.0:
+                day[x["reason"].get("line")] = day.get(x["reason"].get("line"), 0) + 1
         by_line: dict[str | None, list[dict[str, Any]]] = {}
         for f in triggers(self.store, p, now):
-            if f["line"] not in cooling:
-                by_line.setdefault(f["line"], []).append(f)
+            if f["line"] in cooling:
+                continue
+            if day.get(f["line"], 0) >= int(p["max_proposals_per_day"]):
+                log.warning("policy fired for model line %s but its %d proposals in 24 h reach "
+                            "max_proposals_per_day; not proposing again", f["line"], day[f["line"]])
+                continue
+            by_line.setdefault(f["line"], []).append(f)
         first: int | None = None
         for line, fired in by_line.items():
             reason = {"line": line, "fired": fired, "policy": p, "device": fired[0]["devices"][0]}
@@ -198,6 +231,8 @@ class PolicyEngine:
         """Run the refresh command, upload its bundle, start the rollout; every outcome on the proposal."""
         prop = next(x for x in self.store.policy.proposals() if int(x["id"]) == pid)
         p, device, line = prop["reason"]["policy"], prop["reason"]["device"], prop["reason"].get("line")
+        approved = prop["state"] == "approved"  # a person approved it (action "run" runs without one)
+        triggered = sorted({d for f in prop["reason"].get("fired") or [] for d in f.get("devices") or []})
         fill = {"gateway": self.gateway_url(), "device": device, "line": line or "", "id": str(pid)}
         if not p["refresh_command"]:
             self.store.policy.set_proposal(pid, state="failed", result={"error": "policy.refresh_command is not set"})
@@ -230,7 +265,8 @@ class PolicyEngine:
                 raise GatewayError(f"the refresh made a bundle of model line {made}, the proposal is for line {line}")
             self.upload(stored, tar)
             ro = {k: (v.format(**fill) if isinstance(v, str) else v) for k, v in p["rollout"].items()}
-            rid = self.start_rollout(bundle=stored, canary=ro["canary"], watch_s=float(ro["watch_s"]),
+            canary = self._canary(ro["canary"], triggered, line, pid, approved)
+            rid = self.start_rollout(bundle=stored, canary=canary, watch_s=float(ro["watch_s"]),
                                      promote_if=str(ro["promote_if"]))
         except (GatewayError, OSError, tarfile.TarError) as e:
             self.store.policy.set_proposal(pid, state="failed",
@@ -238,3 +274,23 @@ class PolicyEngine:
             return
         self.store.policy.set_proposal(pid, state="rolling_out",
                                        result={"command": argv, "bundle": stored, "rollout": rid})
+
+    def _canary(self, spec: Any, triggered: list[str], line: str | None, pid: int, approved: bool) -> Any:
+        """The rollout's canaries, never only the devices that triggered the refresh: a device reporting what it
+        likes must not be the one witness of the bundle made for it. Named canaries that are all triggering devices
+        get another device of the line, drawn at random (seeded by the proposal); with none to add, only a
+        person's approval lets the rollout go on."""
+        if not isinstance(spec, str) or spec.strip().endswith("%"):
+            return spec  # a share of the fleet: drawn at random by the rollout itself
+        named = [d.strip() for d in spec.split(",") if d.strip()]
+        if not triggered or not set(named) <= set(triggered):
+            return named
+        others = sorted(set(lines(self.store).get(line, [])) - set(triggered))
+        if others:
+            return [*named, random.Random(pid).choice(others)]
+        if approved:
+            log.warning("proposal %d: the only canaries are the devices that triggered it (%s); a person approved it",
+                        pid, ", ".join(named))
+            return named
+        raise GatewayError(f"the only canaries would be the devices that triggered the refresh ({', '.join(named)}) "
+                           f"and model line {line} has no other: approve the proposal to go on")
