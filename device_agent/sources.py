@@ -51,8 +51,19 @@ def _load_image(path: Path, spec: InputSpec) -> np.ndarray:
         raise AgentError(f"{path}: images need an NCHW bundle, this one takes {spec.layout} {list(shape)}")
     c, h, w = shape
     try:
-        with Image.open(path) as im:
-            a = np.asarray(im.convert("L" if c == 1 else "RGB").resize((w, h)), dtype=np.float32)
+        with Image.open(path) as f:
+            im = f.convert("L" if c == 1 else "RGB")
+            if spec.resize == "letterbox":  # aspect kept, centred, padded: as the model's training images were
+                scale = min(w / im.width, h / im.height)
+                nw, nh = max(1, round(im.width * scale)), max(1, round(im.height * scale))
+                inner = np.asarray(im.resize((nw, nh), Image.Resampling.BILINEAR), dtype=np.float32)
+                inner = inner[..., None] if inner.ndim == 2 else inner
+                a = np.full((h, w, inner.shape[2]), spec.pad_value, np.float32)
+                top, left = (h - nh) // 2, (w - nw) // 2
+                a[top:top + nh, left:left + nw] = inner
+                a = a[..., 0] if c == 1 else a
+            else:
+                a = np.asarray(im.resize((w, h)), dtype=np.float32)
     except OSError as e:
         raise AgentError(f"{path}: unreadable image ({e})") from e
     return a[None] if c == 1 else a.transpose(2, 0, 1)

@@ -237,6 +237,9 @@ def _precision(c: _Check, d: dict[str, Any]) -> Precision:
         return Precision.FP32
 
 
+RESIZE_MODES = ("stretch", "letterbox")
+
+
 def _input(c: _Check, d: dict[str, Any]) -> InputSpec:
     i = c.get(d, "input", dict, "manifest", default={})
     shape = c.get(i, "shape", list, "manifest.input", default=[None])
@@ -251,6 +254,11 @@ def _input(c: _Check, d: dict[str, Any]) -> InputSpec:
     if nums or len(mean) != len(std) or any(v == 0 for v in std):
         c.fail("manifest.input.preprocess", "mean and std must be finite numbers of equal length, std non-zero")
         mean, std = [], []
+    resize = c.get(pre, "resize", str, "manifest.input.preprocess", optional=True, default="stretch")
+    if resize not in RESIZE_MODES:
+        c.fail("manifest.input.preprocess.resize", f"unknown resize {_short(resize)} ({', '.join(RESIZE_MODES)})")
+        resize = "stretch"
+    pad_value = c.number(pre, "pad_value", "manifest.input.preprocess", optional=True, default=114.0)
     dtype = c.get(i, "dtype", str, "manifest.input", optional=True, default="float32")
     if dtype not in ("float32", "float16", "uint8", "int8"):
         c.fail("manifest.input.dtype", f"unsupported dtype {_short(dtype)}")
@@ -259,7 +267,8 @@ def _input(c: _Check, d: dict[str, Any]) -> InputSpec:
         name=c.get(i, "name", str, "manifest.input", default="input"), shape=tuple(shape), dtype=dtype,
         layout=c.get(i, "layout", str, "manifest.input", optional=True, default="NCHW"),
         scale=c.number(pre, "scale", "manifest.input.preprocess", optional=True, default=1.0),
-        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+        mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std), resize=resize,
+        pad_value=float(pad_value),
     )
 
 

@@ -30,6 +30,11 @@ class InputSpec:
     ``shape`` has ``None`` for the batch dimension, e.g. ``[None, 1, 8, 8]`` or
     ``[None, 30]``. The device applies ``x = (raw * scale - mean) / std`` with
     mean/std broadcast along axis 1 (channels or features), then casts to dtype.
+
+    ``resize`` says how an image file of another size becomes ``shape``'s ``H x W`` (what the device's image
+    sources do; the model was trained on images made the same way): ``"stretch"`` (resized to ``H x W``, the
+    aspect changed) or ``"letterbox"`` (scaled to fit with its aspect kept, centred, the rest filled with
+    ``pad_value``: a detector's boxes stay true to the scene).
     """
 
     name: str
@@ -39,6 +44,8 @@ class InputSpec:
     scale: float = 1.0
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    resize: str = "stretch"  # "stretch" | "letterbox": how an image file becomes H x W (see the class docstring)
+    pad_value: float = 114.0  # letterbox: the fill, in raw units (0..255 for 8-bit images)
 
     def preprocess(self, raw: np.ndarray) -> np.ndarray:
         """Raw samples (batch first) -> the normalised float tensor the model takes.
@@ -79,7 +86,9 @@ class InputSpec:
             "shape": list(self.shape),
             "dtype": self.dtype,
             "layout": self.layout,
-            "preprocess": {"scale": self.scale, "mean": list(self.mean), "std": list(self.std)},
+            "preprocess": {"scale": self.scale, "mean": list(self.mean), "std": list(self.std),
+                           # the default, stretch, is not written: the manifests of every other model read as before
+                           **({"resize": self.resize, "pad_value": self.pad_value} if self.resize != "stretch" else {})},
         }
 
     @classmethod
@@ -93,6 +102,8 @@ class InputSpec:
             scale=float(pre.get("scale", 1.0)),
             mean=tuple(float(v) for v in pre.get("mean", ())),
             std=tuple(float(v) for v in pre.get("std", ())),
+            resize=str(pre.get("resize", "stretch")),
+            pad_value=float(pre.get("pad_value", 114.0)),
         )
 
     @property

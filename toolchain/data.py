@@ -44,6 +44,7 @@ class RawData:
     layout: str  # "NCHW" | "NF"
     scale: float  # raw * scale, before mean/std
     digest: str | None = None  # the source's own content digest (a detection set's), else computed below
+    resize: str = "stretch"  # how an image file became H x W (`edgecore.spec.InputSpec.resize`)
 
     @property
     def sha256(self) -> str:
@@ -125,7 +126,7 @@ def _detection(cfg: DataConfig) -> RawData:
     if len(ds) == 0:
         raise DataError(f"data.source {cfg.source!r} holds no images")
     return RawData(X=ds.images.astype(np.float32), y=pad_objects(ds.boxes, ds.classes), labels=ds.labels,
-                   layout="NCHW", scale=1.0 / 255.0, digest=ds.sha256)
+                   layout="NCHW", scale=1.0 / 255.0, digest=ds.sha256, resize="letterbox")
 
 
 def _digits() -> RawData:
@@ -321,6 +322,7 @@ def split(raw: RawData, cfg: DataConfig, *, seed: int, task: "type[TrainTask] | 
         scale=float(raw.scale),
         mean=tuple(float(v) for v in mean),
         std=tuple(float(v) for v in std),
+        resize=raw.resize,
     )
     return Splits(
         train=(raw.X[train], raw.y[train]),

@@ -197,3 +197,27 @@ def test_the_documented_detection_example_gets_detections(mosquitto, det_run, tm
     reply = json.loads(r.stdout.strip().splitlines()[-1])
     assert reply["ok"] is True and bytes.fromhex(reply["correlation"]) == b"frame-1"
     assert [(d["class"], d["label"]) for d in reply["detections"]] == [(d["class"], d["label"]) for d in expected]
+
+
+def test_the_device_letterboxes_an_image_file_as_training_did(det_bundle, tmp_path):
+    """A detector's manifest says its images are letterboxed (aspect kept, grey padding); the agent's folder
+    source makes exactly the input the training data loader made of the same file, for any file size."""
+    from PIL import Image
+
+    from device_agent.sources import folder_source
+    from edgecore.bundle import open_bundle
+    from toolchain.detection.formats import read_image
+
+    spec = open_bundle(det_bundle).input_spec
+    assert spec.resize == "letterbox" and spec.to_dict()["preprocess"]["resize"] == "letterbox"
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    for i, (w, h) in enumerate(((80, 48), (30, 90), (64, 64), (200, 120))):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    items = list(folder_source(folder, spec))
+    assert len(items) == 4
+    for it in items:
+        want, _ = read_image(folder / it.id, size=spec.sample_shape[1])
+        np.testing.assert_array_equal(it.raw, want.astype(np.float32))
+

@@ -193,3 +193,19 @@ def test_a_third_party_task_is_found_through_its_entry_point(monkeypatch):
         assert "rank" in task_names() and get_task("rank").name == "classify"
     finally:
         plugins._installed.cache_clear()
+
+
+def test_a_manifest_names_its_resize_mode_or_reads_as_stretch():
+    """How an image file becomes the input (`InputSpec.resize`): written only when not the default, so every
+    other model's manifest reads as before; an unknown mode is one clear error."""
+    from edgecore.spec import InputSpec
+
+    d = _good()
+    assert "resize" not in d["input"]["preprocess"] and Manifest.from_dict(d).input.resize == "stretch"
+    d["input"]["preprocess"].update(resize="letterbox", pad_value=0.0)
+    spec = Manifest.from_dict(d).input
+    assert (spec.resize, spec.pad_value) == ("letterbox", 0.0) and Manifest.from_dict(d).to_dict() == d
+    assert InputSpec.from_dict(spec.to_dict()) == spec
+    d["input"]["preprocess"]["resize"] = "squash"
+    with pytest.raises(ManifestError, match=r"manifest.input.preprocess.resize: unknown resize 'squash'"):
+        Manifest.from_dict(d)

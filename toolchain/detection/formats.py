@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 BOX_TOLERANCE = 0.005  # how far (share of the image's side) a box may overshoot its image before it is an error
-PAD_VALUE = 114  # the letterbox's grey
+PAD_VALUE = 114  # the letterbox's grey (`edgecore.spec.InputSpec.pad_value`'s default: the device fills the same)
 
 
 # ---------------------------------------------------------------------------- images
