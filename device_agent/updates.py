@@ -12,9 +12,11 @@ running bundle in place and is reported.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,6 +31,8 @@ from edgecore.errors import BundleTrustError
 log = logging.getLogger(__name__)
 
 MAX_DOWNLOAD = 512 << 20
+#: a download (bundle or test data) must be complete within this many seconds, however it trickles
+DOWNLOAD_DEADLINE_S = 300.0
 BUNDLES = "bundles"
 
 
@@ -73,31 +77,44 @@ class _StayUnder(urllib.request.HTTPRedirectHandler):
 
 
 def download(url: str, dest: Path, *, allowed: Sequence[str], timeout: float = 30.0,
-             max_bytes: int = MAX_DOWNLOAD) -> Path:
-    """Fetch ``url`` (under ``allowed``) to ``dest``. Errors say "download failed" only: details go to the log.
+             max_bytes: int = MAX_DOWNLOAD, deadline_s: float = DOWNLOAD_DEADLINE_S, what: str = "bundle") -> Path:
+    """Fetch ``url`` (under ``allowed``) to ``dest``, at most ``max_bytes`` within ``deadline_s`` in all.
 
-    Why so terse: the outcome of an update is published in the device's status,
-    and telling "connection refused" from "timed out" from "404" there would
-    make every device a port scanner for whoever can send it commands.
+    Errors say "<what> download failed" only: details go to the log. Why so terse: the outcome of an update
+    or a bench job is published in the device's status, and telling "connection refused" from "timed out" from
+    "404" there would make every device a port scanner for whoever can send it commands. Bounded because a
+    server may send a body without end, or drip it a byte at a time: the body is streamed to ``dest`` (never
+    held in memory), and a partial file is removed.
     """
     if not url_allowed(url, allowed):
         raise BundleTrustError(
-            f"bundle URL {url!r} is not under an allowed update base"
-            + (f" ({', '.join(allowed)})" if allowed else ": this agent takes updates by URL only with --update-base")
+            f"{what} URL is not on the update allow-list"
+            + ("" if allowed else " (this agent takes downloads by URL only with --update-base)")
         )
     opener = urllib.request.build_opener(_StayUnder(allowed))
+    end = time.monotonic() + deadline_s
     try:
         with opener.open(url, timeout=timeout) as r, open(dest, "wb") as f:
+            length = r.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                raise _TooBig(f"Content-Length {length} is past the {max_bytes}-byte bound")
             total = 0
-            while block := r.read(1 << 20):
+            while block := r.read1(1 << 16):  # what has arrived, not a full buffer: a drip cannot stall here
                 total += len(block)
                 if total > max_bytes:
-                    raise BundleTrustError(f"bundle download failed: larger than {max_bytes} bytes")
+                    raise _TooBig(f"more than {max_bytes} bytes")
+                if time.monotonic() > end:
+                    raise _TooBig(f"not done within {deadline_s:g} s")
                 f.write(block)
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (_TooBig, urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         log.error("downloading %s failed: %s", url, e)
-        raise BundleTrustError("bundle download failed") from e
+        Path(dest).unlink(missing_ok=True)
+        raise BundleTrustError(f"{what} download failed") from e
     return dest
+
+
+class _TooBig(Exception):
+    """A download past its size or time bound (logged; the status says only "download failed")."""
 
 
 def _open_verified(tar: Path, extract: Path, *, trust: TrustPolicy) -> Bundle:
