@@ -35,7 +35,7 @@ from .config import WorkerConfig
 from .metrics import BATCH_BUCKETS, Metrics
 from .store import GatewayStore
 from .teacher import Teacher
-from .telemetry_parser import parse_window
+from .telemetry_parser import parse_status, parse_window
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +284,10 @@ class GatewayWorker:
         if not payload:
             return
         try:
-            msg = wire.loads(payload)
-        except wire.WireError:
+            msg = parse_status(payload, device_id)
+        except wire.WireError as e:  # too big, a NaN, a mistyped field: the last good status stays
+            self.metrics.inc("gateway_invalid_status_total", "Device statuses refused (not stored)", device=device_id)
+            log.warning("status from %s refused: %s", device_id, e)
             return
         if self.store:
             self.store.devices.set_status(device_id, msg)
