@@ -43,6 +43,7 @@ class FleetConnection:
         self.link: MqttLink | None = None
         self._sources: list[MqttInputSource] = []  # subscribed before the status says online
         self.windows_produced = 0
+        self._last_inputs: dict[str, int] | None = None  # the input counts the last status published
 
     def mqtt_source(self, topic: str | None = None, *, wait: float = 10.0) -> MqttInputSource:
         """Inputs from an MQTT topic (default ``<prefix>/<id>/input``).
@@ -53,7 +54,8 @@ class FleetConnection:
         """
         if self.config.broker_url is None:
             raise AgentError("an MQTT source needs the agent configured with a broker")
-        src = MqttInputSource(topic or self.topics.input, self.agent.bundle.input_spec)
+        src = MqttInputSource(topic or self.topics.input, self.agent.bundle.input_spec,
+                              reply=lambda body: self.publish(self.topics.answers, body))
         self._sources.append(src)
         if self.link is not None:
             self.link.subscribe(src.topic, src.push_message, wait=wait)
@@ -103,6 +105,14 @@ class FleetConnection:
                 due = time.monotonic() + period
             else:
                 self.agent.telemetry.window.sync()
+            self._publish_if_changed()
+
+    def _publish_if_changed(self) -> None:
+        """Republish the status when what it reports of the inputs changed (at most once a tick)."""
+        seen = self.input_counts() if self._sources else None
+        if seen != self._last_inputs:
+            self._last_inputs = seen
+            self.publish_status()
 
     # --- status and commands ------------------------------------------------------
     @property
@@ -122,7 +132,16 @@ class FleetConnection:
             "device_id": self.config.device_id, "state": state, "time": time.time(), "broker": self.broker_state,
             "bundle_sha256": b.manifest_sha256, "model": b.manifest.model.name, "version": b.version,
             "target": b.target, "precision": b.precision, "threshold": self.agent.threshold, "last_cmd": self.last_cmd,
+            **({"inputs": self.input_counts()} if self._sources else {}),
         }
+
+    def input_counts(self) -> dict[str, int]:
+        """What the MQTT sources never gave the model: ``rejected``/``refused`` messages, ``dropped`` inputs."""
+        total = {"rejected": 0, "refused": 0, "dropped": 0}
+        for src in self._sources:
+            for k, v in src.counts().items():
+                total[k] += v
+        return total
 
     def publish_status(self) -> None:
         if self.link is not None and self.link.ready.is_set():
