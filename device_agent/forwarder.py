@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import threading
 import time
 
 from edgecore.mqtt import MqttLink
 
 from .outbox import Outbox
+
+log = logging.getLogger(__name__)
 
 
 class OutboxForwarder:
@@ -22,12 +26,16 @@ class OutboxForwarder:
 
     def run(self) -> None:
         while not self.stop.is_set():
-            row = self.outbox.peek()
-            if row is None or not self.link.connected.wait(0.2):
-                self.stop.wait(0.05)
-                continue
-            if self.forward_one(*row):
-                self.forwarded += 1
+            try:
+                row = self.outbox.peek()
+                if row is None or not self.link.connected.wait(0.2):
+                    self.stop.wait(0.05)
+                    continue
+                if self.forward_one(*row):
+                    self.forwarded += 1
+            except (OSError, sqlite3.Error) as e:  # a full disk (an ack is a write): wait, then try again
+                log.error("outbox forwarding failed (%s); retrying in a second", e)
+                self.stop.wait(1.0)
 
     def forward_one(self, row_id: int, topic: str, payload: bytes) -> bool:
         """Publish one row at QoS 1; True (and the row acked) once the broker confirmed it."""
