@@ -38,7 +38,7 @@ from .model import Inference, LoadedModel, LocalModel, load_model
 from .outbox import DropPolicy, Outbox
 from .sources import Item
 from .telemetry import TelemetryRecorder, WindowCounters, answer_counts
-from .updates import check_line, fetch_bundle, prune_bundles
+from .updates import check_line, clean_stale, fetch_bundle, open_for_device, prune_bundles
 
 __all__ = ["Agent", "AgentConfig", "Answer", "Route", "load_model", "summarize"]
 
@@ -114,7 +114,11 @@ class Agent:
         self.config = config
         self.topics = wire.Topics(config.device_id, config.prefix)
         config.trust.warn_if_open(f"device agent {config.device_id}")
-        opened = config.trust.check(bundle) if isinstance(bundle, Bundle) else config.trust.open(bundle)
+        if isinstance(bundle, Bundle):
+            clean_stale(config.device_id, config.state_dir)
+            opened = config.trust.check(bundle)
+        else:  # (a tarball is unpacked under this process's prefix: a start after a kill -9 removes the last one)
+            opened = open_for_device(config.trust, bundle, config.device_id, config.state_dir)
         first = load_model(opened, threads=config.threads)
         self.model = LocalModel(first, on_rollback=self._rolled_back)
         if not 0.0 <= config.drift_offload <= 1.0:

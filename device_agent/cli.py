@@ -40,9 +40,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .feed import open_inputs
     from .outbox import DropPolicy
     from .sources import Item, MqttInputSource, paced
+    from .updates import open_for_device
 
     trust = trust_from_args(args)
-    bundle = trust.open(args.bundle)
+    bundle = open_for_device(trust, args.bundle, args.device_id, args.state_dir)
     user, pw = login_from_args(args, who=args.device_id, password_env=PASSWORD_ENV)
     cfg = AgentConfig(
         device_id=args.device_id, broker_url=broker_from_args(args), username=user, password=pw, prefix=args.prefix,

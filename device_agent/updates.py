@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import http.client
 import logging
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -31,6 +33,10 @@ from edgecore.errors import BundleTrustError
 log = logging.getLogger(__name__)
 
 MAX_DOWNLOAD = 512 << 20
+#: what this agent unpacks or downloads into, so that a start finds what a killed agent left: bundles unpacked
+#: into the temp folder (``device-agent.<device>.<pid>.…``) and downloads in the state dir (``fetch.<pid>.…``)
+UNPACK_PREFIX = "device-agent."
+FETCH_PREFIX = "fetch."
 #: a download (bundle or test data) must be complete within this many seconds, however it trickles
 DOWNLOAD_DEADLINE_S = 300.0
 BUNDLES = "bundles"
@@ -132,7 +138,7 @@ def fetch_bundle(*, url: str, sha256: str | None, state_dir: Path, allowed: Sequ
     """Download ``url`` (a bundle ``.tar.gz`` under ``allowed``), check ``sha256``, open it under ``state_dir``."""
     state_dir = Path(state_dir)
     (state_dir / BUNDLES).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=state_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{FETCH_PREFIX}{os.getpid()}.", dir=state_dir))
     try:
         tar = download(url, tmp / "bundle.tar.gz", allowed=allowed)
         tar_sha = sha256_file(tar)
@@ -150,6 +156,65 @@ def fetch_bundle(*, url: str, sha256: str | None, state_dir: Path, allowed: Sequ
         return trust.open(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _device_tag(device_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", device_id)[:64]
+
+
+def unpack_prefix(device_id: str) -> str:
+    """The temp-folder prefix this process unpacks a device's bundle tarballs under."""
+    return f"{UNPACK_PREFIX}{_device_tag(device_id)}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's process, or one we cannot ask about: not ours to clean
+        return True
+    return True
+
+
+def clean_stale(device_id: str, state_dir: Path | None = None) -> list[Path]:
+    """Remove what an agent of ``device_id`` that is no longer running left behind (a ``kill -9`` skips every
+    cleanup): its bundles unpacked in the temp folder, and unfinished downloads in ``state_dir``. Only folders
+    of this user, named with this agent's prefixes, whose process is gone; returns what went."""
+    spots = [(Path(tempfile.gettempdir()), f"{UNPACK_PREFIX}{_device_tag(device_id)}.")]
+    if state_dir is not None:
+        spots += [(Path(state_dir), FETCH_PREFIX), (Path(state_dir), "bench-data.")]
+    gone: list[Path] = []
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for folder, prefix in spots:
+        try:
+            found = [p for p in folder.glob(f"{_glob_escape(prefix)}*") if p.is_dir() and not p.is_symlink()]
+        except OSError:
+            continue
+        for p in found:
+            pid = p.name[len(prefix):].split(".", 1)[0]
+            try:
+                owner = p.stat().st_uid
+            except OSError:
+                continue
+            if not pid.isdigit() or (uid is not None and owner != uid) or _alive(int(pid)):
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            log.info("removed %s, left by an agent that is no longer running", p)
+            gone.append(p)
+    return gone
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def open_for_device(trust: TrustPolicy, bundle: str | os.PathLike[str], device_id: str,
+                    state_dir: Path | None = None) -> Bundle:
+    """Clean what a killed agent of this device left (`clean_stale`), then open ``bundle`` under ``trust``, a
+    tarball unpacked under this process's `unpack_prefix`."""
+    clean_stale(device_id, state_dir)
+    return trust.open(bundle, tmp_prefix=unpack_prefix(device_id))
 
 
 def prune_bundles(state_dir: Path, keep: Sequence[Path]) -> list[Path]:

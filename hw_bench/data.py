@@ -7,6 +7,7 @@ test split on the cloud side. Torch-free.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import zipfile
@@ -49,7 +50,7 @@ def load_npz(path_or_url: str | Path, *, timeout_s: float = 30.0, allowed: Seque
     from device_agent.updates import DOWNLOAD_DEADLINE_S, download
     from edgecore.errors import BundleTrustError
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-data-", dir=tmp_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-data.{os.getpid()}.", dir=tmp_dir))
     try:
         try:
             download(src, tmp / "data.npz", allowed=[src] if allowed is None else allowed, timeout=timeout_s,

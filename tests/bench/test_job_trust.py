@@ -166,7 +166,7 @@ def test_bench_takes_urls_only_from_the_allow_list_and_its_errors_are_no_oracle(
     reply_errors = json.dumps([agent.fleet.last_cmd])
     for leak in (str(tmp_path), "Errno", "Connection refused", "No such file"):
         assert leak not in reply_errors
-    assert not [p for p in _left_behind(state) if p.startswith(("bench-data-", "fetch-"))]
+    assert not [p for p in _left_behind(state) if p.startswith(("bench-data", "fetch"))]
 
 
 def test_bench_downloads_are_bounded_in_size_and_time_and_leave_no_file(served, monkeypatch):  # type: ignore[no-untyped-def]
@@ -181,7 +181,7 @@ def test_bench_downloads_are_bounded_in_size_and_time_and_leave_no_file(served, 
     t0 = time.monotonic()
     out = _bench(agent, accuracy=True, data=f"{srv.url}/slow")  # a byte every 0.2 s: never past the socket timeout
     assert out["error"] == "test data download failed" and time.monotonic() - t0 < 5, out
-    assert not [p for p in _left_behind(state) if p.startswith(("bench-data-", "fetch-"))]
+    assert not [p for p in _left_behind(state) if p.startswith(("bench-data", "fetch"))]
     big = np.zeros((3000, 1, 8, 8), np.float32)  # a small compressed file that decompresses past the bound
     np.savez_compressed(Path(agent.config.state_dir).parent / "www" / "bomb.npz", X_raw=big, y=np.zeros(3000))
     monkeypatch.setattr(job_mod, "MAX_JOB_DATA_BYTES", 256 << 10)
