@@ -102,6 +102,9 @@ class AgentConfig:
     # While drift is flagged the model's confidence is no longer calibrated (it can be confidently wrong on the
     # shifted inputs): this share of the inputs it is sure of goes to the cloud too (and is flagged for collection).
     drift_offload: float = 0.25
+    # the broker keeps the agent's session (its subscriptions, and the QoS 1 inputs and commands sent meanwhile)
+    # this long after it went away; 0: a clean session, what arrives while the agent is away is lost
+    session_expiry_s: int = 3600
     update_bases: tuple[str, ...] = ()  # update_bundle URLs must be under one of these (none: refused)
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures this device accepts
 

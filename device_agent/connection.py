@@ -231,7 +231,8 @@ class FleetConnection:
         try:
             link = MqttLink(url=url, client_id=f"agent-{c.device_id}", username=c.username,
                             password=c.password, will=(self.topics.status, offline), mqtt_version=c.mqtt_version,
-                            max_inflight=100, anonymous_hint="give --password, $DEVICE_AGENT_PASSWORD or --credentials")
+                            max_inflight=100, session_expiry_s=c.session_expiry_s,
+                            anonymous_hint="give --password, $DEVICE_AGENT_PASSWORD or --credentials")
         except BrokerError as e:
             raise AgentError(str(e)) from e
         self.link = link

@@ -142,7 +142,9 @@ def run_fleet(
     except BrokerError as e:
         raise BenchError(str(e)) from e
     try:
-        infos = [link.publish(Topics.of(prefix, d, Topics.CMD), json.dumps(msg).encode(), qos=1) for d in devices]
+        # a device that is away gets the job only while the answers are still awaited
+        infos = [link.publish(Topics.of(prefix, d, Topics.CMD), json.dumps(msg).encode(), qos=1,
+                              expiry_s=max(1, int(deadline_s))) for d in devices]
         for i in infos:
             i.wait_for_publish(timeout=connect_timeout_s)
         if progress:

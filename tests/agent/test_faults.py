@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import pytest
 
 from tests.agent.tiny import Listener, items, make_agent, release_pub_path, release_trust, wait_for
@@ -72,8 +73,6 @@ def test_a_bundle_unpacked_by_an_agent_killed_with_sigkill_is_removed_at_the_nex
     """``kill -9`` skips every cleanup: the bundle the agent unpacked stayed in the temp folder. The next start
     of an agent for that device removes it, and leaves alone what is not its own (another device's, a running
     agent's)."""
-    import numpy as np
-
     from device_agent.agent import Agent, AgentConfig
 
     run = tiny_cascade
@@ -112,3 +111,86 @@ def test_a_bundle_unpacked_by_an_agent_killed_with_sigkill_is_removed_at_the_nex
     assert not crashed_fetch.exists()
     agent.bundle.close()
     assert not (tmp / mine[0]).exists()
+
+
+def _run_mqtt(agent):  # type: ignore[no-untyped-def]
+    """Start ``agent`` answering its MQTT input topic on a thread; returns (source, thread)."""
+    import threading
+
+    src = agent.fleet.mqtt_source()
+    agent.start()
+    t = threading.Thread(target=lambda: [agent.fleet.publish_answer(a) for a in agent.run(src)], daemon=True)
+    t.start()
+    return src, t
+
+
+@pytest.mark.broker
+def test_inputs_sent_while_the_agent_is_down_are_answered_when_it_returns(mosquitto, tiny_cascade, tmp_path):
+    """The agent keeps a session at the broker: QoS 1 inputs published while it is away (stopped, or killed) are
+    queued there and answered, each by its id, once it is back. (With a clean session they were never answered
+    and nothing reported it.)"""
+    from edgecore import wire
+
+    run = tiny_cascade
+    watch = Listener(mosquitto, ["fleet/dev-a/answers"], client_id="watch")
+    feeder = Listener(mosquitto, ["fleet/dev-a/answers"], client_id="feeder", creds=mosquitto.credentials("dev-a"))
+    first = make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path)
+    src, t = _run_mqtt(first)
+    src.close()
+    t.join(10)
+    first.stop()  # down: nobody is subscribed to the input topic now
+    for i in range(5):
+        feeder.client.publish("fleet/dev-a/input", wire.encode_tensor(run.x_test[i].astype(np.float32)), qos=1,
+                              properties=_corr(f"while-down-{i}")).wait_for_publish(5)
+    again = make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path)
+    src, t = _run_mqtt(again)
+    try:
+        wait_for(lambda: len(watch.messages) >= 5, 10, "the 5 inputs sent while the agent was down answered")
+    finally:
+        src.close()
+        t.join(10)
+        again.stop()
+        feeder.stop()
+        watch.stop()
+    ids = sorted(json.loads(p)["id"] for _, p in watch.messages)
+    assert ids == [f"while-down-{i}" for i in range(5)]
+
+
+def _corr(text: str):  # type: ignore[no-untyped-def]
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.PUBLISH)
+    props.CorrelationData = text.encode()
+    return props
+
+
+@pytest.mark.broker
+def test_a_command_for_a_device_that_is_away_expires_with_its_rollouts_wait(mosquitto, tiny_cascade, tmp_path):
+    """The session that keeps inputs would keep commands too: the gateway's commands carry an expiry (its
+    rollouts' wait), so one sent long before the device returns is never applied, one sent just before is."""
+    import urllib.request
+
+    from tests.agent.tiny import start_gateway
+
+    run = tiny_cascade
+    watch = Listener(mosquitto, ["fleet/dev-a/status"], client_id="watch")
+    with start_gateway(mosquitto, run, tmp_path) as gw:
+        gw.config.rollout_update_timeout_s = 1.0
+
+        def cmd(threshold: float) -> None:
+            req = urllib.request.Request(f"{gw.http_url}/api/devices/dev-a/cmd", method="POST",
+                                         data=json.dumps({"cmd": "set_threshold", "threshold": threshold}).encode(),
+                                         headers={"Authorization": "Bearer test-token",
+                                                  "Content-Type": "application/json"})
+            urllib.request.urlopen(req, timeout=10).read()
+
+        make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path).start().stop()  # its session stays
+        cmd(0.33)
+        time.sleep(2.2)  # past the command's expiry
+        cmd(0.44)
+        with make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path) as agent:
+            wait_for(lambda: agent.threshold == 0.44, 10, "the recent command applied")
+    watch.stop()
+    seen = [json.loads(p).get("threshold") for _, p in watch.messages]
+    assert 0.44 in seen and 0.33 not in seen

@@ -45,7 +45,8 @@ FLAGS: list[tuple[Callable[[], argparse.ArgumentParser], str, str, Any, str]] = 
     *[(_agent, "run", dest, AgentConfig, name) for dest, name in (
         ("prefix", "prefix"), ("mqtt_version", "mqtt_version"), ("deadline", "deadline_s"),
         ("window", "telemetry_window_s"), ("state_dir", "state_dir"), ("outbox_max", "outbox_max_rows"),
-        ("drop_policy", "drop_policy"), ("batch_size", "batch_size"), ("drift_offload", "drift_offload"))],
+        ("drop_policy", "drop_policy"), ("batch_size", "batch_size"), ("drift_offload", "drift_offload"),
+        ("session_expiry", "session_expiry_s"))],
     (_agent, "run", "drift_window", DriftConfig, "window"),
     *[(_gateway, "serve", dest, WorkerConfig, name) for dest, name in (
         ("prefix", "prefix"), ("mqtt_version", "mqtt_version"), ("replica_id", "replica_id"),
