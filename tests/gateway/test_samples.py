@@ -231,3 +231,25 @@ def test_one_devices_flood_never_evicts_another_devices_samples_or_labels(tmp_pa
     store.samples.trim(max_per_device=100, max_total=1000, older_than=None)
     stats = {s["device"]: s for s in store.samples.stats()}
     assert (stats["victim"]["samples"], stats["victim"]["labelled"]) == (100, 5)
+
+
+def test_one_devices_burst_never_fills_the_collection_queue_for_the_others(tmp_path):
+    """The rows wait in one bounded queue for the writer: a device's burst takes at most its share of it, and
+    the other devices' rows still get in (a shared queue dropped them all while the flooder's filled it)."""
+    from cloud_gateway.collection import SampleCollector
+    from cloud_gateway.metrics import Metrics
+
+    store = GatewayStore(tmp_path / "s.sqlite")
+    metrics = Metrics()
+    col = SampleCollector(store, CollectionPolicy.parse("all"), metrics, queue_size=64)  # writer not started
+    for _ in range(500):
+        col.offer("flooder", np.zeros((1, 2), np.float32), [0.5, 0.5], confidence=0.5, flagged=False)
+    for _ in range(5):
+        col.offer("victim", np.zeros((1, 2), np.float32), [0.5, 0.5], confidence=0.5, flagged=False)
+    col.start()
+    col.flush()
+    col.stop()
+    stats = {s["device"]: s["samples"] for s in store.samples.stats()}
+    assert stats == {"flooder": 8, "victim": 5}  # the flooder's share is an eighth of the queue
+    assert 'gateway_samples_dropped_total{device="flooder"} 492' in metrics.render()
+    assert 'device="victim"' not in metrics.render().split("gateway_samples_dropped_total")[-1]
