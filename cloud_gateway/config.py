@@ -28,6 +28,9 @@ class WorkerConfig:
     batch_size: int = 32
     batch_ms: float = 5.0
     max_payload_bytes: int = 1 << 20
+    # requests one device may have waiting for the teacher (a tenth of the queue): past it, its own are refused,
+    # so one device's flood never fills the queue that every device's requests wait in
+    max_pending_per_device: int = 1000
     session_expiry_s: int = 3600  # the ingest (telemetry, status) session, kept while the replica is away
     request_session_expiry_s: int = 0  # the request session: 0 = clean, gone with the connection (see docs)
     keepalive_s: int = 10

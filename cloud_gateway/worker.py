@@ -69,6 +69,8 @@ class GatewayWorker:
         self._q: queue.Queue[_Request] = queue.Queue(maxsize=10000)
         self._model_lock = threading.Lock()  # one model call at a time: inline (network thread) or batched
         self._pending: list[_Request] = []  # requests the network thread holds for its next batch (its own)
+        self._held: dict[str, int] = {}  # requests waiting per device (held, queued or in a batch being served)
+        self._held_lock = threading.Lock()
         self._stop = threading.Event()
         self._unsubscribed = threading.Event()
         self.served = 0
@@ -190,10 +192,35 @@ class GatewayWorker:
             if resp == expected:  # never reply on another device's topic
                 self._reply(resp, corr, {"ok": False, "error": str(e)})
             return
+        if not self._hold(device_id):
+            self.metrics.inc("gateway_device_quota_refused_total",
+                             "Requests refused because their device had its share of the queue waiting",
+                             device=device_id)
+            self._reply(resp, corr, {"ok": False, "error": f"this device has {self.config.max_pending_per_device} "
+                                                           "requests waiting, its share of the gateway; refused"})
+            return
         conf, flagged, bundle = _user_properties(props)
         want = self.collector is not None and self.collector.wants(device_id, flagged)
         req = _Request(device_id, x, resp, corr, time.perf_counter(), conf, want, flagged, bundle)
         self._pending.append(req)  # _on_message serves it now, or with the requests right behind it
+
+    def _hold(self, device_id: str) -> bool:
+        """Count one more request of ``device_id`` waiting; False (nothing counted) past its share."""
+        with self._held_lock:
+            n = self._held.get(device_id, 0)
+            if n >= self.config.max_pending_per_device:
+                return False
+            self._held[device_id] = n + 1
+            return True
+
+    def _release(self, batch: list[_Request]) -> None:
+        with self._held_lock:
+            for r in batch:
+                n = self._held.get(r.device_id, 0) - 1
+                if n > 0:
+                    self._held[r.device_id] = n
+                else:
+                    self._held.pop(r.device_id, None)
 
     def _serve_held(self) -> None:
         """The request connection went: requests held for a batch are served now (on the network thread,
@@ -216,6 +243,7 @@ class GatewayWorker:
             try:
                 self._q.put_nowait(req)
             except queue.Full:
+                self._release([req])
                 self.metrics.inc("gateway_overload_total", "Requests refused because the queue was full")
                 self._reply(req.response_topic, req.correlation, {"ok": False, "error": "gateway overloaded"})
 
@@ -334,6 +362,12 @@ class GatewayWorker:
                 continue
 
     def _serve(self, batch: list[_Request]) -> None:
+        try:
+            self._serve_batch(batch)
+        finally:
+            self._release(batch)
+
+    def _serve_batch(self, batch: list[_Request]) -> None:
         self.metrics.observe("gateway_batch_size", "Requests per model call", len(batch), buckets=BATCH_BUCKETS)
         t0 = time.perf_counter()
         try:
