@@ -15,6 +15,7 @@ possible, counted, logged, and the worker goes on.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import select
@@ -267,6 +268,24 @@ class GatewayWorker:
         body.setdefault("replica", self.config.replica_id)
         self.link.publish(topic, wire.dumps(body), qos=1, correlation=corr)
 
+    def _ack_window(self, device_id: str, payload: bytes, msg: dict[str, Any] | None, error: str | None) -> None:
+        """Tell the agent its window is stored (or refused for good: it would never be stored), so that it
+        deletes it from its outbox; a window not acknowledged (the store failed) is sent again."""
+        if msg is None:  # refused before it was read: its (boot, seq) as far as they can be read
+            try:
+                raw = json.loads(payload)
+                msg = raw if isinstance(raw, dict) else {}
+            except (ValueError, RecursionError):
+                msg = {}
+        boot, seq = msg.get("boot"), msg.get("seq")
+        if not isinstance(boot, str) or isinstance(seq, bool) or not isinstance(seq, int):
+            return
+        body: dict[str, Any] = {"boot": boot[:32], "seq": seq, "ok": error is None}
+        if error is not None:
+            body["error"] = error[:200]
+        self.ingest_link.publish(wire.Topics.of(self.config.prefix, device_id, wire.Topics.TELEMETRY_ACK),
+                                 wire.dumps(body), qos=1)
+
     def _on_telemetry(self, device_id: str, payload: bytes) -> None:
         try:
             msg = parse_window(payload, device_id)
@@ -274,8 +293,10 @@ class GatewayWorker:
             self.metrics.inc("gateway_invalid_telemetry_total", "Telemetry windows refused (not stored)",
                              device=device_id)
             log.warning("telemetry window from %s refused: %s", device_id, e)
+            self._ack_window(device_id, payload, None, f"refused: {e}")
             return
-        new = self.store.telemetry.add(device_id, msg) if self.store else True
+        new = self.store.telemetry.add(device_id, msg) if self.store else True  # (raises: no ack, sent again)
+        self._ack_window(device_id, payload, msg, None)
         self.metrics.inc("gateway_telemetry_windows_total", "Telemetry windows stored", device=device_id)
         if self.collector is not None:
             self.collector.note_telemetry(device_id, msg)

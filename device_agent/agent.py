@@ -105,6 +105,8 @@ class AgentConfig:
     # the broker keeps the agent's session (its subscriptions, and the QoS 1 inputs and commands sent meanwhile)
     # this long after it went away; 0: a clean session, what arrives while the agent is away is lost
     session_expiry_s: int = 3600
+    # a window the broker took but no gateway acknowledged (once gateways acknowledge) is sent again after this
+    telemetry_resend_s: float = 30.0
     update_bases: tuple[str, ...] = ()  # update_bundle URLs must be under one of these (none: refused)
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures this device accepts
 

@@ -184,6 +184,19 @@ class FleetConnection:
         if self.link is not None and self.link.ready.is_set():
             self.publish(self.topics.status, self.status(), retain=True)
 
+    def _on_telemetry_ack(self, msg: Any) -> None:
+        """The gateway stored a window (``ok``) or refused it for good: it leaves the outbox."""
+        box = self.outbox
+        try:
+            ack = wire.loads(msg.payload)
+            boot, seq, stored = ack.get("boot"), ack.get("seq"), ack.get("ok") is not False
+            if box is None or not isinstance(boot, str) or type(seq) is not int:
+                return
+            if box.gateway_acked(boot, seq, stored=stored) and not stored:
+                log.error("the gateway refused telemetry window %s for good: %s", seq, ack.get("error"))
+        except (wire.WireError, OSError, sqlite3.Error) as e:  # a bad ack, or a full disk: the row is sent again
+            log.warning("telemetry acknowledgement not applied: %s", e)
+
     def _on_cmd(self, msg: Any) -> None:
         try:
             self._cmd_q.put(wire.loads(msg.payload))
@@ -238,6 +251,7 @@ class FleetConnection:
         self.link = link
         self.agent.cloud.attach(link)
         link.subscribe(self.topics.cmd, self._on_cmd)
+        link.subscribe(self.topics.telemetry_ack, self._on_telemetry_ack)
         for src in self._sources:
             link.subscribe(src.topic, src.push_message)
         link.on_ready(self.publish_status)
@@ -249,7 +263,7 @@ class FleetConnection:
             self.link = None
             self.agent.cloud.attach(None)
             raise AgentError(str(e)) from e
-        forwarder = OutboxForwarder(self.outbox, self.link, self.stopping)
+        forwarder = OutboxForwarder(self.outbox, self.link, self.stopping, resend_after_s=c.telemetry_resend_s)
         for fn, name in ((self._telemetry_loop, "telemetry"), (forwarder.run, "outbox"), (self._cmd_loop, "commands")):
             t = threading.Thread(target=fn, name=f"agent-{name}", daemon=True)
             t.start()
