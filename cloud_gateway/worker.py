@@ -54,6 +54,24 @@ class _Request:
     bundle: str = ""  # the bundle version the device answered with (user property ``bundle``)
 
 
+class TokenBuckets:
+    """One token bucket per key: ``rate`` tokens a second, at most ``burst`` saved up."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = float(rate), float(burst)
+        self._b: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            tokens, then = self._b.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - then) * self.rate)
+            ok = tokens >= 1.0
+            self._b[key] = (tokens - 1.0 if ok else tokens, now)
+            return ok
+
+
 class InvalidRequest(Exception):
     """A request the gateway answers with an error instead of a prediction."""
 
@@ -72,6 +90,10 @@ class GatewayWorker:
         self._pending: list[_Request] = []  # requests the network thread holds for its next batch (its own)
         self._held: dict[str, int] = {}  # requests waiting per device (held, queued or in a batch being served)
         self._held_lock = threading.Lock()
+        self._windows = TokenBuckets(config.telemetry_per_s, config.telemetry_burst)  # per-device window quota
+        self._statuses = TokenBuckets(config.status_per_s, config.status_burst)  # per-device status quota
+        self._status_lock = threading.Lock()
+        self._status_pending: dict[str, dict[str, Any]] = {}  # the latest status held back by its quota
         self._stop = threading.Event()
         self._unsubscribed = threading.Event()
         self.served = 0
@@ -287,6 +309,10 @@ class GatewayWorker:
                                  wire.dumps(body), qos=1)
 
     def _on_telemetry(self, device_id: str, payload: bytes) -> None:
+        if not self._windows.take(device_id):  # past its quota: not stored, not acknowledged: sent again later
+            self.metrics.inc("gateway_device_quota_refused_total", "Messages refused past their device's quota",
+                             device=device_id, kind="telemetry")
+            return
         try:
             msg = parse_window(payload, device_id)
         except wire.WireError as e:
@@ -338,14 +364,36 @@ class GatewayWorker:
             self.metrics.inc("gateway_invalid_status_total", "Device statuses refused (not stored)", device=device_id)
             log.warning("status from %s refused: %s", device_id, e)
             return
-        if self.store:
-            self.store.devices.set_status(device_id, msg)
         if self.collector is not None:
             self.collector.note_status(device_id, msg)
+        with self._status_lock:
+            due = device_id not in self._status_pending and self._statuses.take(device_id)
+            if not due:  # stored by the batcher thread when the device has a token again: the latest lands
+                if device_id in self._status_pending:
+                    self.metrics.inc("gateway_device_quota_refused_total",
+                                     "Messages refused past their device's quota", device=device_id, kind="status")
+                self._status_pending[device_id] = msg
+        if due and self.store:
+            self.store.devices.set_status(device_id, msg)
+
+    def _store_due_statuses(self) -> None:
+        """Store the statuses held back by their device's quota once it has a token (the batcher thread)."""
+        with self._status_lock:
+            due = [(d, m) for d, m in self._status_pending.items() if self._statuses.take(d)]
+            for d, _ in due:
+                del self._status_pending[d]
+        for d, m in due:
+            if self.store:
+                try:
+                    self.store.devices.set_status(d, m)
+                except Exception:
+                    log.exception("storing the status of %s failed", d)
 
     # --- batching --------------------------------------------------------------
     def _batch_loop(self) -> None:
         while not self._stop.is_set():
+            if self._status_pending:
+                self._store_due_statuses()
             try:
                 first = self._q.get(timeout=0.1)
             except queue.Empty:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -83,3 +84,61 @@ def test_a_device_cannot_store_a_huge_or_non_finite_status(mosquitto, tiny_casca
 
         with urllib.request.urlopen(f"{gw.http_url}/api/devices", timeout=10) as r:
             assert _strict(r.read())[0]["status"]["version"] == "last"
+
+
+def _raw_device(broker, device: str):  # type: ignore[no-untyped-def]
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{device}-raw", protocol=mqtt.MQTTv5)
+    c.username_pw_set(*broker.credentials(device))
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    return c
+
+
+@pytest.mark.broker
+def test_one_devices_flood_of_statuses_and_windows_stays_within_its_quota(mosquitto, tiny_cascade, tmp_path):
+    """Per-device ingest quotas: a device's status flood is coalesced (its latest status still lands, another
+    device's at once) and its window flood is stored only up to its quota; the windows past it are not
+    acknowledged, so an honest agent sends them again later, while another device's windows are stored."""
+    from cloud_gateway.worker import TokenBuckets
+    from tests.agent.tiny import Listener
+
+    with start_gateway(mosquitto, tiny_cascade, tmp_path, http=False) as gw:
+        gw.worker._windows = TokenBuckets(1.0, 50)
+        writes: list[str] = []
+        real = gw.store.devices.set_status
+        gw.store.devices.set_status = lambda d, m: (writes.append(d), real(d, m))[1]  # type: ignore[method-assign]
+        acks = Listener(mosquitto, ["fleet/dev-a/telemetry/ack"], client_id="acks")
+        a, b = _raw_device(mosquitto, "dev-a"), _raw_device(mosquitto, "dev-b")
+        t0 = time.monotonic()
+        try:
+            for i in range(300):
+                a.publish("fleet/dev-a/status", json.dumps({"schema": 1, "state": "online", "version": str(i)}),
+                          qos=1, retain=True)
+            for i in range(300):
+                a.publish("fleet/dev-a/telemetry", json.dumps({"schema": 1, "device_id": "dev-a", "boot": "b1",
+                                                              "seq": i, "counts": {"inputs": 1}}), qos=1)
+            b.publish("fleet/dev-b/status", json.dumps({"schema": 1, "state": "online", "version": "b"}),
+                      qos=1).wait_for_publish(5)
+            for i in range(5):
+                b.publish("fleet/dev-b/telemetry", json.dumps({"schema": 1, "device_id": "dev-b", "boot": "b2",
+                                                              "seq": i, "counts": {"inputs": 1}}),
+                          qos=1).wait_for_publish(5)
+            wait_for(lambda: len(gw.store.telemetry.arrival_order("dev-b")) == 5, 10, "dev-b's 5 windows")
+            wait_for(lambda: ((gw.store.devices.get("dev-b") or {}).get("status") or {}).get("version") == "b",
+                     5, "dev-b's status")
+            wait_for(lambda: gw.store.devices.get("dev-a")["status"]["version"] == "299", 10, "dev-a's latest status")
+        finally:
+            for c in (a, b):
+                c.loop_stop()
+                c.disconnect()
+        stored = len(gw.store.telemetry.arrival_order("dev-a"))
+        assert 50 <= stored <= 52 + (time.monotonic() - t0)  # its burst, and what the refill brought meanwhile
+        wait_for(lambda: len(acks.messages) >= stored, 5, "the acknowledgements")
+        time.sleep(0.3)
+        assert len(acks.messages) == stored  # a window past the quota is not acknowledged: it will come again
+        assert writes.count("dev-a") <= 30  # 300 statuses, coalesced
+        prom = gw.config.metrics.render()
+        assert 'gateway_device_quota_refused_total{device="dev-a",kind="telemetry"}' in prom
+        assert 'gateway_device_quota_refused_total{device="dev-a",kind="status"}' in prom
+        assert 'gateway_device_quota_refused_total{device="dev-b"' not in prom
+        acks.stop()
