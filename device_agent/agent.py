@@ -107,6 +107,9 @@ class AgentConfig:
     session_expiry_s: int = 3600
     # a window the broker took but no gateway acknowledged (once gateways acknowledge) is sent again after this
     telemetry_resend_s: float = 30.0
+    # folders (a shared mount) whose bundles a ``bench`` job may name by manifest sha256; nothing else on the
+    # device's disk is read for a job
+    bench_dirs: tuple[Path, ...] = ()
     update_bases: tuple[str, ...] = ()  # update_bundle URLs must be under one of these (none: refused)
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures this device accepts
 

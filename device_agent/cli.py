@@ -52,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, threads=args.threads, drift=DriftConfig(window=args.drift_window),
         drift_offload=args.drift_offload,
         mqtt_version=args.mqtt_version, update_bases=tuple(args.update_base or ()), trust=trust,
-        session_expiry_s=args.session_expiry,
+        session_expiry_s=args.session_expiry, bench_dirs=tuple(args.bench_dir or ()),
     )
     agent = Agent(bundle, cfg)
     spec = agent.bundle.input_spec
@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--session-expiry", type=int, default=d("session_expiry_s"), metavar="S",
                    help="seconds the broker keeps this device's session while it is away: the QoS 1 inputs sent "
                         "meanwhile are queued and answered when it returns (0: a clean session, they are lost)")
+    r.add_argument("--bench-dir", action="append", type=Path, metavar="DIR",
+                   help="a folder (e.g. a shared mount) whose signed bundles a bench job may name by manifest sha256 "
+                        "(repeatable; no other path on the device is read for a job)")
     r.add_argument("--update-base", action="append", metavar="URL",
                    help="update_bundle URLs must be under this gateway URL (repeatable; none: updates by URL refused)")
     r.add_argument("--output", type=Path, help="JSON lines of answers (default stdout)")

@@ -144,11 +144,19 @@ def _held_bundle(agent: Any, sha: str) -> Bundle:
         if m is not None and m.bundle.manifest_sha256 == sha:
             return agent.config.trust.check(m.bundle)
     from device_agent.updates import BUNDLES
+    from edgecore.bundle import sha256_file
 
-    root = Path(agent.config.state_dir) / BUNDLES / sha[:16]
-    if (root / "manifest.json").is_file():
+    fetched = Path(agent.config.state_dir) / BUNDLES / sha[:16]
+    candidates = [fetched] + [d for base in getattr(agent.config, "bench_dirs", ()) for d in _bundle_dirs(Path(base))]
+    for root in candidates:
+        manifest = root / "manifest.json"
         try:
-            b = agent.config.trust.open(root)
+            if not manifest.is_file() or manifest.is_symlink() or sha256_file(manifest) != sha:
+                continue
+        except OSError:
+            continue
+        try:
+            b = agent.config.trust.open(root)  # every hash, the listing and a trusted signature, again
         except BundleTrustError as e:
             log.error("bench: held bundle %s refused: %s", root, e)
             raise _refused("the bundle is not one this device trusts (the reason is in the device's log)") from e
@@ -157,13 +165,30 @@ def _held_bundle(agent: Any, sha: str) -> Bundle:
     raise _refused(f"this device holds no bundle {sha[:16]}… (give a bundle_url on the update allow-list)")
 
 
+def _bundle_dirs(base: Path, depth: int = 2) -> list[Path]:
+    """Folders up to ``depth`` levels under a configured bench dir that hold a ``manifest.json``."""
+    found: list[Path] = []
+    try:
+        subs = [p for p in base.iterdir() if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return found
+    for p in subs:
+        if (p / "manifest.json").is_file():
+            found.append(p)
+        elif depth > 1:
+            found += _bundle_dirs(p, depth - 1)
+    return found
+
+
 def resolve_bundle(agent: Any, cmd: dict[str, Any]) -> tuple[Bundle, Callable[[], None]]:
     """The job's bundle under the device's update trust, and what to call when the job is done.
 
     ``bundle_url``: only under the device's update bases, fetched and verified like an update (hashes,
     listing, limits, a trusted signature; bounded in size and time), removed after the job unless it is the
-    bundle the device runs. ``bundle_sha256``: a bundle the device holds. Neither: the bundle it runs. A path
-    on the device is refused, whether or not something is there (no file-existence oracle).
+    bundle the device runs. ``bundle_sha256``: a bundle the device holds (the one it runs, the previous one,
+    one it fetched, or one in a folder its agent was given with ``--bench-dir``), verified again. Neither: the
+    bundle it runs. A path on the device is refused, whether or not something is there (no file-existence
+    oracle).
     """
     from device_agent.updates import url_allowed
 

@@ -199,3 +199,26 @@ def test_fleet_jobs_name_bundles_by_id_and_data_by_url(tiny_cascade):  # type: i
     assert FleetJob().message(job_id="j", bundle="http://gw/api/bundles/b")["bundle_url"] == "http://gw/api/bundles/b"
     with pytest.raises(BenchError, match="devices read test data only from an http"):
         FleetJob(data="/data/test.npz").message(job_id="j", bundle=None)
+
+
+def test_a_bundle_in_a_configured_bench_dir_is_named_by_id_and_still_verified(served, tmp_path):  # type: ignore[no-untyped-def]
+    """A shared mount given with --bench-dir: its bundles are named by manifest sha256, opened under the device's
+    trust (an unsigned one there is refused), and nothing outside it is looked at."""
+    import dataclasses
+
+    from edgecore.bundle import sha256_file
+
+    agent, srv, state, dirs = served
+    share = tmp_path / "share"
+    (share / "job-1").mkdir(parents=True)
+    good = retag_bundle(tmp_path / "unsigned", share / "job-1" / "cand", version="9")  # re-signed copy
+    good.unlink()  # (the tarball beside it is not needed: folders are looked at)
+    retag_bundle(tmp_path / "unsigned", share / "job-1" / "unsigned", version="10").unlink()
+    (share / "job-1" / "unsigned" / SIGNATURE).unlink()  # another bundle than the running one, unsigned
+    out = _bench(agent, bundle_sha256=sha256_file(share / "job-1" / "cand" / "manifest.json"))
+    assert not out["ok"] and "holds no bundle" in out["error"]  # not a bench dir of this agent yet
+    agent.config = dataclasses.replace(agent.config, bench_dirs=(share,))
+    out = _bench(agent, bundle_sha256=sha256_file(share / "job-1" / "cand" / "manifest.json"))
+    assert out["ok"], out
+    out = _bench(agent, bundle_sha256=sha256_file(share / "job-1" / "unsigned" / "manifest.json"))
+    assert not out["ok"] and out["error"].startswith("bench refused: the bundle is not one this device trusts"), out
