@@ -138,16 +138,16 @@ def _refused(why: str) -> BenchError:
 
 
 def _held_bundle(agent: Any, sha: str) -> Bundle:
-    """The bundle with manifest sha256 ``sha`` that this device holds: the one it runs, the previous one, or
-    one fetched into its state dir (opened again under the device's trust: every hash and the signature)."""
-    for m in (agent.model.current, agent.model.previous):
-        if m is not None and m.bundle.manifest_sha256 == sha:
-            return agent.config.trust.check(m.bundle)
+    """The bundle with manifest sha256 ``sha`` that this device holds: the one it runs, the previous one, one
+    fetched into its state dir, or one in a ``--bench-dir`` folder; opened again under the device's trust (every
+    hash, the listing and the signature: the job loads its files from disk again)."""
     from device_agent.updates import BUNDLES
     from edgecore.bundle import sha256_file
 
+    running = [m.bundle.root for m in (agent.model.current, agent.model.previous) if m is not None]
     fetched = Path(agent.config.state_dir) / BUNDLES / sha[:16]
-    candidates = [fetched] + [d for base in getattr(agent.config, "bench_dirs", ()) for d in _bundle_dirs(Path(base))]
+    candidates = running + [fetched] + [d for base in getattr(agent.config, "bench_dirs", ())
+                                        for d in _bundle_dirs(Path(base))]
     for root in candidates:
         manifest = root / "manifest.json"
         try:
@@ -214,7 +214,7 @@ def resolve_bundle(agent: Any, cmd: dict[str, Any]) -> tuple[Bundle, Callable[[]
         if not isinstance(sha, str) or not _SHA256.match(sha):
             raise _refused("bundle_sha256 must be 64 lowercase hex digits (a manifest's sha256)")
         return _held_bundle(agent, sha), lambda: None
-    return agent.bundle, lambda: None
+    return _held_bundle(agent, agent.bundle.manifest_sha256), lambda: None
 
 
 def resolve_data(agent: Any, cmd: dict[str, Any]) -> TestData | None:

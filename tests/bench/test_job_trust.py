@@ -222,3 +222,15 @@ def test_a_bundle_in_a_configured_bench_dir_is_named_by_id_and_still_verified(se
     assert out["ok"], out
     out = _bench(agent, bundle_sha256=sha256_file(share / "job-1" / "unsigned" / "manifest.json"))
     assert not out["ok"] and out["error"].startswith("bench refused: the bundle is not one this device trusts"), out
+
+
+def test_the_running_bundle_is_verified_again_before_a_bench_loads_it_from_disk(tiny_cascade, tmp_path):  # type: ignore[no-untyped-def]
+    copy = tmp_path / "running"
+    shutil.copytree(tiny_cascade.bundle_dir, copy)
+    agent = Agent(copy, AgentConfig(device_id="dev-a", trust=release_trust(), threads=1, state_dir=tmp_path / "s"),
+                  commands={"bench": job_mod.agent_command})
+    assert _bench(agent)["ok"]
+    with open(copy / "model.onnx", "ab") as f:  # changed on disk after the agent loaded it
+        f.write(b"\0")
+    out = _bench(agent)
+    assert not out["ok"] and out["error"].startswith("bench refused: the bundle is not one this device trusts"), out
