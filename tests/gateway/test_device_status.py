@@ -111,12 +111,13 @@ def test_one_devices_flood_of_statuses_and_windows_stays_within_its_quota(mosqui
         a, b = _raw_device(mosquitto, "dev-a"), _raw_device(mosquitto, "dev-b")
         t0 = time.monotonic()
         try:
-            for i in range(300):
-                a.publish("fleet/dev-a/status", json.dumps({"schema": 1, "state": "online", "version": str(i)}),
-                          qos=1, retain=True)
-            for i in range(300):
-                a.publish("fleet/dev-a/telemetry", json.dumps({"schema": 1, "device_id": "dev-a", "boot": "b1",
-                                                              "seq": i, "counts": {"inputs": 1}}), qos=1)
+            sent = [a.publish("fleet/dev-a/status", json.dumps({"schema": 1, "state": "online", "version": str(i)}),
+                              qos=1, retain=True) for i in range(300)]
+            sent += [a.publish("fleet/dev-a/telemetry", json.dumps({"schema": 1, "device_id": "dev-a", "boot": "b1",
+                                                                   "seq": i, "counts": {"inputs": 1}}), qos=1)
+                     for i in range(300)]
+            for info in sent:  # every one reached the broker
+                info.wait_for_publish(10)
             b.publish("fleet/dev-b/status", json.dumps({"schema": 1, "state": "online", "version": "b"}),
                       qos=1).wait_for_publish(5)
             for i in range(5):
@@ -131,12 +132,14 @@ def test_one_devices_flood_of_statuses_and_windows_stays_within_its_quota(mosqui
             for c in (a, b):
                 c.loop_stop()
                 c.disconnect()
+        elapsed = time.monotonic() - t0
+        wait_for(lambda: len(gw.store.telemetry.arrival_order("dev-a")) >= 50, 10, "dev-a's burst of windows")
         stored = len(gw.store.telemetry.arrival_order("dev-a"))
-        assert 50 <= stored <= 52 + (time.monotonic() - t0)  # its burst, and what the refill brought meanwhile
+        assert 50 <= stored <= 52 + elapsed  # its burst, and what the refill (1 a second) brought meanwhile
         wait_for(lambda: len(acks.messages) >= stored, 5, "the acknowledgements")
         time.sleep(0.3)
         assert len(acks.messages) == stored  # a window past the quota is not acknowledged: it will come again
-        assert writes.count("dev-a") <= 30  # 300 statuses, coalesced
+        assert writes.count("dev-a") <= 22 + 2 * (time.monotonic() - t0)  # 300 statuses, coalesced
         prom = gw.config.metrics.render()
         assert 'gateway_device_quota_refused_total{device="dev-a",kind="telemetry"}' in prom
         assert 'gateway_device_quota_refused_total{device="dev-a",kind="status"}' in prom
