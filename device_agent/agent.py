@@ -38,7 +38,7 @@ from .model import Inference, LoadedModel, LocalModel, load_model
 from .outbox import DropPolicy, Outbox
 from .sources import Item
 from .telemetry import TelemetryRecorder, WindowCounters, answer_counts
-from .updates import check_line, fetch_bundle, prune_bundles
+from .updates import check_line, clean_stale, fetch_bundle, open_for_device, prune_bundles
 
 __all__ = ["Agent", "AgentConfig", "Answer", "Route", "load_model", "summarize"]
 
@@ -102,6 +102,14 @@ class AgentConfig:
     # While drift is flagged the model's confidence is no longer calibrated (it can be confidently wrong on the
     # shifted inputs): this share of the inputs it is sure of goes to the cloud too (and is flagged for collection).
     drift_offload: float = 0.25
+    # the broker keeps the agent's session (its subscriptions, and the QoS 1 inputs and commands sent meanwhile)
+    # this long after it went away; 0: a clean session, what arrives while the agent is away is lost
+    session_expiry_s: int = 3600
+    # a window the broker took but no gateway acknowledged (once gateways acknowledge) is sent again after this
+    telemetry_resend_s: float = 30.0
+    # folders (a shared mount) whose bundles a ``bench`` job may name by manifest sha256; nothing else on the
+    # device's disk is read for a job
+    bench_dirs: tuple[Path, ...] = ()
     update_bases: tuple[str, ...] = ()  # update_bundle URLs must be under one of these (none: refused)
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures this device accepts
 
@@ -114,7 +122,11 @@ class Agent:
         self.config = config
         self.topics = wire.Topics(config.device_id, config.prefix)
         config.trust.warn_if_open(f"device agent {config.device_id}")
-        opened = config.trust.check(bundle) if isinstance(bundle, Bundle) else config.trust.open(bundle)
+        if isinstance(bundle, Bundle):
+            clean_stale(config.device_id, config.state_dir)
+            opened = config.trust.check(bundle)
+        else:  # (a tarball is unpacked under this process's prefix: a start after a kill -9 removes the last one)
+            opened = open_for_device(config.trust, bundle, config.device_id, config.state_dir)
         first = load_model(opened, threads=config.threads)
         self.model = LocalModel(first, on_rollback=self._rolled_back)
         if not 0.0 <= config.drift_offload <= 1.0:
