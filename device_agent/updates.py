@@ -13,6 +13,7 @@ running bundle in place and is reported.
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import os
 import re
@@ -259,3 +260,58 @@ def check_line(bundle: Bundle, running: str, allow_line_change: bool, *, what: s
         raise BundleTrustError(f"bundle {what} is model line {line}, this device runs {running}; refused")
     log.warning("model line change: bundle %s is model line %s, this device ran %s (allowed by the command)",
                 what, line, running)
+
+
+class ReleaseHistory:
+    """What this device has run, per model line: the highest release number, and the bundles (manifest sha256).
+
+    Why: a signed bundle stays validly signed for ever, so a signature alone cannot stop a *downgrade* (an older
+    release, with the bugs or the accuracy it had, pushed again: TUF's rollback attack). A device refuses a bundle
+    whose release is lower than one it ran in the same line (an unnumbered one counts as lower), except a rollback
+    the gateway orders to a bundle it ran before. Kept in ``STATE/releases.json`` (written atomically), so a
+    restart does not forget.
+    """
+
+    MAX_BUNDLES = 64  # the bundles remembered (a rollback goes to a recent one)
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.highest: dict[str, int] = {}
+        self.ran: list[str] = []
+        if path is not None and path.is_file():
+            try:
+                doc = json.loads(path.read_text())
+                self.highest = {str(k): int(v) for k, v in dict(doc.get("highest") or {}).items()}
+                self.ran = [str(x) for x in list(doc.get("ran") or [])][-self.MAX_BUNDLES:]
+            except (OSError, ValueError, TypeError, AttributeError) as e:
+                log.warning("%s: unreadable release history (%s); starting a new one", path, e)
+
+    def check(self, bundle: Bundle, *, rollback: bool, what: str) -> None:
+        """Refuse a downgrade (`BundleTrustError`), unless ``rollback`` to a bundle this device ran before."""
+        line, release = bundle.manifest.model.name, bundle.manifest.model.release
+        high = self.highest.get(line)
+        if high is None or (release is not None and release >= high):
+            return
+        if rollback and bundle.manifest_sha256 in self.ran:
+            log.warning("bundle %s: release %s of model line %s, below the %d this device ran: a rollback the "
+                        "gateway ordered to a bundle this device ran before", what, release, line, high)
+            return
+        raise BundleTrustError(
+            f"bundle {what} is {'an unnumbered release' if release is None else f'release {release}'} of model line "
+            f"{line}, below release {high} this device ran: refused (a downgrade; only a rollback the gateway orders "
+            "to a bundle this device ran before is accepted)")
+
+    def record(self, bundle: Bundle) -> None:
+        """``bundle`` now runs here."""
+        line, release = bundle.manifest.model.name, bundle.manifest.model.release
+        if release is not None and release > self.highest.get(line, -1):
+            self.highest[line] = release
+        sha = bundle.manifest_sha256
+        self.ran = [x for x in self.ran if x != sha][-(self.MAX_BUNDLES - 1):] + [sha]
+        if self.path is not None:
+            from edgecore.fsutil import atomic_write_json
+
+            try:
+                atomic_write_json(self.path, {"highest": self.highest, "ran": self.ran})
+            except OSError as e:  # a full disk: the bundle runs; the history is written with the next one
+                log.warning("%s: cannot write the release history (%s)", self.path, e)
