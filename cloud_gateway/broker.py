@@ -224,8 +224,8 @@ class AmqttBroker:
         gw, admin = self.creds.gateway[0], self.creds.admin[0]
         # as the Mosquitto ACL (`credentials.acl_text`): a device writes and reads only its own topics, each in
         # the direction it uses it; it never writes its command topic
-        both = ("answers", "input", "input/#")
-        publish = {d: [f"{p}/{d}/{t}" for t in ("infer/req", "telemetry", "status", "bench", *both)]
+        both = ("status", "answers", "input", "input/#")
+        publish = {d: [f"{p}/{d}/{t}" for t in ("infer/req", "telemetry", "bench", *both)]
                    for d in self.creds.devices}
         acl = {d: [f"{p}/{d}/{t}" for t in ("infer/resp", "telemetry/ack", "cmd", *both)] for d in self.creds.devices}
         for table in (publish, acl):

@@ -43,8 +43,8 @@ def acl_text(*, prefix: str = "fleet", gateway_user: str = "gateway", admin_user
 
     A device writes its requests, telemetry, status, bench results and answers, and reads its replies, telemetry
     acknowledgements and commands: it can never *write* its own command topic (a device that ordered itself a
-    bundle, or an older one, would bypass the gateway). Inputs (``input``, ``input/...``) and their answers go both ways, so a feeder
-    with the device's login works. The gateway user reads requests and telemetry of every device (also through
+    bundle, or an older one, would bypass the gateway). Inputs (``input``, ``input/...``), their answers and the
+    status go both ways, so a feeder with the device's login works. The gateway user reads requests and telemetry of every device (also through
     ``$share/...``) and writes responses and commands; the admin (operator) may do anything.
     """
     own = f"{prefix}/%u"
@@ -59,8 +59,9 @@ def acl_text(*, prefix: str = "fleet", gateway_user: str = "gateway", admin_user
             f"topic read $share/+/{prefix}/#",
             "",
             "# every other user (a device): its own topics only, each in the direction it uses it",
-            *(f"pattern write {own}/{t}" for t in ("infer/req", "telemetry", "status", "bench")),
+            *(f"pattern write {own}/{t}" for t in ("infer/req", "telemetry", "bench")),
             *(f"pattern read {own}/{t}" for t in ("infer/resp", "telemetry/ack", "cmd")),
+            f"pattern readwrite {own}/status",  # (a feeder with the device's login waits for "online")
             f"pattern readwrite {own}/answers",
             f"pattern readwrite {own}/input",
             f"pattern readwrite {own}/input/#",
