@@ -44,8 +44,9 @@ def acl_text(*, prefix: str = "fleet", gateway_user: str = "gateway", admin_user
     A device writes its requests, telemetry, status, bench results and answers, and reads its replies, telemetry
     acknowledgements and commands: it can never *write* its own command topic (a device that ordered itself a
     bundle, or an older one, would bypass the gateway). Inputs (``input``, ``input/...``), their answers and the
-    status go both ways, so a feeder with the device's login works. The gateway user reads requests and telemetry of every device (also through
-    ``$share/...``) and writes responses and commands; the admin (operator) may do anything.
+    status go both ways, so a feeder with the device's login works. The gateway user reads requests and
+    telemetry of every device (also through ``$share/...``) and writes responses and commands; the admin
+    (operator) may do anything.
     """
     own = f"{prefix}/%u"
     return "\n".join(
