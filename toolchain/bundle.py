@@ -130,7 +130,8 @@ def _routing(tmp: Path, ref: Reference, cfg: BuildConfig, fit_out: np.ndarray, c
     seen = ref.drift_rows or slice(None)
     own = ref.drift_rows is not None and len(ref.y_fit[seen]) >= MIN_THRESHOLD_ROWS  # else too few: all
     rows = seen if own else slice(None)
-    choice = choose_threshold(conf[rows], edge_ok[rows], cloud_ok[rows], offload_budget=cfg.offload_budget)
+    choice = choose_threshold(conf[rows], edge_ok[rows], cloud_ok[rows], offload_budget=cfg.offload_budget,
+                              split=ref.fit_split)
     curve_json, curve_png = write_curve(tmp, conf[rows], edge_ok[rows], cloud_ok[rows], choice=choice, title=title)
     contract = task.contract
     outputs = None
