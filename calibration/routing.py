@@ -73,9 +73,11 @@ def routing_curve(
 
 
 def choose_threshold(
-    conf: np.ndarray, edge_correct: np.ndarray, cloud_correct: np.ndarray, *, offload_budget: float
+    conf: np.ndarray, edge_correct: np.ndarray, cloud_correct: np.ndarray, *, offload_budget: float,
+    split: str = "validation",
 ) -> RoutingChoice:
-    """The threshold for ``offload_budget`` (see the module's doc for the two rules)."""
+    """The threshold for ``offload_budget`` (see the module's doc for the two rules); ``split`` names the inputs
+    it is fitted on in what it says (the calibration split, or the validation split)."""
     conf = np.asarray(conf, dtype=np.float64)
     # per-input quality in [0, 1]: 1/0 for a class that is right or wrong, a score for detections
     edge_correct = np.asarray(edge_correct, dtype=np.float64)
@@ -88,7 +90,7 @@ def choose_threshold(
     if k == 0 and offload_budget > 0 and n:
         edge_acc, cloud_acc = float(edge_correct.mean()), float(cloud_correct.mean())
         helps = int(np.sum(cloud_correct > edge_correct))
-        facts = (f"on the {n}-sample validation split offloading never raises accuracy (edge {edge_acc:.1%}, "
+        facts = (f"on the {n}-sample {split} split offloading never raises accuracy (edge {edge_acc:.1%}, "
                  f"cloud {cloud_acc:.1%}, {helps} input(s) the cloud answers better), so the accuracy rule "
                  f"offloads nothing (threshold 0.0)")
         if cloud_acc >= edge_acc:
@@ -97,12 +99,12 @@ def choose_threshold(
             reason = f"{facts}; the budget is spent on the least confident inputs instead"
         else:
             reason = f"{facts}; the cloud is less accurate than the edge there, so nothing is offloaded"
-    return _choice(conf, edge_correct, cloud_correct, float(thr[k]), offload_budget, rule, reason)
+    return _choice(conf, edge_correct, cloud_correct, float(thr[k]), offload_budget, rule, reason, split)
 
 
 def _choice(
     conf: np.ndarray, edge_correct: np.ndarray, cloud_correct: np.ndarray, t: float, budget: float, rule: str,
-    reason: str,
+    reason: str, split: str = "validation",
 ) -> RoutingChoice:
     n = len(conf)
     mask = conf < t  # what the device will really do (ties in confidence move together)
@@ -117,8 +119,8 @@ def _choice(
         reason=reason,
     )
     if reason:
-        log.warning("routing: %s: threshold %.4g offloads %d of %d validation inputs (%.1f%%, budget %.1f%%)",
-                    reason, t, int(mask.sum()), n, ch.expected_offload * 100, budget * 100)
+        log.warning("routing: %s: threshold %.4g offloads %d of %d %s inputs (%.1f%%, budget %.1f%%)",
+                    reason, t, int(mask.sum()), n, split, ch.expected_offload * 100, budget * 100)
     return ch
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import re
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flask import Flask, Response, abort, jsonify, request, send_file
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from edgecore import wire
@@ -77,6 +79,30 @@ def _device_view(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) replaced by None: JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+class FiniteJSONProvider(DefaultJSONProvider):
+    """Every JSON the API sends is valid JSON: a non-finite number (a NaN stored before statuses were
+    checked, or computed from one) is sent as null, never as ``NaN``, which browsers refuse to parse; one bad
+    row blanked the dashboard for the whole fleet."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        kwargs["allow_nan"] = False
+        try:
+            return super().dumps(obj, **kwargs)
+        except ValueError:  # (rare: only then is the whole value walked)
+            return super().dumps(finite(obj), **kwargs)
+
+
 def _fail(code: int, message: str) -> None:
     abort(code, description=message)
 
@@ -130,6 +156,7 @@ def create_app(
     policy: Any = None,
 ) -> Flask:
     app = Flask("cloud_gateway")
+    app.json = FiniteJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BUNDLE_BYTES
     _install_handlers(app)
     # absolute at start-up: Flask resolves a relative send_file path against the package, not the cwd

@@ -222,15 +222,21 @@ class AmqttBroker:
         )
         p = self.prefix
         gw, admin = self.creds.gateway[0], self.creds.admin[0]
-        acl = {d: [f"{p}/{d}/#"] for d in self.creds.devices}
-        acl[gw] = [f"{p}/#"]
-        acl[admin] = ["#"]
+        # as the Mosquitto ACL (`credentials.acl_text`): a device writes and reads only its own topics, each in
+        # the direction it uses it; it never writes its command topic
+        both = ("status", "answers", "input", "input/#")
+        publish = {d: [f"{p}/{d}/{t}" for t in ("infer/req", "telemetry", "bench", *both)]
+                   for d in self.creds.devices}
+        acl = {d: [f"{p}/{d}/{t}" for t in ("infer/resp", "telemetry/ack", "cmd", *both)] for d in self.creds.devices}
+        for table in (publish, acl):
+            table[gw] = [f"{p}/#"]
+            table[admin] = ["#"]
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
             "plugins": {
                 "amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(pw)},
                 # amqtt 0.12's plugin config is its dataclass: `acl` is the subscribe list
-                "amqtt.plugins.topic_checking.TopicAccessControlListPlugin": {"publish_acl": acl, "acl": acl},
+                "amqtt.plugins.topic_checking.TopicAccessControlListPlugin": {"publish_acl": publish, "acl": acl},
             },
         }
 

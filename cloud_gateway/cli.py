@@ -45,7 +45,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = GatewayConfig(
         worker=WorkerConfig(broker_url=broker_from_args(args), username=user, password=pw, prefix=args.prefix,
                             replica_id=args.replica_id, batch_size=args.batch_size, batch_ms=args.batch_ms,
-                            max_payload_bytes=args.max_payload, mqtt_version=args.mqtt_version),
+                            max_payload_bytes=args.max_payload, mqtt_version=args.mqtt_version,
+                            max_pending_per_device=args.max_pending_per_device),
         teacher=args.teacher, db=args.db, bundles_dir=args.bundles_dir, http_host=args.http_host,
         http_port=None if args.http_port < 0 else args.http_port,
         token=gateway_token(args.token), threads=args.threads,
@@ -294,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-ms", type=float, default=w("batch_ms"),
                    help="while a batch runs, the batcher waits up to this for more, only while more keeps arriving")
     s.add_argument("--max-payload", type=int, default=w("max_payload_bytes"), help="bytes")
+    s.add_argument("--max-pending-per-device", type=int, default=w("max_pending_per_device"), metavar="N",
+                   help="requests one device may have waiting for the teacher; past it its own are refused")
     s.add_argument("--db", default=g("db"), help="SQLite path or database URL (postgresql://user:pw@host/db); "
                    "upgraded in place on open")
     s.add_argument("--bundles-dir", type=Path, default=g("bundles_dir"), help="where uploaded bundles are kept")

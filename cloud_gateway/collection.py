@@ -10,8 +10,10 @@ telemetry window, and the time. Nothing else (no IP address, no user name).
 Collection is off unless ``--collect`` names devices (or ``all``). A request is
 collected when its device is named and either the device flagged it or a
 ``rate`` draw accepts it. The reply never waits for the database: rows go to a
-bounded queue (dropped and counted when full) that one writer thread inserts in
-batches, enforcing the bounds (per device, total, retention) oldest-out.
+bounded queue (dropped and counted when full, and when a device holds its share of
+it: one device's burst never drops another's rows) that one writer thread inserts in
+batches, enforcing the bounds (retention, per device, total by fair share; a person's
+labels are kept for other devices' volume: `SampleStore.trim`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class SampleCollector:
     trim_every_s: float = 5.0
     seed: int | None = None
     task: Task = field(default_factory=get_task)  # reads the teacher's answers (`Task.teacher_record`)
+    per_device_share: int = 0  # rows one device may have queued (0: an eighth of the queue)
     _q: "queue.Queue[dict[str, Any]]" = field(init=False)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -54,6 +57,10 @@ class SampleCollector:
 
     def __post_init__(self) -> None:
         self._q = queue.Queue(maxsize=self.queue_size)
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}  # rows queued per device
+        if self.per_device_share <= 0:
+            self.per_device_share = max(1, self.queue_size // 8)
         self._rng = random.Random(self.seed)
 
     def start(self) -> "SampleCollector":
@@ -99,9 +106,16 @@ class SampleCollector:
                "input": wire.encode_tensor(x), "teacher_probs": teacher,
                "teacher_label": label, "uncertainty": uncertainty, "confidence": confidence,
                "drift": state.get("drift"), "flagged": bool(flagged)}
-        try:
-            self._q.put_nowait(row)
-        except queue.Full:
+        with self._lock:  # one device may hold only its share of the queue: its flood never drops another's rows
+            held = self._held.get(device_id, 0)
+            fits = held < self.per_device_share
+            if fits:
+                try:
+                    self._q.put_nowait(row)
+                    self._held[device_id] = held + 1
+                except queue.Full:
+                    fits = False
+        if not fits:
             self.metrics.inc("gateway_samples_dropped_total", "Collected samples dropped (writer behind)",
                              device=device_id)
 
@@ -142,6 +156,12 @@ class SampleCollector:
                 rows.append(self._q.get_nowait())
             except queue.Empty:
                 break
+        with self._lock:
+            for row in rows:
+                d = row["device_id"]
+                self._held[d] -= 1
+                if not self._held[d]:
+                    del self._held[d]
         return rows
 
     def trim(self) -> int:

@@ -28,6 +28,17 @@ class WorkerConfig:
     batch_size: int = 32
     batch_ms: float = 5.0
     max_payload_bytes: int = 1 << 20
+    # requests one device may have waiting for the teacher (a tenth of the queue): past it, its own are refused,
+    # so one device's flood never fills the queue that every device's requests wait in
+    max_pending_per_device: int = 1000
+    # telemetry windows one device may have stored per second (a bucket of ``telemetry_burst``); past it a window
+    # is neither stored nor acknowledged, and its agent sends it again later
+    telemetry_per_s: float = 20.0
+    telemetry_burst: int = 500
+    # statuses one device may have stored per second (a bucket of ``status_burst``); past it the latest one waits
+    # for the next token (a flood is coalesced: the last status always lands)
+    status_per_s: float = 2.0
+    status_burst: int = 20
     session_expiry_s: int = 3600  # the ingest (telemetry, status) session, kept while the replica is away
     request_session_expiry_s: int = 0  # the request session: 0 = clean, gone with the connection (see docs)
     keepalive_s: int = 10

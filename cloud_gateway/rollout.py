@@ -423,7 +423,8 @@ class RolloutManager:
             except Exception:  # the database is what failed
                 pass
 
-    def _send(self, devices: list[str], bundle: str, cmd_id: str, allow_line_change: bool) -> None:
+    def _send(self, devices: list[str], bundle: str, cmd_id: str, allow_line_change: bool,
+              rollback: bool = False) -> None:
         url = f"{self.base_url().rstrip('/')}/api/bundles/{bundle}"
         from edgecore.bundle import sha256_file
 
@@ -431,6 +432,8 @@ class RolloutManager:
         cmd: dict[str, Any] = {"cmd": "update_bundle", "id": cmd_id, "url": url, "sha256": sha}
         if allow_line_change:  # only a rollout started with another --line (both ways: its rollback too)
             cmd["allow_line_change"] = True
+        if rollback:  # back to the bundle each canary ran before: a device accepts that lower release only then
+            cmd["rollback"] = True
         for d in devices:
             self.publish(wire.Topics.of(self.prefix, d, wire.Topics.CMD), wire.dumps(cmd))
 
@@ -452,14 +455,14 @@ class RolloutManager:
                 out[d] = str(last.get("error") or "refused")
         return out
 
-    def _wait_applied(self, rid: int, devices: list[str], sha: str, bundle: str) -> list[str]:
+    def _wait_applied(self, rid: int, devices: list[str], sha: str, bundle: str, *, rollback: bool = False) -> list[str]:
         """Send ``bundle`` to those of ``devices`` not on it; wait until they report it or refuse it (the
         command's id comes back in a device's ``last_cmd``); returns the ones still not on it."""
         r = self.store.rollouts.get(rid) or {}
         cmd_id = f"rollout-{rid}-{sha[:12]}"
         todo = [d for d in devices if d not in self._running(devices, sha)]
         if todo:
-            self._send(todo, bundle, cmd_id, bool((r.get("plan") or {}).get("line_change")))
+            self._send(todo, bundle, cmd_id, bool((r.get("plan") or {}).get("line_change")), rollback)
         end = time.monotonic() + self.update_timeout_s
         while time.monotonic() < end and not self._stop.is_set():
             missing = [d for d in devices if d not in self._running(devices, sha)]
@@ -560,7 +563,7 @@ class RolloutManager:
         plan = r["plan"]
         left: list[str] = []
         for d, prev in plan["previous"].items():
-            left += self._wait_applied(rid, [d], prev["manifest_sha256"], prev["bundle"])
+            left += self._wait_applied(rid, [d], prev["manifest_sha256"], prev["bundle"], rollback=True)
             if self._stop.is_set():
                 return
         refused = (r.get("result") or {}).get("refused")

@@ -146,6 +146,13 @@ class Gateway:
         assert self._server is not None, "HTTP API not started"
         return f"http://{self.config.http_host}:{self._server.port}"
 
+    def _command(self, topic: str, payload: bytes) -> Any:
+        """Publish a command to a device. Agents keep a session while away, so the broker would hold a command
+        for an offline device until it returns; it expires instead when a rollout stops waiting for it (an
+        update applied after its rollout gave up would run a version the rollout did not choose)."""
+        return self.worker.link.publish(topic, payload, qos=1,
+                                        expiry_s=max(1, int(self.config.rollout_update_timeout_s)))
+
     def start(self) -> "Gateway":
         if self._started:
             return self
@@ -153,7 +160,7 @@ class Gateway:
         if self.config.http_port is not None:
             self.rollouts = RolloutManager(
                 store=self.store, bundles_dir=Path(self.config.bundles_dir).resolve(),
-                publish=lambda t, p: self.worker.link.publish(t, p, qos=1), base_url=lambda: self.http_url,
+                publish=self._command, base_url=lambda: self.http_url,
                 prefix=self.config.worker.prefix, update_timeout_s=self.config.rollout_update_timeout_s,
                 evaluate=CandidateEvaluator(self.store, _teacher_run(Path(self.config.teacher))).evaluate)
             self.policy = PolicyEngine(store=self.store, gateway_url=lambda: self.http_url,
@@ -162,7 +169,7 @@ class Gateway:
             app = create_app(
                 store=self.store, metrics=self.metrics, bundles_dir=self.config.bundles_dir,
                 token=self.config.token, prefix=self.config.worker.prefix, trust=self.config.trust,
-                publish=lambda t, p: self.worker.link.publish(t, p, qos=1), collect=self.config.collect,
+                publish=self._command, collect=self.config.collect,
                 num_classes=len(self.teacher.labels), rollouts=self.rollouts, policy=self.policy,
                 health=self._health,
             )

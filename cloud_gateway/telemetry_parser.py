@@ -1,4 +1,5 @@
-"""Strict parsing of the telemetry windows agents publish on ``<prefix>/<id>/telemetry``.
+"""Strict parsing of what agents publish: telemetry windows (``<prefix>/<id>/telemetry``) and statuses
+(``<prefix>/<id>/status``).
 
 A window is checked field by field on arrival, before anything is stored:
 the gateway's API and dashboard later read these fields as numbers, so a
@@ -9,6 +10,11 @@ counted by the worker), never stored in part.
 Known fields are typed; unknown top-level fields (a newer agent's additions)
 are kept but must be plain JSON: finite numbers, bounded strings, bounded
 nesting. The format is documented in docs/wire.md.
+
+A status is held to the same rules (`parse_status`), and to a size of its own: it is retained, stored and
+served on every dashboard poll, so a 3 MiB one would be re-sent to every reader, and a NaN in it made
+``/api/devices`` invalid JSON, blanking the dashboard for the whole fleet. Its strings are cut to
+`MAX_STRING` characters rather than refused (an error message a device reports is still worth showing).
 """
 
 from __future__ import annotations
@@ -151,4 +157,58 @@ def parse_window(payload: bytes, device_id: str) -> dict[str, Any]:
         if key in msg:
             check(key, msg[key])
     _plain("window", msg)
+    return msg
+
+
+MAX_STATUS_BYTES = 16 << 10
+
+
+class StatusError(wire.WireError):
+    """A device status that is refused (the message names the field)."""
+
+
+def _cut(v: Any, path: str = "status", depth: int = 0) -> Any:
+    """``v`` with strings cut to `MAX_STRING` characters; non-finite numbers and deep nesting refused."""
+    if depth > MAX_DEPTH:
+        raise StatusError(f"{path}: nested deeper than {MAX_DEPTH}")
+    if isinstance(v, dict):
+        return {str(k)[:MAX_STRING]: _cut(x, f"{path}.{k}", depth + 1) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_cut(x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v)]
+    if isinstance(v, float) and not math.isfinite(v):
+        raise StatusError(f"{path}: non-finite number {v}")
+    if isinstance(v, str) and len(v) > MAX_STRING:
+        return v[: MAX_STRING - 1] + "…"
+    return v
+
+
+_STATUS_STRINGS = ("state", "broker", "bundle_sha256", "model", "version", "target", "precision", "telemetry")
+
+
+def parse_status(payload: bytes, device_id: str) -> dict[str, Any]:
+    """A device's status as a dict, checked (`StatusError` naming the field) and with long strings cut."""
+    if len(payload) > MAX_STATUS_BYTES:
+        raise StatusError(f"status of {len(payload)} bytes exceeds {MAX_STATUS_BYTES}")
+    try:
+        msg = _cut(wire.loads(payload))
+    except RecursionError as e:
+        raise StatusError("status: nested too deep") from e
+    try:
+        if msg.get("device_id", device_id) != device_id:
+            raise TelemetryError(f"device_id {_show(msg.get('device_id'))} does not match the topic's {device_id!r}")
+        for key in _STATUS_STRINGS:
+            _str(key, msg.get(key), null=True)
+        _num("time", msg.get("time"), lo=0, null=True)
+        _num("threshold", msg.get("threshold"), null=True)
+        cmd = _obj("last_cmd", msg.get("last_cmd"), null=True)
+        if cmd is not None:
+            _str("last_cmd.cmd", cmd.get("cmd"), null=True)
+            _str("last_cmd.error", cmd.get("error"), null=True)
+            if "ok" in cmd and not isinstance(cmd["ok"], bool):
+                raise TelemetryError(f"last_cmd.ok: expected true or false, got {_show(cmd['ok'])}")
+        inputs = _obj("inputs", msg.get("inputs"), null=True)
+        for k, x in (inputs or {}).items():
+            _int(f"inputs.{k}", x)
+    except TelemetryError as e:
+        raise StatusError(str(e)) from e
     return msg

@@ -15,6 +15,7 @@ possible, counted, logged, and the worker goes on.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import select
@@ -35,7 +36,7 @@ from .config import WorkerConfig
 from .metrics import BATCH_BUCKETS, Metrics
 from .store import GatewayStore
 from .teacher import Teacher
-from .telemetry_parser import parse_window
+from .telemetry_parser import parse_status, parse_window
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,24 @@ class _Request:
     collect: bool = False  # the collector wants this one (decided on arrival)
     flagged: bool = False  # the device asked for it to be collected (user property ``collect``)
     bundle: str = ""  # the bundle version the device answered with (user property ``bundle``)
+
+
+class TokenBuckets:
+    """One token bucket per key: ``rate`` tokens a second, at most ``burst`` saved up."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = float(rate), float(burst)
+        self._b: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            tokens, then = self._b.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - then) * self.rate)
+            ok = tokens >= 1.0
+            self._b[key] = (tokens - 1.0 if ok else tokens, now)
+            return ok
 
 
 class InvalidRequest(Exception):
@@ -69,6 +88,12 @@ class GatewayWorker:
         self._q: queue.Queue[_Request] = queue.Queue(maxsize=10000)
         self._model_lock = threading.Lock()  # one model call at a time: inline (network thread) or batched
         self._pending: list[_Request] = []  # requests the network thread holds for its next batch (its own)
+        self._held: dict[str, int] = {}  # requests waiting per device (held, queued or in a batch being served)
+        self._held_lock = threading.Lock()
+        self._windows = TokenBuckets(config.telemetry_per_s, config.telemetry_burst)  # per-device window quota
+        self._statuses = TokenBuckets(config.status_per_s, config.status_burst)  # per-device status quota
+        self._status_lock = threading.Lock()
+        self._status_pending: dict[str, dict[str, Any]] = {}  # the latest status held back by its quota
         self._stop = threading.Event()
         self._unsubscribed = threading.Event()
         self.served = 0
@@ -190,10 +215,35 @@ class GatewayWorker:
             if resp == expected:  # never reply on another device's topic
                 self._reply(resp, corr, {"ok": False, "error": str(e)})
             return
+        if not self._hold(device_id):
+            self.metrics.inc("gateway_device_quota_refused_total",
+                             "Requests refused because their device had its share of the queue waiting",
+                             device=device_id)
+            self._reply(resp, corr, {"ok": False, "error": f"this device has {self.config.max_pending_per_device} "
+                                                           "requests waiting, its share of the gateway; refused"})
+            return
         conf, flagged, bundle = _user_properties(props)
         want = self.collector is not None and self.collector.wants(device_id, flagged)
         req = _Request(device_id, x, resp, corr, time.perf_counter(), conf, want, flagged, bundle)
         self._pending.append(req)  # _on_message serves it now, or with the requests right behind it
+
+    def _hold(self, device_id: str) -> bool:
+        """Count one more request of ``device_id`` waiting; False (nothing counted) past its share."""
+        with self._held_lock:
+            n = self._held.get(device_id, 0)
+            if n >= self.config.max_pending_per_device:
+                return False
+            self._held[device_id] = n + 1
+            return True
+
+    def _release(self, batch: list[_Request]) -> None:
+        with self._held_lock:
+            for r in batch:
+                n = self._held.get(r.device_id, 0) - 1
+                if n > 0:
+                    self._held[r.device_id] = n
+                else:
+                    self._held.pop(r.device_id, None)
 
     def _serve_held(self) -> None:
         """The request connection went: requests held for a batch are served now (on the network thread,
@@ -216,6 +266,7 @@ class GatewayWorker:
             try:
                 self._q.put_nowait(req)
             except queue.Full:
+                self._release([req])
                 self.metrics.inc("gateway_overload_total", "Requests refused because the queue was full")
                 self._reply(req.response_topic, req.correlation, {"ok": False, "error": "gateway overloaded"})
 
@@ -239,15 +290,39 @@ class GatewayWorker:
         body.setdefault("replica", self.config.replica_id)
         self.link.publish(topic, wire.dumps(body), qos=1, correlation=corr)
 
+    def _ack_window(self, device_id: str, payload: bytes, msg: dict[str, Any] | None, error: str | None) -> None:
+        """Tell the agent its window is stored (or refused for good: it would never be stored), so that it
+        deletes it from its outbox; a window not acknowledged (the store failed) is sent again."""
+        if msg is None:  # refused before it was read: its (boot, seq) as far as they can be read
+            try:
+                raw = json.loads(payload)
+                msg = raw if isinstance(raw, dict) else {}
+            except (ValueError, RecursionError):
+                msg = {}
+        boot, seq = msg.get("boot"), msg.get("seq")
+        if not isinstance(boot, str) or isinstance(seq, bool) or not isinstance(seq, int):
+            return
+        body: dict[str, Any] = {"boot": boot[:32], "seq": seq, "ok": error is None}
+        if error is not None:
+            body["error"] = error[:200]
+        self.ingest_link.publish(wire.Topics.of(self.config.prefix, device_id, wire.Topics.TELEMETRY_ACK),
+                                 wire.dumps(body), qos=1)
+
     def _on_telemetry(self, device_id: str, payload: bytes) -> None:
+        if not self._windows.take(device_id):  # past its quota: not stored, not acknowledged: sent again later
+            self.metrics.inc("gateway_device_quota_refused_total", "Messages refused past their device's quota",
+                             device=device_id, kind="telemetry")
+            return
         try:
             msg = parse_window(payload, device_id)
         except wire.WireError as e:
             self.metrics.inc("gateway_invalid_telemetry_total", "Telemetry windows refused (not stored)",
                              device=device_id)
             log.warning("telemetry window from %s refused: %s", device_id, e)
+            self._ack_window(device_id, payload, None, f"refused: {e}")
             return
-        new = self.store.telemetry.add(device_id, msg) if self.store else True
+        new = self.store.telemetry.add(device_id, msg) if self.store else True  # (raises: no ack, sent again)
+        self._ack_window(device_id, payload, msg, None)
         self.metrics.inc("gateway_telemetry_windows_total", "Telemetry windows stored", device=device_id)
         if self.collector is not None:
             self.collector.note_telemetry(device_id, msg)
@@ -284,17 +359,41 @@ class GatewayWorker:
         if not payload:
             return
         try:
-            msg = wire.loads(payload)
-        except wire.WireError:
+            msg = parse_status(payload, device_id)
+        except wire.WireError as e:  # too big, a NaN, a mistyped field: the last good status stays
+            self.metrics.inc("gateway_invalid_status_total", "Device statuses refused (not stored)", device=device_id)
+            log.warning("status from %s refused: %s", device_id, e)
             return
-        if self.store:
-            self.store.devices.set_status(device_id, msg)
         if self.collector is not None:
             self.collector.note_status(device_id, msg)
+        with self._status_lock:
+            due = device_id not in self._status_pending and self._statuses.take(device_id)
+            if not due:  # stored by the batcher thread when the device has a token again: the latest lands
+                if device_id in self._status_pending:
+                    self.metrics.inc("gateway_device_quota_refused_total",
+                                     "Messages refused past their device's quota", device=device_id, kind="status")
+                self._status_pending[device_id] = msg
+        if due and self.store:
+            self.store.devices.set_status(device_id, msg)
+
+    def _store_due_statuses(self) -> None:
+        """Store the statuses held back by their device's quota once it has a token (the batcher thread)."""
+        with self._status_lock:
+            due = [(d, m) for d, m in self._status_pending.items() if self._statuses.take(d)]
+            for d, _ in due:
+                del self._status_pending[d]
+        for d, m in due:
+            if self.store:
+                try:
+                    self.store.devices.set_status(d, m)
+                except Exception:
+                    log.exception("storing the status of %s failed", d)
 
     # --- batching --------------------------------------------------------------
     def _batch_loop(self) -> None:
         while not self._stop.is_set():
+            if self._status_pending:
+                self._store_due_statuses()
             try:
                 first = self._q.get(timeout=0.1)
             except queue.Empty:
@@ -332,6 +431,12 @@ class GatewayWorker:
                 continue
 
     def _serve(self, batch: list[_Request]) -> None:
+        try:
+            self._serve_batch(batch)
+        finally:
+            self._release(batch)
+
+    def _serve_batch(self, batch: list[_Request]) -> None:
         self.metrics.observe("gateway_batch_size", "Requests per model call", len(batch), buckets=BATCH_BUCKETS)
         t0 = time.perf_counter()
         try:

@@ -38,7 +38,7 @@ from .model import Inference, LoadedModel, LocalModel, load_model
 from .outbox import DropPolicy, Outbox
 from .sources import Item
 from .telemetry import TelemetryRecorder, WindowCounters, answer_counts
-from .updates import check_line, fetch_bundle, prune_bundles
+from .updates import ReleaseHistory, check_line, clean_stale, fetch_bundle, open_for_device, prune_bundles
 
 __all__ = ["Agent", "AgentConfig", "Answer", "Route", "load_model", "summarize"]
 
@@ -102,6 +102,14 @@ class AgentConfig:
     # While drift is flagged the model's confidence is no longer calibrated (it can be confidently wrong on the
     # shifted inputs): this share of the inputs it is sure of goes to the cloud too (and is flagged for collection).
     drift_offload: float = 0.25
+    # the broker keeps the agent's session (its subscriptions, and the QoS 1 inputs and commands sent meanwhile)
+    # this long after it went away; 0: a clean session, what arrives while the agent is away is lost
+    session_expiry_s: int = 3600
+    # a window the broker took but no gateway acknowledged (once gateways acknowledge) is sent again after this
+    telemetry_resend_s: float = 30.0
+    # folders (a shared mount) whose bundles a ``bench`` job may name by manifest sha256; nothing else on the
+    # device's disk is read for a job
+    bench_dirs: tuple[Path, ...] = ()
     update_bases: tuple[str, ...] = ()  # update_bundle URLs must be under one of these (none: refused)
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures this device accepts
 
@@ -114,9 +122,17 @@ class Agent:
         self.config = config
         self.topics = wire.Topics(config.device_id, config.prefix)
         config.trust.warn_if_open(f"device agent {config.device_id}")
-        opened = config.trust.check(bundle) if isinstance(bundle, Bundle) else config.trust.open(bundle)
+        if isinstance(bundle, Bundle):
+            clean_stale(config.device_id, config.state_dir)
+            opened = config.trust.check(bundle)
+        else:  # (a tarball is unpacked under this process's prefix: a start after a kill -9 removes the last one)
+            opened = open_for_device(config.trust, bundle, config.device_id, config.state_dir)
         first = load_model(opened, threads=config.threads)
         self.model = LocalModel(first, on_rollback=self._rolled_back)
+        # what this device ran, per model line: an update to a lower release is refused (`ReleaseHistory`); the
+        # bundle it starts with is the operator's choice, and counts
+        self.releases = ReleaseHistory(config.state_dir / "releases.json" if config.broker_url is not None else None)
+        self.releases.record(opened)
         if not 0.0 <= config.drift_offload <= 1.0:
             raise AgentError(f"drift_offload must be within 0..1, got {config.drift_offload}")
         self._threshold = self._initial_threshold(first, config.threshold)
@@ -192,16 +208,22 @@ class Agent:
         return fetch_bundle(url=url, sha256=sha256, state_dir=self.config.state_dir,
                             allowed=self.config.update_bases, trust=self.config.trust)
 
-    def update_from(self, url: str, *, sha256: str | None = None, allow_line_change: bool = False) -> None:
+    def update_from(self, url: str, *, sha256: str | None = None, allow_line_change: bool = False,
+                    rollback: bool = False) -> None:
         """Fetch, switch, and keep only the current and previous bundle in the state dir.
 
         A bundle of another model line (manifest ``model.name``) is refused, the running one kept, unless the
         command says ``allow_line_change``: two models with the same input shape would otherwise swap silently.
+        A lower release than this device ran in the line is refused (`ReleaseHistory`), unless the command is a
+        ``rollback`` to a bundle it ran before.
         """
         new = self.fetch(url, sha256=sha256)
+        what = url.rstrip("/").rsplit("/", 1)[-1]
         try:
-            check_line(new, self.bundle.manifest.model.name, allow_line_change, what=url.rstrip("/").rsplit("/", 1)[-1])
+            check_line(new, self.bundle.manifest.model.name, allow_line_change, what=what)
+            self.releases.check(new, rollback=rollback, what=what)
             self.swap_bundle(new)
+            self.releases.record(new)
         except Exception:
             if new.root != self.bundle.root:  # never leave a bundle that failed lying around
                 shutil.rmtree(new.root, ignore_errors=True)

@@ -40,9 +40,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .feed import open_inputs
     from .outbox import DropPolicy
     from .sources import Item, MqttInputSource, paced
+    from .updates import open_for_device
 
     trust = trust_from_args(args)
-    bundle = trust.open(args.bundle)
+    bundle = open_for_device(trust, args.bundle, args.device_id, args.state_dir)
     user, pw = login_from_args(args, who=args.device_id, password_env=PASSWORD_ENV)
     cfg = AgentConfig(
         device_id=args.device_id, broker_url=broker_from_args(args), username=user, password=pw, prefix=args.prefix,
@@ -51,6 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, threads=args.threads, drift=DriftConfig(window=args.drift_window),
         drift_offload=args.drift_offload,
         mqtt_version=args.mqtt_version, update_bases=tuple(args.update_base or ()), trust=trust,
+        session_expiry_s=args.session_expiry, bench_dirs=tuple(args.bench_dir or ()),
     )
     agent = Agent(bundle, cfg)
     spec = agent.bundle.input_spec
@@ -204,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="while drift is flagged, this share of the confident inputs goes to the cloud too (0: off)")
     r.add_argument("--threads", type=int, help="runtime threads (default: 1 for models up to 1 MiB, else the "
                    "runtime's own; 0: the runtime's own)")
+    r.add_argument("--session-expiry", type=int, default=d("session_expiry_s"), metavar="S",
+                   help="seconds the broker keeps this device's session while it is away: the QoS 1 inputs sent "
+                        "meanwhile are queued and answered when it returns (0: a clean session, they are lost)")
+    r.add_argument("--bench-dir", action="append", type=Path, metavar="DIR",
+                   help="a folder (e.g. a shared mount) whose signed bundles a bench job may name by manifest sha256 "
+                        "(repeatable; no other path on the device is read for a job)")
     r.add_argument("--update-base", action="append", metavar="URL",
                    help="update_bundle URLs must be under this gateway URL (repeatable; none: updates by URL refused)")
     r.add_argument("--output", type=Path, help="JSON lines of answers (default stdout)")

@@ -40,7 +40,10 @@ def update_bundle(agent: "Agent", cmd: dict[str, Any]) -> None:
     allow = cmd.get("allow_line_change", False)
     if not isinstance(allow, bool):
         raise AgentError("update_bundle: 'allow_line_change' must be true or false")
-    agent.update_from(url, sha256=sha, allow_line_change=allow)
+    rollback = cmd.get("rollback", False)
+    if not isinstance(rollback, bool):
+        raise AgentError("update_bundle: 'rollback' must be true or false")
+    agent.update_from(url, sha256=sha, allow_line_change=allow, rollback=rollback)
 
 
 BUILTINS: dict[str, CommandFn] = {"set_threshold": set_threshold, "update_bundle": update_bundle}

@@ -8,8 +8,10 @@ for the status and the windows it sends. Nothing here is on the per-input path.
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,17 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
+def storage_problem(e: BaseException) -> str:
+    """What a failed write says in the status: ``disk full``, or the error's kind (never a path)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk full"
+    if isinstance(e, sqlite3.Error) and "full" in str(e).lower():  # SQLITE_FULL: "database or disk is full"
+        return "disk full"
+    if isinstance(e, OSError) and e.strerror:
+        return f"cannot write the state dir: {e.strerror.lower()}"
+    return f"cannot write the state dir: {type(e).__name__}"
+
+
 class FleetConnection:
     """The link, status, commands and telemetry windows of one `Agent` (``agent.fleet``)."""
 
@@ -43,6 +56,8 @@ class FleetConnection:
         self.link: MqttLink | None = None
         self._sources: list[MqttInputSource] = []  # subscribed before the status says online
         self.windows_produced = 0
+        self._last_inputs: dict[str, int] | None = None  # the input counts the last status published
+        self.telemetry_state = "ok"  # or "degraded (disk full)" while windows cannot be stored
 
     def mqtt_source(self, topic: str | None = None, *, wait: float = 10.0) -> MqttInputSource:
         """Inputs from an MQTT topic (default ``<prefix>/<id>/input``).
@@ -53,7 +68,8 @@ class FleetConnection:
         """
         if self.config.broker_url is None:
             raise AgentError("an MQTT source needs the agent configured with a broker")
-        src = MqttInputSource(topic or self.topics.input, self.agent.bundle.input_spec)
+        src = MqttInputSource(topic or self.topics.input, self.agent.bundle.input_spec,
+                              reply=lambda body: self.publish(self.topics.answers, body))
         self._sources.append(src)
         if self.link is not None:
             self.link.subscribe(src.topic, src.push_message, wait=wait)
@@ -85,8 +101,9 @@ class FleetConnection:
             raise AgentError("telemetry windows need the agent configured with a broker")
 
         def emit(msg: dict[str, Any]) -> int:
-            box.put(self.topics.telemetry, wire.dumps({**self._identity(), **msg}),
-                    inputs=msg["counts"]["inputs"], seq=msg["seq"])
+            if box.last_put_seq < msg["seq"]:  # (stored by an attempt that failed after it: not twice)
+                box.put(self.topics.telemetry, wire.dumps({**self._identity(), **msg}),
+                        inputs=msg["counts"]["inputs"], seq=msg["seq"])
             return box.next_seq()
 
         msg = self.agent.telemetry.close_window(t_end=time.time() if t_end is None else t_end, emit=emit)
@@ -98,11 +115,40 @@ class FleetConnection:
         period = self.config.telemetry_window_s
         due = time.monotonic() + period
         while not self.stopping.wait(max(0.005, min(1.0, due - time.monotonic()))):
-            if time.monotonic() >= due:
-                self.flush_window()
-                due = time.monotonic() + period
+            try:
+                if time.monotonic() >= due:
+                    self.flush_window()
+                    due = time.monotonic() + period
+                else:
+                    self.agent.telemetry.window.sync()
+            except (OSError, sqlite3.Error) as e:  # a full disk: keep counting, say so, try again next tick
+                self._telemetry_failed(e)
             else:
-                self.agent.telemetry.window.sync()
+                self._telemetry_ok()
+            self._publish_if_changed()
+
+    def _telemetry_failed(self, e: BaseException) -> None:
+        """The window could not be stored: the open window keeps counting (nothing is lost while the disk is
+        full), the status says ``telemetry: degraded (…)``, and the next tick tries again."""
+        state = f"degraded ({storage_problem(e)})"
+        if state != self.telemetry_state:
+            log.error("telemetry windows cannot be stored (%s: %s); still counting, retrying every second",
+                      type(e).__name__, e)
+            self.telemetry_state = state
+            self.publish_status()
+
+    def _telemetry_ok(self) -> None:
+        if self.telemetry_state != "ok":
+            log.warning("telemetry windows are stored again")
+            self.telemetry_state = "ok"
+            self.publish_status()
+
+    def _publish_if_changed(self) -> None:
+        """Republish the status when what it reports of the inputs changed (at most once a tick)."""
+        seen = self.input_counts() if self._sources else None
+        if seen != self._last_inputs:
+            self._last_inputs = seen
+            self.publish_status()
 
     # --- status and commands ------------------------------------------------------
     @property
@@ -122,11 +168,34 @@ class FleetConnection:
             "device_id": self.config.device_id, "state": state, "time": time.time(), "broker": self.broker_state,
             "bundle_sha256": b.manifest_sha256, "model": b.manifest.model.name, "version": b.version,
             "target": b.target, "precision": b.precision, "threshold": self.agent.threshold, "last_cmd": self.last_cmd,
+            "telemetry": self.telemetry_state if self.outbox is not None else "none",
+            **({"inputs": self.input_counts()} if self._sources else {}),
         }
+
+    def input_counts(self) -> dict[str, int]:
+        """What the MQTT sources never gave the model: ``rejected``/``refused`` messages, ``dropped`` inputs."""
+        total = {"rejected": 0, "refused": 0, "dropped": 0}
+        for src in self._sources:
+            for k, v in src.counts().items():
+                total[k] += v
+        return total
 
     def publish_status(self) -> None:
         if self.link is not None and self.link.ready.is_set():
             self.publish(self.topics.status, self.status(), retain=True)
+
+    def _on_telemetry_ack(self, msg: Any) -> None:
+        """The gateway stored a window (``ok``) or refused it for good: it leaves the outbox."""
+        box = self.outbox
+        try:
+            ack = wire.loads(msg.payload)
+            boot, seq, stored = ack.get("boot"), ack.get("seq"), ack.get("ok") is not False
+            if box is None or not isinstance(boot, str) or type(seq) is not int:
+                return
+            if box.gateway_acked(boot, seq, stored=stored) and not stored:
+                log.error("the gateway refused telemetry window %s for good: %s", seq, ack.get("error"))
+        except (wire.WireError, OSError, sqlite3.Error) as e:  # a bad ack, or a full disk: the row is sent again
+            log.warning("telemetry acknowledgement not applied: %s", e)
 
     def _on_cmd(self, msg: Any) -> None:
         try:
@@ -175,12 +244,14 @@ class FleetConnection:
         try:
             link = MqttLink(url=url, client_id=f"agent-{c.device_id}", username=c.username,
                             password=c.password, will=(self.topics.status, offline), mqtt_version=c.mqtt_version,
-                            max_inflight=100, anonymous_hint="give --password, $DEVICE_AGENT_PASSWORD or --credentials")
+                            max_inflight=100, session_expiry_s=c.session_expiry_s,
+                            anonymous_hint="give --password, $DEVICE_AGENT_PASSWORD or --credentials")
         except BrokerError as e:
             raise AgentError(str(e)) from e
         self.link = link
         self.agent.cloud.attach(link)
         link.subscribe(self.topics.cmd, self._on_cmd)
+        link.subscribe(self.topics.telemetry_ack, self._on_telemetry_ack)
         for src in self._sources:
             link.subscribe(src.topic, src.push_message)
         link.on_ready(self.publish_status)
@@ -192,7 +263,7 @@ class FleetConnection:
             self.link = None
             self.agent.cloud.attach(None)
             raise AgentError(str(e)) from e
-        forwarder = OutboxForwarder(self.outbox, self.link, self.stopping)
+        forwarder = OutboxForwarder(self.outbox, self.link, self.stopping, resend_after_s=c.telemetry_resend_s)
         for fn, name in ((self._telemetry_loop, "telemetry"), (forwarder.run, "outbox"), (self._cmd_loop, "commands")):
             t = threading.Thread(target=fn, name=f"agent-{name}", daemon=True)
             t.start()
@@ -203,7 +274,10 @@ class FleetConnection:
         if self.link is None:
             return
         if self.outbox is not None:
-            self.flush_window()
+            try:
+                self.flush_window()
+            except (OSError, sqlite3.Error) as e:  # the open window stays in its file: continued at the next start
+                log.error("the last telemetry window could not be stored (%s); it is continued at the next start", e)
             # a broker never reached is not waited for: the rows go first at the next start
             end = time.monotonic() + (flush_timeout if self.link.generation else 0.0)
             while len(self.outbox) and time.monotonic() < end:  # also rides out a reconnect

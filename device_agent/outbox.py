@@ -1,10 +1,14 @@
 """On-disk outbox for telemetry: store first, forward when the broker acks.
 
 Every telemetry window is written to SQLite before it is published, and its
-row is deleted only after the broker's PUBACK; rows are sent strictly oldest
-first, one at a time, so windows arrive in order after any outage. A duplicate
-can happen (ack lost with the connection), which is why each window carries a
-sequence number the gateway deduplicates on: together, exactly once.
+row is deleted only after the broker's PUBACK, or, once a gateway has
+acknowledged a window of this outbox, only after the gateway's own
+acknowledgement on ``<prefix>/<id>/telemetry/ack`` (a window the broker took
+can still be lost on the way: a broker without persistence restarting, a
+gateway whose database is down); a row the broker took but no gateway
+acknowledged is sent again after a while. Rows are sent oldest first, one at a
+time. A duplicate can happen, which is why each window carries (boot, seq), on
+which the gateway deduplicates (and acknowledges again): together, exactly once.
 
 Bounded: past ``max_rows`` the policy drops either the oldest or the newest
 window (never the one being forwarded: its delivery may still complete),
@@ -54,11 +58,15 @@ class Outbox:
             "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
             " topic TEXT NOT NULL, payload BLOB NOT NULL, created REAL NOT NULL, inputs INTEGER NOT NULL DEFAULT 0)"
         )
-        if "inputs" not in {r[1] for r in db.execute("PRAGMA table_info(outbox)")}:  # an outbox of round 1
+        cols = {r[1] for r in db.execute("PRAGMA table_info(outbox)")}
+        if "inputs" not in cols:  # an older outbox
             db.execute("ALTER TABLE outbox ADD COLUMN inputs INTEGER NOT NULL DEFAULT 0")
+        if "seq" not in cols:  # the window's seq, for the gateway's acknowledgement; and when it was last sent
+            db.execute("ALTER TABLE outbox ADD COLUMN seq INTEGER")
+            db.execute("ALTER TABLE outbox ADD COLUMN sent REAL")
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         for key, value in (("dropped", 0), ("dropped_inputs", 0), ("next_seq", 0), ("last_put_seq", -1),
-                           ("boot", secrets.randbits(52))):
+                           ("boot", secrets.randbits(52)), ("gateway_acks", 0)):
             db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
 
     def _meta(self, key: str) -> int:
@@ -95,7 +103,7 @@ class Outbox:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                stored = self._put(topic, payload, inputs)
+                stored = self._put(topic, payload, inputs, seq)
                 if seq is not None:
                     self._db.execute("UPDATE meta SET value=MAX(value, ?) WHERE key='last_put_seq'", (seq,))
                 self._db.execute("COMMIT")
@@ -104,7 +112,7 @@ class Outbox:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def _put(self, topic: str, payload: bytes, inputs: int) -> bool:
+    def _put(self, topic: str, payload: bytes, inputs: int, seq: int | None = None) -> bool:
         db = self._db
         (n,) = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
         if n >= self.max_rows:
@@ -115,30 +123,68 @@ class Outbox:
             # and a window both delivered and counted as dropped would be counted twice
             old = "SELECT id FROM outbox WHERE id != ? ORDER BY id LIMIT ?"
             args = (self._inflight, n - self.max_rows + 1)
-            (k, lost) = db.execute(f"SELECT COUNT(*), COALESCE(SUM(inputs), 0) FROM outbox WHERE id IN ({old})",
-                                   args).fetchone()
+            # a row the broker took (waiting for the gateway's acknowledgement) is not counted: it was delivered
+            # as far as the broker goes, and most likely stored; counting it could count its inputs twice
+            (k, lost) = db.execute(f"SELECT COUNT(*), COALESCE(SUM(inputs), 0) FROM outbox WHERE id IN ({old})"
+                                   " AND sent IS NULL", args).fetchone()
             db.execute(f"DELETE FROM outbox WHERE id IN ({old})", args)
             self._count_drop(int(k), int(lost))
-        db.execute("INSERT INTO outbox (topic, payload, created, inputs) VALUES (?, ?, ?, ?)",
-                   (topic, payload, time.time(), inputs))
+        db.execute("INSERT INTO outbox (topic, payload, created, inputs, seq) VALUES (?, ?, ?, ?, ?)",
+                   (topic, payload, time.time(), inputs, seq))
         return True
 
     def _count_drop(self, rows: int, inputs: int) -> None:
         self._db.execute("UPDATE meta SET value=value+? WHERE key='dropped'", (rows,))
         self._db.execute("UPDATE meta SET value=value+? WHERE key='dropped_inputs'", (inputs,))
 
-    def peek(self) -> tuple[int, str, bytes] | None:
-        """The oldest row, now marked in flight (the bound will not drop it) until `ack`."""
+    def peek(self, *, resend_after_s: float = 30.0) -> tuple[int, str, bytes] | None:
+        """The oldest row to send, now marked in flight (the bound will not drop it) until `ack` or `sent`.
+
+        A row is to send when it was never sent, or sent ``resend_after_s`` ago without the gateway's
+        acknowledgement (`gateway_acked`)."""
         with self._lock:
-            row = self._db.execute("SELECT id, topic, payload FROM outbox ORDER BY id LIMIT 1").fetchone()
+            row = self._db.execute("SELECT id, topic, payload FROM outbox WHERE sent IS NULL OR sent < ? "
+                                   "ORDER BY id LIMIT 1", (time.time() - resend_after_s,)).fetchone()
             self._inflight = int(row[0]) if row else -1
         return (int(row[0]), str(row[1]), bytes(row[2])) if row else None
 
     def ack(self, row_id: int) -> None:
+        """The broker has the row: delete it, or, once gateways acknowledge windows (`acks_from_gateway`),
+        keep it, marked sent, until the gateway says it stored it."""
         with self._lock:
-            self._db.execute("DELETE FROM outbox WHERE id=?", (row_id,))
+            if self._meta("gateway_acks"):
+                self._db.execute("UPDATE outbox SET sent=? WHERE id=?", (time.time(), row_id))
+            else:
+                self._db.execute("DELETE FROM outbox WHERE id=?", (row_id,))
             if row_id == self._inflight:
                 self._inflight = -1
+
+    @property
+    def acks_from_gateway(self) -> bool:
+        """Whether a gateway has acknowledged a window of this outbox: from then on a row is deleted only when
+        the gateway says it stored it (or refused it for good), not when the broker took it."""
+        with self._lock:
+            return bool(self._meta("gateway_acks"))
+
+    def gateway_acked(self, boot: str, seq: int, *, stored: bool = True) -> bool:
+        """The gateway stored window ``seq`` of this outbox's ``boot`` (or, ``stored=False``, refused it for
+        good: counted as dropped): delete it. Returns whether the acknowledgement was this outbox's."""
+        with self._lock:
+            if boot != f"{self._meta('boot'):013x}":
+                return False
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("UPDATE meta SET value=1 WHERE key='gateway_acks'")
+                if not stored:
+                    (k, lost) = self._db.execute("SELECT COUNT(*), COALESCE(SUM(inputs), 0) FROM outbox WHERE seq=?",
+                                                 (int(seq),)).fetchone()
+                    self._count_drop(int(k), int(lost))
+                self._db.execute("DELETE FROM outbox WHERE seq=?", (int(seq),))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return True
 
     def __len__(self) -> int:
         with self._lock:

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -201,40 +201,85 @@ def iterator_source(it: Iterable[Any], spec: InputSpec) -> Iterator[Item]:
             yield Item(str(i), check_sample(v, spec, where=f"item {i}"))
 
 
+#: the most inputs one MQTT message may carry; a bigger batch is refused with an error answer
+MAX_INPUTS_PER_MESSAGE = 256
+
+
 class MqttInputSource:
     """Inputs arriving as binary tensors on an MQTT topic (under the device's own prefix).
 
-    The agent's client subscribes and calls `push`; iteration ends after `close`.
-    A bad payload is logged and skipped, not fatal.
+    The agent's client subscribes and calls `push` (on the MQTT network thread); iteration ends after `close`.
+    The network thread only reads a message's header and queues it, never waits and never does per-input
+    work: it also carries the cloud's replies and the keepalive, and a message of 2,500 inputs once blocked it
+    until the broker dropped the agent. Checking and splitting happen where the inputs are consumed.
+
+    Bounded: a message of more than ``max_per_message`` inputs is refused, and one that would take the queue
+    past ``maxsize`` inputs is dropped (the agent is behind); both are counted (`counts`) and answered on the
+    answers topic with ``{"id", "ok": false, "route": "refused", "error"}`` when ``reply`` is given. A payload
+    that is not a tensor of the bundle's input shape is counted as ``rejected`` and answered the same way.
     """
 
-    def __init__(self, topic: str, spec: InputSpec, *, maxsize: int = 1000) -> None:
+    def __init__(self, topic: str, spec: InputSpec, *, maxsize: int = 1000,
+                 max_per_message: int = MAX_INPUTS_PER_MESSAGE,
+                 reply: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.topic = topic
         self.spec = spec
-        self._q: queue.Queue[Item | None] = queue.Queue(maxsize=maxsize)
+        self.maxsize = maxsize
+        self.max_per_message = max_per_message
+        self.reply = reply
+        self._q: queue.SimpleQueue[tuple[np.ndarray, str, str | None, int | None] | None] = queue.SimpleQueue()
         self._n = 0
+        self._queued = 0  # inputs waiting in ``_q``
         self._lock = threading.Lock()
-        self.rejected = 0
+        self.rejected = 0  # messages that were not a tensor of the bundle's input shape
+        self.refused = 0  # messages past ``max_per_message``
+        self.dropped = 0  # inputs that arrived while ``maxsize`` were waiting
+
+    def counts(self) -> dict[str, int]:
+        """What never reached the model: ``rejected`` and ``refused`` messages, ``dropped`` inputs."""
+        return {"rejected": self.rejected, "refused": self.refused, "dropped": self.dropped}
+
+    def _refuse(self, name: str, error: str) -> None:
+        if self.reply is not None:
+            try:
+                self.reply({"id": name, "ok": False, "route": "refused", "error": error})
+            except Exception:  # an answer that cannot go out must not stop the inputs
+                pass
 
     def push(self, payload: bytes, *, input_id: str | None = None, label: int | None = None) -> None:
         """One message: a sample or a batch. ``input_id`` (a feeder's MQTT 5 correlation data) becomes the
         answer's ``id`` (``ID[i]`` for a batch's i-th sample); ``label`` (its ``label`` user property) its
-        ``true_label``. Without them: ``mqtt-N`` in arrival order, no label."""
+        ``true_label``. Without them: ``mqtt-N`` in arrival order, no label. Never blocks."""
         from edgecore.wire import WireError, decode_tensor
 
+        with self._lock:
+            n, self._n = self._n, self._n + 1
+        name = f"mqtt-{n}" if input_id is None else input_id
         try:
-            a = decode_tensor(payload, max_bytes=1 << 24)
-            single = a.shape == self.spec.sample_shape
-            samples = [a] if single else list(a)
-            items = [check_sample(s, self.spec, where=self.topic) for s in samples]
-        except (WireError, AgentError):
+            a = decode_tensor(payload, max_bytes=1 << 24)  # the header is read; the body is not copied
+        except WireError as e:
             self.rejected += 1
+            self._refuse(name, f"not an input tensor: {e}")
             return
-        for i, s in enumerate(items):
-            with self._lock:
-                n, self._n = self._n, self._n + 1
-            name = f"mqtt-{n}" if input_id is None else input_id if single else f"{input_id}[{i}]"
-            self._q.put(Item(name, s, label))
+        shape = self.spec.sample_shape
+        count = 1 if a.shape == shape else a.shape[0] if a.ndim == len(shape) + 1 and a.shape[1:] == shape else -1
+        if count < 0:
+            self.rejected += 1
+            self._refuse(name, f"input of shape {list(a.shape)}; the bundle takes {list(shape)} or a batch of them")
+            return
+        if count > self.max_per_message:
+            self.refused += 1
+            self._refuse(name, f"a message of {count} inputs; one message may carry at most {self.max_per_message}")
+            return
+        with self._lock:
+            full = self._queued + count > self.maxsize
+            if not full:
+                self._queued += count
+        if full:
+            self.dropped += count
+            self._refuse(name, f"the agent is behind ({self.maxsize} inputs waiting): {count} input(s) dropped")
+            return
+        self._q.put((a, name, None if count == 1 and a.shape == shape else "batch", label))
 
     def push_message(self, msg: Any) -> None:
         """`push` a paho message, reading the feeder's id and label from its MQTT 5 properties if it has them."""
@@ -252,5 +297,10 @@ class MqttInputSource:
         self._q.put(None)
 
     def __iter__(self) -> Iterator[Item]:
-        while (item := self._q.get()) is not None:
-            yield item
+        while (got := self._q.get()) is not None:
+            a, name, batch, label = got
+            samples = [a] if batch is None else list(a)
+            with self._lock:
+                self._queued -= len(samples)
+            for i, s in enumerate(samples):
+                yield Item(name if batch is None else f"{name}[{i}]", np.asarray(s, dtype=np.float32), label)

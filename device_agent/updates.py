@@ -12,9 +12,14 @@ running bundle in place and is reported.
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
+import os
+import re
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,6 +35,12 @@ from edgecore.tasks import get_task
 log = logging.getLogger(__name__)
 
 MAX_DOWNLOAD = 512 << 20
+#: what this agent unpacks or downloads into, so that a start finds what a killed agent left: bundles unpacked
+#: into the temp folder (``device-agent.<device>.<pid>.…``) and downloads in the state dir (``fetch.<pid>.…``)
+UNPACK_PREFIX = "device-agent."
+FETCH_PREFIX = "fetch."
+#: a download (bundle or test data) must be complete within this many seconds, however it trickles
+DOWNLOAD_DEADLINE_S = 300.0
 BUNDLES = "bundles"
 
 
@@ -74,31 +85,44 @@ class _StayUnder(urllib.request.HTTPRedirectHandler):
 
 
 def download(url: str, dest: Path, *, allowed: Sequence[str], timeout: float = 30.0,
-             max_bytes: int = MAX_DOWNLOAD) -> Path:
-    """Fetch ``url`` (under ``allowed``) to ``dest``. Errors say "download failed" only: details go to the log.
+             max_bytes: int = MAX_DOWNLOAD, deadline_s: float = DOWNLOAD_DEADLINE_S, what: str = "bundle") -> Path:
+    """Fetch ``url`` (under ``allowed``) to ``dest``, at most ``max_bytes`` within ``deadline_s`` in all.
 
-    Why so terse: the outcome of an update is published in the device's status,
-    and telling "connection refused" from "timed out" from "404" there would
-    make every device a port scanner for whoever can send it commands.
+    Errors say "<what> download failed" only: details go to the log. Why so terse: the outcome of an update
+    or a bench job is published in the device's status, and telling "connection refused" from "timed out" from
+    "404" there would make every device a port scanner for whoever can send it commands. Bounded because a
+    server may send a body without end, or drip it a byte at a time: the body is streamed to ``dest`` (never
+    held in memory), and a partial file is removed.
     """
     if not url_allowed(url, allowed):
         raise BundleTrustError(
-            f"bundle URL {url!r} is not under an allowed update base"
-            + (f" ({', '.join(allowed)})" if allowed else ": this agent takes updates by URL only with --update-base")
+            f"{what} URL is not on the update allow-list"
+            + ("" if allowed else " (this agent takes downloads by URL only with --update-base)")
         )
     opener = urllib.request.build_opener(_StayUnder(allowed))
+    end = time.monotonic() + deadline_s
     try:
         with opener.open(url, timeout=timeout) as r, open(dest, "wb") as f:
+            length = r.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                raise _TooBig(f"Content-Length {length} is past the {max_bytes}-byte bound")
             total = 0
-            while block := r.read(1 << 20):
+            while block := r.read1(1 << 16):  # what has arrived, not a full buffer: a drip cannot stall here
                 total += len(block)
                 if total > max_bytes:
-                    raise BundleTrustError(f"bundle download failed: larger than {max_bytes} bytes")
+                    raise _TooBig(f"more than {max_bytes} bytes")
+                if time.monotonic() > end:
+                    raise _TooBig(f"not done within {deadline_s:g} s")
                 f.write(block)
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (_TooBig, urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         log.error("downloading %s failed: %s", url, e)
-        raise BundleTrustError("bundle download failed") from e
+        Path(dest).unlink(missing_ok=True)
+        raise BundleTrustError(f"{what} download failed") from e
     return dest
+
+
+class _TooBig(Exception):
+    """A download past its size or time bound (logged; the status says only "download failed")."""
 
 
 def _open_verified(tar: Path, extract: Path, *, trust: TrustPolicy) -> Bundle:
@@ -116,7 +140,7 @@ def fetch_bundle(*, url: str, sha256: str | None, state_dir: Path, allowed: Sequ
     """Download ``url`` (a bundle ``.tar.gz`` under ``allowed``), check ``sha256``, open it under ``state_dir``."""
     state_dir = Path(state_dir)
     (state_dir / BUNDLES).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="fetch-", dir=state_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{FETCH_PREFIX}{os.getpid()}.", dir=state_dir))
     try:
         tar = download(url, tmp / "bundle.tar.gz", allowed=allowed)
         tar_sha = sha256_file(tar)
@@ -134,6 +158,65 @@ def fetch_bundle(*, url: str, sha256: str | None, state_dir: Path, allowed: Sequ
         return trust.open(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _device_tag(device_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", device_id)[:64]
+
+
+def unpack_prefix(device_id: str) -> str:
+    """The temp-folder prefix this process unpacks a device's bundle tarballs under."""
+    return f"{UNPACK_PREFIX}{_device_tag(device_id)}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's process, or one we cannot ask about: not ours to clean
+        return True
+    return True
+
+
+def clean_stale(device_id: str, state_dir: Path | None = None) -> list[Path]:
+    """Remove what an agent of ``device_id`` that is no longer running left behind (a ``kill -9`` skips every
+    cleanup): its bundles unpacked in the temp folder, and unfinished downloads in ``state_dir``. Only folders
+    of this user, named with this agent's prefixes, whose process is gone; returns what went."""
+    spots = [(Path(tempfile.gettempdir()), f"{UNPACK_PREFIX}{_device_tag(device_id)}.")]
+    if state_dir is not None:
+        spots += [(Path(state_dir), FETCH_PREFIX), (Path(state_dir), "bench-data.")]
+    gone: list[Path] = []
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for folder, prefix in spots:
+        try:
+            found = [p for p in folder.glob(f"{_glob_escape(prefix)}*") if p.is_dir() and not p.is_symlink()]
+        except OSError:
+            continue
+        for p in found:
+            pid = p.name[len(prefix):].split(".", 1)[0]
+            try:
+                owner = p.stat().st_uid
+            except OSError:
+                continue
+            if not pid.isdigit() or (uid is not None and owner != uid) or _alive(int(pid)):
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            log.info("removed %s, left by an agent that is no longer running", p)
+            gone.append(p)
+    return gone
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def open_for_device(trust: TrustPolicy, bundle: str | os.PathLike[str], device_id: str,
+                    state_dir: Path | None = None) -> Bundle:
+    """Clean what a killed agent of this device left (`clean_stale`), then open ``bundle`` under ``trust``, a
+    tarball unpacked under this process's `unpack_prefix`."""
+    clean_stale(device_id, state_dir)
+    return trust.open(bundle, tmp_prefix=unpack_prefix(device_id))
 
 
 def prune_bundles(state_dir: Path, keep: Sequence[Path]) -> list[Path]:
@@ -177,3 +260,58 @@ def check_line(bundle: Bundle, running: str, allow_line_change: bool, *, what: s
         raise BundleTrustError(f"bundle {what} is model line {line}, this device runs {running}; refused")
     log.warning("model line change: bundle %s is model line %s, this device ran %s (allowed by the command)",
                 what, line, running)
+
+
+class ReleaseHistory:
+    """What this device has run, per model line: the highest release number, and the bundles (manifest sha256).
+
+    Why: a signed bundle stays validly signed for ever, so a signature alone cannot stop a *downgrade* (an older
+    release, with the bugs or the accuracy it had, pushed again: TUF's rollback attack). A device refuses a bundle
+    whose release is lower than one it ran in the same line (an unnumbered one counts as lower), except a rollback
+    the gateway orders to a bundle it ran before. Kept in ``STATE/releases.json`` (written atomically), so a
+    restart does not forget.
+    """
+
+    MAX_BUNDLES = 64  # the bundles remembered (a rollback goes to a recent one)
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.highest: dict[str, int] = {}
+        self.ran: list[str] = []
+        if path is not None and path.is_file():
+            try:
+                doc = json.loads(path.read_text())
+                self.highest = {str(k): int(v) for k, v in dict(doc.get("highest") or {}).items()}
+                self.ran = [str(x) for x in list(doc.get("ran") or [])][-self.MAX_BUNDLES:]
+            except (OSError, ValueError, TypeError, AttributeError) as e:
+                log.warning("%s: unreadable release history (%s); starting a new one", path, e)
+
+    def check(self, bundle: Bundle, *, rollback: bool, what: str) -> None:
+        """Refuse a downgrade (`BundleTrustError`), unless ``rollback`` to a bundle this device ran before."""
+        line, release = bundle.manifest.model.name, bundle.manifest.model.release
+        high = self.highest.get(line)
+        if high is None or (release is not None and release >= high):
+            return
+        if rollback and bundle.manifest_sha256 in self.ran:
+            log.warning("bundle %s: release %s of model line %s, below the %d this device ran: a rollback the "
+                        "gateway ordered to a bundle this device ran before", what, release, line, high)
+            return
+        raise BundleTrustError(
+            f"bundle {what} is {'an unnumbered release' if release is None else f'release {release}'} of model line "
+            f"{line}, below release {high} this device ran: refused (a downgrade; only a rollback the gateway orders "
+            "to a bundle this device ran before is accepted)")
+
+    def record(self, bundle: Bundle) -> None:
+        """``bundle`` now runs here."""
+        line, release = bundle.manifest.model.name, bundle.manifest.model.release
+        if release is not None and release > self.highest.get(line, -1):
+            self.highest[line] = release
+        sha = bundle.manifest_sha256
+        self.ran = [x for x in self.ran if x != sha][-(self.MAX_BUNDLES - 1):] + [sha]
+        if self.path is not None:
+            from edgecore.fsutil import atomic_write_json
+
+            try:
+                atomic_write_json(self.path, {"highest": self.highest, "ran": self.ran})
+            except OSError as e:  # a full disk: the bundle runs; the history is written with the next one
+                log.warning("%s: cannot write the release history (%s)", self.path, e)

@@ -336,12 +336,15 @@ class _RemoveOnce:
 
 
 def open_bundle(path: str | os.PathLike[str], *, extract_to: Path | None = None, limits: Limits = Limits(),
-                keys: Sequence[Any] = (), require_signature: bool = False) -> Bundle:
+                keys: Sequence[Any] = (), require_signature: bool = False, tmp_prefix: str = "bundle-") -> Bundle:
     """Open and verify a bundle directory or ``.tar.gz``. Raises `BundleTrustError`.
 
     ``keys`` (`edgecore.signing.TrustedKey`): when given, a signature by one of
     them is required. ``require_signature`` without keys refuses everything
-    (a device configured to require signatures but given no key).
+    (a device configured to require signatures but given no key). A tarball is
+    unpacked into ``extract_to``, or a new temporary folder named ``tmp_prefix``…
+    (removed on `Bundle.close`; a process killed outright leaves it, so a long-lived
+    owner names it to find its own leftovers: `device_agent.updates.clean_stale`).
     """
     p = given = Path(path)
     if not p.exists():
@@ -351,7 +354,7 @@ def open_bundle(path: str | os.PathLike[str], *, extract_to: Path | None = None,
     if p.is_file():
         where = str(given)
         made = extract_to is None
-        dest = Path(tempfile.mkdtemp(prefix="bundle-")) if made else Path(extract_to)  # type: ignore[arg-type]
+        dest = Path(tempfile.mkdtemp(prefix=tmp_prefix)) if made else Path(extract_to)  # type: ignore[arg-type]
         dest.mkdir(parents=True, exist_ok=True)
         try:
             p = extract_tarball(p, dest, limits=limits)

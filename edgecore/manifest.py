@@ -90,8 +90,11 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    name: str
+    name: str  # the model line
     version: str
+    # a monotonically increasing release number per model line (signed with the manifest): a device refuses a
+    # lower one than it has run, except a rollback the gateway orders to a bundle it ran before; None: unnumbered
+    release: int | None = None
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,8 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,
-            "model": {"name": self.model.name, "version": self.model.version},
+            "model": {"name": self.model.name, "version": self.model.version,
+                      **({"release": self.model.release} if self.model.release is not None else {})},
             "task": self.task.to_dict(),
             "target": self.target,
             "precision": self.precision.value,
@@ -225,7 +229,11 @@ class Manifest:
 def _model(c: _Check, d: dict[str, Any]) -> ModelInfo:
     m = c.get(d, "model", dict, "manifest", default={})
     version = c.get(m, "version", (str, int), "manifest.model", optional=True, default="unknown")
-    return ModelInfo(name=c.get(m, "name", str, "manifest.model", default=""), version=str(version))
+    release = m.get("release")
+    if release is not None and (isinstance(release, bool) or not isinstance(release, int) or not 0 <= release < 2**63):
+        c.fail("manifest.model.release", f"expected an integer release number >= 0, got {_short(release)}")
+        release = None
+    return ModelInfo(name=c.get(m, "name", str, "manifest.model", default=""), version=str(version), release=release)
 
 
 def _precision(c: _Check, d: dict[str, Any]) -> Precision:

@@ -178,8 +178,8 @@ class Topics:
     the instance attributes; the gateway and operators subscribe to `pattern`.
     """
 
-    REQ, RESP, TELEMETRY, STATUS, CMD, BENCH, ANSWERS, INPUT = (
-        "infer/req", "infer/resp", "telemetry", "status", "cmd", "bench", "answers", "input")
+    REQ, RESP, TELEMETRY, STATUS, CMD, BENCH, ANSWERS, INPUT, TELEMETRY_ACK = (
+        "infer/req", "infer/resp", "telemetry", "status", "cmd", "bench", "answers", "input", "telemetry/ack")
 
     def __init__(self, device_id: str, prefix: str = DEFAULT_PREFIX) -> None:
         self.device_id = device_id
@@ -192,6 +192,7 @@ class Topics:
         self.bench = self.of(prefix, device_id, self.BENCH)
         self.answers = self.of(prefix, device_id, self.ANSWERS)
         self.input = self.of(prefix, device_id, self.INPUT)
+        self.telemetry_ack = self.of(prefix, device_id, self.TELEMETRY_ACK)
 
     @staticmethod
     def of(prefix: str, device_id: str, suffix: str) -> str:

@@ -193,10 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_broker_args(p, required=True, credentials_help="JSON {username,password} or the fleet credentials.json "
                                                        "(its admin entry)")
     p.add_argument("--devices", required=True, help="comma-separated device ids")
-    p.add_argument("--bundle", default=None, help="bundle path or URL the devices fetch (default: their current one)")
+    p.add_argument("--bundle", default=None, help="a bundle URL the devices fetch (under their --update-base), or a bundle here "
+                   "or its manifest sha256, which devices benchmark if they hold it (default: the one they run)")
     p.add_argument("--deadline", type=float, default=param_default(run_fleet, "deadline_s"),
                    help="seconds to wait for answers")
-    p.add_argument("--data", default=None, help="path or URL of an .npz the devices can read, for accuracy")
+    p.add_argument("--data", default=None, help="URL of an .npz under the devices' --update-base, for accuracy")
     p.add_argument("--no-accuracy", action="store_true")
     _add_scenario(p)
     p.add_argument("--out", required=True, help="output directory (results + report)")

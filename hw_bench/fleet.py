@@ -10,6 +10,7 @@ the deadline is reported as such, next to the ones that did. The agents run
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -38,19 +39,37 @@ class FleetJob:
     data: str | None = None  # .npz path or URL the devices can read
 
     def message(self, *, job_id: str, bundle: str | None, sha256: str | None = None) -> dict[str, Any]:
+        """The job as the devices get it. ``bundle``: an http(s) URL the devices fetch (under their update
+        bases), a manifest sha256, or a bundle folder or tarball here, sent as its manifest sha256 (a device
+        benchmarks it if it holds it: the one it runs, the previous one or one it fetched). Devices read no
+        paths, so ``data`` must be a URL too."""
         is_url = bool(bundle) and str(bundle).startswith(("http://", "https://"))
+        if self.data and not self.data.startswith(("http://", "https://")):
+            raise BenchError(f"--data {self.data}: devices read test data only from an http(s) URL on their update "
+                             "allow-list (--update-base); serve the .npz there")
         msg: dict[str, Any] = {
             "schema": JOB_SCHEMA, "cmd": "bench", "job_id": job_id,
             "bundle_url": bundle if is_url else None,
-            "bundle_path": bundle if bundle and not is_url else None,
             "scenario": self.scenario.value, "duration_s": self.duration_s, "min_queries": self.min_queries,
             "warmup": self.warmup, "threads": self.threads, "accuracy": self.accuracy,
         }
+        if bundle and not is_url:
+            msg["bundle_sha256"] = bundle_id(bundle)
         if sha256:
             msg["sha256"] = sha256
         if self.data:
             msg["data"] = self.data
         return msg
+
+
+def bundle_id(bundle: str) -> str:
+    """A bundle's manifest sha256: ``bundle`` is one already, or a bundle folder or tarball on this machine."""
+    if re.fullmatch(r"[0-9a-f]{64}", bundle):
+        return bundle
+    from edgecore.bundle import open_bundle
+
+    with open_bundle(bundle) as b:
+        return b.manifest_sha256
 
 
 class _FleetClient:
@@ -112,6 +131,7 @@ def run_fleet(
     """
     _check_devices(devices)
     job_id = uuid.uuid4().hex
+    msg = job.message(job_id=job_id, bundle=bundle, sha256=sha256)  # a bad bundle or data: before connecting
     fc = _FleetClient(job_id=job_id, devices=devices, progress=progress)
     try:
         link = MqttLink(url=broker, client_id=f"hw-bench-{job_id[:8]}", username=username, password=password,
@@ -122,8 +142,9 @@ def run_fleet(
     except BrokerError as e:
         raise BenchError(str(e)) from e
     try:
-        msg = job.message(job_id=job_id, bundle=bundle, sha256=sha256)
-        infos = [link.publish(Topics.of(prefix, d, Topics.CMD), json.dumps(msg).encode(), qos=1) for d in devices]
+        # a device that is away gets the job only while the answers are still awaited
+        infos = [link.publish(Topics.of(prefix, d, Topics.CMD), json.dumps(msg).encode(), qos=1,
+                              expiry_s=max(1, int(deadline_s))) for d in devices]
         for i in infos:
             i.wait_for_publish(timeout=connect_timeout_s)
         if progress:

@@ -5,8 +5,9 @@ group ``edge_toolchain.latency_devices`` (the toolchain never imports hw-bench).
 The artifact becomes a bundle (the one writer, signed with
 ``prune.latency_sign_key``: devices refuse unsigned bundles), is uploaded to the
 gateway (``prune.latency_gateway``; the device fetches it from there, so its
-agent needs ``--update-base GATEWAY``) or, without a gateway, handed over as a
-path the device can read (a shared mount), and the device's agent runs its
+agent needs ``--update-base GATEWAY``) or, without a gateway, put in a shared
+mount the device's agent takes bench bundles from (``--bench-dir``) and named
+by its manifest sha256, and the device's agent runs its
 ``bench`` command on it: the single-stream scenario on its own runtime, answered
 over MQTT (`hw_bench.fleet.run_fleet`).
 """
@@ -72,7 +73,9 @@ def measure(*, device: str, artifact_dir: Path, artifact: Any, source: Any, cali
         shutil.copytree(artifact_dir, bundle)
         _write_bundle(bundle, artifact=artifact, source=source, calibration=calibration, metrics={}, signing_key=key)
         tar = write_tarball(bundle)
-        where = _upload(options["gateway"], tar, f"latency-{source.name}") if options.get("gateway") else str(tar)
+        # without a gateway the candidate is named by its manifest sha256: the device takes it from the shared
+        # mount only if its agent was given that folder with --bench-dir (it reads no other path)
+        where = _upload(options["gateway"], tar, f"latency-{source.name}") if options.get("gateway") else str(bundle)
         user, pw = _credentials(options.get("credentials", ""))
         job = FleetJob(scenario=Scenario.SINGLE_STREAM, duration_s=min_seconds, min_queries=min_queries,
                        warmup=warmup, threads=threads, accuracy=False)

@@ -29,7 +29,7 @@ from edgecore.bundle import (
     write_bundle,
     write_tarball,
 )
-from edgecore.errors import EdgeError, TargetUnavailableError
+from edgecore.errors import ConfigError, EdgeError, TargetUnavailableError
 from edgecore.fsutil import atomic_dir, atomic_write_json
 from edgecore.manifest import ArtifactInfo, Manifest, ModelInfo, OutputSpec, Routing
 from edgecore.spec import InputSpec, Precision
@@ -130,7 +130,8 @@ def _routing(tmp: Path, ref: Reference, cfg: BuildConfig, fit_out: np.ndarray, c
     seen = ref.drift_rows or slice(None)
     own = ref.drift_rows is not None and len(ref.y_fit[seen]) >= MIN_THRESHOLD_ROWS  # else too few: all
     rows = seen if own else slice(None)
-    choice = choose_threshold(conf[rows], edge_ok[rows], cloud_ok[rows], offload_budget=cfg.offload_budget)
+    choice = choose_threshold(conf[rows], edge_ok[rows], cloud_ok[rows], offload_budget=cfg.offload_budget,
+                              split=ref.fit_split)
     curve_json, curve_png = write_curve(tmp, conf[rows], edge_ok[rows], cloud_ok[rows], choice=choice, title=title)
     contract = task.contract
     outputs = None
@@ -160,12 +161,13 @@ def manifest_for(
     artifact: Artifact, *, name: str, version: str, input_spec: InputSpec, labels: Sequence[str],
     metrics: dict[str, Any], calibration: RepresentativeSet | None = None, routing: Routing | None = None,
     drift_reference: str | None = None, lineage: dict[str, Any] | None = None, verify: dict[str, Any] | None = None,
-    task: TaskSpec | None = None,
+    task: TaskSpec | None = None, release: int | None = None,
 ) -> Manifest:
     """The one place a built artifact becomes a manifest: `build_bundle` and ``hw-bench models`` write theirs
     through it (with `edgecore.bundle.write_bundle`, which adds the files' hashes and the signature)."""
     return Manifest(
-        model=ModelInfo(name=name, version=version), target=artifact.target, precision=artifact.precision,
+        model=ModelInfo(name=name, version=version, release=release), target=artifact.target,
+        precision=artifact.precision,
         input=input_spec, output=OutputSpec(name="logits", labels=tuple(labels)),
         artifact=artifact.info(get_target(artifact.target).runtime_version()), toolchain_version=__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), routing=routing,
@@ -188,13 +190,18 @@ def representative_for(run_dir: Path, ref: Reference, cfg: BuildConfig = BuildCo
 def build_bundle(
     *, run_dir: Path | str, target: str, precision: str, out: Path | str | None = None,
     cfg: BuildConfig = BuildConfig(), model_version: str | None = None, signing_key: Any = None,
+    release: int | None = None,
 ) -> dict[str, Any]:
     """Build, verify and write one bundle; returns the build report (also in the manifest).
 
     ``signing_key``: an Ed25519 private key (`edgecore.signing.load_private_key`) to sign the manifest.
+    ``release``: the bundle's release number in its model line (`ModelInfo.release`); default: the build's time
+    in whole seconds since 1970 (later builds of a line are higher on any one build machine's clock).
     """
     from toolchain.rundir import RunDir
 
+    if release is not None and (isinstance(release, bool) or not 0 <= int(release) < 2**63):
+        raise ConfigError(f"release: a bundle's release number is an integer >= 0, got {release!r}")
     t = get_target(target)
     p = parse_precision(t, precision)
     ok, why = t.build_available()
@@ -223,6 +230,7 @@ def build_bundle(
                 version=model_version or (ref.lineage.get("student_sha256") or "dev")[:12],
                 input_spec=ref.input_spec, labels=ref.labels, metrics=ver.metrics, calibration=rep, routing=routing,
                 drift_reference=DRIFT_REFERENCE, lineage=ref.lineage, verify=ver.verify, task=ref.task.contract.spec,
+                release=int(time.time()) if release is None else int(release),
             ), signing_key=signing_key)
     except BaseException:
         _remove_stale(out)

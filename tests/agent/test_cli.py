@@ -99,7 +99,7 @@ def test_cli_mqtt_source_answers_on_the_answers_topic(logging_mosquitto, tiny_ca
         if m.topic.endswith("status") and json.loads(m.payload).get("state") == "online" and not fed.is_set():
             fed.set()
             feeder.client.publish("fleet/dev-c/input", wire.encode_tensor(run.x_test[:5]), qos=1)
-            feeder.client.publish("fleet/dev-c/input", b"garbage", qos=1)  # skipped, not fatal
+            feeder.client.publish("fleet/dev-c/input", b"garbage", qos=1)  # answered with an error, not fatal
             feeder.client.publish("fleet/dev-c/input", wire.encode_tensor(run.x_test[5]), qos=1)
 
     watch = Listener(broker, ["fleet/dev-c/answers", "fleet/dev-c/status"])
@@ -111,13 +111,16 @@ def test_cli_mqtt_source_answers_on_the_answers_topic(logging_mosquitto, tiny_ca
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(fed.is_set, 60, "the agent's online status")
-        wait_for(lambda: sum(t.endswith("answers") for t, _ in watch.messages) >= 6, 30, "6 answers")
+        wait_for(lambda: sum(t.endswith("answers") for t, _ in watch.messages) >= 7, 30, "7 answers")
     finally:
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=30)
         feeder.stop()
         watch.stop()
     got = [json.loads(m) for t, m in watch.messages if t.endswith("answers")]
+    refused = [g for g in got if g.get("ok") is False]
+    assert len(refused) == 1 and refused[0]["error"].startswith("not an input tensor")
+    got = [g for g in got if g.get("ok") is not False]
     assert len(got) == 6 and [g["true_label"] for g in got] == [None] * 6
     preds = [g["prediction"] for g in got]
     assert sum(pr == int(t) for pr, t in zip(preds, run.y_test[:6])) >= 5

@@ -188,9 +188,9 @@ def tarball_sha(run: TinyRun) -> str:
 
 
 def retag_bundle(src: Path, dst: Path, *, version: str, model_bytes: bytes | None = None,
-                 name: str | None = None) -> Path:
-    """A copy of a bundle with another model version (and optionally another model file, or another model name:
-    another model line), re-hashed + tarred."""
+                 name: str | None = None, release: int | None = None) -> Path:
+    """A copy of a bundle with another model version (and optionally another model file, another model name:
+    another model line, or a release number), re-hashed + tarred."""
     import shutil
 
     shutil.copytree(src, dst)
@@ -200,6 +200,8 @@ def retag_bundle(src: Path, dst: Path, *, version: str, model_bytes: bytes | Non
     m["model"]["version"] = version
     if name is not None:
         m["model"]["name"] = name
+    if release is not None:
+        m["model"]["release"] = release
     m["files"] = {k: e.to_dict() for k, e in file_entries(dst, ["model.onnx", "drift_reference.json"]).items()}
     (dst / "manifest.json").write_text(json.dumps(m))
     sign_dir(dst)

@@ -45,11 +45,13 @@ FLAGS: list[tuple[Callable[[], argparse.ArgumentParser], str, str, Any, str]] = 
     *[(_agent, "run", dest, AgentConfig, name) for dest, name in (
         ("prefix", "prefix"), ("mqtt_version", "mqtt_version"), ("deadline", "deadline_s"),
         ("window", "telemetry_window_s"), ("state_dir", "state_dir"), ("outbox_max", "outbox_max_rows"),
-        ("drop_policy", "drop_policy"), ("batch_size", "batch_size"), ("drift_offload", "drift_offload"))],
+        ("drop_policy", "drop_policy"), ("batch_size", "batch_size"), ("drift_offload", "drift_offload"),
+        ("session_expiry", "session_expiry_s"))],
     (_agent, "run", "drift_window", DriftConfig, "window"),
     *[(_gateway, "serve", dest, WorkerConfig, name) for dest, name in (
         ("prefix", "prefix"), ("mqtt_version", "mqtt_version"), ("replica_id", "replica_id"),
-        ("batch_size", "batch_size"), ("batch_ms", "batch_ms"), ("max_payload", "max_payload_bytes"))],
+        ("batch_size", "batch_size"), ("batch_ms", "batch_ms"), ("max_payload", "max_payload_bytes"),
+        ("max_pending_per_device", "max_pending_per_device"))],
     *[(_gateway, "serve", dest, GatewayConfig, name) for dest, name in (
         ("db", "db"), ("bundles_dir", "bundles_dir"), ("http_host", "http_host"), ("http_port", "http_port"),
         ("teacher_format", "teacher_format"))],

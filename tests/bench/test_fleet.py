@@ -8,6 +8,8 @@ and must be reported as not answering.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import threading
 import time
@@ -52,12 +54,24 @@ def _wait_online(broker, ids: list[str], timeout: float = 10.0) -> None:  # type
         c.disconnect()
 
 
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *a):  # type: ignore[no-untyped-def]
+        pass
+
+
 def test_fleet_bench_two_agents_and_a_silent_device(mosquitto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from tests.agent.tiny import bench_commands, build_tiny, make_agent
 
     run = build_tiny(tmp_path / "tiny")
-    save_npz(tmp_path / "test.npz", TestData(run.x_test, run.y_test, "digits-test"))
-    agents = [make_agent(mosquitto, run.bundle_dir, d, tmp_path, commands=bench_commands()).start() for d in ("dev-a", "dev-b")]
+    www = tmp_path / "www"
+    www.mkdir()
+    save_npz(www / "test.npz", TestData(run.x_test, run.y_test, "digits-test"))
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(www)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}/"  # the devices' update allow-list serves the test data
+    agents = [make_agent(mosquitto, run.bundle_dir, d, tmp_path, commands=bench_commands(), update_bases=(base,)).start()
+              for d in ("dev-a", "dev-b")]
     try:
         _wait_online(mosquitto, ["dev-a", "dev-b"])
         user, pw = mosquitto.admin_credentials
@@ -65,11 +79,13 @@ def test_fleet_bench_two_agents_and_a_silent_device(mosquitto, tmp_path: Path) -
         rc = main(["fleet", "--broker", mosquitto.url, "--username", user, "--password", pw,
                    "--devices", "dev-a,dev-b,dev-c", "--bundle", str(run.bundle_dir), "--deadline", "8",
                    "--duration", "0.2", "--min-queries", "20", "--warmup", "2", "--threads", "1",
-                   "--data", str(tmp_path / "test.npz"), "--out", str(tmp_path / "fleet")])
+                   "--data", base + "test.npz", "--out", str(tmp_path / "fleet")])
         elapsed = time.monotonic() - t0
     finally:
         for a in agents:
             a.stop()
+        httpd.shutdown()
+        httpd.server_close()
     assert rc == 0
     doc = read_run(tmp_path / "fleet" / "fleet_results.json")
     status = {d["device_id"]: d for d in doc["devices"]}

@@ -32,7 +32,8 @@ def test_latency_search_times_every_candidate_on_the_fleet_device(mosquitto, tin
     from tests.agent.tiny import bench_commands, build_tiny, make_agent
 
     tiny = build_tiny(tmp_path / "tiny")
-    agent = make_agent(mosquitto, tiny.bundle_dir, "dev-a", tmp_path, commands=bench_commands()).start()
+    agent = make_agent(mosquitto, tiny.bundle_dir, "dev-a", tmp_path, commands=bench_commands(),
+                       bench_dirs=(tmp_path / "share",)).start()  # the shared mount the device takes bundles from
     user, pw = mosquitto.admin_credentials
     (tmp_path / "operator.json").write_text(json.dumps({"username": user, "password": pw}))
     run_dir = tmp_path / "run"

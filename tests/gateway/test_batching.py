@@ -159,3 +159,33 @@ def test_overload_is_answered_not_dropped(pair):
             w._on_message(_FakeClient(a), None, _msg("dev-a", b"%d" % i))
     assert w._q.qsize() == 2 and len(sent) == 1 and sent[0]["error"] == "gateway overloaded"
     assert w.metrics.value("gateway_overload_total") == 1
+
+
+def test_one_devices_flood_never_fills_the_queue_for_the_others(worker):
+    """Requests wait in one queue while the teacher is busy; a device may hold only its share of it (1000 of
+    10000): past that its own are refused, and another device's request still gets in and is answered. (A flood
+    of 10,050 filled the queue and the other devices got ``gateway overloaded``.)"""
+    w, sent, calls = worker
+    c = _FakeClient(None)
+    w._model_lock.acquire()  # the teacher is busy: everything queues
+    try:
+        for i in range(10_050):
+            w._on_message(c, None, _msg("dev-a", b"f%d" % i))
+        w._on_message(c, None, _msg("dev-b", b"victim"))
+        refused = [m for m in sent if not m["ok"]]
+        assert len(refused) == 10_050 - 1000 and all(m["topic"] == "fleet/dev-a/infer/resp" for m in refused)
+        assert refused[0]["error"] == "this device has 1000 requests waiting, its share of the gateway; refused"
+    finally:
+        w._model_lock.release()
+    w._batcher.start()
+    wait = time.monotonic() + 20
+    while w.served < 1001 and time.monotonic() < wait:
+        time.sleep(0.02)
+    victim = [m for m in sent if m["topic"] == "fleet/dev-b/infer/resp"]
+    assert len(victim) == 1 and victim[0]["ok"] and w.served == 1001
+    assert w._held == {}  # every share given back once served
+    w._on_message(c, None, _msg("dev-a", b"after"))  # the flooder is served again once its own went through
+    wait = time.monotonic() + 5
+    while w.served < 1002 and time.monotonic() < wait:
+        time.sleep(0.02)
+    assert sent[-1]["topic"] == "fleet/dev-a/infer/resp" and sent[-1]["ok"]

@@ -134,10 +134,13 @@ def test_acl_device_cannot_act_as_another(mosquitto, tiny_cascade, tmp_path):
     c.publish("fleet/dev-b/telemetry", wire.dumps({"device_id": "dev-b", "seq": 0}), qos=1).wait_for_publish(5)
     c.publish("fleet/dev-b/infer/req", b"x", qos=1, properties=_req_props("fleet/dev-b/infer/resp", b"1")
               ).wait_for_publish(5)
+    # nor order itself a bundle: a device never writes its own command topic (only the gateway does)
+    c.publish("fleet/dev-a/cmd", wire.dumps({"cmd": "update_bundle", "url": "http://evil/old"}), qos=1
+              ).wait_for_publish(5)
     c.publish("fleet/dev-a/telemetry", b"own", qos=1).wait_for_publish(5)  # control: its own topic works
     _wait(lambda: any(t == "fleet/dev-a/telemetry" for t, _ in watch.messages), 5, "own message")
     time.sleep(0.3)
-    assert not [t for t, _ in watch.messages if t.startswith("fleet/dev-b/")]
+    assert not [t for t, _ in watch.messages if t.startswith("fleet/dev-b/") or t == "fleet/dev-a/cmd"]
     # nor read B's traffic: a real message from B reaches the operator, never A's snooping client
     b = _client(mosquitto, mosquitto.credentials("dev-b"), "dev-b")
     b.publish("fleet/dev-b/telemetry", b"from-b", qos=1).wait_for_publish(5)
@@ -299,7 +302,7 @@ def test_fleet_credentials_cli(tmp_path):
     assert set(creds["devices"]) == {"cam-1", "cam-2"}
     users = dict(line.split(":", 1) for line in (out / "passwd").read_text().splitlines())
     assert set(users) == {"cam-1", "cam-2", "gateway", "admin"} and all(h.startswith("$7$") for h in users.values())
-    assert "pattern readwrite fleet/%u/#" in (out / "acl").read_text()
+    assert "pattern read fleet/%u/cmd" in (out / "acl").read_text()
     assert oct((out / "credentials.json").stat().st_mode)[-3:] == "600"
     r = subprocess.run([sys.executable, "-m", "cloud_gateway.cli", "fleet-credentials", "bad/id", "--out", str(out)],
                        capture_output=True, text=True, timeout=60)

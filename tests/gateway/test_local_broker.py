@@ -65,6 +65,7 @@ def test_amqtt_refuses_bad_passwords_and_confines_devices(amqtt_broker):
     got: list = []
     gw, gw_codes = _connect(amqtt_broker, *amqtt_broker.gateway_credentials, got)
     gw.subscribe("fleet/+/telemetry", qos=1)
+    gw.subscribe("fleet/+/cmd", qos=1)
     dev, dev_codes = _connect(amqtt_broker, *amqtt_broker.credentials("dev-a"), got)
     bad, bad_codes = _connect(amqtt_broker, "dev-a", "wrong-password", [])
     try:
@@ -73,6 +74,7 @@ def test_amqtt_refuses_bad_passwords_and_confines_devices(amqtt_broker):
         time.sleep(0.3)
         dev.publish("fleet/dev-a/telemetry", b"mine", qos=1).wait_for_publish(5)
         dev.publish("fleet/dev-b/telemetry", b"spoofed", qos=1)
+        dev.publish("fleet/dev-a/cmd", b'{"cmd": "update_bundle"}', qos=1)  # its own command topic: refused
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline and not got:
             time.sleep(0.05)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -189,3 +190,66 @@ def test_a_drifted_device_also_sends_a_share_of_its_confident_inputs_and_they_ar
         assert sum(a.route is Route.CLOUD for a in drifting) == 2  # drift_offload 0.25: every 4th sure input
         wait_for(lambda: len(gw.store.samples.rows(limit=100)) == 2, 10, "2 collected")
         assert all(r["flagged"] for r in gw.store.samples.rows(limit=100))
+
+
+def _fill(store, device: str, n: int, *, labelled: int = 0, t0: float = 0.0) -> list[int]:
+    """``n`` samples of ``device`` (the first ``labelled`` of them labelled by a person); their ids."""
+    blob = bytes(16)
+    store.samples.add([{"device_id": device, "bundle": "1", "received": t0 + i, "input": blob,
+                        "teacher_probs": blob, "teacher_label": 0, "uncertainty": 0.5, "confidence": 0.5,
+                        "drift": False, "flagged": False} for i in range(n)])
+    ids = [r["id"] for r in store.samples.rows(limit=n + 1_000_000, device=device)][-n:]
+    for i in ids[:labelled]:
+        store.samples.label(i, 3)
+    return ids
+
+
+def test_one_devices_flood_never_evicts_another_devices_samples_or_labels(tmp_path):
+    """A victim with 150 samples (5 labelled by a person) keeps all of them while a flooder overfills the total
+    bound: the flooder loses its own oldest samples. (Evicting oldest-first across the fleet took the victim to
+    100 samples and 0 labels.)"""
+    store = GatewayStore(tmp_path / "s.sqlite")
+    now = time.time()
+    victim = _fill(store, "victim", 150, labelled=5, t0=now - 10_000)  # older than every flooded sample
+    _fill(store, "flooder", 3000, labelled=2, t0=now - 5_000)
+    store.samples.trim(max_per_device=10_000, max_total=1000, older_than=None)
+    stats = {s["device"]: s for s in store.samples.stats()}
+    assert stats["victim"]["samples"] == 150 and stats["victim"]["labelled"] == 5
+    assert stats["flooder"]["samples"] == 850 and stats["flooder"]["labelled"] == 2  # its own unlabelled went
+    assert [r["id"] for r in store.samples.rows(limit=1000, device="victim")] == victim
+    kept = [r["received"] for r in store.samples.rows(limit=1000, device="flooder") if r["human_label"] is None]
+    assert min(kept) == now - 5_000 + 3000 - 848  # the flooder's newest unlabelled ones stayed
+    # two floods: each is cut to the same fair level, the small device still untouched
+    _fill(store, "flooder-2", 2000, t0=now)
+    store.samples.trim(max_per_device=10_000, max_total=1000, older_than=None)
+    stats = {s["device"]: s for s in store.samples.stats()}
+    assert (stats["victim"]["samples"], stats["victim"]["labelled"]) == (150, 5)
+    assert stats["flooder"]["samples"] + stats["flooder-2"]["samples"] == 850
+    unlabelled = [stats[d]["samples"] - stats[d]["labelled"] for d in ("flooder", "flooder-2")]
+    assert abs(unlabelled[0] - unlabelled[1]) <= 1 and stats["flooder"]["labelled"] == 2
+    # a device over its own bound loses its own unlabelled samples before its labels
+    store.samples.trim(max_per_device=100, max_total=1000, older_than=None)
+    stats = {s["device"]: s for s in store.samples.stats()}
+    assert (stats["victim"]["samples"], stats["victim"]["labelled"]) == (100, 5)
+
+
+def test_one_devices_burst_never_fills_the_collection_queue_for_the_others(tmp_path):
+    """The rows wait in one bounded queue for the writer: a device's burst takes at most its share of it, and
+    the other devices' rows still get in (a shared queue dropped them all while the flooder's filled it)."""
+    from cloud_gateway.collection import SampleCollector
+    from cloud_gateway.metrics import Metrics
+
+    store = GatewayStore(tmp_path / "s.sqlite")
+    metrics = Metrics()
+    col = SampleCollector(store, CollectionPolicy.parse("all"), metrics, queue_size=64)  # writer not started
+    for _ in range(500):
+        col.offer("flooder", np.zeros((1, 2), np.float32), [0.5, 0.5], confidence=0.5, flagged=False)
+    for _ in range(5):
+        col.offer("victim", np.zeros((1, 2), np.float32), [0.5, 0.5], confidence=0.5, flagged=False)
+    col.start()
+    col.flush()
+    col.stop()
+    stats = {s["device"]: s["samples"] for s in store.samples.stats()}
+    assert stats == {"flooder": 8, "victim": 5}  # the flooder's share is an eighth of the queue
+    assert 'gateway_samples_dropped_total{device="flooder"} 492' in metrics.render()
+    assert 'device="victim"' not in metrics.render().split("gateway_samples_dropped_total")[-1]

@@ -74,7 +74,7 @@ def test_password_hash_is_mosquitto_pbkdf2_sha512():
                  "+19izL2dD8aVaRvww==")
     _, _, it, salt, digest = h.split("$")
     assert base64.b64decode(digest) == hashlib.pbkdf2_hmac("sha512", b"secret", base64.b64decode(salt), int(it))
-    assert "pattern readwrite fleet/%u/#" in acl_text()
+    assert "pattern read fleet/%u/cmd" in acl_text() and "pattern write fleet/%u/cmd" not in acl_text()
     with pytest.raises(GatewayError, match="collides"):
         make_fleet(device_ids=["gateway"])
     with pytest.raises(GatewayError, match="duplicate"):

@@ -24,6 +24,9 @@ def register(subparsers: Any) -> None:
                    help="bundle directory (with several builds: their parent); default RUN/bundles/TARGET-PRECISION")
     p.add_argument("--sign", type=Path, default=None, metavar="KEY",
                    help="sign each bundle's manifest with this Ed25519 private key (`toolchain keys new`)")
+    p.add_argument("--release", type=int, default=None, metavar="N",
+                   help="the bundles' release number in their model line (devices refuse a lower one than they ran; "
+                   "default: the build time in seconds since 1970)")
     add_config_args(p)
     add_json_flag(p)
     add_common(p)
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     def one(target: str, precision: str) -> dict[str, Any]:
         out = args.out if single else (args.out / f"{target}-{precision}" if args.out else None)
         rep = build_bundle(run_dir=run_dir, target=target, precision=precision, out=out, cfg=cfg.build,
-                           signing_key=key)
+                           signing_key=key, release=args.release)
         progress.update(1)
         return rep
 
