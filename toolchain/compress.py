@@ -88,11 +88,22 @@ def make_context(cfg: Config, run: RunDir) -> PassContext:
 
 
 def make_student(cfg: Config, ctx: PassContext) -> "nn.Module":
-    """A copy of the teacher, or a fresh model of ``student.family`` (same input and classes)."""
+    """A copy of the teacher, or a fresh model of ``student.family`` (same input and classes).
+
+    Either way torch's transformer layers are replaced by their unfused equivalents (`toolchain.attention`):
+    same outputs, whole heads prunable, no fused operator for the exporters and converters to meet."""
     if cfg.student.family == "teacher":
-        return copy.deepcopy(ctx.teacher).train()
-    return ctx.train_task.build_model(cfg.student, input_shape=ctx.input_shape, num_classes=ctx.num_classes,
-                                      what="student.family")
+        return _unfused(copy.deepcopy(ctx.teacher).train(), ctx)
+    return _unfused(ctx.train_task.build_model(cfg.student, input_shape=ctx.input_shape,
+                                               num_classes=ctx.num_classes, what="student.family"), ctx)
+
+
+def _unfused(model: "nn.Module", ctx: PassContext) -> "nn.Module":
+    import torch
+
+    from toolchain.attention import unfuse
+
+    return unfuse(model, torch.randn(2, *ctx.input_shape))
 
 
 def compress(cfg: Config, run_dir: Path | str | None = None, *, show: bool = True) -> dict[str, Any]:
@@ -132,7 +143,7 @@ def compress(cfg: Config, run_dir: Path | str | None = None, *, show: bool = Tru
 def _pruned_teacher(passes: list[Pass], ctx: PassContext) -> dict[str, Any]:
     """The default student (the teacher, through the same fp32 passes), for the table."""
     fp32 = [p for p in passes if not p.quantizes]
-    res = run_passes(fp32, copy.deepcopy(ctx.teacher).train(), ctx, label="pruned teacher: ")
+    res = run_passes(fp32, _unfused(copy.deepcopy(ctx.teacher).train(), ctx), ctx, label="pruned teacher: ")
     return {"name": "pruned teacher", "passes": [p.name for p in fp32], "stages": res.rows,
             "test_accuracy": res.rows[-1]["test_accuracy"] if res.rows else None}
 
