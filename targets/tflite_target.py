@@ -189,6 +189,32 @@ class TfliteRunner:
         return self._invoke(x)
 
 
+#: LiteRT builtins that only move or convert data
+_TFLITE_LAYOUT = frozenset({"RESHAPE", "TRANSPOSE", "QUANTIZE", "DEQUANTIZE", "PAD", "SQUEEZE", "EXPAND_DIMS",
+                            "CONCATENATION", "GATHER", "STRIDED_SLICE", "SLICE", "SHAPE", "PACK", "UNPACK"})
+
+
+def op_dtypes(path: Path) -> dict[str, Any]:
+    """The flatbuffer's compute ops by the dtype of their first input: ``{"int8_ops": {...}, "float_ops": {...}}``
+    (read without delegates, so XNNPACK's partitions do not hide them)."""
+    import collections
+
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_path=str(path),
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    dtypes = {t["index"]: np.dtype(t["dtype"]).name for t in it.get_tensor_details()}
+    ints: collections.Counter[str] = collections.Counter()
+    floats: collections.Counter[str] = collections.Counter()
+    for op in it._get_ops_details():
+        name = op["op_name"]
+        first = next((dtypes.get(int(i)) for i in op["inputs"] if int(i) >= 0), None)
+        if name in _TFLITE_LAYOUT or first is None:
+            continue
+        (ints if first in ("int8", "uint8", "int16") else floats)[name] += 1
+    return {"int8_ops": dict(sorted(ints.items())), "float_ops": dict(sorted(floats.items()))}
+
+
 class TfliteTarget(Target):
     name = "tflite"
     precisions = (Precision.FP32, Precision.INT8)
@@ -234,6 +260,8 @@ class TfliteTarget(Target):
                 details.update(method="pt2e-static-ptq", io="int8", per_channel=self.per_channel,
                                cat_inputs_shared=cats)
             edge.export(str(Path(out_dir) / MODEL_FILE))
+            if precision is Precision.INT8:
+                details.update(op_dtypes(Path(out_dir) / MODEL_FILE))
         except BuildError:
             raise
         except Exception as e:
