@@ -151,6 +151,7 @@ class ModelConfig(Section):
     patch: int = 0  # vit: patch side in pixels (signals: samples); 0 picks one from the input size
     mlp_ratio: float = 2.0  # vit: MLP hidden width over width
     pool: str = "mean"  # vit: "mean" (of the tokens) | "cls" (a class token)
+    stem: str = "conv"  # vit: "conv" (3x3 conv + overlapping patches: small data) | "patch" (plain patchify, ViT-B/16 style)
 
     #: families this section may name besides ``python:module:function``
     FAMILIES: ClassVar[tuple[str, ...]] = ("resnet", "mobilenet", "mlp", "vit")
@@ -171,6 +172,7 @@ class ModelConfig(Section):
         check.need(0 <= self.patch <= 1024, "patch", "must be in [0, 1024] (0: chosen from the input size)")
         check.need(0.0 < self.mlp_ratio <= 16.0, "mlp_ratio", "must be in (0, 16]")
         check.need(self.pool in ("mean", "cls"), "pool", "must be 'mean' or 'cls'")
+        check.need(self.stem in ("conv", "patch"), "stem", "must be 'conv' or 'patch'")
         if self.family == "vit":
             check.need(self.width % self.heads == 0, "width",
                        f"must be a multiple of heads ({self.heads}) for family 'vit'")

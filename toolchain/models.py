@@ -219,24 +219,29 @@ class ViT(nn.Module):
     BatchNorm, GELU): the early convolutions of Xiao et al. (NeurIPS 2021), a few per cent of the MACs. Images
     are cut into square patches; a 1-D signal (a (C, 1, L) input) along its length, so the same encoder serves
     both. ``width`` is the embedding size, ``depth`` the number of blocks, ``heads`` the attention heads
-    (``width // heads`` wide each), ``mlp_ratio`` the MLP's hidden width over ``width``.
+    (``width // heads`` wide each), ``mlp_ratio`` the MLP's hidden width over ``width``. ``stem = "patch"``
+    is the original ViT's plain patchify (large images, where the overlapping kernel would cost too much).
     """
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, *, width: int, depth: int, heads: int,
-                 patch: int, mlp_ratio: float, pool: str, dropout: float) -> None:
+                 patch: int, mlp_ratio: float, pool: str, dropout: float, stem: str = "conv") -> None:
         super().__init__()
         c, h, w = (int(d) for d in input_shape)
         ph, pw = vit_patch((c, h, w), patch)
         if ph > h or pw > w:
             raise ModelError(f"vit patch {ph}x{pw} is larger than the input {h}x{w} (lower teacher.patch)")
-        k1 = (3 if h > 1 else 1, 3 if w > 1 else 1)
-        kp = (2 * ph - 1, 2 * pw - 1)
-        stem = max(1, width // 2)
-        self.patch_embed = nn.Sequential(
-            nn.Conv2d(c, stem, k1, padding=(k1[0] // 2, k1[1] // 2), bias=False), nn.BatchNorm2d(stem), nn.GELU(),
-            nn.Conv2d(stem, width, kp, stride=(ph, pw), padding=(ph - 1, pw - 1)),
-        )
-        tokens = math.ceil(h / ph) * math.ceil(w / pw)
+        if stem == "patch":  # the original ViT: non-overlapping patches, no convolution before them
+            self.patch_embed: nn.Module = nn.Conv2d(c, width, (ph, pw), stride=(ph, pw))
+            tokens = (h // ph) * (w // pw)
+        else:
+            k1 = (3 if h > 1 else 1, 3 if w > 1 else 1)
+            kp = (2 * ph - 1, 2 * pw - 1)
+            mid = max(1, width // 2)
+            self.patch_embed = nn.Sequential(
+                nn.Conv2d(c, mid, k1, padding=(k1[0] // 2, k1[1] // 2), bias=False), nn.BatchNorm2d(mid), nn.GELU(),
+                nn.Conv2d(mid, width, kp, stride=(ph, pw), padding=(ph - 1, pw - 1)),
+            )
+            tokens = math.ceil(h / ph) * math.ceil(w / pw)
         self.pool = pool
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.randn(1, tokens + (pool == "cls"), width) * 0.02)
@@ -338,7 +343,7 @@ def build_model(cfg: ModelConfig, *, input_shape: tuple[int, ...], num_classes: 
             raise ModelError(f"model family 'vit' needs image or signal inputs (C, H, W); the data has shape "
                              f"{tuple(input_shape)} (use family 'mlp' for feature vectors)")
         return ViT(tuple(input_shape), num_classes, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
-                   patch=cfg.patch, mlp_ratio=cfg.mlp_ratio, pool=cfg.pool, dropout=cfg.dropout)
+                   patch=cfg.patch, mlp_ratio=cfg.mlp_ratio, pool=cfg.pool, dropout=cfg.dropout, stem=cfg.stem)
     if fam == "mlp":
         return MLP(int(math.prod(input_shape)), num_classes, hidden=cfg.hidden, dropout=cfg.dropout)
     if fam.startswith("python:"):

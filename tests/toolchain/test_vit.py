@@ -102,3 +102,13 @@ def test_train_records_the_recipe_it_used(tmp_path):
     assert rec["values"]["train.lr"] == RECIPES["transformer"]["train.lr"] and rec["values"]["train.epochs"] == 1
     written = load_config(tmp_path / "run" / "config.toml")
     assert written.train.lr == RECIPES["transformer"]["train.lr"] and written.train.weight_decay == 0.01
+
+
+def test_patch_stem_is_the_plain_patchify():
+    plain = build_model(vit_cfg(stem="patch", patch=4), input_shape=(3, 32, 32), num_classes=5)
+    conv = build_model(vit_cfg(patch=4), input_shape=(3, 32, 32), num_classes=5)
+    assert isinstance(plain.patch_embed, torch.nn.Conv2d) and plain.patch_embed.kernel_size == (4, 4)
+    assert plain.pos_embed.shape[1] == conv.pos_embed.shape[1] == 64
+    assert count_macs(plain, (3, 32, 32)) < count_macs(conv, (3, 32, 32))
+    with pytest.raises(ConfigError, match="teacher.stem: must be 'conv' or 'patch'"):
+        load_config(None, overrides=['teacher.stem="hybrid"'])
