@@ -260,5 +260,60 @@ def sync_heads(layers: dict[nn.Module, tuple[nn.Linear, nn.Linear, nn.Linear]],
                 m.head_dim = q.out_features // heads
 
 
-__all__ = ["UnfusedEncoder", "UnfusedEncoderLayer", "UnfusedMultiheadAttention", "head_count", "head_layers",
+class RelationTap:
+    """Keeps the q, k and v projections' outputs of a model's last attention layer at every forward pass.
+
+    What MiniLM-style distillation compares (`relation_loss`): not the hidden states themselves, whose widths
+    differ between a teacher and its pruned or smaller student, but the token-to-token relations they induce.
+    """
+
+    def __init__(self, model: nn.Module, who: str) -> None:
+        layers = list(head_layers(model).items())
+        if not layers:
+            raise CompressionError(f"distill.hidden_weight: the {who} ({type(model).__name__}) has no attention "
+                                   "layer with a head count and separate q/k/v projections to imitate; set "
+                                   "distill.hidden_weight = 0")
+        self.module, qkv = layers[-1]
+        self.heads = head_count(self.module) or 1
+        self.out: dict[str, torch.Tensor] = {}
+        self._handles = [lin.register_forward_hook(self._keep(name)) for name, lin in zip("qkv", qkv)]
+
+    def _keep(self, name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+            self.out[name] = out
+
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def relation_loss(teacher: dict[str, torch.Tensor], student: dict[str, torch.Tensor],
+                  relation_heads: int) -> torch.Tensor:
+    """MiniLMv2's self-attention relation distillation (Wang et al., 2021), for any two widths.
+
+    For each of q, k and v: both models' (B, N, D) projection outputs (the unfused attention projects
+    batch-first whatever its input layout) are split into ``relation_heads`` equal chunks, each
+    chunk's scaled dot-product relation ``softmax(x xᵀ / sqrt(d))`` (N x N per token) is formed, and the student's
+    is pulled to the teacher's with KL(teacher || student), averaged over the three, the heads and the tokens.
+    """
+    losses = []
+    for name in "qkv":
+        t, s = teacher[name].detach(), student[name]
+        if t.shape[:2] != s.shape[:2]:
+            raise CompressionError(f"distill.hidden_weight: teacher and student see different token counts "
+                                   f"({t.shape[1]} and {s.shape[1]}); relations need the same tokens")
+
+        def rel(x: torch.Tensor) -> torch.Tensor:
+            x = x.unflatten(-1, (relation_heads, -1)).transpose(1, 2)  # (B, R, N, d)
+            return (x @ x.transpose(-2, -1)) * x.shape[-1] ** -0.5
+
+        log_s = F.log_softmax(rel(s), dim=-1)
+        p_t = F.softmax(rel(t), dim=-1)
+        losses.append(F.kl_div(log_s.flatten(0, 2), p_t.flatten(0, 2), reduction="batchmean"))
+    return torch.stack(losses).mean()
+
+
+__all__ = ["RelationTap", "relation_loss", "UnfusedEncoder", "UnfusedEncoderLayer", "UnfusedMultiheadAttention", "head_count", "head_layers",
            "looks_like_attention", "sync_heads", "unfuse", "unhandled_attention"]
