@@ -56,11 +56,14 @@ def apply_recipe(cfg: Config, kind: str) -> tuple[Config, dict[str, Any]]:
     from_config: list[str] = []
     for key in sorted(_governed()):
         section, name = key.split(".", 1)
-        if key in cfg.explicit:
-            from_config.append(key)
-            values[key] = getattr(getattr(cfg, section), name)
-            continue
+        current = getattr(getattr(cfg, section), name)
         default = getattr(type(getattr(cfg, section))(), name)
+        # set by the config (file, --set), or in code (dataclasses.replace) to a value no recipe gives it
+        chosen = current != default and all(r.get(key, default) != current for r in RECIPES.values())
+        if key in cfg.explicit or chosen:
+            from_config.append(key)
+            values[key] = current
+            continue
         value = recipe.get(key, default)
         changes.setdefault(section, {})[name] = value
         values[key] = value

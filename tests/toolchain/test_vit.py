@@ -83,6 +83,13 @@ def test_transformer_recipe_fills_unset_keys_and_the_config_wins(tmp_path):
     assert resolve(load_config(None), conv)[0] == load_config(None)
 
 
+def test_a_value_set_in_code_is_kept():
+    base = load_config(None)
+    cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, lr=0.0123))
+    out, record = apply_recipe(cfg, "transformer")
+    assert out.train.lr == 0.0123 and "train.lr" in record["from_config"]
+
+
 def test_switching_recipes_resets_what_the_other_set():
     cfg, _ = apply_recipe(load_config(None), "transformer")
     back, _ = apply_recipe(cfg, "convnet")
