@@ -1,5 +1,7 @@
 """``prune``: structured channel pruning (torch-pruning) to a MACs or params target.
 
+Transformers lose whole attention heads and MLP width (`HeadAwarePruner`, docs/toolchain.md "Transformers").
+
 The uniform per-layer channel ratio that makes the student ``prune.ratio``
 times smaller than the *teacher* (in ``prune.target``) is found by bisection on
 a copy, then applied in ``prune.steps`` iterative steps, each followed by
@@ -172,7 +174,6 @@ class HeadAwarePruner:
                                    f"({type(e).__name__}: {e}); {_WAY_OUT}") from e
         finally:
             self.model.train(was)
-
 
     def _schedule_heads(self) -> None:
         """Tell torch-pruning how many heads each layer loses in this step.
