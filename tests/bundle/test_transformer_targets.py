@@ -34,5 +34,7 @@ def test_a_vit_student_builds_and_passes_its_gate(tiny_vit_run, tmp_path, target
         assert ops["int8_ops" if "int8_ops" in ops else "quantized_ops"].get(int8_op, 0) > 0, ops
     if float_op:
         assert ops["float_ops"].get(float_op, 0) > 0, ops
+    if target == "tflite":  # a transformer's weights are quantized per output channel
+        assert details["per_channel"] is True and "LayerNorm" in details["per_channel_reason"]
     if target == "openvino":
         assert any(k.startswith("MVN") for k in ops["float_ops"]), ops  # LayerNorm stays float
