@@ -150,7 +150,7 @@ class ModelConfig(Section):
     heads: int = 4  # vit: attention heads (width // heads wide each)
     patch: int = 0  # vit: patch side in pixels (signals: samples); 0 picks one from the input size
     mlp_ratio: float = 2.0  # vit: MLP hidden width over width
-    pool: str = "mean"  # vit: "mean" (of the tokens) | "cls" (a class token)
+    pool: str = "cls"  # vit: "cls" (a class token) | "mean" (of the tokens)
     stem: str = "conv"  # vit: "conv" (3x3 conv + overlapping patches: small data) | "patch" (plain patchify, ViT-B/16 style)
 
     #: families this section may name besides ``python:module:function``

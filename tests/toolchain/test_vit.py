@@ -31,7 +31,7 @@ def test_vit_patch_heads_and_depth_shape_it():
     deep = build_model(vit_cfg(depth=3), input_shape=(1, 8, 8), num_classes=10)
     fine = build_model(vit_cfg(patch=1), input_shape=(1, 8, 8), num_classes=10)
     assert len(deep.blocks) == 3 and deep.blocks[0].attn.num_heads == 2 and deep.blocks[0].attn.head_dim == 8
-    assert fine.pos_embed.shape[1] == 64
+    assert fine.pos_embed.shape[1] == 64 + 1  # 64 patches and the class token
     assert count_macs(deep, (1, 8, 8)) > 2 * count_macs(small, (1, 8, 8)) > 0
 
 
@@ -115,7 +115,7 @@ def test_patch_stem_is_the_plain_patchify():
     plain = build_model(vit_cfg(stem="patch", patch=4), input_shape=(3, 32, 32), num_classes=5)
     conv = build_model(vit_cfg(patch=4), input_shape=(3, 32, 32), num_classes=5)
     assert isinstance(plain.patch_embed, torch.nn.Conv2d) and plain.patch_embed.kernel_size == (4, 4)
-    assert plain.pos_embed.shape[1] == conv.pos_embed.shape[1] == 64
+    assert plain.pos_embed.shape[1] == conv.pos_embed.shape[1] == 64 + 1
     assert count_macs(plain, (3, 32, 32)) < count_macs(conv, (3, 32, 32))
     with pytest.raises(ConfigError, match="teacher.stem: must be 'conv' or 'patch'"):
         load_config(None, overrides=['teacher.stem="hybrid"'])
