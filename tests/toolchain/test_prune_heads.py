@@ -58,6 +58,7 @@ class RigidAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], 16, 4, 8).flatten(2)  # the embedding width written in too
         q, k, v = self.qkv(x).reshape(x.shape[0], 16, 3, 4, 8).permute(2, 0, 3, 1, 4)
         a = torch.softmax(q @ k.transpose(-1, -2), -1)
         return self.out((a @ v).transpose(1, 2).reshape(x.shape[0], 16, 32))

@@ -71,6 +71,7 @@ class RigidAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], self.tokens, 4, self.dim // 4).flatten(2)  # the embedding width written in too
         q, k, v = self.qkv(x).reshape(x.shape[0], self.tokens, 3, 4, self.dim // 4).permute(2, 0, 3, 1, 4)
         a = torch.softmax(q @ k.transpose(-1, -2), -1)
         return self.out((a @ v).transpose(1, 2).reshape(x.shape[0], self.tokens, self.dim))
