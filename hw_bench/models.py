@@ -1,6 +1,6 @@
 """Benchmark models built with the toolchain itself (cloud side; torch inside).
 
-MobileNet-style and ResNet-style networks from `toolchain.models` at
+MobileNet-style, ResNet-style and ViT-Ti/16-style networks from `toolchain.models` at
 ``size``x``size``x3 (224 by default) and a detector (`toolchain.detection.model`:
 MobileNet backbone, FPN, shared decoupled head, 80 classes; 320 by default) with
 random weights (speed does not depend on the weights; BatchNorm statistics are
@@ -42,6 +42,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FAMILIES: dict[str, dict[str, Any]] = {
     "mobilenet": {"family": "mobilenet", "width": 32, "width_mult": 1.0, "depth_mult": 1.0, "dropout": 0.0},
     "resnet": {"family": "resnet", "width": 64, "depth": 2, "dropout": 0.0},
+    # ViT-Ti/16 (DeiT-tiny's shape): 192 wide, 12 blocks of 3 heads, MLP 4x, 16x16 patches, class token
+    "vit": {"family": "vit", "width": 192, "depth": 12, "heads": 3, "patch": 16, "mlp_ratio": 4.0, "pool": "cls",
+            "stem": "patch", "dropout": 0.0},
 }
 NUM_CLASSES = 1000
 CALIBRATION_SAMPLES = 32

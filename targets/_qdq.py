@@ -426,8 +426,23 @@ def ort_fusion(path: Path) -> dict[str, Any]:
         so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    quantized = {o: c for o, c in sorted(ops.items()) if _integer_op(o)}
     return {
         "qdq_nodes": sum(ops[o] for o in _QOPS),
         "float_compute": {o: ops[o] for o in FLOAT_COMPUTE_OPS if ops[o]},
-        "quantized_ops": {o: c for o, c in sorted(ops.items()) if o.startswith("QLinear") or o == "QGemm"},
+        "quantized_ops": quantized,
+        # everything else that computes, in float: what a reader of the manifest asks first of an int8
+        # transformer (attention's activation x activation MatMuls, Softmax, LayerNormalization, GELU's Erf)
+        "float_ops": {o: c for o, c in sorted(ops.items()) if o not in quantized and o not in _QOPS
+                      and o not in LAYOUT_OPS},
     }
+
+
+#: ONNX operators that only move, reshape or describe data: neither float nor int8 compute
+LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Shape", "Gather", "Concat",
+                        "Slice", "Constant", "Identity", "Cast", "Expand", "Split", "Pad"})
+
+
+def _integer_op(op: str) -> bool:
+    """ORT's integer kernels: QLinear*, QGemm, MatMulInteger(ToFloat), ConvInteger, DynamicQuantize*."""
+    return op.startswith(("QLinear", "MatMulInteger", "DynamicQuantize")) or op in ("QGemm", "ConvInteger")

@@ -120,6 +120,18 @@ def check_structure(path: Path, *, input_name: str, sample_shape: tuple[int, ...
     }
 
 
+def _torch_attention_hint(model: Any) -> str:
+    """Why a conversion of torch's own attention fails, and the way out (empty without it)."""
+    import torch
+
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    if not names:
+        return ""
+    return (f"; layer {names[0]!r} is torch.nn.MultiheadAttention, which coremltools cannot convert (its fused "
+            "fast path has no converter, its unfused form casts shapes it cannot read): build from the student "
+            "`toolchain compress` writes, which has it replaced by plain q/k/v layers (toolchain.attention)")
+
+
 class CoreMLTarget(Target):
     name = "coreml"
     precisions = (Precision.FP32, Precision.FP16, Precision.INT8)
@@ -154,7 +166,9 @@ class CoreMLTarget(Target):
         example = torch.zeros((1, *shape), dtype=torch.float32)
         out = Path(out_dir) / PACKAGE
         try:
-            with torch.no_grad():
+            from ._torch_build import no_fused_attention
+
+            with torch.no_grad(), no_fused_attention():
                 traced = torch.jit.trace(model, example)
             mlmodel = ct.convert(
                 traced,
@@ -172,7 +186,7 @@ class CoreMLTarget(Target):
         except BuildError:
             raise
         except Exception as e:
-            raise BuildError(f"Core ML conversion ({precision}) failed: {e}") from e
+            raise BuildError(f"Core ML conversion ({precision}) failed: {e}{_torch_attention_hint(model)}") from e
         structure = check_structure(out, input_name=source.input_spec.name, sample_shape=shape, precision=precision)
         details = {
             "method": {Precision.FP32: "mlprogram fp32", Precision.FP16: "mlprogram fp16",

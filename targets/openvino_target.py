@@ -126,6 +126,34 @@ def _size_vs_fp32(source: ModelSource, out_dir: Path) -> dict[str, Any]:
     return out
 
 
+#: runtime layers that only move or convert data: neither int8 nor float compute
+_OV_LAYOUT = frozenset({"Const", "Input", "Output", "Reorder", "Reshape", "Transpose", "Convert", "FakeQuantize"})
+
+
+def runtime_precisions(xml: Path) -> dict[str, Any]:
+    """What the CPU plugin runs each compute layer of the IR in: ``{"int8_ops": {...}, "float_ops": {...}}`` by
+    layer type, the float ones with their precision (``"MVN bf16"``: the CPU plugin runs float layers in bf16
+    where the CPU has it). Compiles the IR once on this machine's CPU; the fleet's CPU may choose otherwise."""
+    import collections
+
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(xml)), "CPU")
+    ints: collections.Counter[str] = collections.Counter()
+    floats: collections.Counter[str] = collections.Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind, prec = info["layerType"].astype(str), info["runtimePrecision"].astype(str)
+        if kind in _OV_LAYOUT:
+            continue
+        if prec in ("u8", "i8"):
+            ints[kind] += 1
+        else:
+            floats[f"{kind} {prec}"] += 1
+    return {"int8_ops": dict(sorted(ints.items())), "float_ops": dict(sorted(floats.items()))}
+
+
 class OpenVinoTarget(Target):
     name = "openvino"
     precisions = (Precision.FP32, Precision.FP16, Precision.INT8)
@@ -184,6 +212,7 @@ class OpenVinoTarget(Target):
             clean.unlink(missing_ok=True)
         if precision is Precision.INT8:
             details["size_vs_fp32"] = _size_vs_fp32(source, Path(out_dir))
+            details["runtime_precision"] = runtime_precisions(Path(out_dir) / XML)
         return Artifact(target=self.name, precision=precision, files=[XML, BIN], runtime=self.runtime, details=details)
 
     @staticmethod

@@ -61,13 +61,17 @@ def run_passes(passes: list[Pass], student: "nn.Module", ctx: PassContext, *, la
 
 
 def make_context(cfg: Config, run: RunDir) -> PassContext:
-    """Load the run's teacher and splits (normalised tensors) into a pass context."""
+    """Load the run's teacher and splits (normalised tensors) into a pass context.
+
+    The context's config has the teacher's training recipe (`toolchain.recipes`) on every key ``cfg`` did not
+    set; ``ctx.recipe`` records it."""
     import torch
 
-    from toolchain import engine
+    from toolchain import engine, recipes
     from toolchain.models import count_macs, count_params
 
     teacher = run.load_teacher()
+    cfg, recipe = recipes.resolve(cfg, teacher)
     splits = run.splits()
     spec = splits.input_spec
 
@@ -79,16 +83,27 @@ def make_context(cfg: Config, run: RunDir) -> PassContext:
         cfg=cfg, teacher=teacher, train=tensors(splits.train), val=tensors(splits.val), test=tensors(splits.test),
         input_shape=shape, num_classes=splits.num_classes, augment=cfg.train.augment and len(shape) == 3,
         teacher_params=count_params(teacher), teacher_macs=count_macs(teacher, shape),
-        run_dir=run.path, input_spec=spec, labels=tuple(splits.labels), task=run.task,
+        run_dir=run.path, input_spec=spec, labels=tuple(splits.labels), task=run.task, recipe=recipe,
     )
 
 
 def make_student(cfg: Config, ctx: PassContext) -> "nn.Module":
-    """A copy of the teacher, or a fresh model of ``student.family`` (same input and classes)."""
+    """A copy of the teacher, or a fresh model of ``student.family`` (same input and classes).
+
+    Either way torch's transformer layers are replaced by their unfused equivalents (`toolchain.attention`):
+    same outputs, whole heads prunable, no fused operator for the exporters and converters to meet."""
     if cfg.student.family == "teacher":
-        return copy.deepcopy(ctx.teacher).train()
-    return ctx.train_task.build_model(cfg.student, input_shape=ctx.input_shape, num_classes=ctx.num_classes,
-                                      what="student.family")
+        return _unfused(copy.deepcopy(ctx.teacher).train(), ctx)
+    return _unfused(ctx.train_task.build_model(cfg.student, input_shape=ctx.input_shape,
+                                               num_classes=ctx.num_classes, what="student.family"), ctx)
+
+
+def _unfused(model: "nn.Module", ctx: PassContext) -> "nn.Module":
+    import torch
+
+    from toolchain.attention import unfuse
+
+    return unfuse(model, torch.randn(2, *ctx.input_shape))
 
 
 def compress(cfg: Config, run_dir: Path | str | None = None, *, show: bool = True) -> dict[str, Any]:
@@ -99,6 +114,7 @@ def compress(cfg: Config, run_dir: Path | str | None = None, *, show: bool = Tru
     run = RunDir(run_dir if run_dir is not None else cfg.run.dir)
     engine.set_seed(cfg.run.seed)
     ctx = make_context(cfg, run)
+    cfg = ctx.cfg  # with the teacher's training recipe
     teacher_acc = ctx.metric(ctx.teacher, ctx.test)
     rows = [stage_row("teacher", ctx.teacher, ctx, size=run.file(RunDir.TEACHER).stat().st_size, seconds=0.0,
                       accuracy=teacher_acc)]
@@ -127,7 +143,7 @@ def compress(cfg: Config, run_dir: Path | str | None = None, *, show: bool = Tru
 def _pruned_teacher(passes: list[Pass], ctx: PassContext) -> dict[str, Any]:
     """The default student (the teacher, through the same fp32 passes), for the table."""
     fp32 = [p for p in passes if not p.quantizes]
-    res = run_passes(fp32, copy.deepcopy(ctx.teacher).train(), ctx, label="pruned teacher: ")
+    res = run_passes(fp32, _unfused(copy.deepcopy(ctx.teacher).train(), ctx), ctx, label="pruned teacher: ")
     return {"name": "pruned teacher", "passes": [p.name for p in fp32], "stages": res.rows,
             "test_accuracy": res.rows[-1]["test_accuracy"] if res.rows else None}
 
@@ -160,6 +176,7 @@ def _report(cfg: Config, run: RunDir, ctx: PassContext, res: PassesResult, *, ro
         "run_dir": str(run.path),
         "passes": list(cfg.compress.passes),
         "student_family": cfg.student.family,
+        "recipe": ctx.recipe,
         "stages": rows,
         **res.sections,
         "macs_reduction": ctx.teacher_macs / max(count_macs(res.student, ctx.input_shape), 1),

@@ -147,9 +147,14 @@ class ModelConfig(Section):
     dropout: float = 0.1
     head_convs: int = 2  # detectors: 3x3 convs in each head branch
     neck_width: int = 0  # detectors: FPN channels (0: the stride-8 backbone stage's, at least 16)
+    heads: int = 4  # vit: attention heads (width // heads wide each)
+    patch: int = 0  # vit: patch side in pixels (signals: samples); 0 picks one from the input size
+    mlp_ratio: float = 2.0  # vit: MLP hidden width over width
+    pool: str = "cls"  # vit: "cls" (a class token) | "mean" (of the tokens)
+    stem: str = "conv"  # vit: "conv" (3x3 conv + overlapping patches: small data) | "patch" (plain patchify, ViT-B/16 style)
 
     #: families this section may name besides ``python:module:function``
-    FAMILIES: ClassVar[tuple[str, ...]] = ("resnet", "mobilenet", "mlp")
+    FAMILIES: ClassVar[tuple[str, ...]] = ("resnet", "mobilenet", "mlp", "vit")
 
     def validate(self, check: Check) -> None:
         """[teacher] and [student]: a known family and sane shapes."""
@@ -163,6 +168,14 @@ class ModelConfig(Section):
         check.need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         check.need(0 <= self.head_convs <= 8, "head_convs", "must be in [0, 8]")
         check.need(self.neck_width >= 0, "neck_width", "must be >= 0 (0: the backbone's stride-8 width)")
+        check.need(1 <= self.heads <= 256, "heads", "must be in [1, 256]")
+        check.need(0 <= self.patch <= 1024, "patch", "must be in [0, 1024] (0: chosen from the input size)")
+        check.need(0.0 < self.mlp_ratio <= 16.0, "mlp_ratio", "must be in (0, 16]")
+        check.need(self.pool in ("mean", "cls"), "pool", "must be 'mean' or 'cls'")
+        check.need(self.stem in ("conv", "patch"), "stem", "must be 'conv' or 'patch'")
+        if self.family == "vit":
+            check.need(self.width % self.heads == 0, "width",
+                       f"must be a multiple of heads ({self.heads}) for family 'vit'")
 
 
 @dataclass(frozen=True)
@@ -182,6 +195,9 @@ class TrainConfig(Section):
     amp: bool = True  # mixed precision, used only when CUDA is present
     num_workers: int = 0
     progress: bool = True
+    # which training recipe fills the keys this config leaves at their defaults (toolchain.recipes):
+    # "auto" (from the model: "transformer" when it has attention layers, else "convnet") | "convnet" | "transformer"
+    recipe: str = "auto"
 
     def validate(self, check: Check) -> None:
         check.count("epochs", low=1, high=MAX_EPOCHS)
@@ -191,6 +207,8 @@ class TrainConfig(Section):
         check.need(0.0 <= self.broad_fraction <= 1.0, "broad_fraction", "must be in [0, 1]")
         check.need(self.lr > 0, "lr", "must be > 0")
         check.need(self.patience >= 1, "patience", "must be >= 1")
+        check.need(self.recipe in ("auto", "convnet", "transformer"), "recipe",
+                   "must be 'auto', 'convnet' or 'transformer'")
 
 
 @dataclass(frozen=True)
@@ -295,12 +313,16 @@ class Config:
     build: BuildConfig = field(default_factory=BuildConfig)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     source_file: str = field(default="<defaults>", compare=False)
+    #: ``section.key`` names the config file or ``--set`` gave a value other than the default: a model's
+    #: training recipe (`toolchain.recipes`) never overrides them. A key given its default value does not count:
+    #: a file listing every default (the repository's toolchain.toml, a run's config.toml) makes no choice.
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     def replace(self, **sections: Any) -> "Config":
         return dataclasses.replace(self, **sections)
 
 
-_SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "source_file"]
+_SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name not in ("source_file", "explicit")]
 
 
 def _section_types() -> dict[str, type]:
@@ -376,7 +398,12 @@ def from_dict(raw: Mapping[str, Any], *, origin: str = "<dict>", base: Config | 
         if name not in types_:
             raise ConfigError(f"{origin}: unknown section [{name}] (known: {', '.join(_SECTIONS)})")
         sections[name] = _build_section(types_[name], table, name, origin, getattr(base, name))
-    cfg = dataclasses.replace(base, source_file=origin, **sections)
+    explicit = set(base.explicit)
+    for name, obj in sections.items():  # a key given its default value states no choice (a file of every default)
+        default = type(obj)()
+        for key in (raw[name] if isinstance(raw[name], Mapping) else {"name": raw[name]}):
+            (explicit.add if getattr(obj, key) != getattr(default, key) else explicit.discard)(f"{name}.{key}")
+    cfg = dataclasses.replace(base, source_file=origin, explicit=frozenset(explicit), **sections)
     _check_task_source(cfg, origin)
     return cfg
 

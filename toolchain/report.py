@@ -69,6 +69,10 @@ def print_compress(report: dict[str, Any]) -> None:
     control = report.get("control") or {}
     if control.get("verdict"):
         _console().print(control["verdict"])
+    heads = (report.get("prune") or {}).get("attention") or []
+    if heads:
+        _console().print("attention heads (before -> after pruning): " + ", ".join(
+            f"{a['layer']} {a['heads'][0]}->{a['heads'][1]} x {a['head_dim'][1]}" for a in heads))
     search = (report.get("prune") or {}).get("latency")
     if search:
         print_latency_search(search)

@@ -85,7 +85,7 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = Fals
     """Train the teacher; returns the train report (also written to reports/train.json)."""
     import torch
 
-    from toolchain import engine
+    from toolchain import engine, recipes
     from toolchain.data import add_import_dirs, data_record, import_dirs, load_splits
     from toolchain.tasks import get_train_task, train_task_class
 
@@ -101,6 +101,7 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = Fals
     spec = splits.input_spec
     input_shape = spec.sample_shape
     model = task_cls.build_model(cfg.teacher, input_shape=input_shape, num_classes=splits.num_classes)
+    cfg, recipe = recipes.resolve(cfg, model)  # the family's training recipe on every key the config left unset
     task_spec: TaskSpec = task_cls.task_spec(model, input_shape)  # the task's parameters (a detector's decoding)
     run = RunDir(path, create=True)
     last = run.checkpoints / "last.pt"
@@ -133,6 +134,7 @@ def train(cfg: Config, run_dir: Path | str | None = None, *, resume: bool = Fals
     model = model.cpu().eval()
     test_acc = task.model_metric(model, Xte, yte)
     report = _report(cfg, run, splits, model, input_shape, state, test_acc, resume, t0)
+    report["recipe"] = recipe
     if is_main:
         report["teacher"]["size_bytes"] = save_checkpoint(run.file(RunDir.TEACHER), {
             "kind": "teacher",

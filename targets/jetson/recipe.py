@@ -199,16 +199,11 @@ def _check_shapes(model: Any, recipe: dict[str, Any]) -> list[str]:
                 problems.append(f"graph input {name!r} dim {ax} is fixed at {d.dim_value}, the profile runs "
                                 f"{lo[ax]}..{hi[ax]}")
     if lo[0] != hi[0]:
-        consts = _const_values(g)
-        for n in g.node:
-            shape = consts.get(n.input[1]) if n.op_type == "Reshape" and len(n.input) > 1 else None
-            if shape is not None and shape.size and int(shape.ravel()[0]) > 0:
-                problems.append(f"{_where(n)}: reshapes to a fixed leading dim {int(shape.ravel()[0])}, the profile "
-                                f"runs batches {lo[0]}..{hi[0]}")
         try:
             inferred = onnx.shape_inference.infer_shapes(model)
         except Exception:
             inferred = model
+        problems += _check_reshapes(g, inferred, name, f"the profile runs batches {lo[0]}..{hi[0]}")
         producer = {o: n for n in g.node for o in n.output}
         for o in inferred.graph.output:
             dims = o.type.tensor_type.shape.dim
@@ -216,6 +211,50 @@ def _check_shapes(model: Any, recipe: dict[str, Any]) -> list[str]:
                 where = _where(producer[o.name]) if o.name in producer else f"output {o.name!r}"
                 problems.append(f"{where}: output {o.name!r} has a fixed batch {dims[0].dim_value}, the profile runs "
                                 f"{lo[0]}..{hi[0]}")
+    return problems
+
+
+def _check_reshapes(g: Any, inferred: Any, input_name: str, profile: str) -> list[str]:
+    """Reshapes with a constant target shape that pin the batch.
+
+    The batch is where the input's symbolic batch dimension (``batch``, or an expression of it such as
+    ``4*batch`` once heads are folded in) sits in the reshape's inferred input shape. A fixed leading dim pins
+    it only when the batch *is* the leading axis: torch's attention reshapes ``(tokens, batch, ...)`` to
+    ``(tokens, heads*batch, d)`` and ``(tokens*batch, E)`` back to ``(tokens, batch, E)``, fixed leading dims
+    that are the token count, with the batch in the -1. A target with neither -1 nor 0 pins it wherever it is.
+    Without shapes to tell, a fixed leading dim counts.
+    """
+    consts = _const_values(g)
+    vi = {v.name: v for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+
+    def dims(tensor: str) -> list[Any] | None:
+        v = vi.get(tensor)
+        if v is None or not v.type.tensor_type.HasField("shape"):
+            return None
+        return [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in v.type.tensor_type.shape.dim]
+
+    source = dims(input_name)
+    symbol = source[0] if source and isinstance(source[0], str) and source[0] else None
+
+    def is_batch(d: Any) -> bool:
+        return d is None or symbol is None or (isinstance(d, str) and symbol in d)
+
+    problems = []
+    for n in g.node:
+        shape = consts.get(n.input[1]) if n.op_type == "Reshape" and len(n.input) > 1 else None
+        if shape is None or not shape.size:
+            continue
+        target = [int(v) for v in shape.ravel()]
+        in_dims = dims(n.input[0])
+        if in_dims is not None and not any(is_batch(d) for d in in_dims):
+            continue  # nothing of the batch in its input (a constant's reshape)
+        if all(v > 0 for v in target) and (in_dims is None or symbol is not None):
+            problems.append(f"{_where(n)}: reshapes to the fixed shape {target}, no dim left for the batch; {profile}")
+        elif target[0] > 0 and (in_dims is None or not in_dims or is_batch(in_dims[0])) \
+                and not (symbol is not None and in_dims and in_dims[0] == f"{target[0]}*{symbol}"):
+            # (a leading ``tokens*batch`` split into [tokens, -1, ...] peels the tokens off and keeps the batch)
+            problems.append(f"{_where(n)}: reshapes to a fixed leading dim {target[0]} where its input has the "
+                            f"batch; {profile}")
     return problems
 
 

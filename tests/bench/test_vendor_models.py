@@ -87,3 +87,19 @@ def test_models_built_with_the_toolchain_for_onnx(tmp_path: Path) -> None:
     assert (tmp_path / "m" / "mobilenet32" / "model.pt").exists()
     with pytest.raises(BenchError, match="unknown benchmark families"):
         build_bench_models(out_dir=tmp_path / "x", families=["vgg"], targets=["onnx"], size=32)
+
+
+def test_a_vit_tiny_class_model_for_onnx(tmp_path: Path) -> None:
+    """``--families vit``: ViT-Ti/16's shape (about 1.1 GMACs of linear layers at 224), built like the others."""
+    from hw_bench.models import FAMILIES, NUM_CLASSES, build_bench_models
+    from toolchain.config import ModelConfig
+    from toolchain.models import build_model, count_macs, count_params
+
+    big = build_model(ModelConfig(**FAMILIES["vit"]), input_shape=(3, 224, 224), num_classes=NUM_CLASSES)
+    assert big.pos_embed.shape[1] == 197 and len(big.blocks) == 12 and big.blocks[0].attn.num_heads == 3
+    assert 5.5e6 < count_params(big) < 6.0e6  # DeiT-tiny: 5.7M
+    assert 1.0e9 < count_macs(big, (3, 224, 224)) < 1.4e9
+    out = build_bench_models(out_dir=tmp_path / "m", families=["vit"], targets=["onnx"], size=32)
+    assert sorted(p.name for p in out["bundles"]) == ["onnx-fp32", "onnx-int8"]
+    fp32 = open_bundle(tmp_path / "m" / "vit32" / "bundles" / "onnx-fp32")
+    assert fp32.manifest.metrics["agreement"] == 1.0

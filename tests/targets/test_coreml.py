@@ -216,3 +216,48 @@ def test_coremltools_import_warnings_expected_off_macos_are_not_shown() -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Failed to load _ML" not in r.stderr and "scikit-learn version" not in r.stderr, r.stderr[-2000:]
     assert "Failed to load something else" in r.stderr  # other warnings of coremltools still show
+
+
+
+def test_coreml_builds_a_users_transformer_once_unfused_and_names_torch_attention_otherwise(tmp_path: Path) -> None:
+    """nn.TransformerEncoder: coremltools takes neither its fused fast path nor torch's own attention code."""
+    import torch
+
+    from edgecore.spec import InputSpec
+    from targets.base import ModelSource
+    from tests.toolchain.user_factories import user_vit
+    from toolchain.attention import unfuse
+
+    target = get_target("coreml")
+    ok, why = target.build_available()
+    if not ok:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    raw = user_vit(input_shape=(1, 8, 8), num_classes=10).eval()
+    spec = InputSpec(name="input", shape=(None, 1, 8, 8), layout="NCHW", scale=1.0, mean=(0.0,), std=(1.0,))
+
+    def source(model: Any) -> ModelSource:
+        return ModelSource(name="vit", input_spec=spec, labels=tuple("0123456789"), onnx_fp32=tmp_path / "unused.onnx",
+                           torch_model=lambda: model)
+
+    with pytest.raises(BuildError, match=r"layer 'encoder.layers.0.self_attn' is torch.nn.MultiheadAttention.*"
+                                         r"build from the student `toolchain compress` writes"):
+        target.build(source(raw), Precision.FP32, None, tmp_path / "raw")
+    (tmp_path / "unfused").mkdir()
+    art = target.build(source(unfuse(raw, torch.randn(2, 1, 8, 8))), Precision.FP32, None, tmp_path / "unfused")
+    assert art.details["structure"]
+
+
+def test_tracing_for_coreml_leaves_the_fused_fast_path(monkeypatch: Any) -> None:
+    import torch
+
+    from targets._torch_build import no_fused_attention
+    from tests.toolchain.user_factories import user_vit
+
+    model = user_vit(input_shape=(1, 8, 8), num_classes=10).eval()
+    with torch.no_grad():
+        fused = str(torch.jit.trace(model, torch.zeros(1, 1, 8, 8)).inlined_graph)
+        with no_fused_attention():
+            plain = str(torch.jit.trace(model, torch.zeros(1, 1, 8, 8)).inlined_graph)
+    assert "_transformer_encoder_layer_fwd" in fused and "_transformer_encoder_layer_fwd" not in plain
+    assert torch.backends.mha.get_fastpath_enabled()  # restored

@@ -119,7 +119,8 @@ def test_reshape_that_fixes_the_batch_is_named(tiny_source: Any, jetson_builds: 
     del flat.attribute[:]
     bad = tmp_path / "reshape.onnx"
     onnx.save(m, str(bad))
-    with pytest.raises(BuildError, match=rf"Reshape node {flat.name!r}: reshapes to a fixed leading dim 1, the profile runs "
+    with pytest.raises(BuildError, match=rf"Reshape node {flat.name!r}: reshapes to a fixed leading dim 1 where its input has "
+                                         r"the batch; the profile runs "
                                          r"batches 1\.\.32"):
         check_onnx_for_tensorrt(bad, precision=Precision.FP16, recipe=_recipe(d))
 
@@ -239,3 +240,30 @@ def test_real_tensorrt_engine_passes_the_gate(jetson_builds: dict[str, Any], tin
     logits = np.concatenate([runner.run(tiny_source.x_test[i:i + 32]) for i in range(0, len(tiny_source.x_test), 32)])
     res = compare(logits, tiny_source.ref_logits, tiny_source.y_test, precision=Precision(precision), budget_pt=1.0)
     assert res.passed, res.problems
+
+
+def test_a_transformers_token_count_is_not_taken_for_the_batch(tmp_path: Path) -> None:
+    """torch's attention reshapes (tokens, batch, E) with the token count leading: not a fixed batch."""
+    from tests.toolchain.user_factories import user_vit
+    from toolchain.export import export_onnx
+
+    path = tmp_path / "vit.onnx"
+    export_onnx(user_vit(input_shape=(1, 8, 8), num_classes=10).eval(), path, input_shape=(1, 8, 8), opset=18)
+    recipe = {"input": "input", "profile": {"min": [1, 1, 8, 8], "opt": [8, 1, 8, 8], "max": [32, 1, 8, 8]}}
+    m = onnx.load(str(path))
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    consts.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in m.graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    token_led = [n for n in m.graph.node if n.op_type == "Reshape" and n.input[1] in consts
+                 and consts[n.input[1]].size and int(consts[n.input[1]].ravel()[0]) == 16]
+    assert token_led  # the graph does reshape with the 16 tokens leading
+    assert "Reshape" in check_onnx_for_tensorrt(path, precision=Precision.FP32, recipe=recipe)["ops"]
+    # the same graph with one of those reshapes pinning the batch to 2 is refused, naming the node
+    node = token_led[0]
+    pinned = np.array([16 if v == 16 else (2 if v == -1 else v) for v in consts[node.input[1]].ravel()], np.int64)
+    m.graph.initializer.append(onnx.numpy_helper.from_array(pinned, "pinned_shape"))
+    node.input[1] = "pinned_shape"
+    bad = tmp_path / "pinned.onnx"
+    onnx.save(m, str(bad))
+    with pytest.raises(BuildError, match=rf"Reshape node {node.name!r}: reshapes to the fixed shape \[16, 2"):
+        check_onnx_for_tensorrt(bad, precision=Precision.FP32, recipe=recipe)

@@ -43,6 +43,7 @@ class PassContext:
     input_spec: Any = None  # the run's InputSpec (normalisation), for passes that build artifacts
     labels: tuple[str, ...] = ()
     task: "TrainTask | None" = None  # the run's task (loss, metric); None: classification
+    recipe: dict[str, Any] = field(default_factory=dict)  # the training recipe ``cfg`` was resolved with
 
     def __post_init__(self) -> None:
         if self.task is None:

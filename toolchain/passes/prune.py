@@ -1,5 +1,7 @@
 """``prune``: structured channel pruning (torch-pruning) to a MACs or params target.
 
+Transformers lose whole attention heads and MLP width (`HeadAwarePruner`, docs/toolchain.md "Transformers").
+
 The uniform per-layer channel ratio that makes the student ``prune.ratio``
 times smaller than the *teacher* (in ``prune.target``) is found by bisection on
 a copy, then applied in ``prune.steps`` iterative steps, each followed by
@@ -105,23 +107,138 @@ def measure(model: "nn.Module", input_shape: tuple[int, ...], target: PruneTarge
     return count_macs(model, input_shape) if target is PruneTarget.MACS else count_params(model)
 
 
-def make_pruner(model: "nn.Module", *, input_shape: tuple[int, ...], ratio: float, steps: int, num_classes: int,
-                importance: str, max_ratio: float, round_to: int = 1) -> Any:
-    import torch
-    import torch_pruning as tp
+class HeadAwarePruner:
+    """torch-pruning's `MetaPruner`, told where the attention heads are, and checked after every step.
 
-    imp = tp.importance.MagnitudeImportance(p=1 if importance == "l1" else 2)
-    return tp.pruner.MetaPruner(
-        model,
-        torch.zeros(1, *input_shape),
-        importance=imp,
-        pruning_ratio=ratio,
-        max_pruning_ratio=max_ratio,
-        iterative_steps=steps,
-        ignored_layers=_output_layers(model, num_classes),
-        global_pruning=False,
-        round_to=round_to if round_to > 1 else None,
-    )
+    Each attention layer's q/k/v projections (`toolchain.attention.head_layers`) lose whole heads, the same
+    share of heads as every other layer loses of its channels (at least one head is kept), never single
+    channels of a head; the MLP widths and the embedding width are pruned like any channel. After each step the
+    modules' head counts are updated and the model is run once: a layer that pruning broke is one
+    `CompressionError` naming it, with the way out.
+    """
+
+    def __init__(self, model: "nn.Module", *, input_shape: tuple[int, ...], ratio: float, steps: int,
+                 num_classes: int, importance: str, max_ratio: float, round_to: int = 1) -> None:
+        import warnings
+
+        import torch
+        import torch_pruning as tp
+
+        from toolchain.attention import head_layers
+
+        self.model = model
+        self.example = torch.zeros(1, *input_shape)
+        self.heads = head_layers(model)
+        num_heads = {lin: int(_heads_of(m)) for m, qkv in self.heads.items() for lin in qkv}
+        self.head_ratio, self.steps, self.done = min(ratio, max_ratio), steps, 0
+        self.initial_heads = {qkv: num_heads[qkv[0]] for qkv in self.heads.values()}
+        imp = tp.importance.MagnitudeImportance(p=1 if importance == "l1" else 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "unwrapped parameters" (position embeddings: pruned on their last dim)
+            try:
+                self.pruner = tp.pruner.MetaPruner(
+                    model, self.example, importance=imp, pruning_ratio=ratio, max_pruning_ratio=max_ratio,
+                    iterative_steps=steps, ignored_layers=_output_layers(model, num_classes), global_pruning=False,
+                    round_to=round_to if round_to > 1 else None,
+                    num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=not num_heads,
+                    head_pruning_ratio=min(ratio, max_ratio) if num_heads else 0.0,
+                )
+            except Exception as e:  # torch-pruning raises many types while tracing
+                raise CompressionError(f"{type(model).__name__}: torch-pruning cannot trace this model "
+                                       f"({type(e).__name__}: {e}); {_WAY_OUT}") from e
+
+    def step(self) -> None:
+        import warnings
+
+        import torch
+
+        from toolchain.attention import sync_heads
+
+        self._schedule_heads()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                self.pruner.step()
+            except (AssertionError, RuntimeError, ValueError, IndexError) as e:
+                raise CompressionError(f"{_culprit(self.model)}: structured pruning failed "
+                                       f"({type(e).__name__}: {e}); {_WAY_OUT}") from e
+        self.done += 1
+        sync_heads(self.heads, self.pruner.num_heads)
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self.model(self.example.to(next(self.model.parameters()).device))
+        except Exception as e:  # the pruned model no longer runs: name the layer, say what to do
+            raise CompressionError(f"{_culprit(self.model, e)}: the pruned model no longer runs "
+                                   f"({type(e).__name__}: {e}); {_WAY_OUT}") from e
+        finally:
+            self.model.train(was)
+
+    def _schedule_heads(self) -> None:
+        """Tell torch-pruning how many heads each layer loses in this step.
+
+        Its own schedule applies each step's cumulative ratio to the heads *left*, rounded up (4 heads over 4
+        steps at 0.5: 4, 3, 2, 1, 0), which over-prunes and can remove the last head. Here a layer keeps
+        ``H0 - floor(ratio * H0 * step / steps)`` heads after each step, at least one.
+        """
+        for qkv, h0 in self.initial_heads.items():
+            left = int(self.pruner.num_heads.get(qkv[0], h0))
+            keep = max(1, h0 - int(self.head_ratio * h0 * (self.done + 1) / self.steps + 1e-9))
+            remove = max(0, left - keep)
+            # torch-pruning removes ceil(r * heads left): (remove - 0.5) / left rounds up to exactly ``remove``
+            r = (remove - 0.5) / left if remove else 0.0
+            for lin in qkv:  # torch-pruning asks about whichever projection its group lists first
+                self.pruner.head_pruning_ratio_dict[lin] = [r] * (self.steps + 1)
+
+
+_WAY_OUT = ('leave "prune" out of compress.passes (e.g. ["distill", "qat"] with a smaller student.family), or '
+            "give the attention module a num_heads attribute and separate q/k/v nn.Linear layers "
+            "(docs/toolchain.md, \"Transformers\")")
+
+
+def attention_report(before: "nn.Module", after: "nn.Module") -> list[dict[str, Any]]:
+    """Per attention layer: its heads and head width before and after pruning (empty without attention)."""
+    from toolchain.attention import head_count, head_layers
+
+    def table(model: "nn.Module") -> dict[str, tuple[int, int]]:
+        names = {id(m): n for n, m in model.named_modules()}
+        return {names[id(m)]: (head_count(m) or 1, qkv[0].out_features // (head_count(m) or 1))
+                for m, qkv in head_layers(model).items()}
+
+    was, now = table(before), table(after)
+    return [{"layer": name, "heads": [h, now.get(name, (0, 0))[0]], "head_dim": [d, now.get(name, (0, 0))[1]]}
+            for name, (h, d) in was.items()]
+
+
+def _heads_of(m: "nn.Module") -> int:
+    from toolchain.attention import head_count
+
+    return head_count(m) or 1
+
+
+def _culprit(model: "nn.Module", error: BaseException | None = None) -> str:
+    """The layer to blame: an attention module whose heads were not found, else the one the traceback ends in."""
+    from toolchain.attention import unhandled_attention
+
+    names = unhandled_attention(model)
+    if names:
+        return f"attention layer {names[0]!r} ({type(model.get_submodule(names[0])).__name__}: no head count found)"
+    tb = error.__traceback__ if error is not None else None
+    where = None
+    modules = {id(m): n for n, m in model.named_modules()}
+    while tb is not None:
+        me = tb.tb_frame.f_locals.get("self")
+        if me is not None and id(me) in modules and modules[id(me)]:
+            where = modules[id(me)]
+        tb = tb.tb_next
+    return f"layer {where!r} of {type(model).__name__}" if where else type(model).__name__
+
+
+def make_pruner(model: "nn.Module", *, input_shape: tuple[int, ...], ratio: float, steps: int, num_classes: int,
+                importance: str, max_ratio: float, round_to: int = 1) -> HeadAwarePruner:
+    return HeadAwarePruner(model, input_shape=input_shape, ratio=ratio, steps=steps, num_classes=num_classes,
+                           importance=importance, max_ratio=max_ratio, round_to=round_to)
 
 
 def find_pruning_ratio(model: "nn.Module", *, input_shape: tuple[int, ...], num_classes: int, target: PruneTarget,
@@ -198,7 +315,7 @@ class PrunePass(Pass):
             "target": p.target.value, "ratio_goal": p.ratio, "channel_ratio": round(ratio, 4),
             "macs_reduction": ctx.teacher_macs / max(count_macs(model, ctx.input_shape), 1),
             "params_reduction": ctx.teacher_params / max(count_params(model), 1), "steps": p.steps,
-            "pruned": ratio > 0, "round_to": p.round_to,
+            "pruned": ratio > 0, "round_to": p.round_to, "attention": attention_report(student, model),
         })
 
     def _latency(self, student: "nn.Module", p: PruneConfig, ctx: PassContext) -> PassOutput:
@@ -211,7 +328,7 @@ class PrunePass(Pass):
             "target": p.target.value, "channel_ratio": chosen["channel_ratio"],
             "macs_reduction": ctx.teacher_macs / max(count_macs(model, ctx.input_shape), 1),
             "params_reduction": ctx.teacher_params / max(count_params(model), 1), "steps": chosen["step"],
-            "pruned": chosen["step"] > 0, "latency": section,
+            "pruned": chosen["step"] > 0, "latency": section, "attention": attention_report(student, model),
         })
 
     def _prune_and_finetune(self, model: "nn.Module", ratio: float, ctx: PassContext) -> None:
