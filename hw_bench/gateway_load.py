@@ -237,7 +237,7 @@ def _goal(out: dict[str, Any]) -> dict[str, Any]:
 
 def run_gateway_bench(*, broker: str | None, devices: dict[str, str] | None, teacher: Path | None,
                       clients: int = 4, inflight: int = 4, seconds: float = 5.0, floor: bool = False,
-                      gateway_user: tuple[str, str] | None = None, workdir: Path, rounds: int = 1,
+                      gateway_user: tuple[str, str] | None = None, workdir: Path, rounds: int = 3,
                       replicas: int = 1, rates: tuple[float, ...] = (), prefix: str = wire.DEFAULT_PREFIX
                       ) -> dict[str, Any]:
     """Measure the gateway (and with ``floor`` the minimal responder) on one broker, in interleaved rounds.
@@ -405,7 +405,7 @@ def register(sub: Any) -> None:
     p.add_argument("--inflight", type=int, default=d("inflight"), help="requests outstanding per client in the closed loop")
     p.add_argument("--seconds", type=float, default=d("seconds"), help="per measurement")
     p.add_argument("--floor", action="store_true", help="also measure a minimal paho + onnxruntime responder")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=int, default=d("rounds"),
                    help="interleaved rounds (gateway and floor alternate, order rotated); medians reported")
     p.add_argument("--replicas", type=int, default=d("replicas"),
                    help="gateway processes sharing the requests (started here with --teacher)")

@@ -62,7 +62,7 @@ FLAGS: list[tuple[Callable[[], argparse.ArgumentParser], str, str, Any, str]] = 
         ("scenario", "scenario"), ("duration", "min_duration_s"), ("min_queries", "min_queries"),
         ("warmup", "warmup"))],
     (_bench, "fleet", "deadline", run_fleet, "deadline_s"),
-    *[(_bench, "gateway", name, run_gateway_bench, name) for name in ("clients", "inflight", "seconds", "replicas")],
+    *[(_bench, "gateway", name, run_gateway_bench, name) for name in ("clients", "inflight", "seconds", "replicas", "rounds")],
 ]
 
 
