@@ -30,6 +30,7 @@ from edgecore import wire
 from edgecore.bundle import TrustPolicy, sha256_file
 from edgecore.errors import BundleTrustError, GatewayError
 
+from .config import DEFAULT_PROMOTE_IF
 from .metrics import Metrics
 from .store import GatewayStore
 
@@ -376,7 +377,7 @@ def _register_rollouts(app: Flask, *, store: GatewayStore, rollouts: Any,
                 extra[key] = v
         try:
             rid = rollouts.start(bundle=body["bundle"], canary=canary, watch_s=float(watch),
-                                 promote_if=str(body.get("promote_if") or "rollbacks == 0"), line=line, **extra)
+                                 promote_if=str(body.get("promote_if") or DEFAULT_PROMOTE_IF), line=line, **extra)
         except GatewayError as e:
             _fail(400, str(e))
         return jsonify({"id": rid, "url": f"/api/rollouts/{rid}"}), 201

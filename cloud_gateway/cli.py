@@ -29,6 +29,8 @@ from edgecore.clikit import (
 )
 from edgecore.errors import GatewayError
 
+from .config import DEFAULT_PROMOTE_IF
+
 log = logging.getLogger("cloud_gateway")
 
 
@@ -332,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_token_arg(ro)
     ro.add_argument("--canary", default="10%", help="device ids (a,b) or a share of the fleet (10%%)")
     ro.add_argument("--watch", type=float, default=60.0, help="seconds of canary telemetry to judge")
-    ro.add_argument("--promote-if", default="rollbacks == 0 and offload_rate <= baseline * 1.25",
+    ro.add_argument("--promote-if", default=DEFAULT_PROMOTE_IF,
                     help="condition over offload_rate, fallback_rate, rollbacks, errors, drift, p99_ms, inputs "
                     "(numbers or 'baseline [* + -] N'), joined by and/or")
     ro.add_argument("--line", help="start: move the devices of this model line to the bundle's line (an explicit, "

@@ -16,6 +16,9 @@ from edgecore.mqtt import DEFAULT_VERSION
 
 from .metrics import Metrics
 
+# the promotion condition when a rollout names none: the API's and the command line's alike
+DEFAULT_PROMOTE_IF = "rollbacks == 0 and offload_rate <= baseline * 1.25"
+
 
 @dataclass
 class WorkerConfig:

@@ -182,6 +182,12 @@ def test_the_api_starts_with_a_seed_and_a_quorum_and_approves(tmp_path):
     r = c.post("/api/rollouts", json={"bundle": "v2", "canary": "10%", "watch_s": 5, "canary_seed": 42,
                                       "min_reports": 2}, headers=h)
     assert r.status_code == 201 and calls[-1]["canary_seed"] == 42 and calls[-1]["min_reports"] == 2
+    # no condition given: the same default as the command line's (one home, `config.DEFAULT_PROMOTE_IF`)
+    from cloud_gateway.cli import build_parser
+    from cloud_gateway.config import DEFAULT_PROMOTE_IF
+
+    assert calls[-1]["promote_if"] == DEFAULT_PROMOTE_IF
+    assert build_parser().parse_args(["rollout", "list"]).promote_if == DEFAULT_PROMOTE_IF
     for bad in ({"canary_seed": -1}, {"min_reports": "2"}, {"canary_seed": True}):
         r = c.post("/api/rollouts", json={"bundle": "v2", "canary": "10%", "watch_s": 5, **bad}, headers=h)
         assert r.status_code == 400, bad
