@@ -405,8 +405,9 @@ def test_a_crashed_replica_leaves_the_shared_group(mosquitto, tiny_cascade, tmp_
 
     ans = _stream_with_a_replica_leaving(mosquitto, tiny_cascade, tmp_path, crash)
     after = [a.route for a in ans[40:]]
-    # at most the requests in flight at the crash are lost (the agent's batch of 2); none after
-    assert after[:2].count(Route.FALLBACK) <= 2 and after[2:].count(Route.FALLBACK) == 0, after
+    # at most one batch of 2 is lost: the one in flight at the crash, or (shared subscriptions alternate) the
+    # next one the broker routes to the dead member before it has read the closed socket; none after those two
+    assert after.count(Route.FALLBACK) <= 2 and after[4:].count(Route.FALLBACK) == 0, after
 
 
 def test_upload_requires_a_trusted_signature(mosquitto, tiny_cascade, tmp_path):
