@@ -17,7 +17,7 @@ from edgecore.errors import ConfigError, DataError
 
 from .base import Task, TaskSpec
 
-__all__ = ["Detect", "OBJECT_SCORE", "QUALITY_IOU", "as_json", "image_ap", "targets_as_detections"]
+__all__ = ["Detect", "OBJECT_SCORE", "QUALITY_IOU", "as_json", "image_ap", "kept_detections", "targets_as_detections"]
 
 QUALITY_IOU = 0.5  # a detection is right when it overlaps an unclaimed object of its class this much
 _EPS = 1e-6
@@ -173,12 +173,8 @@ class Detect(Task):
 
     def sample_targets(self, samples: Sequence[Any]) -> Any:
         """Padded objects ``(N, K_max, 5)``: the boxes a person kept, else the teacher's scoring at least 0.5."""
-        rows = []
-        for s in samples:
-            dets = list((s.answer or {}).get("detections") or [])
-            if s.human_answer is None:
-                dets = [d for d in dets if float(d.get("score", 0.0)) >= OBJECT_SCORE]
-            rows.append([[float(d["class"]), *(float(v) for v in d["box"])] for d in dets])
+        rows = [[[float(d["class"]), *(float(v) for v in d["box"])] for d in kept_detections(s) or []]
+                for s in samples]
         y = np.full((len(rows), max([1] + [len(r) for r in rows]), 5), 0.0, np.float32)
         y[:, :, 0] = -1
         for i, r in enumerate(rows):
@@ -193,6 +189,16 @@ class Detect(Task):
 
 
 OBJECT_SCORE = 0.5  # a detection this sure counts as an object in labels and telemetry
+
+
+def kept_detections(sample: Any, min_score: float = OBJECT_SCORE) -> list[dict[str, Any]] | None:
+    """A collected sample's objects (`edgecore.samples.Sample`): every box a person kept, else the teacher's
+    scoring at least ``min_score``; None when its answer holds no list of detections (a sample of another task).
+    What the gateway evaluates a bundle against and what a refresh trains on."""
+    dets = (sample.answer or {}).get("detections")
+    if not isinstance(dets, list):
+        return None
+    return list(dets) if sample.human_answer is not None else [d for d in dets if float(d.get("score", 0.0)) >= min_score]
 
 
 def _finite(v: Any) -> bool:

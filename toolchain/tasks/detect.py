@@ -16,7 +16,7 @@ import numpy as np
 from edgecore.detect import DecodeParams, Detections
 from edgecore.spec import Precision
 from edgecore.tasks import TaskSpec
-from edgecore.tasks.detect import Detect, match, targets_as_detections
+from edgecore.tasks.detect import Detect, kept_detections, match, targets_as_detections
 
 from .base import ExportCheck, LossFn, RefreshTargets, TrainTask, budget_problem
 
@@ -259,12 +259,9 @@ def _answer_objects(s: "Sample", num_classes: int, min_score: float) -> tuple[np
     ``min_score`` sure; ``(boxes (K, 4) float32, classes (K,) int64)``."""
     from toolchain.refresh.errors import RefreshError
 
-    answer = s.answer
-    dets = (answer or {}).get("detections")
-    if not isinstance(dets, list):
+    dets = kept_detections(s, min_score)
+    if dets is None:
         raise RefreshError(f"sample {s.id} from {s.device}: no detections in its answer (a sample of another task?)")
-    if s.human_answer is None:
-        dets = [d for d in dets if float(d.get("score", 0.0)) >= min_score]
     try:
         boxes = np.array([[float(v) for v in d["box"]] for d in dets], np.float32).reshape(-1, 4)
         classes = np.array([int(d["class"]) for d in dets], np.int64)
