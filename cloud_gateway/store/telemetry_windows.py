@@ -5,6 +5,10 @@ across a broker outage (QoS 1 is at-least-once), and the store turns that into
 exactly once. ``boot`` is a random id the agent makes with its state dir, so a
 device whose state dir was reset (its seq back at 0) is not mistaken for a
 redelivery.
+
+Windows arrive in batches from the gateway's ingest thread (`WindowStore.add_many`): one transaction, one
+multi-row insert that skips the (device, boot, seq) keys already stored, and one upsert of each device's
+last window. Raw windows older than the retention are deleted by `delete_before` (the ``t_end`` index).
 """
 
 from __future__ import annotations
@@ -22,10 +26,9 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
-    insert,
+    delete,
     select,
 )
-from sqlalchemy.exc import IntegrityError
 
 from .database import Database, meta
 from .devices import DeviceStore
@@ -40,6 +43,7 @@ telemetry = Table(
     Column("payload", JSON, nullable=False),
     UniqueConstraint("device_id", "boot", "seq", name="uq_device_boot_seq"),
     Index("ix_telemetry_device_id_id", "device_id", "id"),
+    Index("ix_telemetry_t_end", "t_end"),  # the retention sweep (Alembic 0009)
 )
 
 
@@ -50,16 +54,41 @@ class WindowStore:
 
     def add(self, device_id: str, msg: dict[str, Any]) -> bool:
         """Store a window; False if this (device, boot, seq) was already stored (a redelivery)."""
+        return self.add_many([(device_id, msg)])[0]
+
+    def add_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[bool]:
+        """Store windows in one transaction; per window, whether it is new (False: this (device, boot, seq) was
+        stored before, or earlier in ``items``: a redelivery). Each device's newest window given becomes its
+        last one. Raises when the database does: then nothing of the batch is stored."""
+        if not items:
+            return []
         now = time.time()
-        try:
-            with self.engine.begin() as c:
-                c.execute(insert(telemetry).values(device_id=device_id, boot=str(msg.get("boot") or ""),
-                                                   seq=int(msg["seq"]),
-                                                   t_end=msg.get("t_end"), received=now, payload=msg))
-        except IntegrityError:
-            return False
-        self.devices.set_last_telemetry(device_id, msg, now)
-        return True
+        keys = [(d, str(m.get("boot") or "")[:32], int(m["seq"])) for d, m in items]
+        rows, first = [], {}
+        for i, (k, (_, m)) in enumerate(zip(keys, items)):
+            if k not in first:
+                first[k] = i
+                rows.append({"device_id": k[0], "boot": k[1], "seq": k[2], "t_end": m.get("t_end"),
+                             "received": now, "payload": m})
+        with self.engine.begin() as c:
+            stored = {tuple(r) for r in c.execute(
+                _insert_new(c).returning(telemetry.c.device_id, telemetry.c.boot, telemetry.c.seq), rows)}
+            new = [k in stored and first[k] == i for i, k in enumerate(keys)]
+            self.devices.set_last_telemetry_many([(d, m, now) for (d, m), n in zip(items, new) if n], conn=c)
+        return new
+
+    def delete_before(self, t_end: float, *, limit: int = 5000) -> int:
+        """Delete up to ``limit`` windows that ended before ``t_end`` (agent clock); how many went. A sweep calls
+        it until it returns less than ``limit``: short transactions, so ingest is never held for long."""
+        with self.engine.begin() as c:
+            ids = select(telemetry.c.id).where(telemetry.c.t_end < t_end).limit(limit).scalar_subquery()
+            return int(c.execute(delete(telemetry).where(telemetry.c.id.in_(ids))).rowcount or 0)
+
+    def count(self) -> int:
+        from sqlalchemy import func
+
+        with self.engine.connect() as c:
+            return int(c.execute(select(func.count()).select_from(telemetry)).scalar() or 0)
 
     def history(self, device_id: str, *, limit: int = 500) -> list[dict[str, Any]]:
         """The device's last ``limit`` windows in arrival order."""
@@ -84,3 +113,14 @@ class WindowStore:
         with self.engine.connect() as c:
             return [int(r[0]) for r in c.execute(
                 select(telemetry.c.seq).where(telemetry.c.device_id == device_id).order_by(telemetry.c.id))]
+
+
+def _insert_new(c: Any) -> Any:
+    """An INSERT that skips rows whose (device, boot, seq) is stored already (another replica's, a redelivery)."""
+    if c.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    elif c.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        raise NotImplementedError(f"telemetry store on {c.dialect.name}: SQLite and PostgreSQL are supported")
+    return dialect_insert(telemetry).on_conflict_do_nothing(index_elements=["device_id", "boot", "seq"])
