@@ -2,6 +2,13 @@
 
 Why not prometheus_client: one more dependency for ~80 lines, and the gateway
 also needs the values in-process for its tests and the dashboard.
+
+**A fleet of thousands.** Series are kept per device in process (`value(..., device=)` answers), but
+`render` writes them per model line by default: a ``device`` label becomes ``line`` (the device's model line,
+`note_line`; ``unknown`` before its first status) and the devices' counters and histograms are summed, while
+per-device gauges are left out (the fleet's gauges come from the store's summary, `cloud_gateway.api`). With
+``per_device=True`` (``--metrics-per-device``) every device keeps its own series. Rendering copies the values
+under the lock and formats them after releasing it, so a scrape never holds up the threads that count.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-from typing import Iterable
+from typing import Any, Iterable
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -31,7 +38,9 @@ def _key(labels: dict[str, str]) -> Labels:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, per_device: bool = False) -> None:
+        self.per_device = per_device  # render a series per device (else per model line)
+        self._lines: dict[str, str] = {}  # device -> its model line (the aggregation's label)
         self._lock = threading.Lock()
         self._help: dict[str, tuple[str, str]] = {}
         self._values: dict[str, dict[Labels, float]] = {}
@@ -74,22 +83,54 @@ class Metrics:
             s = series.get(_key(labels))
             return int(sum(s[:-1])) if s else 0
 
+    def note_line(self, device: str, line: str | None) -> None:
+        """The model line ``device`` reports (its series are summed into that line's); None keeps the known one."""
+        if line:
+            self._lines[device] = line[:128]
+
+    def _aggregate(self, series: dict[Labels, Any], gauge: bool) -> dict[Labels, Any]:
+        """Per-device series summed per model line (gauges of a device: left out)."""
+        out: dict[Labels, Any] = {}
+        for key, v in series.items():
+            if not any(k == "device" for k, _ in key):
+                out[key] = v
+                continue
+            if gauge:
+                continue
+            labels = dict(key)
+            labels["line"] = self._lines.get(labels.pop("device"), "unknown")
+            agg = _key(labels)
+            if isinstance(v, list):
+                prev = out.get(agg)
+                out[agg] = list(v) if prev is None else [a + b for a, b in zip(prev, v)]
+            else:
+                out[agg] = out.get(agg, 0.0) + v
+        return out
+
     def render(self) -> str:
+        with self._lock:  # a copy of the numbers; the text is made without the lock
+            helps = sorted(self._help.items())
+            values = {n: dict(d) for n, d in self._values.items()}
+            hists = {n: (b, {k: list(s) for k, s in series.items()}) for n, (b, series) in self._hists.items()}
         lines: list[str] = []
-        with self._lock:
-            for name, (kind, help_) in sorted(self._help.items()):
-                lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
-                if kind == "histogram":
-                    b, series = self._hists.get(name, ((), {}))
-                    for key, s in series.items():
-                        cum = 0.0
-                        for ub, c in zip(list(b) + [math.inf], s[:-1]):
-                            cum += c
-                            le = "+Inf" if ub == math.inf else repr(float(ub))
-                            lines.append(f"{name}_bucket{_fmt_labels(key, [('le', le)])} {cum:g}")
-                        lines.append(f"{name}_sum{_fmt_labels(key)} {s[-1]:.6g}")
-                        lines.append(f"{name}_count{_fmt_labels(key)} {cum:g}")
-                else:
-                    for key, v in self._values.get(name, {}).items():
-                        lines.append(f"{name}{_fmt_labels(key)} {v:.6g}")
+        for name, (kind, help_) in helps:
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+            if kind == "histogram":
+                b, series = hists.get(name, ((), {}))
+                if not self.per_device:
+                    series = self._aggregate(series, False)
+                for key, s in series.items():
+                    cum = 0.0
+                    for ub, c in zip(list(b) + [math.inf], s[:-1]):
+                        cum += c
+                        le = "+Inf" if ub == math.inf else repr(float(ub))
+                        lines.append(f"{name}_bucket{_fmt_labels(key, [('le', le)])} {cum:g}")
+                    lines.append(f"{name}_sum{_fmt_labels(key)} {s[-1]:.6g}")
+                    lines.append(f"{name}_count{_fmt_labels(key)} {cum:g}")
+            else:
+                series = values.get(name, {})
+                if not self.per_device:
+                    series = self._aggregate(series, kind == "gauge")
+                for key, v in series.items():
+                    lines.append(f"{name}{_fmt_labels(key)} {v:.6g}")
         return "\n".join(lines) + "\n"

@@ -53,7 +53,7 @@ def test_store_urls_and_bad_urls(tmp_path):
 
 
 def test_prometheus_text():
-    m = Metrics()
+    m = Metrics(per_device=True)
     m.inc("req_total", "Requests", device='a"b')
     m.inc("req_total", "Requests", 2, device='a"b')
     m.set("rate", "Rate", 0.25, device="a")
@@ -65,6 +65,50 @@ def test_prometheus_text():
     assert 'lat_seconds_bucket{le="0.0005"} 1' in text and 'lat_seconds_bucket{le="0.005"} 3' in text
     assert 'lat_seconds_bucket{le="+Inf"} 4' in text and "lat_seconds_count 4" in text
     assert m.hist_count("lat_seconds") == 4 and m.value("req_total", device='a"b') == 3
+
+
+def _fleet_metrics(n: int, **kw) -> Metrics:
+    m = Metrics(**kw)
+    for i in range(n):
+        d = f"dev-{i}"
+        m.note_line(d, "digits" if i % 2 else "parts")
+        m.inc("windows_total", "Windows", device=d)
+        m.observe("req_seconds", "Latency", 0.003, device=d)
+        m.set("device_offload_rate", "Offload", 0.1, device=d)
+    m.inc("windows_total", "Windows", device="never-said")  # no status yet: its line is unknown
+    m.inc("overload_total", "Overload")
+    return m
+
+
+def test_metrics_are_summed_per_model_line_unless_per_device_is_asked():
+    text = _fleet_metrics(5000).render()
+    assert 'windows_total{line="digits"} 2500' in text and 'windows_total{line="parts"} 2500' in text
+    assert 'windows_total{line="unknown"} 1' in text and "overload_total 1" in text
+    assert 'req_seconds_count{line="digits"} 2500' in text and 'req_seconds_bucket{line="parts",le="0.005"} 2500' in text
+    assert "device=" not in text and "device_offload_rate{" not in text  # a device's gauge is not summed
+    assert len(text.splitlines()) < 60  # a handful of series, whatever the fleet's size
+    # in process every device keeps its own numbers
+    m = _fleet_metrics(10)
+    assert m.value("windows_total", device="dev-3") == 1 and m.hist_count("req_seconds", device="dev-3") == 1
+
+
+def test_metrics_per_device_when_asked():
+    text = _fleet_metrics(50, per_device=True).render()
+    assert 'windows_total{device="dev-7"} 1' in text and 'device_offload_rate{device="dev-7"} 0.1' in text
+    assert "line=" not in text and len(text.splitlines()) > 50 * 15
+
+
+def test_metrics_render_does_not_hold_the_lock_while_formatting(monkeypatch):
+    """A scrape of a big fleet must not stall the threads that count (ingest, the MQTT thread): the numbers are
+    copied under the lock and the text is made after it is released."""
+    import cloud_gateway.metrics as metrics_mod
+
+    m = _fleet_metrics(200, per_device=True)
+    held: list[bool] = []
+    real = metrics_mod._fmt_labels
+    monkeypatch.setattr(metrics_mod, "_fmt_labels", lambda *a: (held.append(m._lock.locked()), real(*a))[1])
+    assert 'windows_total{device="dev-1"} 1' in m.render()
+    assert held and not any(held)
 
 
 def test_password_hash_is_mosquitto_pbkdf2_sha512():
