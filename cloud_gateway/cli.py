@@ -44,11 +44,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     user, pw = login_from_args(args, who="gateway", password_env=PASSWORD_ENV)
     if args.batch_size < 1 or args.batch_ms < 0:
         raise GatewayError("--batch-size must be >= 1 and --batch-ms >= 0")
+    if args.ingest_queue < 1 or args.telemetry_retention_days < 0:
+        raise GatewayError("--ingest-queue must be >= 1 and --telemetry-retention-days >= 0")
     cfg = GatewayConfig(
         worker=WorkerConfig(broker_url=broker_from_args(args), username=user, password=pw, prefix=args.prefix,
                             replica_id=args.replica_id, batch_size=args.batch_size, batch_ms=args.batch_ms,
                             max_payload_bytes=args.max_payload, mqtt_version=args.mqtt_version,
-                            max_pending_per_device=args.max_pending_per_device),
+                            max_pending_per_device=args.max_pending_per_device, ingest_group=args.ingest_group,
+                            ingest_queue=args.ingest_queue, telemetry_retention_days=args.telemetry_retention_days),
+        metrics_per_device=args.metrics_per_device,
         teacher=args.teacher, db=args.db, bundles_dir=args.bundles_dir, http_host=args.http_host,
         http_port=None if args.http_port < 0 else args.http_port,
         token=gateway_token(args.token), threads=args.threads,
@@ -297,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-ms", type=float, default=w("batch_ms"),
                    help="while a batch runs, the batcher waits up to this for more, only while more keeps arriving")
     s.add_argument("--max-payload", type=int, default=w("max_payload_bytes"), help="bytes")
+    s.add_argument("--ingest-group", default=w("ingest_group"), metavar="GROUP",
+                   help="replicas split telemetry and statuses as $share/GROUP/... ('': every replica gets all)")
+    s.add_argument("--ingest-queue", type=int, default=w("ingest_queue"), metavar="N",
+                   help="windows waiting to be stored; past it the MQTT thread waits (back-pressure, counted)")
+    s.add_argument("--telemetry-retention-days", type=float, default=w("telemetry_retention_days"), metavar="D",
+                   help="raw telemetry windows older than this are deleted (0: kept forever)")
+    s.add_argument("--metrics-per-device", action="store_true",
+                   help="/metrics: a series per device (default: summed per model line)")
     s.add_argument("--max-pending-per-device", type=int, default=w("max_pending_per_device"), metavar="N",
                    help="requests one device may have waiting for the teacher; past it its own are refused")
     s.add_argument("--db", default=g("db"), help="SQLite path or database URL (postgresql://user:pw@host/db); "

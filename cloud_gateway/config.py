@@ -42,6 +42,17 @@ class WorkerConfig:
     # for the next token (a flood is coalesced: the last status always lands)
     status_per_s: float = 2.0
     status_burst: int = 20
+    # ingest (cloud_gateway/ingest.py): with a group, telemetry and status are subscribed as
+    # ``$share/<ingest_group>/...`` and replicas split them; "" (the default): every replica receives everything and
+    # the store dedupes (Mosquitto 2.0 loses a shared subscription's message published while the session is
+    # away across a broker restart: docs/gateway.md "Fleet scale"); MQTT 3.1.1: never shared
+    ingest_group: str = ""
+    ingest_queue: int = 20_000  # windows waiting for the ingest thread; past it the MQTT thread waits (back-pressure)
+    ingest_batch: int = 1000  # at most this many windows per transaction
+    ingest_block_s: float = 1.0  # how long the MQTT thread waits for room before a window is refused (resent)
+    status_snapshot_s: float = 3.0  # a shared subscription gets no retained statuses: read them this long at connect
+    telemetry_retention_days: float = 30.0  # raw windows whose t_end is older are deleted (0: kept forever)
+    retention_sweep_s: float = 300.0  # how often the retention is applied
     session_expiry_s: int = 3600  # the ingest (telemetry, status) session, kept while the replica is away
     request_session_expiry_s: int = 0  # the request session: 0 = clean, gone with the connection (see docs)
     keepalive_s: int = 10
@@ -95,6 +106,7 @@ class GatewayConfig:
     threads: int | None = None
     teacher_format: str = "onnx"  # which one a run dir's teacher is loaded from: onnx | torch
     metrics: Metrics = field(default_factory=Metrics)
+    metrics_per_device: bool = False  # /metrics: a series per device (default: summed per model line)
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures an uploaded bundle needs
     collect: CollectionPolicy = field(default_factory=CollectionPolicy)  # sample collection (off by default)
     rollout_update_timeout_s: float = 60.0  # how long a rollout waits for devices to apply an update

@@ -133,6 +133,9 @@ class Gateway:
         self.teacher = teacher or load_teacher(config.teacher, threads=config.threads,
                                                prefer=config.teacher_format)
         self.store = GatewayStore(config.db)
+        self.metrics.per_device = config.metrics_per_device
+        for device_id, row in self.store.devices.versions().items():  # whose series go to which model line
+            self.metrics.note_line(device_id, row["model_line"])
         self.collector = SampleCollector(self.store, config.collect, self.metrics, task=self.teacher.task)
         self.worker = GatewayWorker(config=config.worker, teacher=self.teacher, store=self.store,
                                     metrics=self.metrics, collector=self.collector)

@@ -15,7 +15,6 @@ possible, counted, logged, and the worker goes on.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import select
@@ -33,10 +32,10 @@ from edgecore.mqtt import MqttLink
 
 from .collection import SampleCollector
 from .config import WorkerConfig
+from .ingest import Ingest, TokenBuckets  # noqa: F401  (TokenBuckets: re-exported from its old home)
 from .metrics import BATCH_BUCKETS, Metrics
 from .store import GatewayStore
 from .teacher import Teacher
-from .telemetry_parser import parse_status, parse_window
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +51,6 @@ class _Request:
     collect: bool = False  # the collector wants this one (decided on arrival)
     flagged: bool = False  # the device asked for it to be collected (user property ``collect``)
     bundle: str = ""  # the bundle version the device answered with (user property ``bundle``)
-
-
-class TokenBuckets:
-    """One token bucket per key: ``rate`` tokens a second, at most ``burst`` saved up."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = float(rate), float(burst)
-        self._b: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
-        self._lock = threading.Lock()
-
-    def take(self, key: str) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            tokens, then = self._b.get(key, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - then) * self.rate)
-            ok = tokens >= 1.0
-            self._b[key] = (tokens - 1.0 if ok else tokens, now)
-            return ok
 
 
 class InvalidRequest(Exception):
@@ -90,10 +71,6 @@ class GatewayWorker:
         self._pending: list[_Request] = []  # requests the network thread holds for its next batch (its own)
         self._held: dict[str, int] = {}  # requests waiting per device (held, queued or in a batch being served)
         self._held_lock = threading.Lock()
-        self._windows = TokenBuckets(config.telemetry_per_s, config.telemetry_burst)  # per-device window quota
-        self._statuses = TokenBuckets(config.status_per_s, config.status_burst)  # per-device status quota
-        self._status_lock = threading.Lock()
-        self._status_pending: dict[str, dict[str, Any]] = {}  # the latest status held back by its quota
         self._stop = threading.Event()
         self._unsubscribed = threading.Event()
         self.served = 0
@@ -109,19 +86,32 @@ class GatewayWorker:
             raise GatewayError(str(e)) from e
         self.v5 = self.link.v5
         T = wire.Topics
+        share = c.ingest_group if self.v5 and c.ingest_group else None  # replicas split telemetry and statuses
         self.sub_req = T.pattern(c.prefix, T.REQ, share=c.group if self.v5 else None)
-        self.sub_tel = T.pattern(c.prefix, T.TELEMETRY)
-        self.sub_status = T.pattern(c.prefix, T.STATUS)
+        self.sub_tel = T.pattern(c.prefix, T.TELEMETRY, share=share)
+        self.sub_status = T.pattern(c.prefix, T.STATUS, share=share)
         self.client = self.link.client  # the request connection's paho client: its socket is peeked (batching)
-        self.ingest = self.ingest_link.client
+        self.ingest = Ingest(config=c, store=store, metrics=metrics, collector=collector,
+                             publish=lambda topic, payload: self.ingest_link.publish(topic, payload, qos=1))
         self.link.subscribe(self.sub_req, lambda m: self._on_message(self.client, None, m))
         self.link.on_disconnect(self._serve_held)
-        self.ingest_link.subscribe(self.sub_tel, lambda m: self._on_message(self.ingest, None, m))
-        self.ingest_link.subscribe(self.sub_status, lambda m: self._on_message(self.ingest, None, m))
+        self.ingest_link.subscribe(self.sub_tel, lambda m: self._on_message(None, None, m))
+        self.ingest_link.subscribe(self.sub_status, lambda m: self._on_message(None, None, m))
+        if share:  # a shared subscription is sent no retained message: read the retained statuses once a connect
+            self.ingest_link.on_ready(self._status_snapshot)
         self.client.on_unsubscribe = lambda *a: self._unsubscribed.set()
         self.connected = self.link.connected
         self.ingest_connected = self.ingest_link.connected
         self._batcher = threading.Thread(target=self._batch_loop, name="gateway-batcher", daemon=True)
+
+    def _status_snapshot(self) -> None:
+        """Subscribe to every status unshared for ``status_snapshot_s`` after each connect, for the retained ones
+        (statuses of devices that published before this replica came); a status read twice is stored once."""
+        plain = wire.Topics.pattern(self.config.prefix, wire.Topics.STATUS)
+        self.ingest_link.subscribe(plain, lambda m: self._on_message(None, None, m))
+        t = threading.Timer(self.config.status_snapshot_s, self.ingest_link.unsubscribe, (plain,))
+        t.daemon = True
+        t.start()
 
     def _link(self, client_id: str, session_expiry_s: int) -> MqttLink:
         c = self.config
@@ -142,6 +132,7 @@ class GatewayWorker:
             self.ingest_link.stop()
             raise GatewayError(f"gateway could not connect: {e}") from e
         self._batcher.start()
+        self.ingest.start()
         if self.collector is not None:
             self.collector.start()
         end = time.monotonic() + wait
@@ -163,6 +154,15 @@ class GatewayWorker:
         while self._q.unfinished_tasks and self._batcher.is_alive() and time.monotonic() < end:
             time.sleep(0.01)
         self._stop.set()
+        if self.sub_tel.startswith("$share/") and self.ingest_connected.is_set():
+            # leave the ingest group too: the broker would go on routing this replica's share of the windows to
+            # its session while it is away (they are resent by their agents, unacknowledged, but late)
+            for sub in (self.sub_tel, self.sub_status):
+                try:
+                    self.ingest_link.unsubscribe(sub)
+                except Exception as e:
+                    log.warning("unsubscribe on stop: %s", e)
+        self.ingest.stop(drain_s=max(0.5, end - time.monotonic()))  # store and acknowledge what was queued
         for link in (self.link, self.ingest_link):
             link.stop()
         if self._batcher.is_alive():
@@ -183,9 +183,9 @@ class GatewayWorker:
                                           or not _next_is_publish(client)):
                         self._flush()
             elif len(parts) == 3 and parts[2] == "telemetry":
-                self._on_telemetry(parts[1], msg.payload)
+                self.ingest.offer_window(parts[1], msg.payload)  # decoded and stored by the ingest thread
             elif len(parts) == 3 and parts[2] == "status":
-                self._on_status(parts[1], msg.payload)
+                self.ingest.offer_status(parts[1], msg.payload)
         except Exception:  # never let one message kill the network thread
             log.exception("failed handling %s", msg.topic)
             self.metrics.inc("gateway_internal_errors_total", "Unexpected errors while handling a message")
@@ -290,58 +290,6 @@ class GatewayWorker:
         body.setdefault("replica", self.config.replica_id)
         self.link.publish(topic, wire.dumps(body), qos=1, correlation=corr)
 
-    def _ack_window(self, device_id: str, payload: bytes, msg: dict[str, Any] | None, error: str | None) -> None:
-        """Tell the agent its window is stored (or refused for good: it would never be stored), so that it
-        deletes it from its outbox; a window not acknowledged (the store failed) is sent again."""
-        if msg is None:  # refused before it was read: its (boot, seq) as far as they can be read
-            try:
-                raw = json.loads(payload)
-                msg = raw if isinstance(raw, dict) else {}
-            except (ValueError, RecursionError):
-                msg = {}
-        boot, seq = msg.get("boot"), msg.get("seq")
-        if not isinstance(boot, str) or isinstance(seq, bool) or not isinstance(seq, int):
-            return
-        body: dict[str, Any] = {"boot": boot[:32], "seq": seq, "ok": error is None}
-        if error is not None:
-            body["error"] = error[:200]
-        self.ingest_link.publish(wire.Topics.of(self.config.prefix, device_id, wire.Topics.TELEMETRY_ACK),
-                                 wire.dumps(body), qos=1)
-
-    def _on_telemetry(self, device_id: str, payload: bytes) -> None:
-        if not self._windows.take(device_id):  # past its quota: not stored, not acknowledged: sent again later
-            self.metrics.inc("gateway_device_quota_refused_total", "Messages refused past their device's quota",
-                             device=device_id, kind="telemetry")
-            return
-        try:
-            msg = parse_window(payload, device_id)
-        except wire.WireError as e:
-            self.metrics.inc("gateway_invalid_telemetry_total", "Telemetry windows refused (not stored)",
-                             device=device_id)
-            log.warning("telemetry window from %s refused: %s", device_id, e)
-            self._ack_window(device_id, payload, None, f"refused: {e}")
-            return
-        new = self.store.telemetry.add(device_id, msg) if self.store else True  # (raises: no ack, sent again)
-        self._ack_window(device_id, payload, msg, None)
-        self.metrics.inc("gateway_telemetry_windows_total", "Telemetry windows stored", device=device_id)
-        if self.collector is not None:
-            self.collector.note_telemetry(device_id, msg)
-        if not new:
-            self.metrics.inc("gateway_telemetry_duplicates_total", "Redelivered windows dropped", device=device_id)
-            return
-        self.metrics.set("device_offload_rate", "Offload rate of the last window", msg.get("offload_rate", 0.0),
-                         device=device_id)
-        self.metrics.set("device_fallback_rate", "Fallback rate of the last window", msg.get("fallback_rate", 0.0),
-                         device=device_id)
-        drift = msg.get("drift") or {}
-        if drift:
-            self.metrics.set("device_drift_flag", "1 when the device's drift tests flag", float(bool(drift.get("flag"))),
-                             device=device_id)
-            conf = drift.get("confidence") or {}
-            if "psi" in conf:
-                self.metrics.set("device_drift_psi", "PSI of the confidence vs the reference", conf["psi"],
-                                 device=device_id)
-
     def _answer(self, logits: np.ndarray, batch_size: int) -> dict[str, Any]:
         """The reply for one row of teacher output: a prediction, or an error when it is not finite.
 
@@ -355,45 +303,9 @@ class GatewayWorker:
         return {"ok": True, **self.task.answer(logits, self.teacher.labels), "model_version": self.teacher.version,
                 "batch_size": batch_size}
 
-    def _on_status(self, device_id: str, payload: bytes) -> None:
-        if not payload:
-            return
-        try:
-            msg = parse_status(payload, device_id)
-        except wire.WireError as e:  # too big, a NaN, a mistyped field: the last good status stays
-            self.metrics.inc("gateway_invalid_status_total", "Device statuses refused (not stored)", device=device_id)
-            log.warning("status from %s refused: %s", device_id, e)
-            return
-        if self.collector is not None:
-            self.collector.note_status(device_id, msg)
-        with self._status_lock:
-            due = device_id not in self._status_pending and self._statuses.take(device_id)
-            if not due:  # stored by the batcher thread when the device has a token again: the latest lands
-                if device_id in self._status_pending:
-                    self.metrics.inc("gateway_device_quota_refused_total",
-                                     "Messages refused past their device's quota", device=device_id, kind="status")
-                self._status_pending[device_id] = msg
-        if due and self.store:
-            self.store.devices.set_status(device_id, msg)
-
-    def _store_due_statuses(self) -> None:
-        """Store the statuses held back by their device's quota once it has a token (the batcher thread)."""
-        with self._status_lock:
-            due = [(d, m) for d, m in self._status_pending.items() if self._statuses.take(d)]
-            for d, _ in due:
-                del self._status_pending[d]
-        for d, m in due:
-            if self.store:
-                try:
-                    self.store.devices.set_status(d, m)
-                except Exception:
-                    log.exception("storing the status of %s failed", d)
-
     # --- batching --------------------------------------------------------------
     def _batch_loop(self) -> None:
         while not self._stop.is_set():
-            if self._status_pending:
-                self._store_due_statuses()
             try:
                 first = self._q.get(timeout=0.1)
             except queue.Empty:

@@ -144,7 +144,7 @@ def test_a_window_the_gateway_could_not_store_is_sent_again_until_it_is(mosquitt
     gw = start_gateway(mosquitto, run, tmp_path, http=False)
     agent = make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path, telemetry_window_s=0.1,
                        telemetry_resend_s=0.5).start()
-    real_add = gw.store.telemetry.add
+    real_add = gw.store.telemetry.add_many
     try:
         list(agent.run(items(run.x_test[:10])))
         wait_for(lambda: _stored(gw, "dev-a")[0] == 10, 10, "the first 10 inputs stored")
@@ -153,16 +153,16 @@ def test_a_window_the_gateway_could_not_store_is_sent_again_until_it_is(mosquitt
         def database_down(*a, **kw):  # type: ignore[no-untyped-def]
             raise OSError("the database is down")
 
-        gw.store.telemetry.add = database_down  # type: ignore[method-assign]
+        gw.store.telemetry.add_many = database_down  # type: ignore[method-assign]
         list(agent.run(items(run.x_test[10:30])))
         wait_for(lambda: len(agent.fleet.outbox) > 0, 5, "windows waiting for the gateway")
         time.sleep(1.0)  # the broker took them, the gateway could not store them: they stay
         assert _stored(gw, "dev-a")[0] == 10 and len(agent.fleet.outbox) > 0
-        gw.store.telemetry.add = real_add  # type: ignore[method-assign]
+        gw.store.telemetry.add_many = real_add  # type: ignore[method-assign]
         wait_for(lambda: _stored(gw, "dev-a")[0] == 30, 15, "the outage's windows stored once it is back")
         wait_for(lambda: len(agent.fleet.outbox) == 0, 10, "the outbox drained")
     finally:
-        gw.store.telemetry.add = real_add  # type: ignore[method-assign]
+        gw.store.telemetry.add_many = real_add  # type: ignore[method-assign]
         agent.stop()
         gw.stop()
     stored, dropped = _stored(gw, "dev-a")

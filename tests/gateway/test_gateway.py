@@ -280,6 +280,7 @@ def test_api_bundle_update_rollback_and_bench_over_mqtt(mosquitto, tiny_cascade,
             assert bench[0]["result"]["results"]
 
         _wait(lambda: (gw.store.devices.get("dev-a") or {}).get("last_telemetry"), 5, "telemetry")
+        _wait(lambda: gw.store.devices.get("dev-a")["state"] == "offline", 5, "the goodbye status")
         devs = json.loads(_http("GET", f"{url}/api/devices")[1])
         assert [d["device_id"] for d in devs] == ["dev-a"]
         one = json.loads(_http("GET", f"{url}/api/devices/dev-a")[1])
@@ -288,7 +289,7 @@ def test_api_bundle_update_rollback_and_bench_over_mqtt(mosquitto, tiny_cascade,
         assert _http("GET", f"{url}/api/devices/nope")[0] == 404
         prom = _http("GET", f"{url}/metrics")[1].decode()
         for name in ("gateway_requests_total", "gateway_batch_size_bucket", "gateway_request_seconds_bucket",
-                     "device_offload_rate", "gateway_telemetry_windows_total"):
+                     "gateway_ingest_batch_size_bucket", "gateway_telemetry_windows_total"):
             assert name in prom, name
     watch.stop()
 
@@ -399,7 +400,7 @@ def test_a_stopped_replica_leaves_the_shared_group(mosquitto, tiny_cascade, tmp_
 def test_a_crashed_replica_leaves_the_shared_group(mosquitto, tiny_cascade, tmp_path):
     def crash(g):  # what kill -9 does to the connection: gone without DISCONNECT, no unsubscribe, no drain
         g.worker._stop.set()
-        for c in (g.worker.client, g.worker.ingest):
+        for c in (g.worker.client, g.worker.ingest_link.client):
             c.loop_stop()
             c.socket().close()
 
