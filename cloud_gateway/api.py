@@ -18,6 +18,7 @@ import math
 import re
 import shutil
 import tempfile
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -68,6 +69,7 @@ def _device_view(row: dict[str, Any]) -> dict[str, Any]:
         "device_id": row["device_id"],
         "state": status.get("state", "unknown"),
         "model_line": row.get("model_line"),
+        "version": row.get("version"),
         "status": status,
         "last_seen": row.get("last_seen"),
         "offload_rate": tel.get("offload_rate"),
@@ -78,6 +80,64 @@ def _device_view(row: dict[str, Any]) -> dict[str, Any]:
         "bundle_sha256": tel.get("bundle_sha256") or status.get("bundle_sha256"),
         "last_telemetry": tel or None,
     }
+
+
+MAX_DEVICE_PAGE = 500
+
+
+def _device_query() -> Any:
+    """``?limit=&cursor=&sort=&state=&drifting=&line=&bundle=&q=`` as a `DeviceQuery`; a bad one is a 400."""
+    from .store.devices import SORTS, STATES, DeviceQuery, read_cursor
+
+    a = request.args
+    state = a.get("state") or None
+    if state is not None and state not in STATES:
+        _fail(400, f"state: one of {', '.join(STATES)}, got {state[:40]!r}")
+    drifting = a.get("drifting")
+    if drifting not in (None, "", "1", "0", "true", "false"):
+        _fail(400, f"drifting: 1 or 0, got {drifting[:40]!r}")
+    sort = a.get("sort") or "device_id"
+    if sort.lstrip("-") not in SORTS:
+        _fail(400, f"sort: one of {', '.join(SORTS)} (prefix - for descending), got {sort[:40]!r}")
+    cursor = a.get("cursor") or None
+    if cursor is not None:
+        try:
+            read_cursor(cursor)
+        except ValueError as e:
+            _fail(400, str(e))
+    return DeviceQuery(limit=_int_arg("limit", 50, 1, MAX_DEVICE_PAGE), sort=sort, cursor=cursor, state=state,
+                       drifting=None if drifting in (None, "") else drifting in ("1", "true"),
+                       line=a.get("line") or None, bundle=a.get("bundle") or None, q=a.get("q") or None)
+
+
+def _device_page(store: GatewayStore) -> dict[str, Any]:
+    q = _device_query()
+    rows, nxt, total = store.devices.page(q)
+    return {"devices": [_device_view(r) for r in rows], "next_cursor": nxt, "total": total, "limit": q.limit,
+            "sort": q.sort}
+
+
+def fleet_gauges(store: GatewayStore) -> str:
+    """The fleet's gauges in Prometheus text, per model line and bundle version, from the store's summary (one
+    aggregate query, whatever the fleet's size)."""
+    s = store.devices.summary()
+    out = ["# HELP fleet_devices Devices by state (their last status)", "# TYPE fleet_devices gauge"]
+    rates = ["# HELP fleet_offload_rate Offload rate of the devices' last windows, weighted by inputs",
+             "# TYPE fleet_offload_rate gauge",
+             "# HELP fleet_fallback_rate Fallback rate of the devices' last windows, weighted by inputs",
+             "# TYPE fleet_fallback_rate gauge",
+             "# HELP fleet_drifting_devices Devices whose last window flagged drift", "# TYPE fleet_drifting_devices gauge"]
+    from .metrics import _fmt_labels
+
+    for g in s["groups"]:
+        labels = (("line", g["model_line"] or "unknown"), ("version", g["version"] or "unknown"))
+        for state in ("online", "offline", "unknown"):
+            out.append(f"fleet_devices{_fmt_labels(labels, [('state', state)])} {g[state]}")
+        rates.append(f"fleet_drifting_devices{_fmt_labels(labels)} {g['drifting']}")
+        for k in ("offload_rate", "fallback_rate"):
+            if g[k] is not None and math.isfinite(g[k]):
+                rates.append(f"fleet_{k}{_fmt_labels(labels)} {g[k]:.6g}")
+    return "\n".join(out + rates) + "\n"
 
 
 def finite(value: Any) -> Any:
@@ -179,7 +239,7 @@ def create_app(
             if isinstance(v, int) and v > MAX_ID:
                 _fail(400, f"{k}: {v} is not an id (ids are integers from 0 to {MAX_ID})")
 
-    _register_health(app, metrics=metrics, health=health)
+    _register_health(app, metrics=metrics, health=health, store=store)
     _register_devices(app, store=store, publish=publish, prefix=prefix, require_token=require_token)
     _register_bundles(app, bundles_dir=bundles_dir, trust=trust, require_token=require_token)
     _register_samples(app, store=store, require_token=require_token, collect=collect, num_classes=num_classes)
@@ -189,7 +249,8 @@ def create_app(
     return app
 
 
-def _register_health(app: Flask, *, metrics: Metrics, health: Callable[[], dict[str, Any]] | None) -> None:
+def _register_health(app: Flask, *, metrics: Metrics, health: Callable[[], dict[str, Any]] | None,
+                     store: GatewayStore) -> None:
     @app.get("/healthz")
     def healthz() -> Any:
         h = {"ok": True, **(health() if health else {})}
@@ -197,14 +258,31 @@ def _register_health(app: Flask, *, metrics: Metrics, health: Callable[[], dict[
 
     @app.get("/metrics")
     def prom() -> Response:
-        return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
+        text = metrics.render()
+        if not metrics.per_device:  # the fleet per model line; per device, the gauges are the devices' own
+            text += fleet_gauges(store)
+        return Response(text, mimetype="text/plain; version=0.0.4")
 
 
 def _register_devices(app: Flask, *, store: GatewayStore, publish: Callable[[str, bytes], None] | None,
                       prefix: str, require_token: Callable[[], None]) -> None:
     @app.get("/api/devices")
     def list_devices() -> Any:
-        return jsonify([_device_view(r) for r in store.devices.all()])
+        """A page of the fleet: ``{devices, next_cursor, total, limit, sort}`` (``?cursor=next_cursor``: the next)."""
+        return jsonify(_device_page(store))
+
+    @app.get("/api/fleet/summary")
+    def fleet_summary() -> Any:
+        return jsonify({**store.devices.summary(), "time": time.time()})
+
+    @app.get("/api/fleet/dashboard")
+    def fleet_dashboard() -> Any:
+        """What the dashboard shows, in one request: the summary, a page of devices (the same parameters as
+        ``/api/devices``) and the last five rollouts with their timelines."""
+        recent = store.rollouts.all()[-5:][::-1]
+        rollouts = [r for r in (store.rollouts.get(int(x["id"])) for x in recent) if r is not None]
+        return jsonify({"summary": store.devices.summary(), "page": _device_page(store), "rollouts": rollouts,
+                        "time": time.time()})
 
     @app.get("/api/devices/<device_id>")
     def one_device(device_id: str) -> Any:
@@ -391,7 +469,7 @@ def _register_rollouts(app: Flask, *, store: GatewayStore, rollouts: Any,
         r = store.rollouts.get(rollout_id)
         if r is None:
             _fail(404, f"no rollout {rollout_id}")
-        versions = {d["device_id"]: (d.get("status") or {}).get("bundle_sha256") for d in store.devices.all()}
+        versions = {d: v["bundle_sha256"] for d, v in store.devices.versions().items()}
         return jsonify({**r, "device_versions": versions})
 
     @app.post("/api/rollouts/<int:rollout_id>/abort")

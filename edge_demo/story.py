@@ -293,7 +293,7 @@ def _run_fleet(
             devices.append(_device_row(device_id, bundle_name, drift, agents[device_id], answers[device_id]))
         time.sleep(opts.window_s)  # let the last telemetry reach the store
         results = {"devices": devices, "broker": type(broker).__name__, "dashboard": f"{gateway.http_url}/",
-                   "gateway_view": _get_json(f"{gateway.http_url}/api/devices")}
+                   "gateway_view": _get_json(f"{gateway.http_url}/api/devices?limit=500")}
         drifted_dev = next(((d, b) for d, b, drift in plan if drift), None)
         if opts.loop and drifted_dev is not None:
             from edge_demo.loop import LoopContext, close_the_loop

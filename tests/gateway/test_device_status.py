@@ -31,7 +31,7 @@ def test_the_api_never_sends_invalid_json_whatever_the_store_holds(tmp_path):
     store.devices.set_status("dev-b", {"state": "online", "threshold": 0.5})
     app = create_app(store=store, metrics=Metrics(), bundles_dir=tmp_path / "b", token="tok", trust=release_trust())
     c = app.test_client()
-    devices = _strict(c.get("/api/devices").data)
+    devices = _strict(c.get("/api/devices").data)["devices"]
     a = next(d for d in devices if d["device_id"] == "dev-a")
     assert a["status"]["threshold"] is None and a["status"]["x"] == [None, 1.5] and a["offload_rate"] is None
     assert next(d for d in devices if d["device_id"] == "dev-b")["status"]["threshold"] == 0.5
@@ -85,7 +85,7 @@ def test_a_device_cannot_store_a_huge_or_non_finite_status(mosquitto, tiny_casca
         import urllib.request
 
         with urllib.request.urlopen(f"{gw.http_url}/api/devices", timeout=10) as r:
-            assert _strict(r.read())[0]["status"]["version"] == "last"
+            assert _strict(r.read())["devices"][0]["status"]["version"] == "last"
 
 
 def _raw_device(broker, device: str):  # type: ignore[no-untyped-def]

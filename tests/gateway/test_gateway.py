@@ -281,7 +281,7 @@ def test_api_bundle_update_rollback_and_bench_over_mqtt(mosquitto, tiny_cascade,
 
         _wait(lambda: (gw.store.devices.get("dev-a") or {}).get("last_telemetry"), 5, "telemetry")
         _wait(lambda: gw.store.devices.get("dev-a")["state"] == "offline", 5, "the goodbye status")
-        devs = json.loads(_http("GET", f"{url}/api/devices")[1])
+        devs = json.loads(_http("GET", f"{url}/api/devices")[1])["devices"]
         assert [d["device_id"] for d in devs] == ["dev-a"]
         one = json.loads(_http("GET", f"{url}/api/devices/dev-a")[1])
         assert one["history"] and one["history"][-1]["latency"]["edge"]["count"] >= 0

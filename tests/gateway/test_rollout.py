@@ -197,7 +197,7 @@ def test_a_gateway_killed_mid_rollout_resumes_it_on_restart(mosquitto, tiny_casc
     try:
         _upload(url, "v1", run.tarball)
         _upload(url, "v2", retag_bundle(run.bundle_dir, tmp_path / "v2", version="v2"))
-        wait_for(lambda: len(_call("GET", f"{url}/api/devices")) == 2, 10, "devices known")
+        wait_for(lambda: _call("GET", f"{url}/api/devices")["total"] == 2, 10, "devices known")
         time.sleep(1.0)
         rid = _call("POST", f"{url}/api/rollouts", {"bundle": "v2", "canary": ["dev-a"], "watch_s": 4,
                                                     "promote_if": "rollbacks == 0"})["id"]
@@ -237,7 +237,7 @@ def test_two_model_lines_on_one_broker_a_device_refuses_another_lines_bundle(mos
     try:
         _upload(url, "digits-v2", retag_bundle(run.bundle_dir, tmp_path / "v2", version="v2"))
         wait_for(lambda: gw.store.devices.get("dev-d") and gw.store.devices.get("dev-a"), 10, "both devices known")
-        assert {d["device_id"]: d["model_line"] for d in _call("GET", f"{url}/api/devices")} == {
+        assert {d["device_id"]: d["model_line"] for d in _call("GET", f"{url}/api/devices")["devices"]} == {
             "dev-a": "tiny-digits", "dev-d": OTHER}
         before = fleet.agents["dev-d"].bundle.manifest_sha256
         # ordered directly, the line-B device refuses line A's bundle and keeps its own
