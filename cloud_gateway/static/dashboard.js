@@ -1,5 +1,7 @@
-// Fleet dashboard: polls the gateway API and draws small SVG line charts.
-// No libraries, nothing fetched from the internet.
+// Fleet dashboard. The fleet view asks the gateway ONE thing per refresh (/api/fleet/dashboard: the fleet's
+// summary, one server-side sorted, filtered page of devices, the last rollouts), and never asks again before
+// that answer came: a slow gateway is polled less, not piled up. A device's charts are on its own page
+// (#device=<id>), which polls that device alone. No libraries, nothing fetched from the internet.
 "use strict";
 const SVGNS = "http://www.w3.org/2000/svg";
 const COLORS = ["#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a"];
@@ -102,21 +104,149 @@ function renderDevice(d) {
   return card;
 }
 
-async function refresh() {
-  try {
-    const list = await (await fetch("/api/devices")).json();
-    const details = await Promise.all(list.map(d => fetch(`/api/devices/${encodeURIComponent(d.device_id)}?history=120`).then(r => r.json())));
-    const root = document.getElementById("devices");
-    root.replaceChildren(...details.map(renderDevice));
-    const drifted = details.filter(d => d.drift_flag).length;
-    const online = details.filter(d => d.state === "online").length;
-    document.getElementById("summary").textContent =
-      `${details.length} devices · ${online} online · ${drifted} drifted · updated ${new Date().toLocaleTimeString()}`;
-    document.body.setAttribute("data-loaded", "1");
-  } catch (e) {
-    document.getElementById("summary").textContent = "cannot reach the gateway API: " + e;
+const pct = v => (v === null || v === undefined) ? "–" : fmt(100 * v, 1) + "%";
+const msec = (v, d) => (v === null || v === undefined) ? "–" : fmt(1000 * v, d === undefined ? 2 : d);
+const spread = l => l && l.p50 !== undefined ? `${msec(l.p50)} / ${msec(l.p95)} / ${msec(l.p99)}` : "–";
+
+function tile(label, value, alert) {
+  const t = el("div", {class: "tile" + (alert ? " alert" : "")});
+  t.appendChild(el("b", {}, String(value)));
+  t.appendChild(el("span", {}, label));
+  return t;
+}
+
+function renderSummary(s) {
+  document.getElementById("summary").textContent =
+    `${s.devices} devices · ${s.online} online · ${s.offline} offline · ${s.drifting} drifted · ` +
+    `updated ${new Date().toLocaleTimeString()}`;
+  const edge = (s.latency || {}).edge_p95 || {}, cloud = (s.latency || {}).cloud_p95 || {};
+  document.getElementById("tiles").replaceChildren(
+    tile("devices", s.devices), tile("online", s.online), tile("offline", s.offline, s.offline > 0),
+    tile("drifting", s.drifting, s.drifting > 0), tile("offload (fleet)", pct(s.offload_rate)),
+    tile("fallback (fleet)", pct(s.fallback_rate)),
+    tile("edge p95 ms: p50 / p95 / p99 of devices", spread(edge)),
+    tile("cloud p95 ms: p50 / p95 / p99 of devices", cloud.p50 !== undefined
+      ? `${msec(cloud.p50, 1)} / ${msec(cloud.p95, 1)} / ${msec(cloud.p99, 1)}` : "–"));
+  document.querySelector("#groups tbody").replaceChildren(...(s.groups || []).map(g => {
+    const tr = el("tr", {class: "group", "data-line": g.model_line || "", "data-version": g.version || ""});
+    for (const v of [g.model_line || "(none)", g.version || "(none)", g.devices, g.online, g.offline, g.drifting,
+                     pct(g.offload_rate), pct(g.fallback_rate), spread((g.latency || {}).edge_p95)]) {
+      tr.appendChild(el("td", {}, String(v)));
+    }
+    return tr;
+  }));
+}
+
+// What the device table shows: sort, filters, and the cursors of the pages before this one (keyset paging).
+const view = {sort: "device_id", cursors: [null], next: null};
+
+function filterParams() {
+  const p = new URLSearchParams();
+  for (const f of document.querySelectorAll("#filters [name]")) if (f.value.trim()) p.set(f.name, f.value.trim());
+  p.set("sort", view.sort);
+  const cur = view.cursors[view.cursors.length - 1];
+  if (cur) p.set("cursor", cur);
+  return p;
+}
+
+function deviceRow(d) {
+  const tr = el("tr", {class: "device" + (d.drift_flag ? " drifted" : ""), "data-id": d.device_id});
+  const id = el("td");
+  id.appendChild(el("a", {href: "#device=" + encodeURIComponent(d.device_id)}, d.device_id));
+  tr.appendChild(id);
+  const st = el("td");
+  st.appendChild(el("span", {class: "state " + d.state}, d.state));
+  tr.appendChild(st);
+  const lat = d.latency || {};
+  for (const v of [d.model_line || "–", d.version || (d.bundle_sha256 || "").slice(0, 10) || "–", pct(d.offload_rate),
+                   pct(d.fallback_rate), msec((lat.edge || {}).p95) + " ms", msec((lat.cloud_rtt || {}).p95, 1) + " ms",
+                   d.last_seen ? new Date(1000 * d.last_seen).toLocaleTimeString() : "–"]) {
+    tr.appendChild(el("td", {}, String(v)));
+  }
+  const drift = el("td");
+  if (d.drift_flag) drift.appendChild(el("span", {class: "drift-flag", title: "drift tests flagged this device"}, "DRIFT"));
+  tr.appendChild(drift);
+  return tr;
+}
+
+function renderPage(page) {
+  document.querySelector("#devices tbody").replaceChildren(...page.devices.map(deviceRow));
+  view.next = page.next_cursor;
+  const start = (view.cursors.length - 1) * page.limit;
+  document.getElementById("page-info").textContent = page.total
+    ? `${start + 1}–${start + page.devices.length} of ${page.total}` : "no device matches";
+  document.getElementById("next-page").disabled = !page.next_cursor;
+  document.getElementById("prev-page").disabled = view.cursors.length < 2;
+  for (const th of document.querySelectorAll("#devices th[data-sort]")) {
+    const k = th.dataset.sort;
+    th.className = view.sort === k ? "sorted-asc" : view.sort === "-" + k ? "sorted-desc" : "";
   }
 }
+
+async function refreshFleet() {
+  const r = await fetch("/api/fleet/dashboard?" + filterParams());
+  const d = await r.json();
+  if (!r.ok) throw new Error(d.error || r.status);
+  renderSummary(d.summary);
+  renderPage(d.page);
+  const root = document.getElementById("rollouts");
+  if (d.rollouts.length) root.replaceChildren(...d.rollouts.map(renderRollout));
+}
+
+async function refreshDevice(id) {
+  const r = await fetch(`/api/devices/${encodeURIComponent(id)}?history=120`);
+  const d = await r.json();
+  const root = document.getElementById("device-detail");
+  if (!r.ok) { root.textContent = d.error || String(r.status); return; }
+  root.replaceChildren(renderDevice(d));
+  document.getElementById("summary").textContent = `${d.device_id} · ${d.state} · updated ${new Date().toLocaleTimeString()}`;
+}
+
+function deviceInHash() {
+  const m = location.hash.match(/^#device=(.+)$/);
+  return m ? decodeURIComponent(m[1]) : null;
+}
+
+// One poll at a time: the next starts 3 s after the last answer (or at once after a change a person made).
+const poll = {busy: false, again: false, timer: null, count: 0};
+async function refresh() {
+  if (poll.busy) { poll.again = true; return; }
+  poll.busy = true;
+  clearTimeout(poll.timer);
+  poll.count += 1;
+  const id = deviceInHash();
+  document.getElementById("fleet-view").hidden = id !== null;
+  document.getElementById("device-page").hidden = id === null;
+  try {
+    await (id !== null ? refreshDevice(id) : refreshFleet());
+    document.body.setAttribute("data-loaded", "1");
+    document.body.setAttribute("data-polls", String(poll.count));
+  } catch (e) {
+    document.getElementById("summary").textContent = "cannot reach the gateway API: " + e;
+  } finally {
+    poll.busy = false;
+    if (poll.again) { poll.again = false; refresh(); } else poll.timer = setTimeout(refresh, 3000);
+  }
+}
+
+function restart() { view.cursors = [null]; refresh(); }
+document.getElementById("filters").addEventListener("input", restart);
+document.getElementById("filters").addEventListener("submit", e => { e.preventDefault(); restart(); });
+for (const th of document.querySelectorAll("#devices th[data-sort]")) {
+  th.addEventListener("click", () => {
+    const k = th.dataset.sort;
+    view.sort = view.sort === k ? "-" + k : k;
+    restart();
+  });
+}
+document.getElementById("next-page").addEventListener("click", () => {
+  if (view.next) { view.cursors.push(view.next); refresh(); }
+});
+document.getElementById("prev-page").addEventListener("click", () => {
+  if (view.cursors.length > 1) { view.cursors.pop(); refresh(); }
+});
+document.getElementById("first-page").addEventListener("click", restart);
+window.addEventListener("hashchange", refresh);
 
 function renderRollout(r) {
   const box = el("div", {class: "rollout", "data-id": String(r.id)});
@@ -132,14 +262,6 @@ function renderRollout(r) {
   }
   box.appendChild(ol);
   return box;
-}
-
-async function refreshRollouts() {
-  const list = await (await fetch("/api/rollouts")).json();
-  const recent = list.slice(-5).reverse();
-  const full = await Promise.all(recent.map(r => fetch(`/api/rollouts/${r.id}`).then(x => x.json())));
-  const root = document.getElementById("rollouts");
-  if (full.length) root.replaceChildren(...full.map(renderRollout));
 }
 
 // A wire-format tensor (docs/wire.md): "ET", version, dtype code, ndim, 3 pad bytes, ndim uint32 dims, data.
@@ -269,6 +391,3 @@ async function loadQueue() {
 
 document.getElementById("load-queue").addEventListener("click", loadQueue);
 refresh();
-refreshRollouts().catch(() => {});
-setInterval(refresh, 3000);
-setInterval(() => refreshRollouts().catch(() => {}), 3000);
