@@ -438,19 +438,16 @@ class RolloutManager:
             self.publish(wire.Topics.of(self.prefix, d, wire.Topics.CMD), wire.dumps(cmd))
 
     def _running(self, devices: list[str], sha: str) -> list[str]:
-        out = []
-        for d in devices:
-            row = self.store.devices.get(d)
-            st = (row or {}).get("status") or {}
-            if isinstance(st, dict) and st.get("bundle_sha256") == sha:
-                out.append(d)
-        return out
+        """Those of ``devices`` whose status reports ``sha``: one query, whatever their number."""
+        rows = self.store.devices.versions(devices)
+        return [d for d in devices if d in rows and (rows[d]["status"] or {}).get("bundle_sha256") == sha]
 
     def _refused(self, devices: list[str], cmd_id: str) -> dict[str, str]:
-        """Those of ``devices`` whose status says this command failed, with the device's error."""
+        """Those of ``devices`` whose status says this command failed, with the device's error (one query)."""
         out = {}
+        rows = self.store.devices.versions(devices)
         for d in devices:
-            last = (((self.store.devices.get(d) or {}).get("status") or {}).get("last_cmd")) or {}
+            last = ((rows.get(d) or {}).get("status") or {}).get("last_cmd") or {}
             if isinstance(last, dict) and last.get("id") == cmd_id and last.get("ok") is False:
                 out[d] = str(last.get("error") or "refused")
         return out
@@ -460,16 +457,20 @@ class RolloutManager:
         command's id comes back in a device's ``last_cmd``); returns the ones still not on it."""
         r = self.store.rollouts.get(rid) or {}
         cmd_id = f"rollout-{rid}-{sha[:12]}"
-        todo = [d for d in devices if d not in self._running(devices, sha)]
+        def not_on_it() -> list[str]:  # one query per tick (it was one per device per device)
+            running = set(self._running(devices, sha))
+            return [d for d in devices if d not in running]
+
+        todo = not_on_it()
         if todo:
             self._send(todo, bundle, cmd_id, bool((r.get("plan") or {}).get("line_change")), rollback)
         end = time.monotonic() + self.update_timeout_s
         while time.monotonic() < end and not self._stop.is_set():
-            missing = [d for d in devices if d not in self._running(devices, sha)]
+            missing = not_on_it()
             if not missing or rid in self._abort or set(self._refused(missing, cmd_id)) == set(missing):
                 return missing
             time.sleep(self.poll_s)
-        return [d for d in devices if d not in self._running(devices, sha)]
+        return not_on_it()
 
     def _why_not(self, devices: list[str], sha: str, rid: int) -> dict[str, str]:
         """Each device's reason for not running ``sha``: its refusal, or that it never answered."""
@@ -499,7 +500,8 @@ class RolloutManager:
             time.sleep(self.poll_s)
         if self._stop.is_set():
             return
-        off = [d for d in plan["canaries"] if d not in self._running(plan["canaries"], plan["manifest_sha256"])]
+        on = set(self._running(plan["canaries"], plan["manifest_sha256"]))
+        off = [d for d in plan["canaries"] if d not in on]
         per = {d: self.store.telemetry.since(d, since) for d in plan["canaries"]}
         metrics = watch_metrics([w for ws in per.values() for w in ws], since)
         if off:
@@ -548,16 +550,32 @@ class RolloutManager:
         time.sleep(self.poll_s)
 
     def _promoting(self, rid: int, r: dict[str, Any]) -> None:
+        """Every online device of the line gets the bundle; the offline ones are listed, not waited for (they
+        keep the version they ran, recorded); never ``done`` while an online device is not on the bundle."""
         plan = r["plan"]
-        missing = self._wait_applied(rid, plan["rest"], plan["manifest_sha256"], r["bundle"]) if plan["rest"] else []
+        sha = plan["manifest_sha256"]
+
+        def offline(devices: list[str]) -> list[str]:
+            rows = self.store.devices.versions(devices)
+            return [d for d in devices if (rows.get(d) or {}).get("state") != "online"]
+
+        away = offline(plan["rest"])
+        online = [d for d in plan["rest"] if d not in set(away)]
+        missing = self._wait_applied(rid, online, sha, r["bundle"]) if online else []
         if self._stop.is_set():
             return
-        detail: dict[str, Any] = {"updated": [d for d in plan["rest"] if d not in missing], "not_updated": missing}
+        if missing:  # a device that went offline meanwhile is listed with the offline ones
+            gone = set(offline(missing)) - set(self._running(missing, sha))
+            away += [d for d in missing if d in gone]
+            missing = [d for d in missing if d not in gone]
+        detail: dict[str, Any] = {"updated": [d for d in online if d not in missing and d not in set(away)],
+                                  "not_updated": missing, "offline": sorted(away)}
         if missing:  # a device of the line that refused (or never took) the bundle: not a finished rollout
             detail["refused"] = self._why_not(missing, plan["manifest_sha256"], rid)
             self.store.rollouts.update(rid, result={**(r.get("result") or {}), "refused": detail["refused"]})
             return self._to(rid, "failed", "promotion incomplete", detail)
-        self._to(rid, "done", "promoted to the fleet", detail)
+        self._to(rid, "done", "promoted to the fleet" + (f" ({len(away)} offline, not updated)" if away else ""),
+                 detail)
 
     def _rolling_back(self, rid: int, r: dict[str, Any]) -> None:
         plan = r["plan"]

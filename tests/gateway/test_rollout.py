@@ -314,3 +314,54 @@ def test_a_rollout_reaches_only_its_model_line_and_a_refusing_canary_fails_it(mo
     finally:
         fleet.close()
         gw.stop()
+
+
+def _promotion(tmp_path, n: int, *, ignore: frozenset[str] = frozenset()):  # type: ignore[no-untyped-def]
+    """A rollout in ``promoting`` over ``n`` devices of one line (every fourth offline); the devices apply a command
+    at once, except those in ``ignore``. Returns (the store, the rollout, the devices sent to, the device queries)."""
+    from cloud_gateway.rollout import RolloutManager
+    from cloud_gateway.store import GatewayStore
+
+    store = GatewayStore(tmp_path / "g.sqlite")
+    sha, old = "ab" * 32, "00" * 32
+    ids = [f"d{i:03d}" for i in range(n)]
+    store.devices.set_statuses([(d, {"state": "offline" if i % 4 == 0 else "online", "model": "digits",
+                                     "bundle_sha256": old}) for i, d in enumerate(ids)])
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    (bundles / "v2.tar.gz").write_bytes(b"v2")
+    sent: list[str] = []
+
+    def publish(topic: str, payload: bytes) -> None:
+        d = topic.split("/")[1]
+        sent.append(d)
+        if d not in ignore:
+            store.devices.set_statuses([(d, {"state": "online", "model": "digits", "bundle_sha256": sha})])
+
+    queries = {"versions": 0, "get": 0}
+    for name in queries:
+        real = getattr(store.devices, name)
+        setattr(store.devices, name, lambda *a, _r=real, _n=name, **k: (queries.__setitem__(_n, queries[_n] + 1),
+                                                                       _r(*a, **k))[1])
+    mgr = RolloutManager(store=store, bundles_dir=bundles, publish=publish, base_url=lambda: "http://gw",
+                         update_timeout_s=1.0, poll_s=0.1)
+    rid = store.rollouts.create("v2", {"canaries": [], "rest": ids, "watch_s": 1, "promote_if": "rollbacks == 0",
+                                       "previous": {}, "manifest_sha256": sha}, None)
+    mgr._promoting(rid, store.rollouts.get(rid))
+    return store, store.rollouts.get(rid), sent, queries, ids
+
+
+def test_promotion_updates_the_online_devices_lists_the_offline_ones_in_few_queries(tmp_path):
+    store, r, sent, queries, ids = _promotion(tmp_path, 400)
+    offline = [d for i, d in enumerate(ids) if i % 4 == 0]
+    assert r["state"] == "done" and sorted(sent) == sorted(set(ids) - set(offline))  # nothing sent to the offline
+    step = r["steps"][-1]
+    assert step["detail"]["offline"] == offline and step["detail"]["not_updated"] == []
+    assert "100 offline" in step["step"]
+    assert queries["get"] == 0 and queries["versions"] <= 6, queries  # per tick one query, not one per device
+
+
+def test_promotion_is_never_done_while_an_online_device_is_not_updated(tmp_path):
+    store, r, sent, queries, ids = _promotion(tmp_path, 40, ignore=frozenset({"d013"}))
+    assert r["state"] == "failed" and r["steps"][-1]["detail"]["not_updated"] == ["d013"]
+    assert "d013" in r["result"]["refused"]
