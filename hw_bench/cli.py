@@ -8,6 +8,7 @@
                    --bundle PATH_OR_URL [--deadline S] --out DIR
     hw-bench models --out DIR [--families mobilenet,resnet,detector] [--targets ...] [--precisions ...]
     hw-bench agent BUNDLE (--run RUN_DIR | --data NPZ) [--rounds R] [--threads N] [--json]
+    hw-bench fleet-sim --teacher RUN_OR_ONNX [--devices N] [--period S] [--seconds S] [--db URL] [--json]
     hw-bench peers MODEL_OR_RUN --out DIR [--data NPZ] [--targets onnx,openvino,tflite] [--threads N]
                    [--repetitions R] [--duration S] [--json]
 
@@ -184,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .gateway_load import register as register_gateway
 
     register_gateway(sub)
+
+    from .fleet_sim import register as register_fleet_sim
+
+    register_fleet_sim(sub)
 
     from .fleet import run_fleet
 

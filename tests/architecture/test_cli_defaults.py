@@ -18,6 +18,7 @@ from cloud_gateway.config import CollectionPolicy, GatewayConfig, WorkerConfig
 from device_agent.agent import AgentConfig
 from device_agent.drift import DriftConfig
 from hw_bench.fleet import FleetJob, run_fleet
+from hw_bench.fleet_sim import run_fleet_sim
 from hw_bench.gateway_load import run_gateway_bench
 from hw_bench.loadgen import Settings
 
@@ -51,7 +52,8 @@ FLAGS: list[tuple[Callable[[], argparse.ArgumentParser], str, str, Any, str]] = 
     *[(_gateway, "serve", dest, WorkerConfig, name) for dest, name in (
         ("prefix", "prefix"), ("mqtt_version", "mqtt_version"), ("replica_id", "replica_id"),
         ("batch_size", "batch_size"), ("batch_ms", "batch_ms"), ("max_payload", "max_payload_bytes"),
-        ("max_pending_per_device", "max_pending_per_device"))],
+        ("max_pending_per_device", "max_pending_per_device"), ("ingest_group", "ingest_group"),
+        ("ingest_queue", "ingest_queue"), ("telemetry_retention_days", "telemetry_retention_days"))],
     *[(_gateway, "serve", dest, GatewayConfig, name) for dest, name in (
         ("db", "db"), ("bundles_dir", "bundles_dir"), ("http_host", "http_host"), ("http_port", "http_port"),
         ("teacher_format", "teacher_format"))],
@@ -63,6 +65,9 @@ FLAGS: list[tuple[Callable[[], argparse.ArgumentParser], str, str, Any, str]] = 
         ("warmup", "warmup"))],
     (_bench, "fleet", "deadline", run_fleet, "deadline_s"),
     *[(_bench, "gateway", name, run_gateway_bench, name) for name in ("clients", "inflight", "seconds", "replicas", "rounds")],
+    *[(_bench, "fleet-sim", dest, run_fleet_sim, name) for dest, name in (
+        ("devices", "devices"), ("period", "period_s"), ("seconds", "seconds"), ("connections", "connections"),
+        ("broker_queue", "broker_queue"), ("drain", "drain_s"))],
 ]
 
 
