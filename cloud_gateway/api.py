@@ -18,6 +18,7 @@ import math
 import re
 import shutil
 import tempfile
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -117,10 +118,27 @@ def _device_page(store: GatewayStore) -> dict[str, Any]:
             "sort": q.sort}
 
 
-def fleet_gauges(store: GatewayStore) -> str:
-    """The fleet's gauges in Prometheus text, per model line and bundle version, from the store's summary (one
-    aggregate query, whatever the fleet's size)."""
-    s = store.devices.summary()
+class FleetSummary:
+    """The store's fleet summary, computed at most once per ``ttl_s``: every open dashboard and every scrape of
+    /metrics read the same one (at 5,000 devices a summary is a few aggregate scans of the devices table)."""
+
+    def __init__(self, store: GatewayStore, ttl_s: float = 1.0) -> None:
+        self.store, self.ttl_s = store, ttl_s
+        self._lock = threading.Lock()
+        self._at: float = -1e9
+        self._value: dict[str, Any] | None = None
+
+    def get(self) -> dict[str, Any]:
+        with self._lock:  # one computes, the others wait for it and share it
+            now = time.monotonic()
+            if self._value is None or now - self._at >= self.ttl_s:
+                self._value, self._at = self.store.devices.summary(), now
+            return dict(self._value)
+
+
+def fleet_gauges(summary: dict[str, Any]) -> str:
+    """The fleet's gauges in Prometheus text, per model line and bundle version, from the fleet summary."""
+    s = summary
     out = ["# HELP fleet_devices Devices by state (their last status)", "# TYPE fleet_devices gauge"]
     rates = ["# HELP fleet_offload_rate Offload rate of the devices' last windows, weighted by inputs",
              "# TYPE fleet_offload_rate gauge",
@@ -239,8 +257,9 @@ def create_app(
             if isinstance(v, int) and v > MAX_ID:
                 _fail(400, f"{k}: {v} is not an id (ids are integers from 0 to {MAX_ID})")
 
-    _register_health(app, metrics=metrics, health=health, store=store)
-    _register_devices(app, store=store, publish=publish, prefix=prefix, require_token=require_token)
+    summary = FleetSummary(store)
+    _register_health(app, metrics=metrics, health=health, summary=summary)
+    _register_devices(app, store=store, publish=publish, prefix=prefix, require_token=require_token, summary=summary)
     _register_bundles(app, bundles_dir=bundles_dir, trust=trust, require_token=require_token)
     _register_samples(app, store=store, require_token=require_token, collect=collect, num_classes=num_classes)
     _register_rollouts(app, store=store, rollouts=rollouts, require_token=require_token)
@@ -250,7 +269,7 @@ def create_app(
 
 
 def _register_health(app: Flask, *, metrics: Metrics, health: Callable[[], dict[str, Any]] | None,
-                     store: GatewayStore) -> None:
+                     summary: FleetSummary) -> None:
     @app.get("/healthz")
     def healthz() -> Any:
         h = {"ok": True, **(health() if health else {})}
@@ -260,12 +279,12 @@ def _register_health(app: Flask, *, metrics: Metrics, health: Callable[[], dict[
     def prom() -> Response:
         text = metrics.render()
         if not metrics.per_device:  # the fleet per model line; per device, the gauges are the devices' own
-            text += fleet_gauges(store)
+            text += fleet_gauges(summary.get())
         return Response(text, mimetype="text/plain; version=0.0.4")
 
 
 def _register_devices(app: Flask, *, store: GatewayStore, publish: Callable[[str, bytes], None] | None,
-                      prefix: str, require_token: Callable[[], None]) -> None:
+                      prefix: str, require_token: Callable[[], None], summary: FleetSummary) -> None:
     @app.get("/api/devices")
     def list_devices() -> Any:
         """A page of the fleet: ``{devices, next_cursor, total, limit, sort}`` (``?cursor=next_cursor``: the next)."""
@@ -273,7 +292,7 @@ def _register_devices(app: Flask, *, store: GatewayStore, publish: Callable[[str
 
     @app.get("/api/fleet/summary")
     def fleet_summary() -> Any:
-        return jsonify({**store.devices.summary(), "time": time.time()})
+        return jsonify({**summary.get(), "time": time.time()})
 
     @app.get("/api/fleet/dashboard")
     def fleet_dashboard() -> Any:
@@ -281,7 +300,7 @@ def _register_devices(app: Flask, *, store: GatewayStore, publish: Callable[[str
         ``/api/devices``) and the last five rollouts with their timelines."""
         recent = store.rollouts.all()[-5:][::-1]
         rollouts = [r for r in (store.rollouts.get(int(x["id"])) for x in recent) if r is not None]
-        return jsonify({"summary": store.devices.summary(), "page": _device_page(store), "rollouts": rollouts,
+        return jsonify({"summary": summary.get(), "page": _device_page(store), "rollouts": rollouts,
                         "time": time.time()})
 
     @app.get("/api/devices/<device_id>")

@@ -103,3 +103,19 @@ def test_metrics_are_per_model_line_with_the_fleet_gauges(client):
     assert 'fleet_devices{line="digits",version="2",state="online"}' in text
     assert 'fleet_drifting_devices{line="parts",version="1"}' in text and "fleet_offload_rate{" in text
     assert "device=" not in text and len(text.splitlines()) < 100
+
+
+def test_the_summary_is_computed_once_a_second_for_every_reader(tmp_path, monkeypatch):
+    """Dashboards and /metrics scrapes share one summary a second: readers do not multiply the aggregate scans."""
+    store = GatewayStore(tmp_path / "g.sqlite")
+    fill(store, 20)
+    calls = []
+    real = store.devices.summary
+    monkeypatch.setattr(store.devices, "summary", lambda: (calls.append(1), real())[1])
+    c = create_app(store=store, metrics=Metrics(), bundles_dir=tmp_path / "b", token="tok",
+                   trust=release_trust()).test_client()
+    for url in ("/api/fleet/summary", "/api/fleet/dashboard", "/metrics", "/api/fleet/summary"):
+        assert c.get(url).status_code == 200
+    assert len(calls) == 1
+    time.sleep(1.1)
+    assert _get(c, "/api/fleet/summary")["devices"] == 20 and len(calls) == 2
