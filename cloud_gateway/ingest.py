@@ -177,8 +177,8 @@ class Ingest:
             log.exception("storing a batch of %d windows and %d statuses failed", len(windows), len(statuses))
             self.metrics.inc("gateway_ingest_store_errors_total", "Ingest batches the store failed on (not acked)")
             with self._status_lock:  # retried with the next batch, unless a newer one came meanwhile
-                for d, m in statuses.items():
-                    self._status_held.setdefault(d, m)
+                for d, st in statuses.items():
+                    self._status_held.setdefault(d, st)
             return
         self.batches += 1
         m = self.metrics

@@ -128,9 +128,9 @@ class Metrics:
                     lines.append(f"{name}_sum{_fmt_labels(key)} {s[-1]:.6g}")
                     lines.append(f"{name}_count{_fmt_labels(key)} {cum:g}")
             else:
-                series = values.get(name, {})
+                plain = values.get(name, {})
                 if not self.per_device:
-                    series = self._aggregate(series, kind == "gauge")
-                for key, v in series.items():
+                    plain = self._aggregate(plain, kind == "gauge")
+                for key, v in plain.items():
                     lines.append(f"{name}{_fmt_labels(key)} {v:.6g}")
         return "\n".join(lines) + "\n"

@@ -102,7 +102,7 @@ def _broker(stack: ExitStack, root: Path, queue: int) -> tuple[str, dict[str, An
         f"max_queued_messages {queue}\nmax_inflight_messages 100\nset_tcp_nodelay true\n")
     proc = subprocess.Popen([exe, "-c", str(root / "mosquitto.conf")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    stack.callback(lambda: (proc.terminate(), proc.wait(10)))
+    stack.callback(_stop, proc)
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -156,7 +156,7 @@ def run_fleet_sim(*, teacher: Path, devices: int = 1000, period_s: float = 10.0,
                                gw_user["username"], f"--password={gw_user['password']}", "--teacher", str(teacher),
                                "--db", store, "--http-port", str(http), "--replica-id", "sim-gw", *gateway_args],
                               stdout=subprocess.PIPE, stderr=err, text=True)
-        stack.callback(lambda: (gw.terminate(), gw.wait(30)))
+        stack.callback(_stop, gw)
         line = gw.stdout.readline() if gw.stdout else ""
         if "serving" not in line:
             raise BenchError(f"the gateway did not start: {line.strip() or 'no output'} (log: {tmp / 'gateway.log'})")
@@ -291,6 +291,14 @@ def run_fleet_sim(*, teacher: Path, devices: int = 1000, period_s: float = 10.0,
         return report
 
 
+def _stop(p: subprocess.Popen[Any]) -> None:
+    p.terminate()
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
 def _ms(v: float | None) -> float | None:
     return None if v is None else round(1000 * v, 1)
 
@@ -304,7 +312,8 @@ def _count(store: str) -> int:
 
     url = store.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(url) as c:
-        return int(c.execute("SELECT count(*) FROM telemetry").fetchone()[0])
+        row = c.execute("SELECT count(*) FROM telemetry").fetchone()
+        return int(row[0]) if row else 0
 
 
 def register(sub: Any) -> None:

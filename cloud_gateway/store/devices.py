@@ -78,12 +78,13 @@ def status_columns(status: dict[str, Any]) -> dict[str, Any]:
 
 def telemetry_columns(msg: dict[str, Any]) -> dict[str, Any]:
     """The plain columns a telemetry window sets."""
-    lat = msg.get("latency") if isinstance(msg.get("latency"), dict) else {}
-    p95 = {k: _num((lat.get(k) or {}).get("p95")) if isinstance(lat.get(k), dict) else None
-           for k in ("edge", "cloud_rtt")}
-    counts = msg.get("counts") if isinstance(msg.get("counts"), dict) else {}
-    inputs = counts.get("inputs")
-    drift = msg.get("drift") if isinstance(msg.get("drift"), dict) else {}
+    def part(v: Any) -> dict[str, Any]:
+        return v if isinstance(v, dict) else {}
+
+    lat = part(msg.get("latency"))
+    p95 = {k: _num(part(lat.get(k)).get("p95")) for k in ("edge", "cloud_rtt")}
+    inputs = part(msg.get("counts")).get("inputs")
+    drift = part(msg.get("drift"))
     return {"drifting": bool(drift.get("flag")),
             "inputs": int(inputs) if isinstance(inputs, int) and not isinstance(inputs, bool) else None,
             "offload_rate": _num(msg.get("offload_rate")), "fallback_rate": _num(msg.get("fallback_rate")),
@@ -152,11 +153,9 @@ class DeviceStore:
                 return self._upsert_many(rows, cols, c)
         name = conn.dialect.name
         if name in ("sqlite", "postgresql"):
-            if name == "sqlite":
-                from sqlalchemy.dialects.sqlite import insert as dialect_insert
-            else:
-                from sqlalchemy.dialects.postgresql import insert as dialect_insert
-            ins = dialect_insert(devices)
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            ins: Any = (sqlite.insert if name == "sqlite" else postgresql.insert)(devices)
             set_ = {c: (func.coalesce(ins.excluded[c], devices.c[c]) if c in _KEEP_WHEN_NULL else ins.excluded[c])
                     for c in cols}
             conn.execute(ins.on_conflict_do_update(index_elements=[devices.c.device_id], set_=set_), rows)
@@ -294,9 +293,8 @@ class DeviceStore:
         d = devices.c
         out: dict[Any, dict[str, float]] = {}
         for part in (None, (d.model_line, d.version)):
-            over = {"partition_by": part} if part else {}
-            rn = func.row_number().over(order_by=col, **over).label("rn")
-            n = func.count().over(**over).label("n")
+            rn = func.row_number().over(order_by=col, partition_by=part).label("rn")
+            n = func.count().over(partition_by=part).label("n")
             cols = [col.label("v"), rn, n] + ([d.model_line, d.version] if part else [])
             sub = select(*cols).where(col.is_not(None)).subquery()
             ranks = {q: (sub.c.n * q + 99) // 100 for q in (50, 95, 99)}  # ceil(n * q / 100) in integers

@@ -117,10 +117,9 @@ class WindowStore:
 
 def _insert_new(c: Any) -> Any:
     """An INSERT that skips rows whose (device, boot, seq) is stored already (another replica's, a redelivery)."""
-    if c.dialect.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    elif c.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    if c.dialect.name not in ("sqlite", "postgresql"):
         raise NotImplementedError(f"telemetry store on {c.dialect.name}: SQLite and PostgreSQL are supported")
-    return dialect_insert(telemetry).on_conflict_do_nothing(index_elements=["device_id", "boot", "seq"])
+    ins: Any = (sqlite.insert if c.dialect.name == "sqlite" else postgresql.insert)(telemetry)
+    return ins.on_conflict_do_nothing(index_elements=["device_id", "boot", "seq"])
