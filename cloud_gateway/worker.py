@@ -1,4 +1,4 @@
-"""MQTT workers: shared-subscription requests, micro-batching, replies, telemetry ingest.
+"""MQTT workers: shared-subscription requests, micro-batching, replies; telemetry and statuses go to `ingest`.
 
 Several replicas subscribe to ``$share/gateways/<prefix>/+/infer/req`` and the
 broker splits requests between them. The network thread batches by itself: a
