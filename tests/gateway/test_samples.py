@@ -240,7 +240,7 @@ def test_one_devices_burst_never_fills_the_collection_queue_for_the_others(tmp_p
     from cloud_gateway.metrics import Metrics
 
     store = GatewayStore(tmp_path / "s.sqlite")
-    metrics = Metrics()
+    metrics = Metrics(per_device=True)  # the per-device series, as --metrics-per-device renders them
     col = SampleCollector(store, CollectionPolicy.parse("all"), metrics, queue_size=64)  # writer not started
     for _ in range(500):
         col.offer("flooder", np.zeros((1, 2), np.float32), [0.5, 0.5], confidence=0.5, flagged=False)
