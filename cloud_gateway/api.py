@@ -312,7 +312,9 @@ def _register_devices(app: Flask, *, store: GatewayStore, publish: Callable[[str
             limit = min(max(int(request.args.get("history", 200)), 0), 5000)
         except ValueError:
             _fail(400, "history must be an integer (number of windows, at most 5000)")
-        return jsonify({**_device_view(row), "history": store.telemetry.history(device_id, limit=limit)})
+        hours = _int_arg("hourly", 0, 0, 24 * 366)  # the hourly rows kept of windows past the retention
+        extra = {"hourly": store.telemetry.hourly(device_id, limit=hours)} if hours else {}
+        return jsonify({**_device_view(row), "history": store.telemetry.history(device_id, limit=limit), **extra})
 
     @app.post("/api/devices/<device_id>/cmd")
     def command(device_id: str) -> Any:

@@ -119,3 +119,16 @@ def test_the_summary_is_computed_once_a_second_for_every_reader(tmp_path, monkey
     assert len(calls) == 1
     time.sleep(1.1)
     assert _get(c, "/api/fleet/summary")["devices"] == 20 and len(calls) == 2
+
+
+def test_a_device_page_carries_its_hourly_rows_when_asked(tmp_path):
+    store = GatewayStore(tmp_path / "g.sqlite")
+    store.telemetry.add_many([("d1", {"schema": 1, "seq": i, "boot": "b", "t_end": 3600.0 * 10 + i,
+                                      "offload_rate": 0.5, "counts": {"inputs": 4}}) for i in range(3)])
+    store.telemetry.delete_before(3600.0 * 10 + 2)
+    c = create_app(store=store, metrics=Metrics(), bundles_dir=tmp_path / "b", token="tok",
+                   trust=release_trust()).test_client()
+    one = _get(c, "/api/devices/d1?hourly=48")
+    assert [h["windows"] for h in one["hourly"]] == [2] and one["hourly"][0]["offload_rate"] == 0.5
+    assert "hourly" not in _get(c, "/api/devices/d1") and [w["seq"] for w in one["history"]] == [2]
+    assert c.get("/api/devices/d1?hourly=x").status_code == 400

@@ -103,11 +103,29 @@ def test_fleet_summary_counts_rates_and_percentiles(store):
     assert g["devices"] == len(members) and g["latency"]["edge_p95"]["p99"] == (max(members) + 1) / 1000
 
 
-def test_retention_deletes_old_windows_in_chunks(store):
-    store.telemetry.add_many([("a", _window(i, t_end=float(i))) for i in range(25)])
-    assert store.telemetry.delete_before(20.0, limit=8) == 8
-    assert store.telemetry.delete_before(20.0, limit=8) == 8
-    assert store.telemetry.delete_before(20.0, limit=8) == 4
-    assert store.telemetry.delete_before(20.0, limit=8) == 0
-    assert store.telemetry.arrival_order("a") == list(range(20, 25))
+def test_retention_deletes_old_windows_in_chunks_and_keeps_them_hourly(store):
+    hour = 500_000  # hours since the epoch
+    windows = [("a", _window(i, t_end=hour * 3600.0 + 60 * i, offload=0.1 * (i % 3), inputs=10 + i,
+                             edge_p95=i / 1000, drift=i % 4 == 0)) for i in range(25)]
+    windows += [("b", _window(1, t_end=(hour + 1) * 3600.0 + 5, offload=0.5, inputs=8, edge_p95=None))]
+    store.telemetry.add_many(windows)
+    cutoff = hour * 3600.0 + 60 * 20  # a's windows 0..19 and nothing of b's
+    assert store.telemetry.delete_before(cutoff, limit=8) == 8
+    assert store.telemetry.delete_before(cutoff, limit=8) == 8
+    assert store.telemetry.delete_before(cutoff, limit=8) == 4
+    assert store.telemetry.delete_before(cutoff, limit=8) == 0
+    assert store.telemetry.arrival_order("a") == list(range(20, 25)) and store.telemetry.arrival_order("b") == [1]
     assert store.devices.get("a")["last_telemetry"]["seq"] == 24  # the device keeps its last window
+    # what went is kept per hour: three chunks added into one row, sums exact, the worst p95
+    (h,) = store.telemetry.hourly("a")
+    gone = range(20)
+    inputs = sum(10 + i for i in gone)
+    assert h["hour_start"] == hour * 3600.0 and h["windows"] == 20 and h["inputs"] == inputs
+    assert h["offload_rate"] == pytest.approx(sum((10 + i) * 0.1 * (i % 3) for i in gone) / inputs)
+    assert h["edge_p95_max"] == pytest.approx(19 / 1000) and h["drift_windows"] == 5
+    assert store.telemetry.hourly("b") == []
+    assert store.telemetry.delete_before(hour * 3600.0 + 7200, limit=100) == 6
+    assert store.telemetry.hourly("a")[0]["windows"] == 25
+    (hb,) = store.telemetry.hourly("b")
+    assert hb["hour_start"] == (hour + 1) * 3600.0 and hb["offload_rate"] == pytest.approx(0.5)
+    assert hb["edge_p95_max"] is None

@@ -188,3 +188,5 @@ def test_retention_deletes_old_raw_windows(mosquitto, tiny_cascade, tmp_path):
         finally:
             _close(c)
         assert gw.metrics.value("gateway_telemetry_expired_total") == 5
+        hourly = gw.store.telemetry.hourly("dev-a")  # what went is kept per hour
+        assert sum(h["windows"] for h in hourly) == 5 and sum(h["inputs"] for h in hourly) == 5

@@ -47,7 +47,7 @@ def test_an_existing_store_is_upgraded_in_place(store_url):
     engine = create_engine(db_url(store_url))
     assert current_revision(engine) is None and _indexes(engine) == {"ix_telemetry_device_id"}
     st = GatewayStore(store_url)
-    assert current_revision(st.db.engine) == head_revision() == "0009"
+    assert current_revision(st.db.engine) == head_revision() == "0010"
     assert _indexes(st.db.engine) == {"ix_telemetry_device_id_id", "ix_telemetry_t_end"}
     # each device's model line is filled from the status it held (none where the status names no model) ...
     assert {d["device_id"]: d["model_line"] for d in st.devices.all()} == {"mute": None, "old": "digits"}
