@@ -122,6 +122,8 @@ class MosquittoBroker:
                     "persistence true",
                     f"persistence_location {self.root / 'data'}/",
                     "autosave_interval 1",
+                    # a local broker serves a few devices; a fleet's broker needs room for what arrives while
+                    # its gateway is away or behind (docs/gateway.md "Fleet scale: ingest": 100,000 for 5,000)
                     "max_queued_messages 10000",
                     "max_packet_size 4194304",
                     "set_tcp_nodelay true",  # else Nagle + delayed ACK add ~40 ms per hop to small replies
