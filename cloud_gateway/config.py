@@ -99,3 +99,8 @@ class GatewayConfig:
     collect: CollectionPolicy = field(default_factory=CollectionPolicy)  # sample collection (off by default)
     rollout_update_timeout_s: float = 60.0  # how long a rollout waits for devices to apply an update
     policy_interval_s: float = 30.0  # how often the refresh policy is evaluated (cloud_gateway/policy.py)
+    # the gateway's command key (Ed25519 .key): every command to a device is signed with it and expires
+    # (`edgecore.commands`); devices trust its .pub (--command-key). None: commands go unsigned, and only devices
+    # run with --allow-unsigned-commands (development) accept them
+    command_key: Path | None = None
+    command_ttl_s: float = 300.0  # a command's lifetime; bench jobs and rollouts use theirs when longer

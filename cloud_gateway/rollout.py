@@ -58,7 +58,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from edgecore import wire
 from edgecore.errors import EdgeError, GatewayError, TargetUnavailableError
 
 from .store import GatewayStore
@@ -254,12 +253,13 @@ def device_line(row: dict[str, Any]) -> str | None:
 class RolloutManager:
     """Drives rollouts from the store's records; one thread per active rollout; resumable."""
 
-    def __init__(self, *, store: GatewayStore, bundles_dir: Path, publish: Callable[[str, bytes], Any],
-                 base_url: Callable[[], str], prefix: str = "fleet", update_timeout_s: float = 60.0,
+    def __init__(self, *, store: GatewayStore, bundles_dir: Path, send_command: Callable[[str, dict[str, Any]], Any],
+                 base_url: Callable[[], str], update_timeout_s: float = 60.0,
                  poll_s: float = 0.2,
                  evaluate: Callable[[Path, Path | None, list[str]], dict[str, Any]] | None = None) -> None:
-        self.store, self.bundles_dir, self.publish, self.base_url = store, Path(bundles_dir), publish, base_url
-        self.prefix, self.update_timeout_s, self.poll_s = prefix, update_timeout_s, poll_s
+        # (device id, command) -> published, signed and expiring (`Gateway.send_command`)
+        self.store, self.bundles_dir, self.send_command, self.base_url = store, Path(bundles_dir), send_command, base_url
+        self.update_timeout_s, self.poll_s = update_timeout_s, poll_s
         # the gateway's own evidence (`cloud_gateway.evaluate.CandidateEvaluator.evaluate`); None: every
         # promotion waits for a person's approval
         self.evaluate = evaluate
@@ -435,7 +435,7 @@ class RolloutManager:
         if rollback:  # back to the bundle each canary ran before: a device accepts that lower release only then
             cmd["rollback"] = True
         for d in devices:
-            self.publish(wire.Topics.of(self.prefix, d, wire.Topics.CMD), wire.dumps(cmd))
+            self.send_command(d, cmd)
 
     def _running(self, devices: list[str], sha: str) -> list[str]:
         out = []

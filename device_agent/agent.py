@@ -27,6 +27,7 @@ import numpy as np
 
 from edgecore import wire
 from edgecore.bundle import Bundle, TrustPolicy
+from edgecore.commands import CommandTrust
 from edgecore.errors import AgentError
 from edgecore.mqtt import DEFAULT_VERSION
 
@@ -112,6 +113,8 @@ class AgentConfig:
     bench_dirs: tuple[Path, ...] = ()
     update_bases: tuple[str, ...] = ()  # update_bundle URLs must be under one of these (none: refused)
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures this device accepts
+    # whose commands it runs (the gateway's command key; `edgecore.commands`): none and not allow_unsigned refuses all
+    command_trust: CommandTrust = field(default_factory=CommandTrust)
 
 
 class Agent:
@@ -122,6 +125,10 @@ class Agent:
         self.config = config
         self.topics = wire.Topics(config.device_id, config.prefix)
         config.trust.warn_if_open(f"device agent {config.device_id}")
+        config.command_trust.warn_if_open(f"device agent {config.device_id}")
+        # the nonces of the commands it ran outlive a restart (a replay within a command's lifetime is refused)
+        self.command_trust = config.command_trust.with_state(
+            config.state_dir / "commands_seen.json" if config.broker_url is not None else None)
         if isinstance(bundle, Bundle):
             clean_stale(config.device_id, config.state_dir)
             opened = config.trust.check(bundle)

@@ -28,6 +28,7 @@ from edgecore.clikit import (
     run_cli,
     trust_from_args,
 )
+from edgecore.commands import CommandTrust
 from edgecore.errors import AgentError, EdgeError
 
 PASSWORD_ENV = "DEVICE_AGENT_PASSWORD"
@@ -52,6 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, threads=args.threads, drift=DriftConfig(window=args.drift_window),
         drift_offload=args.drift_offload,
         mqtt_version=args.mqtt_version, update_bases=tuple(args.update_base or ()), trust=trust,
+        command_trust=CommandTrust.from_paths(args.command_key or (), allow_unsigned=args.allow_unsigned_commands),
         session_expiry_s=args.session_expiry, bench_dirs=tuple(args.bench_dir or ()),
     )
     agent = Agent(bundle, cfg)
@@ -216,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="update_bundle URLs must be under this gateway URL (repeatable; none: updates by URL refused)")
     r.add_argument("--output", type=Path, help="JSON lines of answers (default stdout)")
     add_trust_args(r, who="this device")
+    r.add_argument("--command-key", action="append", type=Path, metavar="PUB",
+                   help="the gateway's command key (.pub, or a folder of them): commands over MQTT run only when "
+                        "signed by one, addressed to this device, unexpired and not seen before (repeatable)")
+    r.add_argument("--allow-unsigned-commands", action="store_true",
+                   help="DEVELOPMENT ONLY: run unsigned commands when no --command-key is given (logged loudly)")
     add_json_flag(r)
     r.set_defaults(func=cmd_run)
     f = sub.add_parser("feed", help="send a running agent inputs from a folder, .npz, .csv or a run's split, "

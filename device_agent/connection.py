@@ -9,6 +9,7 @@ for the status and the windows it sends. Nothing here is on the per-input path.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import queue
 import sqlite3
@@ -39,6 +40,19 @@ def storage_problem(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return f"cannot write the state dir: {e.strerror.lower()}"
     return f"cannot write the state dir: {type(e).__name__}"
+
+
+def _echo_id(cmd: dict[str, Any]) -> dict[str, Any]:
+    """``{"id": ...}`` of a command (a string or an integer, not a bool), read inside a signed envelope too: an
+    operator (a rollout) matches the outcome, a refusal included, to its own command by it."""
+    if isinstance(cmd.get("signed"), str) and len(cmd["signed"]) <= 65536:
+        try:
+            inner = json.loads(cmd["signed"])
+        except ValueError:
+            return {}
+        cmd = inner if isinstance(inner, dict) else {}
+    ident = cmd.get("id")
+    return {"id": ident} if type(ident) in (str, int) and len(str(ident)) <= 128 else {}
 
 
 class FleetConnection:
@@ -205,8 +219,20 @@ class FleetConnection:
             self.publish_status()
 
     def _cmd_loop(self) -> None:
-        while (cmd := self._cmd_q.get()) is not None:
-            self.handle_command(cmd)
+        while (payload := self._cmd_q.get()) is not None:
+            self.handle_signed(payload)
+
+    def handle_signed(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """A command as it arrived over MQTT: run only when the agent's `CommandTrust` opens it (signed by a
+        trusted command key, for this device, not expired, not replayed); a refusal is the outcome."""
+        try:
+            cmd = self.agent.command_trust.open(payload, device=self.agent.config.device_id)
+        except AgentError as e:
+            log.error("command refused: %s", e)
+            self.last_cmd = {"cmd": None, **_echo_id(payload), "ok": False, "error": f"refused: {e}"}
+            self.publish_status()
+            return self.last_cmd
+        return self.handle_command(cmd)
 
     def handle_command(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Run one command through its registered handler; the outcome goes into the retained status.
@@ -216,8 +242,7 @@ class FleetConnection:
         outcome, so an operator matches its own command's outcome by ``id``, not by the command's name.
         """
         name = cmd.get("cmd")
-        ident = cmd.get("id")
-        echo = {"id": ident} if type(ident) in (str, int) and len(str(ident)) <= 128 else {}  # (not a bool)
+        echo = _echo_id(cmd)
         try:
             self.agent.commands.get(name)(self.agent, cmd)
             outcome: dict[str, Any] = {"cmd": name, **echo, "ok": True}

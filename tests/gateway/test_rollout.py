@@ -18,7 +18,15 @@ import pytest
 from cloud_gateway.config import CollectionPolicy
 from cloud_gateway.rollout import aggregate, parse_condition, watch_metrics
 from edgecore.errors import GatewayError
-from tests.agent.tiny import items, make_agent, release_pub_path, retag_bundle, start_gateway, wait_for
+from tests.agent.tiny import (
+    command_key_paths,
+    items,
+    make_agent,
+    release_pub_path,
+    retag_bundle,
+    start_gateway,
+    wait_for,
+)
 
 pytestmark = pytest.mark.broker
 TOKEN = "test-token"
@@ -181,7 +189,8 @@ def _serve(mosquitto, run, tmp: Path, port: int) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-m", "cloud_gateway.cli", "serve", "--broker", mosquitto.url, "--username",
                           user, "--password", pw, "--teacher", str(run.teacher_onnx), "--db", str(tmp / "gw.sqlite"),
                           "--bundles-dir", str(tmp / "bundles"), "--http-port", str(port), "--token", TOKEN,
-                          "--trust-key", str(release_pub_path()), "--threads", "1", "--collect", "all",
+                          "--trust-key", str(release_pub_path()), "--command-key", str(command_key_paths()[0]),
+                          "--threads", "1", "--collect", "all",
                           "--collect-rate", "1"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert "serving" in (p.stdout.readline() if p.stdout else "")
