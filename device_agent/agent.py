@@ -106,7 +106,10 @@ class AgentConfig:
     # the broker keeps the agent's session (its subscriptions, and the QoS 1 inputs and commands sent meanwhile)
     # this long after it went away; 0: a clean session, what arrives while the agent is away is lost
     session_expiry_s: int = 3600
-    # a window the broker took but no gateway acknowledged (once gateways acknowledge) is sent again after this
+    # a window leaves the outbox when the gateway acknowledges it stored it ("gateway"), or, for a gateway that
+    # does not acknowledge, when the broker took it ("broker"; until a gateway's acknowledgement is first seen)
+    telemetry_acked_by: str = "gateway"
+    # a window the broker took but no gateway acknowledged is sent again after this
     telemetry_resend_s: float = 30.0
     # folders (a shared mount) whose bundles a ``bench`` job may name by manifest sha256; nothing else on the
     # device's disk is read for a job
@@ -155,7 +158,8 @@ class Agent:
     def _open_state(self) -> tuple[Outbox, WindowCounters]:
         """The outbox, and the open window continued from a crash unless it was already stored."""
         c = self.config
-        box = Outbox(c.state_dir / "outbox.sqlite", max_rows=c.outbox_max_rows, policy=c.drop_policy)
+        box = Outbox(c.state_dir / "outbox.sqlite", max_rows=c.outbox_max_rows, policy=c.drop_policy,
+                     acked_by=c.telemetry_acked_by)
         window = WindowCounters(c.state_dir / "window.bin")
         if window.seq < 0 or window.seq <= box.last_put_seq:
             window.reset(seq=box.next_seq(), t_start=time.time())

@@ -71,7 +71,8 @@ class FleetConnection:
         self._sources: list[MqttInputSource] = []  # subscribed before the status says online
         self.windows_produced = 0
         self._last_inputs: dict[str, int] | None = None  # the input counts the last status published
-        self.telemetry_state = "ok"  # or "degraded (disk full)" while windows cannot be stored
+        # or "degraded (disk full)" while windows cannot be stored, "waiting (…)" while no gateway acknowledges them
+        self.telemetry_state = "ok"
 
     def mqtt_source(self, topic: str | None = None, *, wait: float = 10.0) -> MqttInputSource:
         """Inputs from an MQTT topic (default ``<prefix>/<id>/input``).
@@ -141,6 +142,24 @@ class FleetConnection:
                 self._telemetry_ok()
             self._publish_if_changed()
 
+    def _unacknowledged(self) -> str | None:
+        """What the status says while windows the broker took stay unacknowledged past two resends: no
+        gateway stores them (none running, or one that does not acknowledge). Nothing is lost meanwhile: they
+        wait in the outbox, within its bound."""
+        box = self.outbox
+        if box is None:
+            return None
+        try:
+            n = box.overdue(2 * self.config.telemetry_resend_s)
+        except sqlite3.Error:
+            return None
+        if not n:
+            return None
+        hint = "" if box.acks_from_gateway else (" (no gateway has acknowledged a window yet: is one running? "
+                                                 "For a gateway that does not acknowledge: telemetry_acked_by "
+                                                 "= broker)")
+        return f"waiting (windows not acknowledged by a gateway{hint})"
+
     def _telemetry_failed(self, e: BaseException) -> None:
         """The window could not be stored: the open window keeps counting (nothing is lost while the disk is
         full), the status says ``telemetry: degraded (…)``, and the next tick tries again."""
@@ -152,9 +171,13 @@ class FleetConnection:
             self.publish_status()
 
     def _telemetry_ok(self) -> None:
-        if self.telemetry_state != "ok":
-            log.warning("telemetry windows are stored again")
-            self.telemetry_state = "ok"
+        state = self._unacknowledged() or "ok"
+        if state != self.telemetry_state:
+            if self.telemetry_state.startswith("degraded"):
+                log.warning("telemetry windows are stored again")
+            elif state != "ok":
+                log.warning("telemetry: %s", state)
+            self.telemetry_state = state
             self.publish_status()
 
     def _publish_if_changed(self) -> None:
