@@ -103,4 +103,7 @@ class GatewayConfig:
     # (`edgecore.commands`); devices trust its .pub (--command-key). None: commands go unsigned, and only devices
     # run with --allow-unsigned-commands (development) accept them
     command_key: Path | None = None
+    # how often a replica tries for the leader lock (`cloud_gateway.leader`: only the leader drives rollouts and
+    # the policy), and the leader checks it still holds it and adopts rollouts other replicas' APIs started
+    leader_poll_s: float = 2.0
     command_ttl_s: float = 300.0  # a command's lifetime; bench jobs and rollouts use theirs when longer

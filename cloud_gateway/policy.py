@@ -170,6 +170,7 @@ class PolicyEngine:
         self._thread: threading.Thread | None = None
 
     def start(self) -> "PolicyEngine":
+        self._stop.clear()  # (started again when this replica becomes the leader again)
         self._thread = threading.Thread(target=self._loop, name="policy", daemon=True)
         self._thread.start()
         return self

@@ -63,6 +63,8 @@ from edgecore.errors import EdgeError, GatewayError, TargetUnavailableError
 from .store import GatewayStore
 from .store.rollout_log import ACTIVE_ROLLOUT_STATES
 
+ABORT_STEP = "abort requested"
+
 log = logging.getLogger(__name__)
 
 MAX_WATCH_S = 7 * 24 * 3600.0  # a canary watch longer than a week is a typo, not a plan
@@ -263,8 +265,12 @@ class RolloutManager:
         # the gateway's own evidence (`cloud_gateway.evaluate.CandidateEvaluator.evaluate`); None: every
         # promotion waits for a person's approval
         self.evaluate = evaluate
+        # whether this process drives rollouts (`cloud_gateway.leader`): another replica's API records a rollout,
+        # the leader drives it (`adopt`)
+        self.is_leader: Callable[[], bool] = lambda: True
         self._stop = threading.Event()
         self._threads: dict[int, threading.Thread] = {}
+        self._spawning = threading.RLock()
         self._abort: set[int] = set()
 
     # --- starting ----------------------------------------------------------------------------------
@@ -333,15 +339,19 @@ class RolloutManager:
                 "excluded_count": summary, "canary_seed": seed, "min_reports": need}
         if from_line != new_line:
             plan["line_change"] = {"from": from_line, "to": new_line}
-        rid = self.store.rollouts.create(bundle, plan, baseline)
-        self.store.rollouts.add_step(rid, "started", {"canaries": canaries, "baseline": baseline, "bundle": bundle,
-                                                      "line": new_line, "excluded": summary, "canary_seed": seed,
-                                                      "min_reports": need})
-        if from_line != new_line:
-            self.store.rollouts.add_step(rid, "line change", {"from": from_line, "to": new_line,
-                                                              "devices": sorted(fleet)})
-            log.warning("rollout %d moves model line %s to %s (%d devices)", rid, from_line, new_line, len(fleet))
-        self._spawn(rid)
+        with self._spawning:  # (this process's `adopt` waits until the rollout is recorded whole)
+            rid = self.store.rollouts.create(bundle, plan, baseline)
+            self.store.rollouts.add_step(rid, "started", {"canaries": canaries, "baseline": baseline, "bundle": bundle,
+                                                          "line": new_line, "excluded": summary, "canary_seed": seed,
+                                                          "min_reports": need})
+            if from_line != new_line:
+                self.store.rollouts.add_step(rid, "line change", {"from": from_line, "to": new_line,
+                                                                  "devices": sorted(fleet)})
+                log.warning("rollout %d moves model line %s to %s (%d devices)", rid, from_line, new_line, len(fleet))
+            if self.is_leader():
+                self._spawn(rid)
+            else:  # recorded: the leader replica adopts it within its next poll
+                self.store.rollouts.add_step(rid, "queued for the leader", {})
         return rid
 
     @staticmethod
@@ -377,19 +387,37 @@ class RolloutManager:
 
     # --- running -----------------------------------------------------------------------------------
     def resume(self) -> list[int]:
-        """Pick up every unfinished rollout (after a restart); returns their ids."""
-        ids = [int(r["id"]) for r in self.store.rollouts.all(active=True)]
-        for rid in ids:
-            state = self.store.rollouts.get(rid)["state"]  # type: ignore[index]
-            self.store.rollouts.add_step(rid, "resumed", {"state": state})
-            self._spawn(rid)
+        """Pick up every unfinished rollout (after a restart, or on becoming the leader); returns their ids."""
+        self._stop.clear()
+        return self.adopt(step="resumed")
+
+    def adopt(self, *, step: str = "adopted") -> list[int]:
+        """Drive every unfinished rollout no thread of this process drives yet (one another replica's API
+        started); returns their ids."""
+        with self._spawning:  # (not between `start` recording a rollout and spawning its thread)
+            ids = [int(r["id"]) for r in self.store.rollouts.all(active=True) if not self._driven(int(r["id"]))]
+            for rid in ids:
+                state = (self.store.rollouts.get(rid) or {}).get("state")
+                self.store.rollouts.add_step(rid, step, {"state": state})
+                self._spawn(rid)
         return ids
 
+    def _driven(self, rid: int) -> bool:
+        t = self._threads.get(rid)
+        return t is not None and t.is_alive()
+
     def abort(self, rollout_id: int) -> None:
+        """Recorded in the store, so the replica driving the rollout sees it whichever replica was asked."""
         r = self.store.rollouts.get(rollout_id)
         if r is None or r["state"] not in ACTIVE_ROLLOUT_STATES:
             raise GatewayError(f"rollout {rollout_id} is not in progress")
         self._abort.add(rollout_id)
+        self.store.rollouts.add_step(rollout_id, ABORT_STEP, {})
+
+    def _aborted(self, rid: int) -> bool:
+        if rid not in self._abort and self.store.rollouts.has_step(rid, ABORT_STEP):
+            self._abort.add(rid)
+        return rid in self._abort
 
     def approve(self, rollout_id: int, *, by: str = "a person") -> None:
         """A person's approval of a rollout waiting for one (the gateway had no evidence of its own)."""
@@ -403,11 +431,15 @@ class RolloutManager:
         self._stop.set()
         for t in self._threads.values():
             t.join(5)
+        self._threads.clear()
 
     def _spawn(self, rid: int) -> None:
-        t = threading.Thread(target=self._drive, args=(rid,), name=f"rollout-{rid}", daemon=True)
-        self._threads[rid] = t
-        t.start()
+        with self._spawning:
+            if self._driven(rid):  # one thread per rollout in this process
+                return
+            t = threading.Thread(target=self._drive, args=(rid,), name=f"rollout-{rid}", daemon=True)
+            self._threads[rid] = t
+            t.start()
 
     def _drive(self, rid: int) -> None:
         try:
@@ -466,7 +498,7 @@ class RolloutManager:
         end = time.monotonic() + self.update_timeout_s
         while time.monotonic() < end and not self._stop.is_set():
             missing = [d for d in devices if d not in self._running(devices, sha)]
-            if not missing or rid in self._abort or set(self._refused(missing, cmd_id)) == set(missing):
+            if not missing or self._aborted(rid) or set(self._refused(missing, cmd_id)) == set(missing):
                 return missing
             time.sleep(self.poll_s)
         return [d for d in devices if d not in self._running(devices, sha)]
@@ -481,7 +513,7 @@ class RolloutManager:
         missing = self._wait_applied(rid, plan["canaries"], plan["manifest_sha256"], r["bundle"])
         if self._stop.is_set():
             return
-        if rid in self._abort:
+        if self._aborted(rid):
             return self._to(rid, "rolling_back", "aborted", {})
         if missing:
             refused = self._why_not(missing, plan["manifest_sha256"], rid)
@@ -494,7 +526,7 @@ class RolloutManager:
         plan = r["plan"]
         since = float((r.get("result") or {}).get("watch_from") or time.time())
         while time.time() < since + plan["watch_s"] and not self._stop.is_set():
-            if rid in self._abort:
+            if self._aborted(rid):
                 return self._to(rid, "rolling_back", "aborted", {})
             time.sleep(self.poll_s)
         if self._stop.is_set():
@@ -543,7 +575,7 @@ class RolloutManager:
 
     def _awaiting_approval(self, rid: int, r: dict[str, Any]) -> None:
         """Nothing to do but wait: `approve` moves it on; an abort rolls the canaries back."""
-        if rid in self._abort:
+        if self._aborted(rid):
             return self._to(rid, "rolling_back", "aborted", {})
         time.sleep(self.poll_s)
 

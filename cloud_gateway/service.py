@@ -33,6 +33,7 @@ from .api import API_CSP, BODY_GATE, MAX_BUNDLE_BYTES, create_app
 from .collection import SampleCollector
 from .config import GatewayConfig
 from .evaluate import CandidateEvaluator
+from .leader import Leadership
 from .policy import PolicyEngine
 from .rollout import RolloutManager
 from .store import GatewayStore
@@ -144,6 +145,9 @@ class Gateway:
         self._started = False
         self.rollouts: RolloutManager | None = None
         self.policy: PolicyEngine | None = None
+        self.leadership: Leadership | None = None
+        self._lead_stop = threading.Event()
+        self._lead_thread: threading.Thread | None = None
         self._command_key = load_private_key(config.command_key) if config.command_key is not None else None
         if not 0 < config.command_ttl_s <= MAX_TTL_S:
             raise GatewayError(f"command_ttl_s must be within 0..{MAX_TTL_S:g} s, got {config.command_ttl_s}")
@@ -205,16 +209,47 @@ class Gateway:
             if self._command_key is None:
                 log.warning("no command key (--command-key): commands to devices go UNSIGNED, and only devices "
                             "run with --allow-unsigned-commands (development) accept them")
-            self.policy.start()
-            resumed = self.rollouts.resume()  # a restart picks up every unfinished rollout where it was
-            if resumed:
-                log.warning("resumed rollouts %s after a restart", resumed)
+            self.leadership = Leadership(self.store.db.engine)
+            self.rollouts.is_leader = lambda: self.leadership is not None and self.leadership.leading
+            self._lead_tick()  # a lone gateway leads at once
+            self._lead_thread = threading.Thread(target=self._lead_loop, name="leader", daemon=True)
+            self._lead_thread.start()
         return self
+
+    def _lead_loop(self) -> None:
+        while not self._lead_stop.wait(self.config.leader_poll_s):
+            try:
+                self._lead_tick()
+            except Exception:  # the database away: asked again next poll
+                log.exception("leader check failed")
+
+    def _lead_tick(self) -> None:
+        """Take the leader lock when free (then run the policy and resume every unfinished rollout); as the
+        leader, check it is still held (else stop both) and adopt rollouts other replicas' APIs started."""
+        lead, rollouts, policy = self.leadership, self.rollouts, self.policy
+        if lead is None or rollouts is None or policy is None:
+            return
+        if lead.leading:
+            if lead.held():
+                adopted = rollouts.adopt()
+                if adopted:
+                    log.info("driving rollouts %s started through another replica", adopted)
+                return
+            log.error("no longer the leader: rollouts and the policy stop here (another replica takes them)")
+            policy.stop()
+            rollouts.stop()
+            return
+        if lead.try_acquire():
+            log.info("replica %s leads: it drives rollouts and evaluates the policy", self.config.worker.replica_id)
+            policy.start()
+            resumed = rollouts.resume()  # a restart (or a dead leader) leaves unfinished rollouts where they were
+            if resumed:
+                log.warning("resumed rollouts %s", resumed)
 
     def _health(self) -> dict[str, object]:
         req, ingest = self.worker.connected.is_set(), self.worker.ingest_connected.is_set()
         return {"ok": req and ingest, "mqtt_connected": req, "ingest_connected": ingest,
-                "replica": self.config.worker.replica_id, "teacher": self.teacher.version,
+                "replica": self.config.worker.replica_id, "leader": self.is_leader, "teacher": self.teacher.version,
                 "teacher_labels": self.teacher.labels_source}
 
     def _store_bundle(self, name: str, tar: Path) -> None:
@@ -228,7 +263,14 @@ class Gateway:
             shutil.copyfile(tar, Path(tmp) / "b.tar.gz")
             (Path(tmp) / "b.tar.gz").replace(bundles / f"{name}.tar.gz")
 
+    @property
+    def is_leader(self) -> bool:
+        return self.leadership is not None and self.leadership.leading
+
     def stop(self) -> None:
+        self._lead_stop.set()
+        if self._lead_thread is not None:
+            self._lead_thread.join(5)
         if self.policy is not None:
             self.policy.stop()
         if self.rollouts is not None:
@@ -236,6 +278,8 @@ class Gateway:
         if self._server is not None:
             self._server.stop()
             self._server = None
+        if self.leadership is not None:
+            self.leadership.release()
         self.worker.stop()
 
     def __enter__(self) -> "Gateway":
