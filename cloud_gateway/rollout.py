@@ -302,6 +302,8 @@ class RolloutManager:
             st, dl = d.get("status"), device_line(d)
             if not isinstance(st, dict):
                 why = "no status"
+            elif st.get("state") == "offline":  # listed, never counted as fleet (nor waited for)
+                why = "offline"
             elif dl is None:
                 why = "no model line reported"
             elif dl != from_line:
@@ -470,19 +472,14 @@ class RolloutManager:
             self.send_command(d, cmd)
 
     def _running(self, devices: list[str], sha: str) -> list[str]:
-        out = []
-        for d in devices:
-            row = self.store.devices.get(d)
-            st = (row or {}).get("status") or {}
-            if isinstance(st, dict) and st.get("bundle_sha256") == sha:
-                out.append(d)
-        return out
+        statuses = self.store.devices.statuses(devices)  # one query, not one per device
+        return [d for d in devices if (statuses.get(d) or {}).get("bundle_sha256") == sha]
 
     def _refused(self, devices: list[str], cmd_id: str) -> dict[str, str]:
         """Those of ``devices`` whose status says this command failed, with the device's error."""
         out = {}
-        for d in devices:
-            last = (((self.store.devices.get(d) or {}).get("status") or {}).get("last_cmd")) or {}
+        for d, st in self.store.devices.statuses(devices).items():
+            last = st.get("last_cmd") or {}
             if isinstance(last, dict) and last.get("id") == cmd_id and last.get("ok") is False:
                 out[d] = str(last.get("error") or "refused")
         return out
@@ -490,18 +487,39 @@ class RolloutManager:
     def _wait_applied(self, rid: int, devices: list[str], sha: str, bundle: str, *, rollback: bool = False) -> list[str]:
         """Send ``bundle`` to those of ``devices`` not on it; wait until they report it or refuse it (the
         command's id comes back in a device's ``last_cmd``); returns the ones still not on it."""
+        return self._wait_all(rid, {d: (sha, bundle) for d in devices}, rollback=rollback)
+
+    def _wait_all(self, rid: int, want: dict[str, tuple[str, str]], *, rollback: bool = False) -> list[str]:
+        """Each device of ``want`` to its (manifest sha, bundle), all at once: commands to those not on theirs,
+        then one wait (one query per check) until each reports its bundle or refuses it, or the update timeout
+        ends for all of them together; returns the devices still not on theirs."""
         r = self.store.rollouts.get(rid) or {}
-        cmd_id = f"rollout-{rid}-{sha[:12]}"
-        todo = [d for d in devices if d not in self._running(devices, sha)]
-        if todo:
-            self._send(todo, bundle, cmd_id, bool((r.get("plan") or {}).get("line_change")), rollback)
+        line_change = bool((r.get("plan") or {}).get("line_change"))
+
+        def missing() -> list[str]:
+            statuses = self.store.devices.statuses(list(want))
+            return [d for d, (sha, _) in want.items() if (statuses.get(d) or {}).get("bundle_sha256") != sha]
+
+        by_bundle: dict[tuple[str, str], list[str]] = {}
+        for d in missing():
+            by_bundle.setdefault(want[d], []).append(d)
+        for (sha, bundle), todo in by_bundle.items():
+            self._send(todo, bundle, f"rollout-{rid}-{sha[:12]}", line_change, rollback)
         end = time.monotonic() + self.update_timeout_s
         while time.monotonic() < end and not self._stop.is_set():
-            missing = [d for d in devices if d not in self._running(devices, sha)]
-            if not missing or self._aborted(rid) or set(self._refused(missing, cmd_id)) == set(missing):
-                return missing
+            left = missing()
+            # (an abort stops waiting for an update, never for the rollback it asks for)
+            if not left or (not rollback and self._aborted(rid)) or \
+                    set(self._refused_any(rid, left, want)) == set(left):
+                return left
             time.sleep(self.poll_s)
-        return [d for d in devices if d not in self._running(devices, sha)]
+        return missing()
+
+    def _refused_any(self, rid: int, devices: list[str], want: dict[str, tuple[str, str]]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for sha in {want[d][0] for d in devices}:
+            out.update(self._refused([d for d in devices if want[d][0] == sha], f"rollout-{rid}-{sha[:12]}"))
+        return out
 
     def _why_not(self, devices: list[str], sha: str, rid: int) -> dict[str, str]:
         """Each device's reason for not running ``sha``: its refusal, or that it never answered."""
@@ -593,11 +611,11 @@ class RolloutManager:
 
     def _rolling_back(self, rid: int, r: dict[str, Any]) -> None:
         plan = r["plan"]
-        left: list[str] = []
-        for d, prev in plan["previous"].items():
-            left += self._wait_applied(rid, [d], prev["manifest_sha256"], prev["bundle"], rollback=True)
-            if self._stop.is_set():
-                return
+        # every canary back to its own previous bundle at once, under one timeout
+        left = self._wait_all(rid, {d: (p["manifest_sha256"], p["bundle"]) for d, p in plan["previous"].items()},
+                              rollback=True)
+        if self._stop.is_set():
+            return
         refused = (r.get("result") or {}).get("refused")
         detail: dict[str, Any] = {"not_restored": left, **({"refused": refused} if refused else {})}
         if left:  # a rollback is done only when every canary confirms its previous bundle

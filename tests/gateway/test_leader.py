@@ -5,6 +5,7 @@ reaches it."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -15,11 +16,13 @@ import pytest
 
 from cloud_gateway.leader import Leadership
 from cloud_gateway.store import GatewayStore
+from edgecore.errors import GatewayError
 
 HOLD = """
 import sys, time
 from cloud_gateway.leader import Leadership
 from cloud_gateway.store import GatewayStore
+from edgecore.errors import GatewayError
 lead = Leadership(GatewayStore(sys.argv[1]).db.engine)
 print("held" if lead.try_acquire() else "not held", flush=True)
 time.sleep(600)
@@ -139,3 +142,67 @@ def test_a_rollout_recorded_by_a_follower_is_driven_by_the_leader_and_an_abort_a
         assert "abort requested" in steps and "aborted" in steps
     finally:
         leader.stop()
+
+
+# --- rollouts at fleet scale: one query per check, canaries rolled back together, offline devices listed ----
+
+def test_a_rollout_check_reads_a_thousand_devices_in_two_queries_not_one_each(tmp_path):
+    from sqlalchemy import event
+
+    leader, _, store, _ = _managers(tmp_path)
+    ids = [f"dev-{i:04d}" for i in range(1000)]
+    for i, d in enumerate(ids):
+        store.devices.set_status(d, {"bundle_sha256": "b" * 64 if i % 2 else "a" * 64, "state": "online"})
+    queries: list[str] = []
+    event.listen(store.db.engine, "before_cursor_execute", lambda *a: queries.append(a[2]))
+    running = leader._running(ids, "b" * 64)
+    assert len(running) == 500 and running[0] == "dev-0001"
+    assert len(queries) == 2, queries  # 1000 ids in chunks of 500
+    queries.clear()
+    assert leader._refused(ids, "x") == {} and len(queries) == 2
+
+
+def test_every_canary_is_rolled_back_at_once_under_one_timeout(tmp_path):
+    leader, _, store, sent = _managers(tmp_path)
+    leader.update_timeout_s = 1.0
+    prev = {"dev-a": {"manifest_sha256": "a" * 64, "bundle": "v1"}, "dev-b": {"manifest_sha256": "c" * 64,
+                                                                             "bundle": "v0"}}
+    plan = {"canaries": ["dev-a", "dev-b"], "rest": [], "watch_s": 1, "promote_if": "rollbacks == 0",
+            "manifest_sha256": "b" * 64, "line": "digits", "min_reports": 2, "previous": prev}
+    for name in ("v0", "v1"):
+        (tmp_path / f"{name}.tar.gz").write_bytes(name.encode())
+    for d in prev:
+        store.devices.set_status(d, {"bundle_sha256": "b" * 64})  # neither ever goes back
+    rid = store.rollouts.create("v2", plan, None)
+    store.rollouts.update(rid, state="rolling_back")
+    store.rollouts.add_step(rid, "abort requested", {})  # an abort does not cut the rollback's wait short
+    t0 = time.monotonic()
+    leader._rolling_back(rid, store.rollouts.get(rid))
+    elapsed = time.monotonic() - t0
+    assert sorted((d, c["url"].rsplit("/", 1)[-1]) for d, c in sent) == [("dev-a", "v1"), ("dev-b", "v0")]
+    assert 1.0 <= elapsed < 1.9, elapsed  # one timeout for both, not one each
+    r = store.rollouts.get(rid)
+    assert r["state"] == "failed" and r["steps"][-1]["detail"]["not_restored"] == ["dev-a", "dev-b"]
+
+
+def test_offline_devices_are_listed_and_left_out_of_a_rollouts_fleet(tmp_path, tiny_cascade):
+    import shutil
+
+    from cloud_gateway.rollout import manifest_sha256_of
+    from tests.agent.tiny import retag_bundle
+
+    leader, follower, store, _ = _managers(tmp_path)
+    shutil.copy(tiny_cascade.tarball, tmp_path / "v1.tar.gz")
+    shutil.copy(retag_bundle(tiny_cascade.bundle_dir, tmp_path / "v2-dir", version="v2"), tmp_path / "v2.tar.gz")
+    v1 = manifest_sha256_of(tmp_path / "v1.tar.gz")
+    line = json.loads((tiny_cascade.bundle_dir / "manifest.json").read_text())["model"]["name"]
+    for d, state in (("dev-a", "online"), ("dev-b", "online"), ("dev-c", "offline")):
+        store.devices.set_status(d, {"state": state, "bundle_sha256": v1, "model": line, "target": "onnx"})
+    rid = follower.start(bundle="v2", canary=["dev-a"], watch_s=1, promote_if="rollbacks == 0")
+    r = store.rollouts.get(rid)
+    assert r["plan"]["rest"] == ["dev-b"] and r["plan"]["excluded"] == {"offline": ["dev-c"]}
+    assert [s["step"] for s in r["steps"]] == ["started", "queued for the leader"]  # a follower drives nothing
+    assert not follower._driven(rid)
+    with pytest.raises(GatewayError, match="not in this bundle's fleet: dev-c \\(offline\\)"):
+        store.rollouts.update(rid, state="failed")
+        follower.start(bundle="v2", canary=["dev-c"], watch_s=1, promote_if="rollbacks == 0")
