@@ -128,7 +128,8 @@ class Agent:
         self.config = config
         self.topics = wire.Topics(config.device_id, config.prefix)
         config.trust.warn_if_open(f"device agent {config.device_id}")
-        config.command_trust.warn_if_open(f"device agent {config.device_id}")
+        if config.broker_url is not None:  # (commands come over MQTT only)
+            config.command_trust.warn_if_open(f"device agent {config.device_id}")
         # the nonces of the commands it ran outlive a restart (a replay within a command's lifetime is refused)
         self.command_trust = config.command_trust.with_state(
             config.state_dir / "commands_seen.json" if config.broker_url is not None else None)

@@ -135,9 +135,13 @@ class CommandTrust:
         return CommandTrust(self.keys, self.allow_unsigned, self.clock_skew_s, SeenCommands(path))
 
     def warn_if_open(self, who: str) -> None:
+        """Say at start-up what this policy does with commands when that is not the normal case."""
         if self.allow_unsigned and not self.keys:
             log.warning("%s runs UNSIGNED commands (--allow-unsigned-commands): anyone who can publish on its "
                         "command topic controls it. Development only.", who)
+        elif not self.keys:
+            log.warning("%s trusts no command key (--command-key): every command (updates, rollouts, "
+                        "thresholds, bench jobs) will be refused", who)
 
     def open(self, payload: dict[str, Any], *, device: str, now: float | None = None) -> dict[str, Any]:
         """The command to run from a message's JSON object, or `CommandRefused` saying why not."""

@@ -164,3 +164,11 @@ def test_on_the_broker_an_operator_unsigned_command_and_a_replay_are_refused_the
     finally:
         op.loop_stop()
         op.disconnect()
+
+
+def test_a_device_that_trusts_no_command_key_says_at_start_that_it_will_refuse_commands(caplog):
+    with caplog.at_level("WARNING", logger="edgecore.commands"):
+        CommandTrust().warn_if_open("device agent dev-a")
+        command_trust().warn_if_open("device agent dev-b")
+    assert "dev-a trusts no command key (--command-key): every command" in caplog.text
+    assert "dev-b" not in caplog.text  # a trusted key: nothing to say
