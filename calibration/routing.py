@@ -13,7 +13,11 @@ cloud is at least as accurate as the edge (typically: the student matches the
 teacher on a small split), that rule offloads nothing, and routing would be off
 for good. Then the threshold is taken from the confidence distribution instead:
 it spends the budget on the least confident inputs (rule ``budget_quantile``),
-and a warning gives the numbers. A cloud less accurate than the edge keeps
+and a warning gives the numbers. So does a cloud less accurate than the edge by
+a margin a paired test cannot tell from chance (the exact sign test on the
+inputs where they differ, McNemar's for right/wrong: p >= 0.05): the split is
+too small to say the cloud is worse, and a budget the user granted is spent
+unless the evidence says it hurts. A cloud significantly less accurate keeps
 routing off (rule ``accuracy``), with a warning too. The rule and why are
 recorded in the bundle's routing block.
 """
@@ -21,6 +25,7 @@ recorded in the bundle's routing block.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,19 @@ log = logging.getLogger(__name__)
 
 ACCURACY = "accuracy"  # best system accuracy on validation within the budget
 BUDGET_QUANTILE = "budget_quantile"  # offload the budget's share of the least confident inputs
+
+
+WORSE_P = 0.05  # a cloud worse than the edge at this p (paired) keeps routing off
+
+
+def sign_test(a: int, b: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test on the discordant pairs): the probability, were the two
+    equally good, of a split of ``a + b`` differing inputs at least as uneven as ``a`` to ``b``."""
+    n = a + b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(a, b) + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
 
 
 @dataclass(frozen=True)
@@ -93,12 +111,18 @@ def choose_threshold(
         facts = (f"on the {n}-sample {split} split offloading never raises accuracy (edge {edge_acc:.1%}, "
                  f"cloud {cloud_acc:.1%}, {helps} input(s) the cloud answers better), so the accuracy rule "
                  f"offloads nothing (threshold 0.0)")
-        if cloud_acc >= edge_acc:
+        worse = int(np.sum(edge_correct > cloud_correct))
+        p = sign_test(worse, helps)
+        if cloud_acc >= edge_acc or p >= WORSE_P:
             rule = BUDGET_QUANTILE
             k = max(1, int(np.floor(offload_budget * n + 1e-9)))
-            reason = f"{facts}; the budget is spent on the least confident inputs instead"
+            why = "" if cloud_acc >= edge_acc else (
+                f"; the cloud is less accurate there by {worse - helps} input(s) of {n}, which a paired test cannot "
+                f"tell from chance (exact sign test p={p:.2f})")
+            reason = f"{facts}{why}; the budget is spent on the least confident inputs instead"
         else:
-            reason = f"{facts}; the cloud is less accurate than the edge there, so nothing is offloaded"
+            reason = (f"{facts}; the cloud is less accurate than the edge there ({worse} input(s) the edge answers "
+                      f"better, {helps} the cloud; exact sign test p={p:.3f}), so nothing is offloaded")
     return _choice(conf, edge_correct, cloud_correct, float(thr[k]), offload_budget, rule, reason, split)
 
 

@@ -28,7 +28,6 @@ from flask import Flask, Response, abort, jsonify, request, send_file
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
-from edgecore import wire
 from edgecore.bundle import TrustPolicy, sha256_file
 from edgecore.errors import BundleTrustError, GatewayError
 
@@ -225,8 +224,7 @@ def create_app(
     metrics: Metrics,
     bundles_dir: Path,
     token: str | None,
-    publish: Callable[[str, bytes], None] | None = None,
-    prefix: str = "fleet",
+    send_command: Callable[[str, dict[str, Any]], Any] | None = None,
     health: Callable[[], dict[str, Any]] | None = None,
     trust: TrustPolicy = TrustPolicy(),
     collect: Any = None,
@@ -259,7 +257,7 @@ def create_app(
 
     summary = FleetSummary(store)
     _register_health(app, metrics=metrics, health=health, summary=summary)
-    _register_devices(app, store=store, publish=publish, prefix=prefix, require_token=require_token, summary=summary)
+    _register_devices(app, store=store, send_command=send_command, require_token=require_token, summary=summary)
     _register_bundles(app, bundles_dir=bundles_dir, trust=trust, require_token=require_token)
     _register_samples(app, store=store, require_token=require_token, collect=collect, num_classes=num_classes)
     _register_rollouts(app, store=store, rollouts=rollouts, require_token=require_token)
@@ -283,8 +281,8 @@ def _register_health(app: Flask, *, metrics: Metrics, health: Callable[[], dict[
         return Response(text, mimetype="text/plain; version=0.0.4")
 
 
-def _register_devices(app: Flask, *, store: GatewayStore, publish: Callable[[str, bytes], None] | None,
-                      prefix: str, require_token: Callable[[], None], summary: FleetSummary) -> None:
+def _register_devices(app: Flask, *, store: GatewayStore, send_command: Callable[[str, dict[str, Any]], Any] | None,
+                      require_token: Callable[[], None], summary: FleetSummary) -> None:
     @app.get("/api/devices")
     def list_devices() -> Any:
         """A page of the fleet: ``{devices, next_cursor, total, limit, sort}`` (``?cursor=next_cursor``: the next)."""
@@ -319,14 +317,14 @@ def _register_devices(app: Flask, *, store: GatewayStore, publish: Callable[[str
     @app.post("/api/devices/<device_id>/cmd")
     def command(device_id: str) -> Any:
         require_token()
-        if publish is None:
+        if send_command is None:
             _fail(503, "this gateway has no MQTT link")
         body = request.get_json(silent=True)
         if not isinstance(body, dict) or body.get("cmd") not in ("set_threshold", "update_bundle", "bench"):
             _fail(400, "body must be a JSON command (cmd: set_threshold|update_bundle|bench)")
         if not _NAME_RE.match(device_id):
             _fail(400, "bad device id")
-        publish(wire.Topics.of(prefix, device_id, wire.Topics.CMD), wire.dumps({k: v for k, v in body.items() if k != "schema"}))
+        send_command(device_id, body)  # signed with the gateway's command key, and expiring
         return jsonify({"ok": True})
 
 

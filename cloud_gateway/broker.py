@@ -25,6 +25,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -75,6 +76,44 @@ class LocalBroker(Protocol):
     def stop(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Bridge:
+    """A regional broker's link to the core broker the gateways subscribe to (the regional-broker layout,
+    docs/gateway.md "Regional brokers").
+
+    Devices connect to their region's broker with their own logins and ACL; the region relays, over one MQTT 5
+    connection (``username`` on the core, whose ACL lets it write and read ``<prefix>/#``), what devices publish
+    to the core (``out``) and what the gateways answer to the devices (``in``: replies, telemetry
+    acknowledgements, commands). MQTT 5 on the bridge keeps the request properties (response topic,
+    correlation data, message expiry) the cascade depends on.
+    """
+
+    name: str
+    host: str
+    port: int
+    username: str
+    password: str
+
+    def conf(self, prefix: str = "fleet") -> str:
+        """The ``mosquitto.conf`` lines of this bridge."""
+        out = [f"{prefix}/+/{t}" for t in ("infer/req", "telemetry", "status", "bench", "answers")]
+        into = [f"{prefix}/+/{t}" for t in ("infer/resp", "telemetry/ack", "cmd")]
+        return "\n".join([
+            f"connection {self.name}",
+            f"address {self.host}:{self.port}",
+            "bridge_protocol_version mqttv50",
+            f"remote_clientid bridge-{self.name}",
+            f"remote_username {self.username}",
+            f"remote_password {self.password}",
+            "cleansession false",  # the core queues what is meant for this region while the link is down
+            "try_private true",
+            "restart_timeout 1 10",
+            *(f"topic {t} out 1" for t in out),
+            *(f"topic {t} in 1" for t in into),
+            "",
+        ])
+
+
 class MosquittoBroker:
     """A Mosquitto process with its own config, password file, ACL and persistence.
 
@@ -86,7 +125,7 @@ class MosquittoBroker:
 
     def __init__(
         self, root: Path, creds: FleetCredentials, *, prefix: str = "fleet", port: int | None = None,
-        host: str = "127.0.0.1", exe: str | None = None,
+        host: str = "127.0.0.1", exe: str | None = None, bridge: Bridge | None = None,
     ) -> None:
         exe = exe or find_mosquitto()
         if exe is None:
@@ -97,6 +136,7 @@ class MosquittoBroker:
         self.port = port or free_port(host)
         self.creds = creds
         self.prefix = prefix
+        self.bridge = bridge  # a regional broker: relays its devices' topics to and from the core
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.root / "mosquitto.log"
         (self.root / "data").mkdir(parents=True, exist_ok=True)
@@ -134,6 +174,7 @@ class MosquittoBroker:
                     "",
                 ]
             )
+            + (self.bridge.conf(self.prefix) if self.bridge is not None else "")
         )
 
     def start(self, timeout: float = 10.0) -> None:

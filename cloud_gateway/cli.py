@@ -57,6 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http_port=None if args.http_port < 0 else args.http_port,
         token=gateway_token(args.token), threads=args.threads,
         teacher_format=args.teacher_format, trust=trust_from_args(args),
+        command_key=args.command_key, command_ttl_s=args.command_ttl,
         collect=CollectionPolicy.parse(args.collect, rate=args.collect_rate, max_per_device=args.collect_max_per_device,
                                        max_total=args.collect_max_total, retention_days=args.collect_retention_days),
     )
@@ -319,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_token_arg(s, help="token for the write endpoints (none: they are disabled)")
     s.add_argument("--threads", type=int)
     add_trust_args(s, who="the bundle upload")
+    s.add_argument("--command-key", type=Path, metavar="KEY",
+                   help="the gateway's command key (Ed25519 .key, `toolchain keys new`): every command to a device is "
+                        "signed with it and expires; devices trust its .pub (device-agent run --command-key)")
+    s.add_argument("--command-ttl", type=float, default=g("command_ttl_s"), metavar="S",
+                   help="seconds a command stays valid (a rollout's at least its update timeout)")
     s.add_argument("--collect", metavar="all|DEV[,DEV]", help="collect offloaded inputs with the teacher's answer "
                    "from these devices (off by default; docs/gateway.md, 'Collected samples')")
     s.add_argument("--collect-rate", type=float, default=c("rate"), help="share of offloads collected (flagged: always)")

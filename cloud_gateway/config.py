@@ -111,3 +111,11 @@ class GatewayConfig:
     collect: CollectionPolicy = field(default_factory=CollectionPolicy)  # sample collection (off by default)
     rollout_update_timeout_s: float = 60.0  # how long a rollout waits for devices to apply an update
     policy_interval_s: float = 30.0  # how often the refresh policy is evaluated (cloud_gateway/policy.py)
+    # the gateway's command key (Ed25519 .key): every command to a device is signed with it and expires
+    # (`edgecore.commands`); devices trust its .pub (--command-key). None: commands go unsigned, and only devices
+    # run with --allow-unsigned-commands (development) accept them
+    command_key: Path | None = None
+    # how often a replica tries for the leader lock (`cloud_gateway.leader`: only the leader drives rollouts and
+    # the policy), and the leader checks it still holds it and adopts rollouts other replicas' APIs started
+    leader_poll_s: float = 2.0
+    command_ttl_s: float = 300.0  # a command's lifetime; bench jobs and rollouts use theirs when longer

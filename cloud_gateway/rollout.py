@@ -58,11 +58,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from edgecore import wire
 from edgecore.errors import EdgeError, GatewayError, TargetUnavailableError
 
 from .store import GatewayStore
 from .store.rollout_log import ACTIVE_ROLLOUT_STATES
+
+ABORT_STEP = "abort requested"
 
 log = logging.getLogger(__name__)
 
@@ -254,17 +255,22 @@ def device_line(row: dict[str, Any]) -> str | None:
 class RolloutManager:
     """Drives rollouts from the store's records; one thread per active rollout; resumable."""
 
-    def __init__(self, *, store: GatewayStore, bundles_dir: Path, publish: Callable[[str, bytes], Any],
-                 base_url: Callable[[], str], prefix: str = "fleet", update_timeout_s: float = 60.0,
+    def __init__(self, *, store: GatewayStore, bundles_dir: Path, send_command: Callable[[str, dict[str, Any]], Any],
+                 base_url: Callable[[], str], update_timeout_s: float = 60.0,
                  poll_s: float = 0.2,
                  evaluate: Callable[[Path, Path | None, list[str]], dict[str, Any]] | None = None) -> None:
-        self.store, self.bundles_dir, self.publish, self.base_url = store, Path(bundles_dir), publish, base_url
-        self.prefix, self.update_timeout_s, self.poll_s = prefix, update_timeout_s, poll_s
+        # (device id, command) -> published, signed and expiring (`Gateway.send_command`)
+        self.store, self.bundles_dir, self.send_command, self.base_url = store, Path(bundles_dir), send_command, base_url
+        self.update_timeout_s, self.poll_s = update_timeout_s, poll_s
         # the gateway's own evidence (`cloud_gateway.evaluate.CandidateEvaluator.evaluate`); None: every
         # promotion waits for a person's approval
         self.evaluate = evaluate
+        # whether this process drives rollouts (`cloud_gateway.leader`): another replica's API records a rollout,
+        # the leader drives it (`adopt`)
+        self.is_leader: Callable[[], bool] = lambda: True
         self._stop = threading.Event()
         self._threads: dict[int, threading.Thread] = {}
+        self._spawning = threading.RLock()
         self._abort: set[int] = set()
 
     # --- starting ----------------------------------------------------------------------------------
@@ -296,6 +302,8 @@ class RolloutManager:
             st, dl = d.get("status"), device_line(d)
             if not isinstance(st, dict):
                 why = "no status"
+            elif st.get("state") == "offline":  # listed, never counted as fleet (nor waited for)
+                why = "offline"
             elif dl is None:
                 why = "no model line reported"
             elif dl != from_line:
@@ -333,15 +341,19 @@ class RolloutManager:
                 "excluded_count": summary, "canary_seed": seed, "min_reports": need}
         if from_line != new_line:
             plan["line_change"] = {"from": from_line, "to": new_line}
-        rid = self.store.rollouts.create(bundle, plan, baseline)
-        self.store.rollouts.add_step(rid, "started", {"canaries": canaries, "baseline": baseline, "bundle": bundle,
-                                                      "line": new_line, "excluded": summary, "canary_seed": seed,
-                                                      "min_reports": need})
-        if from_line != new_line:
-            self.store.rollouts.add_step(rid, "line change", {"from": from_line, "to": new_line,
-                                                              "devices": sorted(fleet)})
-            log.warning("rollout %d moves model line %s to %s (%d devices)", rid, from_line, new_line, len(fleet))
-        self._spawn(rid)
+        with self._spawning:  # (this process's `adopt` waits until the rollout is recorded whole)
+            rid = self.store.rollouts.create(bundle, plan, baseline)
+            self.store.rollouts.add_step(rid, "started", {"canaries": canaries, "baseline": baseline, "bundle": bundle,
+                                                          "line": new_line, "excluded": summary, "canary_seed": seed,
+                                                          "min_reports": need})
+            if from_line != new_line:
+                self.store.rollouts.add_step(rid, "line change", {"from": from_line, "to": new_line,
+                                                                  "devices": sorted(fleet)})
+                log.warning("rollout %d moves model line %s to %s (%d devices)", rid, from_line, new_line, len(fleet))
+            if self.is_leader():
+                self._spawn(rid)
+            else:  # recorded: the leader replica adopts it within its next poll
+                self.store.rollouts.add_step(rid, "queued for the leader", {})
         return rid
 
     @staticmethod
@@ -377,19 +389,37 @@ class RolloutManager:
 
     # --- running -----------------------------------------------------------------------------------
     def resume(self) -> list[int]:
-        """Pick up every unfinished rollout (after a restart); returns their ids."""
-        ids = [int(r["id"]) for r in self.store.rollouts.all(active=True)]
-        for rid in ids:
-            state = self.store.rollouts.get(rid)["state"]  # type: ignore[index]
-            self.store.rollouts.add_step(rid, "resumed", {"state": state})
-            self._spawn(rid)
+        """Pick up every unfinished rollout (after a restart, or on becoming the leader); returns their ids."""
+        self._stop.clear()
+        return self.adopt(step="resumed")
+
+    def adopt(self, *, step: str = "adopted") -> list[int]:
+        """Drive every unfinished rollout no thread of this process drives yet (one another replica's API
+        started); returns their ids."""
+        with self._spawning:  # (not between `start` recording a rollout and spawning its thread)
+            ids = [int(r["id"]) for r in self.store.rollouts.all(active=True) if not self._driven(int(r["id"]))]
+            for rid in ids:
+                state = (self.store.rollouts.get(rid) or {}).get("state")
+                self.store.rollouts.add_step(rid, step, {"state": state})
+                self._spawn(rid)
         return ids
 
+    def _driven(self, rid: int) -> bool:
+        t = self._threads.get(rid)
+        return t is not None and t.is_alive()
+
     def abort(self, rollout_id: int) -> None:
+        """Recorded in the store, so the replica driving the rollout sees it whichever replica was asked."""
         r = self.store.rollouts.get(rollout_id)
         if r is None or r["state"] not in ACTIVE_ROLLOUT_STATES:
             raise GatewayError(f"rollout {rollout_id} is not in progress")
         self._abort.add(rollout_id)
+        self.store.rollouts.add_step(rollout_id, ABORT_STEP, {})
+
+    def _aborted(self, rid: int) -> bool:
+        if rid not in self._abort and self.store.rollouts.has_step(rid, ABORT_STEP):
+            self._abort.add(rid)
+        return rid in self._abort
 
     def approve(self, rollout_id: int, *, by: str = "a person") -> None:
         """A person's approval of a rollout waiting for one (the gateway had no evidence of its own)."""
@@ -403,11 +433,15 @@ class RolloutManager:
         self._stop.set()
         for t in self._threads.values():
             t.join(5)
+        self._threads.clear()
 
     def _spawn(self, rid: int) -> None:
-        t = threading.Thread(target=self._drive, args=(rid,), name=f"rollout-{rid}", daemon=True)
-        self._threads[rid] = t
-        t.start()
+        with self._spawning:
+            if self._driven(rid):  # one thread per rollout in this process
+                return
+            t = threading.Thread(target=self._drive, args=(rid,), name=f"rollout-{rid}", daemon=True)
+            self._threads[rid] = t
+            t.start()
 
     def _drive(self, rid: int) -> None:
         try:
@@ -435,19 +469,18 @@ class RolloutManager:
         if rollback:  # back to the bundle each canary ran before: a device accepts that lower release only then
             cmd["rollback"] = True
         for d in devices:
-            self.publish(wire.Topics.of(self.prefix, d, wire.Topics.CMD), wire.dumps(cmd))
+            self.send_command(d, cmd)
 
     def _running(self, devices: list[str], sha: str) -> list[str]:
-        """Those of ``devices`` whose status reports ``sha``: one query, whatever their number."""
+        """Those of ``devices`` whose status reports ``sha``: one query per 500 devices, whatever their number."""
         rows = self.store.devices.versions(devices)
-        return [d for d in devices if d in rows and (rows[d]["status"] or {}).get("bundle_sha256") == sha]
+        return [d for d in devices if ((rows.get(d) or {}).get("status") or {}).get("bundle_sha256") == sha]
 
     def _refused(self, devices: list[str], cmd_id: str) -> dict[str, str]:
         """Those of ``devices`` whose status says this command failed, with the device's error (one query)."""
         out = {}
-        rows = self.store.devices.versions(devices)
-        for d in devices:
-            last = ((rows.get(d) or {}).get("status") or {}).get("last_cmd") or {}
+        for d, row in self.store.devices.versions(devices).items():
+            last = (row.get("status") or {}).get("last_cmd") or {}
             if isinstance(last, dict) and last.get("id") == cmd_id and last.get("ok") is False:
                 out[d] = str(last.get("error") or "refused")
         return out
@@ -455,22 +488,40 @@ class RolloutManager:
     def _wait_applied(self, rid: int, devices: list[str], sha: str, bundle: str, *, rollback: bool = False) -> list[str]:
         """Send ``bundle`` to those of ``devices`` not on it; wait until they report it or refuse it (the
         command's id comes back in a device's ``last_cmd``); returns the ones still not on it."""
-        r = self.store.rollouts.get(rid) or {}
-        cmd_id = f"rollout-{rid}-{sha[:12]}"
-        def not_on_it() -> list[str]:  # one query per tick (it was one per device per device)
-            running = set(self._running(devices, sha))
-            return [d for d in devices if d not in running]
+        return self._wait_all(rid, {d: (sha, bundle) for d in devices}, rollback=rollback)
 
-        todo = not_on_it()
-        if todo:
-            self._send(todo, bundle, cmd_id, bool((r.get("plan") or {}).get("line_change")), rollback)
+    def _wait_all(self, rid: int, want: dict[str, tuple[str, str]], *, rollback: bool = False) -> list[str]:
+        """Each device of ``want`` to its (manifest sha, bundle), all at once: commands to those not on theirs,
+        then one wait (one query per check) until each reports its bundle or refuses it, or the update timeout
+        ends for all of them together; returns the devices still not on theirs."""
+        r = self.store.rollouts.get(rid) or {}
+        line_change = bool((r.get("plan") or {}).get("line_change"))
+
+        def missing() -> list[str]:  # one query per 500 devices per check (it was one per device per device)
+            rows = self.store.devices.versions(list(want))
+            return [d for d, (sha, _) in want.items()
+                    if ((rows.get(d) or {}).get("status") or {}).get("bundle_sha256") != sha]
+
+        by_bundle: dict[tuple[str, str], list[str]] = {}
+        for d in missing():
+            by_bundle.setdefault(want[d], []).append(d)
+        for (sha, bundle), todo in by_bundle.items():
+            self._send(todo, bundle, f"rollout-{rid}-{sha[:12]}", line_change, rollback)
         end = time.monotonic() + self.update_timeout_s
         while time.monotonic() < end and not self._stop.is_set():
-            missing = not_on_it()
-            if not missing or rid in self._abort or set(self._refused(missing, cmd_id)) == set(missing):
-                return missing
+            left = missing()
+            # (an abort stops waiting for an update, never for the rollback it asks for)
+            if not left or (not rollback and self._aborted(rid)) or \
+                    set(self._refused_any(rid, left, want)) == set(left):
+                return left
             time.sleep(self.poll_s)
-        return not_on_it()
+        return missing()
+
+    def _refused_any(self, rid: int, devices: list[str], want: dict[str, tuple[str, str]]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for sha in {want[d][0] for d in devices}:
+            out.update(self._refused([d for d in devices if want[d][0] == sha], f"rollout-{rid}-{sha[:12]}"))
+        return out
 
     def _why_not(self, devices: list[str], sha: str, rid: int) -> dict[str, str]:
         """Each device's reason for not running ``sha``: its refusal, or that it never answered."""
@@ -482,7 +533,7 @@ class RolloutManager:
         missing = self._wait_applied(rid, plan["canaries"], plan["manifest_sha256"], r["bundle"])
         if self._stop.is_set():
             return
-        if rid in self._abort:
+        if self._aborted(rid):
             return self._to(rid, "rolling_back", "aborted", {})
         if missing:
             refused = self._why_not(missing, plan["manifest_sha256"], rid)
@@ -495,7 +546,7 @@ class RolloutManager:
         plan = r["plan"]
         since = float((r.get("result") or {}).get("watch_from") or time.time())
         while time.time() < since + plan["watch_s"] and not self._stop.is_set():
-            if rid in self._abort:
+            if self._aborted(rid):
                 return self._to(rid, "rolling_back", "aborted", {})
             time.sleep(self.poll_s)
         if self._stop.is_set():
@@ -545,7 +596,7 @@ class RolloutManager:
 
     def _awaiting_approval(self, rid: int, r: dict[str, Any]) -> None:
         """Nothing to do but wait: `approve` moves it on; an abort rolls the canaries back."""
-        if rid in self._abort:
+        if self._aborted(rid):
             return self._to(rid, "rolling_back", "aborted", {})
         time.sleep(self.poll_s)
 
@@ -579,11 +630,11 @@ class RolloutManager:
 
     def _rolling_back(self, rid: int, r: dict[str, Any]) -> None:
         plan = r["plan"]
-        left: list[str] = []
-        for d, prev in plan["previous"].items():
-            left += self._wait_applied(rid, [d], prev["manifest_sha256"], prev["bundle"], rollback=True)
-            if self._stop.is_set():
-                return
+        # every canary back to its own previous bundle at once, under one timeout
+        left = self._wait_all(rid, {d: (p["manifest_sha256"], p["bundle"]) for d, p in plan["previous"].items()},
+                              rollback=True)
+        if self._stop.is_set():
+            return
         refused = (r.get("result") or {}).get("refused")
         detail: dict[str, Any] = {"not_restored": left, **({"refused": refused} if refused else {})}
         if left:  # a rollback is done only when every canary confirms its previous bundle

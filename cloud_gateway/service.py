@@ -12,6 +12,7 @@ import errno
 import http
 import json
 import logging
+import math
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -23,12 +24,16 @@ from waitress.server import create_server
 from waitress.utilities import Error as WaitressError
 from waitress.utilities import RequestEntityTooLarge
 
+from edgecore import wire
+from edgecore.commands import MAX_TTL_S, seal
 from edgecore.errors import GatewayError
+from edgecore.signing import load_private_key
 
 from .api import API_CSP, BODY_GATE, MAX_BUNDLE_BYTES, create_app
 from .collection import SampleCollector
 from .config import GatewayConfig
 from .evaluate import CandidateEvaluator
+from .leader import Leadership
 from .policy import PolicyEngine
 from .rollout import RolloutManager
 from .store import GatewayStore
@@ -143,18 +148,33 @@ class Gateway:
         self._started = False
         self.rollouts: RolloutManager | None = None
         self.policy: PolicyEngine | None = None
+        self.leadership: Leadership | None = None
+        self._lead_stop = threading.Event()
+        self._lead_thread: threading.Thread | None = None
+        self._command_key = load_private_key(config.command_key) if config.command_key is not None else None
+        if not 0 < config.command_ttl_s <= MAX_TTL_S:
+            raise GatewayError(f"command_ttl_s must be within 0..{MAX_TTL_S:g} s, got {config.command_ttl_s}")
 
     @property
     def http_url(self) -> str:
         assert self._server is not None, "HTTP API not started"
         return f"http://{self.config.http_host}:{self._server.port}"
 
-    def _command(self, topic: str, payload: bytes) -> Any:
-        """Publish a command to a device. Agents keep a session while away, so the broker would hold a command
-        for an offline device until it returns; it expires instead when a rollout stops waiting for it (an
-        update applied after its rollout gave up would run a version the rollout did not choose)."""
-        return self.worker.link.publish(topic, payload, qos=1,
-                                        expiry_s=max(1, int(self.config.rollout_update_timeout_s)))
+    def send_command(self, device_id: str, cmd: dict[str, Any], *, ttl_s: float | None = None) -> Any:
+        """Publish a command to a device: the one place commands leave the gateway, signed with its command key
+        and valid ``ttl_s`` (default: ``command_ttl_s``, at least the rollout update timeout).
+
+        Agents keep a session while away, so the broker would hold a command for an offline device until it
+        returns; the MQTT message expires with the command (an update applied after its rollout gave up would
+        run a version the rollout did not choose), and the device refuses it after that in any case."""
+        ttl = ttl_s if ttl_s is not None else max(self.config.command_ttl_s, self.config.rollout_update_timeout_s)
+        body = {k: v for k, v in cmd.items() if k != "schema"}
+        if self._command_key is not None:
+            payload = seal(body, device=device_id, key=self._command_key, ttl_s=ttl)
+        else:
+            payload = wire.dumps(body)
+        return self.worker.link.publish(wire.Topics.of(self.config.worker.prefix, device_id, wire.Topics.CMD),
+                                        payload, qos=1, expiry_s=max(1, int(math.ceil(ttl))))
 
     def start(self) -> "Gateway":
         if self._started:
@@ -163,16 +183,16 @@ class Gateway:
         if self.config.http_port is not None:
             self.rollouts = RolloutManager(
                 store=self.store, bundles_dir=Path(self.config.bundles_dir).resolve(),
-                publish=self._command, base_url=lambda: self.http_url,
-                prefix=self.config.worker.prefix, update_timeout_s=self.config.rollout_update_timeout_s,
+                send_command=self.send_command, base_url=lambda: self.http_url,
+                update_timeout_s=self.config.rollout_update_timeout_s,
                 evaluate=CandidateEvaluator(self.store, _teacher_run(Path(self.config.teacher))).evaluate)
             self.policy = PolicyEngine(store=self.store, gateway_url=lambda: self.http_url,
                                        start_rollout=self.rollouts.start, upload=self._store_bundle,
                                        interval_s=self.config.policy_interval_s)
             app = create_app(
                 store=self.store, metrics=self.metrics, bundles_dir=self.config.bundles_dir,
-                token=self.config.token, prefix=self.config.worker.prefix, trust=self.config.trust,
-                publish=self._command, collect=self.config.collect,
+                token=self.config.token, trust=self.config.trust,
+                send_command=self.send_command, collect=self.config.collect,
                 num_classes=len(self.teacher.labels), rollouts=self.rollouts, policy=self.policy,
                 health=self._health,
             )
@@ -189,16 +209,50 @@ class Gateway:
         if self._server is not None and self.rollouts is not None and self.policy is not None:
             self._server.start()
             log.info("gateway HTTP API on %s", self.http_url)
-            self.policy.start()
-            resumed = self.rollouts.resume()  # a restart picks up every unfinished rollout where it was
-            if resumed:
-                log.warning("resumed rollouts %s after a restart", resumed)
+            if self._command_key is None:
+                log.warning("no command key (--command-key): commands to devices go UNSIGNED, and only devices "
+                            "run with --allow-unsigned-commands (development) accept them")
+            self.leadership = Leadership(self.store.db.engine)
+            self.rollouts.is_leader = lambda: self.leadership is not None and self.leadership.leading
+            self._lead_tick()  # a lone gateway leads at once
+            self._lead_thread = threading.Thread(target=self._lead_loop, name="leader", daemon=True)
+            self._lead_thread.start()
         return self
+
+    def _lead_loop(self) -> None:
+        while not self._lead_stop.wait(self.config.leader_poll_s):
+            try:
+                self._lead_tick()
+            except Exception:  # the database away: asked again next poll
+                log.exception("leader check failed")
+
+    def _lead_tick(self) -> None:
+        """Take the leader lock when free (then run the policy and resume every unfinished rollout); as the
+        leader, check it is still held (else stop both) and adopt rollouts other replicas' APIs started."""
+        lead, rollouts, policy = self.leadership, self.rollouts, self.policy
+        if lead is None or rollouts is None or policy is None:
+            return
+        if lead.leading:
+            if lead.held():
+                adopted = rollouts.adopt()
+                if adopted:
+                    log.info("driving rollouts %s started through another replica", adopted)
+                return
+            log.error("no longer the leader: rollouts and the policy stop here (another replica takes them)")
+            policy.stop()
+            rollouts.stop()
+            return
+        if lead.try_acquire():
+            log.info("replica %s leads: it drives rollouts and evaluates the policy", self.config.worker.replica_id)
+            policy.start()
+            resumed = rollouts.resume()  # a restart (or a dead leader) leaves unfinished rollouts where they were
+            if resumed:
+                log.warning("resumed rollouts %s", resumed)
 
     def _health(self) -> dict[str, object]:
         req, ingest = self.worker.connected.is_set(), self.worker.ingest_connected.is_set()
         return {"ok": req and ingest, "mqtt_connected": req, "ingest_connected": ingest,
-                "replica": self.config.worker.replica_id, "teacher": self.teacher.version,
+                "replica": self.config.worker.replica_id, "leader": self.is_leader, "teacher": self.teacher.version,
                 "teacher_labels": self.teacher.labels_source}
 
     def _store_bundle(self, name: str, tar: Path) -> None:
@@ -212,7 +266,14 @@ class Gateway:
             shutil.copyfile(tar, Path(tmp) / "b.tar.gz")
             (Path(tmp) / "b.tar.gz").replace(bundles / f"{name}.tar.gz")
 
+    @property
+    def is_leader(self) -> bool:
+        return self.leadership is not None and self.leadership.leading
+
     def stop(self) -> None:
+        self._lead_stop.set()
+        if self._lead_thread is not None:
+            self._lead_thread.join(5)
         if self.policy is not None:
             self.policy.stop()
         if self.rollouts is not None:
@@ -220,6 +281,8 @@ class Gateway:
         if self._server is not None:
             self._server.stop()
             self._server = None
+        if self.leadership is not None:
+            self.leadership.release()
         self.worker.stop()
 
     def __enter__(self) -> "Gateway":

@@ -27,6 +27,7 @@ import numpy as np
 
 from edgecore import wire
 from edgecore.bundle import Bundle, TrustPolicy
+from edgecore.commands import CommandTrust
 from edgecore.errors import AgentError
 from edgecore.mqtt import DEFAULT_VERSION
 
@@ -105,13 +106,18 @@ class AgentConfig:
     # the broker keeps the agent's session (its subscriptions, and the QoS 1 inputs and commands sent meanwhile)
     # this long after it went away; 0: a clean session, what arrives while the agent is away is lost
     session_expiry_s: int = 3600
-    # a window the broker took but no gateway acknowledged (once gateways acknowledge) is sent again after this
+    # a window leaves the outbox when the gateway acknowledges it stored it ("gateway"), or, for a gateway that
+    # does not acknowledge, when the broker took it ("broker"; until a gateway's acknowledgement is first seen)
+    telemetry_acked_by: str = "gateway"
+    # a window the broker took but no gateway acknowledged is sent again after this
     telemetry_resend_s: float = 30.0
     # folders (a shared mount) whose bundles a ``bench`` job may name by manifest sha256; nothing else on the
     # device's disk is read for a job
     bench_dirs: tuple[Path, ...] = ()
     update_bases: tuple[str, ...] = ()  # update_bundle URLs must be under one of these (none: refused)
     trust: TrustPolicy = field(default_factory=TrustPolicy)  # whose signatures this device accepts
+    # whose commands it runs (the gateway's command key; `edgecore.commands`): none and not allow_unsigned refuses all
+    command_trust: CommandTrust = field(default_factory=CommandTrust)
 
 
 class Agent:
@@ -122,6 +128,11 @@ class Agent:
         self.config = config
         self.topics = wire.Topics(config.device_id, config.prefix)
         config.trust.warn_if_open(f"device agent {config.device_id}")
+        if config.broker_url is not None:  # (commands come over MQTT only)
+            config.command_trust.warn_if_open(f"device agent {config.device_id}")
+        # the nonces of the commands it ran outlive a restart (a replay within a command's lifetime is refused)
+        self.command_trust = config.command_trust.with_state(
+            config.state_dir / "commands_seen.json" if config.broker_url is not None else None)
         if isinstance(bundle, Bundle):
             clean_stale(config.device_id, config.state_dir)
             opened = config.trust.check(bundle)
@@ -148,7 +159,8 @@ class Agent:
     def _open_state(self) -> tuple[Outbox, WindowCounters]:
         """The outbox, and the open window continued from a crash unless it was already stored."""
         c = self.config
-        box = Outbox(c.state_dir / "outbox.sqlite", max_rows=c.outbox_max_rows, policy=c.drop_policy)
+        box = Outbox(c.state_dir / "outbox.sqlite", max_rows=c.outbox_max_rows, policy=c.drop_policy,
+                     acked_by=c.telemetry_acked_by)
         window = WindowCounters(c.state_dir / "window.bin")
         if window.seq < 0 or window.seq <= box.last_put_seq:
             window.reset(seq=box.next_seq(), t_start=time.time())

@@ -28,6 +28,7 @@ from edgecore.clikit import (
     run_cli,
     trust_from_args,
 )
+from edgecore.commands import CommandTrust
 from edgecore.errors import AgentError, EdgeError
 
 PASSWORD_ENV = "DEVICE_AGENT_PASSWORD"
@@ -48,10 +49,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = AgentConfig(
         device_id=args.device_id, broker_url=broker_from_args(args), username=user, password=pw, prefix=args.prefix,
         deadline_s=args.deadline, telemetry_window_s=args.window, threshold=args.threshold,
-        state_dir=args.state_dir, outbox_max_rows=args.outbox_max, drop_policy=DropPolicy(args.drop_policy),
+        state_dir=args.state_dir, outbox_max_rows=args.outbox_max, telemetry_acked_by=args.telemetry_acked_by,
+        drop_policy=DropPolicy(args.drop_policy),
         batch_size=args.batch_size, threads=args.threads, drift=DriftConfig(window=args.drift_window),
         drift_offload=args.drift_offload,
         mqtt_version=args.mqtt_version, update_bases=tuple(args.update_base or ()), trust=trust,
+        command_trust=CommandTrust.from_paths(args.command_key or (), allow_unsigned=args.allow_unsigned_commands),
         session_expiry_s=args.session_expiry, bench_dirs=tuple(args.bench_dir or ()),
     )
     agent = Agent(bundle, cfg)
@@ -197,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threshold", type=float, help="override the bundle's routing threshold")
     r.add_argument("--state-dir", type=Path, default=d("state_dir"), help="outbox and fetched bundles")
     r.add_argument("--outbox-max", type=int, default=d("outbox_max_rows"), help="telemetry windows kept")
+    r.add_argument("--telemetry-acked-by", choices=("gateway", "broker"), default=d("telemetry_acked_by"),
+                   help="a window leaves the outbox when the gateway acknowledges storing it; broker: when the "
+                        "broker took it (only for a gateway that does not acknowledge)")
     r.add_argument("--drop-policy", choices=[p.value for p in DropPolicy], default=d("drop_policy").value,
                    help="which window goes when the outbox is full")
     r.add_argument("--batch-size", type=int, default=d("batch_size"), help="inputs run (and offloaded) together")
@@ -216,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="update_bundle URLs must be under this gateway URL (repeatable; none: updates by URL refused)")
     r.add_argument("--output", type=Path, help="JSON lines of answers (default stdout)")
     add_trust_args(r, who="this device")
+    r.add_argument("--command-key", action="append", type=Path, metavar="PUB",
+                   help="the gateway's command key (.pub, or a folder of them): commands over MQTT run only when "
+                        "signed by one, addressed to this device, unexpired and not seen before (repeatable)")
+    r.add_argument("--allow-unsigned-commands", action="store_true",
+                   help="DEVELOPMENT ONLY: run unsigned commands when no --command-key is given (logged loudly)")
     add_json_flag(r)
     r.set_defaults(func=cmd_run)
     f = sub.add_parser("feed", help="send a running agent inputs from a folder, .npz, .csv or a run's split, "

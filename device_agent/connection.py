@@ -9,6 +9,7 @@ for the status and the windows it sends. Nothing here is on the per-input path.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import queue
 import sqlite3
@@ -41,6 +42,19 @@ def storage_problem(e: BaseException) -> str:
     return f"cannot write the state dir: {type(e).__name__}"
 
 
+def _echo_id(cmd: dict[str, Any]) -> dict[str, Any]:
+    """``{"id": ...}`` of a command (a string or an integer, not a bool), read inside a signed envelope too: an
+    operator (a rollout) matches the outcome, a refusal included, to its own command by it."""
+    if isinstance(cmd.get("signed"), str) and len(cmd["signed"]) <= 65536:
+        try:
+            inner = json.loads(cmd["signed"])
+        except ValueError:
+            return {}
+        cmd = inner if isinstance(inner, dict) else {}
+    ident = cmd.get("id")
+    return {"id": ident} if type(ident) in (str, int) and len(str(ident)) <= 128 else {}
+
+
 class FleetConnection:
     """The link, status, commands and telemetry windows of one `Agent` (``agent.fleet``)."""
 
@@ -57,7 +71,8 @@ class FleetConnection:
         self._sources: list[MqttInputSource] = []  # subscribed before the status says online
         self.windows_produced = 0
         self._last_inputs: dict[str, int] | None = None  # the input counts the last status published
-        self.telemetry_state = "ok"  # or "degraded (disk full)" while windows cannot be stored
+        # or "degraded (disk full)" while windows cannot be stored, "waiting (…)" while no gateway acknowledges them
+        self.telemetry_state = "ok"
 
     def mqtt_source(self, topic: str | None = None, *, wait: float = 10.0) -> MqttInputSource:
         """Inputs from an MQTT topic (default ``<prefix>/<id>/input``).
@@ -127,6 +142,24 @@ class FleetConnection:
                 self._telemetry_ok()
             self._publish_if_changed()
 
+    def _unacknowledged(self) -> str | None:
+        """What the status says while windows the broker took stay unacknowledged past two resends: no
+        gateway stores them (none running, or one that does not acknowledge). Nothing is lost meanwhile: they
+        wait in the outbox, within its bound."""
+        box = self.outbox
+        if box is None:
+            return None
+        try:
+            n = box.overdue(2 * self.config.telemetry_resend_s)
+        except sqlite3.Error:
+            return None
+        if not n:
+            return None
+        hint = "" if box.acks_from_gateway else (" (no gateway has acknowledged a window yet: is one running? "
+                                                 "For a gateway that does not acknowledge: telemetry_acked_by "
+                                                 "= broker)")
+        return f"waiting (windows not acknowledged by a gateway{hint})"
+
     def _telemetry_failed(self, e: BaseException) -> None:
         """The window could not be stored: the open window keeps counting (nothing is lost while the disk is
         full), the status says ``telemetry: degraded (…)``, and the next tick tries again."""
@@ -138,9 +171,13 @@ class FleetConnection:
             self.publish_status()
 
     def _telemetry_ok(self) -> None:
-        if self.telemetry_state != "ok":
-            log.warning("telemetry windows are stored again")
-            self.telemetry_state = "ok"
+        state = self._unacknowledged() or "ok"
+        if state != self.telemetry_state:
+            if self.telemetry_state.startswith("degraded"):
+                log.warning("telemetry windows are stored again")
+            elif state != "ok":
+                log.warning("telemetry: %s", state)
+            self.telemetry_state = state
             self.publish_status()
 
     def _publish_if_changed(self) -> None:
@@ -205,8 +242,20 @@ class FleetConnection:
             self.publish_status()
 
     def _cmd_loop(self) -> None:
-        while (cmd := self._cmd_q.get()) is not None:
-            self.handle_command(cmd)
+        while (payload := self._cmd_q.get()) is not None:
+            self.handle_signed(payload)
+
+    def handle_signed(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """A command as it arrived over MQTT: run only when the agent's `CommandTrust` opens it (signed by a
+        trusted command key, for this device, not expired, not replayed); a refusal is the outcome."""
+        try:
+            cmd = self.agent.command_trust.open(payload, device=self.agent.config.device_id)
+        except AgentError as e:
+            log.error("command refused: %s", e)
+            self.last_cmd = {"cmd": None, **_echo_id(payload), "ok": False, "error": f"refused: {e}"}
+            self.publish_status()
+            return self.last_cmd
+        return self.handle_command(cmd)
 
     def handle_command(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Run one command through its registered handler; the outcome goes into the retained status.
@@ -216,8 +265,7 @@ class FleetConnection:
         outcome, so an operator matches its own command's outcome by ``id``, not by the command's name.
         """
         name = cmd.get("cmd")
-        ident = cmd.get("id")
-        echo = {"id": ident} if type(ident) in (str, int) and len(str(ident)) <= 128 else {}  # (not a bool)
+        echo = _echo_id(cmd)
         try:
             self.agent.commands.get(name)(self.agent, cmd)
             outcome: dict[str, Any] = {"cmd": name, **echo, "ok": True}

@@ -34,10 +34,21 @@ class DropPolicy(str, enum.Enum):
     DROP_NEWEST = "drop-newest"
 
 
+ACKED_BY = ("gateway", "broker")
+
+
 class Outbox:
-    def __init__(self, path: Path | str, *, max_rows: int = 10000, policy: DropPolicy = DropPolicy.DROP_OLDEST):
+    """``acked_by``: ``gateway`` (a window leaves only when the gateway says it stored it, or refused it for good)
+    or ``broker`` (for a gateway that does not acknowledge: it leaves at the broker's PUBACK until a gateway's
+    acknowledgement is first seen, then as with ``gateway``)."""
+
+    def __init__(self, path: Path | str, *, max_rows: int = 10000, policy: DropPolicy = DropPolicy.DROP_OLDEST,
+                 acked_by: str = "gateway"):
         if max_rows < 1:
             raise AgentError(f"outbox max_rows must be >= 1, got {max_rows}")
+        if acked_by not in ACKED_BY:
+            raise AgentError(f"telemetry_acked_by must be one of {', '.join(ACKED_BY)}, got {acked_by!r}")
+        self.acked_by = acked_by
         self.path = str(path)
         self.max_rows = max_rows
         self.policy = DropPolicy(policy)
@@ -149,15 +160,22 @@ class Outbox:
         return (int(row[0]), str(row[1]), bytes(row[2])) if row else None
 
     def ack(self, row_id: int) -> None:
-        """The broker has the row: delete it, or, once gateways acknowledge windows (`acks_from_gateway`),
-        keep it, marked sent, until the gateway says it stored it."""
+        """The broker has the row: keep it, marked sent, until the gateway says it stored it; with
+        ``acked_by="broker"`` delete it, until a gateway's acknowledgement was first seen (`acks_from_gateway`)."""
         with self._lock:
-            if self._meta("gateway_acks"):
+            if self.acked_by == "gateway" or self._meta("gateway_acks"):
                 self._db.execute("UPDATE outbox SET sent=? WHERE id=?", (time.time(), row_id))
             else:
                 self._db.execute("DELETE FROM outbox WHERE id=?", (row_id,))
             if row_id == self._inflight:
                 self._inflight = -1
+
+    def overdue(self, older_than_s: float) -> int:
+        """Windows the broker took at least ``older_than_s`` ago that no gateway acknowledged since."""
+        with self._lock:
+            (n,) = self._db.execute("SELECT COUNT(*) FROM outbox WHERE sent IS NOT NULL AND sent < ?",
+                                    (time.time() - older_than_s,)).fetchone()
+        return int(n)
 
     @property
     def acks_from_gateway(self) -> bool:

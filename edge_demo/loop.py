@@ -65,11 +65,13 @@ def _agent(ctx: LoopContext) -> Any:
     from device_agent.agent import Agent, AgentConfig
     from edgecore.bundle import TrustPolicy
 
+    from .story import command_trust
+
     return Agent(ctx.bundles_dir / ctx.bundle_name, AgentConfig(
         device_id=ctx.device, broker_url=ctx.broker.url, username=ctx.device, password=ctx.creds.devices[ctx.device],
         deadline_s=1.0, telemetry_window_s=ctx.window_s, state_dir=ctx.out / "fleet" / "agents" / ctx.device,
         mqtt_version=ctx.broker.mqtt_version, trust=TrustPolicy.from_paths([ctx.public_key]),
-        update_bases=(f"{ctx.gateway.http_url}/api/bundles",),
+        command_trust=command_trust(ctx.public_key), update_bases=(f"{ctx.gateway.http_url}/api/bundles",),
     )).start()
 
 

@@ -119,13 +119,27 @@ def _pipeline(opts: DemoOptions, run_dir: Path, step: _Steps) -> dict[str, Any]:
 
 
 def _signing_key(out: Path) -> tuple[Any, Path]:
-    """The demo's release key (``OUT/keys/demo.key``, made once): bundles are signed, agents trust ``demo.pub``."""
+    """The demo's release key (``OUT/keys/demo.key``, made once): bundles are signed, agents trust ``demo.pub``.
+    Beside it the gateway's command key (`command_key_paths`), made once too."""
     from edgecore.signing import load_private_key, new_keypair
 
     prefix = out / "keys" / "demo"
-    if not prefix.with_suffix(".key").exists():
-        new_keypair(prefix)
+    for p in (prefix, command_key_prefix(prefix.with_suffix(".pub"))):
+        if not p.with_suffix(".key").exists():
+            new_keypair(p)
     return load_private_key(prefix.with_suffix(".key")), prefix.with_suffix(".pub")
+
+
+def command_key_prefix(release_pub: Path) -> Path:
+    """The gateway's command key beside the demo's release key: the gateway signs commands with ``.key``, the
+    agents trust ``.pub`` (a command key is not a release key: the gateway never holds the one that signs bundles)."""
+    return release_pub.parent / "gateway-commands"
+
+
+def command_trust(release_pub: Path) -> Any:
+    from edgecore.commands import CommandTrust
+
+    return CommandTrust.from_paths([command_key_prefix(release_pub).with_suffix(".pub")])
 
 
 def _build_all(
@@ -191,6 +205,7 @@ def _gateway(opts: DemoOptions, run_dir: Path, fleet_dir: Path, broker: Any, cre
         bundles_dir=fleet_dir / "gateway-bundles", http_port=0, token=token,
         trust=TrustPolicy.from_paths([public_key]),
         collect=CollectionPolicy.parse(drifting if opts.loop else None), rollout_update_timeout_s=15.0,
+        command_key=command_key_prefix(public_key).with_suffix(".key"),
     ))
 
 
@@ -205,7 +220,7 @@ def _start_agents(opts: DemoOptions, plan: list[tuple[str, str, bool]], bundles_
         agents[device_id] = Agent(bundles_dir / bundle_name, AgentConfig(
             device_id=device_id, broker_url=broker.url, username=device_id, password=creds.devices[device_id],
             deadline_s=opts.deadline_s, telemetry_window_s=opts.window_s, state_dir=fleet_dir / "agents" / device_id,
-            mqtt_version=broker.mqtt_version, trust=trust,
+            mqtt_version=broker.mqtt_version, trust=trust, command_trust=command_trust(public_key),
         )).start()
     return agents
 

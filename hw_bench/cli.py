@@ -93,6 +93,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
+    from edgecore.signing import load_private_key
+
     from .fleet import FleetJob, run_fleet
     from .report import report
     from .results import write_run
@@ -104,7 +106,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     user, pw = login_from_args(args, who="admin")
     run = run_fleet(broker=broker_from_args(args), username=user, password=pw, devices=devices,
                     bundle=args.bundle, job=job, deadline_s=args.deadline, prefix=args.prefix,
-                    mqtt_version=args.mqtt_version, progress=_progress)
+                    mqtt_version=args.mqtt_version, progress=_progress,
+                    command_key=load_private_key(args.command_key) if args.command_key else None)
     out = Path(args.out)
     path = write_run(out / "fleet_results.json", run)
     print_rows(run)
@@ -204,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for answers")
     p.add_argument("--data", default=None, help="URL of an .npz under the devices' --update-base, for accuracy")
     p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--command-key", type=Path, metavar="KEY",
+                   help="the command key devices trust (the gateway's, --command-key of `cloud-gateway serve`): the "
+                        "job is signed for each device and expires with --deadline (without it devices refuse it "
+                        "unless run with --allow-unsigned-commands)")
     _add_scenario(p)
     p.add_argument("--out", required=True, help="output directory (results + report)")
     add_json_flag(p)

@@ -100,6 +100,14 @@ class _FleetClient:
                 self.done.set()
 
 
+def _payload(msg: dict[str, Any], device: str, key: Any, ttl_s: int) -> bytes:
+    if key is None:
+        return json.dumps(msg).encode()
+    from edgecore.commands import MAX_TTL_S, seal
+
+    return seal(msg, device=device, key=key, ttl_s=min(float(ttl_s), MAX_TTL_S))
+
+
 def _check_devices(devices: list[str]) -> None:
     if not devices:
         raise BenchError("no devices given")
@@ -124,8 +132,13 @@ def run_fleet(
     connect_timeout_s: float = 10.0,
     progress: Callable[[str], None] | None = None,
     mqtt_version: str = DEFAULT_VERSION,
+    command_key: Any = None,
 ) -> dict[str, Any]:
     """Dispatch ``job`` to ``devices`` and collect one run dict (``devices`` + flattened ``results``).
+
+    ``command_key``: the Ed25519 private key devices trust for commands (the gateway's command key): the job is
+    signed for each device and expires with the deadline (`edgecore.commands`). None: sent unsigned, which only
+    devices run with ``--allow-unsigned-commands`` accept.
 
     The job goes out once the broker acknowledged the subscriptions to the devices' answers: none is missed.
     """
@@ -143,8 +156,9 @@ def run_fleet(
         raise BenchError(str(e)) from e
     try:
         # a device that is away gets the job only while the answers are still awaited
-        infos = [link.publish(Topics.of(prefix, d, Topics.CMD), json.dumps(msg).encode(), qos=1,
-                              expiry_s=max(1, int(deadline_s))) for d in devices]
+        ttl = max(1, int(deadline_s))
+        infos = [link.publish(Topics.of(prefix, d, Topics.CMD), _payload(msg, d, command_key, ttl), qos=1,
+                              expiry_s=ttl) for d in devices]
         for i in infos:
             i.wait_for_publish(timeout=connect_timeout_s)
         if progress:

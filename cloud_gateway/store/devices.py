@@ -187,11 +187,12 @@ class DeviceStore:
         q = select(devices.c.device_id, devices.c.state, devices.c.model_line, devices.c.bundle_sha256,
                    devices.c.version, devices.c.status)
         ids = None if device_ids is None else list(device_ids)
-        if ids is not None:
-            q = q.where(devices.c.device_id.in_(ids))
+        # ids in chunks of 500: one query per chunk, and within every database's limit on bound parameters
+        chunks = [q] if ids is None else [q.where(devices.c.device_id.in_(ids[i:i + 500]))
+                                          for i in range(0, len(ids), 500)]
         with self.engine.connect() as c:
             return {r.device_id: {"state": r.state, "model_line": r.model_line, "bundle_sha256": r.bundle_sha256,
-                                  "version": r.version, "status": r.status} for r in c.execute(q)}
+                                  "version": r.version, "status": r.status} for cq in chunks for r in c.execute(cq)}
 
     def _filters(self, q: DeviceQuery) -> list[Any]:
         where: list[Any] = []

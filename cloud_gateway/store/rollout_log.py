@@ -60,6 +60,12 @@ class RolloutStore:
         with self.engine.begin() as c:
             c.execute(insert(rollout_steps).values(rollout_id=rollout_id, time=time.time(), step=step, detail=detail))
 
+    def has_step(self, rollout_id: int, step: str) -> bool:
+        """Whether ``step`` was recorded for the rollout (an abort another replica was asked for)."""
+        with self.engine.connect() as c:
+            return c.execute(select(rollout_steps.c.id).where(rollout_steps.c.rollout_id == rollout_id,
+                                                              rollout_steps.c.step == step).limit(1)).first() is not None
+
     def all(self, *, active: bool = False) -> list[dict[str, Any]]:
         q = select(rollouts).order_by(rollouts.c.id)
         if active:

@@ -167,8 +167,9 @@ def _corr(text: str):  # type: ignore[no-untyped-def]
 
 @pytest.mark.broker
 def test_a_command_for_a_device_that_is_away_expires_with_its_rollouts_wait(mosquitto, tiny_cascade, tmp_path):
-    """The session that keeps inputs would keep commands too: the gateway's commands carry an expiry (its
-    rollouts' wait), so one sent long before the device returns is never applied, one sent just before is."""
+    """The session that keeps inputs would keep commands too: the gateway's commands carry an expiry (the
+    command's lifetime, at least its rollouts' wait), so one sent long before the device returns is never
+    applied, one sent just before is."""
     import urllib.request
 
     from tests.agent.tiny import start_gateway
@@ -176,7 +177,7 @@ def test_a_command_for_a_device_that_is_away_expires_with_its_rollouts_wait(mosq
     run = tiny_cascade
     watch = Listener(mosquitto, ["fleet/dev-a/status"], client_id="watch")
     with start_gateway(mosquitto, run, tmp_path) as gw:
-        gw.config.rollout_update_timeout_s = 1.0
+        gw.config.rollout_update_timeout_s = gw.config.command_ttl_s = 1.0
 
         def cmd(threshold: float) -> None:
             req = urllib.request.Request(f"{gw.http_url}/api/devices/dev-a/cmd", method="POST",

@@ -206,6 +206,30 @@ def test_outbox_counts_dropped_inputs_and_keeps_boot_and_last_seq(tmp_path):
     assert len(r1) == 1 and r1.put("t", b"x", inputs=2)
 
 
+def test_a_window_the_broker_took_stays_until_a_gateway_acknowledges_it_from_the_first_window_on(tmp_path):
+    """A PUBACK is not storage: even before any gateway acknowledged anything, a window the broker took stays
+    (marked sent, sent again later) until the gateway's acknowledgement; only ``acked_by="broker"`` (a gateway
+    that does not acknowledge) deletes it at the PUBACK, until an acknowledgement is first seen."""
+    box = Outbox(tmp_path / "g.sqlite")
+    box.put("t", b"w0", inputs=3, seq=0)
+    row_id, _, _ = box.peek()
+    box.ack(row_id)  # the broker's PUBACK
+    assert len(box) == 1 and box.peek() is None and not box.acks_from_gateway
+    assert box.overdue(0.0) == 1 and box.overdue(60.0) == 0
+    assert box.peek(resend_after_s=0.0) is not None  # sent again after the resend time
+    assert box.gateway_acked(box.boot, 0) and len(box) == 0 and box.overdue(0.0) == 0
+    legacy = Outbox(tmp_path / "b.sqlite", acked_by="broker")
+    legacy.put("t", b"w0", inputs=3, seq=0)
+    legacy.ack(legacy.peek()[0])
+    assert len(legacy) == 0  # deleted at the PUBACK ...
+    legacy.put("t", b"w1", inputs=3, seq=1)
+    legacy.gateway_acked(legacy.boot, 99)  # ... until a gateway acknowledges something
+    legacy.ack(legacy.peek()[0])
+    assert len(legacy) == 1
+    with pytest.raises(AgentError, match="telemetry_acked_by must be one of gateway, broker"):
+        Outbox(tmp_path / "x.sqlite", acked_by="maybe")
+
+
 # --- commands ----------------------------------------------------------------------------------
 
 def test_command_registry_has_one_function_per_command(tiny_cascade):

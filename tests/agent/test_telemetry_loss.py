@@ -167,3 +167,28 @@ def test_a_window_the_gateway_could_not_store_is_sent_again_until_it_is(mosquitt
         gw.stop()
     stored, dropped = _stored(gw, "dev-a")
     assert stored == 30 and sum(dropped.values()) == 0  # each window once, none dropped
+
+
+def test_windows_sent_before_any_gateway_acknowledged_wait_for_one_and_the_status_says_so(
+        mosquitto, tiny_cascade, tmp_path):
+    """A PUBACK is not storage, from the first window on: with no gateway running, the windows the broker took
+    stay in the outbox (the status says ``telemetry: waiting (…)``), and a gateway that starts later stores
+    every one of them, once."""
+    run = tiny_cascade
+    agent = make_agent(mosquitto, run.bundle_dir, "dev-a", tmp_path, telemetry_window_s=0.1,
+                       telemetry_resend_s=0.3).start()
+    gw = None
+    try:
+        list(agent.run(items(run.x_test[:12])))
+        wait_for(lambda: agent.fleet.status()["telemetry"].startswith("waiting"), 10, "the status saying it waits")
+        assert "no gateway has acknowledged" in agent.fleet.status()["telemetry"]
+        assert len(agent.fleet.outbox) > 0 and not agent.fleet.outbox.acks_from_gateway
+        gw = start_gateway(mosquitto, run, tmp_path, http=False)
+        wait_for(lambda: _stored(gw, "dev-a")[0] == 12, 15, "every input's window stored once a gateway runs")
+        wait_for(lambda: len(agent.fleet.outbox) == 0 and agent.fleet.status()["telemetry"] == "ok", 10, "drained, ok")
+    finally:
+        agent.stop()
+        if gw is not None:
+            gw.stop()
+    stored, dropped = _stored(gw, "dev-a")
+    assert stored == 12 and sum(dropped.values()) == 0

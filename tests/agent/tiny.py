@@ -61,6 +61,53 @@ def release_trust() -> TrustPolicy:
     return TrustPolicy(keys=(TrustedKey(key_id(pub), pub),))
 
 
+def command_key():
+    """The tests' gateway command key (deterministic): test gateways sign commands with it, test agents trust it."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"edge-toolchain test command key").digest())
+
+
+def command_trust():
+    from edgecore.commands import CommandTrust
+    from edgecore.signing import TrustedKey, key_id
+
+    pub = command_key().public_key()
+    return CommandTrust(keys=(TrustedKey(key_id(pub), pub),))
+
+
+def command_key_paths() -> tuple[Path, Path]:
+    """(``.key`` mode 0600, ``.pub``) files of the test command key, for ``--command-key`` on command lines."""
+    import os
+    import tempfile
+
+    from cryptography.hazmat.primitives import serialization
+
+    k = command_key()
+    folder = Path(tempfile.gettempdir()) / f"edge-toolchain-test-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    key, pub = folder / "command.key", folder / "command.pub"
+    if not key.exists():
+        tmp = folder / f"command.key.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+        os.replace(tmp, key)
+    pub.write_bytes(k.public_key().public_bytes(serialization.Encoding.PEM,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key, pub
+
+
+def seal_command(device_id: str, cmd: dict, **kw) -> bytes:
+    """``cmd`` for ``device_id`` signed with the test command key, as the gateway sends it."""
+    from edgecore.commands import seal
+
+    return seal(cmd, device=device_id, key=command_key(), **kw)
+
+
 def release_pub_path() -> Path:
     """The test key's .pub file, for ``--trust-key`` on the command lines."""
     import tempfile
@@ -225,7 +272,7 @@ def start_gateway(broker, run: TinyRun, tmp: Path, *, replica: str = "gw-0", htt
                             batch_ms=batch_ms, mqtt_version=mqtt_version, **worker),
         teacher=run.teacher_onnx, db=db or str(tmp / "gateway.sqlite"), bundles_dir=tmp / "bundles",
         http_port=0 if http else None, token=token, threads=1, trust=release_trust(),
-        collect=collect or CollectionPolicy(),
+        collect=collect or CollectionPolicy(), command_key=command_key_paths()[0],
     )
     return Gateway(cfg).start()
 
@@ -236,7 +283,7 @@ def make_agent(broker, bundle, device_id: str, tmp: Path, *, commands=None, **ov
 
     user, pw = broker.credentials(device_id)
     kw = dict(deadline_s=0.5, telemetry_window_s=0.2, state_dir=tmp / f"agent-{device_id}", threads=1,
-              trust=release_trust())
+              trust=release_trust(), command_trust=command_trust())
     kw.update(overrides)
     cfg = AgentConfig(device_id=device_id, broker_url=broker.url, username=user, password=pw, **kw)
     return Agent(bundle, cfg, commands=commands)

@@ -60,7 +60,7 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 
 def test_fleet_bench_two_agents_and_a_silent_device(mosquitto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from tests.agent.tiny import bench_commands, build_tiny, make_agent
+    from tests.agent.tiny import bench_commands, build_tiny, command_key_paths, make_agent
 
     run = build_tiny(tmp_path / "tiny")
     www = tmp_path / "www"
@@ -79,7 +79,8 @@ def test_fleet_bench_two_agents_and_a_silent_device(mosquitto, tmp_path: Path) -
         rc = main(["fleet", "--broker", mosquitto.url, "--username", user, "--password", pw,
                    "--devices", "dev-a,dev-b,dev-c", "--bundle", str(run.bundle_dir), "--deadline", "8",
                    "--duration", "0.2", "--min-queries", "20", "--warmup", "2", "--threads", "1",
-                   "--data", base + "test.npz", "--out", str(tmp_path / "fleet")])
+                   "--data", base + "test.npz", "--out", str(tmp_path / "fleet"),
+                   "--command-key", str(command_key_paths()[0])])
         elapsed = time.monotonic() - t0
     finally:
         for a in agents:

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from calibration.drift_reference import drift_reference
 from calibration.routing import choose_threshold, routing_curve, write_curve
@@ -96,3 +97,24 @@ def test_worse_cloud_keeps_routing_off_and_says_so(caplog) -> None:
         ch = choose_threshold(conf, np.ones(50, bool), np.zeros(50, bool), offload_budget=0.5)
     assert ch.rule == "accuracy" and ch.expected_offload == 0.0
     assert "less accurate than the edge" in caplog.text
+
+
+def test_a_cloud_worse_by_a_margin_chance_explains_still_gets_the_budget(caplog) -> None:
+    """On a 180-input calibration split the teacher is wrong on 3 inputs the student gets right and right on 1 it
+    gets wrong: a sign test cannot tell that from chance (p=0.62), so the budget is spent (a cloud wrong on 12
+    more is significant: routing stays off)."""
+    from calibration.routing import sign_test
+
+    conf = np.linspace(0.2, 1.0, 180)
+    edge = np.ones(180, bool)
+    edge[179] = False  # (its most confident input: offloading the least confident never helps)
+    cloud = np.ones(180, bool)
+    cloud[[5, 90, 170]] = False
+    with caplog.at_level("WARNING", logger="calibration.routing"):
+        ch = choose_threshold(conf, edge, cloud, offload_budget=0.1)
+    assert ch.rule == "budget_quantile" and ch.expected_offload == pytest.approx(18 / 180)
+    assert "by 2 input(s) of 180" in ch.reason and "p=0.62" in ch.reason
+    cloud[100:112] = False
+    ch = choose_threshold(conf, edge, cloud, offload_budget=0.1)
+    assert ch.rule == "accuracy" and ch.expected_offload == 0.0 and "p=0.001" in ch.reason
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 1) == pytest.approx(0.625) and sign_test(15, 1) < 0.001

@@ -159,7 +159,7 @@ def rollout_api(tmp_path):
     bundles = tmp_path / "bundles"
     bundles.mkdir()
     (tmp_path / "evil.tar.gz").write_bytes(b"outside the store")
-    rollouts = RolloutManager(store=store, bundles_dir=bundles, publish=lambda t, p: None,
+    rollouts = RolloutManager(store=store, bundles_dir=bundles, send_command=lambda d, c: None,
                               base_url=lambda: "http://127.0.0.1:1")
     app = create_app(store=store, metrics=Metrics(), bundles_dir=bundles, token="tok", trust=release_trust(),
                      rollouts=rollouts)

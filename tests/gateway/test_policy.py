@@ -181,3 +181,25 @@ def test_a_refresh_is_never_rolled_out_to_only_the_devices_that_triggered_it(tmp
     with pytest.raises(GatewayError, match=r"only canaries would be the devices that triggered the refresh \(dev-0\)"):
         engine._canary("dev-0", ["dev-0"], "solo", 7, approved=False)
     assert engine._canary("dev-0", ["dev-0"], "solo", 7, approved=True) == ["dev-0"]
+
+
+def test_a_policy_round_reads_no_windows_of_devices_whose_last_window_rules_them_out(tmp_path):
+    """Per-device queries each round were 10.8 s at 5,000 devices: a device whose last window had inputs and
+    neither flagged drift nor offloaded past the limit cannot fire a trigger that needs every recent window to,
+    so its windows are not read; the two that could are, and fire."""
+    from sqlalchemy import event
+
+    store = GatewayStore(tmp_path / "s.sqlite")
+    now = time.time()
+    ids = _fleet(store, 300)
+    for d in ids[2:]:
+        store.telemetry.add(d, _window(0, drift=False, offload=0.01, t_end=now - 5))
+    for d in ids[:2]:
+        for i in range(5):
+            store.telemetry.add(d, _window(i, drift=True, offload=0.9, t_end=now - 5 + i))
+    queries: list[str] = []
+    event.listen(store.db.engine, "before_cursor_execute", lambda *a: queries.append(a[2]))
+    p = check_policy({"drift_windows": 3, "offload_rate": 0.3, "offload_devices": 2})
+    fired = {f["trigger"]: f for f in triggers(store, p, now)}
+    assert fired["drift"]["devices"] == ids[:2] and fired["offload"]["devices"] == ids[:2]
+    assert len(queries) <= 5, len(queries)  # the device list, then the two candidates' windows per trigger

@@ -18,7 +18,15 @@ import pytest
 from cloud_gateway.config import CollectionPolicy
 from cloud_gateway.rollout import aggregate, parse_condition, watch_metrics
 from edgecore.errors import GatewayError
-from tests.agent.tiny import items, make_agent, release_pub_path, retag_bundle, start_gateway, wait_for
+from tests.agent.tiny import (
+    command_key_paths,
+    items,
+    make_agent,
+    release_pub_path,
+    retag_bundle,
+    start_gateway,
+    wait_for,
+)
 
 pytestmark = pytest.mark.broker
 TOKEN = "test-token"
@@ -145,7 +153,7 @@ def test_a_good_canary_is_promoted_and_a_bad_one_rolled_back(mosquitto, tiny_cas
         v1 = fleet.shas()["dev-a"]
         wait_for(lambda: all(gw.store.telemetry.history(d, limit=1) for d in fleet.agents), 10, "baseline telemetry")
         time.sleep(1.0)
-        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "v2", "canary": ["dev-a"], "watch_s": 1.5,
+        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "v2", "canary": ["dev-a"], "watch_s": 3.0,
                                                     "promote_if": "rollbacks == 0 and offload_rate <= baseline + 0.3"})["id"]
         r = _wait_state(url, rid, {"done", "rolled_back"})
         assert r["state"] == "done", r["steps"]
@@ -157,7 +165,7 @@ def test_a_good_canary_is_promoted_and_a_bad_one_rolled_back(mosquitto, tiny_cas
 
         # a bundle that answers nothing confidently: every input goes to the cloud, the canary is rolled back
         time.sleep(1.0)
-        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "bad", "canary": "34%", "watch_s": 1.5,
+        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "bad", "canary": "34%", "watch_s": 3.0,
                                                     "promote_if": "offload_rate <= baseline * 1.5 + 0.05"})["id"]
         r = _wait_state(url, rid, {"done", "rolled_back"})
         assert r["state"] == "rolled_back", r["steps"]
@@ -181,7 +189,8 @@ def _serve(mosquitto, run, tmp: Path, port: int) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-m", "cloud_gateway.cli", "serve", "--broker", mosquitto.url, "--username",
                           user, "--password", pw, "--teacher", str(run.teacher_onnx), "--db", str(tmp / "gw.sqlite"),
                           "--bundles-dir", str(tmp / "bundles"), "--http-port", str(port), "--token", TOKEN,
-                          "--trust-key", str(release_pub_path()), "--threads", "1", "--collect", "all",
+                          "--trust-key", str(release_pub_path()), "--command-key", str(command_key_paths()[0]),
+                          "--threads", "1", "--collect", "all",
                           "--collect-rate", "1"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert "serving" in (p.stdout.readline() if p.stdout else "")
@@ -280,8 +289,8 @@ def test_a_rollout_reaches_only_its_model_line_and_a_refusing_canary_fails_it(mo
         wait_for(lambda: all(gw.store.telemetry.history(d, limit=1) for d in fleet.agents), 10, "telemetry")
         # a line-B canary for a line-A bundle is refused up front, naming why
         with pytest.raises(AssertionError, match=r"dev-d \(model line tiny-other\)"):
-            _call("POST", f"{url}/api/rollouts", {"bundle": "v2", "canary": ["dev-d"], "watch_s": 1.5})
-        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "v2", "canary": ["dev-a"], "watch_s": 1.5,
+            _call("POST", f"{url}/api/rollouts", {"bundle": "v2", "canary": ["dev-d"], "watch_s": 3.0})
+        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "v2", "canary": ["dev-a"], "watch_s": 3.0,
                                                     "promote_if": "rollbacks == 0"})["id"]
         r = _wait_state(url, rid, {"done", "rolled_back", "failed"})
         assert r["state"] == "done", r["steps"]
@@ -294,7 +303,7 @@ def test_a_rollout_reaches_only_its_model_line_and_a_refusing_canary_fails_it(mo
         assert fleet.shas()["dev-d"] == x_sha and r["device_versions"]["dev-d"] == x_sha  # never touched
 
         # a canary that cannot load the bundle (its smoke test: 5 logits for 10 labels): failed, never done
-        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "broken", "canary": ["dev-a"], "watch_s": 1.5,
+        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "broken", "canary": ["dev-a"], "watch_s": 3.0,
                                                     "promote_if": "rollbacks == 0"})["id"]
         r = _wait_state(url, rid, {"done", "rolled_back", "failed"}, timeout=30)
         assert r["state"] == "failed", r["steps"]
@@ -304,7 +313,7 @@ def test_a_rollout_reaches_only_its_model_line_and_a_refusing_canary_fails_it(mo
         assert set(fleet.shas().values()) == {v2, x_sha}
 
         # --line: the explicit, logged move of line B to line A's bundle (the commands say so; devices accept)
-        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "v2", "canary": ["dev-d"], "watch_s": 1.5,
+        rid = _call("POST", f"{url}/api/rollouts", {"bundle": "v2", "canary": ["dev-d"], "watch_s": 3.0,
                                                     "promote_if": "rollbacks == 0", "line": OTHER})["id"]
         r = _wait_state(url, rid, {"done", "rolled_back", "failed"})
         assert r["state"] == "done", r["steps"]

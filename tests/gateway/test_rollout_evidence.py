@@ -25,7 +25,7 @@ def _manager(tmp_path: Path, evaluate=None) -> tuple[RolloutManager, Any, list]:
 
     store = GatewayStore(tmp_path / "gw.sqlite")
     sent: list = []
-    m = RolloutManager(store=store, bundles_dir=tmp_path, publish=lambda t, p: sent.append((t, p)),
+    m = RolloutManager(store=store, bundles_dir=tmp_path, send_command=lambda d, c: sent.append((d, c)),
                        base_url=lambda: "http://gw", update_timeout_s=0.3, poll_s=0.01, evaluate=evaluate)
     return m, store, sent
 
@@ -155,7 +155,7 @@ def test_a_rollback_is_done_only_when_every_canary_confirms_its_previous_bundle(
     assert r["state"] == "failed" and _steps(store, rid)[-1] == "rollback incomplete"
     detail = r["steps"][-1]["detail"]
     assert detail["not_restored"] == ["dev-b"] and "dev-b" in detail["why_not"]
-    assert [t for t, _ in sent] == ["fleet/dev-b/cmd"]  # the one not on its old bundle was told to go back
+    assert [(d, c["cmd"], c.get("rollback")) for d, c in sent] == [("dev-b", "update_bundle", True)]  # told to go back
 
 
 def test_the_api_starts_with_a_seed_and_a_quorum_and_approves(tmp_path):
