@@ -341,8 +341,7 @@ def _promotion(tmp_path, n: int, *, ignore: frozenset[str] = frozenset()):  # ty
     (bundles / "v2.tar.gz").write_bytes(b"v2")
     sent: list[str] = []
 
-    def publish(topic: str, payload: bytes) -> None:
-        d = topic.split("/")[1]
+    def send_command(d: str, cmd: dict) -> None:
         sent.append(d)
         if d not in ignore:
             store.devices.set_statuses([(d, {"state": "online", "model": "digits", "bundle_sha256": sha})])
@@ -352,7 +351,7 @@ def _promotion(tmp_path, n: int, *, ignore: frozenset[str] = frozenset()):  # ty
         real = getattr(store.devices, name)
         setattr(store.devices, name, lambda *a, _r=real, _n=name, **k: (queries.__setitem__(_n, queries[_n] + 1),
                                                                        _r(*a, **k))[1])
-    mgr = RolloutManager(store=store, bundles_dir=bundles, publish=publish, base_url=lambda: "http://gw",
+    mgr = RolloutManager(store=store, bundles_dir=bundles, send_command=send_command, base_url=lambda: "http://gw",
                          update_timeout_s=1.0, poll_s=0.1)
     rid = store.rollouts.create("v2", {"canaries": [], "rest": ids, "watch_s": 1, "promote_if": "rollbacks == 0",
                                        "previous": {}, "manifest_sha256": sha}, None)
