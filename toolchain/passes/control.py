@@ -52,9 +52,9 @@ def compressed_steps(sections: dict[str, dict[str, Any]], cfg: Any, steps_per_ep
     """Optimisation steps of the fp32 training passes: configured (``prune``, ``distill``, ``total``) and
     run (``total_run``: distillation may stop early)."""
     prune = (epoch_budget({"prune": sections["prune"]}, cfg) if "prune" in sections else 0) * steps_per_epoch
-    distill = sections.get("distill", {})
-    configured = int(distill.get("steps", cfg.distill.epochs * steps_per_epoch)) if distill else 0
-    run = int(distill.get("steps_run", configured)) if distill else 0
+    distill = sections.get("distill")
+    configured = int(distill.get("steps", cfg.distill.epochs * steps_per_epoch)) if distill is not None else 0
+    run = int(distill.get("steps_run", configured)) if distill is not None else 0
     return {"prune": prune, "distill": configured, "total": prune + configured, "total_run": prune + run}
 
 
