@@ -83,7 +83,7 @@ def _inconsistent(ctx: Any, student: Any) -> tuple[Any, dict[str, Any], float]:
     return model.cpu().eval(), {"epochs_run": state.epoch}, time.perf_counter() - t0
 
 
-def one(source: str, seed: int, out: Path, recipe: dict[str, Any]) -> dict[str, Any]:
+def one(source: str, seed: int, out: Path, recipe: dict[str, Any], *, ablation: bool = True) -> dict[str, Any]:
     import torch
 
     from toolchain.compress import make_context, make_student
@@ -132,6 +132,8 @@ def one(source: str, seed: int, out: Path, recipe: dict[str, Any]) -> dict[str, 
     add("consistent: prune + distill", model, s, epochs=ft_epochs + recipe["epochs"], summary=summary)
     pd_acc = rows[-1]["test_accuracy"]
     control(new, "consistent: scratch control", pd_acc)
+    if not ablation:
+        return _result(source, seed, teacher_acc, teacher_s, prune_sec, prune_s, recipe, rows)
     model, summary, s = _distill(_with_distill(new, alpha=0.0), pruned)
     add("consistent: prune only (labels, alpha 0)", model, s, epochs=ft_epochs + recipe["epochs"], summary=summary)
     model, summary, s = _distill(_with_distill(new, epochs=ft_epochs + recipe["epochs"]), reinitialise(pruned, seed + 500))
@@ -139,40 +141,50 @@ def one(source: str, seed: int, out: Path, recipe: dict[str, Any]) -> dict[str, 
     model, summary, s = _inconsistent(new, pruned)
     add("consistent: prune + distill, teacher on the clean input", model, s, epochs=ft_epochs + recipe["epochs"],
         summary=summary)
+    return _result(source, seed, teacher_acc, teacher_s, prune_sec, prune_s, recipe, rows)
+
+
+def _result(source: str, seed: int, teacher_acc: float, teacher_s: float, prune_sec: dict[str, Any], prune_s: float,
+            recipe: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"source": source, "seed": seed, "teacher_accuracy": teacher_acc, "teacher_seconds": round(teacher_s, 1),
             "prune": {k: prune_sec[k] for k in ("macs_reduction", "params_reduction", "channel_ratio")},
             "prune_seconds": round(prune_s, 1), "recipe": recipe, "rows": rows}
 
 
-def _gain(r: dict[str, Any], a: str, b: str) -> float:
-    acc = {row["row"]: row["test_accuracy"] for row in r["rows"]}
-    return (acc[a] - acc[b]) * 100
-
-
 def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = [f"CPU: {meta['cpu']}; load average {meta['load_start']:.1f} at the start, {meta['load_end']:.1f} at the "
-             f"end; one PyTorch thread. Recipe: {json.dumps(results[0]['recipe'])}", ""]
-    names = [row["row"] for row in results[0]["rows"]]
-    lines += ["| source | seed | teacher | " + " | ".join(names) + " | today: compressed − scratch | "
-              "consistent: compressed − scratch |", "|---" * (len(names) + 5) + "|"]
-    for r in results:
-        accs = " | ".join(f"{row['test_accuracy'] * 100:.2f}" for row in r["rows"])
-        lines.append(f"| {r['source']} | {r['seed']} | {r['teacher_accuracy'] * 100:.2f} | {accs} | "
-                     f"{_gain(r, names[0], names[1]):+.2f} | {_gain(r, names[2], names[3]):+.2f} |")
-    lines += ["", "Medians over seeds (min..max), test accuracy in % and gains in points:", "",
-              "| source | seeds | " + " | ".join(names) + " | today: compressed − scratch | "
-              "consistent: compressed − scratch |", "|---" * (len(names) + 4) + "|"]
+    """Markdown: one row per data set and seed, then the medians (min..max) over seeds, per data set."""
+    names = list(dict.fromkeys(row["row"] for r in results for row in r["rows"]))
+    gains = (("today", names[0], names[1]), ("consistent", names[2], names[3]))
+
+    def acc(r: dict[str, Any], name: str) -> float | None:
+        found = [row["test_accuracy"] * 100 for row in r["rows"] if row["row"] == name]
+        return found[0] if found else None
 
     def med(xs: list[float], sign: bool = False) -> str:
+        if not xs:
+            return "–"
         f = "{:+.2f}" if sign else "{:.2f}"
         return f"{f.format(statistics.median(xs))} ({f.format(min(xs))}..{f.format(max(xs))})"
 
+    head = ("| source | seed | teacher | " + " | ".join(names) + " | "
+            + " | ".join(f"{g}: compressed − scratch (pt)" for g, _, _ in gains) + " |")
+    lines = [f"CPU: {meta['cpu']}; load average {meta['load_start']:.1f} at the start, "
+             f"{meta.get('load_end', 0):.1f} at the end (per row in results.json); one PyTorch thread. "
+             f"Consistent recipe: {json.dumps(results[0]['recipe'])}", "", head,
+             "|---" * (len(names) + 3 + len(gains)) + "|"]
+    for r in results:
+        cells = [f"{a:.2f}" if (a := acc(r, n)) is not None else "–" for n in names]
+        lines.append(f"| {r['source']} | {r['seed']} | {r['teacher_accuracy'] * 100:.2f} | " + " | ".join(cells) + " | "
+                     + " | ".join(f"{acc(r, a) - acc(r, b):+.2f}" for _, a, b in gains) + " |")  # type: ignore[operator]
+    lines += ["", "Medians over seeds (min..max), test accuracy in %, gains in points:", "",
+              head.replace("| seed | teacher |", "| seeds | teacher |"), lines[3]]
     for source in dict.fromkeys(r["source"] for r in results):
         rs = [r for r in results if r["source"] == source]
-        cells = [med([r["rows"][i]["test_accuracy"] * 100 for r in rs]) for i in range(len(names))]
-        lines.append(f"| {source} | {', '.join(str(r['seed']) for r in rs)} | " + " | ".join(cells)
-                     + f" | {med([_gain(r, names[0], names[1]) for r in rs], True)} | "
-                     f"{med([_gain(r, names[2], names[3]) for r in rs], True)} |")
+        cells = [med([a for r in rs if (a := acc(r, n)) is not None]) for n in names]
+        lines.append(f"| {source} | {', '.join(str(r['seed']) for r in rs)} | "
+                     f"{med([r['teacher_accuracy'] * 100 for r in rs])} | " + " | ".join(cells) + " | "
+                     + " | ".join(med([acc(r, a) - acc(r, b) for r in rs], True) for _, a, b in gains)  # type: ignore[operator]
+                     + " |")
     return "\n".join(lines)
 
 
@@ -181,7 +193,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/kd-ablation"))
     ap.add_argument("--sources", nargs="+", default=["mnist1d", "digits"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=40, help="consistent recipe: distillation epochs (no early stop)")
+    ap.add_argument("--ablation-seeds", nargs="*", type=int, default=None,
+                    help="seeds that also run the ablation rows (default: every seed); the others run today's and "
+                         "the consistent recipe's prune + distill and scratch control only")
+    ap.add_argument("--order", choices=["source", "seed"], default="source",
+                    help="source: every seed of one data set, then the next; seed: seed 0 of each, then seed 1 ...")
+    ap.add_argument("--epochs", type=int, default=30, help="consistent recipe: distillation epochs (no early stop)")
     ap.add_argument("--shift", type=int, default=2)
     ap.add_argument("--flip", action="store_true")
     ap.add_argument("--mix", default="mixup", choices=["none", "mixup", "cutmix"])
@@ -195,11 +212,13 @@ def main() -> None:
     meta: dict[str, Any] = {"cpu": cpu, "load_start": os.getloadavg()[0], "torch_threads": 1}
     results = []
     path = a.out / "results.json"
-    for source in a.sources:
-        for seed in a.seeds:
-            results.append(one(source, seed, a.out, recipe))
-            meta["load_end"] = os.getloadavg()[0]
-            path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    pairs = ([(src, sd) for src in a.sources for sd in a.seeds] if a.order == "source"
+             else [(src, sd) for sd in a.seeds for src in a.sources])
+    for source, seed in pairs:
+        ablation = a.ablation_seeds is None or seed in a.ablation_seeds
+        results.append(one(source, seed, a.out, recipe, ablation=ablation))
+        meta["load_end"] = os.getloadavg()[0]
+        path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(report(results, meta))
 
 
