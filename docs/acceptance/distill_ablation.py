@@ -83,12 +83,15 @@ def _inconsistent(ctx: Any, student: Any) -> tuple[Any, dict[str, Any], float]:
     return model.cpu().eval(), {"epochs_run": state.epoch}, time.perf_counter() - t0
 
 
-def one(source: str, seed: int, out: Path, recipe: dict[str, Any], *, ablation: bool = True) -> dict[str, Any]:
+def one(source: str, seed: int, out: Path, recipe: dict[str, Any], *, rows_wanted: str = "all",
+        on_row: Any = None) -> dict[str, Any]:
+    """One data set and seed: ``rows_wanted`` "goal" (today's and the consistent recipe's prune + distill and
+    their controls), "ablation" (prune only, distill only, the inconsistent teacher) or "all"."""
     import torch
 
     from toolchain.compress import make_context, make_student
     from toolchain.passes import get_pass
-    from toolchain.passes.control import reinitialise, scratch_control
+    from toolchain.passes.control import scratch_control
     from toolchain.rundir import RunDir
     from toolchain.train import train
 
@@ -122,26 +125,46 @@ def one(source: str, seed: int, out: Path, recipe: dict[str, Any], *, ablation: 
                      "load": round(os.getloadavg()[0], 2)})
         print(f"{source} seed {seed}: {name}: {c['test_accuracy']:.2%}", flush=True)
 
+    result = _result(source, seed, 0.0, teacher_s, prune_sec, prune_s, recipe, rows)
+    result["teacher_accuracy"] = teacher_acc
+    on_row = on_row or (lambda r: None)
+    new = _with_distill(base, **recipe)
+    if rows_wanted in ("goal", "all"):
+        _goal(base, new, pruned, prune_sec, ft_epochs, add, control, recipe, on_row, result)
+    if rows_wanted in ("ablation", "all"):
+        _ablation(new, pruned, ft_epochs, add, recipe, seed, on_row, result)
+    return result
+
+
+def _goal(base: Any, new: Any, pruned: Any, prune_sec: Any, ft_epochs: int, add: Any, control: Any,
+          recipe: dict[str, Any], on_row: Any, result: dict[str, Any]) -> None:
+    rows = result["rows"]
     today = _with_distill(base, **TODAY)
     model, summary, s = _distill(today, pruned)
     add("today: prune + distill", model, s, epochs=ft_epochs + TODAY["epochs"], summary=summary)
     control(today, "today: scratch control", rows[-1]["test_accuracy"])
 
-    new = _with_distill(base, **recipe)
+    on_row(result)
     model, summary, s = _distill(new, pruned)
     add("consistent: prune + distill", model, s, epochs=ft_epochs + recipe["epochs"], summary=summary)
-    pd_acc = rows[-1]["test_accuracy"]
-    control(new, "consistent: scratch control", pd_acc)
-    if not ablation:
-        return _result(source, seed, teacher_acc, teacher_s, prune_sec, prune_s, recipe, rows)
+    control(new, "consistent: scratch control", rows[-1]["test_accuracy"])
+    on_row(result)
+
+
+def _ablation(new: Any, pruned: Any, ft_epochs: int, add: Any, recipe: dict[str, Any], seed: int, on_row: Any,
+              result: dict[str, Any]) -> None:
+    from toolchain.passes.control import reinitialise
+
     model, summary, s = _distill(_with_distill(new, alpha=0.0), pruned)
     add("consistent: prune only (labels, alpha 0)", model, s, epochs=ft_epochs + recipe["epochs"], summary=summary)
+    on_row(result)
     model, summary, s = _distill(_with_distill(new, epochs=ft_epochs + recipe["epochs"]), reinitialise(pruned, seed + 500))
     add("consistent: distill only (re-initialised)", model, s, epochs=ft_epochs + recipe["epochs"], summary=summary)
+    on_row(result)
     model, summary, s = _inconsistent(new, pruned)
     add("consistent: prune + distill, teacher on the clean input", model, s, epochs=ft_epochs + recipe["epochs"],
         summary=summary)
-    return _result(source, seed, teacher_acc, teacher_s, prune_sec, prune_s, recipe, rows)
+    on_row(result)
 
 
 def _result(source: str, seed: int, teacher_acc: float, teacher_s: float, prune_sec: dict[str, Any], prune_s: float,
@@ -154,7 +177,12 @@ def _result(source: str, seed: int, teacher_acc: float, teacher_s: float, prune_
 def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """Markdown: one row per data set and seed, then the medians (min..max) over seeds, per data set."""
     names = list(dict.fromkeys(row["row"] for r in results for row in r["rows"]))
-    gains = (("today", names[0], names[1]), ("consistent", names[2], names[3]))
+    gains = (("today", "today: prune + distill", "today: scratch control"),
+             ("consistent", "consistent: prune + distill", "consistent: scratch control"))
+
+    def gain(r: dict[str, Any], a: str, b: str) -> float | None:
+        x, y = acc(r, a), acc(r, b)
+        return None if x is None or y is None else x - y
 
     def acc(r: dict[str, Any], name: str) -> float | None:
         found = [row["test_accuracy"] * 100 for row in r["rows"] if row["row"] == name]
@@ -175,7 +203,8 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in results:
         cells = [f"{a:.2f}" if (a := acc(r, n)) is not None else "–" for n in names]
         lines.append(f"| {r['source']} | {r['seed']} | {r['teacher_accuracy'] * 100:.2f} | " + " | ".join(cells) + " | "
-                     + " | ".join(f"{acc(r, a) - acc(r, b):+.2f}" for _, a, b in gains) + " |")  # type: ignore[operator]
+                     + " | ".join(f"{g:+.2f}" if (g := gain(r, a, b)) is not None else "–" for _, a, b in gains)
+                     + " |")
     lines += ["", "Medians over seeds (min..max), test accuracy in %, gains in points:", "",
               head.replace("| seed | teacher |", "| seeds | teacher |"), lines[3]]
     for source in dict.fromkeys(r["source"] for r in results):
@@ -183,7 +212,7 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         cells = [med([a for r in rs if (a := acc(r, n)) is not None]) for n in names]
         lines.append(f"| {source} | {', '.join(str(r['seed']) for r in rs)} | "
                      f"{med([r['teacher_accuracy'] * 100 for r in rs])} | " + " | ".join(cells) + " | "
-                     + " | ".join(med([acc(r, a) - acc(r, b) for r in rs], True) for _, a, b in gains)  # type: ignore[operator]
+                     + " | ".join(med([g for r in rs if (g := gain(r, a, b)) is not None], True) for _, a, b in gains)
                      + " |")
     return "\n".join(lines)
 
@@ -193,11 +222,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/kd-ablation"))
     ap.add_argument("--sources", nargs="+", default=["mnist1d", "digits"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--ablation-seeds", nargs="*", type=int, default=None,
-                    help="seeds that also run the ablation rows (default: every seed); the others run today's and "
-                         "the consistent recipe's prune + distill and scratch control only")
-    ap.add_argument("--order", choices=["source", "seed"], default="source",
-                    help="source: every seed of one data set, then the next; seed: seed 0 of each, then seed 1 ...")
+    ap.add_argument("--plan", nargs="*", default=None, metavar="SOURCE:SEED:ROWS",
+                    help="run these units in this order instead (ROWS: goal | ablation | all), e.g. mnist1d:0:goal "
+                         "digits:0:all; rows of the same source and seed are reported together")
     ap.add_argument("--epochs", type=int, default=30, help="consistent recipe: distillation epochs (no early stop)")
     ap.add_argument("--shift", type=int, default=2)
     ap.add_argument("--flip", action="store_true")
@@ -210,15 +237,28 @@ def main() -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     meta: dict[str, Any] = {"cpu": cpu, "load_start": os.getloadavg()[0], "torch_threads": 1}
-    results = []
     path = a.out / "results.json"
-    pairs = ([(src, sd) for src in a.sources for sd in a.seeds] if a.order == "source"
-             else [(src, sd) for sd in a.seeds for src in a.sources])
-    for source, seed in pairs:
-        ablation = a.ablation_seeds is None or seed in a.ablation_seeds
-        results.append(one(source, seed, a.out, recipe, ablation=ablation))
+    plan = [p.split(":") for p in a.plan] if a.plan else [[src, str(sd), "all"] for src in a.sources for sd in a.seeds]
+    results: list[dict[str, Any]] = []
+
+    def save(_: Any = None) -> None:
         meta["load_end"] = os.getloadavg()[0]
         path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+    for source, seed, rows_wanted in plan:
+        r = one(source, int(seed), a.out, recipe, rows_wanted=rows_wanted,
+                on_row=lambda part: save(results.append(part) if part not in results else None))
+        if r not in results:
+            results.append(r)
+        save()
+    merged: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in results:  # a source and seed run in two units (goal, then ablation): one row of the table
+        key = (r["source"], r["seed"])
+        if key in merged:
+            merged[key]["rows"] += r["rows"]
+        else:
+            merged[key] = {**r, "rows": list(r["rows"])}
+    results = list(merged.values())
     print(report(results, meta))
 
 

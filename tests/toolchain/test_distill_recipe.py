@@ -206,3 +206,19 @@ def test_the_scratch_control_trains_on_distillations_view_for_the_same_steps(mon
     # without a distillation pass the control keeps the plain training view
     c = control.scratch_control(Spy(3, "control"), ctx, budget=2, student_accuracy=0.5, sections={"prune": {"pruned": True}})
     assert got["opts"].mix == "none" and got["opts"].shift == 1 and c["compressed_steps"]["distill"] == 0
+
+
+def test_what_a_task_does_not_apply_is_reported_not_claimed(monkeypatch):
+    """Detection flips frames with their boxes but does not shift or mix them: its view and the report say so."""
+    from toolchain.tasks.detect import DetectTraining
+
+    opts = FitOptions(epochs=1, lr=1, augment=True, shift=3, mix="mixup")
+    view = DetectTraining.view(None, opts)  # type: ignore[arg-type]
+    assert view["flip"] and view["shift"] == 0 and view["mix"] == "none" and not view["deterministic"]
+    ctx = _ctx("distill.epochs=1", "distill.shift=2", "distill.mix=\"cutmix\"")
+    out, _ = DistillPass(ctx.cfg).run(Spy(2, "student"), ctx)
+    assert out.summary["recipe"]["not_applied"] == []
+    real = type(ctx.train_task).view
+    monkeypatch.setattr(type(ctx.train_task), "view", lambda self, o: {**real(self, o), "mix": "none"})  # cannot mix
+    out, _ = DistillPass(ctx.cfg).run(Spy(2, "student"), ctx)
+    assert out.summary["recipe"]["not_applied"] == ["mix"]

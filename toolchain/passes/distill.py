@@ -95,11 +95,15 @@ class DistillPass(Pass):
             loss_fn = task.distill_loss(teacher, **kw)
         taps = _relation_taps(teacher, model) if d.hidden_weight > 0 else None
         per_epoch = engine.steps_per_epoch(len(ctx.train[0]), opts)
+        asked = {"shift": d.shift if ctx.augment else 0, "flip": d.flip and ctx.augment, "noise_std": d.noise_std,
+                 "mix": d.mix}
+        not_applied = [k for k, v in asked.items() if v and view.get(k) != v]
         summary: dict[str, Any] = {
             "temperature": d.temperature, "alpha": d.alpha, "epochs": d.epochs, "hidden_weight": d.hidden_weight,
             "recipe": {"teacher_sees": "the student's view" + (", answers cached" if cached is not None else ""),
                        "view": view, "schedule": f"cosine over {d.epochs} epochs, lr {d.lr:g}, no warm-up",
-                       "early_stopping": f"patience {d.patience}" if d.patience else "none (the whole schedule)"},
+                       "early_stopping": f"patience {d.patience}" if d.patience else "none (the whole schedule)",
+                       "not_applied": not_applied},  # asked for, but this task does not apply it (yet)
             "steps_per_epoch": per_epoch, "steps": d.epochs * per_epoch,
         }
         try:
