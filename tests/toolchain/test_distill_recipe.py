@@ -222,3 +222,28 @@ def test_what_a_task_does_not_apply_is_reported_not_claimed(monkeypatch):
     monkeypatch.setattr(type(ctx.train_task), "view", lambda self, o: {**real(self, o), "mix": "none"})  # cannot mix
     out, _ = DistillPass(ctx.cfg).run(Spy(2, "student"), ctx)
     assert out.summary["recipe"]["not_applied"] == ["mix"]
+
+
+def test_several_control_seeds_give_the_gain_over_their_median_and_its_spread(monkeypatch):
+    from toolchain import engine
+    from toolchain.passes import control
+
+    seeds_seen = []
+    monkeypatch.setattr(engine, "fit", lambda model, **kw: (seeds_seen.append(kw["opts"].seed),
+                                                            engine.FitState(epoch=kw["opts"].epochs))[1])
+    accuracies = iter([0.90, 0.70, 0.80])
+    monkeypatch.setattr(control, "stage_row", lambda stage, model, ctx, **kw: {"stage": stage,
+                                                                               "test_accuracy": next(accuracies)})
+    ctx = _ctx("compress.control_seeds=3")
+    c = control.scratch_control(Spy(3, "control"), ctx, budget=2, student_accuracy=0.85, sections={})
+    assert len(set(seeds_seen)) == 3  # three different seeds
+    assert c["seeds"] == 3 and c["test_accuracies"] == [0.90, 0.70, 0.80] and c["test_accuracy"] == 0.80
+    assert c["gains_pt"] == [-5.0, 15.0, 5.0] and c["gain_pt"] == 5.0 and c["gain_spread_pt"] == [-5.0, 15.0]
+    assert c["verdict"].startswith("compression bought +5.00 pt") and "median of 3 seeds" in c["row"]["stage"]
+    assert control.matching_line(c).endswith("; over 3 control seeds the gain ranges -5.00..+15.00 pt")
+    # one seed (the default): no spread claimed
+    accuracies = iter([0.90])
+    c = control.scratch_control(Spy(3, "control"), _ctx(), budget=2, student_accuracy=0.85, sections={})
+    assert c["seeds"] == 1 and c["gain_pt"] == -5.0 and "over" not in control.matching_line(c).split("view")[1]
+    with pytest.raises(ConfigError, match=r"compress\.control_seeds: must be in \[1, 10\]"):
+        load_config(None, overrides=["compress.control_seeds=0"])
