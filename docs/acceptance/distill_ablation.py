@@ -14,7 +14,8 @@ prunes), then, each row on the same split, the same pruned architecture and the 
   architecture re-initialised, distilled for every step); prune + distill *inconsistent* (the same view for the
   student, the teacher answering on the clean, un-augmented, un-mixed input); and the scratch control.
 
-One PyTorch thread. Prints Markdown tables (per seed, then medians with min..max) and writes ``OUT/results.json``.
+One PyTorch thread. Prints Markdown tables (per seed, then medians with min..max) and writes ``OUT/results.json``
+(after every row); ``--report OUT/results.json`` prints the tables again from it.
 """
 
 from __future__ import annotations
@@ -178,7 +179,9 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """Markdown: one row per data set and seed, then the medians (min..max) over seeds, per data set."""
     names = list(dict.fromkeys(row["row"] for r in results for row in r["rows"]))
     gains = (("today", "today: prune + distill", "today: scratch control"),
-             ("consistent", "consistent: prune + distill", "consistent: scratch control"))
+             ("consistent", "consistent: prune + distill", "consistent: scratch control"),
+             # the consistent student against the other control: light view (no mixing), 10 epochs fewer
+             ("consistent vs today's control", "consistent: prune + distill", "today: scratch control"))
 
     def gain(r: dict[str, Any], a: str, b: str) -> float | None:
         x, y = acc(r, a), acc(r, b)
@@ -195,7 +198,8 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         return f"{f.format(statistics.median(xs))} ({f.format(min(xs))}..{f.format(max(xs))})"
 
     head = ("| source | seed | teacher | " + " | ".join(names) + " | "
-            + " | ".join(f"{g}: compressed − scratch (pt)" for g, _, _ in gains) + " |")
+            + " | ".join(f"{g}: compressed − scratch (pt)" if " vs " not in g else f"{g} (pt)" for g, _, _ in gains)
+            + " |")
     lines = [f"CPU: {meta['cpu']}; load average {meta['load_start']:.1f} at the start, "
              f"{meta.get('load_end', 0):.1f} at the end (per row in results.json); one PyTorch thread. "
              f"Consistent recipe: {json.dumps(results[0]['recipe'])}", "", head,
@@ -230,7 +234,12 @@ def main() -> None:
     ap.add_argument("--flip", action="store_true")
     ap.add_argument("--mix", default="mixup", choices=["none", "mixup", "cutmix"])
     ap.add_argument("--mix-alpha", type=float, default=1.0)
+    ap.add_argument("--report", type=Path, default=None, help="only print the tables of this results.json")
     a = ap.parse_args()
+    if a.report is not None:
+        saved = json.loads(a.report.read_text())
+        print(report(_merge(saved["results"]), saved["meta"]))
+        return
     a.out.mkdir(parents=True, exist_ok=True)
     recipe = {"epochs": a.epochs, "patience": 0, "shift": a.shift, "flip": a.flip, "mix": a.mix,
               "mix_alpha": a.mix_alpha}
@@ -251,15 +260,19 @@ def main() -> None:
         if r not in results:
             results.append(r)
         save()
+    print(report(_merge(results), meta))
+
+
+def _merge(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A source and seed run in two units (goal, then ablation): one row of the table."""
     merged: dict[tuple[str, int], dict[str, Any]] = {}
-    for r in results:  # a source and seed run in two units (goal, then ablation): one row of the table
+    for r in results:
         key = (r["source"], r["seed"])
         if key in merged:
             merged[key]["rows"] += r["rows"]
         else:
             merged[key] = {**r, "rows": list(r["rows"])}
-    results = list(merged.values())
-    print(report(results, meta))
+    return list(merged.values())
 
 
 if __name__ == "__main__":
