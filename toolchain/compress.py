@@ -158,7 +158,8 @@ def _control(cfg: Config, ctx: PassContext, res: PassesResult, report: dict[str,
     budget = epoch_budget(res.sections, cfg)
     if budget <= 0:
         return {"kind": "scratch", "skipped": "no training pass ran (nothing to compare with)"}
-    control = scratch_control(res.student, ctx, budget=budget, student_accuracy=report["student_accuracy"])
+    control = scratch_control(res.student, ctx, budget=budget, student_accuracy=report["student_accuracy"],
+                              sections=res.sections)
     row = control.pop("row")
     report["alternatives"].append({"name": "scratch control", "passes": [], "stages": [row],
                                    "test_accuracy": row["test_accuracy"]})

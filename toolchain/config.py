@@ -217,8 +217,10 @@ class CompressConfig(Section):
 
     passes: tuple[str, ...] = ("prune", "distill", "qat")
     control: Control = Control.SCRATCH  # "scratch": also train the student's architecture from scratch, compare
+    control_seeds: int = 1  # scratch controls, one seed each: the gain is over their median, with its spread
 
     def validate(self, check: Check) -> None:
+        check.need(1 <= self.control_seeds <= 10, "control_seeds", "must be in [1, 10]")
         from toolchain.passes import pass_list_problem
 
         problem = pass_list_problem(self.passes)

@@ -176,6 +176,11 @@ class FitOptions:
     rotate_deg: float = 0.0  # broader data (the teacher): random rotations up to this, images only
     noise_std: float = 0.0  # ... and gaussian noise, on broad_fraction of each batch
     broad_fraction: float = 0.5
+    # the view a task's augment makes (distillation's consistent view, and the control that matches it)
+    shift: int = 1  # with ``augment``: random shifts up to this many pixels (signals: samples)
+    flip: bool = False  # with ``augment``: mirror half the batch (the task says whether it can)
+    mix: str = "none"  # "none" | "mixup" | "cutmix": pairs of inputs mixed (the targets with them)
+    mix_alpha: float = 1.0  # the mixing weight is drawn from Beta(mix_alpha, mix_alpha)
 
 
 def _loader(train: tuple[torch.Tensor, torch.Tensor], opts: FitOptions) -> tuple[Any, Any]:
@@ -206,6 +211,13 @@ def _optimizer(model: nn.Module, opts: FitOptions, steps_per_epoch: int) -> tupl
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def steps_per_epoch(n_train: int, opts: FitOptions) -> int:
+    """Optimizer steps one epoch of `fit` takes on ``n_train`` samples (the loader drops a last short batch)."""
+    per_rank = math.ceil(n_train / world_size())
+    drop_last = n_train > opts.batch_size  # as `_loader`
+    return per_rank // opts.batch_size if drop_last else math.ceil(per_rank / opts.batch_size)
 
 
 @dataclass

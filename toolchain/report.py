@@ -69,6 +69,10 @@ def print_compress(report: dict[str, Any]) -> None:
     control = report.get("control") or {}
     if control.get("verdict"):
         _console().print(control["verdict"])
+        if control.get("compressed_steps"):
+            from toolchain.passes.control import matching_line
+
+            _console().print(matching_line(control))
     heads = (report.get("prune") or {}).get("attention") or []
     if heads:
         _console().print("attention heads (before -> after pruning): " + ", ".join(

@@ -145,6 +145,11 @@ def test_scratch_control_is_reported_and_says_plainly_when_compression_bought_no
     rep = json.loads((tiny_run / "reports/compress.json").read_text())
     c = rep["control"]
     assert c["kind"] == "scratch" and c["epochs"] == 1 * 1 + 2  # tiny config: 1 prune step x 1 epoch + 2 distill
+    # compute-matched: the same optimisation steps as prune + distill, on distillation's view
+    per_epoch = rep["distill"]["steps_per_epoch"]
+    assert c["compressed_steps"]["total"] == c["steps"] == c["steps_run"] == 3 * per_epoch
+    assert c["compressed_steps"]["distill"] == rep["distill"]["steps"] == 2 * per_epoch
+    assert c["view"] == rep["distill"]["recipe"]["view"]
     assert c["gain_pt"] == pytest.approx((rep["student_accuracy"] - c["test_accuracy"]) * 100, abs=0.01)
     alt = rep["alternatives"][-1]
     assert alt["name"] == "scratch control" and alt["stages"][0]["macs"] == rep["stages"][2]["macs"]

@@ -106,6 +106,19 @@ class TrainTask(ABC):
         targets change with the inputs where the task's targets are geometric. Default: none."""
         return xb, yb
 
+    def view(self, opts: "FitOptions") -> dict[str, Any]:
+        """What `augment` does to a batch under ``opts``, as the reports state it (shift, flip, noise_std,
+        rotate_deg, mix, mix_alpha: what is applied, not what was asked), and ``deterministic``: whether every
+        input is seen as it is (then a teacher's answers can be computed once). Default: nothing applied."""
+        return {"shift": 0, "flip": False, "noise_std": 0.0, "rotate_deg": 0.0, "mix": "none", "mix_alpha": None,
+                "deterministic": True}
+
+    def cached_distill_loss(self, teacher: "nn.Module", x: "torch.Tensor", y: Any, *, temperature: float,
+                            alpha: float, label_smoothing: float = 0.0) -> "tuple[Any, LossFn] | None":
+        """For a deterministic view: (training targets holding the teacher's answers on ``x``, computed once, the
+        loss reading them), the same loss as `distill_loss`; None when the task cannot cache them."""
+        return None
+
     @abstractmethod
     def metric(self, raw: np.ndarray, targets: Any) -> float:
         """The split's headline metric in [0, 1] from raw outputs (top-1 accuracy, mAP@0.5:0.95, ...)."""

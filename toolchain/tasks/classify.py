@@ -1,4 +1,4 @@
-"""Classification's training half: cross-entropy, Hinton distillation, shift augmentation, the top-1 build gate."""
+"""Classification's training half: cross-entropy, Hinton distillation, shifts/flips/mixing, the top-1 build gate."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from toolchain.passes.base import PassContext
     from toolchain.verify import VerifyResult
 
-__all__ = ["ClassifyTraining", "kd_loss", "MIN_FP32_AGREEMENT", "MAX_LISTED_MISMATCHES"]
+__all__ = ["ClassifyTraining", "kd_loss", "hard_loss", "mix_batch", "MIN_FP32_AGREEMENT", "MAX_LISTED_MISMATCHES"]
 
 MIN_FP32_AGREEMENT = 0.995
 MAX_LISTED_MISMATCHES = 20
@@ -36,8 +36,52 @@ def kd_loss(student_logits: "torch.Tensor", teacher_logits: "torch.Tensor", y: "
     soft = F.kl_div(
         F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1), reduction="batchmean"
     ) * (t * t)
-    hard = F.cross_entropy(student_logits, y, label_smoothing=label_smoothing)
-    return alpha * soft + (1.0 - alpha) * hard
+    return alpha * soft + (1.0 - alpha) * hard_loss(student_logits, y, label_smoothing=label_smoothing)
+
+
+def hard_loss(logits: "torch.Tensor", y: "torch.Tensor", *, label_smoothing: float = 0.0) -> "torch.Tensor":
+    """Cross-entropy on the labels: class indices, or a mixed batch's ``[label_a, label_b, weight_a]`` rows
+    (`mix_batch`), each input's loss then ``weight_a * CE(label_a) + (1 - weight_a) * CE(label_b)``."""
+    import torch.nn.functional as F
+
+    if y.ndim == 1:
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    lam = y[:, 2]
+    a = F.cross_entropy(logits, y[:, 0].long(), label_smoothing=label_smoothing, reduction="none")
+    b = F.cross_entropy(logits, y[:, 1].long(), label_smoothing=label_smoothing, reduction="none")
+    return (lam * a + (1.0 - lam) * b).mean()
+
+
+def mix_batch(xb: "torch.Tensor", yb: "torch.Tensor", kind: str, alpha: float) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Each input mixed with another of the batch (a random pairing), weight ``lam ~ Beta(alpha, alpha)``:
+    ``mixup`` blends the two inputs, ``cutmix`` pastes a block of the other (a segment of a 1-D signal) covering
+    ``1 - lam`` of it (``lam`` then the share actually kept). Returns the mixed inputs and ``[label_a, label_b,
+    lam]`` rows (`hard_loss`); a teacher asked about the mixed inputs answers for exactly what the student sees."""
+    import torch
+
+    n = xb.shape[0]
+    perm = torch.randperm(n, device=xb.device)
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    if kind == "cutmix":
+        dims = [d for d in range(2, xb.ndim) if xb.shape[d] > 1] or [xb.ndim - 1]
+        side = (1.0 - lam) ** (1.0 / len(dims))
+        where: list[Any] = [slice(None)] * xb.ndim
+        cut_share = 1.0
+        for d in dims:
+            size = xb.shape[d]
+            cut = int(round(size * side))
+            start = int(torch.randint(0, size - cut + 1, ()))
+            where[d] = slice(start, start + cut)
+            cut_share *= cut / size
+        xb = xb.clone()
+        xb[tuple(where)] = xb[perm][tuple(where)]
+        lam = 1.0 - cut_share
+    elif kind == "mixup":
+        xb = lam * xb + (1.0 - lam) * xb[perm]
+    else:
+        raise ValueError(f"unknown mix {kind!r} (known: none, mixup, cutmix)")
+    rows = torch.stack([yb.float(), yb[perm].float(), torch.full((n,), lam, device=xb.device)], 1)
+    return xb, rows
 
 
 class ClassifyTraining(TrainTask):
@@ -63,15 +107,47 @@ class ClassifyTraining(TrainTask):
         return np.asarray(y)
 
     def augment(self, xb: "torch.Tensor", yb: Any, opts: "FitOptions") -> tuple["torch.Tensor", Any]:
-        """Random one-pixel shifts (``opts.augment``); rotations and noise on a share of the batch (the teacher's
-        broader data: ``opts.rotate_deg``, ``opts.noise_std``). Labels unchanged."""
+        """With ``opts.augment``: random shifts by up to ``opts.shift`` pixels (a signal's samples), and with
+        ``opts.flip`` half the batch mirrored (left-right; a signal reversed). Rotations and noise on a share of
+        the batch (the teacher's broader data, or a distillation view: ``opts.rotate_deg``, ``opts.noise_std``).
+        Then ``opts.mix`` (mixup, cutmix) pairs inputs: the labels become `mix_batch`'s rows; else unchanged."""
         from toolchain.engine import broad_augment, shift_augment
 
         if opts.augment:
-            xb = shift_augment(xb)
+            xb = shift_augment(xb, opts.shift)
+            if opts.flip and xb.ndim == 4:
+                import torch
+
+                pick = torch.rand(xb.shape[0], device=xb.device) < 0.5
+                xb = torch.where(pick[:, None, None, None], xb.flip(-1), xb)
         if opts.rotate_deg > 0 or opts.noise_std > 0:
             xb = broad_augment(xb, rotate_deg=opts.rotate_deg, noise_std=opts.noise_std, fraction=opts.broad_fraction)
+        if opts.mix != "none":
+            xb, yb = mix_batch(xb, yb, opts.mix, opts.mix_alpha)
         return xb, yb
+
+    def view(self, opts: "FitOptions") -> dict[str, Any]:
+        shift = opts.shift if opts.augment else 0
+        flip = bool(opts.flip and opts.augment)
+        view = {"shift": shift, "flip": flip, "noise_std": opts.noise_std, "rotate_deg": opts.rotate_deg,
+                "mix": opts.mix, "mix_alpha": opts.mix_alpha if opts.mix != "none" else None}
+        view["deterministic"] = not (shift or flip or opts.noise_std or opts.rotate_deg or opts.mix != "none")
+        return view
+
+    def cached_distill_loss(self, teacher: "nn.Module", x: "torch.Tensor", y: Any, *, temperature: float,
+                            alpha: float, label_smoothing: float = 0.0) -> tuple[Any, LossFn]:
+        """The teacher's logits on ``x`` computed once, packed beside the labels: ``[logits..., label]`` rows."""
+        import torch
+
+        from toolchain import engine
+
+        targets = torch.cat([engine.predict(teacher, x), y[:, None].float()], 1)
+
+        def fn(model: "nn.Module", xb: "torch.Tensor", yb: "torch.Tensor") -> "torch.Tensor":
+            return kd_loss(model(xb), yb[:, :-1], yb[:, -1].long(), temperature=temperature, alpha=alpha,
+                           label_smoothing=label_smoothing)
+
+        return targets, fn
 
     def refresh_targets(self, train: "list[Sample]", hold: "list[Sample]", *, num_classes: int, balance: Any,
                         min_box_score: float, rng: np.random.Generator) -> RefreshTargets:
@@ -151,10 +227,8 @@ class ClassifyTraining(TrainTask):
                 "agreement": agree, "max_abs_logit_diff": diff}, problems
 
     def loss(self, *, label_smoothing: float = 0.0) -> LossFn:
-        import torch.nn.functional as F
-
         def fn(model: "nn.Module", xb: "torch.Tensor", yb: Any) -> "torch.Tensor":
-            return F.cross_entropy(model(xb), yb, label_smoothing=label_smoothing)
+            return hard_loss(model(xb), yb, label_smoothing=label_smoothing)
 
         return fn
 

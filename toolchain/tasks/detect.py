@@ -122,6 +122,12 @@ class DetectTraining(TrainTask):
                 xb[pick] = xb[pick] + torch.randn_like(xb[pick]) * opts.noise_std
         return xb, yb
 
+    def view(self, opts: "FitOptions") -> dict[str, Any]:
+        """Flips (``opts.augment``) and noise only: shifts, rotations and mixing are not applied to frames yet."""
+        flip = bool(opts.augment)
+        return {"shift": 0, "flip": flip, "noise_std": opts.noise_std, "rotate_deg": 0.0, "mix": "none",
+                "mix_alpha": None, "deterministic": not (flip or opts.noise_std)}
+
     def metric(self, raw: np.ndarray, targets: Any) -> float:
         """COCO mAP@0.5:0.95 of the decoded outputs (pycocotools, `toolchain.detection.metrics.evaluate`)."""
         return self.evaluate(raw, targets)["map"]
