@@ -21,7 +21,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--task", choices=tuple(SCENARIOS), default="classify",
                    help="classify: digits (default); detect: object detection on generated shapes scenes, the "
-                   "drifted camera under another light, blurred, objects smaller")
+                   "drifted camera out of focus (blurred)")
     p.add_argument("--out", "-o", type=Path, default=Path("demo_out"), help="results folder (default: demo_out)")
     p.add_argument("--config", "-c", type=Path, default=None,
                    help="toolchain config (default, classify: ./toolchain.toml if present, else built-in defaults; "

@@ -8,7 +8,7 @@ answers, the gates, the refresh) comes from the run's task, so the story itself 
 * ``classify``: digits; the drifted camera sees the test split turned a quarter and noisy (`drifted`).
 * ``detect``: the generated ``shapes`` scenes; every camera sees scenes the data set never held (the frames
   after its ``data.count``), the drifted one the same scenes with `toolchain.detection.shapes`'s drift
-  (lighting, blur and scale together); the loop collects later drifted scenes still.
+  (``blur``: out of focus); the loop collects later drifted scenes still.
 """
 
 from __future__ import annotations
@@ -122,8 +122,11 @@ class Shapes(Scenario):
     #: the targets whose runtimes run here (the others' builds are checked on a stand-in only, and a detector's
     #: conversions take most of the demo's time: ``--targets`` asks for them)
     targets: ClassVar[tuple[str, ...]] = ("onnx", "openvino", "tflite")
-    #: the drifted camera's change (`toolchain.detection.shapes.DRIFTS`)
-    drift: ClassVar[str] = "all"
+    #: the drifted camera's change (`toolchain.detection.shapes.DRIFTS`). Blur: the models lose a little and the
+    #: teacher still finds the objects, so its answers can teach. On the demo's run (200 later scenes, seed 0,
+    #: mAP@0.5:0.95 teacher / student): clean 0.108 / 0.084, blur 0.075 / 0.071, lighting 0.033 / 0.044, scale
+    #: 0.024 / 0.018, all 0.001 / 0.003 (nothing left to learn from: the refresh's gate refused it)
+    drift: ClassVar[str] = "blur"
     #: frames each camera streams, and drifted frames the loop collects after them
     frames: ClassVar[int] = 200
     field_frames: ClassVar[int] = 240

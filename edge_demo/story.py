@@ -6,8 +6,8 @@ generated shapes scenes (``--task detect``).
    (and say plainly which were skipped and why);
 3. start a local broker (Mosquitto when installed, else amqtt), the cloud
    gateway (teacher as ONNX, HTTP API + dashboard) and three device agents,
-   one of them fed a drifted stream (rotated, noisy digits; shapes under
-   another light, blurred and smaller);
+   one of them fed a drifted stream (rotated, noisy digits; blurred shapes
+   scenes);
 4. close the loop on the drifted device (collect, refresh, canary rollout);
 5. benchmark every runnable bundle beside PyTorch eager;
 6. print one summary (per device, per artifact) and leave everything in one
