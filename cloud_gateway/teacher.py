@@ -35,12 +35,15 @@ class Teacher:
         return np.asarray(self._run(batch), dtype=np.float32)
 
 
-def _labels_from_run(run_dir: Path | None, n: int) -> tuple[list[str], str]:
-    """The class labels from ``run_dir/data.json`` and where they came from; numbered 0..n-1 when there is none.
+def _labels_from_run(run_dir: Path | None, out_shape: tuple[int, ...], task: Task) -> tuple[list[str], str]:
+    """The class labels from ``run_dir/data.json`` and where they came from; numbered 0..n-1 (``n``: the last
+    axis of one input's output, ``out_shape``) when there is none.
 
-    A ``data.json`` that is there but unreadable, or names another number of classes, is not silently replaced:
-    the numbered labels come with a warning (logged once, here) and a source that says why.
+    A ``data.json`` that is there but unreadable, or names labels the teacher's output does not fit (the task's
+    `Task.output_shape` for that many labels: a classifier's class count, a detector's whole raw output), is not
+    silently replaced: the numbered labels come with a warning (logged once, here) and a source that says why.
     """
+    n = int(out_shape[-1])
     numbered = [str(i) for i in range(n)]
     path = None if run_dir is None else run_dir / "data.json"
     if path is None or not path.exists():
@@ -50,10 +53,10 @@ def _labels_from_run(run_dir: Path | None, n: int) -> tuple[list[str], str]:
     except (OSError, ValueError, AttributeError) as e:
         why = f"{path} is unreadable ({type(e).__name__}: {e})"
     else:
-        if labels and len(labels) == n:
+        if labels and tuple(task.output_shape(len(labels))) == tuple(out_shape):
             return [str(x) for x in labels], str(path)
-        why = (f"{path} names {len(labels)} labels for a teacher with {n} outputs" if labels
-               else f"{path} has no labels")
+        why = (f"{path} names {len(labels)} labels for a teacher with outputs of shape {tuple(out_shape)}"
+               if labels else f"{path} has no labels")
     log.warning("teacher labels: %s; answering with class numbers 0..%d", why, n - 1)
     return numbered, f"numbered 0..{n - 1}: {why}"
 
@@ -92,10 +95,9 @@ def load_onnx_teacher(path: Path, *, threads: int | None = None, labels: list[st
     shape = tuple(int(d) if isinstance(d, int) else -1 for d in inp.shape[1:])
     if any(d < 0 for d in shape):
         raise GatewayError(f"teacher {path}: input {inp.name} needs a fixed sample shape, has {inp.shape}")
-    n_out = out.shape[-1] if isinstance(out.shape[-1], int) else None
     probe = sess.run([out.name], {inp.name: np.zeros((1, *shape), np.float32)})[0]
-    n = int(n_out or probe.shape[-1])
-    found, source = (labels, "given") if labels else _labels_from_run(path.parent, n)
+    task = _task_of_run(path.parent)
+    found, source = (labels, "given") if labels else _labels_from_run(path.parent, tuple(probe.shape[1:]), task)
     return Teacher(
         name=path.stem,
         version=sha256_file(path)[:12],
@@ -103,7 +105,7 @@ def load_onnx_teacher(path: Path, *, threads: int | None = None, labels: list[st
         labels=found,
         _run=lambda x: sess.run([out.name], {inp.name: x})[0],
         labels_source=source,
-        task=_task_of_run(path.parent),
+        task=task,
     )
 
 

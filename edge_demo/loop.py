@@ -2,15 +2,15 @@
 
 After the fleet has run (the drifted device shows DRIFT and offloads a lot):
 
-1. the drifted device sees more of its shifted stream (*field* inputs: drifted
-   training images, disjoint from the test images it is evaluated on); the
+1. the drifted device sees more of its shifted stream (*field* inputs, disjoint
+   from the stream it is evaluated on: the scenario's, `edge_demo.scenarios`); the
    gateway, told to collect from it, stores its offloaded inputs with the
    teacher's answers (docs/gateway.md, "Collected samples");
 2. ``toolchain refresh`` pulls them over the gateway's API, re-distills the
    student into an expert beside the unchanged student (a gate picks per
    input), writes a new run and builds the device's bundle, gated;
 3. a staged rollout sends it to the drifted device as the canary, watches its
-   telemetry (it streams the drifted *test* split again: the "after" numbers)
+   telemetry (it streams its drifted evaluation stream again: the "after" numbers)
    and promotes it;
 4. a deliberately broken bundle (signed, hashes right, model file garbage) is
    rolled out too: the device's own smoke test refuses it, the rollout rolls
@@ -48,6 +48,8 @@ class LoopContext:
     bundle_name: str
     window_s: float
     rate_hz: float
+    streams: Any  # `edge_demo.scenarios.Streams`: ``drifted`` is scored before and after, ``field`` collected
+    task: Any  # the run's `toolchain.tasks.TrainTask`: the metric of the answers
 
 
 def _call(ctx: LoopContext, method: str, path: str, body: bytes | dict[str, Any] | None = None) -> Any:
@@ -73,12 +75,6 @@ def _agent(ctx: LoopContext) -> Any:
         mqtt_version=ctx.broker.mqtt_version, trust=TrustPolicy.from_paths([ctx.public_key]),
         command_trust=command_trust(ctx.public_key), update_bases=(f"{ctx.gateway.http_url}/api/bundles",),
     )).start()
-
-
-def _stream(agent: Any, x: np.ndarray, y: np.ndarray, rate_hz: float) -> list[Any]:
-    from device_agent.sources import iterator_source, paced
-
-    return list(agent.run(paced(iterator_source(zip(x, (int(v) for v in y)), agent.bundle.input_spec), rate_hz)))
 
 
 def _upload(ctx: LoopContext, name: str, tar: Path) -> None:
@@ -109,24 +105,22 @@ def broken_copy(bundle: Path, dest: Path, signing_key: Any) -> Path:
     return write_tarball(dest)
 
 
-def _row(answers: list[Any], agent: Any) -> dict[str, Any]:
+def _row(answers: list[Any], agent: Any, task: Any, y: Any) -> dict[str, Any]:
     from device_agent.agent import summarize
+    from edge_demo.story import answers_metric
 
     s = summarize(answers)
-    return {"accuracy": s.get("accuracy"), "offload_rate": s["offload_rate"], "inputs": s["inputs"],
+    return {"accuracy": answers_metric(task, answers, y), "offload_rate": s["offload_rate"], "inputs": s["inputs"],
             "drift_flag": bool((agent.last_drift or {}).get("flag")), "bundle_sha256": agent.bundle.manifest_sha256}
 
 
 def close_the_loop(ctx: LoopContext, *, before: dict[str, Any], progress: Any = print) -> dict[str, Any]:
-    from edge_demo.story import drifted
+    from edge_demo.story import stream_answers
     from edgecore.bundle import tarball_path
     from toolchain.refresh import RefreshError, refresh
     from toolchain.refresh.gates import bundle_accuracy
-    from toolchain.rundir import RunDir
 
-    splits = RunDir(ctx.run_dir).splits()
-    x_test, y_test = splits.test
-    x_shifted = drifted(x_test)  # the stream the device is scored on, before and after
+    x_shifted, y_test = ctx.streams.drifted  # the stream the device is scored on, before and after
     # the device's model alone (no cloud): when the student is unsure of most drifted inputs, the cascade's accuracy
     # before the loop is already mostly the teacher's, and what the refresh changes shows here and in the offload rate
     before = {**before, "student_accuracy": bundle_accuracy(ctx.bundles_dir / ctx.bundle_name, x_shifted, y_test)}
@@ -134,17 +128,17 @@ def close_the_loop(ctx: LoopContext, *, before: dict[str, Any], progress: Any = 
     agent = _agent(ctx)
     try:
         progress(f"{ctx.device} streams more drifted inputs; the gateway collects its offloads")
-        x_field, y_field = splits.train
+        x_field = ctx.streams.field[0]
         # the operator asks the drifted device to send everything while it drifts (collection mode), then resets it
         usual, agent.config.drift_offload = agent.config.drift_offload, 1.0
         # paced: the drift flag is set when a telemetry window closes, so the stream must span several windows
-        _stream(agent, drifted(x_field, seed=2), y_field, max(ctx.rate_hz, len(x_field) / (20 * ctx.window_s)))
+        stream_answers(agent, x_field, max(ctx.rate_hz, len(x_field) / (20 * ctx.window_s)))
         agent.config.drift_offload = usual
         ctx.gateway.collector.flush()
         collected = _call(ctx, "GET", "/api/samples/stats")["devices"]
         progress(f"collected: {collected}; refreshing the student from the gateway's samples")
         out: dict[str, Any] = {"before": before, "collected": collected,
-                               "teacher_accuracy_drifted": teacher_accuracy_drifted(ctx.run_dir)}
+                               "teacher_accuracy_drifted": teacher_metric(ctx.run_dir, x_shifted, y_test)}
         shutil.rmtree(ctx.out / "run-refresh", ignore_errors=True)  # the demo's own output: a rerun (--reuse) redoes it
         try:
             rep = refresh(parent=ctx.run_dir, out=ctx.out / "run-refresh", source=ctx.gateway.http_url,
@@ -166,7 +160,7 @@ def close_the_loop(ctx: LoopContext, *, before: dict[str, Any], progress: Any = 
             # everything, so the rollout's baseline would say nothing); a quarter of slack for a short window
             "promote_if": f"rollbacks == 0 and drift == 0 and offload_rate <= {1.25 * before['offload_rate']:.4f}"})["id"]
         _wait(ctx, rid, {"watching", "done", "rolled_back", "failed"})
-        after = _stream(agent, x_shifted, y_test, ctx.rate_hz)
+        after = stream_answers(agent, x_shifted, ctx.rate_hz)
         r = _wait(ctx, rid, {"done", "rolled_back", "failed", "awaiting_approval"})
         if r["state"] == "awaiting_approval":  # the gateway had no inputs of its own to judge it on: say so, approve
             progress(f"the gateway could not evaluate the bundle itself ({r['steps'][-1]['detail'].get('why')}); "
@@ -176,7 +170,7 @@ def close_the_loop(ctx: LoopContext, *, before: dict[str, Any], progress: Any = 
         out["rollout"] = {"id": rid, "state": r["state"], "steps": [s["step"] for s in r["steps"]]}
         # the bundle the device runs now: the refreshed one if the canary was promoted, else the old one again
         alone = bundle_accuracy(agent.bundle.root, x_shifted, y_test)
-        out["after"] = {**_row(after, agent), "student_accuracy": alone}
+        out["after"] = {**_row(after, agent, ctx.task, y_test), "student_accuracy": alone}
         out["bad_rollout"] = _broken_rollout(ctx, progress)
         return out
     finally:
@@ -195,14 +189,13 @@ def _broken_rollout(ctx: LoopContext, progress: Any) -> dict[str, Any]:
             "devices_on_it": [d for d, v in versions.items() if v == bad["plan"]["manifest_sha256"]]}
 
 
-def teacher_accuracy_drifted(run_dir: Path) -> float:
-    """The cloud model's accuracy on the drifted test stream (what the loop can teach at best)."""
+def teacher_metric(run_dir: Path, x: np.ndarray, y: Any) -> float:
+    """The cloud model's figure (the task's metric) on raw inputs ``x``, e.g. the drifted stream: what the loop
+    can teach at best."""
     import torch
 
-    from edge_demo.story import drifted
     from toolchain.rundir import RunDir
 
     run = RunDir(run_dir)
-    x, y = run.splits().test
-    xt = torch.from_numpy(run.input_spec.preprocess(drifted(x)))
-    return float(run.task.model_metric(run.load_teacher(), xt, torch.from_numpy(y)))
+    xt = torch.from_numpy(run.input_spec.preprocess(x))
+    return float(run.task.model_metric(run.load_teacher(), xt, torch.from_numpy(np.asarray(y))))

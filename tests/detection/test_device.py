@@ -1,6 +1,6 @@
 """A detection bundle on the device: the agent answers with detections (no torch), routes uncertain frames to
 the gateway, which answers with the teacher's detections, and telemetry carries the output side (objects per
-frame, top score) with drift on both. Built from the tiny `det_run` (tests/detection/conftest.py)."""
+frame, top score) with drift on both. Built from the tiny `det_run` (tests/fixtures/detection.py)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 ``shapes`` set (64x64, a few epochs: mAP is low and need not be high), a YOLO folder through train, and the
 config errors of a source that does not fit the task.
 
-The tiny run (`det_run`, tests/detection/conftest.py) is built once and cached.
+The tiny run (`det_run`, tests/fixtures/detection.py) is built once and cached.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgecore.errors import AccuracyGateError, ConfigError
-from tests.detection.conftest import BUDGET_PT, detect_config
+from tests.fixtures.detection import BUDGET_PT, detect_config
 
 
 def _build_cfg(**kw: Any) -> Any:

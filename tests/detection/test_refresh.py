@@ -1,6 +1,6 @@
 """The loop for detection: collected frames become training targets (a person's kept boxes, else the teacher's
 boxes above ``refresh.min_box_score``), and ``toolchain refresh`` continues the detector on them, gates it in mAP
-and builds its bundle. Built on the tiny `det_run` (tests/detection/conftest.py)."""
+and builds its bundle. Built on the tiny `det_run` (tests/fixtures/detection.py)."""
 
 from __future__ import annotations
 

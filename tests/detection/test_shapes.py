@@ -31,6 +31,11 @@ def test_generation_is_deterministic_per_seed_and_image():
     assert not np.array_equal(a.images, other.images)
     prefix = generate(4, seed=5)  # image i depends on (seed, i) only
     assert np.array_equal(prefix.images, a.images[:4])
+    later = generate(5, seed=5, first=7)  # a camera's later frames: images 7..11, boxes with them
+    assert np.array_equal(later.images, a.images[7:])
+    assert all(np.array_equal(x, y) for x, y in zip(later.boxes, a.boxes[7:]))
+    drifted = generate(5, seed=5, first=7, drift="scale")  # the same scenes, drifted
+    assert not np.array_equal(drifted.images, later.images) and len(drifted) == 5
     assert a.sha256 == b.sha256 != other.sha256
 
 
@@ -121,6 +126,8 @@ def test_other_sizes_and_bad_arguments():
         generate(2, drift="fog")
     with pytest.raises(ConfigError, match="16x16"):
         generate(2, size=8)
+    with pytest.raises(ConfigError, match="first=-1"):
+        generate(2, first=-1)
 
 
 def test_generation_is_fast():

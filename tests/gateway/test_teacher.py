@@ -69,3 +69,45 @@ def test_labels_from_an_unusable_data_json_are_numbered_logged_once_and_in_the_h
     else:
         assert teacher.labels == ["0", "1", "2"] and len(warned) == 1 and why in warned[0], warned
         assert health["teacher_labels"].startswith("numbered 0..2") and why in health["teacher_labels"]
+
+
+def _tiny_detector_onnx(path, anchors: int, channels: int) -> None:
+    """(N, 3, 16, 16) -> (N, anchors, channels): a detector's raw output shape (the values do not matter)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape = numpy_helper.from_array(np.array([1, anchors, channels], np.int64), "shape")
+    flat = numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "flat")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2, 3], keepdims=1),
+         helper.make_node("Reshape", ["m", "flat"], ["r"]), helper.make_node("Expand", ["r", "shape"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, anchors, channels])], [shape, flat])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("extra,named", [(0, True), (1, False)])
+def test_a_detectors_labels_are_checked_against_its_task_not_its_last_axis(tmp_path, caplog, extra, named):
+    """A detector's raw output is (A, 4 + C): its labels fit when the task's output shape is the teacher's (not
+    when there are 4 + C of them); a teacher whose output the run's task does not describe gets numbered ones."""
+    import json
+    import logging
+
+    from edgecore.detect import DecodeParams
+
+    params = DecodeParams(input_size=(16, 16), strides=(8, 16, 32), num_classes=2)
+    _tiny_detector_onnx(tmp_path / "teacher.onnx", params.num_anchors + extra, params.channels)
+    (tmp_path / "data.json").write_text(json.dumps({"labels": ["car", "person"],
+                                                    "task": {"name": "detect", "params": params.to_dict()}}))
+    with caplog.at_level(logging.WARNING, logger="cloud_gateway.teacher"):
+        teacher = load_teacher(tmp_path / "teacher.onnx")
+    warned = [r.getMessage() for r in caplog.records if "teacher labels" in r.getMessage()]
+    assert teacher.task.name == "detect"
+    if named:
+        assert teacher.labels == ["car", "person"] and not warned
+        assert teacher.labels_source == str(tmp_path / "data.json")
+    else:
+        assert len(warned) == 1 and "outputs of shape (7, 6)" in warned[0], warned
+        assert teacher.labels_source.startswith("numbered")

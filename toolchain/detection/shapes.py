@@ -31,9 +31,10 @@ _MAX_OBJECTS = 5
 
 
 def generate(
-    n: int, *, size: tuple[int, int] | int = (96, 96), seed: int = 0, drift: str | None = None
+    n: int, *, size: tuple[int, int] | int = (96, 96), seed: int = 0, drift: str | None = None, first: int = 0
 ) -> DetectionSet:
-    """``n`` images of ``size`` ``(H, W)`` (3 channels) with their objects.
+    """``n`` images of ``size`` ``(H, W)`` (3 channels) with their objects: images ``first .. first + n - 1``
+    (``first = count`` gives scenes a set of ``count`` images never held: a camera's later frames).
 
     Every box is the tight box of its shape's rasterised pixels *before occlusion*: an object partly covered by
     a later one keeps its whole box (no object is covered over more than half of its box by a later one).
@@ -43,13 +44,14 @@ def generate(
     h, w = (int(v) for v in size)
     if drift not in DRIFTS:
         raise ConfigError(f"shapes: unknown drift {drift!r} (one of {', '.join(map(str, DRIFTS))})")
-    if n < 0 or min(h, w) < 16:
-        raise ConfigError(f"shapes: need n >= 0 and images of at least 16x16 pixels, got n={n}, size={h}x{w}")
+    if n < 0 or first < 0 or min(h, w) < 16:
+        raise ConfigError(f"shapes: need n >= 0, first >= 0 and images of at least 16x16 pixels, got n={n}, "
+                          f"first={first}, size={h}x{w}")
     drifts = {"lighting", "blur", "scale"} if drift == "all" else {drift} - {None}
     images = np.empty((n, 3, h, w), np.uint8)
     boxes, classes = [], []
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    for i in range(n):
+    for k, i in enumerate(range(first, first + n)):
         rng = np.random.default_rng([seed, i])
         img = _background(rng, yy, xx)
         b, c = _objects(rng, img, scale=0.5 if "scale" in drifts else 1.0)
@@ -59,7 +61,7 @@ def generate(
                 img = _lighting(drng, img)
             if "blur" in drifts:
                 img = _blur(img, radius=int(drng.integers(1, 3)))
-        images[i] = np.clip(img + 0.5, 0, 255).astype(np.uint8).transpose(2, 0, 1)
+        images[k] = np.clip(img + 0.5, 0, 255).astype(np.uint8).transpose(2, 0, 1)
         boxes.append(b)
         classes.append(c)
     return DetectionSet(images=images, boxes=boxes, classes=classes, labels=LABELS)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
@@ -126,6 +126,12 @@ class TrainTask(ABC):
     @property
     def metric_name(self) -> str:
         return "accuracy"
+
+    @abstractmethod
+    def answers_metric(self, predictions: Sequence[Any], targets: Any) -> float:
+        """The headline metric of answers as a device gives them (`edgecore.tasks.Task.decide`'s predictions, or
+        the gateway's read by `Task.read_reply`), one per input, against ``targets``: what a fleet's devices
+        are scored on, edge and cloud answers alike."""
 
     def model_metric(self, model: "nn.Module", x: "torch.Tensor", y: Any) -> float:
         """The headline metric of ``model`` on (x, y): what stages select checkpoints on and report."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
 
@@ -209,6 +209,13 @@ class ClassifyTraining(TrainTask):
     def metric(self, raw: np.ndarray, targets: Any) -> float:
         """Top-1 accuracy."""
         return float(self.contract.quality(raw, targets).mean()) if len(raw) else 0.0
+
+    def answers_metric(self, predictions: Sequence[Any], targets: Any) -> float:
+        """The share of predicted class indices equal to the targets."""
+        y = np.asarray(targets).reshape(-1)
+        if len(predictions) != len(y):
+            raise DataError(f"answers_metric: {len(predictions)} answers for {len(y)} targets")
+        return float(np.mean(np.asarray(predictions, np.int64).reshape(-1) == y)) if len(y) else 0.0
 
     def export_check(self, name: str, out: np.ndarray, ref_out: np.ndarray, targets: Any, *, atol: float | None,
                      min_agreement: float | None) -> ExportCheck:

@@ -9,7 +9,7 @@ run's task parameters, set from the teacher at train time (`task_spec`) and read
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
 
@@ -142,6 +142,14 @@ class DetectTraining(TrainTask):
 
         labels = tuple(str(k) for k in range(self.params.num_classes))
         return evaluate(self.contract.detections(raw), targets_as_detections(targets), labels=labels)
+
+    def answers_metric(self, predictions: Sequence[Any], targets: Any) -> float:
+        """COCO mAP@0.5:0.95 of the devices' answers (lists of ``{"box", "score", "class"}``, the wire's form)."""
+        from toolchain.detection.metrics import evaluate
+
+        dets = [_as_detections(p) for p in predictions]
+        labels = tuple(str(k) for k in range(self.params.num_classes))
+        return float(evaluate(dets, targets_as_detections(targets), labels=labels)["map"])
 
     def calibrate(self, raw: np.ndarray, targets: Any) -> "TemperatureFit":
         """A temperature on the class logits: the decoded detections' scores, tempered, fitted (NLL) to whether
@@ -278,6 +286,13 @@ def _answer_objects(s: "Sample", num_classes: int, min_score: float) -> tuple[np
     if not np.all(np.isfinite(boxes)) or np.any(boxes[:, 2:] < boxes[:, :2]):
         raise RefreshError(f"sample {s.id}: a box that is not finite or has x2 < x1 / y2 < y1")
     return boxes, classes
+
+
+def _as_detections(prediction: Sequence[Any]) -> Detections:
+    """One answer's list of detections (`edgecore.tasks.detect.as_json`'s form) as `Detections`, best first."""
+    dets = sorted(prediction, key=lambda d: -float(d["score"]))
+    return Detections(np.array([d["box"] for d in dets], np.float32).reshape(-1, 4),
+                      np.array([d["score"] for d in dets], np.float32), np.array([d["class"] for d in dets], np.int64))
 
 
 def _targets(yb: Any) -> list[tuple[Any, Any]]:
