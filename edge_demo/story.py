@@ -106,7 +106,7 @@ def _pipeline(opts: DemoOptions, scenario: Scenario, run_dir: Path, step: _Steps
 
 def _signing_key(out: Path) -> tuple[Any, Path]:
     """The demo's release key (``OUT/keys/demo.key``, made once): bundles are signed, agents trust ``demo.pub``.
-    Beside it the gateway's command key (`command_key_paths`), made once too."""
+    Beside it the gateway's command key (`command_key_prefix`), made once too."""
     from edgecore.signing import load_private_key, new_keypair
 
     prefix = out / "keys" / "demo"
