@@ -66,6 +66,8 @@ def measure(*, device: str, artifact_dir: Path, artifact: Any, source: Any, cali
     if not options.get("broker"):
         raise BenchError(f"measuring on fleet device {device!r} needs prune.latency_broker (the fleet's MQTT broker)")
     key = load_private_key(options["sign_key"]) if options.get("sign_key") else None
+    # devices run only commands signed by a command key they trust (edgecore.commands)
+    command_key = load_private_key(options["command_key"]) if options.get("command_key") else None
     share = Path(options["share_dir"]) if options.get("share_dir") else None
     root = Path(tempfile.mkdtemp(prefix="latency-bundle-", dir=share))
     try:
@@ -80,7 +82,8 @@ def measure(*, device: str, artifact_dir: Path, artifact: Any, source: Any, cali
         job = FleetJob(scenario=Scenario.SINGLE_STREAM, duration_s=min_seconds, min_queries=min_queries,
                        warmup=warmup, threads=threads, accuracy=False)
         run = run_fleet(broker=options["broker"], devices=[device], bundle=where, job=job, username=user, password=pw,
-                        deadline_s=float(options.get("deadline_s", 120.0)), prefix=options.get("prefix", "fleet"))
+                        deadline_s=float(options.get("deadline_s", 120.0)), prefix=options.get("prefix", "fleet"),
+                        command_key=command_key)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     status = run["devices"][0]

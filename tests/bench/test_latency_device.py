@@ -29,7 +29,7 @@ def _key_file(tmp: Path) -> Path:
 
 
 def test_latency_search_times_every_candidate_on_the_fleet_device(mosquitto, tiny_run, tmp_path):  # type: ignore[no-untyped-def]
-    from tests.agent.tiny import bench_commands, build_tiny, make_agent
+    from tests.agent.tiny import bench_commands, build_tiny, command_key_paths, make_agent
 
     tiny = build_tiny(tmp_path / "tiny")
     agent = make_agent(mosquitto, tiny.bundle_dir, "dev-a", tmp_path, commands=bench_commands(),
@@ -42,7 +42,7 @@ def test_latency_search_times_every_candidate_on_the_fleet_device(mosquitto, tin
              "latency_extra_steps": 1, "finetune_epochs": 1, "latency_device": "dev-a",
              "latency_broker": mosquitto.url, "latency_credentials": str(tmp_path / "operator.json"),
              "latency_share_dir": str(tmp_path / "share"), "latency_sign_key": str(_key_file(tmp_path)),
-             "latency_deadline_s": 60.0}
+             "latency_deadline_s": 60.0, "latency_command_key": str(command_key_paths()[0])}
     (tmp_path / "share").mkdir()
     try:
         _wait_online(mosquitto, ["dev-a"])

@@ -61,7 +61,8 @@ def make_meter(p: PruneConfig, ctx: "PassContext") -> "LatencyMeter":
                         device=p.latency_device, percentile=p.latency_percentile, threads=p.latency_threads,
                         fleet={"broker": p.latency_broker, "credentials": p.latency_credentials,
                                "gateway": p.latency_gateway, "share_dir": p.latency_share_dir,
-                               "sign_key": p.latency_sign_key, "deadline_s": p.latency_deadline_s})
+                               "sign_key": p.latency_sign_key, "command_key": p.latency_command_key,
+                               "deadline_s": p.latency_deadline_s})
 
 
 def choose(candidates: list[dict[str, Any]], limit_ms: float, *, budget_ms: float | None = None,

@@ -62,6 +62,7 @@ class PruneConfig(Section):
     latency_gateway: str = ""  # upload candidates here (token in $EDGE_GATEWAY_TOKEN); else latency_share_dir
     latency_share_dir: str = ""  # without a gateway: a folder the device reads too (a shared mount)
     latency_sign_key: str = ""  # Ed25519 private key signing the candidate bundles (devices refuse unsigned ones)
+    latency_command_key: str = ""  # the command key the device trusts (the gateway's): the bench job is signed
     latency_deadline_s: float = 120.0  # per candidate, for the device's answer
 
     def validate(self, check: Check) -> None:
